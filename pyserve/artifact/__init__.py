@@ -1,0 +1,229 @@
+"""The ``.pyserve`` artifact: one versioned file holding a model graph and its (compressed) weights.
+
+Write with :func:`save` (plain fp32, or with per-tensor encodings from the compressor); read with
+:func:`read_manifest` (signature and stats, no torch needed), :func:`load_artifact` or
+:func:`pyserve.load`. The format is documented in docs/artifact.md. Loading never unpickles: the
+manifest is JSON, the graph is torch.export's JSON, the weights are pyserve's own encodings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from pyserve import dtypes
+from pyserve._version import __version__
+from pyserve.artifact._container import FORMAT_VERSION, ArtifactError, read_container, write_container
+from pyserve.artifact.encoding import EncodedTensor, decode_tensor, encode_raw, encode_sparse
+
+__all__ = [
+    "ArtifactError", "EncodedTensor", "FORMAT_VERSION", "LoadedArtifact", "Manifest", "TensorSpec",
+    "encode_raw", "encode_sparse", "load_artifact", "load_module", "read_manifest", "save",
+]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An input or output of the model: protocol datatype name and shape (-1 = batch dimension)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, obj, what: str) -> "TensorSpec":
+        try:
+            spec = cls(str(obj["name"]), str(obj["datatype"]), tuple(int(d) for d in obj["shape"]))
+            dtypes.from_name(spec.datatype)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{what}: malformed tensor signature {obj!r}: {exc}") from None
+        return spec
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What an artifact holds, read without decoding any weight."""
+
+    format_version: int
+    model_name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    tensors: dict              # tensor name -> stored meta (encoding, shape, sizes)
+    stats: dict                # free-form report written by the compressor
+    size_bytes: int            # file size
+    raw: dict                  # the whole manifest JSON
+
+
+@dataclass(frozen=True)
+class LoadedArtifact:
+    manifest: Manifest
+    module: "object"           # torch.nn.Module (the exported graph with decoded weights)
+
+
+def _manifest_from(raw: dict, path, size: int) -> Manifest:
+    what = str(path)
+    try:
+        return Manifest(
+            format_version=int(raw["format_version"]),
+            model_name=str(raw["model_name"]),
+            inputs=tuple(TensorSpec.from_json(t, what) for t in raw["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t, what) for t in raw["outputs"]),
+            tensors=dict(raw["tensors"]),
+            stats=dict(raw.get("stats", {})),
+            size_bytes=size,
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, ArtifactError):
+            raise
+        raise ArtifactError(f"{what}: malformed manifest: missing or bad field {exc}") from None
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and check an artifact's manifest (all checksums are verified); no torch import.
+
+    Raises :class:`ArtifactError` for a missing, truncated, corrupt or unknown-version file.
+    """
+    raw, _ = read_container(path)
+    return _manifest_from(raw, path, os.path.getsize(path))
+
+
+def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: str,
+         input_names: list[str] | None = None, output_names: list[str] | None = None,
+         encodings: Mapping[str, EncodedTensor] | None = None, stats: dict | None = None) -> Manifest:
+    """Capture ``module`` with torch.export and write it as an artifact at ``path`` (atomically).
+
+    Parameters
+    ----------
+    module : torch.nn.Module, exported in eval mode; dim 0 of every input is the (dynamic) batch.
+    example_inputs : tuple of torch.Tensor, one per model input, batch size >= 2.
+    model_name : name recorded in the manifest (the server's default model name).
+    input_names, output_names : protocol tensor names; default ``input__0``, ``output__0``, ...
+    encodings : tensor name (as in ``module.state_dict()``) -> :class:`EncodedTensor` for tensors
+        stored compressed; every other tensor is stored ``raw``.
+    stats : JSON-safe report stored in the manifest (``pyserve inspect`` prints it).
+
+    Returns
+    -------
+    Manifest of the written file.
+
+    Raises
+    ------
+    ValueError
+        Names of the wrong count; an encoding for a tensor the graph does not have; an encoding
+        whose decoded values differ from the module's tensor.
+    """
+    import torch
+
+    from pyserve.artifact import _graph
+
+    example_inputs = tuple(example_inputs)
+    if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise ValueError("save: example_inputs must be a non-empty tuple of torch.Tensor")
+    ep = _graph.export(module, example_inputs)
+    with torch.no_grad():
+        outputs = module.eval()(*example_inputs)
+    outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+    input_names = list(input_names or [f"input__{i}" for i in range(len(example_inputs))])
+    output_names = list(output_names or [f"output__{i}" for i in range(len(outputs))])
+    if len(input_names) != len(example_inputs):
+        raise ValueError(f"save: input_names has {len(input_names)} names for {len(example_inputs)} inputs")
+    if len(output_names) != len(outputs):
+        raise ValueError(f"save: output_names has {len(output_names)} names for {len(outputs)} outputs")
+
+    def spec(name, t):
+        return TensorSpec(name, dtypes.from_torch(t.dtype).name, (-1, *t.shape[1:]))
+
+    graph_blob, graph_meta, params, constant_names = _graph.serialize(ep)
+    encodings = dict(encodings or {})
+    unknown = set(encodings) - set(ep.state_dict)
+    if unknown:
+        raise ValueError(f"save: encodings given for tensors the graph does not have: {sorted(unknown)}")
+    blobs: dict[str, bytes] = {"graph": graph_blob}
+    tensors: dict[str, dict] = {}
+    named = [(k, "parameter" if k in params else "buffer", v) for k, v in ep.state_dict.items()]
+    named += [(k, "constant", v) for k, v in ep.constants.items()]
+    for name, role, tensor in named:
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"save: constant {name!r} is a {type(tensor).__name__}, not a tensor; cannot store it")
+        array = tensor.detach().cpu().contiguous().numpy()
+        enc = encodings.get(name) or encode_raw(array)
+        check = decode_tensor(enc.meta, enc.blobs, name)
+        if check.shape != array.shape or not np.array_equal(check, array):
+            raise ValueError(f"save: the encoding given for {name!r} does not reproduce the module's tensor")
+        entry = dict(enc.meta, role=role, blobs={}, size_bytes=enc.size_bytes)
+        for key, data in enc.blobs.items():
+            blob_name = f"{name}:{key}"
+            blobs[blob_name] = data
+            entry["blobs"][key] = blob_name
+        tensors[name] = entry
+    manifest = {
+        "format": "pyserve-artifact",
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name,
+        "created_by": f"pyserve {__version__}",
+        "inputs": [spec(n, t).to_json() for n, t in zip(input_names, example_inputs)],
+        "outputs": [spec(n, t).to_json() for n, t in zip(output_names, outputs)],
+        "graph": dict(graph_meta, blob="graph"),
+        "tensors": tensors,
+        "stats": stats or {},
+    }
+    write_container(path, manifest, blobs)
+    return read_manifest(path)
+
+
+def load_artifact(path: str | os.PathLike) -> LoadedArtifact:
+    """Read, verify and decode an artifact; returns its manifest and a runnable module.
+
+    The module is called with one ``torch.Tensor`` per ``manifest.inputs`` entry (in order) and
+    returns a Tensor, or a tuple in ``manifest.outputs`` order.
+
+    Raises
+    ------
+    ArtifactError
+        Missing, truncated or corrupt file (checksum named), unknown format version, a tensor whose
+        stored form is inconsistent, or a graph torch cannot rebuild.
+    """
+    import torch
+
+    from pyserve.artifact import _graph
+
+    raw, blobs = read_container(path)
+    manifest = _manifest_from(raw, path, os.path.getsize(path))
+    graph = raw.get("graph") or {}
+    if graph.get("format") != _graph.GRAPH_FORMAT or graph.get("blob") not in blobs:
+        raise ArtifactError(f"{path}: unsupported graph format {graph.get('format')!r}")
+    state, constants, params = {}, {}, set()
+    for name, meta in manifest.tensors.items():
+        try:
+            own = {key: blobs[blob_name] for key, blob_name in meta["blobs"].items()}
+        except (KeyError, TypeError, AttributeError):
+            raise ArtifactError(f"{path}: tensor {name!r} names a blob that is not in the file") from None
+        array = decode_tensor(meta, own, f"{path}: tensor {name!r}")
+        tensor = torch.from_numpy(np.array(array, copy=True))
+        role = meta.get("role")
+        if role == "constant":
+            constants[name] = tensor
+        else:
+            state[name] = tensor
+            if role == "parameter":
+                params.add(name)
+    try:
+        ep = _graph.deserialize(blobs[graph["blob"]], state, constants, params)
+        module = ep.module()
+    except Exception as exc:  # torch raises many types for a graph it cannot rebuild
+        raise ArtifactError(f"{path}: cannot rebuild the model graph: {type(exc).__name__}: {exc}") from None
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return LoadedArtifact(manifest, module)
+
+
+def load_module(path: str | os.PathLike):
+    """:func:`load_artifact` (``path``).module — the runnable ``torch.nn.Module``."""
+    return load_artifact(path).module

@@ -1,0 +1,130 @@
+"""The byte container of a ``.pyserve`` file: header, JSON manifest, checksummed blobs.
+
+Layout (all integers little-endian; see docs/artifact.md)::
+
+    offset  size  field
+    0       8     magic  b"\\x89PYSRV\\r\\n"
+    8       4     u32 format_version (1)
+    12      8     u64 manifest_size_bytes
+    20      8     u64 blobs_size_bytes
+    28      32    SHA-256 of the manifest bytes
+    60      4     u32 reserved, 0
+    64      M     manifest, UTF-8 JSON
+    64+M    B     blob region; each blob's offset (from the region's start), size and SHA-256 are in
+                  the manifest's "blobs" table
+
+The file size must equal 64 + M + B exactly, so a truncated or extended file is refused before any
+blob is read. Writes go to a temporary file in the same directory that is renamed over the target
+at the end, so an interrupted write leaves no half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+MAGIC = b"\x89PYSRV\r\n"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIQQ32sI")
+HEADER_SIZE = _HEADER.size  # 64
+_MAX_MANIFEST_BYTES = 64 << 20
+
+
+class ArtifactError(ValueError):
+    """A ``.pyserve`` file is missing, truncated, corrupt (checksum) or of an unknown format."""
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_container(path: str | os.PathLike, manifest: dict, blobs: dict[str, bytes]) -> int:
+    """Write ``manifest`` plus ``blobs`` atomically to ``path``; returns the file size in bytes.
+
+    The manifest's ``"blobs"`` table (name -> offset, size_bytes, sha256) is filled in here.
+    """
+    table, offset = {}, 0
+    for name, data in blobs.items():
+        table[name] = {"offset": offset, "size_bytes": len(data), "sha256": sha256(data)}
+        offset += len(data)
+    manifest = dict(manifest, blobs=table)
+    manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode("utf-8")
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes), offset,
+                          hashlib.sha256(manifest_bytes).digest(), 0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(header)
+            fh.write(manifest_bytes)
+            for data in blobs.values():
+                fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return HEADER_SIZE + len(manifest_bytes) + offset
+
+
+def read_container(path: str | os.PathLike, *, verify_blobs: bool = True) -> tuple[dict, dict[str, bytes]]:
+    """Read and check a container; returns ``(manifest, blobs)``.
+
+    Raises
+    ------
+    ArtifactError
+        Missing file, bad magic, unknown format version, size mismatch (truncated or extended),
+        manifest or blob checksum mismatch, malformed manifest or blob table.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: no such artifact") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{path}: is a directory, not an artifact") from None
+    if len(data) < HEADER_SIZE:
+        raise ArtifactError(f"{path}: truncated: {len(data)} bytes, shorter than the {HEADER_SIZE}-byte header")
+    magic, version, manifest_size, blobs_size, manifest_sha, reserved = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ArtifactError(f"{path}: not a pyserve artifact (bad magic {magic!r})")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: unsupported artifact format version {version}; this pyserve reads version {FORMAT_VERSION}")
+    if reserved != 0 or manifest_size > _MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path}: corrupt header (manifest size {manifest_size} bytes, reserved field {reserved})")
+    expected = HEADER_SIZE + manifest_size + blobs_size
+    if len(data) != expected:
+        kind = "truncated" if len(data) < expected else "has trailing bytes"
+        raise ArtifactError(f"{path}: {kind}: header promises {expected} bytes, file has {len(data)}")
+    manifest_bytes = data[HEADER_SIZE:HEADER_SIZE + manifest_size]
+    if hashlib.sha256(manifest_bytes).digest() != manifest_sha:
+        raise ArtifactError(f"{path}: manifest SHA-256 checksum mismatch (file is corrupt)")
+    try:
+        manifest = json.loads(manifest_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: manifest is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("blobs"), dict):
+        raise ArtifactError(f"{path}: manifest has no blob table")
+    region = memoryview(data)[HEADER_SIZE + manifest_size:]
+    blobs: dict[str, bytes] = {}
+    for name, entry in manifest["blobs"].items():
+        try:
+            offset, size, digest = int(entry["offset"]), int(entry["size_bytes"]), str(entry["sha256"])
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"{path}: malformed blob table entry {name!r}") from None
+        if offset < 0 or size < 0 or offset + size > blobs_size:
+            raise ArtifactError(f"{path}: blob {name!r} [{offset}, {offset + size}) lies outside the {blobs_size}-byte blob region")
+        blob = bytes(region[offset:offset + size])
+        if verify_blobs and sha256(blob) != digest:
+            raise ArtifactError(f"{path}: SHA-256 checksum mismatch in blob {name!r} (file is corrupt)")
+        blobs[name] = blob
+    return manifest, blobs

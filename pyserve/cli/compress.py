@@ -1,0 +1,30 @@
+"""``pyserve compress RECIPE -o OUT.pyserve``: run a compression recipe and print the report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compress", help="compress a model with a recipe (Deep Compression) into a .pyserve artifact",
+                       description=__doc__)
+    p.add_argument("recipe", help="recipe YAML file (see examples/lenet300/recipe.yaml)")
+    p.add_argument("-o", "--output", required=True, help="artifact file to write (.pyserve)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pyserve.cli import UsageError
+    from pyserve.compress import RecipeError, compress, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe)
+        result = compress(recipe, args.output, verbose=not args.quiet)
+    except RecipeError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"{args.output}: cannot write artifact: {exc.strerror or exc}") from None
+    print(result.table)
+    print(f"wrote {result.path} ({result.artifact_bytes} bytes)")
+    return 0

@@ -1,0 +1,51 @@
+"""``pyserve`` console script: one sub-command per module in :mod:`pyserve.cli`.
+
+Each sub-command module defines ``add_parser(subparsers)`` (registers its arguments and sets
+``func``) and ``run(args) -> int``. Errors a user can fix are printed as one line on stderr with exit
+code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pyserve._version import __version__
+from pyserve.cli import UsageError
+
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
+
+# Sub-command name -> module under pyserve.cli. Modules are imported lazily so that, e.g.,
+# `pyserve infer` never imports torch and `pyserve compress` never imports grpc.
+COMMANDS = {
+    "compress": "pyserve.cli.compress",
+    "inspect": "pyserve.cli.inspect",
+    "serve": "pyserve.cli.serve",
+    "infer": "pyserve.cli.infer",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyserve", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pyserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"pyserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""Model compression: Deep Compression (pruning, trained quantization, Huffman coding).
+
+``pyserve compress RECIPE -o OUT.pyserve`` or :func:`compress`. Each method is a frozen dataclass
+config plus a handler registered in :mod:`pyserve.compress.methods`.
+"""
+
+from pyserve.compress import huffman as _huffman  # noqa: F401  (registers "huffman")
+from pyserve.compress import prune as _prune  # noqa: F401  (registers "prune")
+from pyserve.compress import quantize as _quantize  # noqa: F401  (registers "quantize")
+from pyserve.compress.huffman import HuffmanConfig
+from pyserve.compress.methods import METHODS, CompressionState
+from pyserve.compress.pipeline import CompressionResult, compress
+from pyserve.compress.prune import PruneConfig
+from pyserve.compress.quantize import QuantizeConfig, kmeans_1d
+from pyserve.compress.recipe import Recipe, RecipeError, load_recipe
+
+__all__ = ["METHODS", "CompressionResult", "CompressionState", "HuffmanConfig", "PruneConfig", "QuantizeConfig",
+           "Recipe", "RecipeError", "compress", "kmeans_1d", "load_recipe"]

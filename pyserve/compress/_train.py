@@ -1,0 +1,112 @@
+"""Training and evaluation loops the compression stages share (classification tasks)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class Task:
+    """A supervised classification task: float32 inputs, int64 labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    lr: float = 1e-3
+    seed: int = 0
+    verbose: bool = True
+
+    @classmethod
+    def from_dataset(cls, name: str, **kwargs) -> "Task":
+        from pyserve import datasets
+
+        data = datasets.load(name)
+        return cls(torch.from_numpy(data.train.images), torch.from_numpy(data.train.labels),
+                   torch.from_numpy(data.test.images), torch.from_numpy(data.test.labels), **kwargs)
+
+    def example_inputs(self, n: int = 2) -> tuple[torch.Tensor]:
+        return (self.test_x[:n].clone(),)
+
+    def log(self, msg: str) -> None:
+        if self.verbose:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``x`` [N, ...] against labels ``y`` [N]."""
+    _eval_mode(model)
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    return correct / max(len(x), 1)
+
+
+def _eval_mode(model: nn.Module) -> None:
+    try:
+        model.eval()
+    except NotImplementedError:  # modules rebuilt by torch.export are captured in eval mode already
+        pass
+
+
+def fit(model: nn.Module, task: Task, epochs: int, *, lr: float | None = None,
+        params=None, after_step: Callable[[], None] | None = None, desc: str = "train") -> None:
+    """Train ``model`` with Adam (cosine learning-rate decay to 0) and cross-entropy for ``epochs``
+    epochs over the task's train split.
+
+    ``after_step`` runs after every optimizer step (the pruning stage uses it to re-apply masks so
+    pruned weights stay exactly zero).
+    """
+    if epochs <= 0:
+        return
+    gen = torch.Generator().manual_seed(task.seed)
+    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr or task.lr)
+    steps = epochs * ((len(task.train_x) + task.batch_size - 1) // task.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    loss_fn = nn.CrossEntropyLoss()
+    n = len(task.train_x)
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, task.batch_size):
+            idx = perm[i:i + task.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(task.train_x[idx]), task.train_y[idx])
+            loss.backward()
+            opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step()
+            total += float(loss.detach()) * len(idx)
+        task.log(f"  {desc} epoch {epoch + 1}/{epochs}: loss {total / n:.4f}")
+    model.eval()
+
+
+def weight_layers(model: nn.Module, names=None) -> dict[str, nn.Module]:
+    """Linear and convolution modules by name (all of them, or those in ``names``).
+
+    Raises ValueError naming any requested layer that is not a Linear/Conv module of ``model``.
+    """
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+    if names is None:
+        return layers
+    missing = [n for n in names if n not in layers]
+    if missing:
+        raise ValueError(f"layer {missing[0]!r} is not a Linear/Conv layer of the model; layers: {', '.join(layers)}")
+    return {n: layers[n] for n in names}
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))

@@ -1,0 +1,117 @@
+"""Magnitude pruning with retraining (Han, Pool, Tran, Dally, NeurIPS 2015, "Learning both Weights
+and Connections for Efficient Neural Networks", section 3; Deep Compression section 2).
+
+Per layer, the weights of smallest magnitude are set to zero, either to a target sparsity or below
+a threshold of ``quality`` times the standard deviation of the layer's weights (Han et al. 2015,
+section 4). The network is then retrained with the masks held, so pruned weights stay exactly zero.
+Several prune -> retrain rounds raise the sparsity step by step (``schedule: linear``) or along the
+cubic automated gradual pruning schedule (``schedule: gradual``; Zhu & Gupta 2017,
+arXiv 1710.01878, eq. 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from pyserve.compress._train import fit, weight_layers
+from pyserve.compress.methods import CompressionState, register
+
+SCHEDULES = ("linear", "gradual")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """``sparsity``: fraction of weights removed, one number for every layer or a mapping
+    layer name -> fraction; or ``quality``: threshold = quality x std of the layer's weights.
+    ``index_bits``: relative-index bits in the stored form (paper: 5 for fully connected, 8 for
+    conv; default by layer type)."""
+
+    sparsity: float | dict[str, float] | None = None
+    quality: float | None = None
+    rounds: int = 1
+    schedule: str = "linear"
+    retrain_epochs: int = 2
+    lr: float | None = None
+    index_bits: int | None = None
+    layers: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if (self.sparsity is None) == (self.quality is None):
+            raise ValueError("sparsity: give exactly one of sparsity or quality")
+        values = self.sparsity.values() if isinstance(self.sparsity, dict) else [self.sparsity]
+        for v in values:
+            if v is not None and not 0.0 <= v < 1.0:
+                raise ValueError(f"sparsity: must be in [0, 1), got {v}")
+        if self.quality is not None and self.quality < 0:
+            raise ValueError(f"quality: must be >= 0, got {self.quality}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds: must be >= 1, got {self.rounds}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.retrain_epochs < 0:
+            raise ValueError(f"retrain_epochs: must be >= 0, got {self.retrain_epochs}")
+        if self.index_bits is not None and not 1 <= self.index_bits <= 8:
+            raise ValueError(f"index_bits: must be in 1..8, got {self.index_bits}")
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bool mask keeping the ``round((1 - sparsity) * numel)`` largest-magnitude weights."""
+    keep = int(round((1.0 - sparsity) * weight.numel()))
+    mask = torch.zeros(weight.numel(), dtype=torch.bool)
+    if keep > 0:
+        mask[torch.topk(weight.detach().abs().flatten(), keep, sorted=False).indices] = True
+    return mask.view_as(weight)
+
+
+def _targets(cfg: PruneConfig, layers: dict[str, nn.Module]) -> dict[str, float]:
+    """Final sparsity per layer."""
+    if cfg.quality is not None:
+        out = {}
+        for name, m in layers.items():
+            w = m.weight.detach()
+            out[name] = float((w.abs() < cfg.quality * w.std()).float().mean())
+        return out
+    if isinstance(cfg.sparsity, dict):
+        return {name: cfg.sparsity[name] for name in layers}
+    return {name: float(cfg.sparsity) for name in layers}
+
+
+def _round_sparsity(final: float, r: int, rounds: int, schedule: str) -> float:
+    frac = r / rounds
+    return final * (frac if schedule == "linear" else 1.0 - (1.0 - frac) ** 3)
+
+
+@register("prune", PruneConfig)
+def prune(state: CompressionState, cfg: PruneConfig, task) -> dict:
+    names = cfg.layers or (tuple(cfg.sparsity) if isinstance(cfg.sparsity, dict) else None)
+    layers = weight_layers(state.model, names)
+    targets = _targets(cfg, layers)
+    state.layers.update(layers)
+    for r in range(1, cfg.rounds + 1):
+        for name, m in layers.items():
+            s = _round_sparsity(targets[name], r, cfg.rounds, cfg.schedule)
+            mask = magnitude_mask(m.weight, s)
+            old = state.masks.get(f"{name}.weight")
+            if old is not None:
+                mask &= old  # weights pruned earlier stay pruned
+            state.masks[f"{name}.weight"] = mask
+        apply_masks(state)
+        fit(state.model, task, cfg.retrain_epochs, lr=cfg.lr, after_step=lambda: apply_masks(state),
+            desc=f"prune round {r}/{cfg.rounds} retrain")
+    for name, m in layers.items():
+        default_bits = 5 if isinstance(m, nn.Linear) else 8
+        state.index_bits[f"{name}.weight"] = cfg.index_bits or default_bits
+    return {name: {"sparsity": 1.0 - float(state.masks[f"{name}.weight"].float().mean())} for name in layers}
+
+
+def apply_masks(state: CompressionState) -> None:
+    """Zero every pruned weight (in place); weight-shared layers keep their zeros by construction."""
+    with torch.no_grad():
+        for name, m in state.layers.items():
+            mask = state.masks.get(f"{name}.weight")
+            if mask is not None and not parametrize.is_parametrized(m, "weight"):
+                m.weight.mul_(mask)

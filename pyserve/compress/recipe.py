@@ -1,0 +1,237 @@
+"""Recipes: the YAML file that declares model, data, training and compression stages.
+
+A recipe loads into frozen dataclasses; every unknown or ill-typed field is refused with a
+:class:`RecipeError` naming the file and the field (``stages[1].bits``). Stage configs come from the
+method registry (:mod:`pyserve.compress.methods`), so adding a method never changes this loader.
+
+Example (examples/lenet300/recipe.yaml)::
+
+    format_version: 1
+    name: lenet300
+    seed: 0
+    model:
+      factory: model.py:LeNet300          # FILE.py:callable (relative to the recipe) or module:callable
+      checkpoint: checkpoint/lenet300.pt  # torch state_dict; trained from scratch when missing
+      inputs:  [{name: images, datatype: FP32, shape: [-1, 784]}]
+      outputs: [{name: logits, datatype: FP32, shape: [-1, 10]}]
+    data: {dataset: mnist}
+    train: {batch_size: 128, lr: 0.001, epochs: 10}
+    stages:
+      - {method: prune, sparsity: {fc1: 0.92, fc2: 0.91, fc3: 0.74}, rounds: 2, retrain_epochs: 3}
+      - {method: quantize, bits: 6, finetune_epochs: 1}
+      - {method: huffman}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["RECIPE_FORMAT_VERSION", "Recipe", "RecipeError", "ModelSpec", "DataSpec", "TrainSpec", "TensorSig",
+           "load_recipe", "from_dict"]
+
+RECIPE_FORMAT_VERSION = 1
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used: message is ``FILE: FIELD: problem``."""
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    name: str
+    datatype: str = "FP32"
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    factory: str                         # "file.py:Callable" (relative to the recipe) or "module:Callable"
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+    checkpoint: str | None = None        # state_dict file (relative to the recipe)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str = "mnist"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    batch_size: int = 128
+    lr: float = 1e-3
+    epochs: int = 10                     # training from scratch when the checkpoint is missing
+    eval_batch_size: int = 1000
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelSpec
+    stages: tuple                        # method configs (frozen dataclasses from the registry)
+    format_version: int = RECIPE_FORMAT_VERSION
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    seed: int = 0
+    base_dir: str = "."                  # directory relative paths resolve against (not a YAML field)
+
+    def resolve(self, relative: str) -> Path:
+        return (Path(self.base_dir) / relative).resolve()
+
+
+def _convert(value, annotation, where: str):
+    """Convert a YAML value to ``annotation``; raise RecipeError naming ``where``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where}: expected a list, got {type(value).__name__}")
+        item = args[0] if args else typing.Any
+        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}")
+        kt, vt = args
+        return {_convert(k, kt, where): _convert(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, where)
+    if annotation is typing.Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        # YAML 1.1 reads 1e-3 (no dot) as a string, so numeric strings are accepted too.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise RecipeError(f"{where}: unsupported field type {annotation!r}")
+
+
+def from_dict(cls, data, where: str):
+    """Build dataclass ``cls`` from a mapping, refusing unknown fields and missing required ones."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields or k == "base_dir"]
+    if unknown:
+        raise RecipeError(f"{_join(where, unknown[0])}: unknown field; expected one of "
+                          f"{', '.join(k for k in fields if k != 'base_dir')}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], _join(where, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{_join(where, name)}: required field is missing")
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # __post_init__ validation names the field
+        raise RecipeError(f"{where or 'recipe'}: {exc}") from None
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _stages(value, where: str) -> tuple:
+    from pyserve.compress import methods
+
+    if not isinstance(value, list) or not value:
+        raise RecipeError(f"{where}: expected a non-empty list of stages")
+    out = []
+    for i, stage in enumerate(value):
+        w = f"{where}[{i}]"
+        if not isinstance(stage, dict) or "method" not in stage:
+            raise RecipeError(f"{w}.method: required field is missing")
+        body = dict(stage)
+        name = body.pop("method")
+        try:
+            cfg_cls = methods.config_class(name)
+        except ValueError as exc:
+            raise RecipeError(f"{w}.method: {exc}") from None
+        out.append(from_dict(cfg_cls, body, w))
+    return tuple(out)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load and check a recipe file.
+
+    Raises
+    ------
+    RecipeError
+        Missing file, malformed YAML, unknown or ill-typed field, unknown method, unsupported
+        format_version; the message starts with the file name and names the field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}: malformed YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    try:
+        return recipe_from_mapping(data, base_dir=str(path.resolve().parent))
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+
+
+def recipe_from_mapping(data, *, base_dir: str = ".") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError("the recipe must be a mapping at top level")
+    version = data.get("format_version", RECIPE_FORMAT_VERSION)
+    if version != RECIPE_FORMAT_VERSION:
+        raise RecipeError(f"format_version: unsupported recipe format version {version!r}; expected {RECIPE_FORMAT_VERSION}")
+    body = dict(data)
+    stages = _stages(body.pop("stages", None), "stages")
+    recipe = from_dict(_RecipeBody, body, "")
+    return Recipe(name=recipe.name, model=recipe.model, stages=stages, format_version=version,
+                  data=recipe.data, train=recipe.train, seed=recipe.seed, base_dir=base_dir)
+
+
+@dataclass(frozen=True)
+class _RecipeBody:
+    """The recipe's fields other than ``stages`` (which come from the method registry)."""
+
+    name: str
+    model: ModelSpec
+    format_version: int = RECIPE_FORMAT_VERSION
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    seed: int = 0

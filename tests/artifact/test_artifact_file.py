@@ -1,0 +1,122 @@
+"""The .pyserve container: round trip through torch.export, atomic writes, corrupt files refused."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pyserve
+from pyserve.artifact import ArtifactError, encode_sparse, load_artifact, read_manifest, save
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    m = Net().eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.fc.weight[m.fc.weight.abs() < 0.05] = 0
+    return m
+
+
+@pytest.fixture(scope="module")
+def saved(net, tmp_path_factory):
+    path = tmp_path_factory.mktemp("art") / "net.pyserve"
+    w = net.fc.weight.detach().numpy()
+    save(path, net, (torch.randn(2, 1, 8, 8),), model_name="net", input_names=["x"], output_names=["y"],
+         encodings={"fc.weight": encode_sparse(w, index_bits=4, entropy="huffman")}, stats={"note": "t"})
+    return path
+
+
+def test_manifest_signature(saved):
+    m = read_manifest(saved)
+    assert m.model_name == "net" and m.format_version == 1
+    assert [(s.name, s.datatype, s.shape) for s in m.inputs] == [("x", "FP32", (-1, 1, 8, 8))]
+    assert [(s.name, s.datatype, s.shape) for s in m.outputs] == [("y", "FP32", (-1, 5))]
+    assert m.tensors["fc.weight"]["encoding"] == "sparse" and m.tensors["conv.weight"]["encoding"] == "raw"
+    assert m.tensors["bn.running_mean"]["role"] == "buffer"
+    assert m.stats == {"note": "t"} and m.size_bytes == os.path.getsize(saved)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_loaded_module_matches_original(net, saved, batch):
+    x = torch.randn(batch, 1, 8, 8)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(pyserve.load(saved)(x).numpy(), net(x).numpy())
+
+
+def test_truncated_file_refused(saved, tmp_path):
+    data = saved.read_bytes()
+    for cut in (0, 10, 63, 64, 200, len(data) // 2, len(data) - 1):
+        bad = tmp_path / f"cut{cut}.pyserve"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ArtifactError, match="truncated|shorter"):
+            load_artifact(bad)
+
+
+def test_every_flipped_byte_is_caught(saved, tmp_path):
+    data = saved.read_bytes()
+    rng = np.random.default_rng(1)
+    positions = list(range(0, 64)) + rng.integers(64, len(data), size=150).tolist()
+    for pos in positions:
+        bad = bytearray(data)
+        bad[pos] ^= 1 << int(rng.integers(0, 8))
+        path = tmp_path / "flip.pyserve"
+        path.write_bytes(bytes(bad))
+        with pytest.raises(ArtifactError):
+            load_artifact(path)
+
+
+def test_unknown_version_and_missing_file(saved, tmp_path):
+    data = bytearray(saved.read_bytes())
+    data[8] = 2
+    (tmp_path / "v2.pyserve").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="version 2"):
+        read_manifest(tmp_path / "v2.pyserve")
+    with pytest.raises(ArtifactError, match="no such artifact"):
+        read_manifest(tmp_path / "missing.pyserve")
+
+
+def test_failed_write_leaves_old_file_intact(net, saved, tmp_path):
+    target = tmp_path / "keep.pyserve"
+    target.write_bytes(saved.read_bytes())
+    with pytest.raises(ValueError, match="does not reproduce"):
+        bad = encode_sparse(np.zeros((5, 144), dtype=np.float32))
+        save(target, net, (torch.randn(2, 1, 8, 8),), model_name="net", encodings={"fc.weight": bad})
+    assert target.read_bytes() == saved.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.pyserve"]
+
+
+def test_encoding_for_unknown_tensor_refused(net, tmp_path):
+    with pytest.raises(ValueError, match="does not have"):
+        save(tmp_path / "x.pyserve", net, (torch.randn(2, 1, 8, 8),), model_name="n",
+             encodings={"nope.weight": encode_sparse(np.zeros(3, dtype=np.float32))})
+
+
+def test_interrupted_write_leaves_nothing_half_written(net, saved, tmp_path, monkeypatch):
+    import pyserve.artifact._container as container
+
+    target = tmp_path / "keep.pyserve"
+    target.write_bytes(saved.read_bytes())
+
+    def crash(*_args):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the final rename
+
+    monkeypatch.setattr(container.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save(target, net, (torch.randn(2, 1, 8, 8),), model_name="net")
+    assert target.read_bytes() == saved.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.pyserve"]

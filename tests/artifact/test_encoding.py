@@ -1,0 +1,101 @@
+"""Sparse relative-index + codebook encodings against a plain-Python reference."""
+
+import numpy as np
+import pytest
+
+from pyserve.artifact import ArtifactError
+from pyserve.artifact.encoding import decode_tensor, encode_raw, encode_sparse, relative_indices
+
+
+def reference_relative_indices(positions, index_bits):
+    """Walk the positions one by one, emitting fillers when a gap is too long (paper, section 2)."""
+    max_gap, prev, gaps, src = 1 << index_bits, -1, [], []
+    for i, p in enumerate(positions):
+        gap = p - prev
+        while gap > max_gap:
+            gaps.append(max_gap - 1)
+            src.append(-1)
+            gap -= max_gap
+        gaps.append(gap - 1)
+        src.append(i)
+        prev = p
+    return np.array(gaps, dtype=np.uint8), np.array(src, dtype=np.int64)
+
+
+@pytest.mark.parametrize("index_bits", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.1, 0.5, 1.0])
+def test_relative_indices_match_reference(index_bits, density):
+    rng = np.random.default_rng(index_bits * 100 + int(density * 100))
+    numel = 3000
+    positions = np.flatnonzero(rng.random(numel) < density)
+    gaps, src = relative_indices(positions, index_bits)
+    ref_gaps, ref_src = reference_relative_indices(positions.tolist(), index_bits)
+    np.testing.assert_array_equal(gaps, ref_gaps)
+    np.testing.assert_array_equal(src, ref_src)
+
+
+def _pruned_shared(rng, shape, density, k):
+    codebook = np.concatenate([[0.0], np.sort(rng.normal(size=k - 1))]).astype(np.float32)
+    codes = rng.integers(1, k, size=shape)
+    keep = rng.random(shape) < density
+    return np.where(keep, codebook[codes], 0).astype(np.float32), codebook
+
+
+@pytest.mark.parametrize("entropy", ["none", "huffman"])
+@pytest.mark.parametrize("index_bits", [2, 5, 8])
+@pytest.mark.parametrize("with_codebook", [True, False])
+@pytest.mark.parametrize("shape,density", [((300, 784), 0.08), ((10, 100), 0.26), ((7,), 0.0), ((4, 3, 5, 5), 1.0)])
+def test_sparse_round_trip_exact(entropy, index_bits, with_codebook, shape, density):
+    rng = np.random.default_rng(7)
+    w, codebook = _pruned_shared(rng, shape, density, 64)
+    if not with_codebook:
+        w = np.where(w != 0, rng.normal(size=shape), 0).astype(np.float32)
+        codebook = None
+    enc = encode_sparse(w, index_bits=index_bits, codebook=codebook, entropy=entropy)
+    out = decode_tensor(enc.meta, enc.blobs, "w")
+    assert out.dtype == np.float32 and out.shape == w.shape
+    np.testing.assert_array_equal(out, w)
+    assert enc.meta["nnz"] == int((w != 0).sum())
+
+
+def test_huffman_makes_sparse_layer_smaller():
+    rng = np.random.default_rng(0)
+    # A Laplacian-like weight distribution, pruned to 8% and shared on 63 centroids: the
+    # codebook-index and gap streams are skewed, so Huffman coding must beat one byte per symbol.
+    w = rng.laplace(size=(300, 784)).astype(np.float32)
+    w[np.abs(w) < np.quantile(np.abs(w), 0.92)] = 0
+    codebook = np.concatenate([[0], np.linspace(w.min(), w.max(), 63)]).astype(np.float32)
+    nz = w != 0
+    w[nz] = codebook[1:][np.abs(w[nz][:, None] - codebook[1:][None, :]).argmin(1)]
+    plain = encode_sparse(w, index_bits=5, codebook=codebook, entropy="none")
+    coded = encode_sparse(w, index_bits=5, codebook=codebook, entropy="huffman")
+    assert coded.size_bytes < 0.8 * plain.size_bytes
+    np.testing.assert_array_equal(decode_tensor(coded.meta, coded.blobs, "w"), w)
+
+
+def test_value_not_in_codebook_is_refused():
+    w = np.array([0, 1.5, 0, 2.0], dtype=np.float32)
+    with pytest.raises(ValueError, match="not in the codebook"):
+        encode_sparse(w, codebook=np.array([0, 1.5], dtype=np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64, np.uint8, np.bool_])
+def test_raw_round_trip(dtype):
+    a = (np.arange(24).reshape(2, 3, 4) % 5).astype(dtype)
+    enc = encode_raw(a)
+    out = decode_tensor(enc.meta, enc.blobs, "a")
+    assert out.dtype == a.dtype
+    np.testing.assert_array_equal(out, a)
+
+
+def test_inconsistent_sparse_meta_is_refused():
+    w = np.zeros((10, 10), dtype=np.float32)
+    w[9, 9] = 1.0
+    enc = encode_sparse(w, index_bits=8, codebook=np.array([0, 1], dtype=np.float32), entropy="none")
+    for key, value, msg in [("entries", 5, "expected 5"), ("shape", [5, 5], "past the end"),
+                            ("codebook_size", 1, "codebook"), ("index_bits", 9, "bad sparse header"),
+                            ("encoding", "zip", "unknown encoding"), ("values", "int4", "unknown sparse values")]:
+        with pytest.raises(ArtifactError, match=msg):
+            decode_tensor(dict(enc.meta, **{key: value}), enc.blobs, "w")
+    with pytest.raises(ArtifactError, match="missing"):
+        decode_tensor(enc.meta, {"gaps": enc.blobs["gaps"]}, "w")

@@ -2,8 +2,6 @@
 
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,37 +11,10 @@ import pyserve
 from pyserve.artifact import read_manifest
 from pyserve.datasets import mnist
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "pyserve", *args], capture_output=True, text=True,
                           timeout=600)
-
-
-@pytest.fixture(scope="session")
-def compressed(tmp_path_factory):
-    """LeNet-300-100 trained 1 epoch, pruned to 90/90/70% with 1 retraining epoch, 4-bit codebooks."""
-    d = tmp_path_factory.mktemp("compress")
-    recipe = d / "recipe.yaml"
-    recipe.write_text(textwrap.dedent(f"""
-        format_version: 1
-        name: tinylenet
-        model:
-          factory: {ROOT / 'examples/lenet300/model.py'}:LeNet300
-          checkpoint: ckpt/model.pt
-          inputs: [{{name: images, datatype: FP32, shape: [-1, 784]}}]
-          outputs: [{{name: logits, datatype: FP32, shape: [-1, 10]}}]
-        train: {{epochs: 1, batch_size: 256}}
-        stages:
-          - {{method: prune, sparsity: {{fc1: 0.9, fc2: 0.9, fc3: 0.7}}, retrain_epochs: 1}}
-          - {{method: quantize, bits: 4, finetune_epochs: 1}}
-          - {{method: huffman}}
-    """))
-    out = d / "tiny.pyserve"
-    proc = run_cli("compress", str(recipe), "-o", str(out), "-q")
-    assert proc.returncode == 0, proc.stderr
-    return recipe, out, proc.stdout
 
 
 def test_compress_writes_a_small_accurate_artifact(compressed):

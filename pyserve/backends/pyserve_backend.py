@@ -1,0 +1,119 @@
+"""The ``pyserve`` backend: hosts one ``.pyserve`` artifact (see :mod:`pyserve.artifact`).
+
+Loading reads, verifies (checksums) and decodes the artifact in a thread executor; inference runs
+the artifact's module under ``torch.inference_mode()`` in the same executor, never on the event
+loop. torch and the artifact reader are imported on :meth:`PyserveBackend.load`, not at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pyserve import dtypes
+from pyserve.backends.base import InferInputs, InferOutputs, InferResult, ModelSignature, TensorSpec
+
+__all__ = ["PyserveBackend"]
+
+
+class PyserveBackend:
+    """Backend for ``DIR/<model>/<version>/model.pyserve``."""
+
+    platform = "pyserve"
+
+    def __init__(self, artifact_path: Path, *, executor: Executor | None = None) -> None:
+        self._path = Path(artifact_path)
+        self._executor = executor
+        self._module = None
+        self._signature: ModelSignature | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._module is not None
+
+    @property
+    def signature(self) -> ModelSignature:
+        if self._signature is None:
+            raise RuntimeError(f"backend for {self._path} is not loaded")
+        return self._signature
+
+    async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        module, signature = await loop.run_in_executor(self._executor, functools.partial(_load, self._path))
+        self._module, self._signature = module, signature
+
+    async def infer(self, batch: Sequence[InferInputs]) -> list[InferResult]:
+        module, signature = self._module, self._signature
+        if module is None or signature is None:
+            raise RuntimeError(f"backend for {self._path} is not loaded")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(_run_batch, module, signature, list(batch)))
+
+    async def unload(self) -> None:
+        self._module = None
+
+
+def _load(path: Path):
+    from pyserve.artifact import load_artifact
+
+    art = load_artifact(path)
+    m = art.manifest
+
+    def specs(items) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(s.name, s.datatype, tuple(int(d) for d in s.shape)) for s in items)
+
+    return art.module, ModelSignature(inputs=specs(m.inputs), outputs=specs(m.outputs))
+
+
+def _run_batch(module, signature: ModelSignature, batch: list[InferInputs]) -> list[InferResult]:
+    # One forward pass per request for now; a dynamic batcher will concatenate along dim 0.
+    import torch
+
+    results: list[InferResult] = []
+    with torch.inference_mode():
+        for inputs in batch:
+            try:
+                results.append(_run_one(module, signature, inputs))
+            except Exception as exc:  # the error belongs to this request only
+                results.append(exc)
+    return results
+
+
+def _to_torch(array: np.ndarray, datatype: str):
+    import torch
+
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        array = np.array(array, order="C", copy=True)
+    if datatype == "BF16":  # held as uint16 bits; reinterpret, never convert
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def _to_numpy(tensor, spec: TensorSpec) -> np.ndarray:
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise RuntimeError(f"output {spec.name!r}: the model returned {type(tensor).__name__}, not a tensor")
+    actual = dtypes.from_torch(tensor.dtype).name
+    if actual != spec.datatype:
+        raise RuntimeError(f"output {spec.name!r}: the model returned {actual}, its signature declares {spec.datatype}")
+    tensor = tensor.detach().cpu().contiguous()
+    if actual == "BF16":
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def _run_one(module, signature: ModelSignature, inputs: InferInputs) -> InferOutputs:
+    import torch
+
+    args = [_to_torch(inputs[spec.name], spec.datatype) for spec in signature.inputs]
+    out = module(*args)
+    outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+    if len(outs) != len(signature.outputs):
+        raise RuntimeError(f"the model returned {len(outs)} output(s); its signature declares {len(signature.outputs)}")
+    return {spec.name: _to_numpy(t, spec) for spec, t in zip(signature.outputs, outs, strict=True)}

@@ -1,0 +1,81 @@
+"""``pyserve serve``: serve a model repository over gRPC (Open Inference Protocol v2 + health).
+
+Prints one line on stdout when every model has been tried and the server is ready::
+
+    pyserve: serving N model(s) on HOST:PORT
+
+(the bound port, also for ``--grpc-port 0``), so scripts can wait for it. Refused models are
+logged on stderr. SIGINT/SIGTERM stop gracefully: new RPCs are refused and in-flight ones get
+``--exit-timeout-s`` to finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from pyserve.cli.main import UsageError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model repository over gRPC (KServe v2 / Open Inference Protocol)",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("--model-repository", required=True, metavar="DIR", help="DIR/<model>/<version>/model.pyserve")
+    p.add_argument("--grpc-port", type=int, default=8001, help="port to listen on; 0 = any free port (default 8001)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--exit-timeout-s", type=float, default=30.0, help="grace period for in-flight requests on stop")
+    p.add_argument("--max-message-mb", type=float, default=256.0, help="largest request/response message in MiB")
+    p.add_argument("--infer-threads", type=int, default=None, help="threads that load and run models")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        stream=sys.stderr,
+        format="%(asctime)s pyserve %(levelname)s %(name)s: %(message)s",
+    )
+    if not 0 <= args.grpc_port <= 65535:
+        raise UsageError(f"--grpc-port must be in 0..65535, got {args.grpc_port}")
+    if args.max_message_mb <= 0:
+        raise UsageError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
+    if args.exit_timeout_s < 0:
+        raise UsageError(f"--exit-timeout-s must be >= 0, got {args.exit_timeout_s}")
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from pyserve.server import Server
+
+    server = Server(
+        args.model_repository,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024),
+        exit_timeout_s=args.exit_timeout_s,
+        infer_threads=args.infer_threads,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from None
+    ready = sum(1 for m in server.repository.models if m.ready)
+    refused = [m.name for m in server.repository.models if not m.ready]
+    if refused:
+        logging.getLogger("pyserve.server").warning("refused model(s): %s (reasons above)", ", ".join(refused))
+    print(f"pyserve: serving {ready} model(s) on {server.address}", flush=True)
+    await stop.wait()
+    logging.getLogger("pyserve.server").info("signal received; stopping (grace %.1f s)", args.exit_timeout_s)
+    await server.stop()
+    return 0

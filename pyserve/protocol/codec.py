@@ -1,0 +1,398 @@
+"""The one place where Open Inference Protocol protobuf messages meet pyserve's own types.
+
+Server side: :func:`decode_infer_request` (validates datatypes, byte sizes and element counts,
+raising :class:`~pyserve.protocol.errors.InvalidArgument` that names expected and actual) and the
+``encode_*`` functions for every response. Client side: :func:`encode_infer_request` and
+:func:`decode_infer_response`. Nothing else in pyserve imports the generated ``*_pb2`` modules:
+the service registration (:func:`add_inference_servicer`) and client stub (:func:`inference_stub`)
+are here too.
+
+Wire format of tensor data (KServe v2 gRPC): ``raw_input_contents``/``raw_output_contents`` hold one
+``bytes`` per tensor, in tensor order: little-endian, row-major; BYTES tensors as, per element, a
+4-byte little-endian length followed by the element's bytes. A request either puts every input in
+``raw_input_contents`` or every input in its typed ``contents``; pyserve always answers raw (what
+tritonclient's ``as_numpy`` reads).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from pyserve import dtypes
+from pyserve.protocol._generated import grpc_service_pb2 as pb
+from pyserve.protocol._generated import grpc_service_pb2_grpc as pb_grpc
+from pyserve.protocol.errors import InvalidArgument
+from pyserve.protocol.types import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ParamValue,
+    RequestedOutput,
+    ServerMetadata,
+    Tensor,
+    TensorMetadata,
+)
+
+__all__ = [
+    "SERVICE_NAME",
+    "add_inference_servicer",
+    "inference_stub",
+    "decode_infer_request",
+    "encode_infer_request",
+    "encode_infer_response",
+    "decode_infer_response",
+    "encode_stream_response",
+    "encode_stream_error",
+    "decode_model_ref",
+    "encode_model_metadata_request",
+    "encode_server_live",
+    "encode_server_ready",
+    "encode_model_ready",
+    "encode_server_metadata",
+    "decode_server_metadata",
+    "encode_model_metadata",
+    "decode_model_metadata",
+    "tensor_to_raw",
+    "tensor_from_raw",
+    "CONTENTS_FIELD",
+]
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+
+#: Typed ``InferTensorContents`` field of each datatype. FP16 and BF16 have none: they travel raw.
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_LEN = struct.Struct("<I")
+_LITTLE = sys.byteorder == "little"
+
+
+# --- service plumbing -------------------------------------------------------------------------
+
+
+def add_inference_servicer(servicer, server) -> None:
+    """Register an ``inference.GRPCInferenceService`` implementation on a grpc(.aio) server."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
+
+def inference_stub(channel):
+    """Client stub for ``inference.GRPCInferenceService`` on a grpc(.aio) channel."""
+    return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+# --- tensors ----------------------------------------------------------------------------------
+
+
+def _datatype(name: str, where: str) -> dtypes.DType:
+    try:
+        return dtypes.from_name(name)
+    except ValueError:
+        known = ", ".join(d.name for d in dtypes.DTYPES)
+        raise InvalidArgument(f"{where}: unknown datatype {name!r}; expected one of {known}") from None
+
+
+def _shape(dims: Iterable[int], where: str) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in dims)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{where}: shape {list(shape)} has a negative dimension; a tensor's shape is concrete")
+    return shape
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _bytes_element(value) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, np.generic):
+        return _bytes_element(value.item())
+    return str(value).encode("utf-8")
+
+
+def tensor_to_raw(tensor: Tensor) -> bytes:
+    """Wire bytes of one tensor (little-endian row-major; BYTES length-prefixed)."""
+    if tensor.datatype == "BYTES":
+        parts = []
+        for element in tensor.data.reshape(-1):
+            b = _bytes_element(element)
+            parts.append(_LEN.pack(len(b)))
+            parts.append(b)
+        return b"".join(parts)
+    dt = dtypes.numpy_dtype(tensor.datatype)
+    return np.ascontiguousarray(tensor.data, dtype=dt.newbyteorder("<")).tobytes()
+
+
+def _unpack_bytes(buf: bytes, count: int, where: str, shape: tuple[int, ...]) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    offset, size = 0, len(buf)
+    view = memoryview(buf)
+    for i in range(count):
+        if offset + 4 > size:
+            raise InvalidArgument(
+                f"{where}: BYTES data ends after {i} element(s); expected {count} for shape {_fmt_shape(shape)}"
+            )
+        (length,) = _LEN.unpack_from(buf, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidArgument(
+                f"{where}: BYTES element {i} claims {length} bytes but only {size - offset} remain"
+            )
+        out[i] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != size:
+        raise InvalidArgument(
+            f"{where}: BYTES data has {size - offset} byte(s) after the {count} element(s) "
+            f"that shape {_fmt_shape(shape)} holds"
+        )
+    return out.reshape(shape)
+
+
+def tensor_from_raw(buf: bytes, name: str, datatype: str, shape: tuple[int, ...], where: str | None = None) -> Tensor:
+    """Decode one tensor's wire bytes, checking the byte size against ``shape`` and the datatype."""
+    where = where or f"tensor '{name}'"
+    dt = _datatype(datatype, where)
+    shape = _shape(shape, where)
+    count = math.prod(shape)
+    if dt.byte_size is None:
+        return Tensor(name, dt.name, _unpack_bytes(buf, count, where, shape))
+    expected = count * dt.byte_size
+    if len(buf) != expected:
+        raise InvalidArgument(
+            f"{where}: raw contents hold {len(buf)} bytes; expected {expected} "
+            f"(shape {_fmt_shape(shape)} x {dt.name} at {dt.byte_size} byte(s) per element)"
+        )
+    arr = np.frombuffer(buf, dtype=dt.numpy.newbyteorder("<")).reshape(shape)
+    if not _LITTLE:
+        arr = arr.astype(dt.numpy)
+    return Tensor(name, dt.name, arr)
+
+
+def _populated_contents(contents: pb.InferTensorContents) -> list[str]:
+    return [f.name for f, _ in contents.ListFields()]
+
+
+def _tensor_from_contents(contents: pb.InferTensorContents, name: str, datatype: str, shape, where: str) -> Tensor:
+    dt = _datatype(datatype, where)
+    shape = _shape(shape, where)
+    count = math.prod(shape)
+    field = CONTENTS_FIELD.get(dt.name)
+    populated = _populated_contents(contents)
+    if field is None:
+        raise InvalidArgument(f"{where}: {dt.name} has no typed contents field; send it in raw contents")
+    stray = [f for f in populated if f != field]
+    if stray:
+        raise InvalidArgument(f"{where}: datatype {dt.name} expects contents.{field}, got contents.{stray[0]}")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"{where}: contents.{field} has {len(values)} element(s); expected {count} for shape {_fmt_shape(shape)}"
+        )
+    if dt.name == "BYTES":
+        arr = np.empty(count, dtype=object)
+        for i, v in enumerate(values):
+            arr[i] = bytes(v)
+        return Tensor(name, dt.name, arr.reshape(shape))
+    try:
+        arr = np.array(values, dtype=dt.numpy).reshape(shape)
+    except OverflowError as exc:
+        raise InvalidArgument(f"{where}: contents.{field} has a value out of range for {dt.name} ({exc})") from None
+    return Tensor(name, dt.name, arr)
+
+
+# --- parameters -------------------------------------------------------------------------------
+
+
+def _param_to_pb(value: ParamValue, out: pb.InferParameter) -> None:
+    if isinstance(value, (bool, np.bool_)):
+        out.bool_param = bool(value)
+    elif isinstance(value, (int, np.integer)):
+        v = int(value)
+        if -(2**63) <= v < 2**63:
+            out.int64_param = v
+        elif 0 <= v < 2**64:
+            out.uint64_param = v
+        else:
+            raise ValueError(f"parameter value {v} does not fit int64 or uint64")
+    elif isinstance(value, (float, np.floating)):
+        out.double_param = float(value)
+    elif isinstance(value, str):
+        out.string_param = value
+    else:
+        raise TypeError(f"parameter value must be bool, int, float or str, got {type(value).__name__}")
+
+
+def _params_to_pb(params: Mapping[str, ParamValue], out) -> None:
+    for key, value in params.items():
+        _param_to_pb(value, out[key])
+
+
+def _params_from_pb(params) -> dict[str, ParamValue]:
+    result: dict[str, ParamValue] = {}
+    for key, p in params.items():
+        which = p.WhichOneof("parameter_choice")
+        if which is not None:
+            result[key] = getattr(p, which)
+    return result
+
+
+# --- inference --------------------------------------------------------------------------------
+
+
+def _decode_tensors(specs, raw: list[bytes], kind: str, raw_field: str) -> tuple[Tensor, ...]:
+    if raw and len(raw) != len(specs):
+        raise InvalidArgument(
+            f"{raw_field} has {len(raw)} entries for {len(specs)} {kind}(s); expected one per {kind} "
+            f"(a request sends either every {kind} raw or every {kind} in typed contents)"
+        )
+    tensors, seen = [], set()
+    for i, t in enumerate(specs):
+        where = f"{kind} '{t.name}'"
+        if t.name in seen:
+            raise InvalidArgument(f"{where} appears more than once")
+        seen.add(t.name)
+        params = _params_from_pb(t.parameters)
+        if raw:
+            if t.HasField("contents") and _populated_contents(t.contents):
+                raise InvalidArgument(f"{where} has both {raw_field} and typed contents; send one or the other")
+            tensor = tensor_from_raw(raw[i], t.name, t.datatype, t.shape, where)
+        else:
+            tensor = _tensor_from_contents(t.contents, t.name, t.datatype, t.shape, where)
+        if params:
+            tensor = Tensor(tensor.name, tensor.datatype, tensor.data, params)
+        tensors.append(tensor)
+    return tuple(tensors)
+
+
+def decode_infer_request(msg: pb.ModelInferRequest) -> InferRequest:
+    """``ModelInferRequest`` -> :class:`InferRequest`; raises InvalidArgument for malformed tensors."""
+    inputs = _decode_tensors(msg.inputs, list(msg.raw_input_contents), "input", "raw_input_contents")
+    outputs = tuple(RequestedOutput(o.name, _params_from_pb(o.parameters)) for o in msg.outputs)
+    return InferRequest(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        id=msg.id,
+        inputs=inputs,
+        outputs=outputs,
+        parameters=_params_from_pb(msg.parameters),
+    )
+
+
+def encode_infer_request(req: InferRequest) -> pb.ModelInferRequest:
+    """:class:`InferRequest` -> ``ModelInferRequest`` with every input in ``raw_input_contents``."""
+    msg = pb.ModelInferRequest(model_name=req.model_name, model_version=req.model_version, id=req.id)
+    _params_to_pb(req.parameters, msg.parameters)
+    for t in req.inputs:
+        entry = msg.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        _params_to_pb(t.parameters, entry.parameters)
+        msg.raw_input_contents.append(tensor_to_raw(t))
+    for o in req.outputs:
+        entry = msg.outputs.add(name=o.name)
+        _params_to_pb(o.parameters, entry.parameters)
+    return msg
+
+
+def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
+    """:class:`InferResponse` -> ``ModelInferResponse``; outputs always in ``raw_output_contents``."""
+    msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
+    _params_to_pb(resp.parameters, msg.parameters)
+    for t in resp.outputs:
+        entry = msg.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        _params_to_pb(t.parameters, entry.parameters)
+        msg.raw_output_contents.append(tensor_to_raw(t))
+    return msg
+
+
+def decode_infer_response(msg: pb.ModelInferResponse) -> InferResponse:
+    """``ModelInferResponse`` -> :class:`InferResponse` (raw or typed output contents)."""
+    outputs = _decode_tensors(msg.outputs, list(msg.raw_output_contents), "output", "raw_output_contents")
+    return InferResponse(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        id=msg.id,
+        outputs=outputs,
+        parameters=_params_from_pb(msg.parameters),
+    )
+
+
+def encode_stream_response(resp: InferResponse) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(infer_response=encode_infer_response(resp))
+
+
+def encode_stream_error(message: str, request_id: str = "") -> pb.ModelStreamInferResponse:
+    """A failed request on ModelStreamInfer: ``error_message`` set, the request id echoed."""
+    return pb.ModelStreamInferResponse(
+        error_message=message, infer_response=pb.ModelInferResponse(id=request_id)
+    )
+
+
+# --- health and metadata ----------------------------------------------------------------------
+
+
+def encode_model_metadata_request(name: str, version: str = "") -> pb.ModelMetadataRequest:
+    return pb.ModelMetadataRequest(name=name, version=version)
+
+
+def decode_model_ref(msg) -> tuple[str, str]:
+    """``(name, version)`` of a ModelReadyRequest or ModelMetadataRequest."""
+    return msg.name, msg.version
+
+
+def encode_server_live(live: bool) -> pb.ServerLiveResponse:
+    return pb.ServerLiveResponse(live=live)
+
+
+def encode_server_ready(ready: bool) -> pb.ServerReadyResponse:
+    return pb.ServerReadyResponse(ready=ready)
+
+
+def encode_model_ready(ready: bool) -> pb.ModelReadyResponse:
+    return pb.ModelReadyResponse(ready=ready)
+
+
+def encode_server_metadata(md: ServerMetadata) -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(name=md.name, version=md.version, extensions=list(md.extensions))
+
+
+def decode_server_metadata(msg: pb.ServerMetadataResponse) -> ServerMetadata:
+    return ServerMetadata(name=msg.name, version=msg.version, extensions=tuple(msg.extensions))
+
+
+def encode_model_metadata(md: ModelMetadata) -> pb.ModelMetadataResponse:
+    msg = pb.ModelMetadataResponse(name=md.name, versions=list(md.versions), platform=md.platform)
+    for src, dst in ((md.inputs, msg.inputs), (md.outputs, msg.outputs)):
+        for t in src:
+            dst.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+    return msg
+
+
+def decode_model_metadata(msg: pb.ModelMetadataResponse) -> ModelMetadata:
+    def tensors(items) -> tuple[TensorMetadata, ...]:
+        return tuple(TensorMetadata(t.name, t.datatype, tuple(t.shape)) for t in items)
+
+    return ModelMetadata(
+        name=msg.name,
+        versions=tuple(msg.versions),
+        platform=msg.platform,
+        inputs=tensors(msg.inputs),
+        outputs=tensors(msg.outputs),
+    )

@@ -1,0 +1,58 @@
+"""``inference.GRPCInferenceService``: decode with the codec, call the data plane, encode.
+
+No validation or model logic lives here; errors propagate as :class:`ServingError` to the
+interceptor. ModelStreamInfer answers every request in order; a failed request gets a response
+with ``error_message`` set and the stream carries on (as Triton does).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from pyserve.protocol import codec
+from pyserve.protocol.errors import ServingError
+from pyserve.server.dataplane import DataPlane
+
+__all__ = ["InferenceServicer"]
+
+log = logging.getLogger("pyserve.server")
+
+
+class InferenceServicer:
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dp = dataplane
+
+    def add_to_server(self, server) -> None:
+        codec.add_inference_servicer(self, server)
+
+    async def ServerLive(self, request, context):
+        return codec.encode_server_live(self._dp.live())
+
+    async def ServerReady(self, request, context):
+        return codec.encode_server_ready(self._dp.ready())
+
+    async def ModelReady(self, request, context):
+        return codec.encode_model_ready(self._dp.model_ready(*codec.decode_model_ref(request)))
+
+    async def ServerMetadata(self, request, context):
+        return codec.encode_server_metadata(self._dp.server_metadata())
+
+    async def ModelMetadata(self, request, context):
+        return codec.encode_model_metadata(self._dp.model_metadata(*codec.decode_model_ref(request)))
+
+    async def ModelInfer(self, request, context):
+        response = await self._dp.infer(codec.decode_infer_request(request))
+        return codec.encode_infer_response(response)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        async for request in request_iterator:
+            try:
+                response = await self._dp.infer(codec.decode_infer_request(request))
+                yield codec.encode_stream_response(response)
+            except ServingError as exc:
+                yield codec.encode_stream_error(f"{exc.code}: {exc}", request.id)
+            except Exception:
+                ref = uuid.uuid4().hex[:12]
+                log.exception("internal error in ModelStreamInfer (ref %s)", ref)
+                yield codec.encode_stream_error(f"INTERNAL: internal error (ref {ref}); see the server log", request.id)

@@ -1,0 +1,13 @@
+// What this build of pyserve._C compiled in (pyserve._C.build_info()).
+#pragma once
+
+#include <pybind11/pybind11.h>
+#include <pybind11/typing.h>
+
+namespace pyserve {
+
+// {"version": str, "compiler": str, "avx2": bool, "openmp": bool, "cuda": bool,
+//  "cuda_archs": list[int] (empty without CUDA)}.
+pybind11::typing::Dict<pybind11::str, pybind11::object> build_info();
+
+}  // namespace pyserve

@@ -1,0 +1,24 @@
+"""Native kernels behind thin Python faces (``pyserve._C``), one module per kernel family.
+
+``pyserve.ops.reference`` holds the slow NumPy references the tests compare against; it is not
+re-exported here.
+"""
+
+from pyserve.ops._build import build_info, cuda_device_count
+from pyserve.ops.huffman import (
+    HUFFMAN_FORMAT_VERSION,
+    HUFFMAN_MAX_CODE_LENGTH,
+    HUFFMAN_TABLE_BITS,
+    huffman_decode,
+    huffman_encode,
+)
+
+__all__ = [
+    "HUFFMAN_FORMAT_VERSION",
+    "HUFFMAN_MAX_CODE_LENGTH",
+    "HUFFMAN_TABLE_BITS",
+    "build_info",
+    "cuda_device_count",
+    "huffman_decode",
+    "huffman_encode",
+]

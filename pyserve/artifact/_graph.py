@@ -22,7 +22,12 @@ def export(module: torch.nn.Module, example_inputs: tuple, *, dynamic_batch: boo
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
-    return torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    ep = torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    # Source stack traces would put the writer's file paths and source lines into the artifact
+    # (and make it differ between checkouts); the graph does not need them.
+    for node in ep.graph.nodes:
+        node.meta.pop("stack_trace", None)
+    return ep
 
 
 def serialize(ep) -> tuple[bytes, dict, list[str], list[str]]:

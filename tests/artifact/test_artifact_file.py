@@ -120,3 +120,14 @@ def test_interrupted_write_leaves_nothing_half_written(net, saved, tmp_path, mon
         save(target, net, (torch.randn(2, 1, 8, 8),), model_name="net")
     assert target.read_bytes() == saved.read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == ["keep.pyserve"]
+
+
+def test_graph_holds_no_source_paths(saved):
+    import zlib
+
+    from pyserve.artifact._container import read_container
+
+    _, blobs = read_container(saved)
+    graph = zlib.decompress(blobs["graph"]).decode()
+    assert "stack_trace" not in graph
+    assert __file__ not in graph and ".py\\\"" not in graph and ".py\"" not in graph

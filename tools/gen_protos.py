@@ -35,10 +35,19 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
 OUT_DIR = ROOT / "pyserve" / "protocol" / "_generated"
 PACKAGE = "pyserve.protocol._generated"
-PROTOS = ("grpc_service.proto",)
+# Dependencies first: grpc_service.proto imports model_config.proto.
+PROTOS = ("model_config.proto", "grpc_service.proto")
+#: Files that declare a service (the others get no ``_pb2_grpc`` module).
+SERVICES = ("grpc_service.proto",)
 
 PROTOBUF_FLOOR = (6, 31, 0)
 GRPC_FLOOR = "1.66.0"
+
+POOL_MODULE = (
+    '"""The private descriptor pool every pyserve stub registers its file in (see tools/gen_protos.py)."""\n\n'
+    "from google.protobuf import descriptor_pool as _descriptor_pool\n\n"
+    "POOL = _descriptor_pool.DescriptorPool()\n"
+)
 
 HEADER = (
     "# Post-processed by tools/gen_protos.py: private descriptor pool, runtime version floor "
@@ -75,8 +84,9 @@ def _postprocess_pb2(text: str, module: str) -> str:
     text = _sub_once(
         r"\n_sym_db = _symbol_database\.Default\(\)\n",
         "\n_sym_db = _symbol_database.Default()\n"
-        "# Private pool: tritonclient registers the same inference.* symbols in the default pool.\n"
-        "POOL = _descriptor_pool.DescriptorPool()\n",
+        "# Private pool (shared by pyserve's stubs): tritonclient registers the same inference.* symbols\n"
+        "# in the default pool.\n"
+        f"from {PACKAGE}._pool import POOL\n",
         text,
         "the symbol database line",
     )
@@ -92,6 +102,8 @@ def _postprocess_pb2(text: str, module: str) -> str:
         text,
         "BuildTopDescriptorsAndMessages",
     )
+    # imports of sibling stubs (e.g. model_config_pb2 from grpc_service_pb2) become package-relative
+    text = re.sub(r"\nimport (\w+_pb2) as (\w+)\n", rf"\nfrom {PACKAGE} import \1 as \2\n", text)
     if "Default()" in text.replace("_symbol_database.Default()", ""):
         raise SystemExit("gen_protos: protoc output still uses a default pool; update tools/gen_protos.py")
     return HEADER.format(floor="protobuf " + ".".join(map(str, PROTOBUF_FLOOR))) + text
@@ -121,12 +133,19 @@ def generate(out_dir: Path = OUT_DIR) -> list[Path]:
         _protoc([f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *PROTOS])
         for proto in PROTOS:
             module = Path(proto).stem + "_pb2"
-            pb2 = _postprocess_pb2((Path(tmp) / f"{module}.py").read_text(), module)
-            grpc_ = _postprocess_grpc((Path(tmp) / f"{module}_grpc.py").read_text(), module)
+            outputs = [(f"{module}.py", _postprocess_pb2((Path(tmp) / f"{module}.py").read_text(), module))]
+            if proto in SERVICES:
+                grpc_ = _postprocess_grpc((Path(tmp) / f"{module}_grpc.py").read_text(), module)
+                outputs.append((f"{module}_grpc.py", grpc_))
             pyi = (Path(tmp) / f"{module}.pyi").read_text()
-            for name, text in ((f"{module}.py", pb2), (f"{module}_grpc.py", grpc_), (f"{module}.pyi", pyi)):
+            pyi = re.sub(r"\nimport (\w+_pb2) as (\w+)\n", rf"\nfrom {PACKAGE} import \1 as \2\n", pyi)
+            outputs.append((f"{module}.pyi", pyi))
+            for name, text in outputs:
                 (out_dir / name).write_text(text)
                 written.append(out_dir / name)
+    pool = out_dir / "_pool.py"
+    pool.write_text(POOL_MODULE)
+    written.append(pool)
     init = out_dir / "__init__.py"
     if not init.exists():
         init.write_text('"""Generated protobuf/gRPC stubs; only pyserve.protocol.codec and the servicer import them."""\n')

@@ -16,6 +16,11 @@ from pyserve.protocol.errors import (
     Unimplemented,
 )
 from pyserve.protocol.types import (
+    BatchStats,
+    Duration,
+    ModelConfigInfo,
+    ModelIndexEntry,
+    ModelStats,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -44,4 +49,9 @@ __all__ = [
     "TensorMetadata",
     "ModelMetadata",
     "ServerMetadata",
+    "ModelConfigInfo",
+    "Duration",
+    "BatchStats",
+    "ModelStats",
+    "ModelIndexEntry",
 ]

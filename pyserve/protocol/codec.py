@@ -26,11 +26,17 @@ import numpy as np
 from pyserve import dtypes
 from pyserve.protocol._generated import grpc_service_pb2 as pb
 from pyserve.protocol._generated import grpc_service_pb2_grpc as pb_grpc
+from pyserve.protocol._generated import model_config_pb2 as mc
 from pyserve.protocol.errors import InvalidArgument
 from pyserve.protocol.types import (
+    BatchStats,
+    Duration,
     InferRequest,
     InferResponse,
+    ModelConfigInfo,
+    ModelIndexEntry,
     ModelMetadata,
+    ModelStats,
     ParamValue,
     RequestedOutput,
     ServerMetadata,
@@ -60,6 +66,17 @@ __all__ = [
     "tensor_to_raw",
     "tensor_from_raw",
     "CONTENTS_FIELD",
+    "config_data_type",
+    "datatype_from_config",
+    "encode_model_config",
+    "decode_model_config",
+    "encode_model_statistics",
+    "decode_model_statistics",
+    "encode_repository_index",
+    "decode_repository_index",
+    "decode_repository_request",
+    "encode_repository_load_response",
+    "encode_repository_unload_response",
 ]
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -396,3 +413,149 @@ def decode_model_metadata(msg: pb.ModelMetadataResponse) -> ModelMetadata:
         inputs=tensors(msg.inputs),
         outputs=tensors(msg.outputs),
     )
+
+
+# --- extensions: model configuration, statistics, repository ---------------------------------
+
+
+def config_data_type(datatype: str) -> int:
+    """Triton ``DataType`` enum value of a protocol datatype (``"BYTES"`` -> ``TYPE_STRING``)."""
+    return mc.DataType.Value(dtypes.from_name(datatype).triton_config)
+
+
+def datatype_from_config(value: int) -> str:
+    """Protocol datatype of a Triton ``DataType`` enum value; ValueError for TYPE_INVALID/unknown."""
+    name = mc.DataType.Name(value) if value in mc.DataType.values() else str(value)
+    for d in dtypes.DTYPES:
+        if d.triton_config == name:
+            return d.name
+    raise ValueError(f"Triton data type {name} has no protocol datatype")
+
+
+def _config_dims(shape: tuple[int, ...], max_batch_size: int) -> list[int]:
+    # Triton's dims exclude the batch dimension when max_batch_size > 0
+    return list(shape[1:] if max_batch_size > 0 else shape)
+
+
+def encode_model_config(info: ModelConfigInfo) -> pb.ModelConfigResponse:
+    """:class:`ModelConfigInfo` -> ``ModelConfigResponse`` (Triton's ``inference.ModelConfig``)."""
+    cfg = mc.ModelConfig(
+        name=info.name,
+        platform=info.platform,
+        backend=info.backend,
+        max_batch_size=info.max_batch_size,
+        default_model_filename=info.default_model_filename,
+    )
+    cfg.version_policy.latest.num_versions = 1
+    for t in info.inputs:
+        cfg.input.add(name=t.name, data_type=config_data_type(t.datatype), dims=_config_dims(t.shape, info.max_batch_size))
+    for t in info.outputs:
+        cfg.output.add(name=t.name, data_type=config_data_type(t.datatype), dims=_config_dims(t.shape, info.max_batch_size))
+    if info.max_queue_delay_us is not None:
+        cfg.dynamic_batching.max_queue_delay_microseconds = info.max_queue_delay_us
+        cfg.dynamic_batching.preferred_batch_size.extend(info.preferred_batch_sizes)
+    cfg.instance_group.add(
+        name=info.name, kind=mc.ModelInstanceGroup.Kind.Value(info.instance_kind), count=info.instance_count
+    )
+    return pb.ModelConfigResponse(config=cfg)
+
+
+def decode_model_config(msg: pb.ModelConfigResponse) -> ModelConfigInfo:
+    """``ModelConfigResponse`` -> :class:`ModelConfigInfo` (the batch dimension put back as -1)."""
+    cfg = msg.config
+
+    def tensors(items) -> tuple[TensorMetadata, ...]:
+        lead = (-1,) if cfg.max_batch_size > 0 else ()
+        return tuple(TensorMetadata(t.name, datatype_from_config(t.data_type), lead + tuple(t.dims)) for t in items)
+
+    batching = cfg.dynamic_batching if cfg.HasField("dynamic_batching") else None
+    group = cfg.instance_group[0] if cfg.instance_group else None
+    return ModelConfigInfo(
+        name=cfg.name,
+        platform=cfg.platform,
+        backend=cfg.backend,
+        max_batch_size=cfg.max_batch_size,
+        inputs=tensors(cfg.input),
+        outputs=tensors(cfg.output),
+        max_queue_delay_us=batching.max_queue_delay_microseconds if batching is not None else None,
+        preferred_batch_sizes=tuple(batching.preferred_batch_size) if batching is not None else (),
+        instance_count=sum(g.count for g in cfg.instance_group) if cfg.instance_group else 1,
+        instance_kind=mc.ModelInstanceGroup.Kind.Name(group.kind) if group is not None else "KIND_CPU",
+        default_model_filename=cfg.default_model_filename,
+    )
+
+
+def _duration(d: Duration, out) -> None:
+    out.count, out.ns = d.count, d.ns
+
+
+def encode_model_statistics(stats) -> pb.ModelStatisticsResponse:
+    """Iterable of :class:`ModelStats` -> ``ModelStatisticsResponse``."""
+    msg = pb.ModelStatisticsResponse()
+    for s in stats:
+        entry = msg.model_stats.add(
+            name=s.name,
+            version=s.version,
+            last_inference=s.last_inference_ms,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
+        )
+        st = entry.inference_stats
+        for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+            _duration(getattr(s, field), getattr(st, field))
+        st.cache_hit.SetInParent()
+        st.cache_miss.SetInParent()
+        for b in s.batch_stats:
+            be = entry.batch_stats.add(batch_size=b.batch_size)
+            for field in ("compute_input", "compute_infer", "compute_output"):
+                _duration(getattr(b, field), getattr(be, field))
+    return msg
+
+
+def decode_model_statistics(msg: pb.ModelStatisticsResponse) -> list[ModelStats]:
+    def d(x) -> Duration:
+        return Duration(int(x.count), int(x.ns))
+
+    out = []
+    for e in msg.model_stats:
+        st = e.inference_stats
+        out.append(ModelStats(
+            name=e.name, version=e.version, last_inference_ms=e.last_inference,
+            inference_count=e.inference_count, execution_count=e.execution_count,
+            success=d(st.success), fail=d(st.fail), queue=d(st.queue), compute_input=d(st.compute_input),
+            compute_infer=d(st.compute_infer), compute_output=d(st.compute_output),
+            batch_stats=tuple(
+                BatchStats(b.batch_size, d(b.compute_input), d(b.compute_infer), d(b.compute_output))
+                for b in e.batch_stats
+            ),
+        ))
+    return out
+
+
+def encode_repository_index(entries) -> pb.RepositoryIndexResponse:
+    msg = pb.RepositoryIndexResponse()
+    for e in entries:
+        msg.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
+    return msg
+
+
+def decode_repository_index(msg: pb.RepositoryIndexResponse) -> list[ModelIndexEntry]:
+    return [ModelIndexEntry(m.name, m.version, m.state, m.reason) for m in msg.models]
+
+
+def decode_repository_request(msg) -> tuple[str, str, dict]:
+    """``(repository_name, model_name, parameters)`` of a RepositoryModelLoad/UnloadRequest."""
+    params = {}
+    for key, p in msg.parameters.items():
+        which = p.WhichOneof("parameter_choice")
+        if which is not None:
+            params[key] = getattr(p, which)
+    return msg.repository_name, msg.model_name, params
+
+
+def encode_repository_load_response() -> pb.RepositoryModelLoadResponse:
+    return pb.RepositoryModelLoadResponse()
+
+
+def encode_repository_unload_response() -> pb.RepositoryModelUnloadResponse:
+    return pb.RepositoryModelUnloadResponse()

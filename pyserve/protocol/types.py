@@ -24,6 +24,11 @@ __all__ = [
     "TensorMetadata",
     "ModelMetadata",
     "ServerMetadata",
+    "ModelConfigInfo",
+    "Duration",
+    "BatchStats",
+    "ModelStats",
+    "ModelIndexEntry",
 ]
 
 #: A request/tensor parameter value (InferParameter's oneof: bool, int64/uint64, double, string).
@@ -114,3 +119,79 @@ class ServerMetadata:
     name: str
     version: str
     extensions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfigInfo:
+    """A model's configuration as the ModelConfig RPC reports it (Triton's model_config subset).
+
+    ``inputs``/``outputs`` carry the *full* shapes (batch dimension included, -1 where variable);
+    the codec drops the batch dimension from Triton's ``dims`` when ``max_batch_size > 0``.
+    ``max_queue_delay_us`` is None when the model has no dynamic batching.
+    """
+
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int
+    inputs: tuple[TensorMetadata, ...]
+    outputs: tuple[TensorMetadata, ...]
+    max_queue_delay_us: int | None = None
+    preferred_batch_sizes: tuple[int, ...] = ()
+    instance_count: int = 1
+    instance_kind: str = "KIND_CPU"
+    default_model_filename: str = ""
+
+
+@dataclass(frozen=True)
+class Duration:
+    """How many times something happened and its cumulative duration in nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Executions of one batch size (rows, i.e. dim 0 summed over the batched requests)."""
+
+    batch_size: int
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """A snapshot of one model version's statistics (Triton's ModelStatistics).
+
+    success/fail: requests and their total time from arrival to response. queue, compute_input,
+    compute_infer, compute_output: per request, the time waiting for the scheduler, assembling the
+    backend's inputs, running the backend, splitting and checking its outputs (a request batched
+    with others is charged the whole batch's compute time, as Triton does). inference_count: sum of
+    the successful requests' batch sizes (1 per request for a model with max_batch_size 0);
+    execution_count: backend executions. last_inference_ms: milliseconds since the epoch, 0 if none.
+    """
+
+    name: str
+    version: str
+    last_inference_ms: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = Duration()
+    fail: Duration = Duration()
+    queue: Duration = Duration()
+    compute_input: Duration = Duration()
+    compute_infer: Duration = Duration()
+    compute_output: Duration = Duration()
+    batch_stats: tuple[BatchStats, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelIndexEntry:
+    """One model of the repository index: state READY, LOADING, UNLOADING or UNAVAILABLE."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""

@@ -9,6 +9,7 @@ shapes, batch size, requested outputs) before a backend runs, raising
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import numpy as np
@@ -20,18 +21,24 @@ from pyserve.protocol.errors import Internal, InvalidArgument, NotFound, Serving
 from pyserve.protocol.types import (
     InferRequest,
     InferResponse,
+    ModelConfigInfo,
+    ModelIndexEntry,
     ModelMetadata,
+    ModelStats,
     ServerMetadata,
     Tensor,
     TensorMetadata,
 )
 from pyserve.server.repository import Model, ModelRepository
 
-__all__ = ["DataPlane", "SERVER_NAME"]
+__all__ = ["DataPlane", "SERVER_NAME", "EXTENSIONS"]
 
 log = logging.getLogger("pyserve.server.dataplane")
 
 SERVER_NAME = "pyserve"
+
+#: Protocol extensions pyserve implements, listed in ServerMetadata (Triton's names).
+EXTENSIONS = ("model_configuration", "statistics", "model_repository")
 
 
 def _fmt_shape(shape: Sequence[int]) -> str:
@@ -43,7 +50,7 @@ def _fmt_spec(spec: TensorSpec) -> str:
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, *, extensions: Sequence[str] = ()) -> None:
+    def __init__(self, repository: ModelRepository, *, extensions: Sequence[str] = EXTENSIONS) -> None:
         self.repository = repository
         self.extensions = tuple(extensions)
         self.stopping = False
@@ -85,30 +92,84 @@ class DataPlane:
 
     # --- inference ------------------------------------------------------------------------------
 
+    def model_config(self, name: str, version: str = "") -> ModelConfigInfo:
+        """The ModelConfig extension: config.yaml plus the backend's signature (full shapes)."""
+        model = self.repository.get_ready(name, version)
+        sig, cfg = model.backend.signature, model.config
+
+        def meta(specs) -> tuple[TensorMetadata, ...]:
+            return tuple(TensorMetadata(s.name, s.datatype, tuple(s.shape)) for s in specs)
+
+        db = cfg.dynamic_batching
+        return ModelConfigInfo(
+            name=model.name,
+            platform=model.backend.platform,
+            backend=cfg.backend,
+            max_batch_size=cfg.max_batch_size,
+            inputs=meta(sig.inputs),
+            outputs=meta(sig.outputs),
+            max_queue_delay_us=db.max_queue_delay_microseconds if db is not None else None,
+            preferred_batch_sizes=db.preferred_batch_size if db is not None else (),
+            instance_count=cfg.instance_count,
+            instance_kind=cfg.instance_kind,
+            default_model_filename=model.current.path.name,
+        )
+
+    # --- extensions: statistics and repository ----------------------------------------------------
+
+    def model_statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
+        return self.repository.statistics(name, version)
+
+    def repository_index(self, ready_only: bool = False) -> list[ModelIndexEntry]:
+        return self.repository.index(ready_only)
+
+    async def load_model(self, name: str, parameters: dict | None = None) -> None:
+        if parameters:
+            raise InvalidArgument(
+                f"load of model {name!r}: parameters {sorted(parameters)} are not supported "
+                "(pyserve loads the model's files from the repository as they are)"
+            )
+        await self.repository.load(name)
+
+    async def unload_model(self, name: str, parameters: dict | None = None) -> None:
+        unknown = sorted(set(parameters or {}) - {"unload_dependents"})
+        if unknown:
+            raise InvalidArgument(f"unload of model {name!r}: parameters {unknown} are not supported")
+        await self.repository.unload(name)
+
+    # --- inference ------------------------------------------------------------------------------
+
     async def infer(self, request: InferRequest) -> InferResponse:
+        t0 = time.perf_counter_ns()
         model = self.repository.get_ready(request.model_name, request.model_version)
-        sig = model.backend.signature
-        inputs = self._check_inputs(model, sig, request.inputs)
-        wanted = self._check_outputs(model, sig, request)
-        (result,) = await model.backend.infer([inputs])
-        if isinstance(result, ServingError):
-            raise result
-        if isinstance(result, BaseException):
-            raise result  # the interceptor logs it and answers INTERNAL
-        outputs = []
-        for spec in wanted:
-            data = result.get(spec.name)
-            if data is None:
-                raise Internal(f"model {model.name!r}: the backend returned no output {spec.name!r}")
-            outputs.append(Tensor(spec.name, spec.datatype, np.asarray(data)))
+        mv = model.current.acquire()  # this request finishes on this version, even across a reload
+        ok, rows = False, 1
+        try:
+            sig = mv.backend.signature
+            inputs = self._check_inputs(model, sig, request.inputs)
+            wanted = self._check_outputs(model, sig, request)
+            if mv.config.max_batch_size > 0:
+                rows = int(next(iter(inputs.values())).shape[0]) if inputs else 1
+            result = await mv.scheduler.submit(inputs, rows)
+            outputs = []
+            for spec in wanted:
+                data = result.get(spec.name)
+                if data is None:
+                    raise Internal(f"model {model.name!r}: the backend returned no output {spec.name!r}")
+                outputs.append(Tensor(spec.name, spec.datatype, np.asarray(data)))
+            ok = True
+        finally:
+            mv.stats.request_done(ok, time.perf_counter_ns() - t0, rows)
+            mv.release()
         return InferResponse(
-            model_name=model.name,
-            model_version=model.version,
+            model_name=mv.name,
+            model_version=mv.version,
             id=request.id,
             outputs=tuple(outputs),
         )
 
     def _check_inputs(self, model: Model, sig: ModelSignature, tensors: Sequence[Tensor]) -> dict[str, np.ndarray]:
+        """Inputs in signature order; InvalidArgument naming expected vs actual."""
         specs = {s.name: s for s in sig.inputs}
         expected = ", ".join(_fmt_spec(s) for s in sig.inputs)
         given = {t.name: t for t in tensors}

@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pyserve.protocol import codec
-from pyserve.server.dataplane import DataPlane
+from pyserve.server.dataplane import EXTENSIONS, DataPlane
 from pyserve.server.interceptors import ErrorInterceptor
 from pyserve.server.repository import ModelRepository
 from pyserve.server.servicer import InferenceServicer
@@ -51,7 +51,11 @@ class Server:
     exit_timeout_s : grace period in-flight RPCs get on :meth:`stop`.
     infer_threads : size of the thread pool that loads models and runs inference
         (default ``min(4, cpu_count)``).
-    extensions : protocol extensions listed in ServerMetadata (none by default).
+    extensions : protocol extensions listed in ServerMetadata (default: the implemented ones,
+        ``model_configuration``, ``statistics``, ``model_repository``).
+    model_control_mode : ``"none"`` (load every model at start; load/unload RPCs refused) or
+        ``"explicit"`` (load ``startup_models`` at start, the rest through the repository RPCs).
+    startup_models : models loaded at start in explicit mode; ``("*",)`` for all.
     """
 
     def __init__(
@@ -63,7 +67,9 @@ class Server:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         exit_timeout_s: float = 30.0,
         infer_threads: int | None = None,
-        extensions: Sequence[str] = (),
+        extensions: Sequence[str] = EXTENSIONS,
+        model_control_mode: str = "none",
+        startup_models: Sequence[str] = (),
     ) -> None:
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
@@ -76,7 +82,9 @@ class Server:
         self.exit_timeout_s = float(exit_timeout_s)
         self.infer_threads = infer_threads or max(1, min(4, os.cpu_count() or 1))
         self._executor: ThreadPoolExecutor | None = None
-        self.repository = ModelRepository(self.model_repository)
+        self.repository = ModelRepository(
+            self.model_repository, control_mode=model_control_mode, startup_models=startup_models
+        )
         self.dataplane = DataPlane(self.repository, extensions=extensions)
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None

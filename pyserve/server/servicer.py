@@ -41,6 +41,25 @@ class InferenceServicer:
     async def ModelMetadata(self, request, context):
         return codec.encode_model_metadata(self._dp.model_metadata(*codec.decode_model_ref(request)))
 
+    async def ModelConfig(self, request, context):
+        return codec.encode_model_config(self._dp.model_config(*codec.decode_model_ref(request)))
+
+    async def ModelStatistics(self, request, context):
+        return codec.encode_model_statistics(self._dp.model_statistics(*codec.decode_model_ref(request)))
+
+    async def RepositoryIndex(self, request, context):
+        return codec.encode_repository_index(self._dp.repository_index(request.ready))
+
+    async def RepositoryModelLoad(self, request, context):
+        _, name, params = codec.decode_repository_request(request)
+        await self._dp.load_model(name, params)
+        return codec.encode_repository_load_response()
+
+    async def RepositoryModelUnload(self, request, context):
+        _, name, params = codec.decode_repository_request(request)
+        await self._dp.unload_model(name, params)
+        return codec.encode_repository_unload_response()
+
     async def ModelInfer(self, request, context):
         response = await self._dp.infer(codec.decode_infer_request(request))
         return codec.encode_infer_response(response)

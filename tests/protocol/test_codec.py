@@ -211,3 +211,39 @@ def test_metadata_round_trip():
     assert codec.decode_model_metadata(codec.encode_model_metadata(md)) == md
     sm = ServerMetadata("pyserve", "0.1.0", ("a", "b"))
     assert codec.decode_server_metadata(codec.encode_server_metadata(sm)) == sm
+
+
+def test_config_data_type_round_trip_every_datatype():
+    from tritonclient.grpc import model_config_pb2 as theirs_mc
+
+    from pyserve import dtypes
+    from pyserve.protocol import codec
+
+    for d in dtypes.DTYPES:
+        value = codec.config_data_type(d.name)
+        assert theirs_mc.DataType.Name(value) == d.triton_config  # same number in tritonclient's enum
+        assert codec.datatype_from_config(value) == d.name
+    assert codec.config_data_type("BYTES") == theirs_mc.TYPE_STRING
+    with pytest.raises(ValueError, match="TYPE_INVALID"):
+        codec.datatype_from_config(0)
+
+
+def test_model_config_and_statistics_round_trip():
+    from pyserve.protocol import codec
+    from pyserve.protocol.types import BatchStats, Duration, ModelConfigInfo, ModelStats, TensorMetadata
+
+    info = ModelConfigInfo(
+        name="m", platform="pyserve", backend="pyserve", max_batch_size=4,
+        inputs=(TensorMetadata("x", "BF16", (-1, 3, 5)),), outputs=(TensorMetadata("y", "BYTES", (-1,)),),
+        max_queue_delay_us=100, preferred_batch_sizes=(2, 4), instance_count=3, default_model_filename="model.pyserve",
+    )
+    msg = codec.encode_model_config(info)
+    assert list(msg.config.input[0].dims) == [3, 5] and list(msg.config.output[0].dims) == []
+    assert codec.decode_model_config(msg) == info
+    stats = ModelStats(
+        name="m", version="2", last_inference_ms=5, inference_count=7, execution_count=3,
+        success=Duration(4, 400), fail=Duration(1, 10), queue=Duration(5, 50), compute_input=Duration(5, 5),
+        compute_infer=Duration(5, 300), compute_output=Duration(5, 6),
+        batch_stats=(BatchStats(1, Duration(1, 1), Duration(1, 100), Duration(1, 2)),),
+    )
+    assert codec.decode_model_statistics(codec.encode_model_statistics([stats])) == [stats]

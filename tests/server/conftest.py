@@ -15,7 +15,12 @@ from pyserve.backends import registry as _registry
 
 class EchoBackend:
     """``x`` FP32 [-1, 2] -> ``y = 2 x``. The artifact file's text picks a behaviour:
-    ``echo``, ``slow`` (sleeps 0.5 s per batch), ``slowload`` (sleeps 0.5 s in load), ``explode`` (fails the request with a RuntimeError)."""
+    ``echo``, ``slow`` (sleeps 0.5 s per batch), ``delay`` (sleeps 0.05 s per batch), ``slowload``
+    (sleeps 0.5 s in load), ``explode`` (fails the request with a RuntimeError), ``badload`` (load
+    raises). In every mode a request holding the value -999 fails alone with INVALID_ARGUMENT, and
+    :attr:`calls` records the dim 0 of every request of every ``infer`` call (one list per call)."""
+
+    calls: list = []  # shared by all instances: [(path, [rows of each request])]
 
     platform = "test"
 
@@ -35,14 +40,25 @@ class EchoBackend:
         mode = self.path.read_text().strip()
         if mode == "slowload":
             await asyncio.sleep(0.5)
+        if mode == "badload":
+            raise ValueError(f"{self.path}: deliberately broken test model")
         self.mode = mode
 
     async def infer(self, batch):
+        from pyserve.protocol.errors import InvalidArgument
+
+        EchoBackend.calls.append((self.path, [int(np.asarray(inputs["x"]).shape[0]) for inputs in batch]))
         if self.mode == "slow":
             await asyncio.sleep(0.5)
+        if self.mode == "delay":
+            await asyncio.sleep(0.05)
         if self.mode == "explode":
             return [RuntimeError("secret detail from the backend") for _ in batch]
-        return [{"y": np.asarray(inputs["x"]) * 2} for inputs in batch]
+        return [
+            InvalidArgument("poisoned request: x holds -999") if (np.asarray(inputs["x"]) == -999).any()
+            else {"y": np.asarray(inputs["x"]) * 2}
+            for inputs in batch
+        ]
 
     async def unload(self) -> None:
         self.mode = None
@@ -126,7 +142,20 @@ def repository(tmp_path_factory, classifier_modules, write_model) -> Path:
     write_model(repo, "badconfig", 1, artifact=v2, config="max_batch: 4\n")
     write_model(repo, "echo", 1, echo_mode="echo", config="backend: test-echo\n")
     write_model(repo, "explode", 1, echo_mode="explode", config="backend: test-echo\n")
+    write_model(repo, "batched", 1, echo_mode="delay", config=BATCHED_CONFIG)
     return repo
+
+
+BATCHED_CONFIG = """\
+backend: test-echo
+max_batch_size: 8
+dynamic_batching:
+  max_queue_delay_microseconds: 20000
+  preferred_batch_size: [4, 8]
+instance_group:
+  - count: 2
+    kind: KIND_CPU
+"""
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,8 @@ def test_config_empty_file_is_defaults(tmp_path):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("max_batch: 4\n", "unknown field 'max_batch'; known fields: name, backend, max_batch_size"),
+        ("max_batch: 4\n", "unknown field 'max_batch'; known fields: name, backend, max_batch_size, dynamic_batching, "
+                            "instance_group"),
         ("name: other\n", "field 'name' is 'other'; it must equal the directory name 'm'"),
         ("backend: tensorflow\n", "unknown backend 'tensorflow'; known backends:"),
         ("max_batch_size: -1\n", "max_batch_size' must be an integer >= 0, got -1"),

@@ -42,7 +42,7 @@ def test_live_ready_and_server_metadata(client):
     assert client.is_server_ready()
     md = client.get_server_metadata()
     assert md.name == "pyserve" and md.version == pyserve.__version__
-    assert list(md.extensions) == []
+    assert list(md.extensions) == ["model_configuration", "statistics", "model_repository"]
 
 
 def test_model_metadata_serves_highest_version(client):

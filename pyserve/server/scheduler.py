@@ -1,0 +1,274 @@
+"""Schedulers between the data plane and a backend: direct, or dynamic batching.
+
+A scheduler takes one validated request (input name -> array, plus its batch size in rows) and
+returns that request's outputs or raises the exception that failed it. It records each backend
+execution in the model version's :class:`~pyserve.server.stats.StatsRecorder`.
+
+- :class:`DirectScheduler`: one backend execution per request, at most ``instances`` at a time.
+- :class:`DynamicBatcher`: Triton's dynamic batcher. Requests whose inputs agree on names,
+  datatypes and every dimension but the first are concatenated along dim 0 into one execution of
+  at most ``max_batch_size`` rows. A batch is formed when the oldest waiting request has waited
+  ``max_queue_delay_us`` or when enough rows are waiting (the largest ``preferred_batch_sizes``
+  entry, else ``max_batch_size``); if some prefix of the waiting requests sums to a preferred size,
+  the largest such prefix is taken. The outputs are split back by rows. If the batched execution
+  fails (or returns outputs whose dim 0 is not the batch's), every request of that batch is re-run
+  on its own, so one bad request's error is its own and never fails the others.
+
+Everything here runs on the event loop; backends do their work in a thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from pyserve.backends.base import Backend, InferOutputs
+from pyserve.protocol.errors import Internal, Unavailable
+from pyserve.server.stats import ExecutionTiming, StatsRecorder
+
+__all__ = ["Scheduler", "DirectScheduler", "DynamicBatcher"]
+
+log = logging.getLogger("pyserve.server.scheduler")
+
+_now = time.perf_counter_ns
+
+
+class Scheduler:
+    """Interface: :meth:`submit` one request, :meth:`close` when the version is retired."""
+
+    async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> InferOutputs:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+def _result(result) -> InferOutputs:
+    if isinstance(result, BaseException):
+        raise result
+    if not isinstance(result, dict):
+        raise Internal(f"the backend returned {type(result).__name__} for a request, not a dict of outputs")
+    return result
+
+
+class DirectScheduler(Scheduler):
+    """One backend execution per request; at most ``instances`` executions at a time."""
+
+    def __init__(self, backend: Backend, stats: StatsRecorder, *, instances: int = 1) -> None:
+        if instances < 1:
+            raise ValueError(f"instances must be >= 1, got {instances}")
+        self._backend, self._stats = backend, stats
+        self._slots = asyncio.Semaphore(instances)
+
+    async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> InferOutputs:
+        t0 = _now()
+        async with self._slots:
+            t1 = _now()
+            (result,) = await self._backend.infer([inputs])
+            t2 = _now()
+        self._stats.execution(ExecutionTiming(rows, [t1 - t0], 0, t2 - t1, 0))
+        return _result(result)
+
+
+@dataclass(eq=False)
+class _Pending:
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    key: tuple
+    arrival_ns: int
+    future: asyncio.Future = field(repr=False)
+
+
+def _key(inputs: Mapping[str, np.ndarray]) -> tuple:
+    """Requests with equal keys can be concatenated along dim 0."""
+    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
+
+
+class DynamicBatcher(Scheduler):
+    """Dynamic batching (see the module docstring).
+
+    Parameters
+    ----------
+    max_batch_size : most rows (sum of the requests' dim 0) in one execution; >= 1.
+    preferred_batch_sizes : batch sizes to aim for, each in 1..max_batch_size (may be empty).
+    max_queue_delay_us : longest time in microseconds the oldest waiting request waits for others.
+    instances : executions that may run at once (one worker task each).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        stats: StatsRecorder,
+        *,
+        max_batch_size: int,
+        preferred_batch_sizes: Sequence[int] = (),
+        max_queue_delay_us: int = 0,
+        instances: int = 1,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1 for dynamic batching, got {max_batch_size}")
+        bad = [p for p in preferred_batch_sizes if not 1 <= p <= max_batch_size]
+        if bad:
+            raise ValueError(f"preferred_batch_sizes {bad} are outside 1..max_batch_size ({max_batch_size})")
+        if max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
+        if instances < 1:
+            raise ValueError(f"instances must be >= 1, got {instances}")
+        self._backend, self._stats = backend, stats
+        self.max_batch_size = max_batch_size
+        self.preferred = tuple(sorted(set(preferred_batch_sizes)))
+        self.delay_ns = int(max_queue_delay_us) * 1000
+        self._target = self.preferred[-1] if self.preferred else max_batch_size
+        self._queue: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._workers = [asyncio.ensure_future(self._work()) for _ in range(instances)]
+
+    async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> InferOutputs:
+        if self._closed:
+            raise Unavailable("the model version is unloading")
+        if rows > self.max_batch_size:  # the data plane checks this first; keep the invariant here
+            raise Internal(f"request of {rows} rows exceeds max_batch_size {self.max_batch_size}")
+        pending = _Pending(inputs, rows, _key(inputs), _now(), asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self._wake.set()
+        try:
+            return _result(await pending.future)
+        finally:
+            if not pending.future.done():  # cancelled while waiting: leave the queue
+                pending.future.cancel()
+            if pending in self._queue:
+                self._queue.remove(pending)
+
+    async def close(self) -> None:
+        """Stop the workers; requests still waiting fail with UNAVAILABLE."""
+        self._closed = True
+        for w in self._workers:
+            w.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(Unavailable("the model version was unloaded"))
+        self._queue.clear()
+
+    def _candidates(self, key: tuple) -> tuple[list[_Pending], int]:
+        """The waiting requests of ``key``, in arrival order, that fit in one batch; their rows."""
+        chosen, rows = [], 0
+        for p in self._queue:
+            if p.key != key or p.future.done():
+                continue
+            if rows + p.rows > self.max_batch_size:
+                break
+            chosen.append(p)
+            rows += p.rows
+        return chosen, rows
+
+    def _form(self, key: tuple) -> list[_Pending]:
+        chosen, _ = self._candidates(key)
+        if self.preferred:
+            total, best = 0, 0
+            for i, p in enumerate(chosen):
+                total += p.rows
+                if total in self.preferred:
+                    best = i + 1
+            if best:
+                chosen = chosen[:best]
+        for p in chosen:
+            self._queue.remove(p)
+        return chosen
+
+    async def _work(self) -> None:
+        while not self._closed:
+            self._queue = [p for p in self._queue if not p.future.done()]
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            first = self._queue[0]
+            _, rows = self._candidates(first.key)
+            wait_ns = first.arrival_ns + self.delay_ns - _now()
+            if rows < self._target and rows < self.max_batch_size and wait_ns > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait_ns / 1e9)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            batch = self._form(first.key)
+            if batch:
+                try:
+                    await self._execute(batch)
+                except asyncio.CancelledError:
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(Unavailable("the model version was unloaded"))
+                    raise
+                except Exception as exc:  # a bug in batching itself: fail this batch, keep serving
+                    log.exception("dynamic batcher: batch of %d request(s) failed", len(batch))
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        t0 = _now()
+        queue_ns = [t0 - p.arrival_ns for p in batch]
+        total = sum(p.rows for p in batch)
+        if len(batch) == 1:
+            merged = batch[0].inputs
+        else:
+            merged = {name: np.concatenate([p.inputs[name] for p in batch], axis=0) for name in batch[0].inputs}
+        t1 = _now()
+        (result,) = await self._backend.infer([merged])
+        t2 = _now()
+        if len(batch) == 1:
+            self._stats.execution(ExecutionTiming(total, queue_ns, t1 - t0, t2 - t1, _now() - t2))
+            _deliver(batch[0], result)
+            return
+        parts = _split(result, [p.rows for p in batch], total)
+        t3 = _now()
+        self._stats.execution(ExecutionTiming(total, queue_ns, t1 - t0, t2 - t1, t3 - t2))
+        if parts is not None:
+            for p, outputs in zip(batch, parts, strict=True):
+                _deliver(p, outputs)
+            return
+        # the batch failed: run each request on its own so that an error stays with its request
+        log.info("batch of %d request(s) failed (%s); running them one by one", len(batch), _describe(result))
+        t4 = _now()
+        results = await self._backend.infer([p.inputs for p in batch])
+        each_ns = (_now() - t4) // len(batch)
+        for p, r in zip(batch, results, strict=True):
+            self._stats.execution(ExecutionTiming(p.rows, [0], 0, each_ns, 0))
+            _deliver(p, r)
+
+
+def _describe(result) -> str:
+    if isinstance(result, BaseException):
+        return f"{type(result).__name__}: {result}"
+    return "outputs do not split by rows"
+
+
+def _split(result, rows: list[int], total: int) -> list[InferOutputs] | None:
+    """Per-request outputs of a batched result, or None if it failed or does not split by rows."""
+    if not isinstance(result, dict):
+        return None
+    for array in result.values():
+        if not isinstance(array, np.ndarray) or array.ndim == 0 or array.shape[0] != total:
+            return None
+    offsets = np.cumsum([0, *rows])
+    return [
+        {name: array[offsets[i] : offsets[i + 1]] for name, array in result.items()} for i in range(len(rows))
+    ]
+
+
+def _deliver(p: _Pending, result) -> None:
+    if p.future.done():
+        return
+    if isinstance(result, BaseException):
+        p.future.set_exception(result)
+    else:
+        p.future.set_result(result)

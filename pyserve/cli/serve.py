@@ -32,6 +32,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--exit-timeout-s", type=float, default=30.0, help="grace period for in-flight requests on stop")
     p.add_argument("--max-message-mb", type=float, default=256.0, help="largest request/response message in MiB")
     p.add_argument("--infer-threads", type=int, default=None, help="threads that load and run models")
+    p.add_argument(
+        "--model-control-mode",
+        choices=["none", "explicit"],
+        default="none",
+        help="none: load every model at start, refuse load/unload RPCs (default); explicit: load the "
+        "--load-model models at start and the rest through RepositoryModelLoad/Unload",
+    )
+    p.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --model-control-mode explicit: a model to load at start (repeatable; '*' = all)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
 
@@ -48,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
     if args.exit_timeout_s < 0:
         raise UsageError(f"--exit-timeout-s must be >= 0, got {args.exit_timeout_s}")
+    if args.load_model and args.model_control_mode != "explicit":
+        raise UsageError("--load-model needs --model-control-mode explicit (mode none loads every model)")
     return asyncio.run(_serve(args))
 
 
@@ -61,6 +77,8 @@ async def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=int(args.max_message_mb * 1024 * 1024),
         exit_timeout_s=args.exit_timeout_s,
         infer_threads=args.infer_threads,
+        model_control_mode=args.model_control_mode,
+        startup_models=args.load_model,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -310,18 +310,21 @@ class ModelRepository:
 
     async def load_all(self) -> None:
         """Discover and load the start-up models; refused models are logged, never raised."""
-        self.discover()
-        if self.control_mode == "none" or "*" in self.startup_models:
-            names = list(self._models)
-        else:
-            unknown = [n for n in self.startup_models if n not in self._models]
-            if unknown:
-                raise ValueError(f"start-up model(s) {', '.join(map(repr, unknown))} not in {str(self.root)!r}")
-            names = list(self.startup_models)
+        names = self.startup_names()
         for name in names:
             self._models[name].state, self._models[name].reason = ModelState.LOADING, ""
         await asyncio.gather(*(self._load_logged(self._models[n]) for n in names))
         self.loaded = True
+
+    def startup_names(self) -> list[str]:
+        """Discover, then the models :meth:`load_all` loads; ValueError naming unknown start-up models."""
+        self.discover()
+        if self.control_mode == "none" or "*" in self.startup_models:
+            return list(self._models)
+        unknown = [n for n in self.startup_models if n not in self._models]
+        if unknown:
+            raise ValueError(f"start-up model(s) {', '.join(map(repr, unknown))} not in {str(self.root)!r}")
+        return list(dict.fromkeys(self.startup_models))
 
     async def _load_logged(self, model: Model) -> None:
         try:

@@ -104,7 +104,7 @@ class Server:
         """
         if self._grpc is not None:
             raise RuntimeError("server already started")
-        self.repository.discover()  # fail fast on a missing directory, before binding
+        self.repository.startup_names()  # fail fast on a missing directory or start-up model, before binding
         self._stopped = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=self.infer_threads, thread_name_prefix="pyserve-infer")
         self.repository.executor = self._executor

@@ -124,6 +124,20 @@ def test_serve_missing_repository_exit_2(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith("pyserve serve: error: model repository")
 
 
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--load-model", "lin"], "--load-model needs --model-control-mode explicit"),
+        (["--model-control-mode", "explicit", "--load-model", "nope"], "start-up model(s) 'nope' not in"),
+    ],
+)
+def test_serve_control_mode_errors_exit_2(model, extra, fragment):
+    repo, _ = model
+    out = pyserve_cli("serve", "--model-repository", repo, "--grpc-port", "0", *extra, timeout=60)
+    assert out.returncode == 2
+    assert fragment in out.stderr.strip().splitlines()[-1]
+
+
 def test_sigterm_stops_gracefully(served):
     proc, _, _ = served
     proc.send_signal(signal.SIGTERM)

@@ -64,7 +64,7 @@ class ConfigError(ValueError):
 def _check_fields(path: Path, where: str, raw: dict, known: Sequence[str]) -> None:
     for key in raw:
         if key not in known:
-            raise ConfigError(f"{path}: unknown field {where}{key!r}; known fields: {', '.join(known)}")
+            raise ConfigError(f"{path}: unknown field '{where}{key}'; known fields: {', '.join(known)}")
 
 
 def _int(path: Path, name: str, value: Any, minimum: int) -> int:

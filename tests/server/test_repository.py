@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -38,14 +39,67 @@ def test_config_empty_file_is_defaults(tmp_path):
         ("max_batch_size: true\n", "max_batch_size' must be an integer >= 0, got True"),
         ("- a\n- b\n", "expected a mapping of fields, got list"),
         ("name: [unclosed\n", "cannot read"),
+        ("dynamic_batching: {}\n", "field 'dynamic_batching' needs 'max_batch_size' > 0 (got 0)"),
+        ("max_batch_size: 4\ndynamic_batching: {max_queue_delay: 5}\n",
+         "unknown field 'dynamic_batching.max_queue_delay'; known fields: max_queue_delay_microseconds, "
+         "preferred_batch_size"),
+        ("max_batch_size: 4\ndynamic_batching: {preferred_batch_size: [2, 8]}\n",
+         "'dynamic_batching.preferred_batch_size' entries must be integers in 1..max_batch_size (4), got 8"),
+        ("max_batch_size: 4\ndynamic_batching: {max_queue_delay_microseconds: -5}\n",
+         "'dynamic_batching.max_queue_delay_microseconds' must be an integer >= 0, got -5"),
+        ("instance_group: [{count: 0}]\n", "'instance_group[0].count' must be an integer >= 1, got 0"),
+        ("instance_group: [{count: 2, kind: KIND_TPU}]\n", "'instance_group[0].kind' must be one of KIND_AUTO"),
+        ("instance_group: [{count: 2, gpus: [0]}]\n", "unknown field 'instance_group[0].gpus'"),
+        ("instance_group: 3\n", "field 'instance_group' must be a list of {count, kind}, got 3"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path, text, match):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.yaml").write_text(text)
-    with pytest.raises(ConfigError, match=match.replace("[", r"\[")) as info:
+    with pytest.raises(ConfigError, match=re.escape(match)) as info:
         ModelConfig.load(tmp_path / "m")
     assert "config.yaml" in str(info.value)
+
+
+def test_config_with_batching_and_instances(tmp_path):
+    from pyserve.server.repository import DynamicBatchingConfig
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.yaml").write_text(
+        "max_batch_size: 16\ndynamic_batching:\n  max_queue_delay_microseconds: 100\n  preferred_batch_size: [4, 16]\n"
+        "instance_group:\n  - {count: 2, kind: KIND_CPU}\n  - {count: 1}\n"
+    )
+    assert ModelConfig.load(tmp_path / "m") == ModelConfig(
+        name="m", max_batch_size=16, dynamic_batching=DynamicBatchingConfig(100, (4, 16)), instance_count=3
+    )
+
+
+def test_max_batch_size_needs_a_variable_first_dimension(tmp_path, write_model):
+    from pyserve.backends import ModelSignature, TensorSpec, register_backend
+    from pyserve.backends import registry
+
+    class Fixed:
+        platform = "test"
+        ready = True
+        signature = ModelSignature(inputs=(TensorSpec("x", "FP32", (1, 2)),), outputs=(TensorSpec("y", "FP32", (-1, 2)),))
+
+        def __init__(self, path, *, executor=None):
+            pass
+
+        async def load(self):
+            pass
+
+        async def unload(self):
+            pass
+
+    register_backend("test-fixed", Fixed, "model.test")
+    try:
+        write_model(tmp_path, "m", 1, echo_mode="echo", config="backend: test-fixed\nmax_batch_size: 4\n")
+        repo = _load(tmp_path)
+    finally:
+        registry._REGISTRY.pop("test-fixed", None)
+    assert not repo.get("m").ready
+    assert "field 'max_batch_size' is 4 but input 'x' has shape [1, 2]" in repo.get("m").reason
 
 
 def test_highest_numeric_version_served(tmp_path, write_model):

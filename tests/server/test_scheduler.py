@@ -1,0 +1,286 @@
+"""The dynamic batcher on its own (asyncio, a recording fake backend), then through the server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from pyserve.protocol.errors import InvalidArgument, Unavailable
+from pyserve.server.scheduler import DirectScheduler, DynamicBatcher
+from pyserve.server.stats import StatsRecorder
+
+
+class Recorder:
+    """Backend stand-in: y = x + 1 per row; records the rows of every execution; a request holding
+    the value -1 fails on its own (so a batch holding one fails as a whole)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.executions: list[list[int]] = []
+        self.delay_s = delay_s
+
+    async def infer(self, batch):
+        self.executions.append([int(b["x"].shape[0]) for b in batch])
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return [InvalidArgument("row holds -1") if (b["x"] == -1).any() else {"y": b["x"] + 1} for b in batch]
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def _x(rows: int, value: float, cols: int = 3) -> dict[str, np.ndarray]:
+    return {"x": np.full((rows, cols), value, np.float32)}
+
+
+def test_preferred_batch_size_then_the_rest_after_the_delay():
+    async def main():
+        backend, stats = Recorder(), StatsRecorder("m", "1")
+        b = DynamicBatcher(backend, stats, max_batch_size=8, preferred_batch_sizes=[4], max_queue_delay_us=20_000)
+        outs = await asyncio.gather(*(b.submit(_x(1, i), 1) for i in range(6)))
+        await b.close()
+        return backend, stats, outs
+
+    backend, stats, outs = _run(main())
+    assert backend.executions == [[4], [2]]  # one merged request of 4 rows, then one of 2
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), i + 1, np.float32))
+    snap = stats.snapshot()
+    assert snap.execution_count == 2 and snap.queue.count == 6
+    assert {s.batch_size: s.compute_infer.count for s in snap.batch_stats} == {4: 1, 2: 1}
+
+
+def test_max_batch_size_caps_a_batch_and_rows_come_back_in_order():
+    async def main():
+        backend = Recorder()
+        b = DynamicBatcher(backend, StatsRecorder("m", "1"), max_batch_size=8, max_queue_delay_us=1000)
+        sizes = [3, 2, 1, 2, 3]  # 3+2+1+2 = 8, then 3
+        outs = await asyncio.gather(*(b.submit({"x": np.arange(n * 3, dtype=np.float32).reshape(n, 3) + 100 * i}, n)
+                                      for i, n in enumerate(sizes)))
+        await b.close()
+        return backend, sizes, outs
+
+    backend, sizes, outs = _run(main())
+    assert backend.executions == [[8], [3]]
+    for i, (n, out) in enumerate(zip(sizes, outs, strict=True)):
+        np.testing.assert_array_equal(out["y"], np.arange(n * 3, dtype=np.float32).reshape(n, 3) + 100 * i + 1)
+
+
+def test_incompatible_shapes_are_never_batched_together():
+    async def main():
+        backend = Recorder()
+        b = DynamicBatcher(backend, StatsRecorder("m", "1"), max_batch_size=8, max_queue_delay_us=5000)
+        reqs = [_x(1, 1, cols=3), _x(1, 2, cols=5), _x(1, 3, cols=3), _x(1, 4, cols=5)]
+        outs = await asyncio.gather(*(b.submit(r, 1) for r in reqs))
+        await b.close()
+        return backend, reqs, outs
+
+    backend, reqs, outs = _run(main())
+    assert sorted(map(tuple, backend.executions)) == [(2,), (2,)]
+    for r, out in zip(reqs, outs, strict=True):
+        np.testing.assert_array_equal(out["y"], r["x"] + 1)
+
+
+def test_one_bad_request_fails_alone():
+    async def main():
+        backend = Recorder()
+        b = DynamicBatcher(backend, StatsRecorder("m", "1"), max_batch_size=8, max_queue_delay_us=5000)
+        values = [1, 2, -1, 4]
+        outs = await asyncio.gather(*(b.submit(_x(1, v), 1) for v in values), return_exceptions=True)
+        await b.close()
+        return backend, values, outs
+
+    backend, values, outs = _run(main())
+    assert backend.executions == [[4], [1, 1, 1, 1]]  # the batch failed: re-run one by one
+    for v, out in zip(values, outs, strict=True):
+        if v == -1:
+            assert isinstance(out, InvalidArgument) and "row holds -1" in str(out)
+        else:
+            np.testing.assert_array_equal(out["y"], np.full((1, 3), v + 1, np.float32))
+
+
+def test_lone_request_waits_for_the_queue_delay():
+    async def main():
+        stats = StatsRecorder("m", "1")
+        b = DynamicBatcher(Recorder(), stats, max_batch_size=8, max_queue_delay_us=50_000)
+        await b.submit(_x(1, 0), 1)
+        await b.close()
+        return stats.snapshot()
+
+    snap = _run(main())
+    assert snap.queue.count == 1 and snap.queue.ns >= 45_000_000  # ~50 ms (timer granularity)
+
+
+def test_cancelled_request_leaves_the_queue_and_close_fails_the_rest():
+    async def main():
+        backend = Recorder(delay_s=0.05)
+        b = DynamicBatcher(backend, StatsRecorder("m", "1"), max_batch_size=8, max_queue_delay_us=200_000)
+        waiting = asyncio.ensure_future(b.submit(_x(1, 7), 1))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        await asyncio.sleep(0.01)
+        assert b._queue == []
+        pending = asyncio.ensure_future(b.submit(_x(1, 8), 1))
+        await asyncio.sleep(0.01)
+        await b.close()
+        with pytest.raises(Unavailable, match="unloaded"):
+            await pending
+        with pytest.raises(Unavailable, match="unloading"):
+            await b.submit(_x(1, 9), 1)
+        return backend
+
+    assert _run(main()).executions == []
+
+
+def test_direct_scheduler_limits_concurrency_to_the_instance_count():
+    async def main():
+        active, peak = 0, 0
+
+        class Slow:
+            async def infer(self, batch):
+                nonlocal active, peak
+                active += 1
+                peak = max(peak, active)
+                await asyncio.sleep(0.02)
+                active -= 1
+                return [{"y": b["x"]} for b in batch]
+
+        s = DirectScheduler(Slow(), StatsRecorder("m", "1"), instances=2)
+        await asyncio.gather(*(s.submit(_x(1, i), 1) for i in range(6)))
+        return peak
+
+    assert _run(main()) == 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_batch_size": 0}, "max_batch_size must be >= 1"),
+    ({"max_batch_size": 4, "preferred_batch_sizes": [5]}, r"preferred_batch_sizes \[5\] are outside 1..max_batch_size"),
+    ({"max_batch_size": 4, "max_queue_delay_us": -1}, "max_queue_delay_us must be >= 0"),
+    ({"max_batch_size": 4, "instances": 0}, "instances must be >= 1"),
+])
+def test_batcher_arguments_checked(kwargs, match):
+    async def main():
+        DynamicBatcher(Recorder(), StatsRecorder("m", "1"), **kwargs)
+
+    with pytest.raises(ValueError, match=match):
+        _run(main())
+
+
+# --- through the server, with tritonclient ------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(client, server):
+    tc = pytest.importorskip("tritonclient.grpc")
+    from pyserve.backends import get_backend
+
+    EchoBackend = get_backend("test-echo").resolve()  # conftest's class, with its call log
+
+    def stats():
+        (s,) = client.get_inference_statistics("batched").model_stats
+        return s
+
+    before = stats()
+    calls_before = len(EchoBackend.calls)
+    n_requests, rows = 16, [1 + (i % 2) for i in range(16)]
+    results: dict[int, object] = {}
+
+    def call(i):
+        c = tc.InferenceServerClient(server.url)
+        x = (np.arange(rows[i] * 2, dtype=np.float32).reshape(rows[i], 2) + 1000 * i)
+        t = tc.InferInput("x", list(x.shape), "FP32")
+        t.set_data_from_numpy(x)
+        try:
+            results[i] = (x, c.infer("batched", [t]).as_numpy("y"))
+        except Exception as exc:
+            results[i] = exc
+        c.close()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n_requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for i in range(n_requests):
+        assert not isinstance(results[i], Exception), results[i]
+        x, y = results[i]
+        np.testing.assert_array_equal(y, 2 * x)  # exactly its own rows
+    after = stats()
+    executions = after.execution_count - before.execution_count
+    assert after.inference_count - before.inference_count == sum(rows)
+    assert after.inference_stats.success.count - before.inference_stats.success.count == n_requests
+    assert executions < n_requests  # batched
+    batch_rows = [r for path, call_rows in EchoBackend.calls[calls_before:] if "batched" in str(path)
+                  for r in call_rows]
+    assert len(batch_rows) == executions and sum(batch_rows) == sum(rows) and max(batch_rows) <= 8
+
+
+def test_a_poisoned_request_in_a_batch_fails_alone_through_the_server(client, server):
+    tc = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    results: dict[int, object] = {}
+
+    def call(i):
+        c = tc.InferenceServerClient(server.url)
+        x = np.full((1, 2), -999 if i == 3 else i, np.float32)
+        t = tc.InferInput("x", [1, 2], "FP32")
+        t.set_data_from_numpy(x)
+        try:
+            results[i] = c.infer("batched", [t]).as_numpy("y")
+        except InferenceServerException as exc:
+            results[i] = exc
+        c.close()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for i in range(8):
+        if i == 3:
+            assert isinstance(results[i], InferenceServerException)
+            assert results[i].status() == "StatusCode.INVALID_ARGUMENT" and "poisoned" in results[i].message()
+        else:
+            np.testing.assert_array_equal(results[i], np.full((1, 2), 2 * i, np.float32))
+
+
+def test_dynamic_batching_with_the_pyserve_backend_matches_the_module(tmp_path, classifier_modules, write_model):
+    """A real artifact: batched rows through one forward pass equal the module's per-request outputs."""
+    tc = pytest.importorskip("tritonclient.grpc")
+    torch = pytest.importorskip("torch")
+    from pyserve.server import ServerThread
+
+    module, artifact = classifier_modules[2]
+    write_model(tmp_path, "clf", 1, artifact=artifact, config=(
+        "max_batch_size: 16\ndynamic_batching:\n  max_queue_delay_microseconds: 50000\n"))
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((1 + i % 3, 8)).astype(np.float32) for i in range(12)]
+    results: dict[int, object] = {}
+    with ServerThread(tmp_path, host="127.0.0.1", grpc_port=0) as srv:
+        def call(i):
+            c = tc.InferenceServerClient(srv.url)
+            t = tc.InferInput("x", list(xs[i].shape), "FP32")
+            t.set_data_from_numpy(xs[i])
+            try:
+                results[i] = c.infer("clf", [t]).as_numpy("logits")
+            except Exception as exc:
+                results[i] = exc
+            c.close()
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        c = tc.InferenceServerClient(srv.url)
+        (s,) = c.get_inference_statistics("clf").model_stats
+        c.close()
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            assert not isinstance(results[i], Exception), results[i]
+            np.testing.assert_allclose(results[i], module(torch.from_numpy(x))[0].numpy(), rtol=1e-5, atol=1e-5)
+    assert s.inference_count == sum(x.shape[0] for x in xs)
+    assert s.execution_count < len(xs)

@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model-repository", required=True, metavar="DIR", help="DIR/<model>/<version>/model.pyserve")
     p.add_argument("--grpc-port", type=int, default=8001, help="port to listen on; 0 = any free port (default 8001)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = any free port; default: off)")
     p.add_argument("--exit-timeout-s", type=float, default=30.0, help="grace period for in-flight requests on stop")
     p.add_argument("--max-message-mb", type=float, default=256.0, help="largest request/response message in MiB")
     p.add_argument("--infer-threads", type=int, default=None, help="threads that load and run models")
@@ -58,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if not 0 <= args.grpc_port <= 65535:
         raise UsageError(f"--grpc-port must be in 0..65535, got {args.grpc_port}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
     if args.max_message_mb <= 0:
         raise UsageError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
     if args.exit_timeout_s < 0:
@@ -79,6 +83,7 @@ async def _serve(args: argparse.Namespace) -> int:
         infer_threads=args.infer_threads,
         model_control_mode=args.model_control_mode,
         startup_models=args.load_model,
+        metrics_port=args.metrics_port,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -92,6 +97,9 @@ async def _serve(args: argparse.Namespace) -> int:
     refused = [m.name for m in server.repository.models if not m.ready]
     if refused:
         logging.getLogger("pyserve.server").warning("refused model(s): %s (reasons above)", ", ".join(refused))
+    if server.metrics_bound_port is not None:
+        logging.getLogger("pyserve.server").info(
+            "metrics on http://%s:%d/metrics", args.host, server.metrics_bound_port)
     print(f"pyserve: serving {ready} model(s) on {server.address}", flush=True)
     await stop.wait()
     logging.getLogger("pyserve.server").info("signal received; stopping (grace %.1f s)", args.exit_timeout_s)

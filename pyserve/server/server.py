@@ -56,6 +56,8 @@ class Server:
     model_control_mode : ``"none"`` (load every model at start; load/unload RPCs refused) or
         ``"explicit"`` (load ``startup_models`` at start, the rest through the repository RPCs).
     startup_models : models loaded at start in explicit mode; ``("*",)`` for all.
+    metrics_port : serve Prometheus metrics on ``http://host:metrics_port/metrics`` (0: any free
+        port, see :attr:`metrics_bound_port`); None (default): no metrics endpoint.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class Server:
         extensions: Sequence[str] = EXTENSIONS,
         model_control_mode: str = "none",
         startup_models: Sequence[str] = (),
+        metrics_port: int | None = None,
     ) -> None:
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
@@ -82,14 +85,28 @@ class Server:
         self.exit_timeout_s = float(exit_timeout_s)
         self.infer_threads = infer_threads or max(1, min(4, os.cpu_count() or 1))
         self._executor: ThreadPoolExecutor | None = None
+        if metrics_port is not None and not 0 <= metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535, got {metrics_port}")
+        self.metrics_port = metrics_port
+        self.metrics = None
+        if metrics_port is not None:
+            from pyserve.server.metrics import PrometheusMetrics
+
+            self.metrics = PrometheusMetrics()
         self.repository = ModelRepository(
-            self.model_repository, control_mode=model_control_mode, startup_models=startup_models
+            self.model_repository, control_mode=model_control_mode, startup_models=startup_models,
+            stats_sink=self.metrics,
         )
         self.dataplane = DataPlane(self.repository, extensions=extensions)
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self.bound_port: int | None = None
         self._stopped: asyncio.Event | None = None
+
+    @property
+    def metrics_bound_port(self) -> int | None:
+        """The port the metrics endpoint listens on (after :meth:`start`), or None without one."""
+        return self.metrics.bound_port if self.metrics is not None else None
 
     @property
     def address(self) -> str:
@@ -105,6 +122,8 @@ class Server:
         if self._grpc is not None:
             raise RuntimeError("server already started")
         self.repository.startup_names()  # fail fast on a missing directory or start-up model, before binding
+        if self.metrics is not None:
+            self.metrics.start(self.host, self.metrics_port)  # RuntimeError naming the address
         self._stopped = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=self.infer_threads, thread_name_prefix="pyserve-infer")
         self.repository.executor = self._executor
@@ -126,6 +145,8 @@ class Server:
         else:
             detail = ""
         if not self.bound_port:  # older grpc returns 0 instead of raising
+            if self.metrics is not None:
+                self.metrics.stop()
             self._executor.shutdown(wait=False)
             self._executor = None
             self.bound_port = None
@@ -150,6 +171,8 @@ class Server:
         await self._health.enter_graceful_shutdown()
         await self._grpc.stop(grace)
         await self.repository.unload_all()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()

@@ -7,8 +7,9 @@
 Needs grpcio-tools (the ``test`` extra). protoc's Python output is post-processed in three ways
 (docs/protocol.md says why):
 
-1. **Private descriptor pool.** The stubs register their file in a ``DescriptorPool()`` of their
-   own, not in protobuf's default pool. tritonclient registers the same ``inference.*`` symbols
+1. **Private descriptor pool.** The stubs register their files in one ``DescriptorPool()`` of
+   their own (``_generated/_pool.py``, shared because grpc_service.proto imports
+   model_config.proto), not in protobuf's default pool. tritonclient registers the same ``inference.*`` symbols
    (file ``grpc_service.proto``) in the default pool, and a process that imports both (our tests,
    any user's client code next to our server) would otherwise fail with "duplicate file name" /
    "duplicate symbol". Messages from either set are wire-compatible; only the Python classes differ.
@@ -17,7 +18,8 @@ Needs grpcio-tools (the ``test`` extra). protoc's Python output is post-processe
    ``_pb2_grpc`` module; both refuse to import under an older runtime. The stamps are lowered to
    the floors pyproject.toml declares (protobuf 6.31.0, grpcio 1.66.0); the code protoc emits uses
    only builder APIs that exist in those versions.
-3. **Package-relative import** of the ``_pb2`` module from the ``_pb2_grpc`` module.
+3. **Package-relative imports** of the ``_pb2`` module from the ``_pb2_grpc`` module, and of
+   ``model_config_pb2`` from ``grpc_service_pb2`` (and its ``.pyi``).
 
 ``--check`` compiles protos/ to a ``FileDescriptorProto`` and compares it with the one embedded in
 the committed stubs, so protoc version comment lines never make it fail.

@@ -77,6 +77,7 @@ __all__ = [
     "decode_repository_request",
     "encode_repository_load_response",
     "encode_repository_unload_response",
+    "parse_model_config_text",
 ]
 
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -559,3 +560,74 @@ def encode_repository_load_response() -> pb.RepositoryModelLoadResponse:
 
 def encode_repository_unload_response() -> pb.RepositoryModelUnloadResponse:
     return pb.RepositoryModelUnloadResponse()
+
+
+#: config.pbtxt fields pyserve reads, per message; any other field that is set is refused.
+_PBTXT_FIELDS = {
+    "": {"name", "platform", "backend", "max_batch_size", "input", "output", "dynamic_batching", "instance_group"},
+    "input": {"name", "data_type", "dims"},
+    "output": {"name", "data_type", "dims"},
+    "dynamic_batching": {"max_queue_delay_microseconds", "preferred_batch_size"},
+    "instance_group": {"name", "count", "kind"},
+}
+
+
+def _refuse_unsupported(msg, kind: str, where: str) -> None:
+    for f, _ in msg.ListFields():
+        if f.name not in _PBTXT_FIELDS[kind]:
+            raise ValueError(f"field '{where}{f.name}' is not supported by pyserve; supported here: "
+                             f"{', '.join(sorted(_PBTXT_FIELDS[kind]))}")
+
+
+def parse_model_config_text(text: str) -> dict:
+    """A Triton ``config.pbtxt`` (protobuf text format of ``inference.ModelConfig``) as the dict of
+    config.yaml fields it sets (``data_type`` as the ``TYPE_*`` name).
+
+    Raises ValueError naming the field: text-format errors (an unknown field, a bad value, with
+    line:column) and fields of Triton's config that pyserve does not implement (e.g. ``optimization``,
+    ``sequence_batching``, ``version_policy``).
+    """
+    from google.protobuf import text_format
+
+    msg = mc.ModelConfig()
+    try:
+        text_format.Parse(text, msg)
+    except text_format.ParseError as exc:
+        import re
+
+        # pyserve's model_config.proto declares only the fields it implements, so Triton's other
+        # fields (optimization, sequence_batching, ...) land here too
+        m = re.search(r'^(\d+:\d+) : Message type "inference\.(\w+)" has no field named "(\w+)"', str(exc))
+        if m:
+            raise ValueError(f"{m.group(1)}: field '{m.group(3)}' of {m.group(2)} is unknown or not supported by "
+                             "pyserve") from None
+        raise ValueError(str(exc)) from None
+    _refuse_unsupported(msg, "", "")
+    raw: dict = {}
+    for key in ("name", "platform", "backend"):
+        if getattr(msg, key):
+            raw[key] = getattr(msg, key)
+    if msg.max_batch_size:
+        raw["max_batch_size"] = msg.max_batch_size
+    for kind in ("input", "output"):
+        entries = getattr(msg, kind)
+        for i, t in enumerate(entries):
+            _refuse_unsupported(t, kind, f"{kind}[{i}].")
+        if entries:
+            raw[kind] = [{"name": t.name, "data_type": mc.DataType.Name(t.data_type), "dims": list(t.dims)}
+                         for t in entries]
+    if msg.HasField("dynamic_batching"):
+        db = msg.dynamic_batching
+        _refuse_unsupported(db, "dynamic_batching", "dynamic_batching.")
+        raw["dynamic_batching"] = {"max_queue_delay_microseconds": db.max_queue_delay_microseconds,
+                                   "preferred_batch_size": list(db.preferred_batch_size)}
+    groups = []
+    for i, g in enumerate(msg.instance_group):
+        _refuse_unsupported(g, "instance_group", f"instance_group[{i}].")
+        group = {"kind": mc.ModelInstanceGroup.Kind.Name(g.kind) if g.kind else "KIND_CPU"}
+        if g.count:
+            group["count"] = g.count
+        groups.append(group)
+    if groups:
+        raw["instance_group"] = groups
+    return raw

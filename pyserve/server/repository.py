@@ -40,6 +40,8 @@ from pyserve.server.stats import StatsRecorder, StatsSink
 
 __all__ = [
     "CONFIG_FILENAME",
+    "PBTXT_FILENAME",
+    "TensorDecl",
     "CONTROL_MODES",
     "ConfigError",
     "DynamicBatchingConfig",
@@ -53,6 +55,7 @@ __all__ = [
 log = logging.getLogger("pyserve.server.repository")
 
 CONFIG_FILENAME = "config.yaml"
+PBTXT_FILENAME = "config.pbtxt"
 CONTROL_MODES = ("none", "explicit")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
 
@@ -87,6 +90,18 @@ class DynamicBatchingConfig:
 
 
 @dataclass(frozen=True)
+class TensorDecl:
+    """An ``input``/``output`` entry of a config: checked against the backend's signature at load.
+
+    dims : without the batch dimension when max_batch_size > 0 (Triton's convention); -1 = any.
+    """
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A model's ``config.yaml``; every field optional.
 
@@ -98,6 +113,11 @@ class ModelConfig:
     dynamic_batching : ``{max_queue_delay_microseconds, preferred_batch_size}``; needs max_batch_size > 0.
     instance_group : list of ``{count, kind}`` (kind KIND_CPU, KIND_GPU or KIND_AUTO); the counts
         add up to the number of executions of this model that may run at once (default 1).
+    input, output : optional lists of ``{name, data_type, dims}`` (``data_type`` a Triton ``TYPE_*``
+        name or a protocol datatype); when given they must match the backend's signature.
+    platform : only when ``backend`` is absent: the backend to use (Triton configs name it so).
+
+    Read from ``config.yaml`` or, in Triton's text format, ``config.pbtxt`` (not both).
     """
 
     name: str
@@ -106,14 +126,28 @@ class ModelConfig:
     dynamic_batching: DynamicBatchingConfig | None = None
     instance_count: int = 1
     instance_kind: str = "KIND_CPU"
+    inputs: tuple[TensorDecl, ...] | None = None
+    outputs: tuple[TensorDecl, ...] | None = None
 
     #: field names of config.yaml (instance_count/instance_kind come from instance_group)
-    YAML_FIELDS = ("name", "backend", "max_batch_size", "dynamic_batching", "instance_group")
+    YAML_FIELDS = ("name", "backend", "max_batch_size", "dynamic_batching", "instance_group", "input", "output",
+                   "platform")
 
     @classmethod
     def load(cls, model_dir: Path) -> "ModelConfig":
-        """Read ``model_dir/config.yaml`` (defaults when absent); raises ConfigError naming the field."""
-        path = model_dir / CONFIG_FILENAME
+        """Read ``model_dir/config.yaml`` or ``config.pbtxt`` (defaults when neither exists);
+        raises ConfigError naming the file and the field."""
+        path, pbtxt = model_dir / CONFIG_FILENAME, model_dir / PBTXT_FILENAME
+        if path.exists() and pbtxt.exists():
+            raise ConfigError(f"{model_dir}: both {CONFIG_FILENAME} and {PBTXT_FILENAME}; keep one")
+        if pbtxt.exists():
+            from pyserve.protocol import codec
+
+            try:
+                raw = codec.parse_model_config_text(pbtxt.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise ConfigError(f"{pbtxt}: {exc}") from None
+            return cls._from_raw(pbtxt, model_dir, raw)
         if not path.exists():
             return cls(name=model_dir.name)
         import yaml
@@ -125,22 +159,54 @@ class ModelConfig:
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
+        return cls._from_raw(path, model_dir, raw)
+
+    @classmethod
+    def _from_raw(cls, path: Path, model_dir: Path, raw: dict) -> "ModelConfig":
         _check_fields(path, "", raw, cls.YAML_FIELDS)
         name = raw.get("name", model_dir.name)
         if name != model_dir.name:
             raise ConfigError(f"{path}: field 'name' is {name!r}; it must equal the directory name {model_dir.name!r}")
-        backend = raw.get("backend", "pyserve")
+        key = "backend" if "backend" in raw or "platform" not in raw else "platform"
+        backend = raw.get(key, "pyserve")
         if not isinstance(backend, str):
-            raise ConfigError(f"{path}: field 'backend' must be a string, got {backend!r}")
+            raise ConfigError(f"{path}: field '{key}' must be a string, got {backend!r}")
         try:
             get_backend(backend)
         except ValueError as exc:
-            raise ConfigError(f"{path}: field 'backend': {exc}") from None
+            raise ConfigError(f"{path}: field '{key}': {exc}") from None
         mbs = _int(path, "max_batch_size", raw.get("max_batch_size", 0), 0)
         batching = cls._dynamic_batching(path, raw.get("dynamic_batching"), mbs) if "dynamic_batching" in raw else None
         count, kind = cls._instance_group(path, raw.get("instance_group", []))
+        decls = {k: cls._tensors(path, k, raw[k]) for k in ("input", "output") if k in raw}
         return cls(name=name, backend=backend, max_batch_size=mbs, dynamic_batching=batching,
-                   instance_count=count, instance_kind=kind)
+                   instance_count=count, instance_kind=kind, inputs=decls.get("input"), outputs=decls.get("output"))
+
+    @staticmethod
+    def _tensors(path: Path, kind: str, raw: Any) -> tuple[TensorDecl, ...]:
+        from pyserve import dtypes
+
+        if not isinstance(raw, list):
+            raise ConfigError(f"{path}: field '{kind}' must be a list of {{name, data_type, dims}}, got {raw!r}")
+        by_config = {d.triton_config: d.name for d in dtypes.DTYPES}
+        out = []
+        for i, t in enumerate(raw):
+            where = f"{kind}[{i}]"
+            if not isinstance(t, dict):
+                raise ConfigError(f"{path}: field '{where}' must be a mapping, got {t!r}")
+            _check_fields(path, f"{where}.", t, ["name", "data_type", "dims"])
+            name, dt, dims = t.get("name"), t.get("data_type"), t.get("dims")
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"{path}: field '{where}.name' must be a non-empty string, got {name!r}")
+            datatype = by_config.get(dt, dt)
+            if datatype not in {d.name for d in dtypes.DTYPES}:
+                raise ConfigError(f"{path}: field '{where}.data_type' must be a TYPE_* name (e.g. TYPE_FP32) or a "
+                                  f"protocol datatype, got {dt!r}")
+            if not isinstance(dims, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < -1
+                                                 for d in dims):
+                raise ConfigError(f"{path}: field '{where}.dims' must be a list of integers >= -1, got {dims!r}")
+            out.append(TensorDecl(name, datatype, tuple(dims)))
+        return tuple(out)
 
     @staticmethod
     def _dynamic_batching(path: Path, raw: Any, max_batch_size: int) -> DynamicBatchingConfig:
@@ -510,17 +576,33 @@ class ModelRepository:
 
 
 def _check_signature(config: ModelConfig, backend: Backend) -> None:
-    """With max_batch_size > 0, every input and output must have a variable first dimension."""
-    if config.max_batch_size <= 0:
-        return
+    """With max_batch_size > 0, every input and output must have a variable first dimension; declared
+    inputs/outputs must match the backend's signature (names, datatypes, dims; -1 matches any)."""
     sig = backend.signature
-    for kind, specs in (("input", sig.inputs), ("output", sig.outputs)):
-        for s in specs:
-            if not s.shape or s.shape[0] != -1:
-                raise ConfigError(
-                    f"{CONFIG_FILENAME}: field 'max_batch_size' is {config.max_batch_size} but {kind} {s.name!r} "
-                    f"has shape {list(s.shape)}; batching needs a variable first dimension (-1)"
-                )
+    batched = config.max_batch_size > 0
+    for kind, specs, decls in (("input", sig.inputs, config.inputs), ("output", sig.outputs, config.outputs)):
+        if batched:
+            for s in specs:
+                if not s.shape or s.shape[0] != -1:
+                    raise ConfigError(
+                        f"model config: field 'max_batch_size' is {config.max_batch_size} but {kind} {s.name!r} "
+                        f"has shape {list(s.shape)}; batching needs a variable first dimension (-1)"
+                    )
+        if decls is None:
+            continue
+        actual = {s.name: s for s in specs}
+        if [d.name for d in decls] != [s.name for s in specs]:
+            raise ConfigError(f"model config: field '{kind}' declares {[d.name for d in decls]}; the model's "
+                              f"{kind}s are {[s.name for s in specs]}")
+        for i, d in enumerate(decls):
+            s = actual[d.name]
+            shape = tuple(s.shape[1:]) if batched else tuple(s.shape)
+            if d.datatype != s.datatype:
+                raise ConfigError(f"model config: field '{kind}[{i}].data_type' is {d.datatype}; the model's "
+                                  f"{kind} {d.name!r} is {s.datatype}")
+            if len(d.dims) != len(shape) or any(a != -1 and b != -1 and a != b for a, b in zip(d.dims, shape)):
+                raise ConfigError(f"model config: field '{kind}[{i}].dims' is {list(d.dims)}; the model's {kind} "
+                                  f"{d.name!r} has dims {list(shape)}" + (" (batch dimension excluded)" if batched else ""))
 
 
 def _scheduler(config: ModelConfig, backend: Backend, stats: StatsRecorder) -> Scheduler:

@@ -146,3 +146,96 @@ def test_empty_repository(tmp_path):
     assert repo.models == [] and repo.loaded
     with pytest.raises(NotFound, match="the repository has no models"):
         repo.get("m")
+
+
+PBTXT = """
+name: "m"
+backend: "test-echo"
+max_batch_size: 8
+input [
+  {
+    name: "x"
+    data_type: TYPE_FP32
+    dims: [ 2 ]
+  }
+]
+output [ { name: "y", data_type: TYPE_FP32, dims: [ -1 ] } ]
+dynamic_batching { preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 100 }
+instance_group [ { count: 2, kind: KIND_CPU } ]
+"""
+
+SAME_AS_YAML = """
+backend: test-echo
+max_batch_size: 8
+input: [{name: x, data_type: TYPE_FP32, dims: [2]}]
+output: [{name: y, data_type: FP32, dims: [-1]}]
+dynamic_batching: {preferred_batch_size: [4, 8], max_queue_delay_microseconds: 100}
+instance_group: [{count: 2, kind: KIND_CPU}]
+"""
+
+
+def test_config_pbtxt_equals_the_same_config_in_yaml(tmp_path, write_model):
+    from pyserve.server.repository import DynamicBatchingConfig, TensorDecl
+
+    write_model(tmp_path, "m", 1, echo_mode="echo")
+    (tmp_path / "m" / "config.pbtxt").write_text(PBTXT)
+    from_pbtxt = ModelConfig.load(tmp_path / "m")
+    assert from_pbtxt == ModelConfig(
+        name="m", backend="test-echo", max_batch_size=8, dynamic_batching=DynamicBatchingConfig(100, (4, 8)),
+        instance_count=2, inputs=(TensorDecl("x", "FP32", (2,)),), outputs=(TensorDecl("y", "FP32", (-1,)),),
+    )
+    assert _load(tmp_path).get("m").ready  # declarations match the echo backend's signature
+    (tmp_path / "m" / "config.pbtxt").unlink()
+    (tmp_path / "m" / "config.yaml").write_text(SAME_AS_YAML)
+    assert ModelConfig.load(tmp_path / "m") == from_pbtxt
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("optimization { }\n", "1:1: field 'optimization' of ModelConfig is unknown or not supported by pyserve"),
+        ("max_batch_size: 2\nsequence_batching { }\n", "2:1: field 'sequence_batching' of ModelConfig is unknown"),
+        ('instance_group [ { count: 1 rate_limiter { } } ]\n', "field 'rate_limiter' of ModelInstanceGroup is unknown"),
+        ('version_policy { latest { num_versions: 2 } }\n', "field 'version_policy' is not supported by pyserve"),
+        ('input [ { name: "x" data_type: TYPE_FP32 dims: [2] reshape { shape: [2] } } ]\n',
+         "field 'input[0].reshape' is not supported by pyserve"),
+        ("max_batch_size: 4\ndynamic_batching { preserve_ordering: true }\n",
+         "field 'dynamic_batching.preserve_ordering' is not supported"),
+        ("no_such_field: 1\n", "field 'no_such_field' of ModelConfig is unknown or not supported"),
+        ("max_batch_size: lots\n", "max_batch_size"),
+        ('platform: "onnxruntime_onnx"\n', "field 'platform': unknown backend 'onnxruntime_onnx'"),
+        ("dynamic_batching { }\n", "field 'dynamic_batching' needs 'max_batch_size' > 0"),
+    ],
+)
+def test_config_pbtxt_errors_name_the_field(tmp_path, text, match):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(match)) as info:
+        ModelConfig.load(tmp_path / "m")
+    assert "config.pbtxt" in str(info.value)
+
+
+def test_both_config_files_refused(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text("")
+    (tmp_path / "m" / "config.yaml").write_text("")
+    with pytest.raises(ConfigError, match="both config.yaml and config.pbtxt; keep one"):
+        ModelConfig.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    "decl, match",
+    [
+        ("input: [{name: z, data_type: TYPE_FP32, dims: [2]}]\n", "field 'input' declares ['z']; the model's inputs are ['x']"),
+        ("input: [{name: x, data_type: TYPE_INT64, dims: [2]}]\n", "field 'input[0].data_type' is INT64; the model's input 'x' is FP32"),
+        ("input: [{name: x, data_type: TYPE_FP32, dims: [3]}]\n", "field 'input[0].dims' is [3]; the model's input 'x' has dims [2] (batch dimension excluded)"),
+        ("output: [{name: y, data_type: TYPE_FP32, dims: [-1, 2]}]\n", "field 'output[0].dims' is [-1, 2]"),
+        ("input: [{name: x, data_type: FLOAT, dims: [2]}]\n", "field 'input[0].data_type' must be a TYPE_* name"),
+        ("input: [{name: x, data_type: TYPE_FP32, dims: [2], format: FORMAT_NCHW}]\n", "unknown field 'input[0].format'"),
+    ],
+)
+def test_declared_inputs_and_outputs_must_match_the_signature(tmp_path, write_model, decl, match):
+    write_model(tmp_path, "m", 1, echo_mode="echo", config="backend: test-echo\nmax_batch_size: 8\n" + decl)
+    model = _load(tmp_path).get("m")
+    assert not model.ready
+    assert match in model.reason

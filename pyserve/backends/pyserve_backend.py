@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Sequence
@@ -58,10 +59,17 @@ class PyserveBackend:
         self._module = None
 
 
+#: torch.export's deserializer keeps process-global state (``_CURRENT_DESERIALIZER``), so two
+#: artifacts rebuilt at once in the thread pool fail with "AssertionError: _CURRENT_DESERIALIZER is
+#: already set"; loads are serialized (inference is not).
+_LOAD_LOCK = threading.Lock()
+
+
 def _load(path: Path):
     from pyserve.artifact import load_artifact
 
-    art = load_artifact(path)
+    with _LOAD_LOCK:
+        art = load_artifact(path)
     m = art.manifest
 
     def specs(items) -> tuple[TensorSpec, ...]:

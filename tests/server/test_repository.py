@@ -239,3 +239,17 @@ def test_declared_inputs_and_outputs_must_match_the_signature(tmp_path, write_mo
     model = _load(tmp_path).get("m")
     assert not model.ready
     assert match in model.reason
+
+
+def test_several_artifacts_load_concurrently(tmp_path, write_model, classifier_modules):
+    """torch.export's deserializer has global state: concurrent loads in the pool must not collide."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    artifact = classifier_modules[2][1]
+    names = [f"m{i}" for i in range(4)]
+    for name in names:
+        write_model(tmp_path, name, 1, artifact=artifact)
+    with ThreadPoolExecutor(4) as pool:
+        repo = ModelRepository(tmp_path, executor=pool)
+        asyncio.run(repo.load_all())
+    assert {m.name: m.reason for m in repo.models} == {n: "" for n in names}

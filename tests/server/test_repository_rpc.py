@@ -161,3 +161,18 @@ def test_unknown_startup_model_is_refused(tmp_path, write_model):
 def test_bad_control_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="control_mode must be one of none, explicit, got 'poll'"):
         ServerThread(tmp_path, host="127.0.0.1", grpc_port=0, model_control_mode="poll")
+
+
+def test_index_ready_only_with_own_stub(server):
+    import grpc
+
+    from pyserve.protocol import codec
+    from pyserve.protocol._generated import grpc_service_pb2 as pb
+
+    with grpc.insecure_channel(server.url) as channel:
+        stub = codec.inference_stub(channel)
+        everything = codec.decode_repository_index(stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10))
+        ready = codec.decode_repository_index(stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=10))
+    assert {e.name for e in ready} == {e.name for e in everything if e.state == "READY"}
+    assert "classifier" in {e.name for e in ready} and "truncated" not in {e.name for e in ready}
+    assert all(e.state == "READY" and e.version for e in ready)

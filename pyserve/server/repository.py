@@ -167,6 +167,9 @@ class ModelConfig:
         name = raw.get("name", model_dir.name)
         if name != model_dir.name:
             raise ConfigError(f"{path}: field 'name' is {name!r}; it must equal the directory name {model_dir.name!r}")
+        if "backend" in raw and "platform" in raw and raw["backend"] != raw["platform"]:
+            raise ConfigError(f"{path}: field 'platform' is {raw['platform']!r} but field 'backend' is "
+                              f"{raw['backend']!r}; give only 'backend'")
         key = "backend" if "backend" in raw or "platform" not in raw else "platform"
         backend = raw.get(key, "pyserve")
         if not isinstance(backend, str):

@@ -40,6 +40,8 @@ def test_config_empty_file_is_defaults(tmp_path):
         ("- a\n- b\n", "expected a mapping of fields, got list"),
         ("name: [unclosed\n", "cannot read"),
         ("dynamic_batching: {}\n", "field 'dynamic_batching' needs 'max_batch_size' > 0 (got 0)"),
+        ("backend: pyserve\nplatform: onnxruntime_onnx\n",
+         "field 'platform' is 'onnxruntime_onnx' but field 'backend' is 'pyserve'; give only 'backend'"),
         ("max_batch_size: 4\ndynamic_batching: {max_queue_delay: 5}\n",
          "unknown field 'dynamic_batching.max_queue_delay'; known fields: max_queue_delay_microseconds, "
          "preferred_batch_size"),

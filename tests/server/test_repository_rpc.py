@@ -176,3 +176,48 @@ def test_index_ready_only_with_own_stub(server):
     assert {e.name for e in ready} == {e.name for e in everything if e.state == "READY"}
     assert "classifier" in {e.name for e in ready} and "truncated" not in {e.name for e in ready}
     assert all(e.state == "READY" and e.version for e in ready)
+
+
+def test_reload_under_load_loses_no_request(explicit, write_model):
+    """Four clients send requests back to back while the model is reloaded three times: 0 failures,
+    every answer right, and the answering version only moves forward."""
+    write_model(explicit.repo_dir, "m", 1, echo_mode="delay", config=ECHO)  # 50 ms per request
+    explicit.server.repository.startup_models = ("*",)
+    explicit.start()
+    stop = threading.Event()
+    seen: list[list[tuple[str, bool]]] = [[] for _ in range(4)]
+    errors: list[Exception] = []
+
+    def client_loop(k):
+        c = tc.InferenceServerClient(explicit.url)
+        i = 0
+        while not stop.is_set():
+            value = float(k * 1000 + i)
+            try:
+                version, y = _y(c, "m", value)
+                seen[k].append((version, bool(np.array_equal(y, [[2 * value, 2 * value]]))))
+            except Exception as exc:
+                errors.append(exc)
+            i += 1
+        c.close()
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    admin = tc.InferenceServerClient(explicit.url)
+    for version in (2, 3, 4):
+        time.sleep(0.3)
+        write_model(explicit.repo_dir, "m", version, echo_mode="delay", config=ECHO)
+        admin.load_model("m")
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    admin.close()
+    assert errors == []
+    assert all(ok for per_client in seen for _, ok in per_client)
+    for per_client in seen:
+        versions = [int(v) for v, _ in per_client]
+        assert versions == sorted(versions)  # never back to an older version
+    assert {v for per_client in seen for v, _ in per_client} >= {"1", "4"}
+    assert sum(len(p) for p in seen) >= 10

@@ -128,3 +128,35 @@ def test_statistics_of_all_models_and_errors(client):
     expect_error(lambda: client.get_inference_statistics("classifier", "7"), "NOT_FOUND", "no version '7'")
     as_json = client.get_inference_statistics("classifier", as_json=True)
     assert as_json["model_stats"][0]["name"] == "classifier"
+
+
+def test_extension_rpcs_with_the_aio_client(server):
+    """tritonclient.grpc.aio drives the same extension RPCs."""
+    import asyncio
+
+    aio = pytest.importorskip("tritonclient.grpc.aio")
+    from tritonclient.utils import InferenceServerException
+
+    async def main():
+        c = aio.InferenceServerClient(server.url)
+        try:
+            assert "statistics" in (await c.get_server_metadata()).extensions
+            cfg = (await c.get_model_config("classifier")).config
+            assert cfg.max_batch_size == 8 and [list(t.dims) for t in cfg.input] == [[8]]
+            before = (await c.get_inference_statistics("echo")).model_stats[0].inference_count
+            x = tc.InferInput("x", [3, 2], "FP32")
+            x.set_data_from_numpy(np.ones((3, 2), np.float32))
+            await c.infer("echo", [x])
+            after = (await c.get_inference_statistics("echo")).model_stats[0].inference_count
+            index = {m.name: m.state for m in (await c.get_model_repository_index()).models}
+            with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
+                await c.load_model("echo")
+            with pytest.raises(InferenceServerException, match="explicit model load / unload is not allowed"):
+                await c.unload_model("echo")
+        finally:
+            await c.close()
+        return after - before, index
+
+    delta, index = asyncio.run(main())
+    assert delta == 1  # echo has max_batch_size 0: one inference per request
+    assert index["classifier"] == "READY" and index["truncated"] == "UNAVAILABLE"

@@ -25,6 +25,18 @@ __all__ = [
 ]
 
 
+def _int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _str(value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """An input or output of the model: protocol datatype name and shape (-1 = batch dimension)."""
@@ -39,7 +51,7 @@ class TensorSpec:
     @classmethod
     def from_json(cls, obj, what: str) -> "TensorSpec":
         try:
-            spec = cls(str(obj["name"]), str(obj["datatype"]), tuple(int(d) for d in obj["shape"]))
+            spec = cls(_str(obj["name"]), _str(obj["datatype"]), tuple(_int(d) for d in obj["shape"]))
             dtypes.from_name(spec.datatype)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{what}: malformed tensor signature {obj!r}: {exc}") from None
@@ -70,8 +82,8 @@ def _manifest_from(raw: dict, path, size: int) -> Manifest:
     what = str(path)
     try:
         return Manifest(
-            format_version=int(raw["format_version"]),
-            model_name=str(raw["model_name"]),
+            format_version=_int(raw["format_version"]),
+            model_name=_str(raw["model_name"]),
             inputs=tuple(TensorSpec.from_json(t, what) for t in raw["inputs"]),
             outputs=tuple(TensorSpec.from_json(t, what) for t in raw["outputs"]),
             tensors=dict(raw["tensors"]),
@@ -79,7 +91,7 @@ def _manifest_from(raw: dict, path, size: int) -> Manifest:
             size_bytes=size,
             raw=raw,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, ArtifactError):
             raise
         raise ArtifactError(f"{what}: malformed manifest: missing or bad field {exc}") from None
@@ -219,6 +231,9 @@ def load_artifact(path: str | os.PathLike) -> LoadedArtifact:
         module = ep.module()
     except Exception as exc:  # torch raises many types for a graph it cannot rebuild
         raise ArtifactError(f"{path}: cannot rebuild the model graph: {type(exc).__name__}: {exc}") from None
+    problem = _graph.check_signature(ep, manifest, state, constants)
+    if problem:
+        raise ArtifactError(f"{path}: manifest does not match the model graph: {problem}")
     for p in module.parameters():
         p.requires_grad_(False)
     return LoadedArtifact(manifest, module)

@@ -87,11 +87,12 @@ def read_container(path: str | os.PathLike, *, verify_blobs: bool = True) -> tup
     """
     path = Path(path)
     try:
+        if not path.is_file():  # a directory, FIFO or device would hang or never end
+            kind = "no such artifact" if not path.exists() else "not a regular file"
+            raise ArtifactError(f"{path}: {kind}")
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: no such artifact") from None
-    except IsADirectoryError:
-        raise ArtifactError(f"{path}: is a directory, not an artifact") from None
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read artifact: {exc.strerror or exc}") from None
     if len(data) < HEADER_SIZE:
         raise ArtifactError(f"{path}: truncated: {len(data)} bytes, shorter than the {HEADER_SIZE}-byte header")
     magic, version, manifest_size, blobs_size, manifest_sha, reserved = _HEADER.unpack_from(data)
@@ -110,7 +111,7 @@ def read_container(path: str | os.PathLike, *, verify_blobs: bool = True) -> tup
         raise ArtifactError(f"{path}: manifest SHA-256 checksum mismatch (file is corrupt)")
     try:
         manifest = json.loads(manifest_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{path}: manifest is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("blobs"), dict):
         raise ArtifactError(f"{path}: manifest has no blob table")
@@ -119,7 +120,7 @@ def read_container(path: str | os.PathLike, *, verify_blobs: bool = True) -> tup
     for name, entry in manifest["blobs"].items():
         try:
             offset, size, digest = int(entry["offset"]), int(entry["size_bytes"]), str(entry["sha256"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise ArtifactError(f"{path}: malformed blob table entry {name!r}") from None
         if offset < 0 or size < 0 or offset + size > blobs_size:
             raise ArtifactError(f"{path}: blob {name!r} [{offset}, {offset + size}) lies outside the {blobs_size}-byte blob region")

@@ -49,3 +49,49 @@ def deserialize(blob: bytes, state_dict: dict, constants: dict, parameter_names:
     state = {k: (torch.nn.Parameter(v, requires_grad=False) if k in parameter_names else v)
              for k, v in state_dict.items()}
     return serde.deserialize(serde.SerializedArtifact(graph_json, state, constants, b""))
+
+
+def check_signature(ep, manifest, state: dict, constants: dict) -> str | None:
+    """Compare the manifest (tensors, inputs, outputs) with what the rebuilt graph expects.
+
+    Returns a description of the first mismatch, or None. Dimensions the graph keeps symbolic
+    (the batch) must be -1 in the manifest; the others must match exactly.
+    """
+    from torch.export.graph_signature import InputKind
+
+    from pyserve import dtypes
+
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    stored = {**state, **constants}
+    expected_tensors, user_inputs = set(), []
+    for spec in ep.graph_signature.input_specs:
+        val = placeholders[spec.arg.name].meta.get("val") if hasattr(spec.arg, "name") else None
+        if spec.kind == InputKind.USER_INPUT:
+            user_inputs.append(val)
+            continue
+        if spec.target is None:
+            continue
+        expected_tensors.add(spec.target)
+        tensor = stored.get(spec.target)
+        if tensor is None:
+            return f"tensor {spec.target!r} is missing"
+        if isinstance(val, torch.Tensor) and (tuple(val.shape) != tuple(tensor.shape) or val.dtype != tensor.dtype):
+            return (f"tensor {spec.target!r} is {tensor.dtype} {list(tensor.shape)}, "
+                    f"the graph expects {val.dtype} {list(val.shape)}")
+    extra = sorted(set(stored) - expected_tensors)
+    if extra:
+        return f"tensor {extra[0]!r} is not used by the graph"
+    outputs = [n for n in ep.graph.nodes if n.op == "output"][0].args[0]
+    out_vals = [o.meta.get("val") if hasattr(o, "meta") else None for o in outputs]
+    for kind, specs, vals in (("input", manifest.inputs, user_inputs), ("output", manifest.outputs, out_vals)):
+        if len(specs) != len(vals):
+            return f"{len(specs)} {kind}s declared, the graph has {len(vals)}"
+        for spec, val in zip(specs, vals):
+            if not isinstance(val, torch.Tensor):
+                continue
+            if dtypes.from_torch(val.dtype).name != spec.datatype:
+                return f"{kind} {spec.name!r} is declared {spec.datatype}, the graph has {dtypes.from_torch(val.dtype).name}"
+            graph_shape = [d if isinstance(d, int) else -1 for d in val.shape]
+            if list(spec.shape) != graph_shape:
+                return f"{kind} {spec.name!r} is declared {list(spec.shape)}, the graph has {graph_shape}"
+    return None

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 
 from pyserve import dtypes
@@ -64,13 +66,17 @@ def encode_raw(array: np.ndarray) -> EncodedTensor:
     return EncodedTensor({"encoding": "raw", "datatype": dt.name, "shape": list(array.shape)}, {"data": data})
 
 
-def relative_indices(flat_positions: np.ndarray, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
+def relative_indices(flat_positions: np.ndarray, index_bits: int, numel: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Relative (gap) indexing with fillers (Deep Compression, section 2).
 
     Parameters
     ----------
     flat_positions : int64 [nnz], strictly increasing positions of the non-zeros
     index_bits : int in 1..8, the largest storable gap is ``2**index_bits``
+    numel : elements in the tensor; when given, filler entries are appended until fewer than
+        ``2**index_bits`` positions remain after the last entry, so the stored entries bound the
+        tensor's size (a reader refuses a shape the entries do not cover)
 
     Returns
     -------
@@ -83,9 +89,11 @@ def relative_indices(flat_positions: np.ndarray, index_bits: int) -> tuple[np.nd
     n_entries = (gaps + max_gap - 1) // max_gap
     total = int(n_entries.sum())
     ends = np.cumsum(n_entries) - 1                      # slot of each real entry
-    gap_vals = np.full(total, max_gap, dtype=np.int64)
+    last = int(flat_positions[-1]) if flat_positions.size else -1
+    n_tail = 0 if numel is None else max(numel - 1 - last, 0) // max_gap
+    gap_vals = np.full(total + n_tail, max_gap, dtype=np.int64)
     gap_vals[ends] = gaps - (n_entries - 1) * max_gap
-    source = np.full(total, -1, dtype=np.int64)
+    source = np.full(total + n_tail, -1, dtype=np.int64)
     source[ends] = np.arange(flat_positions.size)
     return (gap_vals - 1).astype(np.uint8), source
 
@@ -139,7 +147,7 @@ def encode_sparse(array: np.ndarray, *, index_bits: int = 5, codebook: np.ndarra
         raise ValueError(f"encode_sparse: entropy must be one of {ENTROPY}, got {entropy!r}")
     flat = np.ascontiguousarray(array).ravel()
     positions = np.flatnonzero(flat)
-    gap_symbols, source = relative_indices(positions, int(index_bits))
+    gap_symbols, source = relative_indices(positions, int(index_bits), flat.size)
     meta = {"encoding": "sparse", "datatype": "FP32", "shape": list(array.shape), "index_bits": int(index_bits),
             "entries": int(gap_symbols.size), "nnz": int(positions.size), "entropy": entropy}
     blobs = {"gaps": _pack_symbols(gap_symbols, entropy)}
@@ -186,7 +194,7 @@ def decode_tensor(meta: dict, blobs: dict[str, bytes], what: str) -> np.ndarray:
         dt = dtypes.from_name(_field(meta, "datatype", str, what))
     except ValueError as exc:
         raise ArtifactError(f"{what}: {exc}") from None
-    numel = int(np.prod(shape, dtype=np.int64))
+    numel = math.prod(shape)
 
     def blob(name: str) -> bytes:
         if name not in blobs:
@@ -207,12 +215,20 @@ def decode_tensor(meta: dict, blobs: dict[str, bytes], what: str) -> np.ndarray:
     entropy = _field(meta, "entropy", str, what)
     if not 1 <= index_bits <= 8 or entries < 0 or entries > max(numel, 0) or entropy not in ENTROPY:
         raise ArtifactError(f"{what}: bad sparse header index_bits={index_bits} entries={entries} entropy={entropy!r}")
+    if numel >= (entries + 1) << index_bits:
+        # Writers append fillers so that fewer than 2**index_bits positions follow the last entry;
+        # a shape larger than the entries cover is refused before anything is allocated.
+        raise ArtifactError(f"{what}: shape {list(shape)} ({numel} elements) is larger than its {entries} "
+                            f"relative-index entries can cover")
     gap_symbols = _unpack_symbols(blob("gaps"), entropy, entries, f"{what} gaps")
     if gap_symbols.size and int(gap_symbols.max()) >= (1 << index_bits):
         raise ArtifactError(f"{what}: relative index {int(gap_symbols.max()) + 1} exceeds 2**{index_bits}")
     positions = np.cumsum(gap_symbols.astype(np.int64) + 1) - 1
     if positions.size and positions[-1] >= numel:
         raise ArtifactError(f"{what}: relative indices run past the end of a {numel}-element tensor")
+    if numel - 1 - (int(positions[-1]) if positions.size else -1) >= (1 << index_bits):
+        raise ArtifactError(f"{what}: the relative-index entries end more than 2**{index_bits} elements before "
+                            f"the end of the tensor")
     values_kind = _field(meta, "values", str, what)
     if values_kind == "raw":
         raw = blob("values")

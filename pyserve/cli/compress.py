@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -18,11 +19,20 @@ def run(args: argparse.Namespace) -> int:
     from pyserve.cli import UsageError
     from pyserve.compress import RecipeError, compress, load_recipe
 
+    out = Path(args.output)
+    if out.is_dir():
+        raise UsageError(f"{out}: is a directory; give the artifact's file name")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"{out}: cannot write there: {parent} is not a directory")
     try:
         recipe = load_recipe(args.recipe)
         result = compress(recipe, args.output, verbose=not args.quiet)
     except RecipeError as exc:
-        raise UsageError(str(exc)) from None
+        msg = str(exc)
+        if not msg.startswith(str(args.recipe)):  # errors found after loading name the file too
+            msg = f"{args.recipe}: {msg}"
+        raise UsageError(msg) from None
     except OSError as exc:
         raise UsageError(f"{args.output}: cannot write artifact: {exc.strerror or exc}") from None
     print(result.table)

@@ -54,8 +54,9 @@ def _load_inputs(paths: list[str]) -> list[np.ndarray]:
             arr = np.load(Path(path), allow_pickle=False)
         except FileNotFoundError:
             raise UsageError(f"--input {path}: no such file") from None
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--input {path}: not a readable .npy array: {exc}") from None
+        except (OSError, ValueError, EOFError):
+            # numpy's own message suggests allow_pickle=True, which pyserve never uses
+            raise UsageError(f"--input {path}: not a .npy file of a numeric array") from None
         if not isinstance(arr, np.ndarray):
             raise UsageError(f"--input {path}: holds several arrays (.npz); give one .npy per input")
         arrays.append(arr)

@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
     if args.max_message_mb <= 0:
         raise UsageError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
+    if args.max_message_mb >= 2048:  # gRPC takes the limit as a signed 32-bit byte count
+        raise UsageError(f"--max-message-mb must be below 2048 (gRPC's 2 GiB limit), got {args.max_message_mb}")
+    if args.infer_threads is not None and args.infer_threads < 1:
+        raise UsageError(f"--infer-threads must be >= 1, got {args.infer_threads}")
     if args.exit_timeout_s < 0:
         raise UsageError(f"--exit-timeout-s must be >= 0, got {args.exit_timeout_s}")
     if args.load_model and args.model_control_mode != "explicit":

@@ -53,7 +53,10 @@ def _import_factory(recipe: Recipe):
             raise RecipeError(f"model.factory: no such file {path}")
         spec = importlib.util.spec_from_file_location(f"_pyserve_recipe_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file: syntax errors, failing imports, ...
+            raise RecipeError(f"model.factory: cannot load {path}: {type(exc).__name__}: {exc}") from None
     else:
         try:
             module = importlib.import_module(module_part)
@@ -67,7 +70,11 @@ def _import_factory(recipe: Recipe):
 
 def build_model(recipe: Recipe) -> torch.nn.Module:
     """Instantiate the recipe's model (untrained)."""
-    model = _import_factory(recipe)()
+    factory = _import_factory(recipe)
+    try:
+        model = factory()
+    except Exception as exc:  # the user's code
+        raise RecipeError(f"model.factory: {recipe.model.factory} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise RecipeError(f"model.factory: {recipe.model.factory} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -90,7 +97,10 @@ def prepare_model(recipe: Recipe, task: Task, *, verbose: bool = True) -> torch.
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as exc:  # torch raises several types for a bad file
-            raise RecipeError(f"model.checkpoint: cannot load {ckpt}: {exc}") from None
+            # torch's own message suggests weights_only=False, which pyserve never does: keep its first line.
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RecipeError(f"model.checkpoint: {ckpt} is not a state_dict of this model "
+                              f"({type(exc).__name__}: {first[:200]})") from None
         return model.eval()
     _log(f"pyserve compress: training {recipe.name} for {recipe.train.epochs} epochs", verbose)
     fit(model, task, recipe.train.epochs, desc="train")

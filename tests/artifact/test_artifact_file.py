@@ -131,3 +131,48 @@ def test_graph_holds_no_source_paths(saved):
     graph = zlib.decompress(blobs["graph"]).decode()
     assert "stack_trace" not in graph
     assert __file__ not in graph and ".py\\\"" not in graph and ".py\"" not in graph
+
+
+def _rewrite(src, dst, edit):
+    """Copy an artifact with its manifest edited; checksums are recomputed, so only the
+    semantic checks can catch the change."""
+    from pyserve.artifact._container import read_container, write_container
+
+    manifest, blobs = read_container(src)
+    manifest.pop("blobs")
+    edit(manifest)
+    write_container(dst, manifest, blobs)
+    return dst
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["tensors"]["fc.bias"].update(shape=[5, 1]), "fc.bias"),
+    (lambda m: m["inputs"][0].update(datatype="INT64"), "input 'x' is declared INT64"),
+    (lambda m: m["inputs"][0].update(shape=[-1, 1, 8, 9]), "input 'x' is declared"),
+    (lambda m: m["outputs"][0].update(shape=[-1, 6]), "output 'y' is declared"),
+    (lambda m: m["outputs"].append({"name": "z", "datatype": "FP32", "shape": [-1]}), "2 outputs declared"),
+    (lambda m: m["tensors"].update(extra=dict(m["tensors"]["fc.bias"])), "'extra' is not used"),
+    (lambda m: m.update(model_name=["a"]), "model_name|expected a string"),
+    (lambda m: m["inputs"][0].update(shape=[float("inf"), 1]), "malformed"),
+    (lambda m: m.update(format_version=float("inf")), "malformed"),
+])
+def test_crafted_manifest_refused(saved, tmp_path, edit, message):
+    bad = _rewrite(saved, tmp_path / "crafted.pyserve", edit)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(bad)
+
+
+def test_deeply_nested_manifest_and_special_files(saved, tmp_path):
+    import hashlib
+    import struct
+
+    data = saved.read_bytes()
+    nested = b"[" * 200000
+    header = struct.pack("<8sIQQ32sI", data[:8], struct.unpack_from("<I", data, 8)[0], len(nested), 0,
+                         hashlib.sha256(nested).digest(), 0)
+    (tmp_path / "deep.pyserve").write_bytes(header + nested)
+    with pytest.raises(ArtifactError):
+        read_manifest(tmp_path / "deep.pyserve")
+    for special in ("/dev/zero", str(tmp_path), str(saved) + "/x"):
+        with pytest.raises(ArtifactError, match="not a regular file|no such artifact"):
+            read_manifest(special)

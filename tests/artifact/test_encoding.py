@@ -7,8 +7,9 @@ from pyserve.artifact import ArtifactError
 from pyserve.artifact.encoding import decode_tensor, encode_raw, encode_sparse, relative_indices
 
 
-def reference_relative_indices(positions, index_bits):
-    """Walk the positions one by one, emitting fillers when a gap is too long (paper, section 2)."""
+def reference_relative_indices(positions, index_bits, numel):
+    """Walk the positions one by one, emitting fillers when a gap is too long (paper, section 2),
+    then fillers until fewer than 2**index_bits positions remain."""
     max_gap, prev, gaps, src = 1 << index_bits, -1, [], []
     for i, p in enumerate(positions):
         gap = p - prev
@@ -19,6 +20,10 @@ def reference_relative_indices(positions, index_bits):
         gaps.append(gap - 1)
         src.append(i)
         prev = p
+    while numel - 1 - prev >= max_gap:
+        gaps.append(max_gap - 1)
+        src.append(-1)
+        prev += max_gap
     return np.array(gaps, dtype=np.uint8), np.array(src, dtype=np.int64)
 
 
@@ -28,8 +33,8 @@ def test_relative_indices_match_reference(index_bits, density):
     rng = np.random.default_rng(index_bits * 100 + int(density * 100))
     numel = 3000
     positions = np.flatnonzero(rng.random(numel) < density)
-    gaps, src = relative_indices(positions, index_bits)
-    ref_gaps, ref_src = reference_relative_indices(positions.tolist(), index_bits)
+    gaps, src = relative_indices(positions, index_bits, numel)
+    ref_gaps, ref_src = reference_relative_indices(positions.tolist(), index_bits, numel)
     np.testing.assert_array_equal(gaps, ref_gaps)
     np.testing.assert_array_equal(src, ref_src)
 
@@ -99,3 +104,14 @@ def test_inconsistent_sparse_meta_is_refused():
             decode_tensor(dict(enc.meta, **{key: value}), enc.blobs, "w")
     with pytest.raises(ArtifactError, match="missing"):
         decode_tensor(enc.meta, {"gaps": enc.blobs["gaps"]}, "w")
+
+
+def test_shape_larger_than_entries_cover_is_refused_before_allocating():
+    w = np.zeros((100, 100), dtype=np.float32)
+    w[3, 7] = 1.0
+    enc = encode_sparse(w, index_bits=5, entropy="huffman")
+    assert enc.meta["entries"] == 10000 // 32  # fillers cover the tail
+    np.testing.assert_array_equal(decode_tensor(enc.meta, enc.blobs, "w"), w)
+    for shape in ([10**9, 10], [2**40, 2**40], [100, 101]):
+        with pytest.raises(ArtifactError, match="cover|past the end|bad sparse header"):
+            decode_tensor(dict(enc.meta, shape=shape), enc.blobs, "w")

@@ -145,3 +145,14 @@ def test_sigterm_stops_gracefully(served):
     stderr = proc.stderr.read()
     assert "refused" in stderr and "broken" in stderr  # the refusal was logged with its reason
     assert "stopped" in stderr
+
+
+def test_serve_flag_ranges_named(tmp_path):
+    import subprocess
+    import sys
+
+    for flags, expect in ((["--infer-threads", "0"], "--infer-threads must be >= 1"),
+                          (["--max-message-mb", "1e12"], "--max-message-mb must be below 2048")):
+        proc = subprocess.run([sys.executable, "-m", "pyserve", "serve", "--model-repository", str(tmp_path),
+                               "--grpc-port", "0", *flags], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr

@@ -82,3 +82,28 @@ def test_inspect_corrupt_artifact_exit_2(compressed, tmp_path):
     bad.write_bytes(bytes(data))
     proc = run_cli("inspect", str(bad))
     assert proc.returncode == 2 and "checksum mismatch" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("model_py,expect", [
+    ("def Net():\n    raise RuntimeError('boom')\n", "model.factory: model.py:Net raised RuntimeError: boom"),
+    ("def Net(:\n", "model.factory: cannot load"),
+    ("import torch\ndef Net():\n    return torch.nn.Linear(784, 10)\n", "model.checkpoint"),
+])
+def test_user_code_and_checkpoint_errors_one_line(tmp_path, model_py, expect):
+    (tmp_path / "model.py").write_text(model_py)
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nmodel: {factory: model.py:Net, checkpoint: ckpt.pt, inputs: [{name: x, shape: [-1, 784]}],"
+                      " outputs: [{name: y, shape: [-1, 10]}]}\nstages: [{method: prune, sparsity: 0.5}]\n")
+    proc = run_cli("compress", str(recipe), "-o", str(tmp_path / "o.pyserve"), "-q")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert expect in line and line.startswith(f"pyserve compress: error: {recipe}")
+    assert "weights_only=False" not in line
+
+
+def test_unwritable_output_refused_before_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out, expect in ((tmp_path / "file" / "x.pyserve", "is not a directory"), (tmp_path, "is a directory")):
+        proc = run_cli("compress", "examples/lenet300/recipe.yaml", "-o", str(out))
+        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr

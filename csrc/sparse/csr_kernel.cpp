@@ -2,7 +2,9 @@
 #include "sparse/csr_kernel.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <limits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -11,8 +13,11 @@
 #define PYSERVE_X86 0
 #endif
 
-#ifdef _OPENMP
-#include <omp.h>
+#if PYSERVE_X86 && defined(__GNUC__)
+#define PYSERVE_HAVE_AVX2_PATH 1
+#define PYSERVE_AVX2_TARGET __attribute__((target("avx2,fma")))
+#else
+#define PYSERVE_HAVE_AVX2_PATH 0
 #endif
 
 namespace pyserve {
@@ -20,19 +25,44 @@ namespace sparse {
 
 namespace {
 
-constexpr int64_t kLanes = 8;         // floats per AVX2 register; xt rows are padded to this
-constexpr int64_t kMaxVectors = 8;    // batch columns per pass = kLanes * kMaxVectors = 64
-constexpr int64_t kRowChunk = 16;     // output rows per OpenMP work item
+constexpr int64_t kLanes = 8;       // floats per AVX2 register; xt rows are padded to this
+constexpr int64_t kMaxVectors = 8;  // batch columns per pass = kLanes * kMaxVectors = 64
+constexpr int64_t kRowChunk = 16;   // output rows per OpenMP work item
+constexpr int64_t kNoBad = std::numeric_limits<int64_t>::max();
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// True when the column indices of nonzeros [b, e) are strictly increasing and inside [0, K).
+// Branch-free so that it vectorises; inlined into each caller, so the AVX2 callers get AVX2 code.
+// Strictly increasing means the two ends bound every index.
+template <typename Index>
+__attribute__((always_inline)) inline bool row_ok(const Index* indices, int64_t b, int64_t e, int64_t K) {
+  if (b == e) return true;
+  int descents = 0;
+  for (int64_t j = b + 1; j < e; ++j) descents |= indices[j] <= indices[j - 1];
+  return !descents && indices[b] >= 0 && static_cast<int64_t>(indices[e - 1]) < K;
+}
+
+// First offending position in a row that failed row_ok.
+template <typename Index>
+int64_t first_bad_in_row(const Index* indices, int64_t b, int64_t e, int64_t K) {
+  for (int64_t j = b; j < e; ++j)
+    if (indices[j] < 0 || indices[j] >= K || (j > b && indices[j] <= indices[j - 1])) return j;
+  return b;  // unreachable for a row that failed row_ok
+}
 
 // ---- portable fallback ---------------------------------------------------------------------
 
 template <typename Index>
-void spmv_rows_portable(const float* x, const int64_t* indptr, const Index* indices, const float* values,
-                        const float* bias, int64_t n0, int64_t n1, float* y) {
+int64_t spmv_rows_portable(const float* x, int64_t K, const int64_t* indptr, const Index* indices,
+                           const float* values, const float* bias, int64_t n0, int64_t n1, float* y) {
+  int64_t bad = kNoBad;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = indptr[n], e = indptr[n + 1];
+    if (!row_ok(indices, b, e, K)) {
+      bad = std::min(bad, first_bad_in_row(indices, b, e, K));
+      continue;
+    }
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
     int64_t j = b;
     for (; j + 4 <= e; j += 4) {
@@ -44,32 +74,63 @@ void spmv_rows_portable(const float* x, const int64_t* indptr, const Index* indi
     for (; j < e; ++j) s0 += values[j] * x[indices[j]];
     y[n] = (s0 + s1) + (s2 + s3) + (bias ? bias[n] : 0.f);
   }
+  return bad;
 }
 
-// xt [K, Bp]; writes y[b, n] for b < B.
+// Validates rows [n0, n1) (at most kRowChunk); ok[r] says whether row n0 + r may be computed.
 template <typename Index>
-void spmm_rows_portable(const float* xt, int64_t B, int64_t Bp, const int64_t* indptr, const Index* indices,
-                        const float* values, const float* bias, int64_t N, int64_t n0, int64_t n1, float* y) {
-  float acc[kLanes * kMaxVectors];
-  for (int64_t c0 = 0; c0 < B; c0 += kLanes * kMaxVectors) {
-    const int64_t width = std::min<int64_t>(Bp - c0, kLanes * kMaxVectors);
+__attribute__((always_inline)) inline int64_t check_rows(const int64_t* indptr, const Index* indices, int64_t K,
+                                                         int64_t n0, int64_t n1, bool* ok) {
+  int64_t bad = kNoBad;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t b = indptr[n], e = indptr[n + 1];
+    ok[n - n0] = row_ok(indices, b, e, K);
+    if (!ok[n - n0]) bad = std::min(bad, first_bad_in_row(indices, b, e, K));
+  }
+  return bad;
+}
+
+// tile [rows][kTileCols] (row r = output row n0 + r, columns = batch c0..c0+cols) -> y [B, N]:
+// each batch row receives `rows` contiguous floats, so stores stay sequential (writing y column by
+// column would put every store of a row in the same L1 set: the stride N*4 is a multiple of 4 KiB
+// for N = 1024, 3072, ...).
+constexpr int64_t kTileCols = kLanes * kMaxVectors;
+inline void store_tile(const float (*tile)[kTileCols], int64_t rows, int64_t cols, int64_t c0, int64_t N, int64_t n0,
+                       float* y) {
+  for (int64_t c = 0; c < cols; ++c) {
+    float* dst = y + (c0 + c) * N + n0;
+    for (int64_t r = 0; r < rows; ++r) dst[r] = tile[r][c];
+  }
+}
+
+// xt [K, Bp]; writes y[b, n] for b < B and n in [n0, n1).
+template <typename Index>
+int64_t spmm_rows_portable(const float* xt, int64_t K, int64_t B, int64_t Bp, const int64_t* indptr,
+                           const Index* indices, const float* values, const float* bias, int64_t N, int64_t n0,
+                           int64_t n1, float* y) {
+  bool ok[kRowChunk];
+  const int64_t bad = check_rows(indptr, indices, K, n0, n1, ok);
+  alignas(32) float tile[kRowChunk][kTileCols];
+  for (int64_t c0 = 0; c0 < B; c0 += kTileCols) {
+    const int64_t width = std::min<int64_t>(Bp - c0, kTileCols);
     for (int64_t n = n0; n < n1; ++n) {
-      std::fill(acc, acc + width, 0.f);
+      float* acc = tile[n - n0];
+      const float bn = bias ? bias[n] : 0.f;
+      std::fill(acc, acc + width, bn);
+      if (!ok[n - n0]) continue;
       for (int64_t j = indptr[n], e = indptr[n + 1]; j < e; ++j) {
         const float w = values[j];
         const float* row = xt + static_cast<int64_t>(indices[j]) * Bp + c0;
         for (int64_t c = 0; c < width; ++c) acc[c] += w * row[c];
       }
-      const float bn = bias ? bias[n] : 0.f;
-      const int64_t cols = std::min<int64_t>(B - c0, width);
-      for (int64_t c = 0; c < cols; ++c) y[(c0 + c) * N + n] = acc[c] + bn;
     }
+    store_tile(tile, n1 - n0, std::min<int64_t>(B - c0, width), c0, N, n0, y);
   }
+  return bad;
 }
 
 // ---- AVX2 + FMA ----------------------------------------------------------------------------
-#if PYSERVE_X86 && defined(__GNUC__)
-#define PYSERVE_AVX2_TARGET __attribute__((target("avx2,fma")))
+#if PYSERVE_HAVE_AVX2_PATH
 
 PYSERVE_AVX2_TARGET inline float hsum256(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -89,10 +150,15 @@ PYSERVE_AVX2_TARGET inline __m256 gather8(const float* x, const int64_t* idx) {
 }
 
 template <typename Index>
-PYSERVE_AVX2_TARGET void spmv_rows_avx2(const float* x, const int64_t* indptr, const Index* indices,
-                                        const float* values, const float* bias, int64_t n0, int64_t n1, float* y) {
+PYSERVE_AVX2_TARGET int64_t spmv_rows_avx2(const float* x, int64_t K, const int64_t* indptr, const Index* indices,
+                                           const float* values, const float* bias, int64_t n0, int64_t n1, float* y) {
+  int64_t bad = kNoBad;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = indptr[n], e = indptr[n + 1];
+    if (!row_ok(indices, b, e, K)) {
+      bad = std::min(bad, first_bad_in_row(indices, b, e, K));
+      continue;
+    }
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t j = b;
     for (; j + 16 <= e; j += 16) {
@@ -107,51 +173,54 @@ PYSERVE_AVX2_TARGET void spmv_rows_avx2(const float* x, const int64_t* indptr, c
     for (; j < e; ++j) s += values[j] * x[indices[j]];
     y[n] = s + (bias ? bias[n] : 0.f);
   }
+  return bad;
 }
 
-// One pass over rows [n0, n1) for batch columns [c0, c0 + 8*V) of xt [K, Bp].
+// Row n, batch columns [c0, c0 + 8*V) of xt [K, Bp]: out[0:8V] = bn + sum_j values[j] * xt[indices[j], c0:c0+8V].
 template <int V, typename Index>
-PYSERVE_AVX2_TARGET void spmm_pass_avx2(const float* xt, int64_t B, int64_t Bp, int64_t c0, const int64_t* indptr,
-                                        const Index* indices, const float* values, const float* bias, int64_t N,
-                                        int64_t n0, int64_t n1, float* y) {
-  alignas(32) float out[kLanes * V];
-  for (int64_t n = n0; n < n1; ++n) {
-    __m256 acc[V];
-    for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
-    const int64_t e = indptr[n + 1];
-    for (int64_t j = indptr[n]; j < e; ++j) {
-      const __m256 w = _mm256_broadcast_ss(values + j);
-      const float* row = xt + static_cast<int64_t>(indices[j]) * Bp + c0;
-      for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + kLanes * v), acc[v]);
-    }
-    const __m256 bn = _mm256_set1_ps(bias ? bias[n] : 0.f);
-    for (int v = 0; v < V; ++v) _mm256_store_ps(out + kLanes * v, _mm256_add_ps(acc[v], bn));
-    const int64_t cols = std::min<int64_t>(B - c0, kLanes * V);
-    float* yc = y + c0 * N + n;
-    for (int64_t c = 0; c < cols; ++c) yc[c * N] = out[c];
+PYSERVE_AVX2_TARGET inline void spmm_row_pass_avx2(const float* xt, int64_t Bp, int64_t c0, int64_t b, int64_t e,
+                                                   const Index* indices, const float* values, float bn, float* out) {
+  __m256 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_set1_ps(bn);
+  for (int64_t j = b; j < e; ++j) {
+    const __m256 w = _mm256_broadcast_ss(values + j);
+    const float* row = xt + static_cast<int64_t>(indices[j]) * Bp + c0;
+    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + kLanes * v), acc[v]);
   }
+  for (int v = 0; v < V; ++v) _mm256_store_ps(out + kLanes * v, acc[v]);
+}
+
+template <int V, typename Index>
+PYSERVE_AVX2_TARGET void spmm_pass_avx2(const float* xt, int64_t Bp, int64_t c0, const int64_t* indptr,
+                                        const Index* indices, const float* values, const float* bias, int64_t n0,
+                                        int64_t n1, const bool* ok, float (*tile)[kTileCols]) {
+  for (int64_t n = n0; n < n1; ++n)
+    spmm_row_pass_avx2<V>(xt, Bp, c0, indptr[n], ok[n - n0] ? indptr[n + 1] : indptr[n], indices, values,
+                          bias ? bias[n] : 0.f, tile[n - n0]);
 }
 
 template <typename Index>
-PYSERVE_AVX2_TARGET void spmm_rows_avx2(const float* xt, int64_t B, int64_t Bp, const int64_t* indptr,
-                                        const Index* indices, const float* values, const float* bias, int64_t N,
-                                        int64_t n0, int64_t n1, float* y) {
-  for (int64_t c0 = 0; c0 < B; c0 += kLanes * kMaxVectors) {
+PYSERVE_AVX2_TARGET int64_t spmm_rows_avx2(const float* xt, int64_t K, int64_t B, int64_t Bp, const int64_t* indptr,
+                                           const Index* indices, const float* values, const float* bias, int64_t N,
+                                           int64_t n0, int64_t n1, float* y) {
+  bool ok[kRowChunk];
+  const int64_t bad = check_rows(indptr, indices, K, n0, n1, ok);
+  alignas(32) float tile[kRowChunk][kTileCols];
+  for (int64_t c0 = 0; c0 < B; c0 += kTileCols) {
     const int64_t vectors = std::min<int64_t>((Bp - c0) / kLanes, kMaxVectors);
     switch (vectors) {
 #define PYSERVE_CASE(V) \
-  case V: spmm_pass_avx2<V>(xt, B, Bp, c0, indptr, indices, values, bias, N, n0, n1, y); break;
+  case V: spmm_pass_avx2<V>(xt, Bp, c0, indptr, indices, values, bias, n0, n1, ok, tile); break;
       PYSERVE_CASE(1) PYSERVE_CASE(2) PYSERVE_CASE(3) PYSERVE_CASE(4)
       PYSERVE_CASE(5) PYSERVE_CASE(6) PYSERVE_CASE(7) PYSERVE_CASE(8)
 #undef PYSERVE_CASE
       default: break;
     }
+    store_tile(tile, n1 - n0, std::min<int64_t>(B - c0, kLanes * vectors), c0, N, n0, y);
   }
+  return bad;
 }
-#define PYSERVE_HAVE_AVX2_PATH 1
-#else
-#define PYSERVE_HAVE_AVX2_PATH 0
-#endif
+#endif  // PYSERVE_HAVE_AVX2_PATH
 
 // x [B, K] -> xt [K, Bp], zero padded in columns B..Bp-1. Blocked for cache reuse.
 void transpose_pad(const float* x, int64_t B, int64_t K, int64_t Bp, float* xt, int threads) {
@@ -170,6 +239,12 @@ void transpose_pad(const float* x, int64_t B, int64_t K, int64_t Bp, float* xt, 
   }
 }
 
+void atomic_min(std::atomic<int64_t>& target, int64_t value) {
+  int64_t cur = target.load(std::memory_order_relaxed);
+  while (value < cur && !target.compare_exchange_weak(cur, value, std::memory_order_relaxed)) {
+  }
+}
+
 }  // namespace
 
 bool csr_has_avx2() {
@@ -184,62 +259,52 @@ bool csr_has_avx2() {
 int64_t csr_scratch_floats(int64_t B, int64_t K) { return B <= 1 ? 0 : K * round_up(B, kLanes); }
 
 template <typename Index>
-void csr_linear_cpu(const float* x, int64_t B, int64_t K, const int64_t* indptr, const Index* indices,
-                    const float* values, const float* bias, int64_t N, float* y, float* xt_scratch,
-                    int threads, bool force_portable) {
+int64_t csr_linear_cpu(const float* x, int64_t B, int64_t K, const int64_t* indptr, const Index* indices,
+                       const float* values, const float* bias, int64_t N, float* y, float* xt_scratch, int threads,
+                       bool force_portable) {
   (void)threads;
-  if (B == 0 || N == 0) return;
   const bool avx2 = !force_portable && csr_has_avx2();
   (void)avx2;
-  if (B == 1) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t n0 = 0; n0 < N; n0 += kRowChunk) {
-      const int64_t n1 = std::min(N, n0 + kRowChunk);
-#if PYSERVE_HAVE_AVX2_PATH
-      if (avx2) {
-        spmv_rows_avx2(x, indptr, indices, values, bias, n0, n1, y);
-        continue;
-      }
-#endif
-      spmv_rows_portable(x, indptr, indices, values, bias, n0, n1, y);
-    }
-    return;
+  std::atomic<int64_t> first_bad{kNoBad};
+  if (B == 0) {
+    // Nothing to compute, but the column indices are still validated.
+    for (int64_t n = 0; n < N; ++n)
+      if (!row_ok(indices, indptr[n], indptr[n + 1], K))
+        return first_bad_in_row(indices, indptr[n], indptr[n + 1], K);
+    return -1;
   }
   const int64_t Bp = round_up(B, kLanes);
-  transpose_pad(x, B, K, Bp, xt_scratch, threads);
+  if (B > 1) transpose_pad(x, B, K, Bp, xt_scratch, threads);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t n0 = 0; n0 < N; n0 += kRowChunk) {
     const int64_t n1 = std::min(N, n0 + kRowChunk);
+    int64_t bad;
 #if PYSERVE_HAVE_AVX2_PATH
-    if (avx2) {
-      spmm_rows_avx2(xt_scratch, B, Bp, indptr, indices, values, bias, N, n0, n1, y);
-      continue;
-    }
+    if (avx2)
+      bad = B == 1 ? spmv_rows_avx2(x, K, indptr, indices, values, bias, n0, n1, y)
+                   : spmm_rows_avx2(xt_scratch, K, B, Bp, indptr, indices, values, bias, N, n0, n1, y);
+    else
 #endif
-    spmm_rows_portable(xt_scratch, B, Bp, indptr, indices, values, bias, N, n0, n1, y);
+      bad = B == 1 ? spmv_rows_portable(x, K, indptr, indices, values, bias, n0, n1, y)
+                   : spmm_rows_portable(xt_scratch, K, B, Bp, indptr, indices, values, bias, N, n0, n1, y);
+    if (bad != kNoBad) atomic_min(first_bad, bad);
   }
+  const int64_t bad = first_bad.load();
+  return bad == kNoBad ? -1 : bad;
 }
+
+template int64_t csr_linear_cpu<int32_t>(const float*, int64_t, int64_t, const int64_t*, const int32_t*, const float*,
+                                         const float*, int64_t, float*, float*, int, bool);
+template int64_t csr_linear_cpu<int64_t>(const float*, int64_t, int64_t, const int64_t*, const int64_t*, const float*,
+                                         const float*, int64_t, float*, float*, int, bool);
 
 template <typename Index>
 int64_t csr_first_bad_index(const int64_t* indptr, int64_t N, const Index* indices, int64_t K) {
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t b = indptr[n], e = indptr[n + 1];
-    if (b == e) continue;
-    // Strictly increasing within the row, so checking the ends bounds every index.
-    bool increasing = true;
-    for (int64_t j = b + 1; j < e; ++j) increasing &= indices[j] > indices[j - 1];
-    if (!increasing || indices[b] < 0 || indices[e - 1] >= K) {
-      for (int64_t j = b; j < e; ++j)
-        if (indices[j] < 0 || indices[j] >= K || (j > b && indices[j] <= indices[j - 1])) return j;
-    }
-  }
+  for (int64_t n = 0; n < N; ++n)
+    if (!row_ok(indices, indptr[n], indptr[n + 1], K)) return first_bad_in_row(indices, indptr[n], indptr[n + 1], K);
   return -1;
 }
 
-template void csr_linear_cpu<int32_t>(const float*, int64_t, int64_t, const int64_t*, const int32_t*, const float*,
-                                      const float*, int64_t, float*, float*, int, bool);
-template void csr_linear_cpu<int64_t>(const float*, int64_t, int64_t, const int64_t*, const int64_t*, const float*,
-                                      const float*, int64_t, float*, float*, int, bool);
 template int64_t csr_first_bad_index<int32_t>(const int64_t*, int64_t, const int32_t*, int64_t);
 template int64_t csr_first_bad_index<int64_t>(const int64_t*, int64_t, const int64_t*, int64_t);
 

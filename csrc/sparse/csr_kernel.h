@@ -19,9 +19,9 @@
 //     64 batch columns instead of once per batch row.
 //   * OpenMP splits the output rows n across threads (dynamic chunks of rows).
 //
-// Contract: the kernel trusts its inputs. The launcher (csr_launcher.cpp) has already checked
-// indptr[0] == 0, indptr non-decreasing, indptr[N] == nnz, every column index in [0, K) (strictly
-// increasing within a row) and all sizes; with those, no access is out of bounds.
+// Contract: the launcher (csr_launcher.cpp) has checked all sizes and indptr (indptr[0] == 0,
+// non-decreasing, indptr[N] == nnz). Column indices are checked by the kernel itself, fused with
+// the computation (see csr_linear_cpu); with those, no access is out of bounds.
 #pragma once
 
 #include <cstddef>
@@ -34,18 +34,24 @@ namespace sparse {
 bool csr_has_avx2();
 
 // Computes y [B, N] = x [B, K] @ W.T + bias (bias may be null) on `threads` OpenMP threads (>= 1).
+// indptr must already be valid (indptr[0] == 0, non-decreasing, indptr[N] == nnz). The column
+// indices are validated inside the kernel, row by row, before that row touches x (the row's
+// indices are in L1 by then, so validation costs no extra pass over memory): a row whose indices
+// are not strictly increasing inside [0, K) is skipped. Returns -1 when every row was valid, else
+// the position of the first offending nonzero (the output is then garbage and must be discarded).
 // xt_scratch: caller-provided buffer of at least csr_scratch_floats(B, K) floats (may be null when
 // that is 0). When force_portable is true the portable fallback runs even on AVX2 CPUs (tests).
 template <typename Index>
-void csr_linear_cpu(const float* x, int64_t B, int64_t K, const int64_t* indptr, const Index* indices,
-                    const float* values, const float* bias, int64_t N, float* y, float* xt_scratch,
-                    int threads, bool force_portable);
+int64_t csr_linear_cpu(const float* x, int64_t B, int64_t K, const int64_t* indptr, const Index* indices,
+                       const float* values, const float* bias, int64_t N, float* y, float* xt_scratch,
+                       int threads, bool force_portable);
 
 // Floats of scratch csr_linear_cpu needs for a [B, K] input (0 when B <= 1).
 int64_t csr_scratch_floats(int64_t B, int64_t K);
 
 // Checks that indices are strictly increasing within each row and lie in [0, K), given a valid
-// indptr. Returns -1 when all is well, else the position of the first offending nonzero.
+// indptr (a separate pass, used for the CUDA path). Returns -1 when all is well, else the position
+// of the first offending nonzero.
 template <typename Index>
 int64_t csr_first_bad_index(const int64_t* indptr, int64_t N, const Index* indices, int64_t K);
 

@@ -3,6 +3,8 @@
 #include "sparse/csr_launcher.h"
 
 #include <cstdint>
+#include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -20,22 +22,14 @@ constexpr char kOp[] = "csr_linear";
 
 enum class DType { kFloat32, kInt32, kInt64, kOther };
 
-const char* dtype_name(DType d) {
-  switch (d) {
-    case DType::kFloat32: return "float32";
-    case DType::kInt32: return "int32";
-    case DType::kInt64: return "int64";
-    default: return "other";
-  }
-}
-
 // A host numpy array or a device array described by __cuda_array_interface__ (version 2/3).
 struct View {
   const void* data = nullptr;
   void* mutable_data = nullptr;
   std::vector<int64_t> shape;
   DType dtype = DType::kOther;
-  std::string dtype_text;
+  std::string dtype_text;  // CUDA arrays: the typestr
+  py::object dtype_obj;     // numpy arrays: the dtype, formatted only for an error message
   bool contiguous = true;
   bool cuda = false;
   py::object keep;  // keeps a numpy array alive
@@ -64,11 +58,12 @@ View host_view(const py::object& obj, const char* arg) {
   v.data = a.data();
   if (a.writeable()) v.mutable_data = a.mutable_data();
   for (py::ssize_t i = 0; i < a.ndim(); ++i) v.shape.push_back(a.shape(i));
-  v.dtype_text = py::str(a.dtype()).cast<std::string>();
-  if (a.dtype().equal(py::dtype::of<float>())) v.dtype = DType::kFloat32;
-  else if (a.dtype().equal(py::dtype::of<int32_t>())) v.dtype = DType::kInt32;
-  else if (a.dtype().equal(py::dtype::of<int64_t>())) v.dtype = DType::kInt64;
-  if (!a.dtype().attr("isnative").cast<bool>()) v.dtype = DType::kOther;
+  const py::dtype dt = a.dtype();
+  v.dtype_obj = dt;
+  // dtype equality includes the byte order, so a byte-swapped array stays kOther.
+  if (dt.equal(py::dtype::of<float>())) v.dtype = DType::kFloat32;
+  else if (dt.equal(py::dtype::of<int32_t>())) v.dtype = DType::kInt32;
+  else if (dt.equal(py::dtype::of<int64_t>())) v.dtype = DType::kInt64;
   v.contiguous = (a.flags() & py::array::c_style) != 0;
   return v;
 }
@@ -105,29 +100,57 @@ void check_rank(const View& v, const char* arg, int64_t ndim, const char* shape_
                     " with shape ", v.shape_text());
 }
 void check_dtype(const View& v, const char* arg, bool ok, const char* expected) {
-  PYSERVE_CHECK_ARG(ok, kOp, arg, "expected dtype ", expected, " (native byte order), got ", v.dtype_text);
+  if (ok) return;
+  const std::string got = v.dtype_obj ? py::str(v.dtype_obj.attr("str")).cast<std::string>() + " (" +
+                                            py::str(v.dtype_obj).cast<std::string>() + ")"
+                                      : v.dtype_text;
+  throw_argument_error(kOp, arg, str_cat("expected dtype ", expected, " (native byte order), got ", got));
 }
 void check_contiguous(const View& v, const char* arg) {
   PYSERVE_CHECK_ARG(v.contiguous, kOp, arg, "expected a C-contiguous array, got a non-contiguous one with shape ",
                     v.shape_text());
 }
 
-// indptr [N+1] (int32 or int64, host) -> int64 copy; checks indptr[0] == 0, non-decreasing, last == nnz.
+// indptr [N+1] int64: indptr[0] == 0, non-decreasing, indptr[N] == nnz.
+void check_indptr(const int64_t* p, int64_t N, int64_t nnz) {
+  PYSERVE_CHECK_ARG(p[0] == 0, kOp, "indptr", "expected indptr[0] == 0, got ", p[0]);
+  int64_t descents = 0;
+  for (int64_t i = 0; i < N; ++i) descents |= p[i + 1] < p[i];
+  if (descents) {
+    for (int64_t i = 0; i < N; ++i)
+      PYSERVE_CHECK_ARG(p[i + 1] >= p[i], kOp, "indptr", "expected non-decreasing values, got indptr[", i, "] = ", p[i],
+                        " > indptr[", i + 1, "] = ", p[i + 1]);
+  }
+  PYSERVE_CHECK_ARG(p[N] == nnz, kOp, "indptr", "expected indptr[-1] == nnz == len(indices) == ", nnz, ", got ", p[N]);
+}
+
+// indptr [N+1] (int32 or int64, host) -> checked int64 copy.
 std::vector<int64_t> checked_indptr(const void* data, DType dtype, int64_t N, int64_t nnz) {
   std::vector<int64_t> p(static_cast<std::size_t>(N + 1));
   if (dtype == DType::kInt32) {
     const auto* s = static_cast<const int32_t*>(data);
     for (int64_t i = 0; i <= N; ++i) p[i] = s[i];
   } else {
-    const auto* s = static_cast<const int64_t*>(data);
-    for (int64_t i = 0; i <= N; ++i) p[i] = s[i];
+    std::memcpy(p.data(), data, p.size() * sizeof(int64_t));
   }
-  PYSERVE_CHECK_ARG(p[0] == 0, kOp, "indptr", "expected indptr[0] == 0, got ", p[0]);
-  for (int64_t i = 0; i < N; ++i)
-    PYSERVE_CHECK_ARG(p[i + 1] >= p[i], kOp, "indptr", "expected non-decreasing values, got indptr[", i, "] = ", p[i],
-                      " > indptr[", i + 1, "] = ", p[i + 1]);
-  PYSERVE_CHECK_ARG(p[N] == nnz, kOp, "indptr", "expected indptr[-1] == nnz == len(indices) == ", nnz, ", got ", p[N]);
+  check_indptr(p.data(), N, nnz);
   return p;
+}
+
+// Raises the ValueError for the offending nonzero `bad` (a position found by the kernel or by
+// sparse::csr_first_bad_index).
+template <typename Index>
+[[noreturn]] void throw_bad_index(const int64_t* indptr, const Index* indices, int64_t K, int64_t bad) {
+  int64_t row = 0;
+  while (indptr[row + 1] <= bad) ++row;
+  const int64_t value = indices[bad];
+  if (value < 0 || value >= K)
+    throw_argument_error(kOp, "indices", str_cat("expected column indices in [0, K) = [0, ", K, ") with K = x.shape[1], got indices[", bad,
+                                                 "] = ", value, " (row ", row, ")"));
+  throw_argument_error(kOp, "indices",
+                       str_cat("expected strictly increasing column indices within each row (canonical CSR; "
+                               "scipy: sort_indices() and sum_duplicates()), got indices[", bad - 1, "] = ",
+                               indices[bad - 1], " then indices[", bad, "] = ", value, " in row ", row));
 }
 
 template <typename Index>
@@ -137,17 +160,7 @@ void check_indices(const std::vector<int64_t>& indptr, int64_t N, const Index* i
     py::gil_scoped_release release;
     bad = sparse::csr_first_bad_index(indptr.data(), N, indices, K);
   }
-  if (bad < 0) return;
-  int64_t row = 0;
-  while (indptr[row + 1] <= bad) ++row;
-  const int64_t value = indices[bad];
-  if (value < 0 || value >= K)
-    throw_argument_error(kOp, "indices", str_cat("expected column indices in [0, K) = [0, ", K, "), got indices[", bad,
-                                                 "] = ", value, " (row ", row, ")"));
-  throw_argument_error(kOp, "indices",
-                       str_cat("expected strictly increasing column indices within each row (canonical CSR; "
-                               "scipy: sort_indices() and sum_duplicates()), got indices[", bad - 1, "] = ",
-                               indices[bad - 1], " then indices[", bad, "] = ", value, " in row ", row));
+  if (bad >= 0) throw_bad_index(indptr.data(), indices, K, bad);
 }
 
 struct Checked {
@@ -195,31 +208,39 @@ Checked check_all(View x, View indptr, View indices, View values, View* bias) {
   return c;
 }
 
-py::object csr_linear_host(const Checked& c, bool force_portable) {
-  const auto indptr = checked_indptr(c.indptr.data, c.indptr.dtype, c.N, c.nnz);
-  if (c.indices.dtype == DType::kInt32)
-    check_indices(indptr, c.N, static_cast<const int32_t*>(c.indices.data), c.K);
-  else
-    check_indices(indptr, c.N, static_cast<const int64_t*>(c.indices.data), c.K);
-
+template <typename Index>
+py::object csr_linear_host_typed(const Checked& c, const int64_t* indptr, bool force_portable) {
+  const auto* indices = static_cast<const Index*>(c.indices.data);
   py::array_t<float> y({c.B, c.N});
-  std::vector<float> scratch;
-  const int threads = num_threads();
   float* out = y.mutable_data();
+  const int threads = num_threads();
+  int64_t bad;
   {
     py::gil_scoped_release release;
-    scratch.resize(static_cast<std::size_t>(sparse::csr_scratch_floats(c.B, c.K)));
-    const auto* x = static_cast<const float*>(c.x.data);
-    const auto* values = static_cast<const float*>(c.values.data);
-    const auto* bias = c.has_bias ? static_cast<const float*>(c.bias.data) : nullptr;
-    if (c.indices.dtype == DType::kInt32)
-      sparse::csr_linear_cpu(x, c.B, c.K, indptr.data(), static_cast<const int32_t*>(c.indices.data), values, bias,
-                             c.N, out, scratch.data(), threads, force_portable);
-    else
-      sparse::csr_linear_cpu(x, c.B, c.K, indptr.data(), static_cast<const int64_t*>(c.indices.data), values, bias,
-                             c.N, out, scratch.data(), threads, force_portable);
+    const int64_t scratch_floats = sparse::csr_scratch_floats(c.B, c.K);
+    std::unique_ptr<float[]> scratch(scratch_floats > 0 ? new float[static_cast<std::size_t>(scratch_floats)] : nullptr);
+    bad = sparse::csr_linear_cpu(static_cast<const float*>(c.x.data), c.B, c.K, indptr, indices,
+                                 static_cast<const float*>(c.values.data),
+                                 c.has_bias ? static_cast<const float*>(c.bias.data) : nullptr, c.N, out,
+                                 scratch.get(), threads, force_portable);
   }
+  if (bad >= 0) throw_bad_index(indptr, indices, c.K, bad);
   return std::move(y);
+}
+
+py::object csr_linear_host(const Checked& c, bool force_portable) {
+  // indptr: validated in place when it is int64, else widened to an int64 copy (N + 1 values).
+  std::vector<int64_t> widened;
+  const int64_t* indptr;
+  if (c.indptr.dtype == DType::kInt64) {
+    indptr = static_cast<const int64_t*>(c.indptr.data);
+    check_indptr(indptr, c.N, c.nnz);
+  } else {
+    widened = checked_indptr(c.indptr.data, c.indptr.dtype, c.N, c.nnz);
+    indptr = widened.data();
+  }
+  return c.indices.dtype == DType::kInt32 ? csr_linear_host_typed<int32_t>(c, indptr, force_portable)
+                                          : csr_linear_host_typed<int64_t>(c, indptr, force_portable);
 }
 
 #if PYSERVE_WITH_CUDA

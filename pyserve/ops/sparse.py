@@ -43,7 +43,9 @@ def _kind(obj: Any) -> str:
 def _to_numpy(obj: Any, arg: str, dtypes: tuple[np.dtype, ...], ndim: int, shape_hint: str) -> np.ndarray:
     """A C-contiguous, native-order numpy view or copy of a numpy array or CPU torch tensor."""
     expected = " or ".join(str(d) for d in dtypes)
+    got = None  # the torch dtype, for messages
     if _is_torch_tensor(obj):
+        got = str(obj.dtype)
         if obj.device.type != "cpu":
             raise ValueError(f"{_OP}: argument '{arg}': expected a CPU tensor like x, got a tensor on device "
                              f"'{obj.device}'")
@@ -63,7 +65,7 @@ def _to_numpy(obj: Any, arg: str, dtypes: tuple[np.dtype, ...], ndim: int, shape
         raise ValueError(f"{_OP}: argument '{arg}': expected a {ndim}-D array {shape_hint}, got ndim={obj.ndim} "
                          f"with shape {obj.shape}")
     if obj.dtype.newbyteorder("=") not in dtypes:
-        raise ValueError(f"{_OP}: argument '{arg}': expected dtype {expected}, got {obj.dtype}")
+        raise ValueError(f"{_OP}: argument '{arg}': expected dtype {expected}, got {got or obj.dtype}")
     if not obj.dtype.isnative:
         obj = obj.astype(obj.dtype.newbyteorder("="))
     return np.ascontiguousarray(obj)

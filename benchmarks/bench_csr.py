@@ -6,8 +6,8 @@ Peers, all with the bias and all in this run:
   dense   torch.nn.functional.linear(x, W, b)              (MKL/oneDNN sgemm)
   tsparse torch.sparse.mm(W.to_sparse_csr(), x.T).T + b    (MKL sparse where available)
   scipy   (scipy.sparse.csr_matrix(W) @ x.T).T + b          (single-threaded always)
-Each call is timed in a loop of at least --min-ms milliseconds; the median of --repeats such loops
-is reported (microseconds per call). One thread first, then 2 (torch.set_num_threads and
+Each call is timed in a loop of at least --min-ms milliseconds, the four taking turns within each of
+--repeats rounds; the median per call is reported in microseconds. One thread first, then 2 (torch.set_num_threads and
 pyserve.ops.set_num_threads together). Ratios are peer time / pyserve time (> 1: pyserve faster).
 
     python benchmarks/bench_csr.py [--repeats 7] [--threads 1,2] [--quick]
@@ -16,6 +16,7 @@ pyserve.ops.set_num_threads together). Ratios are peer time / pyserve time (> 1:
 from __future__ import annotations
 
 import argparse
+import warnings
 import statistics
 import time
 
@@ -34,19 +35,23 @@ def make_weight(n: int, k: int, sparsity: float, rng: np.random.Generator) -> np
     return np.where(keep, w, 0.0).astype(np.float32)
 
 
-def time_us(fn, repeats: int, min_ms: float) -> float:
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    loops = max(1, int(min_ms / 1e3 / once))
-    samples = []
-    for _ in range(repeats):
+def time_interleaved(fns: dict, repeats: int, min_ms: float) -> dict:
+    """Median microseconds per call of each fn; the fns take turns within every repeat, so a change
+    in machine load between repeats hits all of them alike (the machine is shared)."""
+    loops = {}
+    for name, fn in fns.items():
+        fn()
         t0 = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        samples.append((time.perf_counter() - t0) / loops * 1e6)
-    return statistics.median(samples)
+        fn()
+        loops[name] = max(1, int(min_ms / 1e3 / max(time.perf_counter() - t0, 1e-7)))
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(loops[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / loops[name] * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def main() -> None:
@@ -56,6 +61,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--quick", action="store_true", help="90%% sparsity only, fewer repeats")
     args = ap.parse_args()
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     if args.quick:
         args.repeats = 3
     shapes = [(3072, 768), (768, 3072)]
@@ -82,12 +88,12 @@ def main() -> None:
                     y = csr_linear(x, indptr, indices, values, b)
                     np.testing.assert_allclose(y, csr_linear_reference(x, indptr, indices, values, b),
                                                rtol=1e-4, atol=1e-4)
-                    t = {
-                        "pyserve": time_us(lambda: csr_linear(x, indptr, indices, values, b), args.repeats, args.min_ms),
-                        "dense": time_us(lambda: F.linear(xt, wt, bt), args.repeats, args.min_ms),
-                        "tsparse": time_us(lambda: torch.sparse.mm(wt_csr, xt.T).T + bt, args.repeats, args.min_ms),
-                        "scipy": time_us(lambda: (csr @ x.T).T + b, args.repeats, args.min_ms),
-                    }
+                    t = time_interleaved({
+                        "pyserve": lambda: csr_linear(x, indptr, indices, values, b),
+                        "dense": lambda: F.linear(xt, wt, bt),
+                        "tsparse": lambda: torch.sparse.mm(wt_csr, xt.T).T + bt,
+                        "scipy": lambda: (csr @ x.T).T + b,
+                    }, args.repeats, args.min_ms)
                     rows.append((threads, n, k, s, bsz, t))
                     print(f"t={threads} W[{n},{k}] s={s:.0%} B={bsz}: " +
                           " ".join(f"{name} {us:.1f}us" for name, us in t.items()), flush=True)

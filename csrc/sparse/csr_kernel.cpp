@@ -51,18 +51,54 @@ int64_t first_bad_in_row(const Index* indices, int64_t b, int64_t e, int64_t K) 
   return b;  // unreachable for a row that failed row_ok
 }
 
+// True when every row in [n0, n1) passes row_ok, tested in one branch-free pass over the chunk's
+// nonzeros (short rows make per-row loops mostly prologue): no index outside [0, K), and every
+// descent idx[j] <= idx[j-1] sits on a row boundary.
+template <typename Index>
+__attribute__((always_inline)) inline bool chunk_ok(const int64_t* indptr, const Index* indices, int64_t K,
+                                                    int64_t n0, int64_t n1) {
+  const int64_t b = indptr[n0], e = indptr[n1];
+  if (b == e) return true;
+  constexpr int64_t kMax = std::numeric_limits<Index>::max();
+  const Index hi = static_cast<Index>(K > kMax ? kMax : K - 1);  // K >= 1 here: a nonzero exists
+  int64_t descents = 0, outside = 0;
+  for (int64_t j = b; j < e; ++j) outside += (indices[j] < 0) | (indices[j] > hi);
+  for (int64_t j = b + 1; j < e; ++j) descents += indices[j] <= indices[j - 1];
+  if (outside) return false;
+  for (int64_t n = n0 + 1; n < n1; ++n) {
+    const int64_t j = indptr[n];
+    if (j != indptr[n - 1] && j > b && j < e) descents -= indices[j] <= indices[j - 1];
+  }
+  return descents == 0;
+}
+
+// Validates rows [n0, n1) (at most kRowChunk); ok[r] says whether row n0 + r may be computed.
+template <typename Index>
+__attribute__((always_inline)) inline int64_t check_rows(const int64_t* indptr, const Index* indices, int64_t K,
+                                                         int64_t n0, int64_t n1, bool* ok) {
+  if (chunk_ok(indptr, indices, K, n0, n1)) {
+    for (int64_t n = n0; n < n1; ++n) ok[n - n0] = true;
+    return kNoBad;
+  }
+  int64_t bad = kNoBad;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t b = indptr[n], e = indptr[n + 1];
+    ok[n - n0] = row_ok(indices, b, e, K);
+    if (!ok[n - n0]) bad = std::min(bad, first_bad_in_row(indices, b, e, K));
+  }
+  return bad;
+}
+
 // ---- portable fallback ---------------------------------------------------------------------
 
 template <typename Index>
 int64_t spmv_rows_portable(const float* x, int64_t K, const int64_t* indptr, const Index* indices,
                            const float* values, const float* bias, int64_t n0, int64_t n1, float* y) {
-  int64_t bad = kNoBad;
+  bool ok[kRowChunk];
+  const int64_t bad = check_rows(indptr, indices, K, n0, n1, ok);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = indptr[n], e = indptr[n + 1];
-    if (!row_ok(indices, b, e, K)) {
-      bad = std::min(bad, first_bad_in_row(indices, b, e, K));
-      continue;
-    }
+    if (!ok[n - n0]) continue;
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
     int64_t j = b;
     for (; j + 4 <= e; j += 4) {
@@ -73,19 +109,6 @@ int64_t spmv_rows_portable(const float* x, int64_t K, const int64_t* indptr, con
     }
     for (; j < e; ++j) s0 += values[j] * x[indices[j]];
     y[n] = (s0 + s1) + (s2 + s3) + (bias ? bias[n] : 0.f);
-  }
-  return bad;
-}
-
-// Validates rows [n0, n1) (at most kRowChunk); ok[r] says whether row n0 + r may be computed.
-template <typename Index>
-__attribute__((always_inline)) inline int64_t check_rows(const int64_t* indptr, const Index* indices, int64_t K,
-                                                         int64_t n0, int64_t n1, bool* ok) {
-  int64_t bad = kNoBad;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t b = indptr[n], e = indptr[n + 1];
-    ok[n - n0] = row_ok(indices, b, e, K);
-    if (!ok[n - n0]) bad = std::min(bad, first_bad_in_row(indices, b, e, K));
   }
   return bad;
 }
@@ -149,16 +172,31 @@ PYSERVE_AVX2_TARGET inline __m256 gather8(const float* x, const int64_t* idx) {
   return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
 }
 
+// values[j:j+rem] * x[indices[j:j+rem]] for rem in 1..7, zero in the other lanes; masked loads and
+// gathers never touch the lanes past rem.
+PYSERVE_AVX2_TARGET inline __m256 tail_product(const float* x, const int32_t* indices, const float* values, int64_t j,
+                                               int64_t rem) {
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rem)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256 v = _mm256_maskload_ps(values + j, mask);
+  const __m256i idx = _mm256_maskload_epi32(indices + j, mask);
+  const __m256 g = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, idx, _mm256_castsi256_ps(mask), 4);
+  return _mm256_mul_ps(v, g);
+}
+PYSERVE_AVX2_TARGET inline __m256 tail_product(const float* x, const int64_t* indices, const float* values, int64_t j,
+                                               int64_t rem) {
+  alignas(32) float p[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t r = 0; r < rem; ++r) p[r] = values[j + r] * x[indices[j + r]];
+  return _mm256_load_ps(p);
+}
+
 template <typename Index>
 PYSERVE_AVX2_TARGET int64_t spmv_rows_avx2(const float* x, int64_t K, const int64_t* indptr, const Index* indices,
                                            const float* values, const float* bias, int64_t n0, int64_t n1, float* y) {
-  int64_t bad = kNoBad;
+  bool ok[kRowChunk];
+  const int64_t bad = check_rows(indptr, indices, K, n0, n1, ok);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = indptr[n], e = indptr[n + 1];
-    if (!row_ok(indices, b, e, K)) {
-      bad = std::min(bad, first_bad_in_row(indices, b, e, K));
-      continue;
-    }
+    if (!ok[n - n0]) continue;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t j = b;
     for (; j + 16 <= e; j += 16) {
@@ -169,25 +207,45 @@ PYSERVE_AVX2_TARGET int64_t spmv_rows_avx2(const float* x, int64_t K, const int6
       a0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), gather8(x, indices + j), a0);
       j += 8;
     }
-    float s = hsum256(_mm256_add_ps(a0, a1));
-    for (; j < e; ++j) s += values[j] * x[indices[j]];
+    a0 = _mm256_add_ps(a0, a1);
+    if (j < e) a0 = _mm256_add_ps(a0, tail_product(x, indices, values, j, e - j));
+    const float s = hsum256(a0);
     y[n] = s + (bias ? bias[n] : 0.f);
   }
   return bad;
 }
 
 // Row n, batch columns [c0, c0 + 8*V) of xt [K, Bp]: out[0:8V] = bn + sum_j values[j] * xt[indices[j], c0:c0+8V].
+// U independent accumulator sets (nonzeros j, j+1, .. j+U-1 go to different sets) keep at least 4
+// FMA chains in flight when V is small: with one set and V = 1 every FMA would wait for the last
+// (4-cycle latency), a quarter of the FMA throughput.
 template <int V, typename Index>
 PYSERVE_AVX2_TARGET inline void spmm_row_pass_avx2(const float* xt, int64_t Bp, int64_t c0, int64_t b, int64_t e,
                                                    const Index* indices, const float* values, float bn, float* out) {
-  __m256 acc[V];
-  for (int v = 0; v < V; ++v) acc[v] = _mm256_set1_ps(bn);
-  for (int64_t j = b; j < e; ++j) {
-    const __m256 w = _mm256_broadcast_ss(values + j);
-    const float* row = xt + static_cast<int64_t>(indices[j]) * Bp + c0;
-    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + kLanes * v), acc[v]);
+  constexpr int U = V >= 4 ? 1 : (V == 1 ? 4 : 2);
+  __m256 acc[U][V];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < V; ++v) acc[u][v] = _mm256_setzero_ps();
+  const float* base = xt + c0;
+  int64_t j = b;
+  for (; j + U <= e; j += U) {
+    for (int u = 0; u < U; ++u) {
+      const __m256 w = _mm256_broadcast_ss(values + j + u);
+      const float* row = base + static_cast<int64_t>(indices[j + u]) * Bp;
+      for (int v = 0; v < V; ++v) acc[u][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + kLanes * v), acc[u][v]);
+    }
   }
-  for (int v = 0; v < V; ++v) _mm256_store_ps(out + kLanes * v, acc[v]);
+  for (; j < e; ++j) {
+    const __m256 w = _mm256_broadcast_ss(values + j);
+    const float* row = base + static_cast<int64_t>(indices[j]) * Bp;
+    for (int v = 0; v < V; ++v) acc[0][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + kLanes * v), acc[0][v]);
+  }
+  const __m256 bias = _mm256_set1_ps(bn);
+  for (int v = 0; v < V; ++v) {
+    __m256 sum = acc[0][v];
+    for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][v]);
+    _mm256_store_ps(out + kLanes * v, _mm256_add_ps(sum, bias));
+  }
 }
 
 template <int V, typename Index>

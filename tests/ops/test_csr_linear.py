@@ -357,3 +357,28 @@ def test_cuda_bad_input():
         csr_linear(t["x"], t["indptr"], torch.from_numpy(bad).to(dev), t["values"])
     with pytest.raises(ValueError, match="argument 'values': expected a tensor on x's device"):
         csr_linear(t["x"], t["indptr"], t["indices"], g["values"])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("B", [0, 1, 12])
+def test_first_bad_index_is_reported_exactly(B, path, threads):
+    # Corrupt one or two random positions of a matrix with empty rows; the message must name the
+    # first offending nonzero whatever the chunking and thread count.
+    threads(2)
+    rng = np.random.default_rng(B + 11)
+    indptr, indices, values = make_csr(200, 50, 0.8, seed=9, empty_rows=range(0, 200, 7))
+    x = np.ones((B, 50), np.float32)
+    for trial in range(12):
+        bad = indices.copy()
+        positions = np.sort(rng.choice(len(bad), rng.integers(1, 3), replace=False))
+        for p in positions:
+            bad[p] = rng.choice([-3, 50, 77, bad[p - 1] if p > 0 else -1])
+        rows = np.repeat(np.arange(200), np.diff(indptr))
+        first = next(j for j in range(len(bad))
+                     if bad[j] < 0 or bad[j] >= 50 or (j > 0 and rows[j] == rows[j - 1] and bad[j] <= bad[j - 1]))
+        with pytest.raises(ValueError) as info:
+            if path == "portable":
+                _C.csr_linear(x, indptr, bad, values, None, None, True)
+            else:
+                csr_linear(x, indptr, bad, values)
+        assert f"indices[{first}] = {bad[first]}" in str(info.value), (trial, str(info.value))

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -197,6 +198,17 @@ PYSERVE_AVX2_TARGET int64_t spmv_rows_avx2(const float* x, int64_t K, const int6
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = indptr[n], e = indptr[n + 1];
     if (!ok[n - n0]) continue;
+    if (e - b < 16) {  // short rows (>= 99% sparsity): scalar loads beat gathers and masked tails
+      float s0 = 0.f, s1 = 0.f;
+      int64_t j = b;
+      for (; j + 2 <= e; j += 2) {
+        s0 = std::fma(values[j], x[indices[j]], s0);
+        s1 = std::fma(values[j + 1], x[indices[j + 1]], s1);
+      }
+      if (j < e) s0 = std::fma(values[j], x[indices[j]], s0);
+      y[n] = (s0 + s1) + (bias ? bias[n] : 0.f);
+      continue;
+    }
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t j = b;
     for (; j + 16 <= e; j += 16) {

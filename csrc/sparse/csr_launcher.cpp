@@ -68,6 +68,7 @@ View host_view(const py::object& obj, const char* arg) {
   return v;
 }
 
+#if PYSERVE_WITH_CUDA
 View cuda_view(const py::object& obj, const char* arg) {
   if (!has_cuda_interface(obj))
     throw_argument_error(kOp, arg, str_cat("expected a CUDA array (with __cuda_array_interface__) like x, got ",
@@ -94,6 +95,7 @@ View cuda_view(const py::object& obj, const char* arg) {
   }
   return v;
 }
+#endif
 
 void check_rank(const View& v, const char* arg, int64_t ndim, const char* shape_hint) {
   PYSERVE_CHECK_ARG(v.ndim() == ndim, kOp, arg, "expected a ", ndim, "-D array ", shape_hint, ", got ndim=", v.ndim(),

@@ -42,10 +42,17 @@ def _kind(obj: Any) -> str:
 
 def _to_numpy(obj: Any, arg: str, dtypes: tuple[np.dtype, ...], ndim: int, shape_hint: str) -> np.ndarray:
     """A C-contiguous, native-order numpy view or copy of a numpy array or CPU torch tensor."""
-    expected = " or ".join(str(d) for d in dtypes)
+    if type(obj) is np.ndarray and obj.ndim == ndim and obj.flags.c_contiguous:
+        dt = obj.dtype
+        if dt.isnative and any(dt.kind == d.kind and dt.itemsize == d.itemsize for d in dtypes):
+            return obj  # the common case, without any conversion
+    # Messages are formatted only on error: str(numpy.dtype) runs Python code (~10 us each).
+    def expected() -> str:
+        return " or ".join(str(d) for d in dtypes)
+
     got = None  # the torch dtype, for messages
     if _is_torch_tensor(obj):
-        got = str(obj.dtype)
+        got = obj.dtype
         if obj.device.type != "cpu":
             raise ValueError(f"{_OP}: argument '{arg}': expected a CPU tensor like x, got a tensor on device "
                              f"'{obj.device}'")
@@ -57,15 +64,15 @@ def _to_numpy(obj: Any, arg: str, dtypes: tuple[np.dtype, ...], ndim: int, shape
         try:
             obj = obj.numpy()
         except TypeError as exc:  # dtypes numpy lacks, e.g. bfloat16
-            raise ValueError(f"{_OP}: argument '{arg}': expected dtype {expected}, got {obj.dtype}") from exc
+            raise ValueError(f"{_OP}: argument '{arg}': expected dtype {expected()}, got {obj.dtype}") from exc
     if not isinstance(obj, np.ndarray):
-        raise ValueError(f"{_OP}: argument '{arg}': expected a numpy.ndarray or torch.Tensor of dtype {expected}, "
+        raise ValueError(f"{_OP}: argument '{arg}': expected a numpy.ndarray or torch.Tensor of dtype {expected()}, "
                          f"got {type(obj).__name__}")
     if obj.ndim != ndim:
         raise ValueError(f"{_OP}: argument '{arg}': expected a {ndim}-D array {shape_hint}, got ndim={obj.ndim} "
                          f"with shape {obj.shape}")
-    if obj.dtype.newbyteorder("=") not in dtypes:
-        raise ValueError(f"{_OP}: argument '{arg}': expected dtype {expected}, got {got or obj.dtype}")
+    if obj.dtype not in dtypes and obj.dtype.newbyteorder("=") not in dtypes:
+        raise ValueError(f"{_OP}: argument '{arg}': expected dtype {expected()}, got {got or obj.dtype}")
     if not obj.dtype.isnative:
         obj = obj.astype(obj.dtype.newbyteorder("="))
     return np.ascontiguousarray(obj)

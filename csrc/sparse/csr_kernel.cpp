@@ -30,6 +30,7 @@ constexpr int64_t kLanes = 8;       // floats per AVX2 register; xt rows are pad
 constexpr int64_t kMaxVectors = 8;  // batch columns per pass = kLanes * kMaxVectors = 64
 constexpr int64_t kRowChunk = 16;   // output rows per OpenMP work item
 constexpr int64_t kNoBad = std::numeric_limits<int64_t>::max();
+constexpr int64_t kMinParallelWork = int64_t{1} << 18;  // multiply-adds; ~100 us on one core
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -293,10 +294,10 @@ PYSERVE_AVX2_TARGET int64_t spmm_rows_avx2(const float* xt, int64_t K, int64_t B
 #endif  // PYSERVE_HAVE_AVX2_PATH
 
 // x [B, K] -> xt [K, Bp], zero padded in columns B..Bp-1. Blocked for cache reuse.
-void transpose_pad(const float* x, int64_t B, int64_t K, int64_t Bp, float* xt, int threads) {
+// Serial on purpose: it is K*B copies (microseconds), and a second parallel region per call would
+// add a second fork-join, which costs milliseconds when the machine is oversubscribed.
+void transpose_pad(const float* x, int64_t B, int64_t K, int64_t Bp, float* xt) {
   constexpr int64_t kTile = 32;
-  (void)threads;
-#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t k0 = 0; k0 < K; k0 += kTile) {
     const int64_t k1 = std::min(K, k0 + kTile);
     for (int64_t b0 = 0; b0 < B; b0 += kTile) {
@@ -344,7 +345,11 @@ int64_t csr_linear_cpu(const float* x, int64_t B, int64_t K, const int64_t* indp
     return -1;
   }
   const int64_t Bp = round_up(B, kLanes);
-  if (B > 1) transpose_pad(x, B, K, Bp, xt_scratch, threads);
+  if (B > 1) transpose_pad(x, B, K, Bp, xt_scratch);
+  // Small products run on the calling thread: a fork-join costs ~5-10 us on an idle machine and
+  // far more on a busy one, more than the work itself below ~kMinParallelWork multiply-adds.
+  const int64_t work = (indptr[N] + N) * std::max<int64_t>(B, 1);
+  if (work < kMinParallelWork) threads = 1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t n0 = 0; n0 < N; n0 += kRowChunk) {
     const int64_t n1 = std::min(N, n0 + kRowChunk);

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -61,10 +62,12 @@ __attribute__((always_inline)) inline bool chunk_ok(const int64_t* indptr, const
                                                     int64_t n0, int64_t n1) {
   const int64_t b = indptr[n0], e = indptr[n1];
   if (b == e) return true;
+  if (e - b > INT32_MAX) return false;  // the 32-bit count below could overflow: check row by row
   constexpr int64_t kMax = std::numeric_limits<Index>::max();
   const Index hi = static_cast<Index>(K > kMax ? kMax : K - 1);  // K >= 1 here: a nonzero exists
-  int64_t descents = 0, outside = 0;
-  for (int64_t j = b; j < e; ++j) outside += (indices[j] < 0) | (indices[j] > hi);
+  // 32-bit lanes (no widening to 64 bits), so 8 int32 indices per AVX2 compare.
+  int32_t descents = 0, outside = 0;
+  for (int64_t j = b; j < e; ++j) outside |= (indices[j] < 0) | (indices[j] > hi);
   for (int64_t j = b + 1; j < e; ++j) descents += indices[j] <= indices[j - 1];
   if (outside) return false;
   for (int64_t n = n0 + 1; n < n1; ++n) {

@@ -13,7 +13,10 @@ Algorithms (CPU)
 * ``B > 1`` (SpMM): ``x`` is transposed to ``[K, B]`` (padded to a multiple of 8 columns) so that
   each nonzero becomes one contiguous AXPY over the batch, up to 64 batch columns per pass in AVX2
   registers; the result is written straight into ``y [B, N]``.
-* Output rows are split across ``get_num_threads()`` OpenMP threads; the GIL is released.
+* Output rows are split across ``get_num_threads()`` OpenMP threads (one fork-join per call);
+  products under 2**18 multiply-adds run on the calling thread. The GIL is released.
+* Column indices are validated inside the kernel, chunk by chunk, before a row reads ``x`` (no
+  separate pass over memory); ``indptr`` is validated before the kernel starts.
 
 CUDA: one warp per output row with a warp-shuffle reduction per batch row (``csr_kernel.cu``).
 """
@@ -117,7 +120,8 @@ def csr_linear(x: Any, indptr: Any, indices: Any, values: Any, bias: Optional[An
         does not start at 0, decreases anywhere or does not end at ``nnz``; a column index is
         negative or ``>= K`` (the ``K`` of ``x``), or column indices are not strictly increasing
         within a row; tensors are on different devices. The CSR structure is validated in
-        O(N + nnz) before ``x`` is read, so malformed input never causes an out-of-bounds access.
+        O(N + nnz), each row before it reads ``x``, so malformed input never causes an
+        out-of-bounds access; the error names the first offending position.
     RuntimeError
         For a CUDA ``x`` when ``pyserve._C`` was built without CUDA (``build_info()["cuda"]``), or
         on a CUDA error.

@@ -5,6 +5,8 @@
 #include "common/build_info.h"
 #include "common/cuda_device.h"
 #include "huffman/huffman_launcher.h"
+#include "common/threads.h"
+#include "sparse/csr_launcher.h"
 
 namespace py = pybind11;
 
@@ -65,4 +67,51 @@ Raises
 ValueError
     If ``stream`` is not bytes-like, or is malformed, truncated, corrupt or has trailing bytes.
 )doc");
+
+  m.def("set_num_threads", &pyserve::set_num_threads, py::arg("n"),
+        R"doc(Set the number of OpenMP threads every pyserve kernel uses (see pyserve.ops.set_num_threads).
+
+Process-wide (not per calling thread). Raises ValueError if ``n < 1``.
+)doc");
+
+  m.def("get_num_threads", &pyserve::get_num_threads,
+        R"doc(Number of OpenMP threads the pyserve kernels use (default: omp_get_max_threads()).)doc");
+
+  m.def("csr_linear", &pyserve::csr_linear, py::arg("x"), py::arg("indptr"), py::arg("indices"), py::arg("values"),
+        py::arg("bias") = py::none(), py::arg("out") = py::none(), py::arg("force_portable") = false,
+        R"doc(y = x @ W.T + bias with W [N, K] in CSR form (see pyserve.ops.csr_linear).
+
+Parameters
+----------
+x : numpy.ndarray or CUDA array
+    ``[B, K]`` float32, C-contiguous. A CUDA array (``__cuda_array_interface__``) selects the CUDA
+    kernel; then every other array must be on the same device too.
+indptr : array
+    ``[N + 1]`` int32 or int64; ``indptr[0] == 0``, non-decreasing, ``indptr[N] == nnz``.
+indices : array
+    ``[nnz]`` int32 or int64 column indices in ``[0, K)``, strictly increasing within each row.
+values : array
+    ``[nnz]`` float32.
+bias : array or None
+    ``[N]`` float32.
+out : CUDA array or None
+    ``[B, N]`` float32 output, required for a CUDA ``x`` and refused for a CPU one.
+force_portable : bool
+    Run the portable C++ path even where AVX2+FMA is available (for tests).
+
+Returns
+-------
+numpy.ndarray or the ``out`` object
+    ``[B, N]`` float32.
+
+Raises
+------
+ValueError
+    On a wrong rank, dtype, shape, contiguity or CSR structure, naming the argument.
+RuntimeError
+    For a CUDA ``x`` when the CUDA kernels were not compiled, or on a CUDA error.
+)doc");
+
+  m.def("csr_linear_has_avx2", &pyserve::csr_linear_has_avx2,
+        R"doc(True when csr_linear's AVX2+FMA path is compiled in and this CPU supports it.)doc");
 }

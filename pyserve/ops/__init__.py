@@ -12,6 +12,8 @@ from pyserve.ops.huffman import (
     huffman_decode,
     huffman_encode,
 )
+from pyserve.ops._threads import get_num_threads, set_num_threads
+from pyserve.ops.sparse import csr_linear
 
 __all__ = [
     "HUFFMAN_FORMAT_VERSION",
@@ -21,4 +23,7 @@ __all__ = [
     "cuda_device_count",
     "huffman_decode",
     "huffman_encode",
+    "csr_linear",
+    "get_num_threads",
+    "set_num_threads",
 ]

@@ -302,3 +302,41 @@ def huffman_decode_reference(stream: bytes) -> np.ndarray:
         if pos != bits:
             raise ValueError("bitstream longer than its symbols")
     return out
+
+
+# ---- CSR sparse linear ---------------------------------------------------------------------------
+
+
+def csr_linear_reference(x, indptr, indices, values, bias=None) -> np.ndarray:
+    """``y = x @ W.T + bias`` by densifying ``W`` row by row and multiplying in float64.
+
+    Computed another way than the kernel: ``W [N, K]`` is materialised densely (duplicates summed,
+    ``np.add.at``), the product is a float64 matmul, and the result is rounded to float32 once.
+
+    Parameters
+    ----------
+    x : array_like
+        ``[B, K]`` float.
+    indptr, indices, values : array_like
+        CSR of ``W``: ``[N + 1]``, ``[nnz]``, ``[nnz]``; assumed valid.
+    bias : array_like, optional
+        ``[N]``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[B, N]`` float32.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    indptr = np.asarray(indptr, dtype=np.int64)
+    n_rows = len(indptr) - 1
+    dense = np.zeros((n_rows, x.shape[1]), dtype=np.float64)
+    rows = np.repeat(np.arange(n_rows), np.diff(indptr))
+    np.add.at(dense, (rows, np.asarray(indices, dtype=np.int64)), np.asarray(values, dtype=np.float64))
+    y = x @ dense.T
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float64)
+    return y.astype(np.float32)
+
+
+__all__ += ["csr_linear_reference"]

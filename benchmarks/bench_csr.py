@@ -1,0 +1,111 @@
+"""csr_linear (y = x @ W.T + b, W pruned, in CSR) vs torch dense, torch sparse CSR and scipy.sparse.
+
+Shapes from issue 3: W [N, K] in {[3072, 768], [768, 3072]} (BERT-base FFN), sparsity in
+{70, 90, 95, 99}%, batch B in {1, 8, 64}; nonzeros placed uniformly at random per row.
+Peers, all with the bias and all in this run:
+  dense   torch.nn.functional.linear(x, W, b)              (MKL/oneDNN sgemm)
+  tsparse torch.sparse.mm(W.to_sparse_csr(), x.T).T + b    (MKL sparse where available)
+  scipy   (scipy.sparse.csr_matrix(W) @ x.T).T + b          (single-threaded always)
+Each call is timed in a loop of at least --min-ms milliseconds, the four taking turns within each of
+--repeats rounds; the median per call is reported in microseconds. One thread first, then 2 (torch.set_num_threads and
+pyserve.ops.set_num_threads together). Ratios are peer time / pyserve time (> 1: pyserve faster).
+
+    python benchmarks/bench_csr.py [--repeats 7] [--threads 1,2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+import statistics
+import time
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from pyserve.ops import build_info, csr_linear, set_num_threads
+from pyserve.ops.reference import csr_linear_reference
+
+
+def make_weight(n: int, k: int, sparsity: float, rng: np.random.Generator) -> np.ndarray:
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    keep = rng.random((n, k)) >= sparsity
+    return np.where(keep, w, 0.0).astype(np.float32)
+
+
+def time_interleaved(fns: dict, repeats: int, min_ms: float) -> dict:
+    """Median microseconds per call of each fn; the fns take turns within every repeat, so a change
+    in machine load between repeats hits all of them alike (the machine is shared)."""
+    loops = {}
+    for name, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        loops[name] = max(1, int(min_ms / 1e3 / max(time.perf_counter() - t0, 1e-7)))
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(loops[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / loops[name] * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--min-ms", type=float, default=20.0)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--quick", action="store_true", help="90%% sparsity only, fewer repeats")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    if args.quick:
+        args.repeats = 3
+    shapes = [(3072, 768), (768, 3072)]
+    sparsities = [0.9] if args.quick else [0.7, 0.9, 0.95, 0.99]
+    batches = [1, 8, 64]
+    rng = np.random.default_rng(0)
+    print(f"build_info: {build_info()}; torch {torch.__version__}")
+    rows = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        set_num_threads(threads)
+        for n, k in shapes:
+            for s in sparsities:
+                w = make_weight(n, k, s, rng)
+                b = rng.standard_normal(n).astype(np.float32)
+                csr = sp.csr_matrix(w)
+                csr.sort_indices()
+                wt, bt = torch.from_numpy(w), torch.from_numpy(b)
+                wt_csr = wt.to_sparse_csr()
+                indptr, indices, values = csr.indptr, csr.indices, csr.data
+                for bsz in batches:
+                    x = rng.standard_normal((bsz, k)).astype(np.float32)
+                    xt = torch.from_numpy(x)
+                    y = csr_linear(x, indptr, indices, values, b)
+                    np.testing.assert_allclose(y, csr_linear_reference(x, indptr, indices, values, b),
+                                               rtol=1e-4, atol=1e-4)
+                    t = time_interleaved({
+                        "pyserve": lambda: csr_linear(x, indptr, indices, values, b),
+                        "dense": lambda: F.linear(xt, wt, bt),
+                        "tsparse": lambda: torch.sparse.mm(wt_csr, xt.T).T + bt,
+                        "scipy": lambda: (csr @ x.T).T + b,
+                    }, args.repeats, args.min_ms)
+                    rows.append((threads, n, k, s, bsz, t))
+                    print(f"t={threads} W[{n},{k}] s={s:.0%} B={bsz}: " +
+                          " ".join(f"{name} {us:.1f}us" for name, us in t.items()), flush=True)
+    print()
+    print("| threads | W [N, K] | sparsity | B | pyserve us | dense us | torch sparse us | scipy us "
+          "| vs dense | vs torch sparse | vs scipy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for threads, n, k, s, bsz, t in rows:
+        p = t["pyserve"]
+        print(f"| {threads} | [{n}, {k}] | {s:.0%} | {bsz} | {p:.1f} | {t['dense']:.1f} | {t['tsparse']:.1f} | "
+              f"{t['scipy']:.1f} | {t['dense'] / p:.2f}x | {t['tsparse'] / p:.2f}x | {t['scipy'] / p:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+// CSR sparse x dense linear layer, y = x @ W.T + bias: framework-free CPU kernel on raw pointers.
+//
+// Layout
+//   W [N, K] in compressed sparse row form (Saad, "Iterative Methods for Sparse Linear Systems",
+//   2nd ed., section 3.4; the per-row "relative index + value" storage of Deep Compression, Han et
+//   al. 2016, section 2, and EIE, Han et al. 2016, section III, is the same idea):
+//     indptr  [N + 1]  row n owns the nonzeros indptr[n] .. indptr[n+1]-1
+//     indices [nnz]    column of each nonzero (int32 or int64)
+//     values  [nnz]    fp32 value of each nonzero
+//   x [B, K] fp32 row-major, bias [N] fp32 or null, y [B, N] fp32 row-major.
+//
+// Algorithms
+//   * B == 1 (SpMV): one dot product per output row, x read through the row's column indices
+//     (AVX2: 8-wide gathers + FMA with two accumulators; fallback: 4 scalar accumulators).
+//   * B > 1 (SpMM): x is first transposed into xt [K, Bp] (Bp = B rounded up to 8, zero padded) so
+//     that every nonzero w = W[n, k] becomes one contiguous AXPY  acc[0:Bp] += w * xt[k, 0:Bp]
+//     (AVX2: up to 8 ymm accumulators = 64 batch columns per pass over the row), and the
+//     accumulators are written to the column n of y. The nonzeros of a row are streamed once per
+//     64 batch columns instead of once per batch row.
+//   * OpenMP splits the output rows n across threads (dynamic chunks of rows).
+//
+// Contract: the launcher (csr_launcher.cpp) has checked all sizes and indptr (indptr[0] == 0,
+// non-decreasing, indptr[N] == nnz). Column indices are checked by the kernel itself, fused with
+// the computation (see csr_linear_cpu); with those, no access is out of bounds.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace pyserve {
+namespace sparse {
+
+// True when the AVX2+FMA code path is compiled in and the running CPU supports it.
+bool csr_has_avx2();
+
+// Computes y [B, N] = x [B, K] @ W.T + bias (bias may be null) on `threads` OpenMP threads (>= 1).
+// indptr must already be valid (indptr[0] == 0, non-decreasing, indptr[N] == nnz). The column
+// indices are validated inside the kernel, row by row, before that row touches x (the row's
+// indices are in L1 by then, so validation costs no extra pass over memory): a row whose indices
+// are not strictly increasing inside [0, K) is skipped. Returns -1 when every row was valid, else
+// the position of the first offending nonzero (the output is then garbage and must be discarded).
+// xt_scratch: caller-provided buffer of at least csr_scratch_floats(B, K) floats (may be null when
+// that is 0). When force_portable is true the portable fallback runs even on AVX2 CPUs (tests).
+template <typename Index>
+int64_t csr_linear_cpu(const float* x, int64_t B, int64_t K, const int64_t* indptr, const Index* indices,
+                       const float* values, const float* bias, int64_t N, float* y, float* xt_scratch,
+                       int threads, bool force_portable);
+
+// Floats of scratch csr_linear_cpu needs for a [B, K] input (0 when B <= 1).
+int64_t csr_scratch_floats(int64_t B, int64_t K);
+
+// Checks that indices are strictly increasing within each row and lie in [0, K), given a valid
+// indptr (a separate pass, used for the CUDA path). Returns -1 when all is well, else the position
+// of the first offending nonzero.
+template <typename Index>
+int64_t csr_first_bad_index(const int64_t* indptr, int64_t N, const Index* indices, int64_t K);
+
+}  // namespace sparse
+}  // namespace pyserve
+
+namespace pyserve {
+namespace sparse {
+
+// CUDA version (csr_kernel.cu, compiled only when PYSERVE_WITH_CUDA): all pointers are device
+// pointers, inputs already validated. One warp per output row n: the 32 lanes stride through the
+// row's nonzeros, and for each batch row b a warp-shuffle reduction yields y[b, n]; grid.y splits
+// the batch. Launched on the legacy default stream and synchronised before returning. Returns an
+// empty string on success, else the CUDA error text.
+template <typename Index>
+const char* csr_linear_cuda(const float* x, int64_t B, int64_t K, const int64_t* indptr, const Index* indices,
+                            const float* values, const float* bias, int64_t N, float* y);
+
+// cudaMalloc + cudaMemcpy host -> device into *dst / cudaFree; empty string on success.
+const char* cuda_upload(void** dst, const void* src, std::size_t bytes);
+void cuda_release(void* ptr);
+
+// cudaMemcpy device -> host of `bytes` bytes; empty string on success, else the CUDA error text.
+const char* cuda_copy_to_host(void* dst, const void* src, std::size_t bytes);
+
+}  // namespace sparse
+}  // namespace pyserve

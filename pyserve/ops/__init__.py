@@ -12,6 +12,7 @@ from pyserve.ops.huffman import (
     huffman_decode,
     huffman_encode,
 )
+from pyserve.ops.quant import codebook_linear, int8_linear, pack_indices, quantize_per_channel, unpack_indices
 
 __all__ = [
     "HUFFMAN_FORMAT_VERSION",
@@ -21,4 +22,10 @@ __all__ = [
     "cuda_device_count",
     "huffman_decode",
     "huffman_encode",
+    # int8 and codebook linear (pyserve.ops.quant)
+    "codebook_linear",
+    "int8_linear",
+    "pack_indices",
+    "quantize_per_channel",
+    "unpack_indices",
 ]

@@ -10,6 +10,10 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "codebook_kernel.cpp unpacks with little-endian 64-bit loads"
+#endif
+
 namespace pyserve {
 namespace quant {
 
@@ -41,6 +45,21 @@ void unpack_row_generic(const uint8_t* src, int64_t K, int bits, uint8_t* dst) {
     buf >>= bits;
     have -= bits;
   }
+}
+
+// Groups of 8 codes fill exactly `bits` bytes: one 64-bit load, eight independent shifts. The
+// last group(s) that could not take an 8-byte load and the K % 8 tail go through the bit buffer.
+void unpack_row_groups(const uint8_t* src, int64_t K, int bits, uint8_t* dst) {
+  const uint64_t mask = (uint64_t{1} << bits) - 1u;
+  const int64_t row_bytes = (K * bits + 7) / 8;
+  int64_t g = 0;
+  for (; (g + 1) * 8 <= K && g * bits + 8 <= row_bytes; ++g) {
+    uint64_t v;
+    std::memcpy(&v, src + g * bits, 8);  // little-endian hosts only (x86-64, aarch64)
+    uint8_t* d = dst + g * 8;
+    for (int i = 0; i < 8; ++i) d[i] = static_cast<uint8_t>((v >> (bits * i)) & mask);
+  }
+  unpack_row_generic(src + g * bits, K - g * 8, bits, dst + g * 8);
 }
 
 void unpack_row_4bit_portable(const uint8_t* src, int64_t K, uint8_t* dst) {
@@ -78,7 +97,7 @@ void unpack_row(const uint8_t* src, int64_t K, int bits, uint8_t* dst, bool avx2
     (void)avx2;
     unpack_row_4bit_portable(src, K, dst);
   } else {
-    unpack_row_generic(src, K, bits, dst);
+    unpack_row_groups(src, K, bits, dst);
   }
 }
 
@@ -153,6 +172,8 @@ __attribute__((target("avx2,fma"))) float row_b1_avx2(const float* x, int64_t K,
   RegCodebook cb;
   alignas(32) float padded[32] = {0};
   std::memcpy(padded, cbp, sizeof(float) * (size_t{1} << BITS));
+  // 2-bit codes: vpermps reads 3 index bits; repeat the table so the third (a neighbour's) is moot.
+  if (BITS == 2) std::memcpy(padded + 4, cbp, sizeof(float) * 4);
   for (int i = 0; i < 4; ++i) cb.t[i] = _mm256_load_ps(padded + 8 * i);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
          acc3 = _mm256_setzero_ps();
@@ -170,11 +191,97 @@ __attribute__((target("avx2,fma"))) float row_b1_avx2(const float* x, int64_t K,
   return s;
 }
 
+// x reordered for the fused 4-bit path: within each chunk of 64 codes (32 packed bytes = 8 dwords,
+// dword j holding codes 8j..8j+7 in its nibbles), xp[64c + 8i + j] = x[64c + 8j + i], so that
+// shifting all dwords right by 4i lines nibble i of every dword up with 8 consecutive xp values.
+void permute_x_4bit(const float* x, int64_t K, float* xp) {
+  const int64_t chunks = K / 64;
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < 8; ++j) xp[64 * c + 8 * i + j] = x[64 * c + 8 * j + i];
+}
+
+// B == 1, bits == 4: decode straight from the packed bytes (no unpacked code buffer).
+__attribute__((target("avx2,fma"))) float row_b1_4bit_packed(const float* x, const float* xp, int64_t K,
+                                                             const uint8_t* packed, const float* cbp, uint8_t* tail) {
+  RegCodebook cb;
+  cb.t[0] = _mm256_loadu_ps(cbp);
+  cb.t[1] = _mm256_loadu_ps(cbp + 8);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const int64_t chunks = K / 64;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32 * c));
+    const float* xc = xp + 64 * c;
+    acc[0] = _mm256_fmadd_ps(lookup<4>(cb, v), _mm256_loadu_ps(xc), acc[0]);
+    acc[1] = _mm256_fmadd_ps(lookup<4>(cb, _mm256_srli_epi32(v, 4)), _mm256_loadu_ps(xc + 8), acc[1]);
+    acc[2] = _mm256_fmadd_ps(lookup<4>(cb, _mm256_srli_epi32(v, 8)), _mm256_loadu_ps(xc + 16), acc[2]);
+    acc[3] = _mm256_fmadd_ps(lookup<4>(cb, _mm256_srli_epi32(v, 12)), _mm256_loadu_ps(xc + 24), acc[3]);
+    acc[0] = _mm256_fmadd_ps(lookup<4>(cb, _mm256_srli_epi32(v, 16)), _mm256_loadu_ps(xc + 32), acc[0]);
+    acc[1] = _mm256_fmadd_ps(lookup<4>(cb, _mm256_srli_epi32(v, 20)), _mm256_loadu_ps(xc + 40), acc[1]);
+    acc[2] = _mm256_fmadd_ps(lookup<4>(cb, _mm256_srli_epi32(v, 24)), _mm256_loadu_ps(xc + 48), acc[2]);
+    acc[3] = _mm256_fmadd_ps(lookup<4>(cb, _mm256_srli_epi32(v, 28)), _mm256_loadu_ps(xc + 56), acc[3]);
+  }
+  float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  const int64_t k0 = 64 * chunks;
+  unpack_row_4bit_portable(packed + k0 / 2, K - k0, tail);
+  for (int64_t k = k0; k < K; ++k) s += x[k] * cbp[tail[k - k0]];
+  return s;
+}
+
+// x reordered for the fused group path (bits 2, 3, 5): a block of 32 codes is four groups of 8
+// codes (`bits` bytes each, one per 64-bit lane); step s (0..3) yields codes 2s and 2s + 1 of each
+// group in dword lanes (2t, 2t + 1) for group t. So xp[32b + 8s + 2t + e] = x[32b + 8t + 2s + e].
+void permute_x_groups(const float* x, int64_t K, float* xp) {
+  const int64_t blocks = K / 32;
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int s = 0; s < 4; ++s)
+      for (int t = 0; t < 4; ++t)
+        for (int e = 0; e < 2; ++e) xp[32 * b + 8 * s + 2 * t + e] = x[32 * b + 8 * t + 2 * s + e];
+}
+
+// B == 1, bits in {2, 3, 5}: codes come straight from the packed row, 32 per block, by 64-bit
+// shifts (a code may straddle bytes; within its 8-code group it never straddles the 64-bit lane).
+template <int BITS>
+__attribute__((target("avx2,fma"))) float row_b1_groups_packed(const float* x, const float* xp, int64_t K,
+                                                              const uint8_t* packed, const float* cbp,
+                                                              uint8_t* tail) {
+  RegCodebook cb;
+  alignas(32) float padded[32] = {0};
+  std::memcpy(padded, cbp, sizeof(float) * (size_t{1} << BITS));
+  // 2-bit codes: vpermps reads 3 index bits; repeat the table so the third (a neighbour's) is moot.
+  if (BITS == 2) std::memcpy(padded + 4, cbp, sizeof(float) * 4);
+  for (int i = 0; i < 4; ++i) cb.t[i] = _mm256_load_ps(padded + 8 * i);
+  const int64_t rb = (K * BITS + 7) / 8;
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t blk = 0;
+  // Block blk reads 8 bytes at each of groups 4blk..4blk+3: stay inside the row.
+  for (; 32 * (blk + 1) <= K && (4 * blk + 3) * BITS + 8 <= rb; ++blk) {
+    const uint8_t* g = packed + 4 * blk * BITS;
+    int64_t q[4];
+    for (int t = 0; t < 4; ++t) std::memcpy(&q[t], g + t * BITS, 8);
+    const __m256i v = _mm256_setr_epi64x(q[0], q[1], q[2], q[3]);
+    const float* xb = xp + 32 * blk;
+    for (int s2 = 0; s2 < 4; ++s2) {
+      const __m256i a = _mm256_srli_epi64(v, BITS * 2 * s2);
+      const __m256i c = _mm256_slli_epi64(_mm256_srli_epi64(v, BITS * (2 * s2 + 1)), 32);
+      const __m256i idx = _mm256_blend_epi32(a, c, 0xAA);
+      acc[s2] = _mm256_fmadd_ps(lookup<BITS>(cb, idx), _mm256_loadu_ps(xb + 8 * s2), acc[s2]);
+    }
+  }
+  float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  const int64_t k0 = 32 * blk;  // 32 codes = 4 * BITS bytes: the tail starts on a byte boundary
+  unpack_row_generic(packed + 4 * blk * BITS, K - k0, BITS, tail);
+  for (int64_t k = k0; k < K; ++k) s += x[k] * cbp[tail[k - k0]];
+  return s;
+}
+
 template <int BITS>
 __attribute__((target("avx2,fma"))) void decode_row_avx2(const uint8_t* codes, int64_t K, const float* cbp, float* w) {
   RegCodebook cb;
   alignas(32) float padded[32] = {0};
   std::memcpy(padded, cbp, sizeof(float) * (size_t{1} << BITS));
+  // 2-bit codes: vpermps reads 3 index bits; repeat the table so the third (a neighbour's) is moot.
+  if (BITS == 2) std::memcpy(padded + 4, cbp, sizeof(float) * 4);
   for (int i = 0; i < 4; ++i) cb.t[i] = _mm256_load_ps(padded + 8 * i);
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) _mm256_storeu_ps(w + k, lookup<BITS>(cb, load_codes8(codes + k)));
@@ -269,6 +376,19 @@ void codebook_linear(const float* x, int64_t B, int64_t K, const uint8_t* packed
   const int64_t rb = packed_row_bytes(K, bits);
   const int64_t C = int64_t{1} << bits;
   const bool avx2 = cpu_has_avx2();
+  // B == 1 and bits <= 5 with AVX2: decode from the packed row in registers (x reordered once).
+  const bool fused = avx2 && B == 1 && bits <= 5;
+  (void)fused;
+  std::vector<float> xp;
+#if PYSERVE_AVX2
+  if (fused) {
+    xp.resize(static_cast<size_t>(K));
+    if (bits == 4)
+      permute_x_4bit(x, K, xp.data());
+    else
+      permute_x_groups(x, K, xp.data());
+  }
+#endif
 #pragma omp parallel if (B * N * K > 262144)
   {
     // Per-thread scratch: codes padded by 8 so 8-byte code loads never leave the buffer.
@@ -277,6 +397,21 @@ void codebook_linear(const float* x, int64_t B, int64_t K, const uint8_t* packed
     std::vector<float> out(static_cast<size_t>(B));
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
+#if PYSERVE_AVX2
+      if (fused) {
+        const float* cb = per_channel ? codebook + n * C : codebook;
+        const uint8_t* row = packed + n * rb;
+        float v;
+        switch (bits) {
+          case 2: v = row_b1_groups_packed<2>(x, xp.data(), K, row, cb, codes.data()); break;
+          case 3: v = row_b1_groups_packed<3>(x, xp.data(), K, row, cb, codes.data()); break;
+          case 4: v = row_b1_4bit_packed(x, xp.data(), K, row, cb, codes.data()); break;
+          default: v = row_b1_groups_packed<5>(x, xp.data(), K, row, cb, codes.data()); break;
+        }
+        y[n] = v + (bias ? bias[n] : 0.0f);
+        continue;
+      }
+#endif
       unpack_row(packed + n * rb, K, bits, codes.data(), avx2);
       const float* cb = per_channel ? codebook + n * C : codebook;
 #if PYSERVE_AVX2

@@ -184,15 +184,17 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const int8_t* xq, cons
 __attribute__((target("avx2,fma"))) void gemm_block_avx2(const int8_t* xq, const float* sx, int64_t B, int64_t K,
                                                          const int8_t* wq, const float* sw, const float* bias,
                                                          int64_t N, int64_t n0, int64_t n1, float* y) {
+  // 4 activation rows x 2 channels: 8 accumulators + 2 weights + 2 |w| + 1 x + ones = 14 ymm,
+  // no spills (2 x 4 needs 18 and spills).
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
+  for (; n + 2 <= n1; n += 2) {
     int64_t b = 0;
-    for (; b + 2 <= B; b += 2) tile_avx2<2, 4>(xq, sx, b, K, wq, sw, bias, N, n, y);
-    for (; b < B; ++b) tile_avx2<1, 4>(xq, sx, b, K, wq, sw, bias, N, n, y);
+    for (; b + 4 <= B; b += 4) tile_avx2<4, 2>(xq, sx, b, K, wq, sw, bias, N, n, y);
+    for (; b < B; ++b) tile_avx2<1, 2>(xq, sx, b, K, wq, sw, bias, N, n, y);
   }
   for (; n < n1; ++n) {
     int64_t b = 0;
-    for (; b + 2 <= B; b += 2) tile_avx2<2, 1>(xq, sx, b, K, wq, sw, bias, N, n, y);
+    for (; b + 4 <= B; b += 4) tile_avx2<4, 1>(xq, sx, b, K, wq, sw, bias, N, n, y);
     for (; b < B; ++b) tile_avx2<1, 1>(xq, sx, b, K, wq, sw, bias, N, n, y);
   }
 }

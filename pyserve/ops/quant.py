@@ -158,7 +158,7 @@ def int8_linear(x: Any, w_int8: Any, w_scale: Any, bias: Any = None) -> Any:
     Notes
     -----
     Jacob et al. 2018, sections 2 and 2.3. CPU: AVX2 ``vpmaddubsw`` on ``|w|`` (unsigned) and
-    ``x * sign(w)`` (``vpsignb``), ``vpmaddwd`` into int32, tiles of 2 activation rows x 4 output
+    ``x * sign(w)`` (``vpsignb``), ``vpmaddwd`` into int32, tiles of 4 activation rows x 2 output
     channels, OpenMP over blocks of 16 channels, portable C++ fallback; the GIL is released.
     CUDA: ``dp4a``, one warp per output element.
     """

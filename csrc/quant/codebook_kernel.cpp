@@ -19,6 +19,11 @@ namespace quant {
 
 namespace {
 
+// Below this many multiply-adds a call stays on one thread: a BERT-sized B = 1 layer takes ~0.1 ms
+// on one core, the second vCPU adds little (ENVIRONMENT.md), and on a busy machine waiting for a
+// descheduled OpenMP worker costs a whole scheduler time slice (measured: ~16 ms per call).
+constexpr int64_t kParallelMinMacs = int64_t{1} << 22;
+
 bool cpu_has_avx2() {
 #if PYSERVE_AVX2
   // PYSERVE_DISABLE_AVX2 (any value) forces the portable path, so tests can cover it on AVX2 CPUs.
@@ -351,7 +356,7 @@ __attribute__((target("avx2,fma"))) void row_avx2(const float* x, int64_t B, int
 
 void pack_indices(const uint8_t* idx, int64_t N, int64_t K, int bits, uint8_t* packed) {
   const int64_t rb = packed_row_bytes(K, bits);
-#pragma omp parallel for schedule(static) if (N * K > 262144)
+#pragma omp parallel for schedule(static) if (N * K >= (int64_t{1} << 21))
   for (int64_t n = 0; n < N; ++n) pack_row(idx + n * K, K, bits, packed + n * rb);
 }
 
@@ -366,7 +371,7 @@ int64_t first_code_out_of_range(const uint8_t* idx, int64_t count, int bits) {
 void unpack_indices(const uint8_t* packed, int64_t N, int64_t K, int bits, uint8_t* idx) {
   const int64_t rb = packed_row_bytes(K, bits);
   const bool avx2 = cpu_has_avx2();
-#pragma omp parallel for schedule(static) if (N * K > 262144)
+#pragma omp parallel for schedule(static) if (N * K >= (int64_t{1} << 21))
   for (int64_t n = 0; n < N; ++n) unpack_row(packed + n * rb, K, bits, idx + n * K, avx2);
 }
 
@@ -389,7 +394,7 @@ void codebook_linear(const float* x, int64_t B, int64_t K, const uint8_t* packed
       permute_x_groups(x, K, xp.data());
   }
 #endif
-#pragma omp parallel if (B * N * K > 262144)
+#pragma omp parallel if (B * N * K >= kParallelMinMacs)
   {
     // Per-thread scratch: codes padded by 8 so 8-byte code loads never leave the buffer.
     std::vector<uint8_t> codes(static_cast<size_t>(K) + 8, 0);

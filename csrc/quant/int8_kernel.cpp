@@ -15,6 +15,11 @@ namespace quant {
 
 namespace {
 
+// Below this many multiply-adds a call stays on one thread: a BERT-sized B = 1 layer takes ~0.1 ms
+// on one core, the second vCPU adds little (ENVIRONMENT.md), and on a busy machine waiting for a
+// descheduled OpenMP worker costs a whole scheduler time slice (measured: ~16 ms per call).
+constexpr int64_t kParallelMinMacs = int64_t{1} << 22;
+
 // --- quantization --------------------------------------------------------------------------------
 
 // Returns false when the row holds a non-finite value.
@@ -207,7 +212,7 @@ bool int8_avx2_active() { return cpu_has_avx2(); }
 bool quantize_rows(const float* src, int64_t rows, int64_t K, int8_t* q, float* scale, int64_t* bad_row) {
   const bool avx2 = cpu_has_avx2();
   int64_t first_bad = rows;
-#pragma omp parallel for schedule(static) reduction(min : first_bad) if (rows * K > 65536)
+#pragma omp parallel for schedule(static) reduction(min : first_bad) if (rows * K >= (int64_t{1} << 20))
   for (int64_t r = 0; r < rows; ++r) {
     bool ok;
 #if PYSERVE_AVX2
@@ -234,7 +239,7 @@ void int8_gemm(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, con
   // activation rows stream past them.
   constexpr int64_t kBlock = 16;
   const int64_t blocks = (N + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (B * N * K > 262144)
+#pragma omp parallel for schedule(static) if (B * N * K >= kParallelMinMacs)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t n0 = blk * kBlock, n1 = std::min(N, n0 + kBlock);
 #if PYSERVE_AVX2

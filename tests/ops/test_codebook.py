@@ -175,7 +175,10 @@ _SUBPROCESS_CHECK = textwrap.dedent(
     from pyserve.ops.reference import codebook_linear_reference
     rng = np.random.default_rng(12)
     for bits in range(2, 9):
-        for B, K, N, pc in [(1, 777, 300, False), (9, 261, 129, True), (2, 5, 3, False)]:
+        shapes = [(1, 777, 300, False), (9, 261, 129, True), (2, 5, 3, False)]
+        if bits in (2, 4, 5, 8):  # one of each kernel path, above the 2**22-MAC threshold for going parallel
+            shapes += [(1, 2050, 2100, bits % 4 == 0), (8, 1030, 600, bits % 4 != 0)]
+        for B, K, N, pc in shapes:
             x = rng.standard_normal((B, K)).astype(np.float32)
             idx = rng.integers(0, 2**bits, (N, K)).astype(np.uint8)
             cb = rng.standard_normal((N, 2**bits) if pc else 2**bits).astype(np.float32)

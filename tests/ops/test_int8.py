@@ -152,7 +152,8 @@ _SUBPROCESS_CHECK = textwrap.dedent(
     from pyserve.ops import int8_linear, quantize_per_channel
     from pyserve.ops.reference import int8_linear_reference
     rng = np.random.default_rng(11)
-    for B, K, N in [(1, 777, 300), (33, 260, 129), (3, 5, 2)]:
+    # the first two exceed the kernels' 2**22-MAC threshold for going parallel (and 2**20 for quantizing)
+    for B, K, N in [(300, 3500, 8), (64, 520, 260), (1, 4100, 1030), (1, 777, 300), (33, 260, 129), (3, 5, 2)]:
         x = rng.standard_normal((B, K)).astype(np.float32)
         w = rng.standard_normal((N, K)).astype(np.float32)
         q, s = quantize_per_channel(w)

@@ -199,11 +199,30 @@ __attribute__((target("avx2,fma"))) float row_b1_avx2(const float* x, int64_t K,
 // x reordered for the fused 4-bit path: within each chunk of 64 codes (32 packed bytes = 8 dwords,
 // dword j holding codes 8j..8j+7 in its nibbles), xp[64c + 8i + j] = x[64c + 8j + i], so that
 // shifting all dwords right by 4i lines nibble i of every dword up with 8 consecutive xp values.
+// Codes past the last whole chunk keep their order (xp[k] = x[k]).
 void permute_x_4bit(const float* x, int64_t K, float* xp) {
   const int64_t chunks = K / 64;
   for (int64_t c = 0; c < chunks; ++c)
     for (int i = 0; i < 8; ++i)
       for (int j = 0; j < 8; ++j) xp[64 * c + 8 * i + j] = x[64 * c + 8 * j + i];
+  for (int64_t k = 64 * chunks; k < K; ++k) xp[k] = x[k];
+}
+
+// Decodes one 4-bit row into w in the order of permute_x_4bit (so dot(w, xp) = dot(W[n], x)).
+__attribute__((target("avx2,fma"))) void decode_4bit_packed(const uint8_t* packed, int64_t K, const float* cbp,
+                                                            float* w, uint8_t* tail) {
+  RegCodebook cb;
+  cb.t[0] = _mm256_loadu_ps(cbp);
+  cb.t[1] = _mm256_loadu_ps(cbp + 8);
+  const int64_t chunks = K / 64;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32 * c));
+    float* wc = w + 64 * c;
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(wc + 8 * i, lookup<4>(cb, _mm256_srl_epi32(v, _mm_cvtsi32_si128(4 * i))));
+  }
+  const int64_t k0 = 64 * chunks;
+  unpack_row_4bit_portable(packed + k0 / 2, K - k0, tail);
+  for (int64_t k = k0; k < K; ++k) w[k] = cbp[tail[k - k0]];
 }
 
 // B == 1, bits == 4: decode straight from the packed bytes (no unpacked code buffer).
@@ -236,42 +255,76 @@ __attribute__((target("avx2,fma"))) float row_b1_4bit_packed(const float* x, con
 // x reordered for the fused group path (bits 2, 3, 5): a block of 32 codes is four groups of 8
 // codes (`bits` bytes each, one per 64-bit lane); step s (0..3) yields codes 2s and 2s + 1 of each
 // group in dword lanes (2t, 2t + 1) for group t. So xp[32b + 8s + 2t + e] = x[32b + 8t + 2s + e].
-void permute_x_groups(const float* x, int64_t K, float* xp) {
-  const int64_t blocks = K / 32;
+// Blocks of 32 codes the group path decodes in registers: block blk reads 8 bytes at each of groups
+// 4blk..4blk+3, which must stay inside the row of ceil(K * bits / 8) bytes.
+int64_t group_block_count(int64_t K, int bits) {
+  const int64_t rb = (K * bits + 7) / 8;
+  int64_t blk = 0;
+  while (32 * (blk + 1) <= K && (4 * blk + 3) * bits + 8 <= rb) ++blk;
+  return blk;
+}
+
+// Codes past the decoded blocks keep their order (xp[k] = x[k]).
+void permute_x_groups(const float* x, int64_t K, int bits, float* xp) {
+  const int64_t blocks = group_block_count(K, bits);
   for (int64_t b = 0; b < blocks; ++b)
     for (int s = 0; s < 4; ++s)
       for (int t = 0; t < 4; ++t)
         for (int e = 0; e < 2; ++e) xp[32 * b + 8 * s + 2 * t + e] = x[32 * b + 8 * t + 2 * s + e];
+  for (int64_t k = 32 * blocks; k < K; ++k) xp[k] = x[k];
+}
+
+// Codes 2s and 2s + 1 of the four 8-code groups held in the 64-bit lanes of v, as dword lanes.
+template <int BITS>
+__attribute__((target("avx2,fma"))) inline __m256i group_codes(__m256i v, int s2) {
+  const __m256i a = _mm256_srl_epi64(v, _mm_cvtsi32_si128(BITS * 2 * s2));
+  const __m256i c = _mm256_slli_epi64(_mm256_srl_epi64(v, _mm_cvtsi32_si128(BITS * (2 * s2 + 1))), 32);
+  return _mm256_blend_epi32(a, c, 0xAA);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256i load_groups(const uint8_t* g, int bits) {
+  int64_t q[4];
+  for (int t = 0; t < 4; ++t) std::memcpy(&q[t], g + t * bits, 8);
+  return _mm256_setr_epi64x(q[0], q[1], q[2], q[3]);
+}
+
+// Decodes one row (bits 2, 3, 5) into w in the order of permute_x_groups.
+template <int BITS>
+__attribute__((target("avx2,fma"))) void decode_groups_packed(const uint8_t* packed, int64_t K, int64_t blocks,
+                                                              const float* cbp, float* w, uint8_t* tail) {
+  RegCodebook cb;
+  alignas(32) float padded[32] = {0};
+  std::memcpy(padded, cbp, sizeof(float) * (size_t{1} << BITS));
+  if (BITS == 2) std::memcpy(padded + 4, cbp, sizeof(float) * 4);
+  for (int i = 0; i < 4; ++i) cb.t[i] = _mm256_load_ps(padded + 8 * i);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const __m256i v = load_groups(packed + 4 * blk * BITS, BITS);
+    for (int s2 = 0; s2 < 4; ++s2) _mm256_storeu_ps(w + 32 * blk + 8 * s2, lookup<BITS>(cb, group_codes<BITS>(v, s2)));
+  }
+  const int64_t k0 = 32 * blocks;
+  unpack_row_generic(packed + 4 * blocks * BITS, K - k0, BITS, tail);
+  for (int64_t k = k0; k < K; ++k) w[k] = cbp[tail[k - k0]];
 }
 
 // B == 1, bits in {2, 3, 5}: codes come straight from the packed row, 32 per block, by 64-bit
 // shifts (a code may straddle bytes; within its 8-code group it never straddles the 64-bit lane).
 template <int BITS>
 __attribute__((target("avx2,fma"))) float row_b1_groups_packed(const float* x, const float* xp, int64_t K,
-                                                              const uint8_t* packed, const float* cbp,
-                                                              uint8_t* tail) {
+                                                              int64_t blocks, const uint8_t* packed,
+                                                              const float* cbp, uint8_t* tail) {
   RegCodebook cb;
   alignas(32) float padded[32] = {0};
   std::memcpy(padded, cbp, sizeof(float) * (size_t{1} << BITS));
   // 2-bit codes: vpermps reads 3 index bits; repeat the table so the third (a neighbour's) is moot.
   if (BITS == 2) std::memcpy(padded + 4, cbp, sizeof(float) * 4);
   for (int i = 0; i < 4; ++i) cb.t[i] = _mm256_load_ps(padded + 8 * i);
-  const int64_t rb = (K * BITS + 7) / 8;
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t blk = 0;
-  // Block blk reads 8 bytes at each of groups 4blk..4blk+3: stay inside the row.
-  for (; 32 * (blk + 1) <= K && (4 * blk + 3) * BITS + 8 <= rb; ++blk) {
-    const uint8_t* g = packed + 4 * blk * BITS;
-    int64_t q[4];
-    for (int t = 0; t < 4; ++t) std::memcpy(&q[t], g + t * BITS, 8);
-    const __m256i v = _mm256_setr_epi64x(q[0], q[1], q[2], q[3]);
+  for (; blk < blocks; ++blk) {
+    const __m256i v = load_groups(packed + 4 * blk * BITS, BITS);
     const float* xb = xp + 32 * blk;
-    for (int s2 = 0; s2 < 4; ++s2) {
-      const __m256i a = _mm256_srli_epi64(v, BITS * 2 * s2);
-      const __m256i c = _mm256_slli_epi64(_mm256_srli_epi64(v, BITS * (2 * s2 + 1)), 32);
-      const __m256i idx = _mm256_blend_epi32(a, c, 0xAA);
-      acc[s2] = _mm256_fmadd_ps(lookup<BITS>(cb, idx), _mm256_loadu_ps(xb + 8 * s2), acc[s2]);
-    }
+    for (int s2 = 0; s2 < 4; ++s2)
+      acc[s2] = _mm256_fmadd_ps(lookup<BITS>(cb, group_codes<BITS>(v, s2)), _mm256_loadu_ps(xb + 8 * s2), acc[s2]);
   }
   float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
   const int64_t k0 = 32 * blk;  // 32 codes = 4 * BITS bytes: the tail starts on a byte boundary
@@ -381,17 +434,23 @@ void codebook_linear(const float* x, int64_t B, int64_t K, const uint8_t* packed
   const int64_t rb = packed_row_bytes(K, bits);
   const int64_t C = int64_t{1} << bits;
   const bool avx2 = cpu_has_avx2();
-  // B == 1 and bits <= 5 with AVX2: decode from the packed row in registers (x reordered once).
-  const bool fused = avx2 && B == 1 && bits <= 5;
+  // bits <= 5 with AVX2: decode from the packed row in registers, with x reordered once per call
+  // to match the order the codes come out in (B == 1: fused with the dot product; B > 1: into a
+  // decoded row shared by the B dot products).
+  const bool fused = avx2 && bits <= 5;
   (void)fused;
+  int64_t blocks = 0;
   std::vector<float> xp;
 #if PYSERVE_AVX2
   if (fused) {
-    xp.resize(static_cast<size_t>(K));
-    if (bits == 4)
-      permute_x_4bit(x, K, xp.data());
-    else
-      permute_x_groups(x, K, xp.data());
+    blocks = bits == 4 ? K / 64 : group_block_count(K, bits);
+    xp.resize(static_cast<size_t>(B * K));
+    for (int64_t b = 0; b < B; ++b) {
+      if (bits == 4)
+        permute_x_4bit(x + b * K, K, xp.data() + b * K);
+      else
+        permute_x_groups(x + b * K, K, bits, xp.data() + b * K);
+    }
   }
 #endif
 #pragma omp parallel if (B * N * K >= kParallelMinMacs)
@@ -406,14 +465,26 @@ void codebook_linear(const float* x, int64_t B, int64_t K, const uint8_t* packed
       if (fused) {
         const float* cb = per_channel ? codebook + n * C : codebook;
         const uint8_t* row = packed + n * rb;
-        float v;
-        switch (bits) {
-          case 2: v = row_b1_groups_packed<2>(x, xp.data(), K, row, cb, codes.data()); break;
-          case 3: v = row_b1_groups_packed<3>(x, xp.data(), K, row, cb, codes.data()); break;
-          case 4: v = row_b1_4bit_packed(x, xp.data(), K, row, cb, codes.data()); break;
-          default: v = row_b1_groups_packed<5>(x, xp.data(), K, row, cb, codes.data()); break;
+        if (B == 1) {
+          float v;
+          switch (bits) {
+            case 2: v = row_b1_groups_packed<2>(x, xp.data(), K, blocks, row, cb, codes.data()); break;
+            case 3: v = row_b1_groups_packed<3>(x, xp.data(), K, blocks, row, cb, codes.data()); break;
+            case 4: v = row_b1_4bit_packed(x, xp.data(), K, row, cb, codes.data()); break;
+            default: v = row_b1_groups_packed<5>(x, xp.data(), K, blocks, row, cb, codes.data()); break;
+          }
+          y[n] = v + (bias ? bias[n] : 0.0f);
+          continue;
         }
-        y[n] = v + (bias ? bias[n] : 0.0f);
+        switch (bits) {
+          case 2: decode_groups_packed<2>(row, K, blocks, cb, w.data(), codes.data()); break;
+          case 3: decode_groups_packed<3>(row, K, blocks, cb, w.data(), codes.data()); break;
+          case 4: decode_4bit_packed(row, K, cb, w.data(), codes.data()); break;
+          default: decode_groups_packed<5>(row, K, blocks, cb, w.data(), codes.data()); break;
+        }
+        dots_avx2(xp.data(), B, K, w.data(), out.data());
+        const float add = bias ? bias[n] : 0.0f;
+        for (int64_t b = 0; b < B; ++b) y[b * N + n] = out[b] + add;
         continue;
       }
 #endif

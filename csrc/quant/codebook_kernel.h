@@ -9,11 +9,14 @@
 // (j % 8) of byte j / 8, least significant bit of the code first. Unused high bits of the last byte
 // are zero. Rows follow each other with no gap.
 //
-// codebook_linear computes y[b, n] = sum_k x[b, k] * W[n, k] (+ bias[n]) in fp32. Each thread
-// unpacks one weight row at a time into int32 codes (SIMD for 4 and 8 bits, a 64-bit bit buffer
-// otherwise), maps them to fp32 weights (AVX2: the codebook sits in 1..4 registers and vpermps
-// looks codes up, for bits <= 5; scalar loads for 6..8 bits) and takes the B dot products with
-// FMA. Summation order differs from a plain matmul, so results agree to fp32 rounding, not bits.
+// codebook_linear computes y[b, n] = sum_k x[b, k] * W[n, k] (+ bias[n]) in fp32, one weight row
+// per step, OpenMP over rows. AVX2, bits <= 5: the codebook sits in 1..4 registers and vpermps
+// (+ vblendvps on the high code bits) looks up 8 codes taken straight from the packed row (4 bits:
+// nibbles of 8 dwords; 2, 3, 5 bits: four 8-code groups in the 64-bit lanes); x is reordered once
+// per call to the order the codes come out in. B = 1 fuses the lookup with the FMA; B > 1 decodes
+// the row once and takes the B dot products. Bits 6..8 and the portable path unpack the row to
+// bytes first (8 codes per 64-bit load) and look up with scalar loads. The summation order
+// differs from a plain matmul, so results agree to fp32 rounding, not bit for bit.
 #pragma once
 
 #include <cstdint>

@@ -1,12 +1,15 @@
 // pyserve._C: the one binding file. Nothing but m.def lines with docstrings; checks live in the
 // launchers (csrc/<family>/*_launcher.cpp), kernels in csrc/<family>/*_kernel.*.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "common/build_info.h"
 #include "common/cuda_device.h"
 #include "huffman/huffman_launcher.h"
 #include "common/threads.h"
 #include "sparse/csr_launcher.h"
+#include "quant/codebook_launcher.h"
+#include "quant/int8_launcher.h"
 
 namespace py = pybind11;
 
@@ -114,4 +117,155 @@ RuntimeError
 
   m.def("csr_linear_has_avx2", &pyserve::csr_linear_has_avx2,
         R"doc(True when csr_linear's AVX2+FMA path is compiled in and this CPU supports it.)doc");
+
+  m.def("quantize_per_channel", &pyserve::quantize_per_channel, py::arg("w"),
+        R"doc(Symmetric per-output-channel int8 quantization (see pyserve.ops.quantize_per_channel).
+
+Parameters
+----------
+w : numpy.ndarray
+    ``[N, K]`` float32, C-contiguous, finite.
+
+Returns
+-------
+tuple[numpy.ndarray, numpy.ndarray]
+    ``w_int8`` ``[N, K]`` int8 in -127..127 and ``w_scale`` ``[N]`` float32 with
+    ``w ~= w_int8 * w_scale[:, None]``; ``scale = max|w[n]| / 127`` (1.0 for an all-zero row),
+    ``q = clamp(rint(w / scale), -127, 127)``, round half to even.
+
+Raises
+------
+ValueError
+    Wrong dtype, rank or layout of ``w``, or a non-finite value.
+)doc");
+
+  m.def("int8_linear", &pyserve::int8_linear, py::arg("x"), py::arg("w_int8"), py::arg("w_scale"),
+        py::arg("bias") = py::none(),
+        R"doc(int8 linear layer ``y = x @ dequant(w_int8).T + bias`` (see pyserve.ops.int8_linear).
+
+Parameters
+----------
+x : numpy.ndarray
+    ``[B, K]`` float32, C-contiguous, finite; quantized per row like the weights.
+w_int8 : numpy.ndarray
+    ``[N, K]`` int8, C-contiguous (any value in -128..127).
+w_scale : numpy.ndarray
+    ``[N]`` float32.
+bias : numpy.ndarray or None
+    ``[N]`` float32.
+
+Returns
+-------
+numpy.ndarray
+    ``[B, N]`` float32: ``float(acc) * (x_scale[b] * w_scale[n]) + bias[n]`` with exact int32 ``acc``.
+
+Raises
+------
+ValueError
+    Wrong dtype, rank or layout; K mismatch; ``w_scale``/``bias`` not of length N; K > 131072;
+    non-finite ``x``.
+)doc");
+
+  m.def("int8_linear_cuda", &pyserve::int8_linear_cuda, py::arg("x"), py::arg("w"), py::arg("w_scale"),
+        py::arg("bias"), py::arg("y"), py::arg("xq"), py::arg("x_scale"), py::arg("B"), py::arg("K"), py::arg("N"),
+        R"doc(CUDA int8 linear on device pointers (int); used by pyserve.ops.int8_linear for CUDA tensors.
+
+``x`` [B, K] fp32, ``w`` [N, K] int8, ``w_scale`` [N] fp32, ``bias`` [N] fp32 or 0, ``y`` [B, N] fp32,
+workspace ``xq`` [B, K] int8 and ``x_scale`` [B] fp32, all contiguous on the current device.
+
+Raises
+------
+ValueError
+    Negative sizes or K > 131072.
+RuntimeError
+    Built without CUDA, or a CUDA error.
+)doc");
+
+  m.def("pack_indices", &pyserve::pack_indices, py::arg("idx"), py::arg("bits"),
+        R"doc(Pack 2..8-bit codes, little-endian bit order (see pyserve.ops.pack_indices).
+
+Parameters
+----------
+idx : numpy.ndarray
+    ``[N, K]`` uint8, C-contiguous, values below ``2**bits``.
+bits : int
+    Code width, 2..8.
+
+Returns
+-------
+numpy.ndarray
+    ``[N, ceil(K * bits / 8)]`` uint8; code k of a row is at bits ``[k*bits, (k+1)*bits)``, LSB first.
+
+Raises
+------
+ValueError
+    ``bits`` outside 2..8, wrong dtype/rank/layout of ``idx``, or a value >= ``2**bits``.
+)doc");
+
+  m.def("unpack_indices", &pyserve::unpack_indices, py::arg("packed"), py::arg("bits"), py::arg("K"),
+        R"doc(Inverse of pack_indices (see pyserve.ops.unpack_indices).
+
+Parameters
+----------
+packed : numpy.ndarray
+    ``[N, ceil(K * bits / 8)]`` uint8, C-contiguous.
+bits : int
+    Code width, 2..8.
+K : int
+    Codes per row, >= 0.
+
+Returns
+-------
+numpy.ndarray
+    ``[N, K]`` uint8.
+
+Raises
+------
+ValueError
+    ``bits`` outside 2..8, negative K, wrong dtype/rank/layout, rows not ``ceil(K*bits/8)`` bytes.
+)doc");
+
+  m.def("codebook_linear", &pyserve::codebook_linear, py::arg("x"), py::arg("packed"), py::arg("codebook"),
+        py::arg("bits"), py::arg("bias") = py::none(),
+        R"doc(Codebook (weight-shared) linear layer ``y = x @ W.T + bias`` (see pyserve.ops.codebook_linear).
+
+Parameters
+----------
+x : numpy.ndarray
+    ``[B, K]`` float32, C-contiguous.
+packed : numpy.ndarray
+    ``[N, ceil(K * bits / 8)]`` uint8 from pack_indices.
+codebook : numpy.ndarray
+    ``[2**bits]`` (per layer) or ``[N, 2**bits]`` (per output channel) float32.
+bits : int
+    Code width, 2..8.
+bias : numpy.ndarray or None
+    ``[N]`` float32.
+
+Returns
+-------
+numpy.ndarray
+    ``[B, N]`` float32 with ``W[n, k] = codebook[idx[n, k]]`` (or ``codebook[n, idx[n, k]]``).
+
+Raises
+------
+ValueError
+    ``bits`` outside 2..8, wrong dtype/rank/layout, short or long packed rows, codebook or bias
+    of the wrong length.
+)doc");
+
+  m.def("codebook_linear_cuda", &pyserve::codebook_linear_cuda, py::arg("x"), py::arg("packed"), py::arg("codebook"),
+        py::arg("bias"), py::arg("y"), py::arg("B"), py::arg("K"), py::arg("N"), py::arg("bits"),
+        py::arg("per_channel"),
+        R"doc(CUDA codebook linear on device pointers (int); used by pyserve.ops.codebook_linear for CUDA tensors.
+
+Shapes as codebook_linear; ``bias`` may be 0; all arrays contiguous on the current device.
+
+Raises
+------
+ValueError
+    ``bits`` outside 2..8 or negative sizes.
+RuntimeError
+    Built without CUDA, or a CUDA error.
+)doc");
 }

@@ -4,7 +4,7 @@ pyserve native kernels (C++/CUDA). Use the Python faces in pyserve.ops.
 from __future__ import annotations
 import numpy
 import typing
-__all__: list[str] = ['build_info', 'csr_linear', 'csr_linear_has_avx2', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_encode', 'set_num_threads']
+__all__: list[str] = ['build_info', 'codebook_linear', 'codebook_linear_cuda', 'csr_linear', 'csr_linear_has_avx2', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_encode', 'int8_linear', 'int8_linear_cuda', 'pack_indices', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
 def build_info() -> dict[str, typing.Any]:
     """
     What this build compiled in.
@@ -14,6 +14,47 @@ def build_info() -> dict[str, typing.Any]:
     dict
         ``{"version": str, "compiler": str, "avx2": bool, "openmp": bool, "cuda": bool,
         "cuda_archs": list[int]}``; ``cuda_archs`` is empty when CUDA was not compiled.
+    """
+def codebook_linear(x: numpy.ndarray, packed: numpy.ndarray, codebook: numpy.ndarray, bits: typing.SupportsInt | typing.SupportsIndex, bias: numpy.ndarray | None = None) -> numpy.ndarray:
+    """
+    Codebook (weight-shared) linear layer ``y = x @ W.T + bias`` (see pyserve.ops.codebook_linear).
+    
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``[B, K]`` float32, C-contiguous.
+    packed : numpy.ndarray
+        ``[N, ceil(K * bits / 8)]`` uint8 from pack_indices.
+    codebook : numpy.ndarray
+        ``[2**bits]`` (per layer) or ``[N, 2**bits]`` (per output channel) float32.
+    bits : int
+        Code width, 2..8.
+    bias : numpy.ndarray or None
+        ``[N]`` float32.
+    
+    Returns
+    -------
+    numpy.ndarray
+        ``[B, N]`` float32 with ``W[n, k] = codebook[idx[n, k]]`` (or ``codebook[n, idx[n, k]]``).
+    
+    Raises
+    ------
+    ValueError
+        ``bits`` outside 2..8, wrong dtype/rank/layout, short or long packed rows, codebook or bias
+        of the wrong length.
+    """
+def codebook_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, packed: typing.SupportsInt | typing.SupportsIndex, codebook: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, B: typing.SupportsInt | typing.SupportsIndex, K: typing.SupportsInt | typing.SupportsIndex, N: typing.SupportsInt | typing.SupportsIndex, bits: typing.SupportsInt | typing.SupportsIndex, per_channel: bool) -> None:
+    """
+    CUDA codebook linear on device pointers (int); used by pyserve.ops.codebook_linear for CUDA tensors.
+    
+    Shapes as codebook_linear; ``bias`` may be 0; all arrays contiguous on the current device.
+    
+    Raises
+    ------
+    ValueError
+        ``bits`` outside 2..8 or negative sizes.
+    RuntimeError
+        Built without CUDA, or a CUDA error.
     """
 def csr_linear(x: typing.Any, indptr: typing.Any, indices: typing.Any, values: typing.Any, bias: typing.Any = None, out: typing.Any = None, force_portable: bool = False) -> typing.Any:
     """
@@ -102,9 +143,114 @@ def huffman_encode(symbols: numpy.ndarray) -> bytes:
     ValueError
         If ``symbols`` is not 1-D, not uint8/uint16 or not contiguous.
     """
+def int8_linear(x: numpy.ndarray, w_int8: numpy.ndarray, w_scale: numpy.ndarray, bias: numpy.ndarray | None = None) -> numpy.ndarray:
+    """
+    int8 linear layer ``y = x @ dequant(w_int8).T + bias`` (see pyserve.ops.int8_linear).
+    
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``[B, K]`` float32, C-contiguous, finite; quantized per row like the weights.
+    w_int8 : numpy.ndarray
+        ``[N, K]`` int8, C-contiguous (any value in -128..127).
+    w_scale : numpy.ndarray
+        ``[N]`` float32.
+    bias : numpy.ndarray or None
+        ``[N]`` float32.
+    
+    Returns
+    -------
+    numpy.ndarray
+        ``[B, N]`` float32: ``float(acc) * (x_scale[b] * w_scale[n]) + bias[n]`` with exact int32 ``acc``.
+    
+    Raises
+    ------
+    ValueError
+        Wrong dtype, rank or layout; K mismatch; ``w_scale``/``bias`` not of length N; K > 131072;
+        non-finite ``x``.
+    """
+def int8_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, w: typing.SupportsInt | typing.SupportsIndex, w_scale: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, xq: typing.SupportsInt | typing.SupportsIndex, x_scale: typing.SupportsInt | typing.SupportsIndex, B: typing.SupportsInt | typing.SupportsIndex, K: typing.SupportsInt | typing.SupportsIndex, N: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    CUDA int8 linear on device pointers (int); used by pyserve.ops.int8_linear for CUDA tensors.
+    
+    ``x`` [B, K] fp32, ``w`` [N, K] int8, ``w_scale`` [N] fp32, ``bias`` [N] fp32 or 0, ``y`` [B, N] fp32,
+    workspace ``xq`` [B, K] int8 and ``x_scale`` [B] fp32, all contiguous on the current device.
+    
+    Raises
+    ------
+    ValueError
+        Negative sizes or K > 131072.
+    RuntimeError
+        Built without CUDA, or a CUDA error.
+    """
+def pack_indices(idx: numpy.ndarray, bits: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
+    """
+    Pack 2..8-bit codes, little-endian bit order (see pyserve.ops.pack_indices).
+    
+    Parameters
+    ----------
+    idx : numpy.ndarray
+        ``[N, K]`` uint8, C-contiguous, values below ``2**bits``.
+    bits : int
+        Code width, 2..8.
+    
+    Returns
+    -------
+    numpy.ndarray
+        ``[N, ceil(K * bits / 8)]`` uint8; code k of a row is at bits ``[k*bits, (k+1)*bits)``, LSB first.
+    
+    Raises
+    ------
+    ValueError
+        ``bits`` outside 2..8, wrong dtype/rank/layout of ``idx``, or a value >= ``2**bits``.
+    """
+def quantize_per_channel(w: numpy.ndarray) -> tuple:
+    """
+    Symmetric per-output-channel int8 quantization (see pyserve.ops.quantize_per_channel).
+    
+    Parameters
+    ----------
+    w : numpy.ndarray
+        ``[N, K]`` float32, C-contiguous, finite.
+    
+    Returns
+    -------
+    tuple[numpy.ndarray, numpy.ndarray]
+        ``w_int8`` ``[N, K]`` int8 in -127..127 and ``w_scale`` ``[N]`` float32 with
+        ``w ~= w_int8 * w_scale[:, None]``; ``scale = max|w[n]| / 127`` (1.0 for an all-zero row),
+        ``q = clamp(rint(w / scale), -127, 127)``, round half to even.
+    
+    Raises
+    ------
+    ValueError
+        Wrong dtype, rank or layout of ``w``, or a non-finite value.
+    """
 def set_num_threads(n: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
     Set the number of OpenMP threads every pyserve kernel uses (see pyserve.ops.set_num_threads).
     
     Process-wide (not per calling thread). Raises ValueError if ``n < 1``.
+    """
+def unpack_indices(packed: numpy.ndarray, bits: typing.SupportsInt | typing.SupportsIndex, K: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
+    """
+    Inverse of pack_indices (see pyserve.ops.unpack_indices).
+    
+    Parameters
+    ----------
+    packed : numpy.ndarray
+        ``[N, ceil(K * bits / 8)]`` uint8, C-contiguous.
+    bits : int
+        Code width, 2..8.
+    K : int
+        Codes per row, >= 0.
+    
+    Returns
+    -------
+    numpy.ndarray
+        ``[N, K]`` uint8.
+    
+    Raises
+    ------
+    ValueError
+        ``bits`` outside 2..8, negative K, wrong dtype/rank/layout, rows not ``ceil(K*bits/8)`` bytes.
     """

@@ -14,6 +14,7 @@ from pyserve.ops.huffman import (
 )
 from pyserve.ops._threads import get_num_threads, set_num_threads
 from pyserve.ops.sparse import csr_linear
+from pyserve.ops.quant import codebook_linear, int8_linear, pack_indices, quantize_per_channel, unpack_indices
 
 __all__ = [
     "HUFFMAN_FORMAT_VERSION",
@@ -26,4 +27,10 @@ __all__ = [
     "csr_linear",
     "get_num_threads",
     "set_num_threads",
+    # int8 and codebook linear (pyserve.ops.quant)
+    "codebook_linear",
+    "int8_linear",
+    "pack_indices",
+    "quantize_per_channel",
+    "unpack_indices",
 ]

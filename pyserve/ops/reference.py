@@ -340,3 +340,102 @@ def csr_linear_reference(x, indptr, indices, values, bias=None) -> np.ndarray:
 
 
 __all__ += ["csr_linear_reference"]
+# --- int8 and codebook linear (pyserve.ops.quant) -------------------------------------------------
+#
+# Computed another way than csrc/quant: quantization codes by numpy's IEEE fp32 division and
+# np.rint (the same documented fp32 formula, so codes must agree exactly), accumulation in int64,
+# dequantization and matmuls in float64; packing bit by bit through Python integers.
+
+__all__ += [
+    "codebook_linear_reference",
+    "int8_linear_reference",
+    "pack_indices_reference",
+    "quantize_rows_reference",
+    "unpack_indices_reference",
+]
+
+
+def quantize_rows_reference(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8 quantization as documented in :mod:`pyserve.ops.quant`.
+
+    Parameters
+    ----------
+    a : numpy.ndarray
+        ``[R, K]`` float32.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        ``[R, K]`` int8 codes and ``[R]`` float32 scales (1.0 where ``max|row| / 127`` is 0).
+    """
+    a = np.asarray(a, dtype=np.float32)
+    q = np.zeros(a.shape, dtype=np.int8)
+    scales = np.ones(a.shape[0], dtype=np.float32)
+    for r in range(a.shape[0]):
+        amax = np.float32(np.max(np.abs(a[r]))) if a.shape[1] else np.float32(0)
+        scale = np.float32(amax / np.float32(127))
+        if scale == 0:
+            continue
+        scales[r] = scale
+        with np.errstate(over="ignore"):
+            codes = np.rint(a[r] / scale)  # float32 / float32: IEEE division, rint: half to even
+        q[r] = np.clip(codes, -127, 127).astype(np.int8)
+    return q, scales
+
+
+def int8_linear_reference(x, w_int8, w_scale, bias=None) -> np.ndarray:
+    """``y[b, n] = acc * x_scale[b] * w_scale[n] + bias[n]`` with int64 ``acc``, float64 math.
+
+    Returns ``[B, N]`` float64 (compare with a tolerance of a few fp32 ulps).
+    """
+    xq, sx = quantize_rows_reference(np.asarray(x, dtype=np.float32))
+    acc = xq.astype(np.int64) @ np.asarray(w_int8).astype(np.int64).T
+    y = acc.astype(np.float64) * (sx.astype(np.float64)[:, None] * np.asarray(w_scale, np.float64)[None, :])
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)[None, :]
+    return y
+
+
+def pack_indices_reference(idx: np.ndarray, bits: int) -> np.ndarray:
+    """Pack ``[N, K]`` codes bit by bit (little-endian bit order) into ``[N, ceil(K*bits/8)]`` uint8."""
+    idx = np.asarray(idx)
+    N, K = idx.shape
+    row_bytes = (K * bits + 7) // 8
+    out = np.zeros((N, row_bytes), dtype=np.uint8)
+    for n in range(N):
+        for k in range(K):
+            value = int(idx[n, k])
+            for i in range(bits):
+                if (value >> i) & 1:
+                    j = k * bits + i
+                    out[n, j // 8] |= np.uint8(1 << (j % 8))
+    return out
+
+
+def unpack_indices_reference(packed: np.ndarray, bits: int, K: int) -> np.ndarray:
+    """Inverse of :func:`pack_indices_reference`, bit by bit."""
+    packed = np.asarray(packed)
+    N = packed.shape[0]
+    out = np.zeros((N, K), dtype=np.uint8)
+    for n in range(N):
+        for k in range(K):
+            value = 0
+            for i in range(bits):
+                j = k * bits + i
+                value |= ((int(packed[n, j // 8]) >> (j % 8)) & 1) << i
+            out[n, k] = value
+    return out
+
+
+def codebook_linear_reference(x, idx, codebook, bias=None) -> np.ndarray:
+    """``x @ W.T + bias`` in float64 with ``W = codebook[idx]`` (or ``codebook[n, idx[n]]``)."""
+    idx = np.asarray(idx).astype(np.int64)
+    codebook = np.asarray(codebook, dtype=np.float64)
+    if codebook.ndim == 1:
+        w = codebook[idx]
+    else:
+        w = np.take_along_axis(codebook, idx, axis=1)
+    y = np.asarray(x, dtype=np.float64) @ w.T
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)[None, :]
+    return y

@@ -1,0 +1,167 @@
+"""int8_linear and codebook_linear vs torch peers, one thread then two.
+
+int8_linear on BERT-base shapes ([N, K] = [768, 768], [3072, 768], [768, 3072]; B = 1, 8, 64, 128)
+against torch fp32 ``F.linear`` and torch's dynamic int8 Linear (``quantize_dynamic``, fbgemm).
+codebook_linear with 4- and 5-bit per-layer codebooks (B = 1, 8) against dense fp32 ``F.linear`` of
+the decoded weights, both "hot" (the same layer again and again, weights resident in the 32 MB L3)
+and "cold" (cycling through distinct copies of the layer totalling 96 MB of fp32 weights, so each
+call streams its weights from DRAM, as a model larger than the cache does). Every call includes its Python overhead; pyserve gets numpy inputs, torch its
+tensors. Each timing is the median of --repeats runs of a loop sized to ~20 ms; the thread counts
+run in separate processes (OMP_NUM_THREADS for pyserve's OpenMP, torch.set_num_threads for torch).
+Ratios > 1 mean pyserve is faster. Goals (issue 3): int8 >= 1.0x fbgemm everywhere; codebook >= 5x
+dense fp32 at B = 1.
+
+    python benchmarks/bench_quant.py [--threads 1,2] [--repeats 7] [--clock wall|cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+INT8_SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # [N, K]
+INT8_BATCHES = [1, 8, 64, 128]
+CB_SHAPES = [(768, 768), (3072, 768), (768, 3072)]
+CB_BITS = [4, 5]
+CB_BATCHES = [1, 8]
+COLD_BYTES = 96 << 20
+
+
+def _cycle(items):
+    while True:
+        yield from items
+
+
+CLOCK = time.perf_counter
+
+
+def median_us(fn, repeats: int) -> float:
+    fn()
+    t0 = CLOCK()
+    fn()
+    once = max(CLOCK() - t0, 1e-6)
+    inner = max(1, int(0.02 / once))
+    times = []
+    for _ in range(repeats):
+        t0 = CLOCK()
+        for _ in range(inner):
+            fn()
+        times.append((CLOCK() - t0) / inner)
+    return statistics.median(times) * 1e6
+
+
+def child(threads: int, repeats: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from pyserve.ops import codebook_linear, int8_linear, pack_indices, quantize_per_channel
+
+    torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated
+        from torch.ao.quantization import quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    rows = {"int8": [], "codebook": []}
+    with torch.inference_mode():
+        for N, K in INT8_SHAPES:
+            w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
+            b = rng.standard_normal(N).astype(np.float32)
+            lin = torch.nn.Linear(K, N)
+            lin.weight.copy_(torch.from_numpy(w))
+            lin.bias.copy_(torch.from_numpy(b))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                qlin = quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
+            q, s = quantize_per_channel(w)
+            wt, bt = torch.from_numpy(w), torch.from_numpy(b)
+            for B in INT8_BATCHES:
+                x = rng.standard_normal((B, K)).astype(np.float32)
+                xt = torch.from_numpy(x)
+                rows["int8"].append({
+                    "N": N, "K": K, "B": B,
+                    "fp32_us": median_us(lambda: F.linear(xt, wt, bt), repeats),
+                    "fbgemm_us": median_us(lambda: qlin(xt), repeats),
+                    "pyserve_us": median_us(lambda: int8_linear(x, q, s, b), repeats),
+                })
+        for N, K in CB_SHAPES:
+            b = rng.standard_normal(N).astype(np.float32)
+            for bits in CB_BITS:
+                idx = rng.integers(0, 2**bits, (N, K)).astype(np.uint8)
+                cb = np.sort(rng.standard_normal(2**bits)).astype(np.float32) * np.float32(0.05)
+                packed = pack_indices(idx, bits)
+                wt, bt = torch.from_numpy(cb[idx]), torch.from_numpy(b)
+                # "cold": cycle through enough distinct copies (> COLD_BYTES of fp32 weights, more
+                # than this CPU's 32 MB L3) that every call reads its weights from DRAM, as a model
+                # larger than the cache does; "hot": the same layer again and again (cache-resident).
+                copies = max(1, COLD_BYTES // (N * K * 4))
+                cold_w = [wt.clone() for _ in range(copies)]
+                cold_p = [packed.copy() for _ in range(copies)]
+                for B in CB_BATCHES:
+                    x = rng.standard_normal((B, K)).astype(np.float32)
+                    xt = torch.from_numpy(x)
+                    it_w, it_p = _cycle(cold_w), _cycle(cold_p)
+                    rows["codebook"].append({
+                        "N": N, "K": K, "bits": bits, "B": B,
+                        "fp32_us": median_us(lambda: F.linear(xt, wt, bt), repeats),
+                        "pyserve_us": median_us(lambda: codebook_linear(x, packed, cb, bits, b), repeats),
+                        "fp32_cold_us": median_us(lambda: F.linear(xt, next(it_w), bt), repeats),
+                        "pyserve_cold_us": median_us(lambda: codebook_linear(x, next(it_p), cb, bits, b), repeats),
+                    })
+                del cold_w, cold_p
+    return rows
+
+
+def print_tables(threads: int, rows: dict) -> None:
+    print(f"\n### int8_linear, {threads} thread(s) (median us per call; ratio = peer time / pyserve time)\n")
+    print("| W [N, K] | B | torch fp32 | torch int8 (fbgemm) | pyserve int8 | vs fbgemm | vs fp32 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows["int8"]:
+        print(f"| [{r['N']}, {r['K']}] | {r['B']} | {r['fp32_us']:.1f} | {r['fbgemm_us']:.1f} | {r['pyserve_us']:.1f} "
+              f"| {r['fbgemm_us'] / r['pyserve_us']:.2f}x | {r['fp32_us'] / r['pyserve_us']:.2f}x |")
+    print(f"\n### codebook_linear, {threads} thread(s) (median us per call; ratio = dense time / pyserve time)\n")
+    print("| W [N, K] | bits | B | dense fp32 hot | pyserve hot | vs dense hot | dense fp32 cold | pyserve cold "
+          "| vs dense cold |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows["codebook"]:
+        print(f"| [{r['N']}, {r['K']}] | {r['bits']} | {r['B']} | {r['fp32_us']:.1f} | {r['pyserve_us']:.1f} "
+              f"| {r['fp32_us'] / r['pyserve_us']:.2f}x | {r['fp32_cold_us']:.1f} | {r['pyserve_cold_us']:.1f} "
+              f"| {r['fp32_cold_us'] / r['pyserve_cold_us']:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts, each in its own process")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: time.perf_counter; cpu: time.process_time (CPU time of the process, "
+                        "robust to being descheduled on a shared machine; meaningful for 1 thread only)")
+    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.child:
+        print(json.dumps(child(args.child, args.repeats)))
+        return
+    from pyserve.ops import build_info
+
+    print(f"pyserve {build_info()}; os.cpu_count() = {os.cpu_count()}")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        print(f"\n({args.clock} clock)")
+        out = subprocess.run([sys.executable, __file__, "--child", str(threads), "--repeats", str(args.repeats),
+                              "--clock", args.clock],
+                             env=env, capture_output=True, text=True, check=True)
+        print_tables(threads, json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+if __name__ == "__main__":
+    main()

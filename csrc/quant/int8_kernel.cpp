@@ -1,0 +1,258 @@
+// int8 quantization and GEMM kernels (CPU). Algorithms and rounding: int8_kernel.h.
+#include "quant/int8_kernel.h"
+#include "common/threads.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+
+#if PYSERVE_AVX2
+#include <immintrin.h>
+#endif
+
+namespace pyserve {
+namespace quant {
+
+namespace {
+
+// Below this many multiply-adds a call stays on one thread: a BERT-sized B = 1 layer takes ~0.1 ms
+// on one core, the second vCPU adds little (ENVIRONMENT.md), and on a busy machine waiting for a
+// descheduled OpenMP worker costs a whole scheduler time slice (measured: ~16 ms per call).
+constexpr int64_t kParallelMinMacs = int64_t{1} << 22;
+
+// --- quantization --------------------------------------------------------------------------------
+
+// Returns false when the row holds a non-finite value.
+bool quantize_row_portable(const float* r, int64_t K, int8_t* q, float* scale_out) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::fabs(r[k]);
+    finite &= std::isfinite(a);
+    amax = a > amax ? a : amax;
+  }
+  if (!finite) return false;
+  float scale = amax / 127.0f;
+  if (scale == 0.0f) {
+    *scale_out = 1.0f;
+    for (int64_t k = 0; k < K; ++k) q[k] = 0;
+    return true;
+  }
+  *scale_out = scale;
+  for (int64_t k = 0; k < K; ++k) {
+    float v = std::nearbyint(r[k] / scale);
+    v = std::min(127.0f, std::max(-127.0f, v));
+    q[k] = static_cast<int8_t>(v);
+  }
+  return true;
+}
+
+#if PYSERVE_AVX2
+__attribute__((target("avx2,fma"))) bool quantize_row_avx2(const float* r, int64_t K, int8_t* q, float* scale_out) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  __m256 vzero_check = _mm256_setzero_ps();  // sum of r*0: NaN iff some r is inf or NaN
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_loadu_ps(r + k);
+    vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));
+    vzero_check = _mm256_add_ps(vzero_check, _mm256_mul_ps(v, _mm256_setzero_ps()));
+  }
+  alignas(32) float lanes[8], checks[8];
+  _mm256_store_ps(lanes, vmax);
+  _mm256_store_ps(checks, vzero_check);
+  float amax = 0.0f;
+  bool finite = true;
+  for (int i = 0; i < 8; ++i) {
+    amax = std::max(amax, lanes[i]);
+    finite &= checks[i] == 0.0f;
+  }
+  for (; k < K; ++k) {
+    const float a = std::fabs(r[k]);
+    finite &= std::isfinite(a);
+    amax = a > amax ? a : amax;
+  }
+  if (!finite) return false;
+  const float scale = amax / 127.0f;
+  if (scale == 0.0f) {
+    *scale_out = 1.0f;
+    for (int64_t j = 0; j < K; ++j) q[j] = 0;
+    return true;
+  }
+  *scale_out = scale;
+  const __m256 vs = _mm256_set1_ps(scale);
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i i32[4];
+    for (int j = 0; j < 4; ++j) {
+      __m256 v = _mm256_div_ps(_mm256_loadu_ps(r + k + 8 * j), vs);
+      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+      i32[j] = _mm256_cvtps_epi32(v);
+    }
+    // packs work per 128-bit lane; a final dword permute restores the order.
+    const __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]);
+    const __m256i i16b = _mm256_packs_epi32(i32[2], i32[3]);
+    __m256i i8 = _mm256_packs_epi16(i16a, i16b);
+    i8 = _mm256_permutevar8x32_epi32(i8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), i8);
+  }
+  for (; k < K; ++k) {
+    float v = std::nearbyint(r[k] / scale);
+    v = std::min(127.0f, std::max(-127.0f, v));
+    q[k] = static_cast<int8_t>(v);
+  }
+  return true;
+}
+#endif
+
+bool cpu_has_avx2() {
+#if PYSERVE_AVX2
+  // PYSERVE_DISABLE_AVX2 (any value) forces the portable path, so tests can cover it on AVX2 CPUs.
+  static const bool has =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("PYSERVE_DISABLE_AVX2") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
+// --- GEMM ----------------------------------------------------------------------------------------
+
+inline float dequant(int32_t acc, float sx, float sw, const float* bias, int64_t n) {
+  const float v = static_cast<float>(acc) * (sx * sw);
+  return bias ? v + bias[n] : v;
+}
+
+void gemm_block_portable(const int8_t* xq, const float* sx, int64_t B, int64_t K, const int8_t* wq, const float* sw,
+                         const float* bias, int64_t N, int64_t n0, int64_t n1, float* y) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int8_t* xr = xq + b * K;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wr = wq + n * K;
+      int32_t acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]);
+      y[b * N + n] = dequant(acc, sx[b], sw[n], bias, n);
+    }
+  }
+}
+
+#if PYSERVE_AVX2
+__attribute__((target("avx2,fma"))) inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// MB activation rows x NB weight rows; 32 products per step per pair:
+//   u = |w| (unsigned, 0..128), s = x * sign(w) (signed, -127..127)
+//   vpmaddubsw(u, s): pairs u0*s0 + u1*s1, |.| <= 2 * 128 * 127 = 32512, no int16 saturation
+//   vpmaddwd(., 1): int32 sums of 4 products, added to the accumulators.
+template <int MB, int NB>
+__attribute__((target("avx2,fma"))) inline void tile_avx2(const int8_t* xq, const float* sx, int64_t b0, int64_t K,
+                                                          const int8_t* wq, const float* sw, const float* bias,
+                                                          int64_t N, int64_t n0, float* y) {
+  __m256i acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xr[MB];
+  const int8_t* wr[NB];
+  for (int i = 0; i < MB; ++i) xr[i] = xq + (b0 + i) * K;
+  for (int j = 0; j < NB; ++j) wr[j] = wq + (n0 + j) * K;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i w[NB], u[NB];
+    for (int j = 0; j < NB; ++j) {
+      w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
+      u[j] = _mm256_abs_epi8(w[j]);
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[i] + k));
+      for (int j = 0; j < NB; ++j) {
+        const __m256i p16 = _mm256_maddubs_epi16(u[j], _mm256_sign_epi8(xv, w[j]));
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(p16, ones));
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int j = 0; j < NB; ++j) {
+      int32_t s = hsum_epi32(acc[i][j]);
+      for (int64_t t = k; t < K; ++t) s += static_cast<int32_t>(xr[i][t]) * static_cast<int32_t>(wr[j][t]);
+      y[(b0 + i) * N + n0 + j] = dequant(s, sx[b0 + i], sw[n0 + j], bias, n0 + j);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void gemm_block_avx2(const int8_t* xq, const float* sx, int64_t B, int64_t K,
+                                                         const int8_t* wq, const float* sw, const float* bias,
+                                                         int64_t N, int64_t n0, int64_t n1, float* y) {
+  // 4 activation rows x 2 channels: 8 accumulators + 2 weights + 2 |w| + 1 x + ones = 14 ymm,
+  // no spills (2 x 4 needs 18 and spills).
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4) tile_avx2<4, 2>(xq, sx, b, K, wq, sw, bias, N, n, y);
+    for (; b < B; ++b) tile_avx2<1, 2>(xq, sx, b, K, wq, sw, bias, N, n, y);
+  }
+  for (; n < n1; ++n) {
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4) tile_avx2<4, 1>(xq, sx, b, K, wq, sw, bias, N, n, y);
+    for (; b < B; ++b) tile_avx2<1, 1>(xq, sx, b, K, wq, sw, bias, N, n, y);
+  }
+}
+#endif
+
+}  // namespace
+
+bool int8_avx2_active() { return cpu_has_avx2(); }
+
+bool quantize_rows(const float* src, int64_t rows, int64_t K, int8_t* q, float* scale, int64_t* bad_row) {
+  const bool avx2 = cpu_has_avx2();
+  int64_t first_bad = rows;
+#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) reduction(min : first_bad) if (rows * K >= (int64_t{1} << 20))
+  for (int64_t r = 0; r < rows; ++r) {
+    bool ok;
+#if PYSERVE_AVX2
+    if (avx2)
+      ok = quantize_row_avx2(src + r * K, K, q + r * K, scale + r);
+    else
+#endif
+      ok = quantize_row_portable(src + r * K, K, q + r * K, scale + r);
+    (void)avx2;
+    if (!ok && r < first_bad) first_bad = r;
+  }
+  if (first_bad < rows) {
+    if (bad_row) *bad_row = first_bad;
+    return false;
+  }
+  return true;
+}
+
+void int8_gemm(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const int8_t* wq, const float* w_scale,
+               const float* bias, int64_t N, float* y) {
+  if (B == 0 || N == 0) return;
+  const bool avx2 = cpu_has_avx2();
+  // Blocks of output channels: a block's weights (block * K bytes) stay in L1/L2 while all B
+  // activation rows stream past them.
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t n0 = blk * kBlock, n1 = std::min(N, n0 + kBlock);
+#if PYSERVE_AVX2
+    if (avx2) {
+      gemm_block_avx2(xq, x_scale, B, K, wq, w_scale, bias, N, n0, n1, y);
+      continue;
+    }
+#endif
+    (void)avx2;
+    gemm_block_portable(xq, x_scale, B, K, wq, w_scale, bias, N, n0, n1, y);
+  }
+}
+
+}  // namespace quant
+}  // namespace pyserve

@@ -133,3 +133,40 @@ def test_load_equals_compressed_model_conv(compressed_conv, small_task, tmp_path
     x = small_task.test_x
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))  # the same function, bit for bit
+
+
+def test_load_equals_compressed_model_pipeline(tmp_path):
+    """The whole pipeline in-process (LeNet-300-100, 1 training epoch): the artifact computes exactly
+    what the compressed in-memory model computes, and its stated sizes are the file's."""
+    import os
+    import textwrap
+    from pathlib import Path
+
+    from pyserve.compress import compress, load_recipe
+
+    root = Path(__file__).resolve().parents[2]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(f"""
+        format_version: 1
+        name: tinylenet
+        model:
+          factory: {root / 'examples/lenet300/model.py'}:LeNet300
+          inputs: [{{name: images, datatype: FP32, shape: [-1, 784]}}]
+          outputs: [{{name: logits, datatype: FP32, shape: [-1, 10]}}]
+        train: {{epochs: 1, batch_size: 256}}
+        stages:
+          - {{method: prune, sparsity: {{fc1: 0.9, fc2: 0.9, fc3: 0.7}}, retrain_epochs: 0, index_bits: {{fc1: 8}}}}
+          - {{method: quantize, bits: 5, finetune_epochs: 0}}
+          - {{method: huffman}}
+    """))
+    out = tmp_path / "tiny.pyserve"
+    result = compress(load_recipe(path), out, verbose=False)
+    assert result.artifact_bytes == os.path.getsize(out)
+    assert result.manifest.tensors["fc1.weight"]["index_bits"] == 8
+    assert result.manifest.tensors["fc2.weight"]["index_bits"] == 5
+    assert [s["method"] for s in result.stages] == ["prune", "quantize", "huffman"]
+    loaded = pyserve.load(out)
+    x = Task.from_dataset("mnist", verbose=False).test_x
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model.eval()(x))
+    assert result.accuracy_loaded == result.accuracy_after

@@ -171,7 +171,9 @@ def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: 
             raise ValueError(f"save: the encoding given for {name!r} does not reproduce the module's tensor")
         entry = dict(enc.meta, role=role, blobs={}, size_bytes=enc.size_bytes)
         for key, data in enc.blobs.items():
-            blob_name = f"{name}:{key}"
+            # Blob names are the writer's choice (readers follow the tensor's "blobs" map); short
+            # numbers keep the manifest small, which matters for models of a few kilobytes.
+            blob_name = str(len(blobs))
             blobs[blob_name] = data
             entry["blobs"][key] = blob_name
         tensors[name] = entry

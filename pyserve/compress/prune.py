@@ -27,8 +27,10 @@ SCHEDULES = ("linear", "gradual")
 class PruneConfig:
     """``sparsity``: fraction of weights removed, one number for every layer or a mapping
     layer name -> fraction; or ``quality``: threshold = quality x std of the layer's weights.
-    ``index_bits``: relative-index bits in the stored form (paper: 5 for fully connected, 8 for
-    conv; default by layer type)."""
+    ``index_bits``: relative-index bits in the stored form, 1..8, one number or a mapping layer name
+    -> bits (paper: 5 for fully connected, 8 for conv; the default, by layer type). A sparser layer
+    wants wider indices: with density ``d`` a gap exceeds ``2**index_bits`` with probability about
+    ``(1 - d)**(2**index_bits)``, and each such gap costs a filler entry."""
 
     sparsity: float | dict[str, float] | None = None
     quality: float | None = None
@@ -36,7 +38,7 @@ class PruneConfig:
     schedule: str = "linear"
     retrain_epochs: int = 2
     lr: float | None = None
-    index_bits: int | None = None
+    index_bits: int | dict[str, int] | None = None
     layers: tuple[str, ...] | None = None
 
     def __post_init__(self):
@@ -54,8 +56,10 @@ class PruneConfig:
             raise ValueError(f"schedule: must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.retrain_epochs < 0:
             raise ValueError(f"retrain_epochs: must be >= 0, got {self.retrain_epochs}")
-        if self.index_bits is not None and not 1 <= self.index_bits <= 8:
-            raise ValueError(f"index_bits: must be in 1..8, got {self.index_bits}")
+        bits = self.index_bits.values() if isinstance(self.index_bits, dict) else [self.index_bits]
+        for b in bits:
+            if b is not None and not 1 <= b <= 8:
+                raise ValueError(f"index_bits: must be in 1..8, got {b}")
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -89,6 +93,10 @@ def _round_sparsity(final: float, r: int, rounds: int, schedule: str) -> float:
 def prune(state: CompressionState, cfg: PruneConfig, task) -> dict:
     names = cfg.layers or (tuple(cfg.sparsity) if isinstance(cfg.sparsity, dict) else None)
     layers = weight_layers(state.model, names)
+    if isinstance(cfg.index_bits, dict):
+        unknown = sorted(set(cfg.index_bits) - set(layers))
+        if unknown:
+            raise ValueError(f"index_bits: {unknown[0]!r} is not one of the pruned layers {', '.join(layers)}")
     targets = _targets(cfg, layers)
     state.layers.update(layers)
     for r in range(1, cfg.rounds + 1):
@@ -104,7 +112,11 @@ def prune(state: CompressionState, cfg: PruneConfig, task) -> dict:
             desc=f"prune round {r}/{cfg.rounds} retrain")
     for name, m in layers.items():
         default_bits = 5 if isinstance(m, nn.Linear) else 8
-        state.index_bits[f"{name}.weight"] = cfg.index_bits or default_bits
+        if isinstance(cfg.index_bits, dict):
+            bits = cfg.index_bits.get(name, default_bits)
+        else:
+            bits = cfg.index_bits or default_bits
+        state.index_bits[f"{name}.weight"] = bits
     return {name: {"sparsity": 1.0 - float(state.masks[f"{name}.weight"].float().mean())} for name in layers}
 
 

@@ -17,8 +17,9 @@ Example (examples/lenet300/recipe.yaml)::
     data: {dataset: mnist}
     train: {batch_size: 128, lr: 0.001, epochs: 10}
     stages:
-      - {method: prune, sparsity: {fc1: 0.92, fc2: 0.91, fc3: 0.74}, rounds: 2, retrain_epochs: 3}
-      - {method: quantize, bits: 6, finetune_epochs: 1}
+      - {method: prune, sparsity: {fc1: 0.95, fc2: 0.91, fc3: 0.74}, rounds: 4, schedule: gradual,
+         retrain_epochs: 5, index_bits: {fc1: 8, fc2: 6, fc3: 5}}
+      - {method: quantize, bits: 5, finetune_epochs: 2, lr: 0.0001}
       - {method: huffman}
 """
 

@@ -43,7 +43,7 @@ def saved(net, tmp_path_factory):
 
 def test_manifest_signature(saved):
     m = read_manifest(saved)
-    assert m.model_name == "net" and m.format_version == 1
+    assert m.model_name == "net" and m.format_version == 2
     assert [(s.name, s.datatype, s.shape) for s in m.inputs] == [("x", "FP32", (-1, 1, 8, 8))]
     assert [(s.name, s.datatype, s.shape) for s in m.outputs] == [("y", "FP32", (-1, 5))]
     assert m.tensors["fc.weight"]["encoding"] == "sparse" and m.tensors["conv.weight"]["encoding"] == "raw"
@@ -82,10 +82,10 @@ def test_every_flipped_byte_is_caught(saved, tmp_path):
 
 def test_unknown_version_and_missing_file(saved, tmp_path):
     data = bytearray(saved.read_bytes())
-    data[8] = 2
-    (tmp_path / "v2.pyserve").write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="version 2"):
-        read_manifest(tmp_path / "v2.pyserve")
+    data[8] = 3
+    (tmp_path / "v3.pyserve").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="version 3; this pyserve reads versions 1, 2"):
+        read_manifest(tmp_path / "v3.pyserve")
     with pytest.raises(ArtifactError, match="no such artifact"):
         read_manifest(tmp_path / "missing.pyserve")
 
@@ -131,6 +131,52 @@ def test_graph_holds_no_source_paths(saved):
     graph = zlib.decompress(blobs["graph"]).decode()
     assert "stack_trace" not in graph
     assert __file__ not in graph and ".py\\\"" not in graph and ".py\"" not in graph
+
+
+def _as_version_1(path, out):
+    """Rewrite a version-2 file as version 1 (plain JSON manifest), byte for byte otherwise."""
+    import hashlib
+    import json
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    _, _, m_size, b_size, _, _ = struct.unpack_from("<8sIQQ32sI", data)
+    manifest = json.loads(zlib.decompress(data[64:64 + m_size]))
+    manifest["format_version"] = 1
+    plain = json.dumps(manifest, separators=(",", ":")).encode()
+    header = struct.pack("<8sIQQ32sI", b"\x89PYSRV\r\n", 1, len(plain), b_size, hashlib.sha256(plain).digest(), 0)
+    out.write_bytes(header + plain + data[64 + m_size:])
+    return manifest
+
+
+def test_reads_version_1_files(net, saved, tmp_path):
+    v1 = tmp_path / "v1.pyserve"
+    manifest = _as_version_1(saved, v1)
+    m = read_manifest(v1)
+    assert m.format_version == 1 and m.tensors == manifest["tensors"]
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(load_artifact(v1).module(x), load_artifact(saved).module(x))
+
+
+def test_version_2_manifest_is_compressed_and_checked(saved, tmp_path):
+    import struct
+    import zlib
+
+    data = bytearray(saved.read_bytes())
+    m_size = struct.unpack_from("<Q", data, 12)[0]
+    json_bytes = zlib.decompress(bytes(data[64:64 + m_size]))
+    assert json_bytes.startswith(b"{") and m_size < len(json_bytes)
+    # a bad zlib stream with a matching SHA-256 is still refused, with a clear message
+    import hashlib
+
+    junk = b"\x78\x9c" + b"\x00" * (m_size - 2)
+    data[64:64 + m_size] = junk
+    data[28:60] = hashlib.sha256(junk).digest()
+    (tmp_path / "bad.pyserve").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="manifest (is not valid zlib data|zlib stream)"):
+        read_manifest(tmp_path / "bad.pyserve")
 
 
 def _rewrite(src, dst, edit):

@@ -1,5 +1,6 @@
 // Codebook linear and index packing kernels (CPU). Layout and algorithm: codebook_kernel.h.
 #include "quant/codebook_kernel.h"
+#include "common/cpu_features.h"
 #include "common/threads.h"
 
 #include <algorithm>
@@ -25,16 +26,6 @@ namespace {
 // descheduled OpenMP worker costs a whole scheduler time slice (measured: ~16 ms per call).
 constexpr int64_t kParallelMinMacs = int64_t{1} << 22;
 
-bool cpu_has_avx2() {
-#if PYSERVE_AVX2
-  // PYSERVE_DISABLE_AVX2 (any value) forces the portable path, so tests can cover it on AVX2 CPUs.
-  static const bool has =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("PYSERVE_DISABLE_AVX2") == nullptr;
-  return has;
-#else
-  return false;
-#endif
-}
 
 // Generic unpacking of one row through a 64-bit bit buffer (reads exactly ceil(K*bits/8) bytes).
 void unpack_row_generic(const uint8_t* src, int64_t K, int bits, uint8_t* dst) {
@@ -424,7 +415,7 @@ int64_t first_code_out_of_range(const uint8_t* idx, int64_t count, int bits) {
 
 void unpack_indices(const uint8_t* packed, int64_t N, int64_t K, int bits, uint8_t* idx) {
   const int64_t rb = packed_row_bytes(K, bits);
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = cpu_has_avx2_fma();
 #pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (N * K >= (int64_t{1} << 21))
   for (int64_t n = 0; n < N; ++n) unpack_row(packed + n * rb, K, bits, idx + n * K, avx2);
 }
@@ -434,7 +425,7 @@ void codebook_linear(const float* x, int64_t B, int64_t K, const uint8_t* packed
   if (B == 0 || N == 0) return;
   const int64_t rb = packed_row_bytes(K, bits);
   const int64_t C = int64_t{1} << bits;
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = cpu_has_avx2_fma();
   // bits <= 5 with AVX2: decode from the packed row in registers, with x reordered once per call
   // to match the order the codes come out in (B == 1: fused with the dot product; B > 1: into a
   // decoded row shared by the B dot products).

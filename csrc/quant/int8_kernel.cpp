@@ -1,5 +1,6 @@
 // int8 quantization and GEMM kernels (CPU). Algorithms and rounding: int8_kernel.h.
 #include "quant/int8_kernel.h"
+#include "common/cpu_features.h"
 #include "common/threads.h"
 
 #include <algorithm>
@@ -108,16 +109,6 @@ __attribute__((target("avx2,fma"))) bool quantize_row_avx2(const float* r, int64
 }
 #endif
 
-bool cpu_has_avx2() {
-#if PYSERVE_AVX2
-  // PYSERVE_DISABLE_AVX2 (any value) forces the portable path, so tests can cover it on AVX2 CPUs.
-  static const bool has =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("PYSERVE_DISABLE_AVX2") == nullptr;
-  return has;
-#else
-  return false;
-#endif
-}
 
 // --- GEMM ----------------------------------------------------------------------------------------
 
@@ -208,10 +199,10 @@ __attribute__((target("avx2,fma"))) void gemm_block_avx2(const int8_t* xq, const
 
 }  // namespace
 
-bool int8_avx2_active() { return cpu_has_avx2(); }
+bool int8_avx2_active() { return cpu_has_avx2_fma(); }
 
 bool quantize_rows(const float* src, int64_t rows, int64_t K, int8_t* q, float* scale, int64_t* bad_row) {
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = cpu_has_avx2_fma();
   int64_t first_bad = rows;
 #pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) reduction(min : first_bad) if (rows * K >= (int64_t{1} << 20))
   for (int64_t r = 0; r < rows; ++r) {
@@ -235,7 +226,7 @@ bool quantize_rows(const float* src, int64_t rows, int64_t K, int8_t* q, float* 
 void int8_gemm(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const int8_t* wq, const float* w_scale,
                const float* bias, int64_t N, float* y) {
   if (B == 0 || N == 0) return;
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = cpu_has_avx2_fma();
   // Blocks of output channels: a block's weights (block * K bytes) stay in L1/L2 while all B
   // activation rows stream past them.
   constexpr int64_t kBlock = 16;

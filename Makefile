@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: demo test reproduce base clean
+.PHONY: demo test reproduce base clean asan-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,35 @@ reproduce: base
 test: base
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The ops tests against a _C built with AddressSanitizer + UBSan (CMake PYSERVE_SANITIZE=ON, CPU
+# only), in its own build dir (build/asan) and its own venv (.venv-asan), so the normal build is
+# untouched. .venv-asan has no packages of its own: a .pth puts .venv's site-packages on its path
+# (torch, pytest, hypothesis, ...), and only the sanitized editable pyserve is installed into it.
+# libasan must be the first library loaded, hence LD_PRELOAD; libstdc++ is preloaded with it, or
+# ASan's __cxa_throw interceptor finds no real __cxa_throw (python does not link libstdc++) and
+# the first C++ exception aborts. CPython leaks by design, hence detect_leaks=0. --capture=sys
+# keeps fd 2 free, so a sanitizer report reaches the terminal before the abort.
+# ASAN_TEST_ARGS narrows the run, e.g. ASAN_TEST_ARGS='-m "not slow"'.
+ASAN_VENV      ?= .venv-asan
+ASAN_TEST_ARGS ?=
+ASAN_LIB        = $(shell $${CXX:-g++} -print-file-name=libasan.so)
+ASAN_STDCXX     = $(shell $${CXX:-g++} -print-file-name=libstdc++.so)
+asan-test: base
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	test -x $(ASAN_VENV)/bin/python || $(PYTHON) -m venv --without-pip $(ASAN_VENV)
+	$(ASAN_VENV)/bin/python -c "import sys; print(sys.version)" >/dev/null
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_path('purelib'))" \
+	  > "$$($(ASAN_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")/_pyserve_asan_base.pth"
+	PYSERVE_CUDA=OFF $(PIP) --python $(ASAN_VENV)/bin/python install -q --no-build-isolation --no-deps -e . \
+	  -C build-dir=build/asan -C cmake.define.PYSERVE_SANITIZE=ON
+	@test -f "$(ASAN_LIB)" || { echo "asan-test: libasan.so not found ($(ASAN_LIB))" >&2; exit 2; }
+	@so=$$($(ASAN_VENV)/bin/python -c "import importlib.util as u; print(u.find_spec('pyserve._C').origin)"); \
+	  ldd "$$so" | grep -q libasan || { echo "asan-test: $$so is not built with ASan" >&2; exit 2; }; \
+	  echo "asan-test: testing $$so"
+	LD_PRELOAD="$(ASAN_LIB) $(ASAN_STDCXX)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(ASAN_VENV)/bin/python -m pytest tests/ops -q -p no:cacheprovider --capture=sys $(ASAN_TEST_ARGS)
 
 clean:
 	rm -rf build out

@@ -38,11 +38,17 @@ def test_bars_on_a_terminal_and_quiet(compressed, tmp_path):
     assert "stage prune:" in out and "stage quantize:" in out and "stage huffman:" in out
     assert "%|" in out and "it/s" in out
     assert "prune round 1/1 retrain epoch 1/1:" in out and "centroid fine-tuning epoch 1/1:" in out
-    rc, out = run_in_pty(["-m", "pyserve", "compress", str(recipe), "-o", str(tmp_path / "b.pyserve"), "-q"])
-    assert rc == 0, out
-    assert "%|" not in out and "pyserve compress:" not in out
     # bars change nothing about the result: same bytes as the fixture's run (stderr captured, -q)
-    assert (tmp_path / "a.pyserve").read_bytes() == (tmp_path / "b.pyserve").read_bytes() == out_fixture.read_bytes()
+    assert (tmp_path / "a.pyserve").read_bytes() == out_fixture.read_bytes()
+
+
+def test_quiet_on_a_terminal_shows_no_bar():
+    code = ("from pyserve.compress._train import progress\n"
+            "assert list(progress(range(3), desc='quiet', verbose=False)) == [0, 1, 2]\n"
+            "assert list(progress(range(3), desc='shown', verbose=True)) == [0, 1, 2]\n")
+    rc, out = run_in_pty(["-c", code])
+    assert rc == 0, out
+    assert "quiet" not in out and "shown: 100%|" in out
 
 
 def test_helper_disabled_off_a_terminal(capsys):

@@ -62,6 +62,7 @@ def compressed(tmp_path_factory):
           - {{method: prune, sparsity: {{fc1: 0.9, fc2: 0.9, fc3: 0.7}}, retrain_epochs: 1}}
           - {{method: quantize, bits: 4, finetune_epochs: 1}}
           - {{method: huffman}}
+        report: {{sensitivity: [0.5, 0.9, 0.99]}}
     """))
     out = d / "tiny.pyserve"
     proc = subprocess.run([sys.executable, "-m", "pyserve", "compress", str(recipe), "-o", str(out), "-q",

@@ -52,6 +52,9 @@ class CompressionResult:
     weights: dict = field(default_factory=dict)
     codebooks: dict = field(default_factory=dict)
     parts: dict = field(default_factory=dict)
+    # recipe ``report.sensitivity``: {"sparsities": [...], "curves": {layer: {sparsity: accuracy}},
+    # "suggested": {layer: sparsity}, "max_drop": fraction} measured on the fp32 model; else None.
+    sensitivity: dict | None = None
 
     @property
     def compression(self) -> float:
@@ -267,6 +270,15 @@ def compress(recipe: Recipe | str | os.PathLike, output: str | os.PathLike, *, v
     fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     acc = {"before": accuracy(model, task.test_x, task.test_y, task.eval_batch_size)}
     _log(f"pyserve compress: fp32 test accuracy {acc['before']:.4f}", verbose)
+    sens = None
+    if recipe.report.sensitivity:
+        from pyserve.compress.sensitivity import sensitivity, suggest_sparsity
+
+        _log("pyserve compress: sensitivity analysis (each layer pruned alone, no retraining)", verbose)
+        curves = sensitivity(model, task, sparsities=recipe.report.sensitivity)
+        sens = {"sparsities": list(recipe.report.sensitivity), "curves": curves,
+                "max_drop": recipe.report.sensitivity_max_drop,
+                "suggested": suggest_sparsity(curves, acc["before"], recipe.report.sensitivity_max_drop)}
 
     set_seed(recipe.seed)
     state = CompressionState(model)
@@ -323,4 +335,4 @@ def compress(recipe: Recipe | str | os.PathLike, output: str | os.PathLike, *, v
     table = _table(recipe, layers, fp32_bytes, manifest.size_bytes, acc)
     return CompressionResult(output, manifest, fp32_bytes, manifest.size_bytes, acc["before"], acc["after"],
                              acc["loaded"], layers, table, model=model, stages=tuple(stage_reports),
-                             weights=weights, codebooks=dict(state.codebooks), parts=parts)
+                             weights=weights, codebooks=dict(state.codebooks), parts=parts, sensitivity=sens)

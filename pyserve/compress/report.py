@@ -61,7 +61,16 @@ def build_report(result) -> dict:
                      "loaded": float(result.accuracy_loaded)},
         "stages": stages,
         "layers": layers,
+        "sensitivity": _sensitivity_json(result.sensitivity),
     }
+
+
+def _sensitivity_json(sens):
+    if not sens:
+        return None
+    return {"sparsities": [float(s) for s in sens["sparsities"]], "max_drop": float(sens["max_drop"]),
+            "curves": {layer: {f"{s:g}": float(a) for s, a in curve.items()} for layer, curve in sens["curves"].items()},
+            "suggested": {layer: float(s) for layer, s in sens["suggested"].items()}}
 
 
 def _jsonable(obj):
@@ -103,6 +112,15 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
                      f"{L['encoding']} | {L['fp32_bytes']} | {L['stored_bytes']} | {parts} | "
                      f"{L['bits_per_weight_before']:.0f} | {L['bits_per_weight_after']:.2f} | "
                      f"{L['bits_per_kept_weight']:.2f} |")
+    sens = report.get("sensitivity")
+    if sens:
+        keys = [f"{s:g}" for s in sens["sparsities"]]
+        lines += ["", "## Sensitivity (each layer pruned alone, no retraining; Han et al. 2015, fig. 5)", "",
+                  "| layer | " + " | ".join(f"{k}" for k in keys) + f" | suggested (drop <= {sens['max_drop']:g}) |",
+                  "| --- | " + " | ".join("---:" for _ in keys) + " | ---: |"]
+        for layer, curve in sens["curves"].items():
+            lines.append(f"| {layer} | " + " | ".join(f"{curve[k]:.4f}" for k in keys)
+                         + f" | {sens['suggested'][layer]:g} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -114,7 +132,8 @@ def write_plots(result, report: dict, directory: Path) -> list[str]:
     ``weights_<layer>.png``: weight histogram before pruning and after the last pruning-side stage
     (zeros left out after pruning); ``centroids_<layer>.png``: histogram of the surviving weights
     before quantization with the final codebook's centroids as vertical lines; ``sizes.png``: the
-    parameter bytes after each stage (log scale) with the ratio to fp32.
+    parameter bytes after each stage (log scale) with the ratio to fp32; ``sensitivity.png``
+    (when the recipe asked for it): accuracy vs sparsity per layer.
     """
     import matplotlib
 
@@ -172,6 +191,20 @@ def write_plots(result, report: dict, directory: Path) -> list[str]:
     fig.savefig(directory / "sizes.png", dpi=80)
     plt.close(fig)
     names.append("sizes.png")
+    sens = report.get("sensitivity")
+    if sens:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for layer, curve in sens["curves"].items():
+            ax.plot([float(k) for k in curve], list(curve.values()), marker="o", label=layer)
+        ax.axhline(report["accuracy"]["fp32"], color="gray", ls="--", lw=0.8, label="fp32")
+        ax.set_xlabel("sparsity of the one pruned layer")
+        ax.set_ylabel("top-1 test accuracy")
+        ax.set_title(f"{report['model']}: pruning sensitivity (no retraining)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(directory / "sensitivity.png", dpi=80)
+        plt.close(fig)
+        names.append("sensitivity.png")
     return names
 
 

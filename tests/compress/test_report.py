@@ -91,7 +91,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 def test_report_plots_are_png_and_linked_from_markdown(report):
     d, rep, _, _ = report
     expected = {f"weights_{l}.png" for l in ("fc1", "fc2", "fc3")} | {f"centroids_{l}.png" for l in ("fc1", "fc2", "fc3")}
-    assert set(rep["plots"]) == expected | {"sizes.png"}
+    assert set(rep["plots"]) == expected | {"sizes.png", "sensitivity.png"}
     md = (d / "report.md").read_text()
     for name in rep["plots"]:
         w, h = _png_size((d / name).read_bytes())
@@ -100,3 +100,43 @@ def test_report_plots_are_png_and_linked_from_markdown(report):
     for name, L in rep["layers"].items():
         assert f"| {name} | {'x'.join(map(str, L['shape']))} | {L['kept']:.1%} |" in md
     assert f"**{rep['compression']:.1f}x**" in md
+
+
+def test_report_sensitivity_against_numpy(report, compressed):
+    """The recipe asks for sensitivity at 50/90/99%: each layer of the fp32 checkpoint pruned alone
+    by |w| rank in NumPy, the 2-hidden-layer MLP run in NumPy, accuracy compared."""
+    import torch
+
+    from pyserve.datasets import mnist
+
+    d, rep, _, _ = report
+    recipe, _, _ = compressed
+    sens = rep["sensitivity"]
+    assert sens["sparsities"] == [0.5, 0.9, 0.99] and list(sens["curves"]) == ["fc1", "fc2", "fc3"]
+    sd = {k: v.numpy() for k, v in torch.load(recipe.parent / "ckpt/model.pt", weights_only=True).items()}
+    test = mnist().test
+
+    def acc(weights):
+        h = test.images
+        for i, layer in enumerate(("fc1", "fc2", "fc3")):
+            h = h @ weights[layer].T + sd[f"{layer}.bias"]
+            if i < 2:
+                h = np.maximum(h, 0)
+        return float((h.argmax(1) == test.labels).mean())
+
+    base = {layer: sd[f"{layer}.weight"] for layer in ("fc1", "fc2", "fc3")}
+    assert acc(base) == pytest.approx(rep["accuracy"]["fp32"], abs=2e-4)
+    for layer, curve in sens["curves"].items():
+        w = base[layer]
+        for key, value in curve.items():
+            keep = int(round((1 - float(key)) * w.size))
+            order = np.argsort(-np.abs(w).ravel(), kind="stable")[:keep]
+            pruned = np.zeros(w.size, np.float32)
+            pruned[order] = w.ravel()[order]
+            # float32 summation order differs between NumPy and torch: allow two flipped images
+            assert value == pytest.approx(acc(dict(base, **{layer: pruned.reshape(w.shape)})), abs=2e-4)
+        ok = [float(k) for k, a in curve.items() if a >= rep["accuracy"]["fp32"] - sens["max_drop"]]
+        assert sens["suggested"][layer] == max(ok, default=0.0)
+    assert sens["curves"]["fc1"]["0.99"] < sens["curves"]["fc1"]["0.5"]  # 99% of fc1 alone hurts
+    md = (d / "report.md").read_text()
+    assert "## Sensitivity" in md and f"| fc1 | {sens['curves']['fc1']['0.5']:.4f} |" in md

@@ -44,7 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def compressed(tmp_path_factory):
-    """LeNet-300-100 trained 1 epoch, pruned to 90/90/70% with 1 retraining epoch, 4-bit codebooks."""
+    """LeNet-300-100 trained 1 epoch, pruned to 90/90/70% with 1 retraining epoch, 4-bit codebooks.
+
+    The run also writes its report (``--report``) into ``<artifact dir>/report``."""
     d = tmp_path_factory.mktemp("compress")
     recipe = d / "recipe.yaml"
     recipe.write_text(textwrap.dedent(f"""
@@ -60,9 +62,11 @@ def compressed(tmp_path_factory):
           - {{method: prune, sparsity: {{fc1: 0.9, fc2: 0.9, fc3: 0.7}}, retrain_epochs: 1}}
           - {{method: quantize, bits: 4, finetune_epochs: 1}}
           - {{method: huffman}}
+        report: {{sensitivity: [0.5, 0.9, 0.99]}}
     """))
     out = d / "tiny.pyserve"
-    proc = subprocess.run([sys.executable, "-m", "pyserve", "compress", str(recipe), "-o", str(out), "-q"],
+    proc = subprocess.run([sys.executable, "-m", "pyserve", "compress", str(recipe), "-o", str(out), "-q",
+                           "--report", str(d / "report")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return recipe, out, proc.stdout

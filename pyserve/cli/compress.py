@@ -1,4 +1,5 @@
-"""``pyserve compress RECIPE -o OUT.pyserve``: run a compression recipe and print the report."""
+"""``pyserve compress RECIPE -o OUT.pyserve [--report DIR]``: run a compression recipe and print the report
+(with ``--report``, also write report.json, report.md and PNG plots into DIR)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("recipe", help="recipe YAML file (see examples/lenet300/recipe.yaml)")
     p.add_argument("-o", "--output", required=True, help="artifact file to write (.pyserve)")
+    p.add_argument("--report", metavar="DIR",
+                   help="write report.json, report.md and PNG plots here (needs matplotlib: pyserve[report])")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run)
 
@@ -25,6 +28,14 @@ def run(args: argparse.Namespace) -> int:
     parent = next((p for p in out.absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise UsageError(f"{out}: cannot write there: {parent} is not a directory")
+    report_dir = Path(args.report) if args.report else None
+    if report_dir is not None:
+        if report_dir.exists() and not report_dir.is_dir():
+            raise UsageError(f"--report: {report_dir} exists and is not a directory")
+        try:
+            import matplotlib  # noqa: F401  (checked before hours of training, used by the report)
+        except ImportError:
+            raise UsageError("--report: needs matplotlib; pip install 'pyserve[report]'") from None
     try:
         recipe = load_recipe(args.recipe)
         result = compress(recipe, args.output, verbose=not args.quiet)
@@ -37,4 +48,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.output}: cannot write artifact: {exc.strerror or exc}") from None
     print(result.table)
     print(f"wrote {result.path} ({result.artifact_bytes} bytes)")
+    if report_dir is not None:
+        from pyserve.compress.report import write_report
+
+        try:
+            report = write_report(result, report_dir)
+        except OSError as exc:
+            raise UsageError(f"--report: cannot write {report_dir}: {exc.strerror or exc}") from None
+        print(f"wrote report {report_dir / 'report.md'} ({len(report['plots'])} plots)")
     return 0

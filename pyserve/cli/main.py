@@ -21,6 +21,7 @@ __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 COMMANDS = {
     "compress": "pyserve.cli.compress",
     "inspect": "pyserve.cli.inspect",
+    "evaluate": "pyserve.cli.evaluate",
     "serve": "pyserve.cli.serve",
     "infer": "pyserve.cli.infer",
 }

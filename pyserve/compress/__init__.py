@@ -13,6 +13,8 @@ from pyserve.compress.pipeline import CompressionResult, compress
 from pyserve.compress.prune import PruneConfig
 from pyserve.compress.quantize import QuantizeConfig, kmeans_1d
 from pyserve.compress.recipe import Recipe, RecipeError, load_recipe
+from pyserve.compress.sensitivity import sensitivity, suggest_sparsity
 
 __all__ = ["METHODS", "CompressionResult", "CompressionState", "HuffmanConfig", "PruneConfig", "QuantizeConfig",
-           "Recipe", "RecipeError", "compress", "kmeans_1d", "load_recipe"]
+           "Recipe", "RecipeError", "compress", "kmeans_1d", "load_recipe",
+           "sensitivity", "suggest_sparsity"]

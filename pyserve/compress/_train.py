@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 
 @dataclass
@@ -38,7 +39,14 @@ class Task:
 
     def log(self, msg: str) -> None:
         if self.verbose:
-            print(msg, file=sys.stderr, flush=True)
+            tqdm.write(msg, file=sys.stderr)  # above any progress bar
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str, verbose: bool, leave: bool = True,
+             position: int | None = None) -> tqdm:
+    """A tqdm progress bar on stderr, shown only when ``verbose`` and stderr is a terminal."""
+    return tqdm(iterable, total=total, desc=desc, leave=leave, position=position, file=sys.stderr,
+                disable=not verbose or not sys.stderr.isatty(), dynamic_ncols=True)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
@@ -78,7 +86,9 @@ def fit(model: nn.Module, task: Task, epochs: int, *, lr: float | None = None,
         model.train()
         perm = torch.randperm(n, generator=gen)
         total = 0.0
-        for i in range(0, n, task.batch_size):
+        bar = progress(range(0, n, task.batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                       verbose=task.verbose, leave=False, position=1)
+        for i in bar:
             idx = perm[i:i + task.batch_size]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(task.train_x[idx]), task.train_y[idx])
@@ -88,6 +98,9 @@ def fit(model: nn.Module, task: Task, epochs: int, *, lr: float | None = None,
             if after_step is not None:
                 after_step()
             total += float(loss.detach()) * len(idx)
+            if not bar.disable and (i // task.batch_size) % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
+        bar.close()
         task.log(f"  {desc} epoch {epoch + 1}/{epochs}: loss {total / n:.4f}")
     model.eval()
 

@@ -7,14 +7,14 @@ import importlib.util
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pyserve import artifact
-from pyserve.compress._train import Task, accuracy, fit, set_seed
+from pyserve.compress._train import Task, accuracy, fit, progress, set_seed
 from pyserve.compress.methods import CompressionState, handler_for
 from pyserve.compress.recipe import Recipe, RecipeError, load_recipe
 
@@ -44,7 +44,17 @@ class CompressionResult:
     layers: dict
     table: str
     model: object = None       # the compressed in-memory torch.nn.Module (pruned, weight-shared)
-    stages: tuple = ()         # per-stage reports: {"method": name, "layers": {...}}
+    stages: tuple = ()         # per-stage reports: {"method", "layers": {...}, "accuracy", "bytes"}
+    # For the report (pyserve.compress.report): float32 weight snapshots of every Linear/Conv
+    # weight, by point ("fp32", then each stage's method) -> tensor name -> array; the final
+    # codebooks (tensor name -> float32 [K], entry 0 == 0); and the stored bytes of each tensor's
+    # parts ("gaps", "values", "codes", "codebook", or "raw") in the artifact.
+    weights: dict = field(default_factory=dict)
+    codebooks: dict = field(default_factory=dict)
+    parts: dict = field(default_factory=dict)
+    # recipe ``report.sensitivity``: {"sparsities": [...], "curves": {layer: {sparsity: accuracy}},
+    # "suggested": {layer: sparsity}, "max_drop": fraction} measured on the fp32 model; else None.
+    sensitivity: dict | None = None
 
     @property
     def compression(self) -> float:
@@ -91,7 +101,9 @@ def build_model(recipe: Recipe) -> torch.nn.Module:
 
 def _log(msg: str, verbose: bool) -> None:
     if verbose:
-        print(msg, file=sys.stderr, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(msg, file=sys.stderr)  # above any progress bar
 
 
 def prepare_model(recipe: Recipe, task: Task, *, verbose: bool = True,
@@ -183,6 +195,36 @@ def _encodings(state: CompressionState) -> dict[str, artifact.EncodedTensor]:
     return out
 
 
+def _snapshot(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """float32 copies of every Linear/Conv weight, by tensor name."""
+    from pyserve.compress._train import weight_layers
+
+    return {f"{name}.weight": m.weight.detach().cpu().numpy().astype(np.float32, copy=True)
+            for name, m in weight_layers(model).items()}
+
+
+def _stage_bytes(state: CompressionState, method: str, methods_so_far: set[str]) -> int:
+    """Parameter bytes if the artifact were written after the stage ``method`` (the final masks and
+    codebooks, with only the stages run so far applied to the stored form): sparse tensors with raw
+    fp32 values after pruning, codebook indices after quantization, Huffman coded after ``huffman``.
+    Tensors with no sparse form count as raw fp32."""
+    params = dict(state.model.named_parameters())
+    total = 0
+    for name, t in state.model.state_dict().items():
+        if name in state.masks or name in state.codebooks:
+            if "prune" not in methods_so_far and "quantize" not in methods_so_far:
+                total += t.numel() * t.element_size()
+                continue
+            weight = params[name].detach().cpu().numpy()
+            codebook = state.codebooks.get(name) if "quantize" in methods_so_far else None
+            entropy = state.entropy if "huffman" in methods_so_far else "none"
+            total += artifact.encode_sparse(weight, index_bits=state.index_bits.get(name, 5), codebook=codebook,
+                                            entropy=entropy).size_bytes
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
 def _table(recipe: Recipe, layers: dict, fp32_bytes: int, artifact_bytes: int, acc: dict) -> str:
     rows = [f"{'layer':<12}{'shape':>14}{'kept':>8}{'bits':>6}{'fp32 B':>10}{'stored B':>10}{'bits/kept w':>13}",
             "-" * 73]
@@ -228,20 +270,46 @@ def compress(recipe: Recipe | str | os.PathLike, output: str | os.PathLike, *, v
     fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     acc = {"before": accuracy(model, task.test_x, task.test_y, task.eval_batch_size)}
     _log(f"pyserve compress: fp32 test accuracy {acc['before']:.4f}", verbose)
+    sens = None
+    if recipe.report.sensitivity:
+        from pyserve.compress.sensitivity import sensitivity, suggest_sparsity
+
+        _log("pyserve compress: sensitivity analysis (each layer pruned alone, no retraining)", verbose)
+        curves = sensitivity(model, task, sparsities=recipe.report.sensitivity)
+        sens = {"sparsities": list(recipe.report.sensitivity), "curves": curves,
+                "max_drop": recipe.report.sensitivity_max_drop,
+                "suggested": suggest_sparsity(curves, acc["before"], recipe.report.sensitivity_max_drop)}
 
     set_seed(recipe.seed)
     state = CompressionState(model)
     stage_reports = []
-    for cfg in recipe.stages:
+    weights = {"fp32": _snapshot(model)}
+    stage_bar = progress(recipe.stages, desc="stages", verbose=verbose, position=0)
+    for cfg in stage_bar:
+        stage_bar.set_description(f"stage {cfg.method}")
         _log(f"pyserve compress: stage {cfg.method}", verbose)
         try:
-            stage_reports.append({"method": cfg.method, "layers": handler_for(cfg)(state, cfg, task)})
+            layer_report = handler_for(cfg)(state, cfg, task)
         except (KeyError, ValueError) as exc:
             raise RecipeError(f"stages ({cfg.method}): {exc}") from None
-        _log(f"pyserve compress: after {cfg.method}: test accuracy "
-             f"{accuracy(model, task.test_x, task.test_y, task.eval_batch_size):.4f}", verbose)
+        stage_acc = accuracy(model, task.test_x, task.test_y, task.eval_batch_size)
+        stage_reports.append({"method": cfg.method, "layers": layer_report, "accuracy": stage_acc})
+        weights[cfg.method] = _snapshot(model)
+        _log(f"pyserve compress: after {cfg.method}: test accuracy {stage_acc:.4f}", verbose)
+    stage_bar.close()
     acc["after"] = accuracy(model, task.test_x, task.test_y, task.eval_batch_size)
     encodings = _encodings(state)
+    # Sizes after each stage, measured on the final masks and codebooks (the stored size of a
+    # sparse tensor depends on its mask, index bits and codebook, not on the values).
+    done: set[str] = set()
+    for rep in stage_reports:
+        done.add(rep["method"])
+        rep["bytes"] = _stage_bytes(state, rep["method"], done)
+    parts = {}
+    for name, t in model.state_dict().items():
+        enc = encodings.get(name)
+        parts[name] = ({k: len(b) for k, b in enc.blobs.items()} if enc
+                       else {"raw": t.numel() * t.element_size()})
 
     layers = {}
     for name, t in model.state_dict().items():
@@ -266,4 +334,5 @@ def compress(recipe: Recipe | str | os.PathLike, output: str | os.PathLike, *, v
     acc["loaded"] = accuracy(loaded, task.test_x, task.test_y, task.eval_batch_size)
     table = _table(recipe, layers, fp32_bytes, manifest.size_bytes, acc)
     return CompressionResult(output, manifest, fp32_bytes, manifest.size_bytes, acc["before"], acc["after"],
-                             acc["loaded"], layers, table, model=model, stages=tuple(stage_reports))
+                             acc["loaded"], layers, table, model=model, stages=tuple(stage_reports),
+                             weights=weights, codebooks=dict(state.codebooks), parts=parts, sensitivity=sens)

@@ -72,6 +72,25 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class ReportSpec:
+    """What ``pyserve compress --report`` adds beyond the standard report.
+
+    ``sensitivity``: sparsities at which each layer is pruned alone, without retraining, before the
+    stages run (Han et al. 2015, figure 5); empty = no sensitivity analysis. ``sensitivity_max_drop``:
+    accuracy drop (fraction) allowed when suggesting per-layer sparsity targets from the curves."""
+
+    sensitivity: tuple[float, ...] = ()
+    sensitivity_max_drop: float = 0.01
+
+    def __post_init__(self):
+        for v in self.sensitivity:
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"sensitivity: each sparsity must be in [0, 1), got {v}")
+        if self.sensitivity_max_drop < 0:
+            raise ValueError(f"sensitivity_max_drop: must be >= 0, got {self.sensitivity_max_drop}")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     model: ModelSpec
@@ -80,6 +99,8 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     seed: int = 0
+    report: ReportSpec = field(default_factory=ReportSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
     base_dir: str = "."                  # directory relative paths resolve against (not a YAML field)
 
     def resolve(self, relative: str) -> Path:
@@ -223,7 +244,7 @@ def recipe_from_mapping(data, *, base_dir: str = ".") -> Recipe:
     stages = _stages(body.pop("stages", None), "stages")
     recipe = from_dict(_RecipeBody, body, "")
     return Recipe(name=recipe.name, model=recipe.model, stages=stages, format_version=version,
-                  data=recipe.data, train=recipe.train, seed=recipe.seed, base_dir=base_dir)
+                  data=recipe.data, train=recipe.train, seed=recipe.seed, report=recipe.report, base_dir=base_dir)
 
 
 @dataclass(frozen=True)
@@ -236,3 +257,4 @@ class _RecipeBody:
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     seed: int = 0
+    report: ReportSpec = field(default_factory=ReportSpec)

@@ -32,6 +32,9 @@ def test_good_recipe_loads(tmp_path):
     assert r.name == "tiny" and r.train.epochs == 10
     assert r.stages == (PruneConfig(sparsity=0.9), QuantizeConfig(bits={"fc1": 4}, lr=1e-3), HuffmanConfig())
     assert r.resolve("model.py") == (tmp_path / "model.py").resolve()
+    assert r.report.sensitivity == ()  # no sensitivity analysis unless asked
+    r = load_recipe(write(tmp_path, GOOD + "report: {sensitivity: [0.5, 0.9], sensitivity_max_drop: 0.02}\n"))
+    assert r.report.sensitivity == (0.5, 0.9) and r.report.sensitivity_max_drop == 0.02
 
 
 def test_shipped_recipe_loads():
@@ -49,6 +52,9 @@ def test_shipped_recipe_loads():
     (("format_version: 1", "format_version: 7"), "format_version: unsupported"),
     (("  factory: model.py:Net\n", ""), "model.factory: required field is missing"),
     (("shape: [-1, 784]", "shape: [-1, wide]"), "model.inputs[0].shape[1]"),
+    (("name: tiny", "name: tiny\nreport: {sensitivity: [0.5, 1.0]}"), "report: sensitivity: each sparsity must be in [0, 1)"),
+    (("name: tiny", "name: tiny\nreport: {sensitivity: 0.5}"), "report.sensitivity: expected a list"),
+    (("name: tiny", "name: tiny\nreport: {sensitivty: [0.5]}"), "report.sensitivty: unknown field"),
 ])
 def test_bad_field_named(tmp_path, edit, field):
     old, new = edit

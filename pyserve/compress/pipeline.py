@@ -248,11 +248,24 @@ def _table(recipe: Recipe, layers: dict, fp32_bytes: int, artifact_bytes: int, a
 def compress(recipe: Recipe | str | os.PathLike, output: str | os.PathLike, *, verbose: bool = True) -> CompressionResult:
     """Run ``recipe`` and write the artifact to ``output``.
 
+    The run is reproducible: the same recipe, checkpoint and thread count give the same artifact,
+    byte for byte (torch's deterministic algorithms are on for the run; without them the
+    scatter-add behind centroid fine-tuning sums gradients in thread-dependent order).
+
     Raises
     ------
     RecipeError
         The recipe (or something it names: factory, checkpoint, dataset, layer) is unusable.
     """
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _compress(recipe, output, verbose=verbose)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     output = Path(output)

@@ -310,7 +310,9 @@ def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
         weights[cfg.method] = _snapshot(model)
         _log(f"pyserve compress: after {cfg.method}: test accuracy {stage_acc:.4f}", verbose)
     stage_bar.close()
-    acc["after"] = accuracy(model, task.test_x, task.test_y, task.eval_batch_size)
+    # The model is unchanged since the last stage was measured.
+    acc["after"] = (stage_reports[-1]["accuracy"] if stage_reports
+                    else accuracy(model, task.test_x, task.test_y, task.eval_batch_size))
     encodings = _encodings(state)
     # Sizes after each stage, measured on the final masks and codebooks (the stored size of a
     # sparse tensor depends on its mask, index bits and codebook, not on the values).
@@ -318,15 +320,11 @@ def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
     for rep in stage_reports:
         done.add(rep["method"])
         rep["bytes"] = _stage_bytes(state, rep["method"], done)
-    parts = {}
+    parts, layers = {}, {}
     for name, t in model.state_dict().items():
         enc = encodings.get(name)
         parts[name] = ({k: len(b) for k, b in enc.blobs.items()} if enc
                        else {"raw": t.numel() * t.element_size()})
-
-    layers = {}
-    for name, t in model.state_dict().items():
-        enc = encodings.get(name)
         stored = enc.size_bytes if enc else t.numel() * t.element_size()
         kept = int((t != 0).sum())
         cb = state.codebooks.get(name)

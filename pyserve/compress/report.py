@@ -141,6 +141,13 @@ def write_plots(result, report: dict, directory: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = []
+
+    def save(fig, fname: str) -> None:
+        fig.tight_layout()
+        fig.savefig(directory / fname, dpi=80)
+        plt.close(fig)
+        names.append(fname)
+
     before = result.weights.get("fp32", {})
     pruned = result.weights.get("prune")
     pre_quant = pruned if pruned is not None else before
@@ -155,11 +162,7 @@ def write_plots(result, report: dict, directory: Path) -> list[str]:
         ax.set_ylabel("count")
         ax.set_title(f"{key}: weight distribution")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fname = f"weights_{stem}.png"
-        fig.savefig(directory / fname, dpi=80)
-        plt.close(fig)
-        names.append(fname)
+        save(fig, f"weights_{stem}.png")
         cb = result.codebooks.get(key)
         if cb is not None and key in pre_quant:
             w = pre_quant[key].ravel()
@@ -171,11 +174,7 @@ def write_plots(result, report: dict, directory: Path) -> list[str]:
             ax.set_ylabel("count")
             ax.set_title(f"{key}: {cb.size - 1} shared weights ({int(np.ceil(np.log2(cb.size)))} bits)")
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            fname = f"centroids_{stem}.png"
-            fig.savefig(directory / fname, dpi=80)
-            plt.close(fig)
-            names.append(fname)
+            save(fig, f"centroids_{stem}.png")
     stages = report["stages"]
     labels = [STAGE_LABELS.get(s["method"], s["method"]) for s in stages] + ["artifact file"]
     sizes = [s["bytes"] for s in stages] + [report["artifact"]["bytes"]]
@@ -187,10 +186,7 @@ def write_plots(result, report: dict, directory: Path) -> list[str]:
     for b, n in zip(bars, sizes):
         ax.annotate(f"{n / 1024:.1f} KiB\n{report['fp32_bytes'] / max(n, 1):.1f}x", (b.get_x() + b.get_width() / 2, n),
                     ha="center", va="bottom", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(directory / "sizes.png", dpi=80)
-    plt.close(fig)
-    names.append("sizes.png")
+    save(fig, "sizes.png")
     sens = report.get("sensitivity")
     if sens:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -201,10 +197,7 @@ def write_plots(result, report: dict, directory: Path) -> list[str]:
         ax.set_ylabel("top-1 test accuracy")
         ax.set_title(f"{report['model']}: pruning sensitivity (no retraining)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(directory / "sensitivity.png", dpi=80)
-        plt.close(fig)
-        names.append("sensitivity.png")
+        save(fig, "sensitivity.png")
     return names
 
 

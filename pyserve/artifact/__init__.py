@@ -9,7 +9,7 @@ manifest is JSON, the graph is torch.export's JSON, the weights are pyserve's ow
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -17,11 +17,12 @@ import numpy as np
 from pyserve import dtypes
 from pyserve._version import __version__
 from pyserve.artifact._container import FORMAT_VERSION, ArtifactError, read_container, write_container
-from pyserve.artifact.encoding import EncodedTensor, decode_tensor, encode_raw, encode_sparse
+from pyserve.artifact.encoding import (EncodedTensor, Int8Parts, decode_tensor, encode_int8, encode_raw, encode_sparse,
+                                       int8_parts)
 
 __all__ = [
-    "ArtifactError", "EncodedTensor", "FORMAT_VERSION", "LoadedArtifact", "Manifest", "TensorSpec",
-    "encode_raw", "encode_sparse", "load_artifact", "load_module", "read_manifest", "save",
+    "ArtifactError", "EncodedTensor", "FORMAT_VERSION", "Int8Parts", "LoadedArtifact", "Manifest", "TensorSpec",
+    "encode_int8", "encode_raw", "encode_sparse", "int8_parts", "load_artifact", "load_module", "read_manifest", "save",
 ]
 
 
@@ -76,6 +77,7 @@ class Manifest:
 class LoadedArtifact:
     manifest: Manifest
     module: "object"           # torch.nn.Module (the exported graph with decoded weights)
+    int8: dict = field(default_factory=dict)  # tensor name -> Int8Parts, for int8-encoded tensors
 
 
 def _manifest_from(raw: dict, path, size: int) -> Manifest:
@@ -213,13 +215,15 @@ def load_artifact(path: str | os.PathLike) -> LoadedArtifact:
     graph = raw.get("graph") or {}
     if graph.get("format") != _graph.GRAPH_FORMAT or graph.get("blob") not in blobs:
         raise ArtifactError(f"{path}: unsupported graph format {graph.get('format')!r}")
-    state, constants, params = {}, {}, set()
+    state, constants, params, int8 = {}, {}, set(), {}
     for name, meta in manifest.tensors.items():
         try:
             own = {key: blobs[blob_name] for key, blob_name in meta["blobs"].items()}
         except (KeyError, TypeError, AttributeError):
             raise ArtifactError(f"{path}: tensor {name!r} names a blob that is not in the file") from None
         array = decode_tensor(meta, own, f"{path}: tensor {name!r}")
+        if meta.get("encoding") == "int8":
+            int8[name] = int8_parts(meta, own, f"{path}: tensor {name!r}")
         tensor = torch.from_numpy(np.array(array, copy=True))
         role = meta.get("role")
         if role == "constant":
@@ -238,7 +242,7 @@ def load_artifact(path: str | os.PathLike) -> LoadedArtifact:
         raise ArtifactError(f"{path}: manifest does not match the model graph: {problem}")
     for p in module.parameters():
         p.requires_grad_(False)
-    return LoadedArtifact(manifest, module)
+    return LoadedArtifact(manifest, module, int8)
 
 
 def load_module(path: str | os.PathLike):

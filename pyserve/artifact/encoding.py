@@ -1,6 +1,6 @@
 """Tensor encodings stored in an artifact, and their exact decoders.
 
-Two encodings (docs/artifact.md gives the byte layout):
+Three encodings (docs/artifact.md gives the byte layout):
 
 ``raw``
     The tensor's bytes, little-endian, C order. Used for biases and anything left uncompressed.
@@ -21,6 +21,14 @@ Two encodings (docs/artifact.md gives the byte layout):
     :func:`pyserve.ops.huffman_encode` (paper section 4); with ``entropy="none"`` they are stored
     one byte per symbol.
 
+``int8``
+    Symmetric per-output-channel int8 weights (the ``int8`` compression method): ``values`` int8
+    ``[N, ...]`` (C order) and ``scale`` fp32 ``[N]``; the tensor is ``values * scale`` broadcast
+    over axis 0. The optional ``input_scale`` (a positive float in meta) is a static activation
+    scale from calibration; without it activations are quantized per row at run time. Readers
+    that run int8 kernels take the parts with :func:`int8_parts`; every other reader gets the
+    dequantized fp32 tensor from :func:`decode_tensor`.
+
 Decoders check every count, index and bound and raise :class:`ArtifactError` on any mismatch.
 """
 
@@ -35,9 +43,10 @@ import numpy as np
 from pyserve import dtypes
 from pyserve.artifact._container import ArtifactError
 
-__all__ = ["EncodedTensor", "encode_raw", "encode_sparse", "decode_tensor", "relative_indices"]
+__all__ = ["EncodedTensor", "Int8Parts", "encode_int8", "encode_raw", "encode_sparse", "decode_tensor",
+           "int8_parts", "relative_indices"]
 
-ENCODINGS = ("raw", "sparse")
+ENCODINGS = ("raw", "sparse", "int8")
 ENTROPY = ("huffman", "none")
 
 
@@ -174,6 +183,82 @@ def encode_sparse(array: np.ndarray, *, index_bits: int = 5, codebook: np.ndarra
     return EncodedTensor(meta, blobs)
 
 
+def encode_int8(values: np.ndarray, scale: np.ndarray, *, input_scale: float | None = None) -> EncodedTensor:
+    """Store a per-output-channel int8 tensor in the ``int8`` encoding.
+
+    Parameters
+    ----------
+    values : int8 [N, ...] (at least 1-D), e.g. ``quantize_per_channel(w)[0]``.
+    scale : float32 [N], finite and > 0: the tensor is ``values * scale[:, None, ...]``.
+    input_scale : optional static activation scale (float > 0) from calibration.
+
+    Raises
+    ------
+    ValueError
+        Wrong dtype or shape, a scale that is not finite and positive.
+    """
+    values = np.asarray(values)
+    scale = np.asarray(scale)
+    if values.dtype != np.int8 or values.ndim < 1:
+        raise ValueError(f"encode_int8: values must be an int8 array of at least 1 dimension, got {values.dtype} "
+                         f"{values.shape}")
+    if scale.dtype != np.float32 or scale.shape != values.shape[:1]:
+        raise ValueError(f"encode_int8: scale must be float32 [{values.shape[0]}], got {scale.dtype} {scale.shape}")
+    if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        raise ValueError("encode_int8: every scale must be finite and > 0")
+    meta = {"encoding": "int8", "datatype": "FP32", "shape": list(values.shape), "axis": 0}
+    if input_scale is not None:
+        input_scale = float(input_scale)
+        if not (math.isfinite(input_scale) and input_scale > 0):
+            raise ValueError(f"encode_int8: input_scale must be finite and > 0, got {input_scale}")
+        meta["input_scale"] = input_scale
+    blobs = {"values": np.ascontiguousarray(values).tobytes(), "scale": scale.astype("<f4").tobytes()}
+    return EncodedTensor(meta, blobs)
+
+
+@dataclass(frozen=True)
+class Int8Parts:
+    """The stored parts of an ``int8`` tensor: int8 ``values`` [N, ...], fp32 ``scale`` [N] and the
+    optional static activation scale ``input_scale``."""
+
+    values: np.ndarray
+    scale: np.ndarray
+    input_scale: float | None
+
+
+def int8_parts(meta: dict, blobs: dict[str, bytes], what: str) -> Int8Parts:
+    """Check and return the parts of an ``int8``-encoded tensor (no dequantization).
+
+    Raises :class:`ArtifactError` for any other encoding or an inconsistent entry.
+    """
+    if meta.get("encoding") != "int8":
+        raise ArtifactError(f"{what}: not an int8 tensor (encoding {meta.get('encoding')!r})")
+    shape = tuple(_field(meta, "shape", list, what))
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ArtifactError(f"{what}: bad int8 shape {list(shape)}")
+    if meta.get("datatype") != "FP32" or meta.get("axis", 0) != 0:
+        raise ArtifactError(f"{what}: int8 encoding holds FP32 along axis 0, manifest says "
+                            f"{meta.get('datatype')!r} axis {meta.get('axis')!r}")
+    numel = math.prod(shape)
+    raw_values, raw_scale = blobs.get("values"), blobs.get("scale")
+    if raw_values is None or raw_scale is None:
+        raise ArtifactError(f"{what}: int8 tensor needs blobs 'values' and 'scale'")
+    if len(raw_values) != numel or len(raw_scale) != 4 * shape[0]:
+        raise ArtifactError(f"{what}: int8 blobs have {len(raw_values)} + {len(raw_scale)} bytes, shape "
+                            f"{list(shape)} needs {numel} + {4 * shape[0]}")
+    scale = np.frombuffer(raw_scale, dtype="<f4").astype(np.float32)
+    if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        raise ArtifactError(f"{what}: int8 scales must be finite and > 0")
+    input_scale = meta.get("input_scale")
+    if input_scale is not None:
+        if isinstance(input_scale, bool) or not isinstance(input_scale, (int, float)) \
+                or not (math.isfinite(input_scale) and input_scale > 0):
+            raise ArtifactError(f"{what}: input_scale must be a finite number > 0, got {input_scale!r}")
+        input_scale = float(input_scale)
+    values = np.frombuffer(raw_values, dtype=np.int8).reshape(shape).copy()
+    return Int8Parts(values, scale, input_scale)
+
+
 def _field(meta: dict, key: str, kind, what: str):
     value = meta.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
@@ -206,6 +291,10 @@ def decode_tensor(meta: dict, blobs: dict[str, bytes], what: str) -> np.ndarray:
         if dt.byte_size is None or len(data) != numel * dt.byte_size:
             raise ArtifactError(f"{what}: raw data has {len(data)} bytes, shape {list(shape)} of {dt.name} needs {numel * (dt.byte_size or 0)}")
         return np.frombuffer(data, dtype=dt.numpy.newbyteorder("<")).astype(dt.numpy).reshape(shape)
+    if encoding == "int8":
+        parts = int8_parts(meta, blobs, what)
+        bshape = (-1,) + (1,) * (len(shape) - 1)
+        return (parts.values.astype(np.float32) * parts.scale.reshape(bshape)).astype(np.float32)
     if encoding != "sparse":
         raise ArtifactError(f"{what}: unknown encoding {encoding!r}; expected one of {ENCODINGS}")
     if dt.name != "FP32":

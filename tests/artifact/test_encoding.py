@@ -115,3 +115,73 @@ def test_shape_larger_than_entries_cover_is_refused_before_allocating():
     for shape in ([10**9, 10], [2**40, 2**40], [100, 101]):
         with pytest.raises(ArtifactError, match="cover|past the end|bad sparse header"):
             decode_tensor(dict(enc.meta, shape=shape), enc.blobs, "w")
+
+
+# --- int8 -----------------------------------------------------------------------------------------
+
+def test_int8_encoding_round_trip_matches_per_channel_dequantization():
+    from pyserve.artifact.encoding import encode_int8, int8_parts
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((6, 5)).astype(np.float32)
+    scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    enc = encode_int8(q, scale, input_scale=0.05)
+    out = decode_tensor(enc.meta, enc.blobs, "w")
+    # Reference computed element by element, not by broadcasting.
+    ref = np.array([[float(q[i, j]) * float(scale[i]) for j in range(5)] for i in range(6)], dtype=np.float32)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=0)
+    parts = int8_parts(enc.meta, enc.blobs, "w")
+    np.testing.assert_array_equal(parts.values, q)
+    np.testing.assert_array_equal(parts.scale, scale)
+    assert parts.input_scale == 0.05
+    assert enc.size_bytes == 30 + 24
+
+
+@pytest.mark.parametrize("values, scale, input_scale, match", [
+    (np.zeros((2, 3), np.float32), np.ones(2, np.float32), None, "int8 array"),
+    (np.zeros((2, 3), np.int8), np.ones(3, np.float32), None, "scale must be float32"),
+    (np.zeros((2, 3), np.int8), np.array([1.0, 0.0], np.float32), None, "finite and > 0"),
+    (np.zeros((2, 3), np.int8), np.ones(2, np.float32), -1.0, "input_scale"),
+])
+def test_int8_encoding_refuses_bad_arguments(values, scale, input_scale, match):
+    from pyserve.artifact.encoding import encode_int8
+
+    with pytest.raises(ValueError, match=match):
+        encode_int8(values, scale, input_scale=input_scale)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda m, b: b.update(values=b["values"][:-1]),
+    lambda m, b: b.update(scale=np.array([1.0, -1.0], "<f4").tobytes()),
+    lambda m, b: b.pop("scale"),
+    lambda m, b: m.update(input_scale=float("nan")),
+    lambda m, b: m.update(datatype="FP16"),
+    lambda m, b: m.update(shape=[3, 3]),
+])
+def test_int8_decoder_refuses_inconsistent_entries(mutate):
+    from pyserve.artifact.encoding import encode_int8
+
+    enc = encode_int8(np.ones((2, 3), np.int8), np.ones(2, np.float32))
+    meta, blobs = dict(enc.meta), dict(enc.blobs)
+    mutate(meta, blobs)
+    with pytest.raises(ArtifactError):
+        decode_tensor(meta, blobs, "w")
+
+
+def test_int8_tensor_survives_save_and_load(tmp_path):
+    torch = pytest.importorskip("torch")
+    from pyserve.artifact import encode_int8, load_artifact, save
+
+    lin = torch.nn.Linear(4, 3)
+    w = lin.weight.detach().numpy()
+    scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * scale[:, None]))
+    path = tmp_path / "m.pyserve"
+    save(path, lin, (torch.randn(2, 4),), model_name="lin", encodings={"weight": encode_int8(q, scale)})
+    loaded = load_artifact(path)
+    np.testing.assert_array_equal(loaded.int8["weight"].values, q)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(loaded.module(x), lin(x))

@@ -347,3 +347,58 @@ def test_build_context_leaves_out_local_state():
     assert {f.split("/")[0] for f in files} <= {"pyproject.toml", "CMakeLists.txt", "README.md", "csrc", "pyserve",
                                                  ".dockerignore", "deploy"}
     assert [f for f in files if f.startswith("deploy/")] == ["deploy/Dockerfile"]
+
+
+# ---- the build, without Docker ------------------------------------------------------------------
+
+def build_check_code(dockerfile) -> str:
+    """The python -c program the runtime stage runs after installing the wheel."""
+    (run,) = [r for r in dockerfile.of_stage("runtime", "RUN") if "/wheels/pyserve-" in r.args]
+    match = re.search(r'python3 -c "(import os, sys, pyserve\._C[^"]*)"', run.args)
+    assert match, run.args
+    return match.group(1)
+
+
+def test_build_check_tells_cuda_from_cpu_builds(dockerfile):
+    """The image build's check passes for the variant this _C was built as and fails otherwise."""
+    import pyserve._C as c
+
+    built = "ON" if c.build_info()["cuda"] else "OFF"
+    other = "OFF" if built == "ON" else "ON"
+    code = build_check_code(dockerfile)
+    ok = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYSERVE_CUDA": built},
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 or (built == "ON" and c.build_info()["cuda_archs"] != [75, 80, 90]), ok.stderr
+    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYSERVE_CUDA": other},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and f"not built as PYSERVE_CUDA={other}" in bad.stderr
+
+
+@pytest.mark.slow
+def test_cpu_builder_makes_a_working_wheel_from_the_build_context(dockerfile, tmp_path):
+    """The CPU variant's builder and install steps on the .dockerignore'd context (a few minutes:
+    it compiles pyserve._C). Build isolation is off to stay offline; the builder has it on."""
+    context = tmp_path / "context"
+    for rel in context_files():
+        (context / rel).parent.mkdir(parents=True, exist_ok=True)
+        (context / rel).write_bytes((ROOT / rel).read_bytes())
+    env = {**os.environ, **dockerfile.env("builder-cpu")}
+    env.pop("CMAKE_ARGS", None)
+    wheels = tmp_path / "wheels"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "--wheel-dir", str(wheels), "."], cwd=context, env=env, capture_output=True,
+                           text=True, timeout=1800)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    (wheel,) = wheels.glob("pyserve-*.whl")
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr
+    check_env = {**os.environ, "PYSERVE_CUDA": "OFF", "PYTHONPATH": str(target)}
+    check = subprocess.run([sys.executable, "-c", build_check_code(dockerfile)], env=check_env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "'cuda': False" in check.stdout
+    where = subprocess.run([sys.executable, "-c", "import pyserve._C as c; print(c.__file__)"], env=check_env,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip().startswith(str(target)), where.stdout + where.stderr  # the wheel's, not ours

@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1.7
-#
 # A model-repository image: a pyserve model repository at /models, plus busybox's sh and cp for
 # the Deployment's initContainer (deploy/k8s/base/deployment.yaml), which copies /models into the
 # pod and checks that the <model>/<version> directories in PYSERVE_MODELS are there.

@@ -64,6 +64,11 @@ def _render_text(path: str) -> str:
     return out.stdout
 
 
+def render_text(path: Path | str) -> str:
+    """What ``kubectl kustomize PATH`` prints."""
+    return _render_text(str(path))
+
+
 def render(path: Path | str) -> list[dict]:
     """The objects ``kubectl kustomize PATH`` prints (fresh copies: callers may mutate them)."""
     return [doc for doc in yaml.safe_load_all(_render_text(str(path))) if doc]

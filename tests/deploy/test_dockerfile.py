@@ -394,11 +394,12 @@ def test_cpu_builder_makes_a_working_wheel_from_the_build_context(dockerfile, tm
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr
+    # -S: no site-packages, so the editable pyserve of this venv (a meta-path finder) stays out
     check_env = {**os.environ, "PYSERVE_CUDA": "OFF", "PYTHONPATH": str(target)}
-    check = subprocess.run([sys.executable, "-c", build_check_code(dockerfile)], env=check_env, cwd=tmp_path,
+    check = subprocess.run([sys.executable, "-S", "-c", build_check_code(dockerfile)], env=check_env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "'cuda': False" in check.stdout
-    where = subprocess.run([sys.executable, "-c", "import pyserve._C as c; print(c.__file__)"], env=check_env,
+    where = subprocess.run([sys.executable, "-S", "-c", "import pyserve._C as c; print(c.__file__)"], env=check_env,
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert where.stdout.strip().startswith(str(target)), where.stdout + where.stderr  # the wheel's, not ours

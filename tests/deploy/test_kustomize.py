@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import textwrap
 
 import kubernetes_validate
@@ -23,6 +24,7 @@ from deploy_helpers import (
     one_named,
     render,
     render_overlay,
+    render_text,
     run_tool,
 )
 
@@ -44,7 +46,7 @@ def test_overlay_renders_and_validates_strict(overlay, version, tmp_path):
     objs = render_overlay(overlay)
     assert sorted(o["kind"] for o in objs) == KINDS
     rendered = tmp_path / f"{overlay}.yaml"
-    rendered.write_text(run_tool("kubectl", "kustomize", str(K8S / ("base" if overlay == "base" else f"overlays/{overlay}"))).stdout)
+    rendered.write_text(render_text(K8S / ("base" if overlay == "base" else f"overlays/{overlay}")))
     out = run_tool("kubernetes-validate", "--strict", "-k", version, str(rendered))
     assert out.returncode == 0, out.stdout + out.stderr
     passed = re.findall(r"passed for resource (\S+) against version", out.stdout + out.stderr)
@@ -248,3 +250,18 @@ def test_servicemonitor_component_scrapes_the_metrics_port_once(tmp_path):
             if obj["kind"] != "ServiceMonitor":
                 kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
         assert sorted(o["kind"] for o in objs if o["kind"] != "ServiceMonitor") == KINDS
+
+
+def test_editing_the_traffic_file_changes_only_the_configmap(tmp_path):
+    """Moving the canary is a ConfigMap update, not a rollout: the Deployment (pod template
+    included) renders the same whatever the weights, so `kubectl apply -k` restarts nothing."""
+    copy_root = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_root)
+    traffic = copy_root / "overlays" / "canary" / "traffic.yaml"
+    text = traffic.read_text()
+    moved = text.replace("weight_percent: 95}", "weight_percent: 75}").replace("weight_percent: 5}", "weight_percent: 25}")
+    assert moved != text
+    traffic.write_text(moved)
+    before, after = render_overlay("canary"), render(copy_root / "overlays" / "canary")
+    assert one(after, "ConfigMap")["data"]["traffic.yaml"] == moved
+    assert [o for o in after if o["kind"] != "ConfigMap"] == [o for o in before if o["kind"] != "ConfigMap"]

@@ -193,7 +193,7 @@ def test_images_per_overlay():
         spec = deployment(overlay)["spec"]["template"]["spec"]
         return container(deployment(overlay))["image"], spec["initContainers"][0]["image"]
 
-    assert images("base") == ("pyserve:0.1.0-cpu", "pyserve-models:v1")
+    assert images("base") == ("pyserve", "pyserve-models")  # placeholders: each overlay sets both
     assert images("cpu") == ("pyserve:0.1.0-cpu", "pyserve-models:v1")
     assert images("gpu") == ("pyserve:0.1.0-cuda", "pyserve-models:v1")
     assert images("canary") == ("pyserve:0.1.0-cpu", "pyserve-models:v2")
@@ -228,15 +228,14 @@ def test_servicemonitor_component_scrapes_the_metrics_port_once(tmp_path):
     """The optional ServiceMonitor, added to the gpu and canary overlays as a user would."""
     for overlay in ("gpu", "canary"):
         d = tmp_path / overlay
-        d.mkdir()
-        (d / "kustomization.yaml").write_text(textwrap.dedent(f"""\
+        write_overlay(d, f"""\
             apiVersion: kustomize.config.k8s.io/v1beta1
             kind: Kustomization
             resources:
               - {os.path.relpath(K8S / 'overlays' / overlay, d)}
             components:
               - {os.path.relpath(K8S / 'components' / 'servicemonitor', d)}
-            """))
+            """)
         objs = render(d)
         monitor = one(objs, "ServiceMonitor", "pyserve")
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -265,3 +264,44 @@ def test_editing_the_traffic_file_changes_only_the_configmap(tmp_path):
     before, after = render_overlay("canary"), render(copy_root / "overlays" / "canary")
     assert one(after, "ConfigMap")["data"]["traffic.yaml"] == moved
     assert [o for o in after if o["kind"] != "ConfigMap"] == [o for o in before if o["kind"] != "ConfigMap"]
+
+
+def write_overlay(d, text: str) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "kustomization.yaml").write_text(textwrap.dedent(text))
+
+
+def test_registry_set_in_an_overlay_reaches_both_images(tmp_path):
+    """What docs/deploy.md tells a user to do: newName in the overlay they apply (canary here,
+    which also changes the model image's tag)."""
+    copy_root = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_root)
+    kustomization = copy_root / "overlays" / "canary" / "kustomization.yaml"
+    text = kustomization.read_text()
+    text = text.replace("  - name: pyserve\n    newTag:", "  - name: pyserve\n    newName: reg.example/ml/pyserve\n    newTag:")
+    text = text.replace("  - name: pyserve-models\n    newTag:",
+                        "  - name: pyserve-models\n    newName: reg.example/ml/pyserve-models\n    newTag:")
+    assert text.count("reg.example") == 2
+    kustomization.write_text(text)
+    dep = one(render(copy_root / "overlays" / "canary"), "Deployment", "pyserve")
+    assert container(dep)["image"] == "reg.example/ml/pyserve:0.1.0-cpu"
+    assert container(dep, "models", init=True)["image"] == "reg.example/ml/pyserve-models:v2"
+
+
+def test_gpu_canary_as_the_guide_describes(tmp_path):
+    """overlays/canary with components/gpu in place of components/cpu and the CUDA image: the GPU
+    sizing of overlays/gpu with the canary's models and traffic."""
+    copy_root = tmp_path / "k8s"
+    shutil.copytree(K8S, copy_root)
+    kustomization = copy_root / "overlays" / "canary" / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert text.count("../../components/cpu") == 1 and text.count("newTag: 0.1.0-cpu") == 1
+    kustomization.write_text(text.replace("../../components/cpu", "../../components/gpu")
+                             .replace("newTag: 0.1.0-cpu", "newTag: 0.1.0-cuda"))
+    gpu_canary, gpu, canary = render(copy_root / "overlays" / "canary"), render_overlay("gpu"), render_overlay("canary")
+    for obj in gpu_canary:
+        kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+    assert one(gpu_canary, "ConfigMap") == one(canary, "ConfigMap")
+    assert container(one(gpu_canary, "Deployment"), "models", init=True) == container(one(canary, "Deployment"), "models", init=True)
+    assert container(one(gpu_canary, "Deployment")) == container(one(gpu, "Deployment"))
+    assert one(gpu_canary, "HorizontalPodAutoscaler") == one(gpu, "HorizontalPodAutoscaler")

@@ -8,6 +8,7 @@ import copy
 import os
 import re
 import shutil
+import subprocess
 import textwrap
 
 import kubernetes_validate
@@ -305,3 +306,33 @@ def test_gpu_canary_as_the_guide_describes(tmp_path):
     assert container(one(gpu_canary, "Deployment"), "models", init=True) == container(one(canary, "Deployment"), "models", init=True)
     assert container(one(gpu_canary, "Deployment")) == container(one(gpu, "Deployment"))
     assert one(gpu_canary, "HorizontalPodAutoscaler") == one(gpu, "HorizontalPodAutoscaler")
+
+
+def test_init_container_script_copies_the_repository_and_stops_on_a_missing_version(tmp_path):
+    """The initContainer's shell script, run here with sh on stand-ins for /models (the model
+    image) and /mnt/models (the emptyDir)."""
+    init = container(deployment("canary"), "models", init=True)
+    assert init["command"][:2] == ["sh", "-c"]
+    image, volume = tmp_path / "image", tmp_path / "volume"
+    script = init["command"][2].replace("/mnt/models", str(volume)).replace("/models", str(image))
+    models = one_named(init["env"], "PYSERVE_MODELS")["value"]
+
+    def run(env_models):
+        if volume.exists():
+            shutil.rmtree(volume)
+        volume.mkdir()
+        return subprocess.run(["sh", "-c", script], env={"PYSERVE_MODELS": env_models, "PATH": os.environ["PATH"]},
+                              capture_output=True, text=True, timeout=60)
+
+    for version in (1, 2):
+        (image / "lenet300" / str(version)).mkdir(parents=True)
+        (image / "lenet300" / str(version) / "model.pyserve").write_bytes(b"v%d" % version)
+    (image / "lenet300" / "config.yaml").write_text("name: lenet300\n")
+    ok = run(models)
+    assert ok.returncode == 0, ok.stderr
+    assert (volume / "lenet300" / "2" / "model.pyserve").read_bytes() == b"v2"
+    assert (volume / "lenet300" / "config.yaml").read_text() == "name: lenet300\n"
+    shutil.rmtree(image / "lenet300" / "2")  # a v1-only image under the canary overlay
+    missing = run(models)
+    assert missing.returncode == 1
+    assert "the model image has no lenet300/2" in missing.stderr

@@ -47,6 +47,8 @@ __all__ = [
     "TrafficConfig",
     "load_traffic_config",
     "parse_traffic_config",
+    "parse_route",
+    "route_to_dict",
 ]
 
 FORMAT_VERSION = 1
@@ -196,6 +198,51 @@ class TrafficConfig:
                         field_ = "version" if t.version and "version" in reason else "model"
                         raise TrafficConfigError(self.source, f"routes.{route.name}.{kind}.{item.name}.{field_}",
                                                  reason)
+
+
+# --- one route <-> its YAML body (the admin RPCs GetRoute / SetRoute) ------------------------------
+
+
+def route_to_dict(route: RouteConfig) -> dict:
+    """The route as the mapping ``routes.<name>`` holds in a config file (current weights)."""
+
+    def target(t: TargetConfig) -> dict:
+        if t.route is not None:
+            return {"route": t.route}
+        return {"model": t.model, **({"version": int(t.version)} if t.version else {})}
+
+    out: dict = {"policy": route.policy, "variants": {}}
+    for v in route.variants:
+        out["variants"][v.name] = target(v.target)
+        if route.policy != "interleave":
+            out["variants"][v.name]["weight_percent"] = v.weight_percent
+    if route.shadows:
+        out["shadows"] = {s.name: {**target(s.target), "fraction": s.fraction} for s in route.shadows}
+    if route.shadow_queue_size != DEFAULT_SHADOW_QUEUE_SIZE:
+        out["shadow_queue_size"] = route.shadow_queue_size
+    if route.guard is not None:
+        g = route.guard
+        out["guard"] = {"canary": g.canary, "steps_percent": list(g.steps_percent), "window_s": g.window_s,
+                        "min_requests": g.min_requests, "max_error_rate_increase": g.max_error_rate_increase,
+                        "max_p99_latency_ratio": g.max_p99_latency_ratio}
+        if g.max_shadow_disagreement is not None:
+            out["guard"]["max_shadow_disagreement"] = g.max_shadow_disagreement
+    return out
+
+
+def parse_route(name: str, text: str, source: str = "set-route") -> RouteConfig:
+    """Parse one route's YAML body (what ``routes.<name>`` holds) into a checked RouteConfig.
+
+    Route references (``route:``) are checked by the caller against the other routes.
+    """
+    import yaml
+
+    _name(source, f"routes.{name}", name)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TrafficConfigError(source, f"routes.{name}", f"not valid YAML: {exc}") from None
+    return _route(source, name, raw)
 
 
 # --- parsing ---------------------------------------------------------------------------------------

@@ -94,3 +94,74 @@ if __name__ == "__main__":
         for k in ("fp32", "compressed"):
             acc = (out[k](torch.from_numpy(images)).argmax(1).numpy() == labels).mean()
             print(f"{k}: top-1 on 1,000 MNIST test images {acc:.3f}")
+
+
+# --- fault injection for traffic tests and benchmarks ------------------------------------------------
+
+
+class FaultyBackend:
+    """A backend that wraps a real pyserve artifact and misbehaves on purpose.
+
+    Its artifact file (``model.faulty``) is YAML: ``{artifact: PATH, mode: fail | slow | ok, factor: N}``.
+    ``fail``: every request fails (UNAVAILABLE); ``slow``: the model runs ``factor`` times per batch
+    (a model ``factor`` times as expensive, in real CPU time); ``ok``: the wrapped model as it is.
+    """
+
+    platform = "pyserve-faulty"
+
+    def __init__(self, path, *, executor=None) -> None:
+        self.path = Path(path)
+        self.executor = executor
+        self.inner = None
+        self.mode = "ok"
+        self.factor = 1
+
+    @property
+    def ready(self) -> bool:
+        return self.inner is not None and self.inner.ready
+
+    @property
+    def signature(self):
+        return self.inner.signature
+
+    async def load(self) -> None:
+        import yaml
+
+        from pyserve.backends import create_backend
+
+        spec = yaml.safe_load(self.path.read_text())
+        self.mode = spec.get("mode", "ok")
+        self.factor = int(spec.get("factor", 1))
+        inner = create_backend("pyserve", Path(spec["artifact"]), executor=self.executor)
+        await inner.load()
+        self.inner = inner
+
+    async def infer(self, batch):
+        from pyserve.protocol.errors import Unavailable
+
+        if self.mode == "fail":
+            return [Unavailable("injected failure (FaultyBackend mode fail)") for _ in batch]
+        out = await self.inner.infer(batch)
+        for _ in range(self.factor - 1 if self.mode == "slow" else 0):
+            out = await self.inner.infer(batch)
+        return out
+
+    async def unload(self) -> None:
+        if self.inner is not None:
+            await self.inner.unload()
+            self.inner = None
+
+
+def register_faulty_backend() -> None:
+    """Register :class:`FaultyBackend` as backend ``faulty`` (artifact file ``model.faulty``)."""
+    from pyserve.backends import register_backend
+
+    register_backend("faulty", FaultyBackend, "model.faulty")
+
+
+def write_faulty_model(repo: str | Path, name: str, artifact: str | Path, mode: str, factor: int = 1) -> None:
+    """``repo/name/1/model.faulty`` wrapping ``artifact`` (see :class:`FaultyBackend`)."""
+    d = Path(repo) / name
+    (d / "1").mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text("backend: faulty\nmax_batch_size: 64\n")
+    (d / "1" / "model.faulty").write_text(f"artifact: {Path(artifact).resolve()}\nmode: {mode}\nfactor: {factor}\n")

@@ -102,9 +102,13 @@ if __name__ == "__main__":
 class FaultyBackend:
     """A backend that wraps a real pyserve artifact and misbehaves on purpose.
 
-    Its artifact file (``model.faulty``) is YAML: ``{artifact: PATH, mode: fail | slow | ok, factor: N}``.
-    ``fail``: every request fails (UNAVAILABLE); ``slow``: the model runs ``factor`` times per batch
-    (a model ``factor`` times as expensive, in real CPU time); ``ok``: the wrapped model as it is.
+    Its artifact file (``model.faulty``) is YAML: ``{artifact: PATH, mode: fail | slow | ok, factor: N,
+    fail_if_exists: PATH}``. ``fail``: every request fails (UNAVAILABLE); ``slow``: the model runs
+    ``factor`` times per batch (a model ``factor`` times as expensive, in real CPU time); ``sleep``: the
+    model runs once, then the answer waits ``factor - 1`` times as long (``factor`` times as slow without
+    using the CPU, like a remote or I/O-bound model); ``ok``: the
+    wrapped model as it is. With ``fail_if_exists``, requests also fail while that file exists (a
+    variant that starts failing in the middle of a run).
     """
 
     platform = "pyserve-faulty"
@@ -115,6 +119,7 @@ class FaultyBackend:
         self.inner = None
         self.mode = "ok"
         self.factor = 1
+        self.fail_flag = None
 
     @property
     def ready(self) -> bool:
@@ -132,6 +137,7 @@ class FaultyBackend:
         spec = yaml.safe_load(self.path.read_text())
         self.mode = spec.get("mode", "ok")
         self.factor = int(spec.get("factor", 1))
+        self.fail_flag = Path(spec["fail_if_exists"]) if spec.get("fail_if_exists") else None
         inner = create_backend("pyserve", Path(spec["artifact"]), executor=self.executor)
         await inner.load()
         self.inner = inner
@@ -139,9 +145,15 @@ class FaultyBackend:
     async def infer(self, batch):
         from pyserve.protocol.errors import Unavailable
 
-        if self.mode == "fail":
+        if self.mode == "fail" or (self.fail_flag is not None and self.fail_flag.exists()):
             return [Unavailable("injected failure (FaultyBackend mode fail)") for _ in batch]
+        import asyncio
+        import time
+
+        t0 = time.perf_counter()
         out = await self.inner.infer(batch)
+        if self.mode == "sleep":
+            await asyncio.sleep((self.factor - 1) * (time.perf_counter() - t0))
         for _ in range(self.factor - 1 if self.mode == "slow" else 0):
             out = await self.inner.infer(batch)
         return out
@@ -159,9 +171,12 @@ def register_faulty_backend() -> None:
     register_backend("faulty", FaultyBackend, "model.faulty")
 
 
-def write_faulty_model(repo: str | Path, name: str, artifact: str | Path, mode: str, factor: int = 1) -> None:
+def write_faulty_model(repo: str | Path, name: str, artifact: str | Path, mode: str, factor: int = 1,
+                       fail_if_exists: str | Path | None = None) -> None:
     """``repo/name/1/model.faulty`` wrapping ``artifact`` (see :class:`FaultyBackend`)."""
     d = Path(repo) / name
     (d / "1").mkdir(parents=True, exist_ok=True)
     (d / "config.yaml").write_text("backend: faulty\nmax_batch_size: 64\n")
-    (d / "1" / "model.faulty").write_text(f"artifact: {Path(artifact).resolve()}\nmode: {mode}\nfactor: {factor}\n")
+    flag = f"fail_if_exists: {Path(fail_if_exists).resolve()}\n" if fail_if_exists else ""
+    (d / "1" / "model.faulty").write_text(f"artifact: {Path(artifact).resolve()}\nmode: {mode}\nfactor: {factor}\n"
+                                          + flag)

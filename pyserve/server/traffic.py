@@ -60,6 +60,8 @@ REQUEST_ID_PARAM = "pyserve_request_id"
 MAX_ROUTE_DEPTH = 8
 #: Concurrent shadow executions per route.
 SHADOW_WORKERS = 1
+#: Event-loop turns a shadow worker lets pass before running a job it took from the queue.
+SHADOW_YIELDS = 3
 
 
 def routing_key(request: InferRequest, metadata_key: str | None) -> str | None:
@@ -137,7 +139,7 @@ class TrafficRouter:
         self.last_reload_error = ""
         self._file_sig: tuple | None = None
         self._queues: dict[str, asyncio.Queue] = {}
-        self._workers: list[asyncio.Task] = []
+        self._route_workers: dict[str, list[asyncio.Task]] = {}
         self._tasks: list[asyncio.Task] = []
         self._running = False
 
@@ -151,11 +153,9 @@ class TrafficRouter:
         except ValueError as exc:
             return str(exc)
         try:
-            m = repo.get(model)
+            repo.get(model, version)  # NotFound for an unknown model, or a version it does not serve
         except NotFound as exc:
             return str(exc)
-        if version and m.version is not None and version != m.version:
-            return f"model {model!r} serves version {m.version}, not version {version}"
         return None
 
     def load_file(self) -> TrafficConfig:
@@ -213,10 +213,11 @@ class TrafficRouter:
 
     async def stop(self) -> None:
         self._running = False
-        for t in self._tasks + self._workers:
+        workers = [w for ws in self._route_workers.values() for w in ws]
+        for t in self._tasks + workers:
             t.cancel()
-        await asyncio.gather(*self._tasks, *self._workers, return_exceptions=True)
-        self._tasks, self._workers = [], []
+        await asyncio.gather(*self._tasks, *workers, return_exceptions=True)
+        self._tasks, self._route_workers = [], {}
         self._queues.clear()
 
     async def _watch(self) -> None:
@@ -310,23 +311,38 @@ class TrafficRouter:
         route = plan.route
         q = self._queues.get(route.name)
         if q is None or q.maxsize != route.shadow_queue_size:
+            if q is not None:  # the queue size changed (a reload): the waiting copies are dropped
+                for w in self._route_workers.pop(route.name, []):
+                    w.cancel()
+                while not q.empty():
+                    job = q.get_nowait()
+                    q.task_done()
+                    self._drop(job[0], job[1].name)
             q = asyncio.Queue(maxsize=route.shadow_queue_size)
             self._queues[route.name] = q
             loop = asyncio.get_running_loop()
-            for _ in range(SHADOW_WORKERS):
-                self._workers.append(loop.create_task(self._shadow_worker(q), name=f"pyserve-shadow-{route.name}"))
+            workers = [loop.create_task(self._shadow_worker(q), name=f"pyserve-shadow-{route.name}")
+                       for _ in range(SHADOW_WORKERS)]
+            self._route_workers[route.name] = workers
         primary = {t.name: t.data for t in resp.outputs}
         for s in plan.shadows:
             try:
                 q.put_nowait((route.name, s, request, primary, plan.key))
             except asyncio.QueueFull:
-                self.controller.drop_shadow(route.name, s.name)
-                if self.metrics:
-                    self.metrics.shadow_dropped.labels(route.name, s.name).inc()
+                self._drop(route.name, s.name)
+
+    def _drop(self, route: str, shadow: str) -> None:
+        self.controller.drop_shadow(route, shadow)
+        if self.metrics:
+            self.metrics.shadow_dropped.labels(route, shadow).inc()
 
     async def _shadow_worker(self, q: asyncio.Queue) -> None:
         while True:
             route, shadow, request, primary, key = await q.get()
+            # let the primary's response leave first: the RPC that queued this job is still
+            # finishing on this event loop (serializing and sending its answer)
+            for _ in range(SHADOW_YIELDS):
+                await asyncio.sleep(0)
             try:
                 await self._run_shadow(route, shadow, request, primary, key)
             except Exception:

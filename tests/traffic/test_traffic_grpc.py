@@ -369,11 +369,14 @@ def test_hot_reload_applies_valid_and_refuses_invalid(lenet_repo, images, tmp_pa
         path.write_text(CANARY.replace("lenet300c", "ghost"))
         wait(lambda: router.reloads_refused == 2)
         assert "routes.mnist.variants.candidate.model" in router.last_reload_error
+        path.write_text(CANARY.replace("version: 1, weight", "version: 7, weight"))
+        wait(lambda: router.reloads_refused == 3)
+        assert "routes.mnist.variants.stable.version: model 'lenet300' has no version '7'" in router.last_reload_error
         assert {_param(_infer(c, "mnist", images[:1], key=f"u{i}"), "pyserve_variant") for i in range(20)} == \
             {"candidate"}
         assert cli_main(["traffic", "status", "--url", srv.url]) == 0
         out = capsys.readouterr().out
-        assert "revision: canary-2" in out and "2 refused" in out
+        assert "revision: canary-2" in out and "3 refused" in out
         c.close()
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "decision_to_dict",
     "encode_feedback",
     "encode_json",
+    "feedback_request",
     "dumps",
 ]
 

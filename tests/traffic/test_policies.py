@@ -145,3 +145,15 @@ def test_percentile_matches_numpy():
     xs = [random.Random(i).random() for i in range(101)]
     for q in (0, 50, 99, 100):
         assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+
+
+def test_the_traffic_package_is_pure():
+    """pyserve.traffic imports neither grpc nor the server, backends or protocol stubs (STYLE.md rule 10)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pyserve.traffic; bad = sorted(m for m in sys.modules if m.split('.')[0] == 'grpc' or "
+            "m.startswith(('pyserve.server', 'pyserve.backends', 'pyserve.protocol', 'torch'))); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

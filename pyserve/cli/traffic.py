@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         data = json.loads(resp.json)
         print(json.dumps(data, indent=2) if args.json else format_report(data))
     elif method in ("GetRoute", "SetRoute", "SetWeights"):
-        weights = ", ".join(f"{k}={v:g}%" for k, v in resp.weights.items())
+        weights = ", ".join(f"{k}={v:g}%" for k, v in codec.weights_to_dict(resp.weights).items())
         print(f"route {resp.route} ({resp.policy}): {weights}" if method != "GetRoute" else resp.yaml.rstrip())
     elif method in ("Promote", "Rollback"):
         d = codec.decision_to_dict(resp)

@@ -22,6 +22,7 @@ __all__ = [
     "encode_route",
     "encode_decision",
     "decision_to_dict",
+    "weights_to_dict",
     "encode_feedback",
     "encode_json",
     "feedback_request",
@@ -40,24 +41,27 @@ def traffic_stub(channel):
 
 
 def encode_route(name: str, policy: str, weights: Mapping[str, float], yaml_text: str) -> pb.RouteResponse:
-    msg = pb.RouteResponse(route=name, policy=policy, yaml=yaml_text)
-    for k, v in weights.items():
-        msg.weights[k] = float(v)
-    return msg
+    return pb.RouteResponse(route=name, policy=policy, yaml=yaml_text, weights=_weights(weights))
+
+
+def _weights(weights: Mapping[str, float]) -> list:
+    return [pb.VariantWeight(variant=k, weight_percent=float(v)) for k, v in weights.items()]
+
+
+def weights_to_dict(repeated) -> dict[str, float]:
+    """``{variant: weight_percent}`` in the route's variant order, from a RouteResponse/DecisionResponse."""
+    return {w.variant: w.weight_percent for w in repeated}
 
 
 def encode_decision(d: Mapping, weights: Mapping[str, float]) -> pb.DecisionResponse:
-    msg = pb.DecisionResponse(decision=pb.Decision(**{k: d[k] for k in (
-        "time_s", "route", "action", "from_percent", "to_percent", "reason")}))
-    for k, v in weights.items():
-        msg.weights[k] = float(v)
-    return msg
+    return pb.DecisionResponse(decision=pb.Decision(**{k: d[k] for k in (
+        "time_s", "route", "action", "from_percent", "to_percent", "reason")}), weights=_weights(weights))
 
 
 def decision_to_dict(msg: pb.DecisionResponse) -> dict:
     d = msg.decision
     return {"time_s": d.time_s, "route": d.route, "action": d.action, "from_percent": d.from_percent,
-            "to_percent": d.to_percent, "reason": d.reason, "weights": dict(msg.weights)}
+            "to_percent": d.to_percent, "reason": d.reason, "weights": weights_to_dict(msg.weights)}
 
 
 def encode_feedback(route: str, variant: str, outcome: str = "") -> pb.FeedbackResponse:

@@ -215,3 +215,20 @@ def test_check_targets_names_the_field():
         cfg.check_targets(exists)
     assert e.value.field_path == "routes.mnist.shadows.compressed.model"
     cfg.check_targets(lambda m, v: None)
+
+
+def test_route_to_dict_round_trips_through_parse_route():
+    import yaml
+
+    from pyserve.traffic.config import parse_route, route_to_dict
+
+    for r in parse_traffic_config(EXAMPLE).routes.values():
+        assert parse_route(r.name, yaml.safe_dump(route_to_dict(r), sort_keys=False)) == r
+    il = parse_traffic_config(_routes("""
+        rank: {policy: interleave, variants: {a: {model: m, version: 3}, b: {route: other}}}
+        other: {policy: canary, variants: {x: {model: n}}}
+        """)).routes["rank"]
+    assert parse_route("rank", yaml.safe_dump(route_to_dict(il), sort_keys=False)) == il
+    with pytest.raises(TrafficConfigError) as e:
+        parse_route("r", "policy: canary\nvariants: {a: {model: m, weight_percent: 50}}\n")
+    assert e.value.field_path == "routes.r.variants"

@@ -124,7 +124,8 @@ def test_canary_split_is_sticky_and_names_the_variant(lenet_repo, lenet_built, i
         with pytest.raises(grpc.RpcError) as e:
             stub.SetWeights(pb.SetWeightsRequest(route="nope", weights={"a": 100}))
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
-        assert dict(stub.GetRoute(pb.GetRouteRequest(route="mnist")).weights) == {"stable": 0.0, "candidate": 100.0}
+        got = traffic_codec.weights_to_dict(stub.GetRoute(pb.GetRouteRequest(route="mnist")).weights)
+        assert list(got.items()) == [("stable", 0.0), ("candidate", 100.0)]
         ch.close()
         c.close()
 
@@ -384,3 +385,34 @@ def test_invalid_config_at_start_is_refused(lenet_repo, tmp_path):
     srv, _ = _serve(lenet_repo, CANARY.replace("policy: canary", "policy: cannary"), tmp_path)
     with pytest.raises(ValueError, match="traffic.yaml: routes.mnist.policy: must be one of"):
         srv.start()
+
+
+def test_get_and_set_route_and_manual_rollback_from_the_cli(lenet_repo, images, tmp_path, capsys):
+    srv, _ = _serve(lenet_repo, CANARY, tmp_path)
+    with srv:
+        c = tc.InferenceServerClient(srv.url)
+        assert cli_main(["traffic", "get-route", "mnist", "--url", srv.url]) == 0
+        body = capsys.readouterr().out
+        assert "policy: canary" in body and "weight_percent: 80.0" in body
+        # a new route from the YAML body, served from the next request
+        new = tmp_path / "route.yaml"
+        new.write_text(body.replace("80.0", "0.0").replace("20.0", "100.0"))
+        assert cli_main(["traffic", "set-route", "fresh", str(new), "--url", srv.url]) == 0
+        assert "route fresh (canary): stable=0%, candidate=100%" in capsys.readouterr().out
+        assert _param(_infer(c, "fresh", images[:1], key="k"), "pyserve_variant") == "candidate"
+        # invalid bodies are refused whole, with the field named
+        new.write_text(body.replace("lenet300c", "ghost"))
+        assert cli_main(["traffic", "set-route", "fresh", str(new), "--url", srv.url]) == 2
+        err = capsys.readouterr().err
+        assert "INVALID_ARGUMENT" in err and "routes.fresh.variants.candidate.model" in err
+        new.write_text(body.replace("80.0", "81.0"))
+        assert cli_main(["traffic", "set-route", "fresh", str(new), "--url", srv.url]) == 2
+        assert "routes.fresh.variants: weight_percent must sum to 100, got 101" in capsys.readouterr().err
+        assert _param(_infer(c, "fresh", images[:1], key="k"), "pyserve_variant") == "candidate"  # kept
+        # manual rollback / promote of an unguarded two-variant route
+        assert cli_main(["traffic", "rollback", "fresh", "--reason", "bad metrics", "--url", srv.url]) == 0
+        assert "manual_rollback 100% -> 0% (bad metrics); stable=100%, candidate=0%" in capsys.readouterr().out
+        assert _param(_infer(c, "fresh", images[:1], key="k"), "pyserve_variant") == "stable"
+        assert cli_main(["traffic", "set-weights", "fresh", "stable=60", "candidate=40", "--url", srv.url]) == 0
+        assert "stable=60%, candidate=40%" in capsys.readouterr().out
+        c.close()

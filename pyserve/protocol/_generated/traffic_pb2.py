@@ -29,53 +29,47 @@ from pyserve.protocol._generated._pool import POOL
 
 
 
-DESCRIPTOR = POOL.AddSerializedFile(b'\n\rtraffic.proto\x12\npyserve.v1\" \n\x0fGetRouteRequest\x12\r\n\x05route\x18\x01 \x01(\t\".\n\x0fSetRouteRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0c\n\x04yaml\x18\x02 \x01(\t\"\xa5\x01\n\rRouteResponse\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x37\n\x07weights\x18\x03 \x03(\x0b\x32&.pyserve.v1.RouteResponse.WeightsEntry\x12\x0c\n\x04yaml\x18\x04 \x01(\t\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x01\n\x11SetWeightsRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12;\n\x07weights\x18\x02 \x03(\x0b\x32*.pyserve.v1.SetWeightsRequest.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\x0ePromoteRequest\x12\r\n\x05route\x18\x01 \x01(\t\"0\n\x0fRollbackRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"s\n\x08\x44\x65\x63ision\x12\x0e\n\x06time_s\x18\x01 \x01(\x01\x12\r\n\x05route\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x14\n\x0c\x66rom_percent\x18\x04 \x01(\x01\x12\x12\n\nto_percent\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xa6\x01\n\x10\x44\x65\x63isionResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x14.pyserve.v1.Decision\x12:\n\x07weights\x18\x02 \x03(\x0b\x32).pyserve.v1.DecisionResponse.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"c\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06metric\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x63licked\x18\x03 \x03(\x03\x12\x0b\n\x03row\x18\x04 \x01(\rB\t\n\x07_metric\"C\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\"\x1e\n\rReportRequest\x12\r\n\x05route\x18\x01 \x01(\t\"\x1e\n\x0eReportResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x0f\n\rStatusRequest\"0\n\x0eStatusResponse\x12\x10\n\x08revision\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t2\xc5\x04\n\x0eTrafficControl\x12\x44\n\x08GetRoute\x12\x1b.pyserve.v1.GetRouteRequest\x1a\x19.pyserve.v1.RouteResponse\"\x00\x12\x44\n\x08SetRoute\x12\x1b.pyserve.v1.SetRouteRequest\x1a\x19.pyserve.v1.RouteResponse\"\x00\x12H\n\nSetWeights\x12\x1d.pyserve.v1.SetWeightsRequest\x1a\x19.pyserve.v1.RouteResponse\"\x00\x12\x45\n\x07Promote\x12\x1a.pyserve.v1.PromoteRequest\x1a\x1c.pyserve.v1.DecisionResponse\"\x00\x12G\n\x08Rollback\x12\x1b.pyserve.v1.RollbackRequest\x1a\x1c.pyserve.v1.DecisionResponse\"\x00\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1b.pyserve.v1.FeedbackRequest\x1a\x1c.pyserve.v1.FeedbackResponse\"\x00\x12\x41\n\x06Report\x12\x19.pyserve.v1.ReportRequest\x1a\x1a.pyserve.v1.ReportResponse\"\x00\x12\x41\n\x06Status\x12\x19.pyserve.v1.StatusRequest\x1a\x1a.pyserve.v1.StatusResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = POOL.AddSerializedFile(b'\n\rtraffic.proto\x12\npyserve.v1\" \n\x0fGetRouteRequest\x12\r\n\x05route\x18\x01 \x01(\t\".\n\x0fSetRouteRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0c\n\x04yaml\x18\x02 \x01(\t\"8\n\rVariantWeight\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x16\n\x0eweight_percent\x18\x02 \x01(\x01\"h\n\rRouteResponse\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12*\n\x07weights\x18\x03 \x03(\x0b\x32\x19.pyserve.v1.VariantWeight\x12\x0c\n\x04yaml\x18\x04 \x01(\t\"\x8f\x01\n\x11SetWeightsRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12;\n\x07weights\x18\x02 \x03(\x0b\x32*.pyserve.v1.SetWeightsRequest.WeightsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1f\n\x0ePromoteRequest\x12\r\n\x05route\x18\x01 \x01(\t\"0\n\x0fRollbackRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"s\n\x08\x44\x65\x63ision\x12\x0e\n\x06time_s\x18\x01 \x01(\x01\x12\r\n\x05route\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x14\n\x0c\x66rom_percent\x18\x04 \x01(\x01\x12\x12\n\nto_percent\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"f\n\x10\x44\x65\x63isionResponse\x12&\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x14.pyserve.v1.Decision\x12*\n\x07weights\x18\x02 \x03(\x0b\x32\x19.pyserve.v1.VariantWeight\"c\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06metric\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x63licked\x18\x03 \x03(\x03\x12\x0b\n\x03row\x18\x04 \x01(\rB\t\n\x07_metric\"C\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\r\n\x05route\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0f\n\x07outcome\x18\x03 \x01(\t\"\x1e\n\rReportRequest\x12\r\n\x05route\x18\x01 \x01(\t\"\x1e\n\x0eReportResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x0f\n\rStatusRequest\"0\n\x0eStatusResponse\x12\x10\n\x08revision\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t2\xc5\x04\n\x0eTrafficControl\x12\x44\n\x08GetRoute\x12\x1b.pyserve.v1.GetRouteRequest\x1a\x19.pyserve.v1.RouteResponse\"\x00\x12\x44\n\x08SetRoute\x12\x1b.pyserve.v1.SetRouteRequest\x1a\x19.pyserve.v1.RouteResponse\"\x00\x12H\n\nSetWeights\x12\x1d.pyserve.v1.SetWeightsRequest\x1a\x19.pyserve.v1.RouteResponse\"\x00\x12\x45\n\x07Promote\x12\x1a.pyserve.v1.PromoteRequest\x1a\x1c.pyserve.v1.DecisionResponse\"\x00\x12G\n\x08Rollback\x12\x1b.pyserve.v1.RollbackRequest\x1a\x1c.pyserve.v1.DecisionResponse\"\x00\x12G\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1b.pyserve.v1.FeedbackRequest\x1a\x1c.pyserve.v1.FeedbackResponse\"\x00\x12\x41\n\x06Report\x12\x19.pyserve.v1.ReportRequest\x1a\x1a.pyserve.v1.ReportResponse\"\x00\x12\x41\n\x06Status\x12\x19.pyserve.v1.StatusRequest\x1a\x1a.pyserve.v1.StatusResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pyserve.protocol._generated.traffic_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTERESPONSE_WEIGHTSENTRY']._loaded_options = None
-  _globals['_ROUTERESPONSE_WEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_SETWEIGHTSREQUEST_WEIGHTSENTRY']._loaded_options = None
   _globals['_SETWEIGHTSREQUEST_WEIGHTSENTRY']._serialized_options = b'8\001'
-  _globals['_DECISIONRESPONSE_WEIGHTSENTRY']._loaded_options = None
-  _globals['_DECISIONRESPONSE_WEIGHTSENTRY']._serialized_options = b'8\001'
   _globals['_GETROUTEREQUEST']._serialized_start=29
   _globals['_GETROUTEREQUEST']._serialized_end=61
   _globals['_SETROUTEREQUEST']._serialized_start=63
   _globals['_SETROUTEREQUEST']._serialized_end=109
-  _globals['_ROUTERESPONSE']._serialized_start=112
-  _globals['_ROUTERESPONSE']._serialized_end=277
-  _globals['_ROUTERESPONSE_WEIGHTSENTRY']._serialized_start=231
-  _globals['_ROUTERESPONSE_WEIGHTSENTRY']._serialized_end=277
-  _globals['_SETWEIGHTSREQUEST']._serialized_start=280
-  _globals['_SETWEIGHTSREQUEST']._serialized_end=423
-  _globals['_SETWEIGHTSREQUEST_WEIGHTSENTRY']._serialized_start=231
-  _globals['_SETWEIGHTSREQUEST_WEIGHTSENTRY']._serialized_end=277
-  _globals['_PROMOTEREQUEST']._serialized_start=425
-  _globals['_PROMOTEREQUEST']._serialized_end=456
-  _globals['_ROLLBACKREQUEST']._serialized_start=458
-  _globals['_ROLLBACKREQUEST']._serialized_end=506
-  _globals['_DECISION']._serialized_start=508
-  _globals['_DECISION']._serialized_end=623
-  _globals['_DECISIONRESPONSE']._serialized_start=626
-  _globals['_DECISIONRESPONSE']._serialized_end=792
-  _globals['_DECISIONRESPONSE_WEIGHTSENTRY']._serialized_start=231
-  _globals['_DECISIONRESPONSE_WEIGHTSENTRY']._serialized_end=277
-  _globals['_FEEDBACKREQUEST']._serialized_start=794
-  _globals['_FEEDBACKREQUEST']._serialized_end=893
-  _globals['_FEEDBACKRESPONSE']._serialized_start=895
-  _globals['_FEEDBACKRESPONSE']._serialized_end=962
-  _globals['_REPORTREQUEST']._serialized_start=964
-  _globals['_REPORTREQUEST']._serialized_end=994
-  _globals['_REPORTRESPONSE']._serialized_start=996
-  _globals['_REPORTRESPONSE']._serialized_end=1026
-  _globals['_STATUSREQUEST']._serialized_start=1028
-  _globals['_STATUSREQUEST']._serialized_end=1043
-  _globals['_STATUSRESPONSE']._serialized_start=1045
-  _globals['_STATUSRESPONSE']._serialized_end=1093
-  _globals['_TRAFFICCONTROL']._serialized_start=1096
-  _globals['_TRAFFICCONTROL']._serialized_end=1677
+  _globals['_VARIANTWEIGHT']._serialized_start=111
+  _globals['_VARIANTWEIGHT']._serialized_end=167
+  _globals['_ROUTERESPONSE']._serialized_start=169
+  _globals['_ROUTERESPONSE']._serialized_end=273
+  _globals['_SETWEIGHTSREQUEST']._serialized_start=276
+  _globals['_SETWEIGHTSREQUEST']._serialized_end=419
+  _globals['_SETWEIGHTSREQUEST_WEIGHTSENTRY']._serialized_start=373
+  _globals['_SETWEIGHTSREQUEST_WEIGHTSENTRY']._serialized_end=419
+  _globals['_PROMOTEREQUEST']._serialized_start=421
+  _globals['_PROMOTEREQUEST']._serialized_end=452
+  _globals['_ROLLBACKREQUEST']._serialized_start=454
+  _globals['_ROLLBACKREQUEST']._serialized_end=502
+  _globals['_DECISION']._serialized_start=504
+  _globals['_DECISION']._serialized_end=619
+  _globals['_DECISIONRESPONSE']._serialized_start=621
+  _globals['_DECISIONRESPONSE']._serialized_end=723
+  _globals['_FEEDBACKREQUEST']._serialized_start=725
+  _globals['_FEEDBACKREQUEST']._serialized_end=824
+  _globals['_FEEDBACKRESPONSE']._serialized_start=826
+  _globals['_FEEDBACKRESPONSE']._serialized_end=893
+  _globals['_REPORTREQUEST']._serialized_start=895
+  _globals['_REPORTREQUEST']._serialized_end=925
+  _globals['_REPORTRESPONSE']._serialized_start=927
+  _globals['_REPORTRESPONSE']._serialized_end=957
+  _globals['_STATUSREQUEST']._serialized_start=959
+  _globals['_STATUSREQUEST']._serialized_end=974
+  _globals['_STATUSRESPONSE']._serialized_start=976
+  _globals['_STATUSRESPONSE']._serialized_end=1024
+  _globals['_TRAFFICCONTROL']._serialized_start=1027
+  _globals['_TRAFFICCONTROL']._serialized_end=1608
 # @@protoc_insertion_point(module_scope)

@@ -20,24 +20,25 @@ class SetRouteRequest(_message.Message):
     yaml: str
     def __init__(self, route: _Optional[str] = ..., yaml: _Optional[str] = ...) -> None: ...
 
+class VariantWeight(_message.Message):
+    __slots__ = ("variant", "weight_percent")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    weight_percent: float
+    def __init__(self, variant: _Optional[str] = ..., weight_percent: _Optional[float] = ...) -> None: ...
+
 class RouteResponse(_message.Message):
     __slots__ = ("route", "policy", "weights", "yaml")
-    class WeightsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     YAML_FIELD_NUMBER: _ClassVar[int]
     route: str
     policy: str
-    weights: _containers.ScalarMap[str, float]
+    weights: _containers.RepeatedCompositeFieldContainer[VariantWeight]
     yaml: str
-    def __init__(self, route: _Optional[str] = ..., policy: _Optional[str] = ..., weights: _Optional[_Mapping[str, float]] = ..., yaml: _Optional[str] = ...) -> None: ...
+    def __init__(self, route: _Optional[str] = ..., policy: _Optional[str] = ..., weights: _Optional[_Iterable[_Union[VariantWeight, _Mapping]]] = ..., yaml: _Optional[str] = ...) -> None: ...
 
 class SetWeightsRequest(_message.Message):
     __slots__ = ("route", "weights")
@@ -86,18 +87,11 @@ class Decision(_message.Message):
 
 class DecisionResponse(_message.Message):
     __slots__ = ("decision", "weights")
-    class WeightsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     DECISION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
-    weights: _containers.ScalarMap[str, float]
-    def __init__(self, decision: _Optional[_Union[Decision, _Mapping]] = ..., weights: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    weights: _containers.RepeatedCompositeFieldContainer[VariantWeight]
+    def __init__(self, decision: _Optional[_Union[Decision, _Mapping]] = ..., weights: _Optional[_Iterable[_Union[VariantWeight, _Mapping]]] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("request_id", "metric", "clicked", "row")

@@ -416,3 +416,23 @@ def test_get_and_set_route_and_manual_rollback_from_the_cli(lenet_repo, images, 
         assert cli_main(["traffic", "set-weights", "fresh", "stable=60", "candidate=40", "--url", srv.url]) == 0
         assert "stable=60%, candidate=40%" in capsys.readouterr().out
         c.close()
+
+
+def test_stream_infer_routes_by_the_stream_metadata_key(lenet_repo, images, tmp_path):
+    import queue
+
+    srv, _ = _serve(lenet_repo, CANARY, tmp_path)
+    ref = WeightedSplit("mnist", [("stable", 80), ("candidate", 20)])
+    key = next(k for k in (f"user-{i}" for i in range(200)) if ref.choose(k) == "candidate")
+    with srv:
+        c = tc.InferenceServerClient(srv.url)
+        got: queue.Queue = queue.Queue()
+        c.start_stream(callback=lambda result, error: got.put((result, error)), headers={"x-routing-key": key})
+        for i in range(8):
+            c.async_stream_infer("mnist", [_input(images[i:i + 1])])
+        c.async_stream_infer("mnist", [_input(images[:1])], parameters={"routing_key": "user-0"})
+        c.stop_stream()
+        results = [got.get(timeout=30) for _ in range(9)]
+        assert all(err is None for _, err in results)
+        assert [_param(r, "pyserve_variant") for r, _ in results] == ["candidate"] * 8 + [ref.choose("user-0")]
+        c.close()

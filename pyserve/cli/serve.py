@@ -48,6 +48,11 @@ def add_parser(subparsers) -> None:
         metavar="NAME",
         help="with --model-control-mode explicit: a model to load at start (repeatable; '*' = all)",
     )
+    p.add_argument("--traffic-config", metavar="PATH", default=None,
+                   help="traffic config YAML (routes: canary, A/B, shadow, interleave; docs/traffic.md), "
+                   "re-read when it changes")
+    p.add_argument("--traffic-poll-s", type=float, default=2.0, metavar="SECONDS",
+                   help="how often to check --traffic-config for changes (default 2)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
 
@@ -70,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--infer-threads must be >= 1, got {args.infer_threads}")
     if args.exit_timeout_s < 0:
         raise UsageError(f"--exit-timeout-s must be >= 0, got {args.exit_timeout_s}")
+    if args.traffic_poll_s <= 0:
+        raise UsageError(f"--traffic-poll-s must be > 0, got {args.traffic_poll_s}")
     if args.load_model and args.model_control_mode != "explicit":
         raise UsageError("--load-model needs --model-control-mode explicit (mode none loads every model)")
     return asyncio.run(_serve(args))
@@ -88,6 +95,8 @@ async def _serve(args: argparse.Namespace) -> int:
         model_control_mode=args.model_control_mode,
         startup_models=args.load_model,
         metrics_port=args.metrics_port,
+        traffic_config=args.traffic_config,
+        traffic_poll_s=args.traffic_poll_s,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

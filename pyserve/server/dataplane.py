@@ -54,6 +54,8 @@ class DataPlane:
         self.repository = repository
         self.extensions = tuple(extensions)
         self.stopping = False
+        #: the traffic router (pyserve.server.traffic.TrafficRouter); requests on its routes go there
+        self.router = None
 
     # --- health ---------------------------------------------------------------------------------
 
@@ -64,7 +66,14 @@ class DataPlane:
         """True once the repository has loaded (refused models do not make the server unready)."""
         return self.repository.loaded and not self.stopping
 
+    def _model_name(self, name: str, version: str) -> str:
+        """A route name (with no version) stands for the model of its first variant in metadata RPCs."""
+        if self.router is not None and not version and self.router.has_route(name):
+            return self.router.resolve_model(name)
+        return name
+
     def model_ready(self, name: str, version: str = "") -> bool:
+        name = self._model_name(name, version)
         try:
             return self.repository.get(name, version).ready
         except NotFound:
@@ -76,7 +85,7 @@ class DataPlane:
         return ServerMetadata(name=SERVER_NAME, version=__version__, extensions=self.extensions)
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
-        model = self.repository.get_ready(name, version)
+        model = self.repository.get_ready(self._model_name(name, version), version)
         sig = model.backend.signature
 
         def meta(specs) -> tuple[TensorMetadata, ...]:
@@ -94,7 +103,7 @@ class DataPlane:
 
     def model_config(self, name: str, version: str = "") -> ModelConfigInfo:
         """The ModelConfig extension: config.yaml plus the backend's signature (full shapes)."""
-        model = self.repository.get_ready(name, version)
+        model = self.repository.get_ready(self._model_name(name, version), version)
         sig, cfg = model.backend.signature, model.config
 
         def meta(specs) -> tuple[TensorMetadata, ...]:
@@ -139,7 +148,14 @@ class DataPlane:
 
     # --- inference ------------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, routing_key: str | None = None) -> InferResponse:
+        """Serve one request: through the traffic router when ``model_name`` is a route (``routing_key``:
+        the gRPC metadata ``x-routing-key``, if any), else on the model itself (:meth:`infer_model`)."""
+        if self.router is not None and self.router.has_route(request.model_name):
+            return await self.router.infer(request, routing_key)
+        return await self.infer_model(request)
+
+    async def infer_model(self, request: InferRequest) -> InferResponse:
         t0 = time.perf_counter_ns()
         model = self.repository.get_ready(request.model_name, request.model_version)
         mv = model.current.acquire()  # this request finishes on this version, even across a reload

@@ -58,6 +58,11 @@ class Server:
     startup_models : models loaded at start in explicit mode; ``("*",)`` for all.
     metrics_port : serve Prometheus metrics on ``http://host:metrics_port/metrics`` (0: any free
         port, see :attr:`metrics_bound_port`); None (default): no metrics endpoint.
+    traffic_config : a traffic config file (docs/traffic.md): routes, canary/A-B/shadow/interleave
+        policies. Checked at :meth:`start` (TrafficConfigError, a ValueError, naming the field) and
+        re-read every ``traffic_poll_s`` seconds when it changes. None: no routes until the
+        ``pyserve.v1.TrafficControl`` admin RPCs add some.
+    traffic_poll_s : seconds between checks of ``traffic_config``.
     """
 
     def __init__(
@@ -73,6 +78,8 @@ class Server:
         model_control_mode: str = "none",
         startup_models: Sequence[str] = (),
         metrics_port: int | None = None,
+        traffic_config: str | os.PathLike | None = None,
+        traffic_poll_s: float = 2.0,
     ) -> None:
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
@@ -98,6 +105,11 @@ class Server:
             stats_sink=self.metrics,
         )
         self.dataplane = DataPlane(self.repository, extensions=extensions)
+        from pyserve.server.traffic import TrafficRouter
+
+        self.traffic = TrafficRouter(self.dataplane, config_path=traffic_config, poll_s=traffic_poll_s,
+                                     registry=self.metrics.registry if self.metrics is not None else None)
+        self.dataplane.router = self.traffic
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self.bound_port: int | None = None
@@ -122,6 +134,8 @@ class Server:
         if self._grpc is not None:
             raise RuntimeError("server already started")
         self.repository.startup_names()  # fail fast on a missing directory or start-up model, before binding
+        if self.traffic.config_path is not None:  # fail fast on an invalid traffic config, before binding
+            self.traffic.apply(self.traffic.load_file())
         if self.metrics is not None:
             self.metrics.start(self.host, self.metrics_port)  # RuntimeError naming the address
         self._stopped = asyncio.Event()
@@ -134,6 +148,9 @@ class Server:
         ]
         server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
         InferenceServicer(self.dataplane).add_to_server(server)
+        from pyserve.server.traffic_service import TrafficControlServicer
+
+        TrafficControlServicer(self.traffic).add_to_server(server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -155,6 +172,7 @@ class Server:
         await server.start()
         log.info("listening on %s; loading %s", self.address, self.model_repository)
         await self.repository.load_all()
+        await self.traffic.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def _set_health(self, status) -> None:
@@ -170,6 +188,7 @@ class Server:
         self.dataplane.stopping = True
         await self._health.enter_graceful_shutdown()
         await self._grpc.stop(grace)
+        await self.traffic.stop()
         await self.repository.unload_all()
         if self.metrics is not None:
             self.metrics.stop()

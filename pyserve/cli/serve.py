@@ -36,11 +36,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--infer-threads", type=int, default=None, help="threads that load and run models")
     p.add_argument(
         "--model-control-mode",
-        choices=["none", "explicit"],
+        choices=["none", "poll", "explicit"],
         default="none",
-        help="none: load every model at start, refuse load/unload RPCs (default); explicit: load the "
-        "--load-model models at start and the rest through RepositoryModelLoad/Unload",
+        help="none: load every model at start, refuse load/unload RPCs (default); poll: as none, then "
+        "rescan the repository every --repository-poll-s and load new, reload changed, unload removed "
+        "models; explicit: load the --load-model models at start and the rest through "
+        "RepositoryModelLoad/Unload",
     )
+    p.add_argument("--repository-poll-s", type=float, default=15.0,
+                   help="with --model-control-mode poll: seconds between two scans of the repository (default 15)")
     p.add_argument(
         "--load-model",
         action="append",
@@ -70,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--infer-threads must be >= 1, got {args.infer_threads}")
     if args.exit_timeout_s < 0:
         raise UsageError(f"--exit-timeout-s must be >= 0, got {args.exit_timeout_s}")
+    if not args.repository_poll_s > 0:
+        raise UsageError(f"--repository-poll-s must be > 0, got {args.repository_poll_s}")
     if args.load_model and args.model_control_mode != "explicit":
         raise UsageError("--load-model needs --model-control-mode explicit (mode none loads every model)")
     return asyncio.run(_serve(args))
@@ -88,6 +94,7 @@ async def _serve(args: argparse.Namespace) -> int:
         model_control_mode=args.model_control_mode,
         startup_models=args.load_model,
         metrics_port=args.metrics_port,
+        repository_poll_s=args.repository_poll_s,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

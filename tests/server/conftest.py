@@ -16,8 +16,9 @@ from pyserve.backends import registry as _registry
 class EchoBackend:
     """``x`` FP32 [-1, 2] -> ``y = 2 x``. The artifact file's text picks a behaviour:
     ``echo``, ``slow`` (sleeps 0.5 s per batch), ``delay`` (sleeps 0.05 s per batch), ``slowload``
-    (sleeps 0.5 s in load), ``explode`` (fails the request with a RuntimeError), ``badload`` (load
-    raises). In every mode a request holding the value -999 fails alone with INVALID_ARGUMENT, and
+    (sleeps 0.5 s in load), ``explode`` (fails every request whose x is not all zeros with a
+    RuntimeError; the all-zero warm-up passes, so the model loads), ``badwarmup`` (fails every
+    request, so the warm-up refuses the version), ``badload`` (load raises). In every mode a request holding the value -999 fails alone with INVALID_ARGUMENT, and
     :attr:`calls` records the dim 0 of every request of every ``infer`` call (one list per call)."""
 
     calls: list = []  # shared by all instances: [(path, [rows of each request])]
@@ -53,7 +54,10 @@ class EchoBackend:
         if self.mode == "delay":
             await asyncio.sleep(0.05)
         if self.mode == "explode":
-            return [RuntimeError("secret detail from the backend") for _ in batch]
+            return [RuntimeError("secret detail from the backend") if np.asarray(inputs["x"]).any()
+                    else {"y": np.asarray(inputs["x"]) * 2} for inputs in batch]
+        if self.mode == "badwarmup":
+            return [RuntimeError("this model fails every request") for _ in batch]
         return [
             InvalidArgument("poisoned request: x holds -999") if (np.asarray(inputs["x"]) == -999).any()
             else {"y": np.asarray(inputs["x"]) * 2}

@@ -96,31 +96,55 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 class InflightInterceptor(grpc.aio.ServerInterceptor):
-    """Counts the RPCs with a single response (unary-unary, stream-unary) that are running, so a
-    graceful stop can wait for them and then end the long-lived streams (health Watch,
-    ModelStreamInfer) at once instead of waiting out the whole grace period. The requests of an
-    inference stream are counted by the repository's per-version in-flight counters instead."""
+    """Counts running RPCs, so a graceful stop can wait for them and then end the long-lived
+    streams (health Watch) at once instead of waiting out the whole grace period.
+
+    ``count``: RPCs with a single response (unary-unary, stream-unary), from the call until gRPC
+    has sent the status (the RPC's done callback), so a drained server has flushed its responses.
+    ``streams``: open response streams other than the health service's (ModelStreamInfer); their
+    inference requests are counted by the repository's per-version in-flight counters.
+    """
 
     def __init__(self) -> None:
         self.count = 0
+        self.streams = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def idle(self) -> None:
-        """Return once no counted RPC is running."""
+        """Return once no counted unary RPC is running."""
         while self.count:
             await self._idle.wait()
+
+    def _done(self, _context=None) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    def _stream_done(self, _context=None) -> None:
+        self.streams -= 1
 
     def _wrap(self, behavior):
         async def wrapper(request, context):
             self.count += 1
             self._idle.clear()
             try:
-                return await behavior(request, context)
-            finally:
-                self.count -= 1
-                if self.count == 0:
-                    self._idle.set()
+                context.add_done_callback(self._done)
+            except Exception:  # pragma: no cover - a gRPC without done callbacks: count the handler
+                try:
+                    return await behavior(request, context)
+                finally:
+                    self._done()
+            return await behavior(request, context)
+
+        return wrapper
+
+    def _wrap_stream(self, behavior):
+        async def wrapper(request, context):
+            self.streams += 1
+            context.add_done_callback(self._stream_done)
+            async for response in behavior(request, context):
+                yield response
 
         return wrapper
 
@@ -128,11 +152,19 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        counted_stream = not (handler_call_details.method or "").startswith(AUTH_EXEMPT_PREFIXES)
+
+        def unary(b):
+            return self._wrap(b) if inspect.iscoroutinefunction(b) else b
+
+        def stream(b):
+            return self._wrap_stream(b) if counted_stream and inspect.isasyncgenfunction(b) else b
+
         return handler._replace(
-            unary_unary=self._wrap(handler.unary_unary) if inspect.iscoroutinefunction(handler.unary_unary)
-            else handler.unary_unary,
-            stream_unary=self._wrap(handler.stream_unary) if inspect.iscoroutinefunction(handler.stream_unary)
-            else handler.stream_unary,
+            unary_unary=unary(handler.unary_unary),
+            stream_unary=unary(handler.stream_unary),
+            unary_stream=stream(handler.unary_stream),
+            stream_stream=stream(handler.stream_stream),
         )
 
 

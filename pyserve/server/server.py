@@ -30,7 +30,7 @@ from pyserve.server.interceptors import BearerTokenInterceptor, ErrorInterceptor
 from pyserve.server.repository import ModelRepository
 from pyserve.server.servicer import InferenceServicer
 
-__all__ = ["Server", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["Server", "DEFAULT_MAX_MESSAGE_BYTES", "read_tls_files"]
 
 log = logging.getLogger("pyserve.server")
 
@@ -124,7 +124,7 @@ class Server:
             stats_sink=self.metrics,
         )
         self.dataplane = DataPlane(self.repository, extensions=extensions)
-        self._tls = _read_tls(tls_cert, tls_key, tls_client_ca)
+        self._tls = read_tls_files(tls_cert, tls_key, tls_client_ca)
         self.auth_tokens = tuple(auth_tokens or ())
         self.reflection = bool(reflection)
         self.reflection_enabled = False
@@ -229,13 +229,17 @@ class Server:
         self.dataplane.stopping = True
         await self._health.enter_graceful_shutdown()  # NOT_SERVING at once, pushed to Watch streams
         self._stopping.set()
-        # refuse new RPCs; the ones running get the grace period
-        grpc_stop = asyncio.ensure_future(self._grpc.stop(grace))
+        # refuse new RPCs at once; the running ones get the grace period, timed by the wait below
+        # (gRPC's own grace is only a backstop, a little longer, so that the warning below is logged)
+        grpc_stop = asyncio.ensure_future(self._grpc.stop(grace + 1.0))
         await asyncio.sleep(0)
         try:
             await asyncio.wait_for(self._drained(), grace)
         except asyncio.TimeoutError:
-            log.warning("exit timeout (%.1f s): cancelling %d request(s) still running", grace, self._busy())
+            log.warning("exit timeout (%.1f s): cancelling %d RPC(s) still running (%d inference request(s))",
+                        grace, self._inflight.count, self.repository.inflight())
+        if self._inflight.streams:  # let the last responses of inference streams reach the wire
+            await asyncio.sleep(0.1)
         # nothing with a single response is running any more: end the streams (health Watch, idle
         # ModelStreamInfer) now rather than waiting for them until the grace period is over
         await self._grpc.stop(None)
@@ -276,8 +280,11 @@ class Server:
         await self.stop()
 
 
-def _read_tls(cert, key, client_ca) -> tuple[bytes, bytes, bytes | None] | None:
-    """PEM bytes of (certificate chain, private key, client CA or None), or None without TLS."""
+def read_tls_files(cert, key, client_ca) -> tuple[bytes, bytes, bytes | None] | None:
+    """PEM bytes of (certificate chain, private key, client CA or None), or None without TLS.
+
+    ValueError naming the argument when only one of cert/key is given, a client CA comes without
+    them, or a file cannot be read or is not PEM."""
     if cert is None and key is None:
         if client_ca is not None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")

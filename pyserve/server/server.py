@@ -220,8 +220,11 @@ class Server:
             await self._health.set(service, status)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Graceful stop: health NOT_SERVING, refuse new RPCs, give in-flight ones ``grace_s``
-        (default ``exit_timeout_s``) to finish, cancel the rest, unload the models."""
+        """Graceful stop: health NOT_SERVING at once (pushed to Watch streams), new RPCs refused
+        (UNAVAILABLE), running unary RPCs (until gRPC has sent their status) and running inferences
+        of streams get ``grace_s`` seconds (default ``exit_timeout_s``) to finish; then what is left
+        (long-lived streams, RPCs past the grace period) is cancelled, the poller stopped and the
+        models unloaded."""
         if self._grpc is None or self._stopped is None or self._stopped.is_set():
             return
         grace = self.exit_timeout_s if grace_s is None else grace_s

@@ -582,11 +582,14 @@ class ModelRepository:
         except ValueError as exc:
             log.error("poll: %s", exc)
             return
-        for model in list(self._models.values()):
-            if not model.directory.is_dir():
+        models = list(self._models.values())
+        # the scan (a stat per file) runs in a thread, not on the event loop
+        seen_now = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [_dir_fingerprint(m.directory) for m in models])
+        for model, seen in zip(models, seen_now):
+            if not seen:  # the directory is gone
                 await self._remove(model)
                 continue
-            seen = _dir_fingerprint(model.directory)
             if seen == model.seen:
                 continue
             log.info("poll: model %r changed on disk; loading", model.name)

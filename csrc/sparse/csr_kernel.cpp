@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -94,16 +95,42 @@ __attribute__((always_inline)) inline int64_t check_rows(const int64_t* indptr, 
   return bad;
 }
 
+// Number of neighbour pairs (j - 1, j) that straddle a row boundary (j = indptr[n] for a row n that
+// is not the first non-empty one) with idx[j] <= idx[j - 1]; each boundary position counted once.
+template <typename Index>
+int64_t boundary_nonincreasing(const int64_t* indptr, int64_t N, const Index* ix, int64_t nnz) {
+  int64_t count = 0;
+  for (int64_t n = 1; n < N; ++n) {
+    const int64_t j = indptr[n];
+    if (j > 0 && j < nnz && j != indptr[n - 1]) count += ix[j] <= ix[j - 1];
+  }
+  return count;
+}
+
+// True when every column index is in [0, K) and strictly increasing within its row, in one
+// branch-free pass over all nonzeros: no index outside [0, K), and the non-increasing neighbour
+// pairs (idx[j] <= idx[j-1]) are exactly those that straddle a row boundary. Used ahead of the
+// B == 1 kernel, where the per-chunk check of check_rows costs more than the SpMV itself for
+// short rows (measured: benchmarks/native/csr_spmv.cpp). A false answer is followed by the exact
+// (slower) search of csr_first_bad_index for the error message.
+template <typename Index>
+bool all_indices_ok_portable(const int64_t* indptr, int64_t N, const Index* ix, int64_t nnz, int64_t K) {
+  if (nnz == 0) return true;
+  int64_t outside = 0, nonincreasing = 0;
+  for (int64_t j = 0; j < nnz; ++j) outside |= (ix[j] < 0) | (static_cast<int64_t>(ix[j]) >= K);
+  for (int64_t j = 1; j < nnz; ++j) nonincreasing += ix[j] <= ix[j - 1];
+  if (outside) return false;
+  return nonincreasing == boundary_nonincreasing(indptr, N, ix, nnz);
+}
+
 // ---- portable fallback ---------------------------------------------------------------------
 
 template <typename Index>
 int64_t spmv_rows_portable(const float* x, int64_t K, const int64_t* indptr, const Index* indices,
                            const float* values, const float* bias, int64_t n0, int64_t n1, float* y) {
-  bool ok[kRowChunk];
-  const int64_t bad = check_rows(indptr, indices, K, n0, n1, ok);
+  (void)K;  // indices were validated for the whole matrix before the kernel (csr_linear_cpu)
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = indptr[n], e = indptr[n + 1];
-    if (!ok[n - n0]) continue;
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
     int64_t j = b;
     for (; j + 4 <= e; j += 4) {
@@ -115,7 +142,7 @@ int64_t spmv_rows_portable(const float* x, int64_t K, const int64_t* indptr, con
     for (; j < e; ++j) s0 += values[j] * x[indices[j]];
     y[n] = (s0 + s1) + (s2 + s3) + (bias ? bias[n] : 0.f);
   }
-  return bad;
+  return kNoBad;
 }
 
 // tile [rows][kTileCols] (row r = output row n0 + r, columns = batch c0..c0+cols) -> y [B, N]:
@@ -168,6 +195,40 @@ PYSERVE_AVX2_TARGET inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// all_indices_ok_portable for int32 indices, 8 per step: lane-wise min/max and a count of
+// increasing neighbour pairs (each lane counts at most nnz / 8 + 1 pairs: no overflow below 2**33).
+PYSERVE_AVX2_TARGET bool all_indices_ok_avx2(const int64_t* indptr, int64_t N, const int32_t* ix, int64_t nnz,
+                                             int64_t K) {
+  if (nnz == 0) return true;
+  if (nnz >= (int64_t{1} << 33)) return all_indices_ok_portable(indptr, N, ix, nnz, K);
+  __m256i vmin = _mm256_set1_epi32(ix[0]), vmax = vmin, inc = _mm256_setzero_si256();
+  int64_t j = 1;
+  for (; j + 8 <= nnz; j += 8) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix + j));
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix + j - 1));
+    vmin = _mm256_min_epi32(vmin, a);
+    vmax = _mm256_max_epi32(vmax, a);
+    inc = _mm256_sub_epi32(inc, _mm256_cmpgt_epi32(a, p));
+  }
+  alignas(32) int32_t mn[8], mx[8], ic[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(mn), vmin);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(mx), vmax);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(ic), inc);
+  int64_t lo = mn[0], hi = mx[0], increasing = 0;
+  for (int i = 0; i < 8; ++i) {
+    lo = std::min<int64_t>(lo, mn[i]);
+    hi = std::max<int64_t>(hi, mx[i]);
+    increasing += static_cast<uint32_t>(ic[i]);
+  }
+  for (; j < nnz; ++j) {
+    lo = std::min<int64_t>(lo, ix[j]);
+    hi = std::max<int64_t>(hi, ix[j]);
+    increasing += ix[j] > ix[j - 1];
+  }
+  if (lo < 0 || hi >= K) return false;
+  return (nnz - 1) - increasing == boundary_nonincreasing(indptr, N, ix, nnz);
+}
+
 PYSERVE_AVX2_TARGET inline __m256 gather8(const float* x, const int32_t* idx) {
   return _mm256_i32gather_ps(x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4);
 }
@@ -197,11 +258,9 @@ PYSERVE_AVX2_TARGET inline __m256 tail_product(const float* x, const int64_t* in
 template <typename Index>
 PYSERVE_AVX2_TARGET int64_t spmv_rows_avx2(const float* x, int64_t K, const int64_t* indptr, const Index* indices,
                                            const float* values, const float* bias, int64_t n0, int64_t n1, float* y) {
-  bool ok[kRowChunk];
-  const int64_t bad = check_rows(indptr, indices, K, n0, n1, ok);
+  (void)K;  // indices were validated for the whole matrix before the kernel (csr_linear_cpu)
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = indptr[n], e = indptr[n + 1];
-    if (!ok[n - n0]) continue;
     if (e - b < 16) {  // short rows (>= 99% sparsity): scalar loads beat gathers and masked tails
       float s0 = 0.f, s1 = 0.f;
       int64_t j = b;
@@ -228,7 +287,7 @@ PYSERVE_AVX2_TARGET int64_t spmv_rows_avx2(const float* x, int64_t K, const int6
     const float s = hsum256(a0);
     y[n] = s + (bias ? bias[n] : 0.f);
   }
-  return bad;
+  return kNoBad;
 }
 
 // Row n, batch columns [c0, c0 + 8*V) of xt [K, Bp]: out[0:8V] = bn + sum_j values[j] * xt[indices[j], c0:c0+8V].
@@ -346,6 +405,19 @@ int64_t csr_linear_cpu(const float* x, int64_t B, int64_t K, const int64_t* indp
       if (!row_ok(indices, indptr[n], indptr[n + 1], K))
         return first_bad_in_row(indices, indptr[n], indptr[n + 1], K);
     return -1;
+  }
+  if (B == 1) {
+    // SpMV: validate all column indices in one vectorised pass before the kernel (B > 1 validates
+    // chunk by chunk inside the kernel, where it is a small share of the work).
+    const int64_t nnz = indptr[N];
+    bool ok;
+#if PYSERVE_HAVE_AVX2_PATH
+    if (avx2 && std::is_same<Index, int32_t>::value)
+      ok = all_indices_ok_avx2(indptr, N, reinterpret_cast<const int32_t*>(indices), nnz, K);
+    else
+#endif
+      ok = all_indices_ok_portable(indptr, N, indices, nnz, K);
+    if (!ok) return csr_first_bad_index(indptr, N, indices, K);
   }
   const int64_t Bp = round_up(B, kLanes);
   if (B > 1) transpose_pad(x, B, K, Bp, xt_scratch);

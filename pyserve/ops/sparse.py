@@ -39,6 +39,11 @@ def _is_torch_tensor(obj: Any) -> bool:
     return type(obj).__module__.split(".")[0] == "torch" and hasattr(obj, "device") and hasattr(obj, "numpy")
 
 
+def _plain(obj: Any) -> bool:
+    """A C-contiguous numpy array in native byte order: passed to _C as it is."""
+    return type(obj) is np.ndarray and obj.flags.c_contiguous and obj.dtype.isnative
+
+
 def _kind(obj: Any) -> str:
     return f"torch.Tensor of dtype {obj.dtype}" if _is_torch_tensor(obj) else type(obj).__name__
 
@@ -135,6 +140,11 @@ def csr_linear(x: Any, indptr: Any, indices: Any, values: Any, bias: Optional[An
     Uses :func:`pyserve.ops.get_num_threads` OpenMP threads with the GIL released. The CUDA path
     copies ``indptr`` and ``indices`` to the host once per call to validate them.
     """
+    if _plain(x) and _plain(indptr) and _plain(indices) and _plain(values) and (bias is None or _plain(bias)):
+        # The common case, straight to _C (which checks ranks, dtypes and sizes with the same
+        # messages): the argument normalisation below costs ~3-15 us per call, as much as a
+        # 99%-sparse BERT-sized SpMV.
+        return _C.csr_linear(x, indptr, indices, values, bias)
     if _is_torch_tensor(x) and x.device.type == "cuda":
         return _csr_linear_cuda(x, indptr, indices, values, bias)
     x_np = _to_numpy(x, "x", _F32, 2, "[B, K]")

@@ -15,8 +15,10 @@ Algorithms (CPU)
   registers; the result is written straight into ``y [B, N]``.
 * Output rows are split across ``get_num_threads()`` OpenMP threads (one fork-join per call);
   products under 2**18 multiply-adds run on the calling thread. The GIL is released.
-* Column indices are validated inside the kernel, chunk by chunk, before a row reads ``x`` (no
-  separate pass over memory); ``indptr`` is validated before the kernel starts.
+* Column indices are validated inside the kernel, chunk by chunk, before a row reads ``x`` (B = 1:
+  chunks of ~2048 nonzeros checked in one vectorised pass, then computed while their indices are in
+  L1; B > 1: chunks of 16 rows); ``indptr`` is validated before the kernel starts. Plain
+  C-contiguous numpy arguments go to ``_C`` without any Python-side conversion.
 
 CUDA: one warp per output row with a warp-shuffle reduction per batch row (``csr_kernel.cu``).
 """

@@ -522,6 +522,40 @@ __attribute__((target("avx2,fma"))) void dots_avx2(const float* x, int64_t B, in
   }
 }
 
+// out0[b] = dot(x[b, :], w0), out1[b] = dot(x[b, :], w1): a 4 x 2 register tile (8 accumulators,
+// 6 loads per 8 FMAs against 3 per 2 for dots_avx2), so B > 1 is bound by FMAs, not loads.
+__attribute__((target("avx2,fma"))) void dots2_avx2(const float* x, int64_t B, int64_t K, const float* w0,
+                                                    const float* w1, float* out0, float* out1) {
+  int64_t b = 0;
+  for (; b + 4 <= B; b += 4) {
+    const float* xr[4] = {x + b * K, x + (b + 1) * K, x + (b + 2) * K, x + (b + 3) * K};
+    __m256 a[4][2];
+    for (int i = 0; i < 4; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+      for (int i = 0; i < 4; ++i) {
+        const __m256 xv = _mm256_loadu_ps(xr[i] + k);
+        a[i][0] = _mm256_fmadd_ps(v0, xv, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(v1, xv, a[i][1]);
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      float s0 = hsum_ps(a[i][0]), s1 = hsum_ps(a[i][1]);
+      for (int64_t t = k; t < K; ++t) {
+        s0 += xr[i][t] * w0[t];
+        s1 += xr[i][t] * w1[t];
+      }
+      out0[b + i] = s0;
+      out1[b + i] = s1;
+    }
+  }
+  if (b < B) {
+    dots_avx2(x + b * K, B - b, K, w0, out0 + b);
+    dots_avx2(x + b * K, B - b, K, w1, out1 + b);
+  }
+}
+
 __attribute__((target("avx2,fma"))) void row_avx2(const float* x, int64_t B, int64_t K, int bits,
                                                   const uint8_t* codes, const float* cb, float* w, float* out) {
   if (B == 1 && bits <= 5) {
@@ -594,6 +628,45 @@ void codebook_linear(const float* x, int64_t B, int64_t K, const uint8_t* packed
     }
   }
 #endif
+#if PYSERVE_AVX2
+  if (fused && B > 1) {
+    // Two weight rows at a time: each decoded once, then a 4 x 2 tile of dot products.
+    const auto decode = [&](int64_t n, float* w, uint8_t* tail) {
+      const float* cb = per_channel ? codebook + n * C : codebook;
+      const uint8_t* row = packed + n * rb;
+      switch (bits) {
+        case 2: decode_groups_packed<2>(row, K, blocks, cb, w, tail); break;
+        case 3: decode_groups_packed<3>(row, K, blocks, cb, w, tail); break;
+        case 4: decode_4bit_packed(row, K, cb, w, tail); break;
+        default: decode_5bit_packed(row, K, cb, w, tail); break;
+      }
+    };
+#pragma omp parallel num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
+    {
+      std::vector<uint8_t> tail(static_cast<size_t>(K) + 8, 0);
+      std::vector<float> w(static_cast<size_t>(2 * K));
+      std::vector<float> out(static_cast<size_t>(2 * B));
+      float *w0 = w.data(), *w1 = w.data() + K, *o0 = out.data(), *o1 = out.data() + B;
+#pragma omp for schedule(static)
+      for (int64_t pair = 0; pair < (N + 1) / 2; ++pair) {
+        const int64_t n = 2 * pair;
+        decode(n, w0, tail.data());
+        if (n + 1 < N) {
+          decode(n + 1, w1, tail.data());
+          dots2_avx2(xp.data(), B, K, w0, w1, o0, o1);
+        } else {
+          dots_avx2(xp.data(), B, K, w0, o0);
+        }
+        for (int64_t r = n; r < std::min(n + 2, N); ++r) {
+          const float* o = r == n ? o0 : o1;
+          const float add = bias ? bias[r] : 0.0f;
+          for (int64_t b = 0; b < B; ++b) y[b * N + r] = o[b] + add;
+        }
+      }
+    }
+    return;
+  }
+#endif
 #pragma omp parallel num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
   {
     // Per-thread scratch: codes padded by 8 so 8-byte code loads never leave the buffer.
@@ -617,16 +690,6 @@ void codebook_linear(const float* x, int64_t B, int64_t K, const uint8_t* packed
           y[n] = v + (bias ? bias[n] : 0.0f);
           continue;
         }
-        switch (bits) {
-          case 2: decode_groups_packed<2>(row, K, blocks, cb, w.data(), codes.data()); break;
-          case 3: decode_groups_packed<3>(row, K, blocks, cb, w.data(), codes.data()); break;
-          case 4: decode_4bit_packed(row, K, cb, w.data(), codes.data()); break;
-          default: decode_5bit_packed(row, K, cb, w.data(), codes.data()); break;
-        }
-        dots_avx2(xp.data(), B, K, w.data(), out.data());
-        const float add = bias ? bias[n] : 0.0f;
-        for (int64_t b = 0; b < B; ++b) y[b * N + n] = out[b] + add;
-        continue;
       }
 #endif
       unpack_row(packed + n * rb, K, bits, codes.data(), avx2);

@@ -159,3 +159,49 @@ def test_server_follows_configmap_updates_without_restart(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_canary_overlay_config_serves_two_versions_of_one_model(tmp_path):
+    """overlays/canary/traffic.yaml against a repository laid out as docs/deploy.md says (lenet300
+    versions 1 and 2 side by side, kept by the config.yaml line the docs give): 5% of routing keys
+    reach version 2, each answer equals its version's own module, and a key stays on its version."""
+    torch = pytest.importorskip("torch")
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import yaml
+    from scipy.stats import binom
+
+    from pyserve.artifact import save
+    from pyserve.server import ServerThread
+
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    line = next(s for s in docs.splitlines() if s.startswith("printf 'version_policy"))
+    policy_yaml = line.split("'")[1].replace("\\n", "\n")
+    repo = tmp_path / "repo"
+    modules = {}
+    for version in (1, 2):
+        torch.manual_seed(version)
+        modules[version] = torch.nn.Linear(784, 10).eval()
+        save(repo / "lenet300" / str(version) / "model.pyserve", modules[version], (torch.randn(2, 784),),
+             model_name="lenet300", input_names=["images"], output_names=["logits"])
+    (repo / "lenet300" / "config.yaml").write_text(policy_yaml)
+    cfg = yaml.safe_load((ROOT / "deploy/k8s/overlays/canary/traffic.yaml").read_text())
+    weight_v2 = next(v["weight_percent"] for v in cfg["routes"]["mnist"]["variants"].values() if v["version"] == 2)
+    x = np.random.default_rng(0).standard_normal((1, 784)).astype(np.float32)
+    expected = {v: m(torch.from_numpy(x)).detach().numpy() for v, m in modules.items()}
+
+    with ServerThread(repo, host="127.0.0.1", grpc_port=0,
+                      traffic_config=ROOT / "deploy/k8s/overlays/canary/traffic.yaml") as srv:
+        client = grpcclient.InferenceServerClient(url=srv.url)
+
+        def version_for(key: str) -> int:
+            inp = grpcclient.InferInput("images", [1, 784], "FP32")
+            inp.set_data_from_numpy(x)
+            out = client.infer("mnist", [inp], parameters={"routing_key": key}).as_numpy("logits")
+            return next(v for v, ref in expected.items() if np.allclose(out, ref, rtol=1e-5, atol=1e-5))
+
+        n = 400
+        got = {f"user-{i}": version_for(f"user-{i}") for i in range(n)}
+        on_v2 = sum(v == 2 for v in got.values())
+        lo, hi = binom.interval(0.999, n, weight_v2 / 100)
+        assert lo <= on_v2 <= hi and on_v2 > 0
+        assert all(version_for(k) == v for k, v in list(got.items())[:40])  # sticky

@@ -26,6 +26,10 @@ class CompressionState:
     (the layer's weights then hold only codebook values).
     ``index_bits``: tensor name -> bits of a relative index in the sparse encoding.
     ``entropy``: "huffman" once the Huffman stage ran, else "none".
+    ``int8``: tensor name -> (int8 values [N, K], float32 scales [N], static input scale or None),
+    set by the ``int8`` method (the layer's weight then holds ``values * scales[:, None]``).
+    ``example_inputs``: replaces the task's example inputs when a stage changes the model's
+    structure (``distill``, ``lowrank`` set the new model in ``model``).
     """
 
     model: object
@@ -34,6 +38,7 @@ class CompressionState:
     codebooks: dict = field(default_factory=dict)
     index_bits: dict = field(default_factory=dict)
     entropy: str = "none"
+    int8: dict = field(default_factory=dict)
     reports: list = field(default_factory=list)
 
 

@@ -58,3 +58,15 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path())
+
+
+def TinyMiniLM() -> SentenceEmbedder:
+    """A 2-layer, 64-wide BERT with MiniLM's vocabulary and tokenizer, randomly initialised (seed 0):
+    the same graph shape as :func:`MiniLM` at a size that compresses in seconds (tests, CI)."""
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.from_pretrained(model_path())
+    cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads = 2, 64, 128, 4
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return SentenceEmbedder(AutoModel.from_config(cfg)).eval()

@@ -132,3 +132,16 @@ def test_recipe_stage_loads_into_config():
         recipe_from_mapping({"name": "x", "model": {"factory": "m.py:M", "inputs": [{"name": "x"}],
                                                     "outputs": [{"name": "y"}]},
                              "stages": [{"method": "int8", "bins": 10}]})
+
+
+def test_embedding_tables_per_row():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 12), nn.Linear(12, 4))
+    before = model[0].weight.detach().numpy().copy()
+    state = CompressionState(model)
+    rep = int8(state, Int8Config(embeddings=True), None)
+    q_ref, s_ref = quantize_rows_reference(before)
+    q, s, _ = state.int8["0.weight"]
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(model[0].weight.detach().numpy(), q.astype(np.float32) * s[:, None])
+    assert rep["0"]["embedding"] and "1.weight" in state.int8

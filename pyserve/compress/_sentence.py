@@ -97,7 +97,8 @@ class SentenceTask:
         """float32 [len(sentences), D] embeddings (the evaluation sentences by default)."""
         sentences = self.eval_sentences if sentences is None else sentences
         try:
-            model.eval()
+            if hasattr(model, "eval"):
+                model.eval()
         except NotImplementedError:  # graphs rebuilt by torch.export are in eval mode already
             pass
         outs = []

@@ -10,8 +10,9 @@
 * ``codebook``: :func:`pyserve.ops.codebook_linear` on packed codebook indices (``sparse``
   encoding with a codebook: the pruned zeros are codebook entry 0) —
 
-and keeps the fastest, measured at load on random activations of ``sample_rows`` rows (the median
-of a few runs each, summed over the row counts). Leading dims of the activation (``[B, S, K]`` in a
+and keeps the fastest, measured at load on random activations of ``sample_rows`` rows (the best
+of ``repeats`` interleaved runs each — the least disturbed by other load — summed over the row
+counts). Leading dims of the activation (``[B, S, K]`` in a
 transformer) are flattened to rows and restored. ``kernels="dense"`` keeps torch's fp32 layers;
 naming one kernel (``"int8"``) uses it wherever the layer's encoding allows.
 
@@ -22,6 +23,7 @@ activation rounding (Jacob et al. 2018, section 2): each activation row is withi
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -91,14 +93,18 @@ def _candidates(name: str, weight, meta: dict, int8_parts) -> dict:
     return out
 
 
-def _median_time(fn, args, repeats: int) -> float:
-    fn(*args)  # warm-up
-    times = []
+def _best_times(fns: dict, repeats: int) -> dict:
+    """Per name, the fastest of ``repeats`` timed calls of ``fns[name]()``; the candidates run
+    interleaved (one call of each per round) so a burst of load elsewhere hits them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {k: float("inf") for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
 
 
 def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: int = 5):
@@ -110,7 +116,7 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
     kernels : ``auto`` (fastest per layer, measured), ``dense`` (unchanged graph), or one of
         ``int8``, ``csr``, ``codebook`` (used wherever a layer's stored form allows it).
     sample_rows : activation row counts (batch x tokens) the measurement uses.
-    repeats : timed runs per kernel and row count (median taken).
+    repeats : timed runs per kernel and row count (the fastest counts).
 
     Returns
     -------
@@ -163,9 +169,10 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
             with torch.inference_mode():
                 for rows in sample_rows:
                     x = torch.randn(rows, K, generator=gen)
-                    timings["dense"] += _median_time(torch.nn.functional.linear, (x, weight, bias), repeats)
-                    for k, (fn, extra) in cands.items():
-                        timings[k] += _median_time(fn, (x, *extra, bias), repeats)
+                    fns = {"dense": functools.partial(torch.nn.functional.linear, x, weight, bias)}
+                    fns.update({k: functools.partial(fn, x, *extra, bias) for k, (fn, extra) in cands.items()})
+                    for k, t in _best_times(fns, repeats).items():
+                        timings[k] += t
             chosen = min(timings, key=timings.get)
             if chosen == "dense":
                 choices[wname] = "dense"

@@ -81,7 +81,7 @@ def test_distill_and_lowrank_reduced(tmp_path):
 def test_student_deeper_than_teacher_is_a_recipe_error(tmp_path):
     from pyserve.compress import RecipeError
 
-    with pytest.raises(RecipeError, match="cannot be deeper"):
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(distill\): .*cannot be deeper"):
         compress(tiny_recipe([{"method": "distill", "student_layers": 3, "epochs": 1}]), tmp_path / "x.pyserve",
                  verbose=False)
     assert not (tmp_path / "x.pyserve").exists()

@@ -66,6 +66,12 @@ class DistillConfig:
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
 
+    def check(self, model: nn.Module, task) -> None:
+        """Raise ValueError, before any work: no block list, a student deeper than the teacher."""
+        _, stack = find_layer_stack(model, self.layers)
+        if self.student_layers is not None:
+            student_indices(len(stack), self.student_layers)
+
 
 def find_layer_stack(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
     """The model's block list: the ``nn.ModuleList`` at ``path``, or the longest ModuleList whose

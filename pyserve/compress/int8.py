@@ -66,6 +66,14 @@ class Int8Config:
         if not self.include:
             raise ValueError("include: needs at least one pattern")
 
+    def check(self, model: nn.Module, task) -> None:
+        """Raise ValueError, before any work, if this stage cannot run on ``model`` and ``task``."""
+        select_linears(model, self.include, self.exclude)
+        if self.calibration != "none":
+            batches = list(task.calibration_batches(min(self.calibration_samples, 1)))
+            if not batches or sum(int(b[0].shape[0]) for b in batches) == 0:
+                raise ValueError("calibration: the calibration set is empty")
+
 
 def select_linears(model: nn.Module, include=("*",), exclude=()) -> dict[str, nn.Linear]:
     """The model's ``nn.Linear`` modules whose name matches an ``include`` pattern and no ``exclude``

@@ -58,6 +58,10 @@ class LowRankConfig:
         DistillConfig(temperature=self.temperature, weight_kl=self.weight_kl, weight_task=self.weight_task,
                       weight_cosine=self.weight_cosine, lr=self.lr)
 
+    def check(self, model: nn.Module, task) -> None:
+        """Raise ValueError, before any work: no Linear selected, ``rank`` above min(in, out)."""
+        _selected(model, self)
+
 
 def rank_for_energy(s: torch.Tensor, energy: float) -> int:
     """Smallest r with ``sum(s[:r]**2) >= energy * sum(s**2)`` (``s`` descending)."""
@@ -89,6 +93,20 @@ def factorize(linear: nn.Linear, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
+def _selected(model: nn.Module, cfg: LowRankConfig) -> dict[str, nn.Linear]:
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               and any(fnmatch.fnmatchcase(n, p) for p in cfg.include)
+               and not any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)}
+    if not linears:
+        raise ValueError("include/exclude: no Linear layer of the model is selected")
+    if cfg.rank is not None:
+        for n, m in linears.items():
+            if cfg.rank > min(m.weight.shape):
+                raise ValueError(f"rank: {cfg.rank} is above min(in, out) = {min(m.weight.shape)} of layer {n!r} "
+                                 f"{list(m.weight.shape[::-1])}")
+    return linears
+
+
 def _set(model: nn.Module, name: str, value: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     mod = model.get_submodule(parent) if parent else model
@@ -104,16 +122,7 @@ def lowrank(state: CompressionState, cfg: LowRankConfig, task) -> dict:
     if state.masks or state.codebooks or state.int8:
         raise ValueError("lowrank: must run before prune, quantize and int8 (it changes the layers)")
     teacher = state.model
-    linears = {n: m for n, m in teacher.named_modules() if isinstance(m, nn.Linear)
-               and any(fnmatch.fnmatchcase(n, p) for p in cfg.include)
-               and not any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)}
-    if not linears:
-        raise ValueError("include/exclude: no Linear layer of the model is selected")
-    if cfg.rank is not None:
-        for n, m in linears.items():
-            if cfg.rank > min(m.weight.shape):
-                raise ValueError(f"rank: {cfg.rank} is above min(in, out) = {min(m.weight.shape)} of layer {n!r} "
-                                 f"{list(m.weight.shape[::-1])}")
+    linears = _selected(teacher, cfg)
     student = copy.deepcopy(teacher)
     report = {}
     for n, m in linears.items():

@@ -3,7 +3,8 @@
 A handler takes ``(state, config, task)`` and updates the :class:`CompressionState` in place,
 returning a short dict for the report. The pipeline looks handlers up by config type, so adding a
 method is: write the config and the handler, decorate the handler with :func:`register`
-(CONTRIBUTING.md has the checklist).
+(CONTRIBUTING.md has the checklist). A config may define ``check(model, task)``, raising
+ValueError; the pipeline calls it for every stage before any training or evaluation.
 """
 
 from __future__ import annotations

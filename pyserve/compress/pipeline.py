@@ -173,7 +173,9 @@ def preflight(recipe: Recipe, model: torch.nn.Module, task: Task) -> None:
     ------
     RecipeError
         The model has no Linear/Conv layer to compress; a stage names a layer the model does not
-        have; the recipe's input signature or the model does not fit the data's shape.
+        have or fails its config's own ``check(model, task)`` (int8: no Linear selected, empty
+        calibration set; distill: student deeper than the teacher; lowrank: rank above
+        min(in, out)); the recipe's input signature or the model does not fit the data's shape.
     """
     from pyserve.compress._train import weight_layers
 
@@ -188,6 +190,13 @@ def preflight(recipe: Recipe, model: torch.nn.Module, task: Task) -> None:
             if missing:
                 raise RecipeError(f"stages[{i}].{field}: {missing[0]!r} is not a Linear/Conv layer of the model; "
                                   f"layers: {', '.join(layers)}")
+    for i, cfg in enumerate(recipe.stages):
+        check = getattr(cfg, "check", None)  # a method's own checks (int8, distill, lowrank)
+        if check is not None:
+            try:
+                check(model, task)
+            except ValueError as exc:
+                raise RecipeError(f"stages[{i}] ({cfg.method}): {exc}") from None
     example = task.example_inputs()
     if len(recipe.model.inputs) != len(example):
         raise RecipeError(f"model.inputs: {len(recipe.model.inputs)} inputs declared, the data gives {len(example)}")

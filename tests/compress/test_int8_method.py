@@ -145,3 +145,19 @@ def test_embedding_tables_per_row():
     np.testing.assert_array_equal(q, q_ref)
     np.testing.assert_array_equal(model[0].weight.detach().numpy(), q.astype(np.float32) * s[:, None])
     assert rep["0"]["embedding"] and "1.weight" in state.int8
+
+
+def test_config_checks_run_before_any_work():
+    """The pipeline's preflight calls each config's check(model, task)."""
+    from pyserve.compress.distill import DistillConfig
+    from pyserve.compress.lowrank import LowRankConfig
+
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        Int8Config(calibration="entropy").check(MLP(), FakeTask(torch.zeros(0, 20)))
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        Int8Config().check(nn.Sequential(nn.Conv2d(1, 1, 1)), None)
+    Int8Config(calibration="minmax").check(MLP(), FakeTask(torch.ones(4, 20)))
+    with pytest.raises(ValueError, match="above min"):
+        LowRankConfig(rank=9).check(MLP(), None)
+    with pytest.raises(ValueError, match="repeated blocks"):
+        DistillConfig().check(MLP(), None)

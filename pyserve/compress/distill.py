@@ -16,6 +16,10 @@ trained with DistilBERT's triple loss (section 2), the teacher frozen:
   (the outputs of the last block), averaged over positions.
 
 ``weight_kl``, ``weight_task``, ``weight_cosine`` weight the three terms (DistilBERT: 5, 2, 1).
+``weight_output`` (default 0) adds ``1 - cos(z_s, z_t)`` on the model outputs themselves, which for a
+sentence-embedding model pulls the student's embeddings onto the teacher's (the output-matching
+loss of Reimers & Gurevych 2020, "Making Monolingual Sentence Embeddings Multilingual using
+Knowledge Distillation", section 2, with cosine in place of MSE on normalised embeddings).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class DistillConfig:
     weight_kl: float = 5.0
     weight_task: float = 2.0
     weight_cosine: float = 1.0
+    weight_output: float = 0.0
     epochs: int = 3
     lr: float = 1e-4
     similarity_scale: float = 20.0
@@ -56,11 +61,11 @@ class DistillConfig:
             raise ValueError(f"student_layers: must be >= 1, got {self.student_layers}")
         if not self.temperature > 0:
             raise ValueError(f"temperature: must be > 0, got {self.temperature}")
-        for name in ("weight_kl", "weight_task", "weight_cosine"):
+        for name in ("weight_kl", "weight_task", "weight_cosine", "weight_output"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.weight_kl == self.weight_task == self.weight_cosine == 0:
-            raise ValueError("weight_kl, weight_task, weight_cosine: at least one must be > 0")
+        if self.weight_kl == self.weight_task == self.weight_cosine == self.weight_output == 0:
+            raise ValueError("weight_kl, weight_task, weight_cosine, weight_output: at least one must be > 0")
         if self.epochs < 0:
             raise ValueError(f"epochs: must be >= 0, got {self.epochs}")
         if not self.lr > 0:
@@ -173,6 +178,10 @@ def distill_train(student: nn.Module, teacher: nn.Module, task, cfg: DistillConf
                 with torch.no_grad():
                     z_t = teacher(*inputs)
                 z_s = student(*inputs)
+                out_loss = None
+                if cfg.weight_output > 0:
+                    out_loss = (1.0 - nn.functional.cosine_similarity(z_s.reshape(len(z_s), -1),
+                                                                      z_t.reshape(len(z_t), -1), dim=-1)).mean()
                 if labels is None:  # embeddings: in-batch similarity logits against the teacher's
                     ref = z_t.detach()
                     z_s, z_t = cfg.similarity_scale * z_s @ ref.T, cfg.similarity_scale * ref @ ref.T
@@ -184,6 +193,8 @@ def distill_train(student: nn.Module, teacher: nn.Module, task, cfg: DistillConf
                     loss = loss + cfg.weight_kl * kl * T * T
                 if cfg.weight_task > 0 and labels is not None:
                     loss = loss + cfg.weight_task * nn.functional.cross_entropy(z_s, labels)
+                if out_loss is not None:
+                    loss = loss + cfg.weight_output * out_loss
                 if hooks and "s" in hidden and "t" in hidden:
                     hs, ht = hidden["s"], hidden["t"].detach()
                     cos = nn.functional.cosine_similarity(hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]),

@@ -146,3 +146,25 @@ def test_lowrank_stage_and_its_errors():
     # a rank that saves nothing leaves the layer dense
     rep = lowrank(CompressionState(Deep(d=32)), LowRankConfig(rank=20, include=("blocks.0.fc",)), ToyTask())
     assert rep["blocks.0.fc"]["factorized"] is False
+
+
+def test_output_cosine_loss_alone_aligns_outputs():
+    """weight_output only (no KL, no hidden-state loss): the student's outputs turn towards the
+    teacher's (mean cosine rises)."""
+    from pyserve.compress.distill import distill_train
+
+    torch.manual_seed(0)
+    teacher = Deep().eval()
+    student, _, _ = make_student(teacher)
+    task = ToyTask()
+
+    def mean_cos():
+        with torch.no_grad():
+            return nn.functional.cosine_similarity(student(task.x), teacher(task.x), dim=-1).mean().item()
+
+    before = mean_cos()
+    cfg = DistillConfig(weight_kl=0, weight_task=0, weight_cosine=0, weight_output=1.0, epochs=3, lr=3e-3)
+    distill_train(student, teacher, task, cfg)
+    assert mean_cos() > max(before, 0.9)
+    with pytest.raises(ValueError, match="at least one"):
+        DistillConfig(weight_kl=0, weight_task=0, weight_cosine=0, weight_output=0)

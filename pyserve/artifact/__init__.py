@@ -110,7 +110,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
 
 def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: str,
          input_names: list[str] | None = None, output_names: list[str] | None = None,
-         encodings: Mapping[str, EncodedTensor] | None = None, stats: dict | None = None) -> Manifest:
+         encodings: Mapping[str, EncodedTensor] | None = None, stats: dict | None = None,
+         dynamic_axes=None) -> Manifest:
     """Capture ``module`` with torch.export and write it as an artifact at ``path`` (atomically).
 
     Parameters
@@ -122,6 +123,9 @@ def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: 
     encodings : tensor name (as in ``module.state_dict()``) -> :class:`EncodedTensor` for tensors
         stored compressed; every other tensor is stored ``raw``.
     stats : JSON-safe report stored in the manifest (``pyserve inspect`` prints it).
+    dynamic_axes : per input, the dims that vary between calls (``-1`` in the signature); default
+        ``(0,)`` for every input (the batch). E.g. ``((0, 1), (0, 1))`` for token ids and attention
+        mask ``[B, S]``. Every output's dim 0 is the batch.
 
     Returns
     -------
@@ -140,7 +144,14 @@ def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: 
     example_inputs = tuple(example_inputs)
     if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
         raise ValueError("save: example_inputs must be a non-empty tuple of torch.Tensor")
-    ep = _graph.export(module, example_inputs)
+    if dynamic_axes is None:
+        dynamic_axes = tuple((0,) if t.dim() > 0 else () for t in example_inputs)
+    dynamic_axes = tuple(tuple(int(d) for d in axes) for axes in dynamic_axes)
+    if len(dynamic_axes) != len(example_inputs) or any(
+            not 0 <= d < t.dim() for axes, t in zip(dynamic_axes, example_inputs) for d in axes):
+        raise ValueError(f"save: dynamic_axes {dynamic_axes} does not fit {len(example_inputs)} inputs of ranks "
+                         f"{[t.dim() for t in example_inputs]}")
+    ep = _graph.export(module, example_inputs, dynamic_axes=dynamic_axes)
     with torch.no_grad():
         outputs = module.eval()(*example_inputs)
     outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
@@ -151,8 +162,17 @@ def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: 
     if len(output_names) != len(outputs):
         raise ValueError(f"save: output_names has {len(output_names)} names for {len(outputs)} outputs")
 
-    def spec(name, t):
-        return TensorSpec(name, dtypes.from_torch(t.dtype).name, (-1, *t.shape[1:]))
+    def spec(name, t, axes=(0,)):
+        return TensorSpec(name, dtypes.from_torch(t.dtype).name,
+                          tuple(-1 if i in axes else int(n) for i, n in enumerate(t.shape)))
+
+    # An output's dynamic dims are those the exported graph keeps symbolic (dim 0 at least).
+    out_node = [n for n in ep.graph.nodes if n.op == "output"][0]
+    out_vals = [getattr(o, "meta", {}).get("val") for o in out_node.args[0]]
+    out_axes = [tuple({0} | {i for i, d in enumerate(v.shape) if not isinstance(d, int)})
+                if isinstance(v, torch.Tensor) else (0,) for v in out_vals]
+    if len(out_axes) != len(outputs):
+        out_axes = [(0,)] * len(outputs)
 
     graph_blob, graph_meta, params, constant_names = _graph.serialize(ep)
     encodings = dict(encodings or {})
@@ -184,8 +204,8 @@ def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: 
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
         "created_by": f"pyserve {__version__}",
-        "inputs": [spec(n, t).to_json() for n, t in zip(input_names, example_inputs)],
-        "outputs": [spec(n, t).to_json() for n, t in zip(output_names, outputs)],
+        "inputs": [spec(n, t, axes).to_json() for n, t, axes in zip(input_names, example_inputs, dynamic_axes)],
+        "outputs": [spec(n, t, axes).to_json() for n, t, axes in zip(output_names, outputs, out_axes)],
         "graph": dict(graph_meta, blob="graph"),
         "tensors": tensors,
         "stats": stats or {},

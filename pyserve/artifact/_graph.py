@@ -15,11 +15,25 @@ import torch
 GRAPH_FORMAT = "torch.export"
 
 
-def export(module: torch.nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True):
-    """``torch.export`` ``module`` (in eval mode) with dim 0 of every input dynamic (the batch)."""
+def export(module: torch.nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True, dynamic_axes=None):
+    """``torch.export`` ``module`` (in eval mode) with dim 0 of every input dynamic (the batch), or
+    the dims ``dynamic_axes[i]`` of input ``i`` (dim 0 of every input shares the symbol ``batch``;
+    the others are ``Dim.DYNAMIC``, their range and relations inferred from the model, e.g. a
+    sequence length capped by a position-embedding table)."""
     module = module.eval()
     dynamic_shapes = None
-    if dynamic_batch:
+    if dynamic_axes is not None:
+        syms = {}
+
+        def sym(d):
+            if d != 0:
+                return torch.export.Dim.DYNAMIC
+            if d not in syms:
+                syms[d] = torch.export.Dim("batch")
+            return syms[d]
+
+        dynamic_shapes = tuple({d: sym(d) for d in axes} or None for axes in dynamic_axes)
+    elif dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
     ep = torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic_shapes)

@@ -1,14 +1,20 @@
 """The ``pyserve`` backend: hosts one ``.pyserve`` artifact (see :mod:`pyserve.artifact`).
 
-Loading reads, verifies (checksums) and decodes the artifact in a thread executor; inference runs
-the artifact's module under ``torch.inference_mode()`` in the same executor, never on the event
-loop. torch and the artifact reader are imported on :meth:`PyserveBackend.load`, not at import.
+Loading reads, verifies (checksums) and decodes the artifact in a thread executor, then puts each
+Linear layer on the fastest of the native kernels its stored form allows — torch's dense fp32,
+``int8_linear`` (int8 weights), ``csr_linear`` (pruned weights), ``codebook_linear`` (pruned and
+weight-shared) — measured at load (:func:`pyserve.artifact.kernels.native_module`); the choice per
+layer is in :attr:`PyserveBackend.kernel_choices`. ``kernels`` (or the ``PYSERVE_KERNELS``
+environment variable) forces ``dense`` or one kernel instead of ``auto``. Inference runs the module
+under ``torch.inference_mode()`` in the same executor, never on the event loop. torch and the
+artifact reader are imported on :meth:`PyserveBackend.load`, not at import.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import threading
 from concurrent.futures import Executor
 from pathlib import Path
@@ -27,11 +33,14 @@ class PyserveBackend:
 
     platform = "pyserve"
 
-    def __init__(self, artifact_path: Path, *, executor: Executor | None = None) -> None:
+    def __init__(self, artifact_path: Path, *, executor: Executor | None = None, kernels: str | None = None) -> None:
         self._path = Path(artifact_path)
         self._executor = executor
+        self._kernels = kernels or os.environ.get("PYSERVE_KERNELS", "auto")
         self._module = None
         self._signature: ModelSignature | None = None
+        #: weight tensor name -> kernel ("dense", "int8", "csr", "codebook"), set by load()
+        self.kernel_choices: dict[str, str] = {}
 
     @property
     def ready(self) -> bool:
@@ -45,8 +54,9 @@ class PyserveBackend:
 
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
-        module, signature = await loop.run_in_executor(self._executor, functools.partial(_load, self._path))
-        self._module, self._signature = module, signature
+        module, signature, choices = await loop.run_in_executor(
+            self._executor, functools.partial(_load, self._path, self._kernels))
+        self._module, self._signature, self.kernel_choices = module, signature, choices
 
     async def infer(self, batch: Sequence[InferInputs]) -> list[InferResult]:
         module, signature = self._module, self._signature
@@ -65,17 +75,19 @@ class PyserveBackend:
 _LOAD_LOCK = threading.Lock()
 
 
-def _load(path: Path):
+def _load(path: Path, kernels: str = "auto"):
     from pyserve.artifact import load_artifact
+    from pyserve.artifact.kernels import native_module
 
     with _LOAD_LOCK:
         art = load_artifact(path)
+    module, choices = native_module(art, kernels=kernels)
     m = art.manifest
 
     def specs(items) -> tuple[TensorSpec, ...]:
         return tuple(TensorSpec(s.name, s.datatype, tuple(int(d) for d in s.shape)) for s in items)
 
-    return art.module, ModelSignature(inputs=specs(m.inputs), outputs=specs(m.outputs))
+    return module, ModelSignature(inputs=specs(m.inputs), outputs=specs(m.outputs)), choices
 
 
 def _run_batch(module, signature: ModelSignature, batch: list[InferInputs]) -> list[InferResult]:

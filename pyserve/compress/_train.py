@@ -34,8 +34,45 @@ class Task:
         return cls(torch.from_numpy(data.train.images), torch.from_numpy(data.train.labels),
                    torch.from_numpy(data.test.images), torch.from_numpy(data.test.labels), **kwargs)
 
+    #: what :meth:`evaluate` measures, for reports
+    metric = "test accuracy"
+    #: dims of each model input that vary between requests (the batch, dim 0)
+    dynamic_axes = None
+
     def example_inputs(self, n: int = 2) -> tuple[torch.Tensor]:
         return (self.test_x[:n].clone(),)
+
+    def evaluate(self, model: nn.Module) -> float:
+        """Top-1 test accuracy (fraction)."""
+        return accuracy(model, self.test_x, self.test_y, self.eval_batch_size)
+
+    def set_reference(self, model: nn.Module) -> None:
+        """Record the fp32 model's outputs (nothing to record for classification)."""
+
+    def details(self, model: nn.Module) -> dict:
+        """Extra quality figures for the report (none for classification)."""
+        return {}
+
+    def check_outputs(self, outs: tuple, declared: int, dataset: str) -> str | None:
+        """A problem with the model's outputs for this task, or None."""
+        n_classes = int(self.train_y.max()) + 1
+        if outs[0].dim() != 2 or outs[0].shape[1] < n_classes:
+            return (f"the model returns shape [-1, {', '.join(map(str, outs[0].shape[1:]))}]; "
+                    f"classifying {dataset} needs [-1, {n_classes}] logits")
+        return None
+
+    def calibration_batches(self, n: int, batch_size: int = 64):
+        """Model inputs (tuples) from the first ``n`` training examples, in batches."""
+        x = self.train_x[:n]
+        return [(x[i:i + batch_size],) for i in range(0, len(x), batch_size)]
+
+    def train_batches(self, epoch: int):
+        """(inputs tuple, labels or None) for one epoch of training, shuffled by seed and epoch."""
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(len(self.train_x), generator=gen)
+        for i in range(0, len(perm), self.batch_size):
+            idx = perm[i:i + self.batch_size]
+            yield (self.train_x[idx],), self.train_y[idx]
 
     def log(self, msg: str) -> None:
         if self.verbose:

@@ -3,7 +3,8 @@
 A handler takes ``(state, config, task)`` and updates the :class:`CompressionState` in place,
 returning a short dict for the report. The pipeline looks handlers up by config type, so adding a
 method is: write the config and the handler, decorate the handler with :func:`register`
-(CONTRIBUTING.md has the checklist).
+(CONTRIBUTING.md has the checklist). A config may define ``check(model, task)``, raising
+ValueError; the pipeline calls it for every stage before any training or evaluation.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class CompressionState:
     (the layer's weights then hold only codebook values).
     ``index_bits``: tensor name -> bits of a relative index in the sparse encoding.
     ``entropy``: "huffman" once the Huffman stage ran, else "none".
+    ``int8``: tensor name -> (int8 values [N, K], float32 scales [N], static input scale or None),
+    set by the ``int8`` method (the layer's weight then holds ``values * scales[:, None]``).
+    ``example_inputs``: replaces the task's example inputs when a stage changes the model's
+    structure (``distill``, ``lowrank`` set the new model in ``model``).
     """
 
     model: object
@@ -34,6 +39,7 @@ class CompressionState:
     codebooks: dict = field(default_factory=dict)
     index_bits: dict = field(default_factory=dict)
     entropy: str = "none"
+    int8: dict = field(default_factory=dict)
     reports: list = field(default_factory=list)
 
 

@@ -55,36 +55,63 @@ class CompressionResult:
     # recipe ``report.sensitivity``: {"sparsities": [...], "curves": {layer: {sparsity: accuracy}},
     # "suggested": {layer: sparsity}, "max_drop": fraction} measured on the fp32 model; else None.
     sensitivity: dict | None = None
+    # task-specific quality of the loaded artifact (sentence embeddings: Spearman vs the scores and
+    # vs the fp32 model, embedding cosine to fp32); empty for classification
+    details: dict = field(default_factory=dict)
 
     @property
     def compression(self) -> float:
         return self.fp32_bytes / self.artifact_bytes
 
 
-def _import_factory(recipe: Recipe):
-    target = recipe.model.factory
+def _import_factory(recipe: Recipe, target: str | None = None, what: str = "model.factory"):
+    target = recipe.model.factory if target is None else target
     module_part, sep, attr = target.rpartition(":")
     if not sep or not module_part or not attr:
-        raise RecipeError(f"model.factory: expected FILE.py:callable or module:callable, got {target!r}")
+        raise RecipeError(f"{what}: expected FILE.py:callable or module:callable, got {target!r}")
     if module_part.endswith(".py"):
         path = recipe.resolve(module_part)
         if not path.is_file():
-            raise RecipeError(f"model.factory: no such file {path}")
+            raise RecipeError(f"{what}: no such file {path}")
         spec = importlib.util.spec_from_file_location(f"_pyserve_recipe_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # the user's file: syntax errors, failing imports, ...
-            raise RecipeError(f"model.factory: cannot load {path}: {type(exc).__name__}: {exc}") from None
+            raise RecipeError(f"{what}: cannot load {path}: {type(exc).__name__}: {exc}") from None
     else:
         try:
             module = importlib.import_module(module_part)
         except ImportError as exc:
-            raise RecipeError(f"model.factory: cannot import {module_part!r}: {exc}") from None
+            raise RecipeError(f"{what}: cannot import {module_part!r}: {exc}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise RecipeError(f"model.factory: {module_part} has no attribute {attr!r}") from None
+        raise RecipeError(f"{what}: {module_part} has no attribute {attr!r}") from None
+
+
+def build_task(recipe: Recipe, *, verbose: bool = True):
+    """The recipe's task: a classification :class:`Task` (``mnist``) or a
+    :class:`~pyserve.compress._sentence.SentenceTask` (``sentence-pairs``)."""
+    d = recipe.data
+    if d.dataset == "sentence-pairs":
+        from pyserve.compress._sentence import SentenceTask
+
+        if not d.tokenizer:
+            raise RecipeError("data.tokenizer: the sentence-pairs dataset needs a tokenizer (FILE.py:callable)")
+        factory = _import_factory(recipe, d.tokenizer, "data.tokenizer")
+        try:
+            tokenizer = factory()
+        except Exception as exc:  # the user's code
+            raise RecipeError(f"data.tokenizer: {d.tokenizer} raised {type(exc).__name__}: {exc}") from None
+        return SentenceTask(tokenizer, max_length=d.max_length, batch_size=recipe.train.batch_size,
+                            lr=recipe.train.lr, seed=recipe.seed, verbose=verbose, transfer=d.transfer_sentences)
+    try:
+        return Task.from_dataset(d.dataset, batch_size=recipe.train.batch_size,
+                                 eval_batch_size=recipe.train.eval_batch_size, lr=recipe.train.lr,
+                                 seed=recipe.seed, verbose=verbose)
+    except (ValueError, FileNotFoundError) as exc:
+        raise RecipeError(f"data.dataset: {exc}") from None
 
 
 def build_model(recipe: Recipe) -> torch.nn.Module:
@@ -146,7 +173,9 @@ def preflight(recipe: Recipe, model: torch.nn.Module, task: Task) -> None:
     ------
     RecipeError
         The model has no Linear/Conv layer to compress; a stage names a layer the model does not
-        have; the recipe's input signature or the model does not fit the data's shape.
+        have or fails its config's own ``check(model, task)`` (int8: no Linear selected, empty
+        calibration set; distill: student deeper than the teacher; lowrank: rank above
+        min(in, out)); the recipe's input signature or the model does not fit the data's shape.
     """
     from pyserve.compress._train import weight_layers
 
@@ -161,11 +190,18 @@ def preflight(recipe: Recipe, model: torch.nn.Module, task: Task) -> None:
             if missing:
                 raise RecipeError(f"stages[{i}].{field}: {missing[0]!r} is not a Linear/Conv layer of the model; "
                                   f"layers: {', '.join(layers)}")
+    for i, cfg in enumerate(recipe.stages):
+        check = getattr(cfg, "check", None)  # a method's own checks (int8, distill, lowrank)
+        if check is not None:
+            try:
+                check(model, task)
+            except ValueError as exc:
+                raise RecipeError(f"stages[{i}] ({cfg.method}): {exc}") from None
     example = task.example_inputs()
     if len(recipe.model.inputs) != len(example):
         raise RecipeError(f"model.inputs: {len(recipe.model.inputs)} inputs declared, the data gives {len(example)}")
     for sig, t in zip(recipe.model.inputs, example):
-        if tuple(sig.shape[1:]) != tuple(t.shape[1:]):
+        if len(sig.shape) != t.dim() or any(d != -1 and d != n for d, n in zip(sig.shape[1:], t.shape[1:])):
             raise RecipeError(f"model.inputs: {sig.name} has shape {list(sig.shape)}, the data gives "
                               f"[-1, {', '.join(map(str, t.shape[1:]))}]")
     model.eval()
@@ -179,15 +215,14 @@ def preflight(recipe: Recipe, model: torch.nn.Module, task: Task) -> None:
     outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
     if len(outs) != len(recipe.model.outputs):
         raise RecipeError(f"model.outputs: {len(recipe.model.outputs)} outputs declared, the model returns {len(outs)}")
-    n_classes = int(task.train_y.max()) + 1
-    if outs[0].dim() != 2 or outs[0].shape[1] < n_classes:
-        raise RecipeError(f"model.outputs: the model returns shape [-1, {', '.join(map(str, outs[0].shape[1:]))}]; "
-                          f"classifying {recipe.data.dataset} needs [-1, {n_classes}] logits")
+    problem = task.check_outputs(outs, len(recipe.model.outputs), recipe.data.dataset)
+    if problem:
+        raise RecipeError(f"model.outputs: {problem}")
 
 
 def _encodings(state: CompressionState) -> dict[str, artifact.EncodedTensor]:
     params = dict(state.model.named_parameters())
-    out = {}
+    out = {key: artifact.encode_int8(q, s, input_scale=in_scale) for key, (q, s, in_scale) in state.int8.items()}
     for key in sorted(set(state.masks) | set(state.codebooks)):
         weight = params[key].detach().cpu().numpy()
         out[key] = artifact.encode_sparse(weight, index_bits=state.index_bits.get(key, 5),
@@ -211,7 +246,9 @@ def _stage_bytes(state: CompressionState, method: str, methods_so_far: set[str])
     params = dict(state.model.named_parameters())
     total = 0
     for name, t in state.model.state_dict().items():
-        if name in state.masks or name in state.codebooks:
+        if name in state.int8:
+            total += t.numel() + 4 * t.shape[0]
+        elif name in state.masks or name in state.codebooks:
             if "prune" not in methods_so_far and "quantize" not in methods_so_far:
                 total += t.numel() * t.element_size()
                 continue
@@ -225,7 +262,8 @@ def _stage_bytes(state: CompressionState, method: str, methods_so_far: set[str])
     return total
 
 
-def _table(recipe: Recipe, layers: dict, fp32_bytes: int, artifact_bytes: int, acc: dict) -> str:
+def _table(recipe: Recipe, layers: dict, fp32_bytes: int, artifact_bytes: int, acc: dict,
+           metric: str = "test accuracy") -> str:
     rows = [f"{'layer':<12}{'shape':>14}{'kept':>8}{'bits':>6}{'fp32 B':>10}{'stored B':>10}{'bits/kept w':>13}",
             "-" * 73]
     for name, info in layers.items():
@@ -235,7 +273,7 @@ def _table(recipe: Recipe, layers: dict, fp32_bytes: int, artifact_bytes: int, a
     rows += ["-" * 73,
              f"model {recipe.name}: fp32 {fp32_bytes} B -> artifact {artifact_bytes} B "
              f"= {fp32_bytes / artifact_bytes:.1f}x smaller",
-             f"test accuracy: fp32 {acc['before']:.4f}, compressed {acc['after']:.4f}, "
+             f"{metric}: fp32 {acc['before']:.4f}, compressed {acc['after']:.4f}, "
              f"loaded from artifact {acc['loaded']:.4f}"]
     if recipe.data.dataset == "mnist" and recipe.name in PAPER:
         p = PAPER[recipe.name]
@@ -269,20 +307,16 @@ def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     output = Path(output)
-    try:
-        task = Task.from_dataset(recipe.data.dataset, batch_size=recipe.train.batch_size,
-                                 eval_batch_size=recipe.train.eval_batch_size, lr=recipe.train.lr,
-                                 seed=recipe.seed, verbose=verbose)
-    except (ValueError, FileNotFoundError) as exc:
-        raise RecipeError(f"data.dataset: {exc}") from None
+    task = build_task(recipe, verbose=verbose)
     set_seed(recipe.seed)
     model = build_model(recipe)
     preflight(recipe, model, task)
     model = prepare_model(recipe, task, verbose=verbose, model=model)
     example = task.example_inputs()
     fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    acc = {"before": accuracy(model, task.test_x, task.test_y, task.eval_batch_size)}
-    _log(f"pyserve compress: fp32 test accuracy {acc['before']:.4f}", verbose)
+    acc = {"before": task.evaluate(model)}
+    task.set_reference(model)
+    _log(f"pyserve compress: fp32 {task.metric} {acc['before']:.4f}", verbose)
     sens = None
     if recipe.report.sensitivity:
         from pyserve.compress.sensitivity import sensitivity, suggest_sparsity
@@ -305,14 +339,14 @@ def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
             layer_report = handler_for(cfg)(state, cfg, task)
         except (KeyError, ValueError) as exc:
             raise RecipeError(f"stages ({cfg.method}): {exc}") from None
-        stage_acc = accuracy(model, task.test_x, task.test_y, task.eval_batch_size)
+        model = state.model  # distill / lowrank build a new model
+        stage_acc = task.evaluate(model)
         stage_reports.append({"method": cfg.method, "layers": layer_report, "accuracy": stage_acc})
         weights[cfg.method] = _snapshot(model)
-        _log(f"pyserve compress: after {cfg.method}: test accuracy {stage_acc:.4f}", verbose)
+        _log(f"pyserve compress: after {cfg.method}: {task.metric} {stage_acc:.4f}", verbose)
     stage_bar.close()
     # The model is unchanged since the last stage was measured.
-    acc["after"] = (stage_reports[-1]["accuracy"] if stage_reports
-                    else accuracy(model, task.test_x, task.test_y, task.eval_batch_size))
+    acc["after"] = stage_reports[-1]["accuracy"] if stage_reports else task.evaluate(model)
     encodings = _encodings(state)
     # Sizes after each stage, measured on the final masks and codebooks (the stored size of a
     # sparse tensor depends on its mask, index bits and codebook, not on the values).
@@ -328,8 +362,9 @@ def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
         stored = enc.size_bytes if enc else t.numel() * t.element_size()
         kept = int((t != 0).sum())
         cb = state.codebooks.get(name)
+        bits = int(np.log2(cb.size)) if cb is not None else 8 if name in state.int8 else 0
         layers[name] = {"shape": list(t.shape), "kept": kept / max(t.numel(), 1), "fp32_bytes": t.numel() * 4,
-                        "stored_bytes": stored, "bits": int(np.log2(cb.size)) if cb is not None else 0,
+                        "stored_bytes": stored, "bits": bits,
                         "encoding": enc.meta["encoding"] if enc else "raw",
                         "bits_per_kept_weight": 8.0 * stored / max(kept, 1)}
     # The manifest keeps only the headline figures: per-tensor shapes, counts and sizes are in its
@@ -337,13 +372,22 @@ def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
     # A few hundred bytes of JSON matter when the whole artifact is ~25 KB.
     stats = {"fp32_bytes": fp32_bytes, "accuracy_fp32": acc["before"], "accuracy_compressed": acc["after"],
              "dataset": recipe.data.dataset}
+    if task.metric != Task.metric:
+        stats["metric"] = task.metric
     manifest = artifact.save(output, model, example, model_name=recipe.name,
                              input_names=[s.name for s in recipe.model.inputs],
                              output_names=[s.name for s in recipe.model.outputs],
-                             encodings=encodings, stats=stats)
-    loaded = artifact.load_module(output)
-    acc["loaded"] = accuracy(loaded, task.test_x, task.test_y, task.eval_batch_size)
-    table = _table(recipe, layers, fp32_bytes, manifest.size_bytes, acc)
+                             encodings=encodings, stats=stats, dynamic_axes=task.dynamic_axes)
+    # quality as served: the artifact run with the native kernels the pyserve backend uses
+    from pyserve.artifact.kernels import native_module
+
+    loaded, _ = native_module(artifact.load_artifact(output))
+    acc["loaded"] = task.evaluate(loaded)
+    details = task.details(loaded)
+    table = _table(recipe, layers, fp32_bytes, manifest.size_bytes, acc, task.metric)
+    if details:
+        table += "\n" + ", ".join(f"{k} {v:.4f}" for k, v in details.items())
     return CompressionResult(output, manifest, fp32_bytes, manifest.size_bytes, acc["before"], acc["after"],
                              acc["loaded"], layers, table, model=model, stages=tuple(stage_reports),
-                             weights=weights, codebooks=dict(state.codebooks), parts=parts, sensitivity=sens)
+                             weights=weights, codebooks=dict(state.codebooks), parts=parts, sensitivity=sens,
+                             details=details)

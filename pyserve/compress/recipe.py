@@ -60,7 +60,21 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
+    """``dataset``: ``mnist`` (classification) or ``sentence-pairs`` (sentence embeddings; then
+    ``tokenizer`` names a FILE.py:callable or module:callable returning a Hugging Face style
+    tokenizer, ``max_length`` caps the tokens per sentence and ``transfer_sentences`` how many
+    unlabelled sentences calibration and distillation use, all when omitted)."""
+
     dataset: str = "mnist"
+    tokenizer: str | None = None
+    max_length: int = 128
+    transfer_sentences: int | None = None
+
+    def __post_init__(self):
+        if self.max_length < 2:
+            raise ValueError(f"max_length: must be >= 2, got {self.max_length}")
+        if self.transfer_sentences is not None and self.transfer_sentences < 1:
+            raise ValueError(f"transfer_sentences: must be >= 1, got {self.transfer_sentences}")
 
 
 @dataclass(frozen=True)

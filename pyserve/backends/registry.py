@@ -63,3 +63,11 @@ def create_backend(name: str, artifact_path: Path, *, executor: Executor | None 
 
 
 register_backend("pyserve", "pyserve.backends.pyserve_backend:PyserveBackend", "model.pyserve")
+# torch.export programs (.pt2) and TorchScript (.pt, Triton's pytorch_libtorch platform); one class loads both.
+register_backend("torch", "pyserve.backends.torch_backend:TorchBackend", "model.pt2")
+register_backend("pytorch_libtorch", "pyserve.backends.torch_backend:TorchBackend", "model.pt")
+register_backend("pytorch", "pyserve.backends.torch_backend:TorchBackend", "model.pt")
+register_backend("onnxruntime", "pyserve.backends.onnxruntime_backend:OnnxRuntimeBackend", "model.onnx")
+register_backend("onnxruntime_onnx", "pyserve.backends.onnxruntime_backend:OnnxRuntimeBackend", "model.onnx")
+register_backend("tensorrt", "pyserve.backends.tensorrt_backend:TensorRTBackend", "model.plan")
+register_backend("tensorrt_plan", "pyserve.backends.tensorrt_backend:TensorRTBackend", "model.plan")

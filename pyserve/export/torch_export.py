@@ -14,6 +14,14 @@ from pyserve.backends.base import ModelSignature
 __all__ = ["save_pt2", "save_torchscript"]
 
 
+def _eval(module):
+    """``module`` in eval mode; the module of a torch.export program refuses ``eval()`` and needs none."""
+    try:
+        return module.eval()
+    except NotImplementedError:
+        return module
+
+
 def save_pt2(module, example_inputs: tuple, sig: ModelSignature, path: Path, *, dynamic_batch: bool = True) -> None:
     """``torch.export.export`` ``module`` (dim 0 of batched inputs dynamic) and ``torch.export.save`` it.
 
@@ -26,7 +34,7 @@ def save_pt2(module, example_inputs: tuple, sig: ModelSignature, path: Path, *, 
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 20)
         dyn = tuple({0: batch} if s.shape and s.shape[0] == -1 else None for s in sig.inputs)
-    ep = torch.export.export(module.eval(), tuple(example_inputs), dynamic_shapes=dyn)
+    ep = torch.export.export(_eval(module), tuple(example_inputs), dynamic_shapes=dyn)
     for node in ep.graph.nodes:  # keep the writer's source paths out of the file
         node.meta.pop("stack_trace", None)
     torch.export.save(ep, str(path), extra_files={SIGNATURE_KEY: signature_to_json(sig)})
@@ -41,5 +49,5 @@ def save_torchscript(module, example_inputs: tuple, sig: ModelSignature, path: P
     import torch
 
     with torch.no_grad():
-        traced = torch.jit.trace(module.eval(), tuple(example_inputs), check_trace=False)
+        traced = torch.jit.trace(_eval(module), tuple(example_inputs), check_trace=False)
     torch.jit.save(traced, str(path), _extra_files={SIGNATURE_KEY: signature_to_json(sig)})

@@ -9,7 +9,7 @@ batch size (:func:`choose_profile`), then ``set_optimization_profile_async``, ``
 ``set_tensor_address`` and ``execute_async_v3`` on a CUDA stream of that context. Device memory
 and streams come from torch's CUDA allocator.
 
-Works with the full ``tensorrt`` package or the lean runtime (``tensorrt_lean``). A TensorRT
+Works with the full ``tensorrt`` package or the lean runtime (``tensorrt_lean``/``tensorrt_lean_bindings``). A TensorRT
 ``Runtime`` is never created without a GPU (it wraps a bad pointer and crashes later): :meth:`load`
 checks for a device first and refuses with a clear error.
 
@@ -55,18 +55,17 @@ TRT_DTYPES = {"FLOAT": "FP32", "HALF": "FP16", "BF16": "BF16", "INT8": "INT8", "
 
 
 def import_tensorrt():
-    """The ``tensorrt`` module, else ``tensorrt_lean``; ImportError naming both when neither is there."""
-    try:
-        import tensorrt as trt
-        return trt
-    except ImportError:
-        pass
-    try:
-        import tensorrt_lean as trt
-        return trt
-    except ImportError:
-        raise ImportError("the tensorrt backend needs TensorRT: install `tensorrt` (full) or the lean runtime "
-                          "`tensorrt-lean-cu12-bindings` + `tensorrt-lean-cu12-libs`") from None
+    """The ``tensorrt`` module, else the lean runtime (``tensorrt_lean``, or ``tensorrt_lean_bindings`` as
+    the ``tensorrt-lean-cu12-bindings`` wheel names it); ImportError when none is there."""
+    import importlib
+
+    for name in ("tensorrt", "tensorrt_lean", "tensorrt_lean_bindings"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError("the tensorrt backend needs TensorRT: install `tensorrt` (full) or the lean runtime "
+                      "`tensorrt-lean-cu12-bindings` + `tensorrt-lean-cu12-libs`")
 
 
 @dataclass(frozen=True)

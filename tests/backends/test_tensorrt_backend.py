@@ -159,9 +159,14 @@ def test_runtime_api_list_covers_the_module():
 
 _CHECK = """
 import json, sys
-try:
-    import tensorrt_lean as trt
-except ImportError:
+import importlib
+for mod in ("tensorrt_lean", "tensorrt_lean_bindings"):
+    try:
+        trt = importlib.import_module(mod)
+        break
+    except ImportError:
+        continue
+else:
     print(json.dumps({"skip": "tensorrt_lean not installed"})); sys.exit(0)
 missing = []
 for name in json.loads(sys.argv[1]):
@@ -170,7 +175,8 @@ for name in json.loads(sys.argv[1]):
         if not hasattr(obj, part):
             missing.append(name); break
         obj = getattr(obj, part)
-print(json.dumps({"version": trt.__version__, "missing": missing, "has_builder": hasattr(trt, "Builder")}))
+print(json.dumps({"module": trt.__name__, "version": trt.__version__, "missing": missing,
+                  "has_builder": hasattr(trt, "Builder")}))
 """
 
 

@@ -232,8 +232,12 @@ def _onnx_graph(req: ExportRequest, source: Source, sig: ModelSignature, example
         elif req.precision == "int8":
             model, report = onnx_export.to_int8_qdq(model, source.int8, opset=opset)
             acts = sum("activation" in v for v in report.values())
-            notes.append(f"int8: {len(report)} weight(s) as INT8 + per-channel DequantizeLinear; "
+            absent = sorted(k for k, v in report.items() if v == "not in the exported graph")
+            notes.append(f"int8: {len(report) - len(absent)} weight(s) as INT8 + per-channel DequantizeLinear; "
                          f"{acts} with static activation Q/DQ, the rest weight-only (fp32 activations)")
+            if absent:
+                notes.append(f"int8: not in the exported graph (unused by its outputs, or folded by the exporter): "
+                             f"{', '.join(absent)}")
         return onnx_export.finalize(model, sig), notes
     except ValueError as exc:
         raise ExportError(str(exc)) from None

@@ -83,10 +83,15 @@ def export_onnx_model(module, example_inputs: tuple, sig: ModelSignature, *, ops
                 dyn = tuple({0: batch} if n in batched_in else None for n in in_names)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                prog = torch.onnx.export(module, tuple(example_inputs), dynamo=True, input_names=in_names,
-                                         output_names=out_names, opset_version=max(opset, 18),
+                # placeholder names, renamed below: the exporter may give an inner value the name of an
+                # output (MiniLM's aten.embedding node is "embedding"), which breaks SSA
+                tmp_in = [f"pyserve_input_{i}" for i in range(len(in_names))]
+                tmp_out = [f"pyserve_output_{i}" for i in range(len(out_names))]
+                prog = torch.onnx.export(module, tuple(example_inputs), dynamo=True, input_names=tmp_in,
+                                         output_names=tmp_out, opset_version=max(opset, 18),
                                          dynamic_shapes=dyn, optimize=True, verbose=False)
-            model = _name_batch_dims(prog.model_proto, batched_in + batched_out if dynamic_batch else [])
+            model = _rename_values(prog.model_proto, dict(zip(tmp_in + tmp_out, in_names + out_names)))
+            model = _name_batch_dims(model, batched_in + batched_out if dynamic_batch else [])
             if opset < 18:  # the dynamo exporter writes 18+: convert down
                 from onnx import version_converter
 
@@ -143,6 +148,35 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else ""
 
 
+def _rename_values(model, renames: dict[str, str]):
+    """Rename graph values (``old -> new``); an inner value already called ``new`` is renamed first."""
+    g = model.graph
+    taken = set(renames.values())
+    existing = ({i.name for i in g.input} | {o.name for o in g.output} | {i.name for i in g.initializer}
+                | {o for n in g.node for o in n.output})
+    mapping = {}
+    for name in taken & existing:
+        if name not in renames:
+            k = 0
+            while f"{name}_inner{k}" in existing:
+                k += 1
+            mapping[name] = f"{name}_inner{k}"
+    mapping.update(renames)
+
+    def sub(x: str) -> str:
+        return mapping.get(x, x)
+
+    for n in g.node:
+        n.input[:] = [sub(x) for x in n.input]
+        n.output[:] = [sub(x) for x in n.output]
+    for coll in (g.input, g.output, g.value_info):
+        for v in coll:
+            v.name = sub(v.name)
+    for init in g.initializer:
+        init.name = sub(init.name)
+    return model
+
+
 def _name_batch_dims(model, names: list[str]):
     """Give dim 0 of the named graph inputs/outputs the symbolic name ``batch`` (dynamo names it s0...)."""
     for v in list(model.graph.input) + list(model.graph.output):
@@ -193,7 +227,10 @@ def to_int8_qdq(model, int8: dict, *, opset: int):
     Returns ``(model, report)`` where report maps each int8 tensor to ``"axis 0"``/``"axis 1"``
     (+ ``", activation q/dq"``).
 
-    Raises ValueError when ``int8`` is empty, ``opset`` < 13, or a tensor is not found in the graph.
+    A tensor found nowhere in the graph (the exporter removed it as unused, or folded it into another
+    constant) is reported as ``"not in the exported graph"``.
+
+    Raises ValueError when ``int8`` is empty, ``opset`` < 13, or no int8 tensor is found at all.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -229,8 +266,9 @@ def to_int8_qdq(model, int8: dict, *, opset: int):
                 hit = by_digest.get(_digest(deq.T))
                 if hit is not None and not hit.startswith("T:"):
                     match, axis, values = hit, 1, np.ascontiguousarray(q.T)
-        if match is None:
-            raise ValueError(f"int8 tensor {tname!r} ({list(q.shape)}) is not an initializer of the exported graph")
+        if match is None:  # dead code the exporter removed (e.g. an unused pooler), or folded into a constant
+            report[tname] = "not in the exported graph"
+            continue
         if match in drop:
             continue
         drop.add(match)
@@ -246,6 +284,8 @@ def to_int8_qdq(model, int8: dict, *, opset: int):
             for consumer in _matmul_consumers(match, consumers):
                 act_q[(consumer.name or id(consumer), id(consumer))] = (consumer, match, parts.input_scale)
                 report[tname] += ", activation q/dq"
+    if not drop:
+        raise ValueError(f"none of the {len(int8)} int8 tensors is an initializer of the exported graph")
     keep = [init for init in g.initializer if init.name not in drop]
     del g.initializer[:]
     g.initializer.extend(keep)

@@ -92,10 +92,13 @@ def _export(minilm, name, to, precision, out):
     return run_export(req)
 
 
-def _ort(path, minilm):
+def _ort(path, minilm, basic=False):
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if basic:  # no fusions: the graph's own arithmetic
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return sess.run(["embedding"], {"input_ids": minilm["ids"], "attention_mask": minilm["mask"]})[0]
 
 
@@ -118,15 +121,23 @@ def test_onnx_int8_carries_every_linear_and_keeps_cosine(minilm, tmp_path):
     res = _export(minilm, "int8.pyserve", "onnx", "int8", tmp_path / "m8.onnx")
     model = onnx.load(str(res.path))
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dq) == len(minilm["linears"]) == 36  # 6 layers x (q, k, v, out, ffn in, ffn out)
+    assert len(dq) == 36  # 6 layers x (q, k, v, out, ffn in, ffn out)
+    # the 37th Linear, BERT's pooler, feeds no output of the encoder: the exporter drops it
+    assert len(minilm["linears"]) == 37
+    assert any("bert.pooler.dense.weight" in n and "not in the exported graph" in n for n in res.notes), res.notes
+    # the graph's arithmetic is the int8 artifact's own (dequantized weights, fp32 activations) ...
+    np.testing.assert_allclose(_ort(res.path, minilm, basic=True), minilm["ref_q"], atol=1e-5)
+    # ... and onnxruntime's default optimizations fuse DequantizeLinear + MatMul into MatMulNBits,
+    # which also quantizes the activations at run time: judged by the task metric, cosine to fp32
     got = _ort(res.path, minilm)
-    np.testing.assert_allclose(got, minilm["ref_q"], atol=1e-4)  # the int8 artifact's own answers
     cos = _cos(got, minilm["ref"])
     print(f"MiniLM int8 ONNX vs fp32 cosine: min {cos.min():.5f} mean {cos.mean():.5f}")
     assert cos.min() >= 0.99
-    fp32_size = sum(4 * np.prod(i.dims) for i in onnx.load(str(_export(minilm, "fp32.pyserve", "onnx", "fp32",
-                                                                           tmp_path / "f.onnx").path)).graph.initializer)
-    assert res.path.stat().st_size < 0.5 * fp32_size
+    # int8 weights stored once, as int8: the file is the fp32 rest + 1 byte per quantized weight
+    q_elems = sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8)
+    f_elems = sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    assert q_elems > 10_000_000  # the 36 encoder Linear weights (10.6M of the 22.7M parameters)
+    assert res.path.stat().st_size < 4 * f_elems + q_elems + (1 << 20)
 
 
 def test_torch_pt2_in_the_torch_backend(minilm, tmp_path):

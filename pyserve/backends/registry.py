@@ -3,6 +3,11 @@
 Add a backend: implement :class:`pyserve.backends.base.Backend` in a module, then either add it to
 ``_BUILTIN`` below or call :func:`register_backend` (e.g. from a plug-in) before the server starts.
 A model's ``config.yaml`` picks its backend with ``backend: NAME`` (default ``pyserve``).
+
+Built in: ``pyserve`` (``model.pyserve``), ``torch`` (``model.pt2``, torch.export), ``pytorch_libtorch``
+and ``pytorch`` (``model.pt``, TorchScript), ``onnxruntime``/``onnxruntime_onnx`` (``model.onnx``),
+``tensorrt``/``tensorrt_plan`` (``model.plan``). The second names are Triton's ``platform`` values, so
+a Triton ``config.pbtxt`` with ``platform: "onnxruntime_onnx"`` loads unchanged.
 """
 
 from __future__ import annotations

@@ -132,8 +132,6 @@ def check_request(req: ExportRequest) -> str:
             TensorRTOptions(req.min_batch, req.opt_batch, req.max_batch_size, req.workspace_bytes, req.timing_cache)
         except ValueError as exc:
             raise ExportError(f"TensorRT settings: {exc}") from None
-        if not req.dynamic_batch and (req.min_batch, req.opt_batch) != (1, 1) and req.max_batch_size != 1:
-            pass  # without --dynamic-batch the profile is the fixed batch of 1; batch settings are unused
         _require_tensorrt_builder()
     if (req.output is None) == (req.repository is None):
         raise ExportError("give exactly one of -o OUT and --repository DIR")

@@ -232,7 +232,7 @@ def to_int8_qdq(model, int8: dict, *, opset: int):
 
     Raises ValueError when ``int8`` is empty, ``opset`` < 13, or no int8 tensor is found at all.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     if not int8:
         raise ValueError("int8 export needs int8 weights")
@@ -249,7 +249,8 @@ def to_int8_qdq(model, int8: dict, *, opset: int):
     for node in g.node:
         for inp in node.input:
             consumers.setdefault(inp, []).append(node)
-    new_nodes, drop, report, act_q = [], set(), {}, {}
+    new_nodes, drop, report = [], set(), {}
+    act_q: dict[int, tuple] = {}  # id(consumer node) -> (node, weight value name, static input scale)
     for tname in sorted(int8):
         parts = int8[tname]
         q, s = parts.values, parts.scale.astype(np.float32)
@@ -282,20 +283,19 @@ def to_int8_qdq(model, int8: dict, *, opset: int):
         report[tname] = f"axis {axis}"
         if parts.input_scale is not None:
             for consumer in _matmul_consumers(match, consumers):
-                act_q[(consumer.name or id(consumer), id(consumer))] = (consumer, match, parts.input_scale)
+                act_q[id(consumer)] = (consumer, match, parts.input_scale)
                 report[tname] += ", activation q/dq"
     if not drop:
         raise ValueError(f"none of the {len(int8)} int8 tensors is an initializer of the exported graph")
     keep = [init for init in g.initializer if init.name not in drop]
     del g.initializer[:]
     g.initializer.extend(keep)
-    for (_, _), (node, weight_name, scale) in act_q.items():
+    for node, weight_name, scale in act_q.values():
         _insert_activation_qdq(g, node, weight_name, scale, consumers, new_nodes)
     nodes = new_nodes + list(g.node)
     del g.node[:]
     g.node.extend(_toposort(nodes, g))
     # the fp32 value_info of a replaced weight stays valid (DequantizeLinear outputs fp32)
-    _ = TensorProto
     return model, report
 
 
@@ -357,7 +357,7 @@ def _toposort(nodes: list, g) -> list:
             producers[o] = n
     order, done = [], set()
 
-    def visit(n, stack=()):
+    def visit(n):
         if id(n) in done:
             return
         for inp in n.input:

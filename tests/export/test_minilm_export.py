@@ -152,3 +152,36 @@ def test_torch_pt2_in_the_torch_backend(minilm, tmp_path):
 
     (out,) = asyncio.run(go())
     np.testing.assert_allclose(out["embedding"], minilm["ref"], atol=1e-5)
+
+
+def test_server_serves_minilm_exports_to_tritonclient(minilm, tmp_path):
+    """onnx int8 and torch .pt2 written by --repository, served, asked by tritonclient (INT64 inputs)."""
+    tc = pytest.importorskip("tritonclient.grpc")
+    from pyserve.export import ExportRequest, run_export
+    from pyserve.server import ServerThread
+
+    for name, to, precision, src in (("minilm_int8", "onnx", "int8", "int8.pyserve"),
+                                     ("minilm_pt2", "torch", "fp32", "fp32.pyserve")):
+        run_export(ExportRequest(source=minilm["dir"] / src, to=to, repository=tmp_path, model=name,
+                                 precision=precision, dynamic_batch=True, max_batch_size=8))
+    srv = ServerThread(tmp_path, host="127.0.0.1", grpc_port=0, exit_timeout_s=2)
+    srv.start()
+    client = tc.InferenceServerClient(srv.url)
+    try:
+        for name, check in (("minilm_int8", "cosine"), ("minilm_pt2", "exact")):
+            ref = minilm["ref"]
+            assert client.is_model_ready(name)
+            inputs = []
+            for key in ("input_ids", "attention_mask"):
+                arr = minilm["ids"] if key == "input_ids" else minilm["mask"]
+                inp = tc.InferInput(key, list(arr.shape), "INT64")
+                inp.set_data_from_numpy(arr)
+                inputs.append(inp)
+            got = client.infer(name, inputs).as_numpy("embedding")
+            if check == "exact":
+                np.testing.assert_allclose(got, ref, atol=1e-5)
+            else:
+                assert _cos(got, ref).min() >= 0.99
+    finally:
+        client.close()
+        srv.stop()

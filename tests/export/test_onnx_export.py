@@ -181,3 +181,13 @@ def test_source_loaded_once_can_be_reused(lenet, tmp_path):
                             dynamic_batch=True)
         assert run_export(req, source=src).path.is_file()
     assert load_source(lenet.int8).int8.keys() == {"fc1.weight", "fc2.weight", "fc3.weight"}
+
+
+def test_pt2_source_round_trip(lenet, tmp_path):
+    """artifact -> torch .pt2 -> ONNX: the .pt2 is itself a SOURCE, and keeps the protocol names."""
+    pt2 = run_export(ExportRequest(source=lenet.fp32, to="torch", output=tmp_path / "m.pt2", dynamic_batch=True)).path
+    src = load_source(pt2)
+    assert src.kind == "pt2" and [s.name for s in src.signature.inputs] == ["images"]
+    res = _export(tmp_path, pt2, name="from_pt2.onnx")
+    (got,) = ort_run(res.path, {"images": lenet.test_images[:9]})
+    np.testing.assert_allclose(got, _torch_logits(lenet.module, lenet.test_images[:9]), atol=1e-5)

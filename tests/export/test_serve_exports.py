@@ -3,6 +3,8 @@ model's answers back from the onnxruntime (fp32, fp16, int8) and torch (.pt2, To
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -51,8 +53,10 @@ def served(lenet, tmp_path_factory):
     branch = ShapeBranch().eval()
     sig = ModelSignature((TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("y", "FP32", (-1, 3)),))
     src = Source("pt2", lenet.fp32, "branch", branch, sig)
-    written["branch"] = run_export(ExportRequest(source=lenet.fp32, to="torch", repository=repo, model="branch",
-                                                 dynamic_batch=True, max_batch_size=8), source=src)
+    with warnings.catch_warnings():  # the TracerWarning about the frozen branch is the point here
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        written["branch"] = run_export(ExportRequest(source=lenet.fp32, to="torch", repository=repo, model="branch",
+                                                     dynamic_batch=True, max_batch_size=8), source=src)
     srv = ServerThread(repo, host="127.0.0.1", grpc_port=0, exit_timeout_s=2)
     srv.start()
     yield srv, written, branch

@@ -10,7 +10,10 @@ Each call is timed in a loop of at least --min-ms milliseconds, the four taking 
 --repeats rounds; the median per call is reported in microseconds. One thread first, then 2 (torch.set_num_threads and
 pyserve.ops.set_num_threads together). Ratios are peer time / pyserve time (> 1: pyserve faster).
 
-    python benchmarks/bench_csr.py [--repeats 7] [--threads 1,2] [--quick]
+    python benchmarks/bench_csr.py [--repeats 7] [--threads 1,2] [--quick] [--clock wall|cpu]
+
+--clock cpu times with time.process_time (CPU time of the process; use it with --threads 1 on a
+shared machine: time spent descheduled does not count).
 """
 
 from __future__ import annotations
@@ -35,22 +38,25 @@ def make_weight(n: int, k: int, sparsity: float, rng: np.random.Generator) -> np
     return np.where(keep, w, 0.0).astype(np.float32)
 
 
+CLOCK = time.perf_counter
+
+
 def time_interleaved(fns: dict, repeats: int, min_ms: float) -> dict:
     """Median microseconds per call of each fn; the fns take turns within every repeat, so a change
     in machine load between repeats hits all of them alike (the machine is shared)."""
     loops = {}
     for name, fn in fns.items():
         fn()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        loops[name] = max(1, int(min_ms / 1e3 / max(time.perf_counter() - t0, 1e-7)))
+        loops[name] = max(1, int(min_ms / 1e3 / max(CLOCK() - t0, 1e-7)))
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             for _ in range(loops[name]):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / loops[name] * 1e6)
+            samples[name].append((CLOCK() - t0) / loops[name] * 1e6)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -60,15 +66,22 @@ def main() -> None:
     ap.add_argument("--min-ms", type=float, default=20.0)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--quick", action="store_true", help="90%% sparsity only, fewer repeats")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    ap.add_argument("--sparsities", default=None, help="comma-separated, e.g. 0.9,0.99 (default: all four)")
+    ap.add_argument("--batches", default="1,8,64")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     if args.quick:
         args.repeats = 3
     shapes = [(3072, 768), (768, 3072)]
     sparsities = [0.9] if args.quick else [0.7, 0.9, 0.95, 0.99]
-    batches = [1, 8, 64]
+    if args.sparsities:
+        sparsities = [float(v) for v in args.sparsities.split(",")]
+    batches = [int(v) for v in args.batches.split(",")]
     rng = np.random.default_rng(0)
-    print(f"build_info: {build_info()}; torch {torch.__version__}")
+    print(f"build_info: {build_info()}; torch {torch.__version__}; {args.clock} clock")
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ run in separate processes (OMP_NUM_THREADS for pyserve's OpenMP, torch.set_num_t
 Ratios > 1 mean pyserve is faster. Goals (issue 3): int8 >= 1.0x fbgemm everywhere; codebook >= 5x
 dense fp32 at B = 1.
 
-    python benchmarks/bench_quant.py [--threads 1,2] [--repeats 7] [--clock wall|cpu]
+    python benchmarks/bench_quant.py [--threads 1,2] [--repeats 7] [--clock wall|cpu] [--only int8|codebook]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def median_us(fn, repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def child(threads: int, repeats: int) -> dict:
+def child(threads: int, repeats: int, only: str = "") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -72,7 +72,7 @@ def child(threads: int, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     rows = {"int8": [], "codebook": []}
     with torch.inference_mode():
-        for N, K in INT8_SHAPES:
+        for N, K in INT8_SHAPES if only != "codebook" else []:
             w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
             b = rng.standard_normal(N).astype(np.float32)
             lin = torch.nn.Linear(K, N)
@@ -92,7 +92,7 @@ def child(threads: int, repeats: int) -> dict:
                     "fbgemm_us": median_us(lambda: qlin(xt), repeats),
                     "pyserve_us": median_us(lambda: int8_linear(x, q, s, b), repeats),
                 })
-        for N, K in CB_SHAPES:
+        for N, K in CB_SHAPES if only != "int8" else []:
             b = rng.standard_normal(N).astype(np.float32)
             for bits in CB_BITS:
                 idx = rng.integers(0, 2**bits, (N, K)).astype(np.uint8)
@@ -144,12 +144,13 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (CPU time of the process, "
                         "robust to being descheduled on a shared machine; meaningful for 1 thread only)")
+    parser.add_argument("--only", choices=["int8", "codebook"], default="", help="run one of the two tables")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.child:
-        print(json.dumps(child(args.child, args.repeats)))
+        print(json.dumps(child(args.child, args.repeats, args.only)))
         return
     from pyserve.ops import build_info
 
@@ -158,7 +159,7 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         print(f"\n({args.clock} clock)")
         out = subprocess.run([sys.executable, __file__, "--child", str(threads), "--repeats", str(args.repeats),
-                              "--clock", args.clock],
+                              "--clock", args.clock] + (["--only", args.only] if args.only else []),
                              env=env, capture_output=True, text=True, check=True)
         print_tables(threads, json.loads(out.stdout.strip().splitlines()[-1]))
 

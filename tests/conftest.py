@@ -33,9 +33,9 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none found")
     skip_trt = pytest.mark.skip(reason="needs the full TensorRT library and a GPU")
     for item in items:
-        if "gpu" in item.keywords and cuda_device_count() == 0:
+        if item.get_closest_marker("gpu") is not None and cuda_device_count() == 0:
             item.add_marker(skip_gpu)
-        if "tensorrt" in item.keywords and (cuda_device_count() == 0 or not tensorrt_available()):
+        if item.get_closest_marker("tensorrt") is not None and (cuda_device_count() == 0 or not tensorrt_available()):
             item.add_marker(skip_trt)
 
 

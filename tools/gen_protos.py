@@ -38,9 +38,9 @@ PROTO_DIR = ROOT / "protos"
 OUT_DIR = ROOT / "pyserve" / "protocol" / "_generated"
 PACKAGE = "pyserve.protocol._generated"
 # Dependencies first: grpc_service.proto imports model_config.proto.
-PROTOS = ("model_config.proto", "grpc_service.proto")
+PROTOS = ("model_config.proto", "grpc_service.proto", "traffic.proto")
 #: Files that declare a service (the others get no ``_pb2_grpc`` module).
-SERVICES = ("grpc_service.proto",)
+SERVICES = ("grpc_service.proto", "traffic.proto")
 
 PROTOBUF_FLOOR = (6, 31, 0)
 GRPC_FLOOR = "1.66.0"

@@ -10,13 +10,20 @@
 // are zero. Rows follow each other with no gap.
 //
 // codebook_linear computes y[b, n] = sum_k x[b, k] * W[n, k] (+ bias[n]) in fp32, one weight row
-// per step, OpenMP over rows. AVX2, bits <= 5: the codebook sits in 1..4 registers and vpermps
-// (+ vblendvps on the high code bits) looks up 8 codes taken straight from the packed row (4 bits:
-// nibbles of 8 dwords; 2, 3, 5 bits: four 8-code groups in the 64-bit lanes); x is reordered once
-// per call to the order the codes come out in. B = 1 fuses the lookup with the FMA; B > 1 decodes
-// the row once and takes the B dot products. Bits 6..8 and the portable path unpack the row to
-// bytes first (8 codes per 64-bit load) and look up with scalar loads. The summation order
-// differs from a plain matmul, so results agree to fp32 rounding, not bit for bit.
+// per step, OpenMP over rows. AVX2, bits 4 and 5: the codebook is split into four byte planes
+// (byte j of every entry; 5 bits: one set per 16-entry half, chosen with vpblendvb on code bit 4)
+// and vpshufb looks up one byte of 32 weights at once; unpacks reassemble the fp32 values (the
+// lookup moves bits, it is exact). 4-bit codes are the nibbles of 32 packed bytes; 5-bit codes
+// of a 32-code block (20 bytes) are spread to bytes with vpermd/vpshufb/vpmullw/vpsrlw/vpackuswb.
+// AVX2, bits 2, 3: the codebook sits in a register and vpermps looks up 8 codes taken from the
+// 64-bit lanes of the packed row. In both cases x is reordered once per call to the order the
+// weights come out in. B = 1 fuses the lookup with the FMA; B > 1 decodes the row once and takes
+// the B dot products. Bits 6..8 and the portable path unpack the row to bytes first (8 codes per
+// 64-bit load) and look up with scalar loads. The summation order differs from a plain matmul, so
+// results agree to fp32 rounding, not bit for bit. An activation-side table (LUT-GEMM, Park et
+// al. 2022: T[pair][two codes] = cb[c0] x[2p] + cb[c1] x[2p + 1]) measured 2-4x slower than the
+// byte planes at B = 1 on Zen 3 (benchmarks/native/codebook_lut.cpp): one scalar or gathered
+// lookup per two weights against 12 shuffles per 32.
 #pragma once
 
 #include <cstdint>

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -30,6 +31,7 @@ namespace {
 constexpr int64_t kLanes = 8;       // floats per AVX2 register; xt rows are padded to this
 constexpr int64_t kMaxVectors = 8;  // batch columns per pass = kLanes * kMaxVectors = 64
 constexpr int64_t kRowChunk = 16;   // output rows per OpenMP work item
+constexpr int64_t kCheckNonzeros = 2048;  // B == 1: nonzeros per validate-then-compute chunk (8 KB of int32 indices)
 constexpr int64_t kNoBad = std::numeric_limits<int64_t>::max();
 constexpr int64_t kMinParallelWork = int64_t{1} << 18;  // multiply-adds; ~100 us on one core
 
@@ -94,16 +96,45 @@ __attribute__((always_inline)) inline int64_t check_rows(const int64_t* indptr, 
   return bad;
 }
 
+// Number of neighbour pairs (j - 1, j) inside the nonzeros [indptr[n0], indptr[n1]) that straddle
+// a row boundary (j = indptr[n] for n0 < n < n1) with idx[j] <= idx[j - 1]; each position once.
+template <typename Index>
+int64_t boundary_nonincreasing(const int64_t* indptr, int64_t n0, int64_t n1, const Index* ix) {
+  const int64_t b = indptr[n0], e = indptr[n1];
+  int64_t count = 0;
+  for (int64_t n = n0 + 1; n < n1; ++n) {
+    const int64_t j = indptr[n];
+    if (j > b && j < e && j != indptr[n - 1]) count += ix[j] <= ix[j - 1];
+  }
+  return count;
+}
+
+// True when the column indices of rows [n0, n1) are in [0, K) and strictly increasing within each
+// row, in one branch-free pass over the rows' nonzeros: no index outside [0, K), and the
+// non-increasing neighbour pairs (idx[j] <= idx[j-1]) are exactly those that straddle a row
+// boundary. The B == 1 kernel runs it on chunks of rows holding ~kCheckNonzeros nonzeros, just
+// before computing them (the indices are then in L1 for the SpMV); the per-16-row check that B > 1
+// uses cost more than the SpMV itself for short rows (benchmarks/native/csr_spmv.cpp). A false
+// answer is followed by the exact (slower) search of csr_first_bad_index for the error message.
+template <typename Index>
+bool rows_ok_portable(const int64_t* indptr, int64_t n0, int64_t n1, const Index* ix, int64_t K) {
+  const int64_t b = indptr[n0], e = indptr[n1];
+  if (b == e) return true;
+  int64_t outside = 0, nonincreasing = 0;
+  for (int64_t j = b; j < e; ++j) outside |= (ix[j] < 0) | (static_cast<int64_t>(ix[j]) >= K);
+  for (int64_t j = b + 1; j < e; ++j) nonincreasing += ix[j] <= ix[j - 1];
+  if (outside) return false;
+  return nonincreasing == boundary_nonincreasing(indptr, n0, n1, ix);
+}
+
 // ---- portable fallback ---------------------------------------------------------------------
 
 template <typename Index>
 int64_t spmv_rows_portable(const float* x, int64_t K, const int64_t* indptr, const Index* indices,
                            const float* values, const float* bias, int64_t n0, int64_t n1, float* y) {
-  bool ok[kRowChunk];
-  const int64_t bad = check_rows(indptr, indices, K, n0, n1, ok);
+  (void)K;  // indices were validated for the whole matrix before the kernel (csr_linear_cpu)
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = indptr[n], e = indptr[n + 1];
-    if (!ok[n - n0]) continue;
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
     int64_t j = b;
     for (; j + 4 <= e; j += 4) {
@@ -115,7 +146,7 @@ int64_t spmv_rows_portable(const float* x, int64_t K, const int64_t* indptr, con
     for (; j < e; ++j) s0 += values[j] * x[indices[j]];
     y[n] = (s0 + s1) + (s2 + s3) + (bias ? bias[n] : 0.f);
   }
-  return bad;
+  return kNoBad;
 }
 
 // tile [rows][kTileCols] (row r = output row n0 + r, columns = batch c0..c0+cols) -> y [B, N]:
@@ -168,6 +199,39 @@ PYSERVE_AVX2_TARGET inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// rows_ok_portable for int32 indices, 8 per step: the largest index as unsigned (a negative one
+// is larger than any K) and a count of increasing neighbour pairs (each lane counts at most
+// (e - b) / 8 + 1 pairs: no overflow below 2**33 nonzeros).
+PYSERVE_AVX2_TARGET bool rows_ok_avx2(const int64_t* indptr, int64_t n0, int64_t n1, const int32_t* ix, int64_t K) {
+  const int64_t b = indptr[n0], e = indptr[n1];
+  if (b == e) return true;
+  if (e - b >= (int64_t{1} << 33) || K > INT32_MAX) return rows_ok_portable(indptr, n0, n1, ix, K);
+  __m256i vmax = _mm256_set1_epi32(ix[b]), inc = _mm256_setzero_si256();
+  int64_t j = b + 1;
+  for (; j + 8 <= e; j += 8) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix + j));
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix + j - 1));
+    vmax = _mm256_max_epu32(vmax, a);
+    inc = _mm256_sub_epi32(inc, _mm256_cmpgt_epi32(a, p));
+  }
+  alignas(32) uint32_t mx[8];
+  alignas(32) int32_t ic[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(mx), vmax);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(ic), inc);
+  uint64_t hi = 0;
+  int64_t increasing = 0;
+  for (int i = 0; i < 8; ++i) {
+    hi = std::max<uint64_t>(hi, mx[i]);
+    increasing += static_cast<uint32_t>(ic[i]);
+  }
+  for (; j < e; ++j) {
+    hi = std::max<uint64_t>(hi, static_cast<uint32_t>(ix[j]));
+    increasing += ix[j] > ix[j - 1];
+  }
+  if (hi >= static_cast<uint64_t>(K)) return false;  // negative indices too: as uint32 they are >= 2**31 > K
+  return (e - b - 1) - increasing == boundary_nonincreasing(indptr, n0, n1, ix);
+}
+
 PYSERVE_AVX2_TARGET inline __m256 gather8(const float* x, const int32_t* idx) {
   return _mm256_i32gather_ps(x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4);
 }
@@ -197,11 +261,9 @@ PYSERVE_AVX2_TARGET inline __m256 tail_product(const float* x, const int64_t* in
 template <typename Index>
 PYSERVE_AVX2_TARGET int64_t spmv_rows_avx2(const float* x, int64_t K, const int64_t* indptr, const Index* indices,
                                            const float* values, const float* bias, int64_t n0, int64_t n1, float* y) {
-  bool ok[kRowChunk];
-  const int64_t bad = check_rows(indptr, indices, K, n0, n1, ok);
+  (void)K;  // indices were validated for the whole matrix before the kernel (csr_linear_cpu)
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = indptr[n], e = indptr[n + 1];
-    if (!ok[n - n0]) continue;
     if (e - b < 16) {  // short rows (>= 99% sparsity): scalar loads beat gathers and masked tails
       float s0 = 0.f, s1 = 0.f;
       int64_t j = b;
@@ -228,7 +290,7 @@ PYSERVE_AVX2_TARGET int64_t spmv_rows_avx2(const float* x, int64_t K, const int6
     const float s = hsum256(a0);
     y[n] = s + (bias ? bias[n] : 0.f);
   }
-  return bad;
+  return kNoBad;
 }
 
 // Row n, batch columns [c0, c0 + 8*V) of xt [K, Bp]: out[0:8V] = bn + sum_j values[j] * xt[indices[j], c0:c0+8V].
@@ -321,6 +383,43 @@ void atomic_min(std::atomic<int64_t>& target, int64_t value) {
 
 }  // namespace
 
+// B == 1: rows in chunks of about kCheckNonzeros nonzeros (at least kRowChunk rows), each chunk's
+// indices validated in one vectorised pass (rows_ok_*) right before the chunk is computed.
+template <typename Index>
+int64_t spmv(const float* x, int64_t K, const int64_t* indptr, const Index* indices, const float* values,
+             const float* bias, int64_t N, float* y, int threads, bool avx2) {
+  (void)avx2;
+  (void)threads;
+  const int64_t nnz = indptr[N];
+  const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(N, 1));
+  const int64_t rows = std::max<int64_t>(kRowChunk, kCheckNonzeros / per_row);
+  if (nnz + N < kMinParallelWork) threads = 1;
+  std::atomic<bool> bad{false};
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    if (bad.load(std::memory_order_relaxed)) continue;
+    const int64_t n1 = std::min(N, n0 + rows);
+    bool ok;
+#if PYSERVE_HAVE_AVX2_PATH
+    if (avx2 && std::is_same<Index, int32_t>::value)
+      ok = rows_ok_avx2(indptr, n0, n1, reinterpret_cast<const int32_t*>(indices), K);
+    else
+#endif
+      ok = rows_ok_portable(indptr, n0, n1, indices, K);
+    if (!ok) {
+      bad.store(true, std::memory_order_relaxed);
+      continue;
+    }
+#if PYSERVE_HAVE_AVX2_PATH
+    if (avx2)
+      spmv_rows_avx2(x, K, indptr, indices, values, bias, n0, n1, y);
+    else
+#endif
+      spmv_rows_portable(x, K, indptr, indices, values, bias, n0, n1, y);
+  }
+  return bad.load() ? csr_first_bad_index(indptr, N, indices, K) : -1;
+}
+
 bool csr_has_avx2() {
 #if PYSERVE_HAVE_AVX2_PATH
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -347,6 +446,7 @@ int64_t csr_linear_cpu(const float* x, int64_t B, int64_t K, const int64_t* indp
         return first_bad_in_row(indices, indptr[n], indptr[n + 1], K);
     return -1;
   }
+  if (B == 1) return spmv(x, K, indptr, indices, values, bias, N, y, threads, avx2);
   const int64_t Bp = round_up(B, kLanes);
   if (B > 1) transpose_pad(x, B, K, Bp, xt_scratch);
   // Small products run on the calling thread: a fork-join costs ~5-10 us on an idle machine and

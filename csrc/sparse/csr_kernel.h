@@ -35,9 +35,11 @@ bool csr_has_avx2();
 
 // Computes y [B, N] = x [B, K] @ W.T + bias (bias may be null) on `threads` OpenMP threads (>= 1).
 // indptr must already be valid (indptr[0] == 0, non-decreasing, indptr[N] == nnz). The column
-// indices are validated inside the kernel, row by row, before that row touches x (the row's
-// indices are in L1 by then, so validation costs no extra pass over memory): a row whose indices
-// are not strictly increasing inside [0, K) is skipped. Returns -1 when every row was valid, else
+// indices are validated inside the kernel, chunk by chunk, before the chunk touches x (its indices
+// are in L1 by then, so validation costs no extra pass over memory). B == 1: chunks of ~2048
+// nonzeros, checked in one vectorised pass (largest index, count of non-increasing neighbour pairs
+// against those on row boundaries); an invalid chunk is not computed. B > 1: chunks of 16 rows; a
+// row whose indices are not strictly increasing inside [0, K) is skipped. Returns -1 when every row was valid, else
 // the position of the first offending nonzero (the output is then garbage and must be discarded).
 // xt_scratch: caller-provided buffer of at least csr_scratch_floats(B, K) floats (may be null when
 // that is 0). When force_portable is true the portable fallback runs even on AVX2 CPUs (tests).

@@ -25,6 +25,7 @@ COMMANDS = {
     "serve": "pyserve.cli.serve",
     "infer": "pyserve.cli.infer",
     "export": "pyserve.cli.export",
+    "traffic": "pyserve.cli.traffic",
 }
 
 

@@ -89,6 +89,27 @@ def _round_sparsity(final: float, r: int, rounds: int, schedule: str) -> float:
     return final * (frac if schedule == "linear" else 1.0 - (1.0 - frac) ** 3)
 
 
+def dead_units(weight: torch.Tensor) -> dict[str, list[int]]:
+    """Units a pruned layer no longer connects (Han et al. 2015, section 3.4, "pruning neurons").
+
+    ``weight`` is a Linear ``[out, in]`` or Conv ``[out, in/groups, *kernel]`` weight. Returns
+
+    * ``no_input``: output units (Linear rows, Conv filters) whose every weight is zero: they only
+      add their bias, so the next layer sees a constant there;
+    * ``no_output``: input units (Linear columns, Conv input channels of a non-grouped conv) that
+      no weight reads: the previous layer's unit of that index feeds nothing through this layer.
+
+    Dead units are reported, not removed: removing them changes the layer shapes of the user's
+    model, which the exported graph and its signature keep.
+    """
+    w = weight.detach()
+    flat_out = w.reshape(w.shape[0], -1)
+    no_input = torch.nonzero(~flat_out.ne(0).any(dim=1)).flatten().tolist()
+    per_in = w.transpose(0, 1).reshape(w.shape[1], -1)
+    no_output = torch.nonzero(~per_in.ne(0).any(dim=1)).flatten().tolist()
+    return {"no_input": no_input, "no_output": no_output}
+
+
 @register("prune", PruneConfig)
 def prune(state: CompressionState, cfg: PruneConfig, task) -> dict:
     names = cfg.layers or (tuple(cfg.sparsity) if isinstance(cfg.sparsity, dict) else None)
@@ -117,7 +138,12 @@ def prune(state: CompressionState, cfg: PruneConfig, task) -> dict:
         else:
             bits = cfg.index_bits or default_bits
         state.index_bits[f"{name}.weight"] = bits
-    return {name: {"sparsity": 1.0 - float(state.masks[f"{name}.weight"].float().mean())} for name in layers}
+    report = {}
+    for name, m in layers.items():
+        dead = dead_units(m.weight)
+        report[name] = {"sparsity": 1.0 - float(state.masks[f"{name}.weight"].float().mean()),
+                        "dead_no_input": dead["no_input"], "dead_no_output": dead["no_output"]}
+    return report
 
 
 def apply_masks(state: CompressionState) -> None:

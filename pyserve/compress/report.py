@@ -112,6 +112,17 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
                      f"{L['encoding']} | {L['fp32_bytes']} | {L['stored_bytes']} | {parts} | "
                      f"{L['bits_per_weight_before']:.0f} | {L['bits_per_weight_after']:.2f} | "
                      f"{L['bits_per_kept_weight']:.2f} |")
+    dead = [(st["method"], layer, L) for st in report["stages"] for layer, L in st.get("layers", {}).items()
+            if L.get("dead_no_input") or L.get("dead_no_output")]
+    lines += ["", "## Dead units after pruning (Han et al. 2015, section 3.4)", ""]
+    if dead:
+        lines += ["Reported, not removed: the graph keeps the model's layer shapes.", "",
+                  "| stage | layer | units with no input weights | input units no weight reads |", "| --- | --- | --- | --- |"]
+        for method, layer, L in dead:
+            lines.append(f"| {method} | {layer} | {_units(L.get('dead_no_input', []))} | "
+                         f"{_units(L.get('dead_no_output', []))} |")
+    else:
+        lines.append("None: every unit of every pruned layer keeps at least one input and one output weight.")
     sens = report.get("sensitivity")
     if sens:
         keys = [f"{s:g}" for s in sens["sparsities"]]
@@ -124,6 +135,13 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _units(indices: list[int], shown: int = 12) -> str:
+    if not indices:
+        return "0"
+    head = ", ".join(map(str, indices[:shown]))
+    return f"{len(indices)}: {head}" + (", ..." if len(indices) > shown else "")
 
 
 def write_plots(result, report: dict, directory: Path) -> list[str]:

@@ -52,11 +52,13 @@ def _is_torch_tensor(obj: Any) -> bool:
 
 
 def _is_cuda_tensor(obj: Any) -> bool:
-    return _is_torch_tensor(obj) and obj.device.type == "cuda"
+    return type(obj) is not np.ndarray and _is_torch_tensor(obj) and obj.device.type == "cuda"
 
 
 def _to_numpy(obj: Any, op: str, arg: str, dtype: str) -> np.ndarray:
     """A C-contiguous, native-byte-order numpy view or copy of ``obj``; dtype is checked by _C."""
+    if type(obj) is np.ndarray and obj.flags.c_contiguous and obj.dtype.isnative:
+        return obj  # the common case, without the checks below (microseconds per call)
     if _is_torch_tensor(obj):
         if obj.device.type != "cpu":
             raise ValueError(
@@ -78,7 +80,7 @@ def _to_numpy(obj: Any, op: str, arg: str, dtype: str) -> np.ndarray:
 
 
 def _like(result: np.ndarray, template: Any) -> Any:
-    if _is_torch_tensor(template):
+    if type(template) is not np.ndarray and _is_torch_tensor(template):
         import torch
 
         return torch.from_numpy(result)
@@ -268,9 +270,11 @@ def codebook_linear(x: Any, packed: Any, codebook: Any, bits: int, bias: Any = N
     Notes
     -----
     Han, Mao & Dally 2016, "Deep Compression", section 3. CPU, bits <= 5 with AVX2: codes are
-    taken straight from the packed row and looked up with ``vpermps`` from a codebook held in
-    registers, then multiplied with FMA — fused with the dot product at B = 1, through a decoded
-    fp32 row shared by the B rows otherwise. Bits 6..8 (and CPUs without AVX2): the row is
+    taken straight from the packed row and looked up in registers — bits 4 and 5 with ``vpshufb``
+    on the four byte planes of the codebook (32 weights per shuffle, exact), bits 2 and 3 with
+    ``vpermps`` — then multiplied with FMA: fused with the dot product at B = 1, through a
+    decoded fp32 row shared by the B rows otherwise. An activation-side lookup table (LUT-GEMM,
+    Park et al. 2022) measured 2-4x slower on this CPU (``benchmarks/native/codebook_lut.cpp``). Bits 6..8 (and CPUs without AVX2): the row is
     unpacked to bytes and looked up with loads. OpenMP over rows, GIL released. CUDA: one block per
     output row, the codebook in shared memory. Decoding on the fly measured 4-7x faster at B = 1
     than accumulating x into per-centroid bins (``benchmarks/native/codebook_binning.cpp``).

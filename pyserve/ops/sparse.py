@@ -15,8 +15,10 @@ Algorithms (CPU)
   registers; the result is written straight into ``y [B, N]``.
 * Output rows are split across ``get_num_threads()`` OpenMP threads (one fork-join per call);
   products under 2**18 multiply-adds run on the calling thread. The GIL is released.
-* Column indices are validated inside the kernel, chunk by chunk, before a row reads ``x`` (no
-  separate pass over memory); ``indptr`` is validated before the kernel starts.
+* Column indices are validated inside the kernel, chunk by chunk, before a row reads ``x`` (B = 1:
+  chunks of ~2048 nonzeros checked in one vectorised pass, then computed while their indices are in
+  L1; B > 1: chunks of 16 rows); ``indptr`` is validated before the kernel starts. Plain
+  C-contiguous numpy arguments go to ``_C`` without any Python-side conversion.
 
 CUDA: one warp per output row with a warp-shuffle reduction per batch row (``csr_kernel.cu``).
 """
@@ -37,6 +39,11 @@ _OP = "csr_linear"
 def _is_torch_tensor(obj: Any) -> bool:
     # Checked by name so that importing pyserve.ops never imports torch.
     return type(obj).__module__.split(".")[0] == "torch" and hasattr(obj, "device") and hasattr(obj, "numpy")
+
+
+def _plain(obj: Any) -> bool:
+    """A C-contiguous numpy array in native byte order: passed to _C as it is."""
+    return type(obj) is np.ndarray and obj.flags.c_contiguous and obj.dtype.isnative
 
 
 def _kind(obj: Any) -> str:
@@ -135,6 +142,11 @@ def csr_linear(x: Any, indptr: Any, indices: Any, values: Any, bias: Optional[An
     Uses :func:`pyserve.ops.get_num_threads` OpenMP threads with the GIL released. The CUDA path
     copies ``indptr`` and ``indices`` to the host once per call to validate them.
     """
+    if _plain(x) and _plain(indptr) and _plain(indices) and _plain(values) and (bias is None or _plain(bias)):
+        # The common case, straight to _C (which checks ranks, dtypes and sizes with the same
+        # messages): the argument normalisation below costs ~3-15 us per call, as much as a
+        # 99%-sparse BERT-sized SpMV.
+        return _C.csr_linear(x, indptr, indices, values, bias)
     if _is_torch_tensor(x) and x.device.type == "cuda":
         return _csr_linear_cuda(x, indptr, indices, values, bias)
     x_np = _to_numpy(x, "x", _F32, 2, "[B, K]")

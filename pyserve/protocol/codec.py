@@ -48,6 +48,7 @@ __all__ = [
     "SERVICE_NAME",
     "add_inference_servicer",
     "inference_stub",
+    "reflection_pool",
     "decode_infer_request",
     "encode_infer_request",
     "encode_infer_response",
@@ -113,6 +114,47 @@ def add_inference_servicer(servicer, server) -> None:
 def inference_stub(channel):
     """Client stub for ``inference.GRPCInferenceService`` on a grpc(.aio) channel."""
     return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+class _ChainedPool:
+    """The descriptor-pool lookups gRPC reflection makes, answered from pyserve's private pool
+    (the inference service) and then from protobuf's default pool (health, reflection)."""
+
+    def __init__(self, *pools) -> None:
+        self._pools = pools
+
+    def _first(self, method: str, *args):
+        for pool in self._pools:
+            try:
+                return getattr(pool, method)(*args)
+            except KeyError:
+                continue
+        raise KeyError(args[0] if args else method)
+
+    def FindFileByName(self, name):  # noqa: N802 (protobuf's DescriptorPool API)
+        return self._first("FindFileByName", name)
+
+    def FindFileContainingSymbol(self, symbol):  # noqa: N802
+        return self._first("FindFileContainingSymbol", symbol)
+
+    def FindMessageTypeByName(self, name):  # noqa: N802
+        return self._first("FindMessageTypeByName", name)
+
+    def FindExtensionByNumber(self, message, number):  # noqa: N802
+        return self._first("FindExtensionByNumber", message, number)
+
+    def FindAllExtensions(self, message):  # noqa: N802
+        return self._first("FindAllExtensions", message)
+
+
+def reflection_pool():
+    """A descriptor pool for gRPC server reflection that sees pyserve's private pool (where the
+    stubs register ``inference.*``, see tools/gen_protos.py) and protobuf's default pool."""
+    from google.protobuf import descriptor_pool
+
+    from pyserve.protocol._generated._pool import POOL
+
+    return _ChainedPool(POOL, descriptor_pool.Default())
 
 
 # --- tensors ----------------------------------------------------------------------------------
@@ -447,7 +489,13 @@ def encode_model_config(info: ModelConfigInfo) -> pb.ModelConfigResponse:
         max_batch_size=info.max_batch_size,
         default_model_filename=info.default_model_filename,
     )
-    cfg.version_policy.latest.num_versions = 1
+    kind, numbers = info.version_policy
+    if kind == "all":
+        cfg.version_policy.all.SetInParent()
+    elif kind == "specific":
+        cfg.version_policy.specific.versions.extend(numbers)
+    else:
+        cfg.version_policy.latest.num_versions = numbers[0] if numbers else 1
     for t in info.inputs:
         cfg.input.add(name=t.name, data_type=config_data_type(t.datatype), dims=_config_dims(t.shape, info.max_batch_size))
     for t in info.outputs:
@@ -483,7 +531,17 @@ def decode_model_config(msg: pb.ModelConfigResponse) -> ModelConfigInfo:
         instance_count=sum(g.count for g in cfg.instance_group) if cfg.instance_group else 1,
         instance_kind=mc.ModelInstanceGroup.Kind.Name(group.kind) if group is not None else "KIND_CPU",
         default_model_filename=cfg.default_model_filename,
+        version_policy=_policy_from_pb(cfg.version_policy),
     )
+
+
+def _policy_from_pb(vp) -> tuple[str, tuple[int, ...]]:
+    which = vp.WhichOneof("policy_choice")
+    if which == "all":
+        return "all", ()
+    if which == "specific":
+        return "specific", tuple(int(v) for v in vp.specific.versions)
+    return "latest", (int(vp.latest.num_versions) if which == "latest" else 1,)
 
 
 def _duration(d: Duration, out) -> None:
@@ -564,7 +622,8 @@ def encode_repository_unload_response() -> pb.RepositoryModelUnloadResponse:
 
 #: config.pbtxt fields pyserve reads, per message; any other field that is set is refused.
 _PBTXT_FIELDS = {
-    "": {"name", "platform", "backend", "max_batch_size", "input", "output", "dynamic_batching", "instance_group"},
+    "": {"name", "platform", "backend", "max_batch_size", "input", "output", "dynamic_batching", "instance_group",
+         "version_policy"},
     "input": {"name", "data_type", "dims"},
     "output": {"name", "data_type", "dims"},
     "dynamic_batching": {"max_queue_delay_microseconds", "preferred_batch_size"},
@@ -585,7 +644,7 @@ def parse_model_config_text(text: str) -> dict:
 
     Raises ValueError naming the field: text-format errors (an unknown field, a bad value, with
     line:column) and fields of Triton's config that pyserve does not implement (e.g. ``optimization``,
-    ``sequence_batching``, ``version_policy``).
+    ``sequence_batching``).
     """
     from google.protobuf import text_format
 
@@ -621,6 +680,14 @@ def parse_model_config_text(text: str) -> dict:
         _refuse_unsupported(db, "dynamic_batching", "dynamic_batching.")
         raw["dynamic_batching"] = {"max_queue_delay_microseconds": db.max_queue_delay_microseconds,
                                    "preferred_batch_size": list(db.preferred_batch_size)}
+    if msg.HasField("version_policy"):
+        which = msg.version_policy.WhichOneof("policy_choice")
+        if which == "latest":
+            raw["version_policy"] = {"latest": {"num_versions": msg.version_policy.latest.num_versions}}
+        elif which == "specific":
+            raw["version_policy"] = {"specific": {"versions": list(msg.version_policy.specific.versions)}}
+        else:  # "all", or an empty version_policy {} (Triton's default: latest 1)
+            raw["version_policy"] = {"all": {}} if which == "all" else {}
     groups = []
     for i, g in enumerate(msg.instance_group):
         _refuse_unsupported(g, "instance_group", f"instance_group[{i}].")

@@ -141,6 +141,8 @@ class ModelConfigInfo:
     instance_count: int = 1
     instance_kind: str = "KIND_CPU"
     default_model_filename: str = ""
+    #: Triton's version_policy: ``("latest", (N,))``, ``("all", ())`` or ``("specific", (v, ...))``
+    version_policy: tuple[str, tuple[int, ...]] = ("latest", (1,))
 
 
 @dataclass(frozen=True)

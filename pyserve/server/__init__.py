@@ -2,7 +2,7 @@
 
 from pyserve.server._thread import ServerThread
 from pyserve.server.dataplane import DataPlane
-from pyserve.server.repository import ConfigError, Model, ModelConfig, ModelRepository, ModelState
+from pyserve.server.repository import ConfigError, Model, ModelConfig, ModelRepository, ModelState, VersionPolicy
 from pyserve.server.server import DEFAULT_MAX_MESSAGE_BYTES, Server
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "ModelState",
     "Server",
     "ServerThread",
+    "VersionPolicy",
 ]

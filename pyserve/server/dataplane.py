@@ -54,6 +54,8 @@ class DataPlane:
         self.repository = repository
         self.extensions = tuple(extensions)
         self.stopping = False
+        #: the traffic router (pyserve.server.traffic.TrafficRouter); requests on its routes go there
+        self.router = None
 
     # --- health ---------------------------------------------------------------------------------
 
@@ -64,9 +66,16 @@ class DataPlane:
         """True once the repository has loaded (refused models do not make the server unready)."""
         return self.repository.loaded and not self.stopping
 
+    def _model_name(self, name: str, version: str) -> str:
+        """A route name (with no version) stands for the model of its first variant in metadata RPCs."""
+        if self.router is not None and not version and self.router.has_route(name):
+            return self.router.resolve_model(name)
+        return name
+
     def model_ready(self, name: str, version: str = "") -> bool:
+        name = self._model_name(name, version)
         try:
-            return self.repository.get(name, version).ready
+            return self.repository.get(name, version).is_ready(version)
         except NotFound:
             return False
 
@@ -76,16 +85,17 @@ class DataPlane:
         return ServerMetadata(name=SERVER_NAME, version=__version__, extensions=self.extensions)
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
-        model = self.repository.get_ready(name, version)
-        sig = model.backend.signature
+        model = self.repository.get_ready(self._model_name(name, version), version)
+        mv = model.pick(version)
+        sig = mv.backend.signature
 
         def meta(specs) -> tuple[TensorMetadata, ...]:
             return tuple(TensorMetadata(s.name, s.datatype, tuple(s.shape)) for s in specs)
 
         return ModelMetadata(
             name=model.name,
-            versions=(model.version,),
-            platform=model.backend.platform,
+            versions=tuple(model.served_versions),
+            platform=mv.backend.platform,
             inputs=meta(sig.inputs),
             outputs=meta(sig.outputs),
         )
@@ -94,8 +104,9 @@ class DataPlane:
 
     def model_config(self, name: str, version: str = "") -> ModelConfigInfo:
         """The ModelConfig extension: config.yaml plus the backend's signature (full shapes)."""
-        model = self.repository.get_ready(name, version)
-        sig, cfg = model.backend.signature, model.config
+        model = self.repository.get_ready(self._model_name(name, version), version)
+        mv = model.pick(version)
+        sig, cfg = mv.backend.signature, mv.config
 
         def meta(specs) -> tuple[TensorMetadata, ...]:
             return tuple(TensorMetadata(s.name, s.datatype, tuple(s.shape)) for s in specs)
@@ -103,7 +114,7 @@ class DataPlane:
         db = cfg.dynamic_batching
         return ModelConfigInfo(
             name=model.name,
-            platform=model.backend.platform,
+            platform=mv.backend.platform,
             backend=cfg.backend,
             max_batch_size=cfg.max_batch_size,
             inputs=meta(sig.inputs),
@@ -112,7 +123,8 @@ class DataPlane:
             preferred_batch_sizes=db.preferred_batch_size if db is not None else (),
             instance_count=cfg.instance_count,
             instance_kind=cfg.instance_kind,
-            default_model_filename=model.current.path.name,
+            default_model_filename=mv.path.name,
+            version_policy=cfg.version_policy.as_info(),
         )
 
     # --- extensions: statistics and repository ----------------------------------------------------
@@ -139,14 +151,21 @@ class DataPlane:
 
     # --- inference ------------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, routing_key: str | None = None) -> InferResponse:
+        """Serve one request: through the traffic router when ``model_name`` is a route (``routing_key``:
+        the gRPC metadata ``x-routing-key``, if any), else on the model itself (:meth:`infer_model`)."""
+        if self.router is not None and self.router.has_route(request.model_name):
+            return await self.router.infer(request, routing_key)
+        return await self.infer_model(request)
+
+    async def infer_model(self, request: InferRequest) -> InferResponse:
         t0 = time.perf_counter_ns()
         model = self.repository.get_ready(request.model_name, request.model_version)
-        mv = model.current.acquire()  # this request finishes on this version, even across a reload
+        mv = model.pick(request.model_version).acquire()  # finishes on this version, even across a reload
         ok, rows = False, 1
         try:
             sig = mv.backend.signature
-            inputs = self._check_inputs(model, sig, request.inputs)
+            inputs = self._check_inputs(model, sig, request.inputs, mv.config.max_batch_size)
             wanted = self._check_outputs(model, sig, request)
             if mv.config.max_batch_size > 0:
                 rows = int(next(iter(inputs.values())).shape[0]) if inputs else 1
@@ -168,7 +187,8 @@ class DataPlane:
             outputs=tuple(outputs),
         )
 
-    def _check_inputs(self, model: Model, sig: ModelSignature, tensors: Sequence[Tensor]) -> dict[str, np.ndarray]:
+    def _check_inputs(self, model: Model, sig: ModelSignature, tensors: Sequence[Tensor],
+                      max_batch: int = 0) -> dict[str, np.ndarray]:
         """Inputs in signature order; InvalidArgument naming expected vs actual."""
         specs = {s.name: s for s in sig.inputs}
         expected = ", ".join(_fmt_spec(s) for s in sig.inputs)
@@ -185,7 +205,6 @@ class DataPlane:
                     f"model {model.name!r} expects input {_fmt_spec(spec)}, which the request lacks "
                     f"(request inputs: {got})"
                 )
-        max_batch = model.config.max_batch_size if model.config else 0
         batch_sizes = set()
         for spec in sig.inputs:
             t = given[spec.name]

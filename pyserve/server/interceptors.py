@@ -1,6 +1,6 @@
-"""Server interceptor: turns pyserve's typed errors into gRPC status codes.
+"""Server interceptors: typed errors to gRPC status codes; in-flight counting; bearer-token auth.
 
-:class:`~pyserve.protocol.errors.ServingError` -> its ``code`` and message. Anything else is a
+:class:`ErrorInterceptor`: :class:`~pyserve.protocol.errors.ServingError` -> its ``code`` and message. Anything else is a
 bug: INTERNAL with a generic message carrying a short reference, and the traceback logged under
 that reference. Wraps every handler kind (unary/stream, request/response) that is a coroutine
 function or an async generator function.
@@ -9,6 +9,7 @@ function or an async generator function.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import logging
 import uuid
@@ -17,7 +18,14 @@ import grpc
 
 from pyserve.protocol.errors import ServingError
 
-__all__ = ["ErrorInterceptor", "status_code"]
+__all__ = [
+    "AUTH_EXEMPT_PREFIXES",
+    "BearerTokenInterceptor",
+    "ErrorInterceptor",
+    "InflightInterceptor",
+    "read_token_file",
+    "status_code",
+]
 
 log = logging.getLogger("pyserve.server")
 
@@ -81,4 +89,162 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             unary_stream=_wrap(handler.unary_stream, method),
             stream_unary=_wrap(handler.stream_unary, method),
             stream_stream=_wrap(handler.stream_stream, method),
+        )
+
+
+# --- in-flight counting (graceful drain) ---------------------------------------------------------
+
+
+class InflightInterceptor(grpc.aio.ServerInterceptor):
+    """Counts running RPCs, so a graceful stop can wait for them and then end the long-lived
+    streams (health Watch) at once instead of waiting out the whole grace period.
+
+    ``count``: RPCs with a single response (unary-unary, stream-unary), from the call until gRPC
+    has sent the status (the RPC's done callback), so a drained server has flushed its responses.
+    ``streams``: open response streams other than the health service's (ModelStreamInfer); their
+    inference requests are counted by the repository's per-version in-flight counters.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.streams = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no counted unary RPC is running."""
+        while self.count:
+            await self._idle.wait()
+
+    def _done(self, _context=None) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    def _stream_done(self, _context=None) -> None:
+        self.streams -= 1
+
+    def _wrap(self, behavior):
+        async def wrapper(request, context):
+            self.count += 1
+            self._idle.clear()
+            try:
+                context.add_done_callback(self._done)
+            except Exception:  # pragma: no cover - a gRPC without done callbacks: count the handler
+                try:
+                    return await behavior(request, context)
+                finally:
+                    self._done()
+            return await behavior(request, context)
+
+        return wrapper
+
+    def _wrap_stream(self, behavior):
+        async def wrapper(request, context):
+            self.streams += 1
+            context.add_done_callback(self._stream_done)
+            async for response in behavior(request, context):
+                yield response
+
+        return wrapper
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        counted_stream = not (handler_call_details.method or "").startswith(AUTH_EXEMPT_PREFIXES)
+
+        def unary(b):
+            return self._wrap(b) if inspect.iscoroutinefunction(b) else b
+
+        def stream(b):
+            return self._wrap_stream(b) if counted_stream and inspect.isasyncgenfunction(b) else b
+
+        return handler._replace(
+            unary_unary=unary(handler.unary_unary),
+            stream_unary=unary(handler.stream_unary),
+            unary_stream=stream(handler.unary_stream),
+            stream_stream=stream(handler.stream_stream),
+        )
+
+
+# --- bearer-token authentication -----------------------------------------------------------------
+
+#: Methods any caller may use without a token: the gRPC health service, so that load balancers and
+#: Kubernetes gRPC probes (which cannot send metadata) keep working.
+AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def read_token_file(path) -> tuple[str, ...]:
+    """The bearer tokens of ``path``: one per line; blank lines and lines starting with ``#`` are
+    skipped (several lines allow rotation without downtime). ValueError naming the file when it
+    cannot be read or holds no token, or when a token holds whitespace."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"auth token file {str(path)!r}: cannot read: {exc}") from None
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if any(c.isspace() for c in line):
+            raise ValueError(f"auth token file {str(path)!r} line {number}: a token must not contain whitespace")
+        tokens.append(line)
+    if not tokens:
+        raise ValueError(f"auth token file {str(path)!r} holds no token (one per line)")
+    return tuple(tokens)
+
+
+def _deny(message: str):
+    async def deny(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return deny
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses, with UNAUTHENTICATED, every RPC whose metadata lacks ``authorization: Bearer
+    <token>`` for one of ``tokens`` (compared in constant time), except the methods under
+    :data:`AUTH_EXEMPT_PREFIXES` (health checks)."""
+
+    def __init__(self, tokens) -> None:
+        tokens = tuple(tokens)
+        if not tokens or not all(isinstance(t, str) and t for t in tokens):
+            raise ValueError("BearerTokenInterceptor needs at least one non-empty token")
+        self._tokens = tuple(t.encode() for t in tokens)
+
+    def _authorized(self, metadata) -> tuple[bool, str]:
+        values = [v for k, v in (metadata or ()) if k.lower() == "authorization"]
+        if not values:
+            return False, "missing 'authorization: Bearer <token>' metadata"
+        value = values[0]
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False, "the 'authorization' metadata must be 'Bearer <token>'"
+        given = token.strip().encode("utf-8", "replace")
+        ok = False
+        for t in self._tokens:  # every token compared, in constant time each
+            ok |= hmac.compare_digest(given, t)
+        return ok, "" if ok else "invalid bearer token"
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method or ""
+        if method.startswith(AUTH_EXEMPT_PREFIXES):
+            return await continuation(handler_call_details)
+        ok, why = self._authorized(handler_call_details.invocation_metadata)
+        handler = await continuation(handler_call_details)
+        if ok or handler is None:
+            return handler
+        log.info("refused %s: %s", method, why)
+        deny = _deny(f"unauthenticated: {why}")
+        return handler._replace(
+            unary_unary=deny if handler.unary_unary else None,
+            unary_stream=deny if handler.unary_stream else None,
+            stream_unary=deny if handler.stream_unary else None,
+            stream_stream=deny if handler.stream_stream else None,
         )

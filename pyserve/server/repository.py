@@ -1,4 +1,5 @@
-"""The model repository: ``DIR/<model>/<version>/model.*`` plus optional ``DIR/<model>/config.yaml``.
+"""The model repository: ``DIR/<model>/<version>/model.*`` plus optional ``DIR/<model>/config.yaml``
+(or ``config.pbtxt``).
 
 Layout::
 
@@ -6,20 +7,31 @@ Layout::
       mnist/
         config.yaml          # optional, see ModelConfig
         1/model.pyserve
-        3/model.pyserve      # the highest numeric version is the one served
+        3/model.pyserve      # by default (version_policy latest 1) the highest version serves
+
+Version policies (Triton's ``version_policy``): ``latest {num_versions: N}`` serves the N highest
+numbered versions, ``all`` every version directory, ``specific {versions: [...]}`` exactly those.
+A request naming a version gets that version (NOT_FOUND if it is not served); a request without
+one gets the highest served version.
 
 Control modes (Triton's ``--model-control-mode``):
 
 - ``none``: every model is loaded at start-up; RepositoryModelLoad/Unload are refused.
+- ``poll``: every model is loaded at start-up; :meth:`ModelRepository.poll` (called every
+  ``--repository-poll-s`` by the server) loads new model directories, reloads changed ones and
+  unloads removed ones; the load/unload RPCs are refused (as in Triton).
 - ``explicit``: at start-up only the models named in ``startup_models`` are loaded (``"*"``: all);
   :meth:`ModelRepository.load` and :meth:`ModelRepository.unload` (the repository RPCs) do the rest.
 
-A model that cannot be loaded (bad ``config.yaml``, no version directory, a missing, truncated or
-corrupt artifact, a signature that does not fit the config) is *refused*: the reason is logged, its
-ModelReady answers false, inference on it answers UNAVAILABLE with the reason, and every other model
-keeps serving. A (re)load that fails while an earlier load of the model is serving keeps the earlier
-one serving and reports the error to the caller. A successful reload swaps the new version in
-atomically; requests already running finish on the old one, which is unloaded once they are done.
+A model that cannot be loaded (bad config, no version directory, a missing, truncated or corrupt
+artifact, a signature that does not fit the config, a failed warm-up) is *refused*: the reason is
+logged, its ModelReady answers false, inference on it answers UNAVAILABLE with the reason, and every
+other model keeps serving. A load is all or nothing over the versions its policy selects: a (re)load
+that fails keeps what served before serving and reports the error to the caller. A new or changed
+version serves only after it has loaded *and warmed up* (one inference on zeros, see
+:func:`warm_up`); versions whose model file and config did not change are kept as they are. The
+new set of versions swaps in atomically; requests already running finish on the version they
+started on, which is unloaded once they are done.
 """
 
 from __future__ import annotations
@@ -28,9 +40,11 @@ import asyncio
 import enum
 import logging
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from pyserve.backends import Backend, create_backend, get_backend
 from pyserve.protocol.errors import InvalidArgument, NotFound, Unavailable
@@ -50,13 +64,16 @@ __all__ = [
     "ModelRepository",
     "ModelState",
     "ModelVersion",
+    "VersionPolicy",
+    "warm_up",
+    "warmup_inputs",
 ]
 
 log = logging.getLogger("pyserve.server.repository")
 
 CONFIG_FILENAME = "config.yaml"
 PBTXT_FILENAME = "config.pbtxt"
-CONTROL_MODES = ("none", "explicit")
+CONTROL_MODES = ("none", "poll", "explicit")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
 
 
@@ -90,6 +107,43 @@ class DynamicBatchingConfig:
 
 
 @dataclass(frozen=True)
+class VersionPolicy:
+    """``version_policy`` of a config (Triton's ModelVersionPolicy): which version directories serve.
+
+    kind : ``"latest"`` (the ``num_versions`` highest numbers), ``"all"``, or ``"specific"`` (exactly
+        ``versions``; each must exist on disk, or the load fails naming the missing one).
+    """
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def select(self, available: Sequence[int], where: str = "") -> list[int]:
+        """The served version numbers (ascending) among ``available``; ValueError when none or a
+        specific version is missing."""
+        have = sorted(set(available))
+        if self.kind == "all":
+            chosen = have
+        elif self.kind == "specific":
+            missing = [v for v in self.versions if v not in have]
+            if missing:
+                raise ValueError(f"{where}: field 'version_policy.specific.versions' lists {missing} but there is no "
+                                 f"such version directory (found {have})")
+            chosen = sorted(set(self.versions))
+        else:
+            chosen = have[-self.num_versions:]
+        if not chosen:
+            raise ValueError(f"{where}: no numeric version directory (expected e.g. {where}/1/)")
+        return chosen
+
+    def as_info(self) -> tuple[str, tuple[int, ...]]:
+        """``(kind, numbers)`` as :class:`pyserve.protocol.types.ModelConfigInfo` carries it."""
+        if self.kind == "latest":
+            return "latest", (self.num_versions,)
+        return self.kind, tuple(self.versions)
+
+
+@dataclass(frozen=True)
 class TensorDecl:
     """An ``input``/``output`` entry of a config: checked against the backend's signature at load.
 
@@ -116,6 +170,8 @@ class ModelConfig:
     input, output : optional lists of ``{name, data_type, dims}`` (``data_type`` a Triton ``TYPE_*``
         name or a protocol datatype); when given they must match the backend's signature.
     platform : only when ``backend`` is absent: the backend to use (Triton configs name it so).
+    version_policy : which version directories serve (:class:`VersionPolicy`), one of
+        ``{latest: {num_versions: N}}`` (default N = 1), ``{all: {}}``, ``{specific: {versions: [1, 3]}}``.
 
     Read from ``config.yaml`` or, in Triton's text format, ``config.pbtxt`` (not both).
     """
@@ -128,10 +184,11 @@ class ModelConfig:
     instance_kind: str = "KIND_CPU"
     inputs: tuple[TensorDecl, ...] | None = None
     outputs: tuple[TensorDecl, ...] | None = None
+    version_policy: VersionPolicy = VersionPolicy()
 
     #: field names of config.yaml (instance_count/instance_kind come from instance_group)
     YAML_FIELDS = ("name", "backend", "max_batch_size", "dynamic_batching", "instance_group", "input", "output",
-                   "platform")
+                   "platform", "version_policy")
 
     @classmethod
     def load(cls, model_dir: Path) -> "ModelConfig":
@@ -182,8 +239,37 @@ class ModelConfig:
         batching = cls._dynamic_batching(path, raw.get("dynamic_batching"), mbs) if "dynamic_batching" in raw else None
         count, kind = cls._instance_group(path, raw.get("instance_group", []))
         decls = {k: cls._tensors(path, k, raw[k]) for k in ("input", "output") if k in raw}
+        policy = cls._version_policy(path, raw.get("version_policy"))
         return cls(name=name, backend=backend, max_batch_size=mbs, dynamic_batching=batching,
-                   instance_count=count, instance_kind=kind, inputs=decls.get("input"), outputs=decls.get("output"))
+                   instance_count=count, instance_kind=kind, inputs=decls.get("input"), outputs=decls.get("output"),
+                   version_policy=policy)
+
+    @staticmethod
+    def _version_policy(path: Path, raw: Any) -> VersionPolicy:
+        if raw is None or raw == {}:
+            return VersionPolicy()
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise ConfigError(f"{path}: field 'version_policy' must be one of {{latest: {{num_versions: N}}}}, "
+                              f"{{all: {{}}}}, {{specific: {{versions: [...]}}}}, got {raw!r}")
+        (kind, body), = raw.items()
+        body = {} if body is None else body
+        if kind not in ("latest", "all", "specific") or not isinstance(body, dict):
+            raise ConfigError(f"{path}: field 'version_policy' must be one of latest, all, specific (a mapping), "
+                              f"got {raw!r}")
+        if kind == "all":
+            _check_fields(path, "version_policy.all.", body, [])
+            return VersionPolicy("all")
+        if kind == "latest":
+            _check_fields(path, "version_policy.latest.", body, ["num_versions"])
+            n = _int(path, "version_policy.latest.num_versions", body.get("num_versions", 1), 1)
+            return VersionPolicy("latest", num_versions=n)
+        _check_fields(path, "version_policy.specific.", body, ["versions"])
+        versions = body.get("versions")
+        if (not isinstance(versions, list) or not versions
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in versions)):
+            raise ConfigError(f"{path}: field 'version_policy.specific.versions' must be a non-empty list of "
+                              f"integers >= 0, got {versions!r}")
+        return VersionPolicy("specific", versions=tuple(sorted(set(versions))))
 
     @staticmethod
     def _tensors(path: Path, kind: str, raw: Any) -> tuple[TensorDecl, ...]:
@@ -264,6 +350,39 @@ class ModelState(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
+#: ``(st_mtime_ns, st_size, st_ino)`` of a version's model file: a version whose file and config
+#: are unchanged is kept (not reloaded) when its model is loaded again.
+Fingerprint = tuple
+
+
+def _file_fingerprint(path: Path) -> Fingerprint:
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _dir_fingerprint(model_dir: Path) -> Fingerprint:
+    """What poll mode compares between two scans: the config files and every entry of every numeric
+    version directory (name, mtime, size). Empty when the directory is gone."""
+    entries = []
+    try:
+        children = sorted(model_dir.iterdir())
+    except OSError:
+        return ()
+    for child in children:
+        if child.name in (CONFIG_FILENAME, PBTXT_FILENAME):
+            entries.append((child.name, _file_fingerprint(child)))
+        elif child.name.isdigit() and child.is_dir():
+            try:
+                inner = sorted(child.iterdir())
+            except OSError:
+                continue
+            entries.append((child.name, tuple((f.name, _file_fingerprint(f)) for f in inner)))
+    return ("dir", *entries)
+
+
 @dataclass(eq=False)
 class ModelVersion:
     """One loaded version of a model: its config, backend, scheduler and statistics.
@@ -280,6 +399,7 @@ class ModelVersion:
     scheduler: Scheduler
     path: Path
     inflight: int = 0
+    fingerprint: Fingerprint = ()
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def acquire(self) -> "ModelVersion":
@@ -297,16 +417,41 @@ class ModelVersion:
             await self._idle.wait()
 
 
+def _vkey(version: str) -> int:
+    return int(version) if version.isdigit() else -1
+
+
+def _norm_version(version: str) -> str:
+    """Request versions are int64 numbers in Triton: ``"02"`` means version 2."""
+    return str(int(version)) if version.isdigit() else version
+
+
 @dataclass(eq=False)
 class Model:
-    """One model of the repository: the version it serves (``current``) or why it serves nothing."""
+    """One model of the repository: the versions it serves (``versions``) or why it serves nothing.
+
+    ``current`` is the highest served version: the one a request without a version gets.
+    """
 
     name: str
     directory: Path
     state: ModelState = ModelState.UNAVAILABLE
     reason: str = "not loaded"
-    current: ModelVersion | None = None
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    #: poll mode: the directory fingerprint last acted on
+    seen: Fingerprint = ()
+
+    @property
+    def current(self) -> ModelVersion | None:
+        if not self.versions:
+            return None
+        return self.versions[max(self.versions, key=_vkey)]
+
+    @property
+    def served_versions(self) -> list[str]:
+        """The served version numbers, ascending (as strings)."""
+        return sorted(self.versions, key=_vkey)
 
     @property
     def config(self) -> ModelConfig | None:
@@ -324,6 +469,32 @@ class Model:
     def ready(self) -> bool:
         return self.state is ModelState.READY and self.current is not None and self.current.backend.ready
 
+    def is_ready(self, version: str = "") -> bool:
+        """Ready, and (when given) ``version`` is one of the served versions."""
+        if not version:
+            return self.ready
+        mv = self.versions.get(_norm_version(version))
+        return self.state is ModelState.READY and mv is not None and mv.backend.ready
+
+    def pick(self, version: str = "") -> ModelVersion:
+        """The served version ``version`` (``""``: the highest); NotFound naming the served ones."""
+        if not version:
+            mv = self.current
+            if mv is None:
+                raise Unavailable(f"model {self.name!r} is not available: {self.reason or self.state.value.lower()}")
+            return mv
+        mv = self.versions.get(_norm_version(version))
+        if mv is None:
+            raise NotFound(f"model {self.name!r} has no version {version!r}; it serves "
+                           f"{_versions_text(self.served_versions)}")
+        return mv
+
+
+def _versions_text(versions: Sequence[str]) -> str:
+    if not versions:
+        return "no version"
+    return ("version " if len(versions) == 1 else "versions ") + ", ".join(versions)
+
 
 class ModelRepository:
     """Discovers, loads, reloads, unloads and hands out the models under ``root``.
@@ -332,9 +503,9 @@ class ModelRepository:
     ----------
     root : the repository directory.
     executor : thread pool backends load and run in (None: the event loop's default executor).
-    control_mode : ``"none"`` or ``"explicit"`` (see the module docstring).
+    control_mode : ``"none"``, ``"poll"`` or ``"explicit"`` (see the module docstring).
     startup_models : models loaded by :meth:`load_all` in explicit mode (``"*"``: all); ignored
-        in mode none, where every model is loaded.
+        in modes none and poll, where every model is loaded.
     stats_sink : receives every statistics event (the Prometheus exporter), or None.
     """
 
@@ -357,6 +528,7 @@ class ModelRepository:
         self._models: dict[str, Model] = {}
         self._stats: dict[tuple[str, str], StatsRecorder] = {}
         self._retiring: set[asyncio.Task] = set()
+        self._draining: set[ModelVersion] = set()
         self.loaded = False
         #: called with (model name, version) after a version starts serving (hook for tests/metrics)
         self.on_swap: Callable[[str, str], None] | None = None
@@ -388,7 +560,7 @@ class ModelRepository:
     def startup_names(self) -> list[str]:
         """Discover, then the models :meth:`load_all` loads; ValueError naming unknown start-up models."""
         self.discover()
-        if self.control_mode == "none" or "*" in self.startup_models:
+        if self.control_mode != "explicit" or "*" in self.startup_models:
             return list(self._models)
         unknown = [n for n in self.startup_models if n not in self._models]
         if unknown:
@@ -401,12 +573,46 @@ class ModelRepository:
         except Exception:
             pass  # already logged and recorded in model.reason
 
+    async def poll(self) -> None:
+        """One scan of poll mode: load new model directories, reload changed ones (only their
+        changed versions), unload removed ones. A failed (re)load keeps what served before and is
+        retried when the directory changes again. Never raises for a model's failure."""
+        try:
+            self.discover()
+        except ValueError as exc:
+            log.error("poll: %s", exc)
+            return
+        models = list(self._models.values())
+        # the scan (a stat per file) runs in a thread, not on the event loop
+        seen_now = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [_dir_fingerprint(m.directory) for m in models])
+        for model, seen in zip(models, seen_now):
+            if not seen:  # the directory is gone
+                await self._remove(model)
+                continue
+            if seen == model.seen:
+                continue
+            log.info("poll: model %r changed on disk; loading", model.name)
+            await self._load_logged(model)
+
+    async def _remove(self, model: Model) -> None:
+        """Poll mode: the directory is gone; stop serving (in-flight requests finish) and forget it."""
+        async with model.lock:
+            old = list(model.versions.values())
+            model.versions = {}
+            model.state, model.reason = ModelState.UNAVAILABLE, "removed from the repository"
+            self._models.pop(model.name, None)
+        for mv in old:
+            await self._retire(mv)
+        log.info("model %r removed from the repository; unloaded", model.name)
+
     async def load(self, name: str) -> Model:
         """(Re)load ``name`` from disk (explicit mode): the RepositoryModelLoad RPC.
 
-        The new version serves only once loaded; requests running on the old one finish there.
-        Raises NotFound (no such directory), Unavailable (mode none, as Triton), or InvalidArgument
-        with the reason when the load fails (the previous version, if any, keeps serving).
+        Versions whose model file and config are unchanged keep serving as they are; new or changed
+        ones serve only once loaded and warmed up; requests running on a replaced version finish
+        there. Raises NotFound (no such directory), Unavailable (modes none and poll, as Triton), or
+        InvalidArgument with the reason when the load fails (what served before keeps serving).
         """
         self._require_explicit("load")
         self.discover()
@@ -416,30 +622,30 @@ class ModelRepository:
         try:
             await self._load(model)
         except Exception as exc:
-            kept = f"; version {model.version} keeps serving" if model.ready else ""
+            kept = f"; {_versions_text(model.served_versions)} keeps serving" if model.ready else ""
             raise InvalidArgument(f"failed to load model {name!r}: {_reason(exc)}{kept}") from None
         return model
 
     async def unload(self, name: str) -> None:
         """Stop serving ``name`` (explicit mode): the RepositoryModelUnload RPC.
 
-        New requests get UNAVAILABLE at once; requests already running finish before the backend
-        is unloaded. Unloading a model that is not loaded does nothing.
+        New requests get UNAVAILABLE at once; requests already running finish before the backends
+        are unloaded. Unloading a model that is not loaded does nothing.
         """
         self._require_explicit("unload")
         model = self._models.get(name)
         if model is None:
             raise NotFound(f"unknown model {name!r}" + self._known_suffix())
         async with model.lock:
-            old = model.current
-            if old is None:
+            old = list(model.versions.values())
+            if not old:
                 model.state, model.reason = ModelState.UNAVAILABLE, model.reason or "not loaded"
                 return
             model.state, model.reason = ModelState.UNLOADING, ""
-            model.current = None
-            await self._retire(old)
+            model.versions = {}
+            await asyncio.gather(*(self._retire(mv) for mv in old))
             model.state, model.reason = ModelState.UNAVAILABLE, "unloaded"
-            log.info("model %r version %s unloaded", name, old.version)
+            log.info("model %r %s unloaded", name, _versions_text([mv.version for mv in old]))
 
     def _require_explicit(self, what: str) -> None:
         # Triton answers UNAVAILABLE with this phrase (which clients match on) in modes none and poll
@@ -457,69 +663,100 @@ class ModelRepository:
         return self._stats[key]
 
     def statistics(self, name: str = "", version: str = ""):
-        """Snapshots of the served versions (all models when ``name`` is empty).
-
-        A named model that is not ready answers NotFound/Unavailable like inference would.
-        """
+        """Snapshots of the served versions (all models when ``name`` is empty; every served version
+        of ``name`` when ``version`` is empty). A named model that is not ready answers
+        NotFound/Unavailable like inference would."""
         if name:
             model = self.get_ready(name, version)
-            return [self.stats_recorder(model.name, model.version).snapshot()]
-        return [self.stats_recorder(m.name, m.version).snapshot() for m in self.models if m.ready]
+            chosen = [model.pick(version).version] if version else model.served_versions
+            return [self.stats_recorder(model.name, v).snapshot() for v in chosen]
+        return [self.stats_recorder(m.name, v).snapshot() for m in self.models if m.ready for v in m.served_versions]
 
     def index(self, ready_only: bool = False) -> list[ModelIndexEntry]:
-        """Every model directory of the repository, with the version it serves and its state."""
+        """One entry per served version of every model directory (READY), and one entry with an
+        empty version and the state/reason for a model that serves nothing."""
         try:
             self.discover()
         except ValueError:
             pass
         entries = []
         for m in self.models:
-            if ready_only and not m.ready:
-                continue
-            entries.append(ModelIndexEntry(m.name, m.version or "", m.state.value, m.reason))
+            if m.ready:
+                entries.extend(ModelIndexEntry(m.name, v, m.state.value, "") for v in m.served_versions)
+            elif not ready_only:
+                entries.append(ModelIndexEntry(m.name, "", m.state.value, m.reason))
         return entries
 
     async def _load(self, model: Model) -> None:
+        """Load the versions ``version_policy`` selects, all or nothing: either every selected
+        version is loaded and warmed up and they replace the served set at once, or nothing changes
+        (the newly loaded backends are unloaded) and the error is raised."""
         async with model.lock:
-            if model.current is None:
+            model.seen = _dir_fingerprint(model.directory)
+            if not model.versions:
                 model.state, model.reason = ModelState.LOADING, ""
+            fresh: list[ModelVersion] = []
             backend = None
-            version = None
+            where = f"model {model.name!r}"
             try:
                 config = ModelConfig.load(model.directory)
-                version, path = self._pick_version(model, config)
-                backend = create_backend(config.backend, path, executor=self.executor)
-                await backend.load()
-                _check_signature(config, backend)
-                stats = self.stats_recorder(model.name, version)
-                new = ModelVersion(model.name, version, config, backend, stats, _scheduler(config, backend, stats), path)
+                chosen = self._pick_versions(model, config)
+                new: dict[str, ModelVersion] = {}
+                for version, path in chosen:
+                    where = f"model {model.name!r} version {version}"
+                    fp = _file_fingerprint(path)
+                    old = model.versions.get(version)
+                    if old is not None and old.fingerprint == fp and _same_but_policy(old.config, config):
+                        old.config = config
+                        new[version] = old
+                        continue
+                    backend = create_backend(config.backend, path, executor=self.executor)
+                    await backend.load()
+                    _check_signature(config, backend)
+                    await warm_up(backend)
+                    stats = self.stats_recorder(model.name, version)
+                    mv = ModelVersion(model.name, version, config, backend, stats, _scheduler(config, backend, stats),
+                                      path, fingerprint=fp)
+                    backend = None
+                    fresh.append(mv)
+                    new[version] = mv
             except Exception as exc:  # a bad model never stops the others
                 reason = _reason(exc)
-                where = f"model {model.name!r}" + (f" version {version}" if version else "")
-                if backend is not None and backend.ready:
-                    try:
-                        await backend.unload()
-                    except Exception:
-                        log.exception("%s: unload after a failed load failed", where)
-                if model.current is not None:
-                    log.error("%s: load failed, version %s keeps serving: %s", where, model.current.version, reason)
+                for b in [backend, *(mv.backend for mv in fresh)]:
+                    if b is not None and b.ready:
+                        try:
+                            await b.unload()
+                        except Exception:
+                            log.exception("%s: unload after a failed load failed", where)
+                for mv in fresh:
+                    await mv.scheduler.close()
+                if model.versions:
+                    log.error("%s: load failed, %s keeps serving: %s", where,
+                              _versions_text(model.served_versions), reason)
                 else:
                     model.state, model.reason = ModelState.UNAVAILABLE, reason
                     log.error("%s refused: %s", where, reason)
                 raise
-            old, model.current = model.current, new
+            retired = [mv for v, mv in model.versions.items() if new.get(v) is not mv]
+            model.versions = new
             model.state, model.reason = ModelState.READY, ""
-            log.info("model %r version %s loaded (%s backend)", model.name, version, config.backend)
-            if self.on_swap is not None:
-                self.on_swap(model.name, version)
-            if old is not None:
-                task = asyncio.ensure_future(self._retire(old))
+            for mv in fresh:
+                log.info("model %r version %s loaded and warmed up (%s backend)", model.name, mv.version,
+                         config.backend)
+                if self.on_swap is not None:
+                    self.on_swap(model.name, mv.version)
+            for mv in retired:
+                task = asyncio.ensure_future(self._retire(mv))
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, old: ModelVersion) -> None:
         """Wait for the requests still on ``old`` to finish, then unload it."""
-        await old.drained()
+        self._draining.add(old)
+        try:
+            await old.drained()
+        finally:
+            self._draining.discard(old)
         try:
             await old.scheduler.close()
             await old.backend.unload()
@@ -528,24 +765,30 @@ class ModelRepository:
         else:
             log.info("model %r: retired version %s", old.name, old.version)
 
-    def _pick_version(self, model: Model, config: ModelConfig) -> tuple[str, Path]:
-        versions = [d for d in model.directory.iterdir() if d.is_dir() and d.name.isdigit()]
-        if not versions:
-            raise ValueError(f"{model.directory}: no numeric version directory (expected e.g. {model.directory}/1/)")
-        newest = max(versions, key=lambda d: int(d.name))
+    def _pick_versions(self, model: Model, config: ModelConfig) -> list[tuple[str, Path]]:
+        """``[(version, model file)]`` that ``config.version_policy`` selects, ascending; ValueError
+        when there is no version directory, a selected one lacks its model file, or a specific
+        version is missing."""
+        dirs = {int(d.name): d for d in model.directory.iterdir() if d.is_dir() and d.name.isdigit()}
+        numbers = config.version_policy.select(list(dirs), str(model.directory))
         filename = get_backend(config.backend).artifact_filename
-        path = newest / filename
-        if not path.is_file():
-            raise ValueError(f"{newest}: no {filename} in the highest version directory")
-        return str(int(newest.name)), path
+        out = []
+        for n in numbers:
+            path = dirs[n] / filename
+            if not path.is_file():
+                which = "the highest version directory" if n == max(dirs) else f"version directory {n}"
+                raise ValueError(f"{dirs[n]}: no {filename} in {which}")
+            out.append((str(n), path))
+        return out
 
     def get(self, name: str, version: str = "") -> Model:
-        """The model ``name`` (NotFound if there is none, or if ``version`` is not the one served)."""
+        """The model ``name`` (NotFound if there is none, or if ``version`` is not one it serves)."""
         model = self._models.get(name)
         if model is None:
             raise NotFound(f"unknown model {name!r}" + self._known_suffix())
-        if version and model.version is not None and version != model.version:
-            raise NotFound(f"model {name!r} has no version {version!r}; it serves version {model.version}")
+        if version and model.versions and _norm_version(version) not in model.versions:
+            raise NotFound(f"model {name!r} has no version {version!r}; it serves "
+                           f"{_versions_text(model.served_versions)}")
         return model
 
     def get_ready(self, name: str, version: str = "") -> Model:
@@ -563,19 +806,77 @@ class ModelRepository:
         shown = ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
         return f"; known models: {shown}"
 
+    def inflight(self) -> int:
+        """Inference requests running now, on every version (served or retiring)."""
+        seen = {id(mv): mv for m in self._models.values() for mv in m.versions.values()}
+        seen.update({id(mv): mv for mv in self._draining})
+        return sum(mv.inflight for mv in seen.values())
+
+    async def drained(self) -> None:
+        """Return once no inference request is running on any version."""
+        while self.inflight():
+            versions = [mv for m in self._models.values() for mv in m.versions.values()] + list(self._draining)
+            await asyncio.gather(*(mv.drained() for mv in versions))
+
     async def unload_all(self) -> None:
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         for model in self._models.values():
-            old, model.current = model.current, None
-            if old is not None:
+            old, model.versions = list(model.versions.values()), {}
+            for mv in old:
                 try:
-                    await old.scheduler.close()
-                    await old.backend.unload()
+                    await mv.scheduler.close()
+                    await mv.backend.unload()
                 except Exception:
-                    log.exception("model %r: unload failed", model.name)
+                    log.exception("model %r version %s: unload failed", model.name, mv.version)
             model.state = ModelState.UNAVAILABLE
             model.reason = "the server is stopping"
+
+
+def _same_but_policy(a: ModelConfig, b: ModelConfig) -> bool:
+    return replace(a, version_policy=VersionPolicy()) == replace(b, version_policy=VersionPolicy())
+
+
+def warmup_inputs(signature) -> dict[str, np.ndarray]:
+    """Zeros for every input of ``signature``: each -1 dimension taken as 1; BYTES as empty strings.
+
+    Returns input name -> array of ``pyserve.dtypes.numpy_dtype(spec.datatype)`` (object for BYTES).
+    """
+    from pyserve import dtypes
+
+    out = {}
+    for spec in signature.inputs:
+        shape = tuple(1 if d == -1 else d for d in spec.shape)
+        if spec.datatype == "BYTES":
+            out[spec.name] = np.full(shape, b"", dtype=object)
+        else:
+            out[spec.name] = np.zeros(shape, dtypes.numpy_dtype(spec.datatype))
+    return out
+
+
+async def warm_up(backend: Backend) -> None:
+    """Run one inference on :func:`warmup_inputs` before a version serves (first-call costs such as
+    lazy initialisation and allocation are paid here, not by a client), and check that it returns
+    every output of the signature with its datatype. Raises ValueError saying what failed."""
+    from pyserve import dtypes
+
+    sig = backend.signature
+    try:
+        results = await backend.infer([warmup_inputs(sig)])
+    except Exception as exc:
+        raise ValueError(f"warm-up inference (zeros, -1 dims as 1) failed: {_reason(exc)}") from exc
+    result = results[0] if isinstance(results, (list, tuple)) and len(results) == 1 else results
+    if isinstance(result, BaseException):
+        raise ValueError(f"warm-up inference (zeros, -1 dims as 1) failed: {_reason(result)}") from result
+    if not isinstance(result, dict):
+        raise ValueError(f"warm-up inference returned {type(result).__name__}, not one dict of outputs")
+    for spec in sig.outputs:
+        array = result.get(spec.name)
+        if array is None:
+            raise ValueError(f"warm-up inference returned no output {spec.name!r}")
+        if spec.datatype != "BYTES" and np.asarray(array).dtype.newbyteorder("=") != dtypes.numpy_dtype(spec.datatype):
+            raise ValueError(f"warm-up inference: output {spec.name!r} is numpy {np.asarray(array).dtype}, "
+                             f"the signature declares {spec.datatype}")
 
 
 def _check_signature(config: ModelConfig, backend: Backend) -> None:

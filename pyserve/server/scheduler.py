@@ -14,6 +14,12 @@ execution in the model version's :class:`~pyserve.server.stats.StatsRecorder`.
   fails (or returns outputs whose dim 0 is not the batch's), every request of that batch is re-run
   on its own, so one bad request's error is its own and never fails the others.
 
+Cancellation (a client cancelling, a deadline passing) frees what the request held: a request
+waiting for a slot or in the batcher's queue leaves it; :class:`DirectScheduler` releases the slot
+at once; a batch all of whose requests were cancelled has its execution cancelled, freeing the
+instance. A backend running in a thread pool cannot be interrupted: that thread finishes its work
+and the result is dropped.
+
 Everything here runs on the event loop; backends do their work in a thread pool.
 """
 
@@ -201,15 +207,31 @@ class DynamicBatcher(Scheduler):
                 continue
             batch = self._form(first.key)
             if batch:
+                # the execution runs as its own task so that, if every request of the batch is
+                # cancelled (client cancel, deadline), it is cancelled too and this instance is free
+                execution = asyncio.ensure_future(self._execute(batch))
+
+                def abandon(_future, execution=execution, batch=batch) -> None:
+                    if not execution.done() and all(p.future.cancelled() for p in batch):
+                        execution.cancel()
+
+                for p in batch:
+                    p.future.add_done_callback(abandon)
                 try:
-                    await self._execute(batch)
-                except asyncio.CancelledError:
+                    await asyncio.wait({execution})
+                except asyncio.CancelledError:  # close(): the version is unloading
+                    execution.cancel()
                     for p in batch:
                         if not p.future.done():
                             p.future.set_exception(Unavailable("the model version was unloaded"))
                     raise
-                except Exception as exc:  # a bug in batching itself: fail this batch, keep serving
-                    log.exception("dynamic batcher: batch of %d request(s) failed", len(batch))
+                if execution.cancelled():
+                    log.debug("dynamic batcher: every request of a batch of %d was cancelled; execution "
+                              "cancelled", len(batch))
+                    continue
+                exc = execution.exception()
+                if exc is not None:  # a bug in batching itself: fail this batch, keep serving
+                    log.error("dynamic batcher: batch of %d request(s) failed", len(batch), exc_info=exc)
                     for p in batch:
                         if not p.future.done():
                             p.future.set_exception(exc)

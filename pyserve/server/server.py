@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -25,11 +26,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pyserve.protocol import codec
 from pyserve.server.dataplane import EXTENSIONS, DataPlane
-from pyserve.server.interceptors import ErrorInterceptor
+from pyserve.server.interceptors import BearerTokenInterceptor, ErrorInterceptor, InflightInterceptor
 from pyserve.server.repository import ModelRepository
 from pyserve.server.servicer import InferenceServicer
 
-__all__ = ["Server", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["Server", "DEFAULT_MAX_MESSAGE_BYTES", "read_tls_files"]
 
 log = logging.getLogger("pyserve.server")
 
@@ -53,11 +54,31 @@ class Server:
         (default ``min(4, cpu_count)``).
     extensions : protocol extensions listed in ServerMetadata (default: the implemented ones,
         ``model_configuration``, ``statistics``, ``model_repository``).
-    model_control_mode : ``"none"`` (load every model at start; load/unload RPCs refused) or
-        ``"explicit"`` (load ``startup_models`` at start, the rest through the repository RPCs).
+    model_control_mode : ``"none"`` (load every model at start; load/unload RPCs refused),
+        ``"poll"`` (as none, then rescan the repository every ``repository_poll_s`` and load new,
+        reload changed and unload removed models) or ``"explicit"`` (load ``startup_models`` at
+        start, the rest through the repository RPCs).
+    repository_poll_s : seconds between two scans in poll mode (> 0; default 15, as Triton).
     startup_models : models loaded at start in explicit mode; ``("*",)`` for all.
     metrics_port : serve Prometheus metrics on ``http://host:metrics_port/metrics`` (0: any free
         port, see :attr:`metrics_bound_port`); None (default): no metrics endpoint.
+    traffic_config : a traffic config file (docs/traffic.md): routes, canary/A-B/shadow/interleave
+        policies. Checked at :meth:`start` (TrafficConfigError, a ValueError, naming the field) and
+        re-read every ``traffic_poll_s`` seconds when it changes. None: no routes until the
+        ``pyserve.v1.TrafficControl`` admin RPCs add some.
+    traffic_poll_s : seconds between checks of ``traffic_config``.
+    tls_cert, tls_key : PEM files of the server's certificate (chain) and private key: serve TLS
+        instead of plaintext. Both or neither.
+    tls_client_ca : PEM file of the CA(s) client certificates must chain to: mutual TLS (a client
+        without a valid certificate fails the handshake). Needs tls_cert and tls_key.
+    auth_tokens : bearer tokens (e.g. from :func:`pyserve.server.interceptors.read_token_file`):
+        every RPC but the gRPC health checks must carry ``authorization: Bearer <token>`` metadata,
+        else UNAUTHENTICATED. None/empty: no authentication.
+    reflection : register gRPC server reflection (``grpc.reflection.v1alpha.ServerReflection``,
+        what grpcio-reflection implements) for the inference and health services when
+        grpcio-reflection is installed (the ``reflection`` extra); default True.
+
+    Errors: ValueError naming the argument (bad values, unreadable TLS files).
     """
 
     def __init__(
@@ -73,11 +94,23 @@ class Server:
         model_control_mode: str = "none",
         startup_models: Sequence[str] = (),
         metrics_port: int | None = None,
+        traffic_config: str | os.PathLike | None = None,
+        traffic_poll_s: float = 2.0,
+        repository_poll_s: float = 15.0,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
+        tls_client_ca: str | os.PathLike | None = None,
+        auth_tokens: Sequence[str] | None = None,
+        reflection: bool = True,
     ) -> None:
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
         if exit_timeout_s < 0:
             raise ValueError(f"exit_timeout_s must be >= 0, got {exit_timeout_s}")
+        if not repository_poll_s > 0:
+            raise ValueError(f"repository_poll_s must be > 0, got {repository_poll_s}")
+        self.repository_poll_s = float(repository_poll_s)
+        self._poller: asyncio.Task | None = None
         self.model_repository = Path(model_repository)
         self.host = host
         self.grpc_port = int(grpc_port)
@@ -98,6 +131,16 @@ class Server:
             stats_sink=self.metrics,
         )
         self.dataplane = DataPlane(self.repository, extensions=extensions)
+        from pyserve.server.traffic import TrafficRouter
+
+        self.traffic = TrafficRouter(self.dataplane, config_path=traffic_config, poll_s=traffic_poll_s,
+                                     registry=self.metrics.registry if self.metrics is not None else None)
+        self.dataplane.router = self.traffic
+        self._tls = read_tls_files(tls_cert, tls_key, tls_client_ca)
+        self.auth_tokens = tuple(auth_tokens or ())
+        self.reflection = bool(reflection)
+        self.reflection_enabled = False
+        self._inflight = InflightInterceptor()
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self.bound_port: int | None = None
@@ -122,9 +165,12 @@ class Server:
         if self._grpc is not None:
             raise RuntimeError("server already started")
         self.repository.startup_names()  # fail fast on a missing directory or start-up model, before binding
+        if self.traffic.config_path is not None:  # fail fast on an invalid traffic config, before binding
+            self.traffic.apply(self.traffic.load_file())
         if self.metrics is not None:
             self.metrics.start(self.host, self.metrics_port)  # RuntimeError naming the address
         self._stopped = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=self.infer_threads, thread_name_prefix="pyserve-infer")
         self.repository.executor = self._executor
         options = [
@@ -132,13 +178,27 @@ class Server:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        interceptors = [self._inflight, ErrorInterceptor()]
+        if self.auth_tokens:
+            interceptors.insert(0, BearerTokenInterceptor(self.auth_tokens))
+            if self._tls is None:
+                log.warning("bearer-token auth without TLS: tokens travel in plaintext")
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         InferenceServicer(self.dataplane).add_to_server(server)
+        from pyserve.server.traffic_service import TrafficControlServicer
+
+        TrafficControlServicer(self.traffic).add_to_server(server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if self.reflection:
+            self.reflection_enabled = _enable_reflection(server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.bound_port = server.add_insecure_port(_address(self.host, self.grpc_port))
+            address = _address(self.host, self.grpc_port)
+            if self._tls is None:
+                self.bound_port = server.add_insecure_port(address)
+            else:
+                self.bound_port = server.add_secure_port(address, _server_credentials(*self._tls))
         except RuntimeError as exc:
             self.bound_port = 0
             detail = f": {exc}"
@@ -155,21 +215,61 @@ class Server:
         await server.start()
         log.info("listening on %s; loading %s", self.address, self.model_repository)
         await self.repository.load_all()
+        await self.traffic.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.repository.control_mode == "poll":
+            self._poller = asyncio.ensure_future(self._poll_loop())
+
+    async def _poll_loop(self) -> None:
+        """Poll mode: rescan the repository every ``repository_poll_s`` until :meth:`stop`."""
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.repository_poll_s)
+                return  # stopping: a scan in progress was let finish
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await self.repository.poll()
+            except Exception:  # a bug in one scan must not end polling
+                log.exception("repository poll failed")
 
     async def _set_health(self, status) -> None:
         for service in ("", codec.SERVICE_NAME):
             await self._health.set(service, status)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Graceful stop: health NOT_SERVING, refuse new RPCs, give in-flight ones ``grace_s``
-        (default ``exit_timeout_s``) to finish, cancel the rest, unload the models."""
+        """Graceful stop: health NOT_SERVING at once (pushed to Watch streams), new RPCs refused
+        (UNAVAILABLE), running unary RPCs (until gRPC has sent their status) and running inferences
+        of streams get ``grace_s`` seconds (default ``exit_timeout_s``) to finish; then what is left
+        (long-lived streams, RPCs past the grace period) is cancelled, the poller stopped and the
+        models unloaded."""
         if self._grpc is None or self._stopped is None or self._stopped.is_set():
             return
         grace = self.exit_timeout_s if grace_s is None else grace_s
+        t0 = time.monotonic()
         self.dataplane.stopping = True
-        await self._health.enter_graceful_shutdown()
-        await self._grpc.stop(grace)
+        await self._health.enter_graceful_shutdown()  # NOT_SERVING at once, pushed to Watch streams
+        self._stopping.set()
+        # refuse new RPCs at once; the running ones get the grace period, timed by the wait below
+        # (gRPC's own grace is only a backstop, a little longer, so that the warning below is logged)
+        grpc_stop = asyncio.ensure_future(self._grpc.stop(grace + 1.0))
+        await asyncio.sleep(0)
+        try:
+            await asyncio.wait_for(self._drained(), grace)
+        except asyncio.TimeoutError:
+            log.warning("exit timeout (%.1f s): cancelling %d RPC(s) still running (%d inference request(s))",
+                        grace, self._inflight.count, self.repository.inflight())
+        if self._inflight.streams:  # let the last responses of inference streams reach the wire
+            await asyncio.sleep(0.1)
+        # nothing with a single response is running any more: end the streams (health Watch, idle
+        # ModelStreamInfer) now rather than waiting for them until the grace period is over
+        await self._grpc.stop(None)
+        await grpc_stop
+        await self.traffic.stop()
+        if self._poller is not None:
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        log.info("drained in %.3f s", time.monotonic() - t0)
         await self.repository.unload_all()
         if self.metrics is not None:
             self.metrics.stop()
@@ -177,6 +277,17 @@ class Server:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
         log.info("stopped")
+
+    def _busy(self) -> int:
+        return self._inflight.count + self.repository.inflight()
+
+    async def _drained(self) -> None:
+        """Return once no unary RPC and no inference (also those of streams) is running."""
+        while True:
+            await self._inflight.idle()
+            await self.repository.drained()
+            if not self._busy():
+                return
 
     async def wait_for_termination(self) -> None:
         """Wait until :meth:`stop` has finished."""
@@ -189,3 +300,54 @@ class Server:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def read_tls_files(cert, key, client_ca) -> tuple[bytes, bytes, bytes | None] | None:
+    """PEM bytes of (certificate chain, private key, client CA or None), or None without TLS.
+
+    ValueError naming the argument when only one of cert/key is given, a client CA comes without
+    them, or a file cannot be read or is not PEM."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        return None
+    if cert is None or key is None:
+        raise ValueError("tls_cert and tls_key go together; got only " + ("tls_cert" if key is None else "tls_key"))
+    out = []
+    for what, path in (("tls_cert", cert), ("tls_key", key), ("tls_client_ca", client_ca)):
+        if path is None:
+            out.append(None)
+            continue
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{what}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+        if b"-----BEGIN " not in data:
+            raise ValueError(f"{what}: {str(path)!r} is not a PEM file (no '-----BEGIN' line)")
+        out.append(data)
+    return out[0], out[1], out[2]
+
+
+def _server_credentials(cert: bytes, key: bytes, client_ca: bytes | None):
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _enable_reflection(server) -> bool:
+    """Register gRPC reflection for the inference, traffic-admin and health services (and reflection itself).
+
+    pyserve's stubs live in a private descriptor pool (see tools/gen_protos.py); health and
+    reflection in protobuf's default pool. Reflection looks symbols up in both. False (logged) when
+    grpcio-reflection is not installed.
+    """
+    try:
+        from grpc_reflection.v1alpha import reflection
+    except ImportError:
+        log.info("grpcio-reflection is not installed (pip install 'pyserve[reflection]'): no server reflection")
+        return False
+    from pyserve.protocol import traffic_codec
+
+    names = (codec.SERVICE_NAME, traffic_codec.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=codec.reflection_pool())
+    return True

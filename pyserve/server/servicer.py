@@ -61,13 +61,13 @@ class InferenceServicer:
         return codec.encode_repository_unload_response()
 
     async def ModelInfer(self, request, context):
-        response = await self._dp.infer(codec.decode_infer_request(request))
+        response = await self._dp.infer(codec.decode_infer_request(request), _routing_key(context))
         return codec.encode_infer_response(response)
 
     async def ModelStreamInfer(self, request_iterator, context):
         async for request in request_iterator:
             try:
-                response = await self._dp.infer(codec.decode_infer_request(request))
+                response = await self._dp.infer(codec.decode_infer_request(request), _routing_key(context))
                 yield codec.encode_stream_response(response)
             except ServingError as exc:
                 yield codec.encode_stream_error(f"{exc.code}: {exc}", request.id)
@@ -75,3 +75,11 @@ class InferenceServicer:
                 ref = uuid.uuid4().hex[:12]
                 log.exception("internal error in ModelStreamInfer (ref %s)", ref)
                 yield codec.encode_stream_error(f"INTERNAL: internal error (ref {ref}); see the server log", request.id)
+
+
+def _routing_key(context) -> str | None:
+    """The ``x-routing-key`` gRPC metadata of a call (sticky traffic routing), or None."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-routing-key":
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return None

@@ -56,6 +56,29 @@ def test_inspect_prints_signature(compressed):
     assert "images" in proc.stdout and "[-1, 784]" in proc.stdout and "checksums OK" in proc.stdout
 
 
+def test_inspect_table_sparsity_bits_and_bytes_by_part(compressed):
+    _, out, _ = compressed
+    proc = run_cli("inspect", str(out))
+    assert proc.returncode == 0, proc.stderr
+    m = read_manifest(out)
+    sd = pyserve.load(out).state_dict()
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[4:] if line.startswith("  fc")}
+    for layer in ("fc1", "fc2", "fc3"):
+        cells = rows[f"{layer}.weight"]
+        w = next(v for k, v in sd.items() if k.endswith(f"{layer}.weight")).numpy()
+        # sparsity and bits from the decoded weights, not from the manifest the CLI read
+        assert cells[4] == f"{100 * (w == 0).mean():.1f}%"
+        distinct = np.unique(w[w != 0]).size + 1
+        assert int(cells[5]) >= int(np.ceil(np.log2(distinct)))
+        parts = dict(p.split("=") for p in cells[7:])
+        assert set(parts) == {"gaps", "codes", "codebook"}
+        assert sum(map(int, parts.values())) == int(cells[6]) == m.tensors[f"{layer}.weight"]["size_bytes"]
+    # the summary's parts add up to the file's size on disk
+    summary = next(line for line in proc.stdout.splitlines() if "bytes by part:" in line)
+    parts = [int(chunk.split()[-1]) for chunk in summary.split(":", 1)[1].split("=")[0].split(",")]
+    assert sum(parts) == int(summary.rsplit("=", 1)[1]) == out.stat().st_size
+
+
 @pytest.mark.parametrize("content,expect", [
     (None, "no such recipe file"),
     ("name: [unclosed\n", "malformed YAML"),

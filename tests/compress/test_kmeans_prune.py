@@ -57,3 +57,19 @@ def test_magnitude_mask_keeps_largest(sparsity):
     assert int(mask.sum()) == keep
     if 0 < keep < w.numel():
         assert w.abs()[mask].min() >= w.abs()[~mask].max()
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 3, 3, 3)])
+def test_dead_units_against_a_loop(shape):
+    from pyserve.compress.prune import dead_units
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[1] = 0.0                 # output unit 1 has no input weights
+    w[:, 2] = 0.0              # input unit 2 is read by no weight
+    w[3, 0] = 0.0              # partial zeros are not dead
+    got = dead_units(torch.from_numpy(w))
+    no_input = [o for o in range(shape[0]) if np.count_nonzero(w[o]) == 0]
+    no_output = [i for i in range(shape[1]) if np.count_nonzero(w[:, i]) == 0]
+    assert got == {"no_input": no_input, "no_output": no_output}
+    assert 1 in got["no_input"] and 2 in got["no_output"] and 3 not in got["no_input"]

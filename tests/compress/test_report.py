@@ -140,3 +140,24 @@ def test_report_sensitivity_against_numpy(report, compressed):
     assert sens["curves"]["fc1"]["0.99"] < sens["curves"]["fc1"]["0.5"]  # 99% of fc1 alone hurts
     md = (d / "report.md").read_text()
     assert "## Sensitivity" in md and f"| fc1 | {sens['curves']['fc1']['0.5']:.4f} |" in md
+
+
+def test_report_dead_units_match_the_stored_weights(report, compressed):
+    """The prune stage's dead-unit lists equal the all-zero rows/columns of the loaded weights
+    (the later stages keep every zero, so the artifact's zeros are the prune stage's)."""
+    import pyserve
+
+    d, rep, _, _ = report
+    _, out, _ = compressed
+    sd = pyserve.load(out).state_dict()
+    prune_stage = next(st for st in rep["stages"] if st["method"] == "prune")
+    for layer, L in prune_stage["layers"].items():
+        w = next(v for k, v in sd.items() if k.endswith(f"{layer}.weight")).numpy()
+        rows = [i for i in range(w.shape[0]) if not any(w[i, j] != 0 for j in range(w.shape[1]))]
+        cols = [j for j in range(w.shape[1]) if not any(w[i, j] != 0 for i in range(w.shape[0]))]
+        assert L["dead_no_input"] == rows and L["dead_no_output"] == cols
+    md = (d / "report.md").read_text()
+    assert "## Dead units after pruning" in md
+    if any(L["dead_no_output"] for L in prune_stage["layers"].values()):
+        layer, L = next((k, v) for k, v in prune_stage["layers"].items() if v["dead_no_output"])
+        assert f"| prune | {layer} | " in md and f"{len(L['dead_no_output'])}: {L['dead_no_output'][0]}" in md

@@ -146,6 +146,50 @@ def test_codebook_linear_bert_shape(bits, B):
     np.testing.assert_allclose(y, dense.numpy(), rtol=1e-4, atol=1e-4)
 
 
+# K around the block sizes of the AVX2 paths (4 bits: 64 codes; 5 bits: 32 codes in 20 bytes, the
+# last blocks of a row read through a padded copy; 2, 3 bits: 32) and their tails.
+_BLOCK_KS = [31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 160, 191, 200]
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("K", _BLOCK_KS)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-layer", "per-channel"])
+def test_codebook_linear_decodes_every_weight_exactly(bits, K, per_channel):
+    """x = identity [K, K] (the B > 1 path): y = W.T bit for bit, because each output is one
+    product by 1.0 plus zeros, in any summation order. Full-mantissa codebook values, so every
+    byte of every weight is checked (the 4-/5-bit paths assemble weights from byte planes), and a
+    weight paired with the wrong activation shows up as a swapped entry."""
+    rng = np.random.default_rng(K * 16 + bits)
+    N = 5
+    idx = _codes(N, K, bits, K + bits)
+    idx[0] = np.arange(K) % 2**bits  # every code at every position modulo the block size
+    shape = (N, 2**bits) if per_channel else (2**bits,)
+    codebook = rng.standard_normal(shape).astype(np.float32)
+    W = codebook[np.arange(N)[:, None], idx] if per_channel else codebook[idx]
+    y = codebook_linear(np.eye(K, dtype=np.float32), pack_indices(idx, bits), codebook, bits)
+    np.testing.assert_array_equal(y, W.T)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+@pytest.mark.parametrize("K", _BLOCK_KS)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-layer", "per-channel"])
+def test_codebook_linear_b1_decodes_every_weight_exactly(bits, K, per_channel):
+    """B = 1 (the fused lookup-and-FMA path): x = e_k gives column k of W bit for bit, for every k."""
+    rng = np.random.default_rng(K * 16 + bits + 1)
+    N = 4
+    idx = _codes(N, K, bits, K + bits + 1)
+    idx[0] = np.arange(K) % 2**bits
+    shape = (N, 2**bits) if per_channel else (2**bits,)
+    codebook = rng.standard_normal(shape).astype(np.float32)
+    W = codebook[np.arange(N)[:, None], idx] if per_channel else codebook[idx]
+    packed = pack_indices(idx, bits)
+    x = np.zeros((1, K), np.float32)
+    for k in range(K):
+        x[0, :] = 0
+        x[0, k] = 1
+        np.testing.assert_array_equal(codebook_linear(x, packed, codebook, bits)[0], W[:, k], err_msg=f"k={k}")
+
+
 def test_codebook_linear_empty_k():
     y = codebook_linear(np.zeros((2, 0), np.float32), np.zeros((3, 0), np.uint8), np.ones(4, np.float32), 2,
                         np.arange(3, dtype=np.float32))

@@ -392,3 +392,32 @@ def test_first_bad_index_is_reported_exactly(B, path, threads):
             else:
                 csr_linear(x, indptr, bad, values)
         assert f"indices[{first}] = {bad[first]}" in str(info.value), (trial, str(info.value))
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("path", PATHS)
+def test_spmv_whole_matrix_index_check_agrees_with_row_by_row_oracle(index_dtype, path):
+    # B = 1 validates all column indices in one pass (descents allowed only across row boundaries,
+    # empty rows in between included) before the kernel; it must accept and refuse exactly what a
+    # row-by-row check does, and name the same first offending nonzero.
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        n, k = int(rng.integers(1, 12)), int(rng.integers(1, 40))
+        counts = np.minimum(rng.integers(0, 9, n), k)
+        counts[rng.random(n) < 0.3] = 0
+        rows = [np.sort(rng.choice(k, c, replace=False)) for c in counts]
+        indices = np.concatenate(rows + [np.zeros(0, np.int64)]).astype(index_dtype)
+        if len(indices) and rng.random() < 0.6:
+            indices[rng.integers(len(indices))] = rng.integers(-2, k + 2)
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        values = rng.standard_normal(len(indices)).astype(np.float32)
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        owner = np.repeat(np.arange(n), counts)
+        bad = [j for j in range(len(indices)) if indices[j] < 0 or indices[j] >= k
+               or (j > 0 and owner[j] == owner[j - 1] and indices[j] <= indices[j - 1])]
+        if bad:
+            with pytest.raises(ValueError) as info:
+                run(x, indptr, indices, values, path=path)
+            assert f"indices[{bad[0]}] = {indices[bad[0]]}" in str(info.value), (trial, str(info.value))
+        else:
+            check(run(x, indptr, indices, values, path=path), x, indptr, indices, values)

@@ -16,8 +16,11 @@ from pyserve.backends import registry as _registry
 class EchoBackend:
     """``x`` FP32 [-1, 2] -> ``y = 2 x``. The artifact file's text picks a behaviour:
     ``echo``, ``slow`` (sleeps 0.5 s per batch), ``delay`` (sleeps 0.05 s per batch), ``slowload``
-    (sleeps 0.5 s in load), ``explode`` (fails the request with a RuntimeError), ``badload`` (load
-    raises). In every mode a request holding the value -999 fails alone with INVALID_ARGUMENT, and
+    (sleeps 0.5 s in load), ``explode`` (fails every request whose x is not all zeros with a
+    RuntimeError; the all-zero warm-up passes, so the model loads), ``badwarmup`` (fails every
+    request, so the warm-up refuses the version), ``badload`` (load raises), ``sleep=S`` (sleeps
+    S seconds per batch that holds a non-zero x, so the all-zero warm-up is quick; each such batch
+    first appends a line to ``model.started`` beside the model file). In every mode a request holding the value -999 fails alone with INVALID_ARGUMENT, and
     :attr:`calls` records the dim 0 of every request of every ``infer`` call (one list per call)."""
 
     calls: list = []  # shared by all instances: [(path, [rows of each request])]
@@ -52,8 +55,15 @@ class EchoBackend:
             await asyncio.sleep(0.5)
         if self.mode == "delay":
             await asyncio.sleep(0.05)
+        if self.mode.startswith("sleep=") and any(np.asarray(inputs["x"]).any() for inputs in batch):
+            with open(self.path.with_suffix(".started"), "a") as f:  # lets a test see it in flight
+                f.write(f"{len(batch)}\n")
+            await asyncio.sleep(float(self.mode[len("sleep="):]))
         if self.mode == "explode":
-            return [RuntimeError("secret detail from the backend") for _ in batch]
+            return [RuntimeError("secret detail from the backend") if np.asarray(inputs["x"]).any()
+                    else {"y": np.asarray(inputs["x"]) * 2} for inputs in batch]
+        if self.mode == "badwarmup":
+            return [RuntimeError("this model fails every request") for _ in batch]
         return [
             InvalidArgument("poisoned request: x holds -999") if (np.asarray(inputs["x"]) == -999).any()
             else {"y": np.asarray(inputs["x"]) * 2}

@@ -159,8 +159,8 @@ def test_unknown_startup_model_is_refused(tmp_path, write_model):
 
 
 def test_bad_control_mode_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="control_mode must be one of none, explicit, got 'poll'"):
-        ServerThread(tmp_path, host="127.0.0.1", grpc_port=0, model_control_mode="poll")
+    with pytest.raises(ValueError, match="control_mode must be one of none, poll, explicit, got 'watch'"):
+        ServerThread(tmp_path, host="127.0.0.1", grpc_port=0, model_control_mode="watch")
 
 
 def test_index_ready_only_with_own_stub(server):

@@ -1,0 +1,313 @@
+"""pyserve vs the KServe Python server on the same MNIST model and client (perf_analyzer), and
+pyserve's dynamic batching vs unbatched at concurrency 16.
+
+    benchmarks/server/setup.sh                    # once: .venv-pa (perf_analyzer), .venv-kserve
+    .venv/bin/python benchmarks/server/bench_server.py [--seconds 3] [--rounds 3] [--out results.json]
+
+Model: LeNet-300-100 (784-300-100-10, ReLU) trained two epochs on MNIST (pyserve.datasets, offline),
+fp32. pyserve serves it as a dense ``.pyserve`` artifact (``pyserve serve``, the pyserve backend);
+KServe serves the same weights in a ``kserve.Model`` (benchmarks/server/kserve_server.py) in
+torch under inference_mode, as pyserve's backend runs it. Every server process gets
+OMP_NUM_THREADS=1 so the two compare on equal terms with the client on the same 2-core machine.
+
+Client: perf_analyzer from tritonclient[grpc]==2.51.0 (C++; gRPC; batch 1; random FP32 data;
+``--concurrency-range C`` for C in 1, 4, 16; three time windows). It needs ModelMetadata and
+ModelConfig; the KServe Python server has no ModelConfig RPC ("failed to get model config: Method
+not found!"), so pyserve vs KServe is measured with one Python client for both (a closed loop of C
+concurrent tritonclient.grpc.aio requests), and perf_analyzer measures pyserve batched vs unbatched.
+Every point is measured ``--rounds`` times with the servers taking turns (all three run at once, idle
+but for the one measured); the tables give medians.
+
+Prints one table per comparison (infer/s, p50 and p99 latency in microseconds, and ratios) and
+writes everything to ``--out`` as JSON. Timings on a shared machine are noisy: compare ratios
+measured in the same run, not absolute figures across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+PA_VENV = ROOT / ".venv-pa"
+KS_VENV = ROOT / ".venv-kserve"
+READY = re.compile(r"^pyserve: serving (\d+) model\(s\) on (\S+):(\d+)$")
+CONCURRENCY = (1, 4, 16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_model(workdir: Path) -> tuple[Path, float]:
+    """Train LeNet-300-100 for two epochs; write the artifact and an .npz of the weights."""
+    import torch
+
+    from pyserve.artifact import save
+    from pyserve.datasets import mnist
+
+    torch.manual_seed(0)
+    data = mnist()
+    x = torch.from_numpy(data.train.images)
+    y = torch.from_numpy(data.train.labels)
+    net = torch.nn.Sequential(torch.nn.Linear(784, 300), torch.nn.ReLU(), torch.nn.Linear(300, 100), torch.nn.ReLU(),
+                              torch.nn.Linear(100, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(2):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 256):
+            idx = perm[i:i + 256]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        acc = float((net(torch.from_numpy(data.test.images)).argmax(1).numpy() == data.test.labels).mean())
+    artifact = workdir / "lenet300.pyserve"
+    save(artifact, net, (torch.randn(2, 784),), model_name="lenet300", input_names=["images"],
+         output_names=["logits"])
+    names = {"0": "fc1", "2": "fc2", "4": "fc3"}
+    weights = {f"{names[k.split('.')[0]]}.{k.split('.')[1]}": v.numpy() for k, v in net.state_dict().items()}
+    np.savez(workdir / "lenet300.npz", **weights)
+    return artifact, acc
+
+
+def write_repo(root: Path, artifact: Path, batching: bool) -> Path:
+    d = root / ("repo_batched" if batching else "repo_plain") / "lenet300"
+    (d / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy(artifact, d / "1" / "model.pyserve")
+    config = "max_batch_size: 64\n"
+    if batching:
+        config += "dynamic_batching:\n  max_queue_delay_microseconds: 1000\n  preferred_batch_size: [16]\n"
+    (d / "config.yaml").write_text(config)
+    return d.parent
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def start_pyserve(repo: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyserve.cli.main", "serve", "--model-repository", str(repo), "--grpc-port", "0",
+         "--host", "127.0.0.1", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+    line = proc.stdout.readline()
+    m = READY.match(line.strip())
+    if not m:
+        proc.kill()
+        raise RuntimeError(f"pyserve did not start: {line!r}")
+    return proc, f"127.0.0.1:{m.group(3)}"
+
+
+def start_kserve(weights: Path) -> tuple[subprocess.Popen, str]:
+    grpc_port, http_port = free_port(), free_port()
+    env = _env()
+    env.pop("PYTHONPATH")
+    proc = subprocess.Popen(
+        [str(KS_VENV / "bin" / "python"), str(Path(__file__).with_name("kserve_server.py")), "--weights", str(weights),
+         "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"127.0.0.1:{grpc_port}"
+    import tritonclient.grpc as tc
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"kserve server exited with {proc.returncode}")
+        try:
+            c = tc.InferenceServerClient(url)
+            if c.is_model_ready("lenet300"):
+                c.close()
+                return proc, url
+            c.close()
+        except Exception:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("kserve server not ready within 180 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def perf_analyzer(url: str, concurrency: int, seconds: float) -> dict:
+    """One perf_analyzer run: {'infer_per_s', 'p50_us', 'p99_us'}; raises RuntimeError with its output."""
+    binary = PA_VENV / "bin" / "perf_analyzer"
+    libdir = next(PA_VENV.glob("lib/python*/site-packages/nvidia/cuda_runtime/lib"))
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = f"{libdir}:{env.get('LD_LIBRARY_PATH', '')}"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pa.csv"
+        cmd = [str(binary), "-m", "lenet300", "-u", url, "-i", "grpc", "-b", "1",
+               "--concurrency-range", str(concurrency), "--measurement-interval", str(int(seconds * 1000)),
+               "--stability-percentage", "1000", "--max-trials", "3", "--percentile", "99", "-f", str(out)]
+        for _attempt in range(3):  # on a loaded machine a window can miss even a loose stability bound
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+            if r.returncode == 0 and out.exists():
+                break
+            if "stable measurement" not in r.stdout + r.stderr:
+                break
+        if r.returncode != 0 or not out.exists():
+            raise RuntimeError(f"perf_analyzer failed ({r.returncode}): {(r.stdout + r.stderr)[-800:]}")
+        row = next(csv.DictReader(out.open()))
+    return {"infer_per_s": float(row["Inferences/Second"]), "p50_us": float(row["p50 latency"]),
+            "p99_us": float(row["p99 latency"]), "client": "perf_analyzer"}
+
+
+def python_client(url: str, concurrency: int, seconds: float) -> dict:
+    """Fallback: closed loop of ``concurrency`` tritonclient.grpc.aio requests for ``seconds``."""
+    import tritonclient.grpc as tc
+    import tritonclient.grpc.aio as aio
+
+    x = np.random.default_rng(0).random((1, 784), dtype=np.float32)
+
+    async def run():
+        client = aio.InferenceServerClient(url)
+        inp = tc.InferInput("images", [1, 784], "FP32")
+        inp.set_data_from_numpy(x)
+        lat: list[float] = []
+        stop_at = time.perf_counter() + seconds
+
+        async def worker():
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                await client.infer("lenet300", [inp])
+                lat.append(time.perf_counter() - t0)
+
+        for _ in range(20):  # warm-up
+            await client.infer("lenet300", [inp])
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+        await client.close()
+        return lat, elapsed
+
+    lat, elapsed = asyncio.run(run())
+    lat_us = np.array(lat) * 1e6
+    return {"infer_per_s": len(lat) / elapsed, "p50_us": float(np.percentile(lat_us, 50)),
+            "p99_us": float(np.percentile(lat_us, 99)), "client": "tritonclient.grpc.aio"}
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Per field, the median over the rounds (the client name kept)."""
+    out = {k: float(np.median([r[k] for r in runs])) for k in ("infer_per_s", "p50_us", "p99_us")}
+    out["client"] = runs[0]["client"]
+    out["rounds"] = [{k: round(r[k], 1) for k in ("infer_per_s", "p50_us", "p99_us")} for r in runs]
+    return out
+
+
+def rounds(servers: dict[str, str], concurrencies, seconds: float, client: str, n_rounds: int) -> dict:
+    """Every (server, concurrency) point measured ``n_rounds`` times, the servers taking turns
+    within each round so that the machine's load drifts over all of them alike; medians."""
+    raw: dict = {name: {c: [] for c in concurrencies} for name in servers}
+    for r in range(n_rounds):
+        for c in concurrencies:
+            for name, url in servers.items():
+                res = perf_analyzer(url, c, seconds) if client == "perf_analyzer" else python_client(url, c, seconds)
+                raw[name][c].append(res)
+                print(f"  round {r + 1} {name} c={c}: {res['infer_per_s']:.0f} infer/s, p50 {res['p50_us']:.0f} us, "
+                      f"p99 {res['p99_us']:.0f} us ({res['client']})", flush=True)
+    return {name: {c: median_of(runs) for c, runs in per.items()} for name, per in raw.items()}
+
+
+def table(title: str, a_name: str, a: dict, b_name: str, b: dict) -> str:
+    lines = [f"**{title}**", "",
+             f"| concurrency | {a_name} infer/s | {b_name} infer/s | ratio | {a_name} p50 µs | {b_name} p50 µs | "
+             f"p50 ratio | {a_name} p99 µs | {b_name} p99 µs | p99 ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in a:
+        x, y = a[c], b[c]
+        lines.append(f"| {c} | {x['infer_per_s']:.0f} | {y['infer_per_s']:.0f} | {x['infer_per_s'] / y['infer_per_s']:.2f}x"
+                     f" | {x['p50_us']:.0f} | {y['p50_us']:.0f} | {y['p50_us'] / x['p50_us']:.2f}x"
+                     f" | {x['p99_us']:.0f} | {y['p99_us']:.0f} | {y['p99_us'] / x['p99_us']:.2f}x |")
+    lines.append("")
+    lines.append(f"(medians of the rounds; ratios > 1 favour {a_name}: throughput {a_name}/{b_name}, latency "
+                 f"{b_name}/{a_name})")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=3.0, help="measurement window per point (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, servers taking turns (default 3)")
+    p.add_argument("--out", default="benchmarks/server/results.json")
+    args = p.parse_args()
+    if not (PA_VENV / "bin" / "perf_analyzer").exists() or not (KS_VENV / "bin" / "python").exists():
+        print("no .venv-pa or .venv-kserve: run benchmarks/server/setup.sh first", file=sys.stderr)
+        return 2
+    results: dict = {"cpu_count": os.cpu_count(), "load_average_before": os.getloadavg(),
+                     "seconds": args.seconds, "rounds": args.rounds}
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print("training LeNet-300-100 (2 epochs) ...", flush=True)
+        artifact, acc = build_model(tmp)
+        results["test_accuracy"] = acc
+        print(f"  test accuracy {acc:.4f}", flush=True)
+        try:
+            proc, plain = start_pyserve(write_repo(tmp, artifact, False))
+            procs.append(proc)
+            proc, batched = start_pyserve(write_repo(tmp, artifact, True))
+            procs.append(proc)
+            proc, kserve = start_kserve(tmp / "lenet300.npz")
+            procs.append(proc)
+            # perf_analyzer needs ModelConfig, which the KServe Python server does not implement
+            try:
+                perf_analyzer(kserve, 1, 1.0)
+                results["kserve_perf_analyzer"] = "ok"
+            except RuntimeError as exc:
+                results["kserve_perf_analyzer"] = str(exc).strip().splitlines()[-1][-200:]
+                print(f"  perf_analyzer cannot drive KServe: {results['kserve_perf_analyzer']}", flush=True)
+            vs_client = "perf_analyzer" if results["kserve_perf_analyzer"] == "ok" else "python"
+            print(f"pyserve vs KServe ({vs_client} client) ...", flush=True)
+            results["vs_kserve"] = rounds({"pyserve": plain, "kserve": kserve}, CONCURRENCY, args.seconds, vs_client,
+                                          args.rounds)
+            print("pyserve dynamic batching vs unbatched (perf_analyzer) ...", flush=True)
+            results["batching"] = rounds({"batched": batched, "unbatched": plain}, (1, 4, 16), args.seconds,
+                                         "perf_analyzer", args.rounds)
+        finally:
+            for proc in procs:
+                stop(proc)
+    results["load_average_after"] = os.getloadavg()
+    v, bt = results["vs_kserve"], results["batching"]
+    print()
+    print(table(f"pyserve vs KServe Python server, LeNet-300-100, batch 1, client {v['pyserve'][1]['client']}",
+                "pyserve", v["pyserve"], "KServe", v["kserve"]))
+    print()
+    print(table("pyserve dynamic batching vs unbatched, perf_analyzer", "batched", bt["batched"], "unbatched",
+                bt["unbatched"]))
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {args.out}; load average before {results['load_average_before']}, after "
+          f"{results['load_average_after']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The traffic controller's three goals (issue 6), measured over gRPC with tritonclient.
+
+1. Canary split: a route at 95/5 (fp32 LeNet-300-100 / pruned + 4-bit codebook LeNet-300-100) gets
+   --requests requests (10,000 by default), one routing key each; the share on the canary must lie in
+   the 99% binomial interval of 5%. Stickiness: every key sent again (routing_key parameter, and
+   x-routing-key metadata for a sample) and to a second server (a replica) gets the same variant.
+2. Shadowing 100% of traffic: primary latency (p50, p99) on a route with no shadow, with a shadow
+   10x as expensive (the fp32 model run 10 times per request: real CPU work on the same machine), a
+   shadow 10x as slow without using the CPU (it waits 9x its compute time, like a remote or I/O-bound
+   model), and a shadow that always fails; primary errors must be 0 and p99 must not rise by more
+   than 5%. The server runs torch with one intra-op thread (OMP_NUM_THREADS=1), so the primary and
+   one shadow execution can each have a core of the two.
+   The three routes take turns in --rounds blocks (queued shadow work drained between blocks), so a
+   change in machine load hits them alike.
+3. Rollback: a guarded canary (steps 5 -> 25 -> 50 -> 100%, window --window-s) starts failing at a
+   known time; the guard must roll it back within one window.
+
+The server runs in a subprocess (``pyserve serve`` with a fault-injection backend registered), the
+client here, one request at a time (batch 1). Prints one table per goal.
+
+    python benchmarks/traffic.py [--requests 10000] [--rounds 5] [--block 400] [--window-s 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SERVER_MAIN = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("v", sys.argv[1])
+v = importlib.util.module_from_spec(spec); spec.loader.exec_module(v)
+v.register_faulty_backend()
+from pyserve.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _variants():
+    spec = importlib.util.spec_from_file_location("lenet_variants", ROOT / "examples/lenet300/variants.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Served:
+    """``pyserve serve`` in a subprocess on a free port, with the faulty backend registered."""
+
+    def __init__(self, repo: Path, config: Path, poll_s: float = 0.2) -> None:
+        cmd = [sys.executable, "-c", SERVER_MAIN, str(ROOT / "examples/lenet300/variants.py"), "serve",
+               "--model-repository", str(repo), "--grpc-port", "0", "--host", "127.0.0.1",
+               "--traffic-config", str(config), "--traffic-poll-s", str(poll_s), "--log-level", "WARNING"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline()
+        if "serving" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r}")
+        self.url = line.strip().rsplit(" on ", 1)[1]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def _input(x):
+    import tritonclient.grpc as tc
+
+    t = tc.InferInput("images", list(x.shape), "FP32")
+    t.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return t
+
+
+def _variant(result) -> str:
+    return result.get_response().parameters["pyserve_variant"].string_param
+
+
+def _status(url: str) -> dict:
+    import grpc
+
+    from pyserve.protocol import traffic_codec as codec
+
+    with grpc.insecure_channel(url) as ch:
+        return json.loads(codec.traffic_stub(ch).Status(codec.pb.StatusRequest()).json)
+
+
+def _report(url: str, route: str) -> dict:
+    import grpc
+
+    from pyserve.protocol import traffic_codec as codec
+
+    with grpc.insecure_channel(url) as ch:
+        return json.loads(codec.traffic_stub(ch).Report(codec.pb.ReportRequest(route=route)).json)[route]
+
+
+def _table(headers, rows) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(fmt(r) for r in rows)])
+
+
+def goal_canary(repo: Path, images: np.ndarray, n: int, tmp: Path) -> tuple[str, bool]:
+    import tritonclient.grpc as tc
+    from scipy import stats
+
+    cfg = tmp / "canary.yaml"
+    cfg.write_text(textwrap.dedent("""
+        version: 1
+        routes:
+          mnist:
+            policy: canary
+            variants:
+              stable: {model: lenet300, weight_percent: 95}
+              candidate: {model: lenet300c, weight_percent: 5}
+    """))
+    a, b = Served(repo, cfg), Served(repo, cfg)
+    try:
+        ca, cb = tc.InferenceServerClient(a.url), tc.InferenceServerClient(b.url)
+        x = [_input(images[i % len(images): i % len(images) + 1]) for i in range(64)]
+        first = {}
+        t0 = time.perf_counter()
+        for i in range(n):
+            first[i] = _variant(ca.infer("mnist", [x[i % 64]], parameters={"routing_key": f"user-{i}"}))
+        elapsed = time.perf_counter() - t0
+        k = sum(v == "candidate" for v in first.values())
+        lo, hi = stats.binom.interval(0.99, n, 0.05)
+        same = sum(_variant(ca.infer("mnist", [x[i % 64]], parameters={"routing_key": f"user-{i}"})) == first[i]
+                   for i in range(n))
+        m = min(n, 2000)
+        same_md = sum(_variant(ca.infer("mnist", [x[i % 64]], headers={"x-routing-key": f"user-{i}"})) == first[i]
+                      for i in range(m))
+        same_replica = sum(_variant(cb.infer("mnist", [x[i % 64]], parameters={"routing_key": f"user-{i}"})) == first[i]
+                           for i in range(m))
+        ca.close()
+        cb.close()
+    finally:
+        a.stop()
+        b.stop()
+    ok = lo <= k <= hi and same == n and same_md == m and same_replica == m
+    rows = [
+        ["requests (one key each)", f"{n:,}", f"{n / elapsed:,.0f} req/s, batch 1"],
+        ["on the canary (weight 5%)", f"{k:,} ({100 * k / n:.2f}%)", f"99% binomial interval [{lo:.0f}, {hi:.0f}]: "
+         + ("inside" if lo <= k <= hi else "OUTSIDE")],
+        ["same variant, same key again (parameter)", f"{same:,} / {n:,}", f"{100 * same / n:.1f}% sticky"],
+        ["same variant, key as x-routing-key metadata", f"{same_md:,} / {m:,}", f"{100 * same_md / m:.1f}%"],
+        ["same variant on a second server (replica)", f"{same_replica:,} / {m:,}", f"{100 * same_replica / m:.1f}%"],
+    ]
+    return "Goal 1: canary split and stickiness\n\n" + _table(["measure", "value", "note"], rows), ok
+
+
+def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Path) -> tuple[str, bool]:
+    import tritonclient.grpc as tc
+
+    v = _variants()
+    v.write_faulty_model(repo, "slow10", repo / "lenet300/1/model.pyserve", "slow", 10)
+    v.write_faulty_model(repo, "sleep10", repo / "lenet300/1/model.pyserve", "sleep", 10)
+    v.write_faulty_model(repo, "broken", repo / "lenet300/1/model.pyserve", "fail")
+    cfg = tmp / "shadow.yaml"
+    cfg.write_text(textwrap.dedent("""
+        version: 1
+        routes:
+          none:
+            policy: canary
+            variants: {primary: {model: lenet300}}
+          slow:
+            policy: shadow
+            variants: {primary: {model: lenet300}}
+            shadows: {slow10: {model: slow10, fraction: 1.0}}
+          waiting:
+            policy: shadow
+            variants: {primary: {model: lenet300}}
+            shadows: {sleep10: {model: sleep10, fraction: 1.0}}
+          failing:
+            policy: shadow
+            variants: {primary: {model: lenet300}}
+            shadows: {broken: {model: broken, fraction: 1.0}}
+    """))
+    srv = Served(repo, cfg)
+    lat = {"none": [], "slow": [], "waiting": [], "failing": []}
+    errors = {k: 0 for k in lat}
+    try:
+        c = tc.InferenceServerClient(srv.url)
+        x = [_input(images[i: i + 1]) for i in range(64)]
+        for i in range(200):  # warm-up
+            c.infer("none", [x[i % 64]])
+        for r in range(rounds):
+            for route in lat:
+                for i in range(block):
+                    t0 = time.perf_counter()
+                    try:
+                        c.infer(route, [x[i % 64]], parameters={"routing_key": f"r{r}-{i}"})
+                    except tc.InferenceServerException:
+                        errors[route] += 1
+                    lat[route].append(time.perf_counter() - t0)
+                time.sleep(0.5)  # let queued shadow work finish (or be dropped) before the next block
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    rep = _report(srv.url, route) if route != "none" else None
+                    sh = next(iter(rep["shadows"].values())) if rep else None
+                    if sh is None or sh["requests_count"] + sh["dropped"] >= (r + 1) * block:
+                        break
+                    time.sleep(0.2)
+        reps = {r: _report(srv.url, r) for r in ("slow", "waiting", "failing")}
+        c.close()
+    finally:
+        srv.stop()
+    p = {k: (np.percentile(v, 50) * 1e3, np.percentile(v, 99) * 1e3) for k, v in lat.items()}
+    base99 = p["none"][1]
+    rows = []
+    for route, label in (("none", "no shadow"), ("slow", "shadow 10x as expensive (CPU), 100%"),
+                         ("waiting", "shadow 10x as slow (waiting), 100%"),
+                         ("failing", "shadow always failing, 100%")):
+        sh = next(iter(reps[route]["shadows"].values())) if route in reps else None
+        rows.append([label, len(lat[route]), errors[route], f"{p[route][0]:.3f}", f"{p[route][1]:.3f}",
+                     f"{100 * (p[route][1] / base99 - 1):+.1f}%" if route != "none" else "-",
+                     f"{sh['requests_count']:,} ok {sh['requests_count'] - sh['requests_errors']:,}" if sh else "-",
+                     f"{sh['dropped']:,}" if sh else "-"])
+    ok = all(e == 0 for e in errors.values()) and all(p[r][1] <= 1.05 * base99 for r in ("slow", "waiting", "failing"))
+    text = ("Goal 2: shadowing 100% of traffic (primary latency as the client sees it, batch 1)\n\n"
+            + _table(["route", "requests", "primary errors", "p50 ms", "p99 ms", "p99 vs no shadow", "shadow runs",
+                      "shadow dropped"], rows))
+    return text, ok
+
+
+def goal_rollback(repo: Path, images: np.ndarray, window_s: float, tmp: Path) -> tuple[str, bool]:
+    import tritonclient.grpc as tc
+
+    v = _variants()
+    flag = tmp / "canary-fails-now"
+    v.write_faulty_model(repo, "flaky", repo / "lenet300c/1/model.pyserve", "ok", fail_if_exists=flag)
+    cfg = tmp / "guard.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        version: 1
+        routes:
+          mnist:
+            policy: canary
+            variants:
+              stable: {{model: lenet300, weight_percent: 95}}
+              candidate: {{model: flaky, weight_percent: 5}}
+            guard:
+              canary: candidate
+              steps_percent: [5, 25, 50, 100]
+              window_s: {window_s}
+              min_requests: 20
+              max_error_rate_increase: 0.05
+              max_p99_latency_ratio: 3.0
+    """))
+    srv = Served(repo, cfg)
+    try:
+        c = tc.InferenceServerClient(srv.url)
+        x = [_input(images[i: i + 1]) for i in range(64)]
+        t_fail = t_back = None
+        errors = 0
+        i = 0
+        start = time.monotonic()
+        while time.monotonic() - start < 20 * window_s + 30:
+            st = _status(srv.url)["routes"]["mnist"]["guard"] if i % 50 == 0 else None
+            if t_fail is None and st is not None and st["canary_percent"] >= 25:
+                flag.touch()  # the canary starts failing now, at 25%
+                t_fail = time.monotonic()
+            try:
+                c.infer("mnist", [x[i % 64]], parameters={"routing_key": f"u{i}"})
+            except tc.InferenceServerException:
+                errors += 1
+            i += 1
+            if t_fail is not None and i % 10 == 0:
+                st = _status(srv.url)["routes"]["mnist"]["guard"]
+                if st["state"] == "rolled_back":
+                    t_back = time.monotonic()
+                    break
+        decisions = _status(srv.url)["decisions"]
+        c.close()
+    finally:
+        srv.stop()
+        flag.unlink(missing_ok=True)
+    rows = [[time.strftime("%H:%M:%S", time.localtime(d["time_s"])), d["action"], f"{d['from_percent']:g}%",
+             f"{d['to_percent']:g}%", d["reason"][:90]] for d in decisions]
+    took = (t_back - t_fail) if (t_back and t_fail) else float("nan")
+    ok = t_back is not None and took <= window_s
+    text = (f"Goal 3: rollback (window_s {window_s:g}, min_requests 20; the canary starts failing at 25%)\n\n"
+            + _table(["time", "decision", "from", "to", "reason"], rows)
+            + f"\n\ncanary failing -> rolled back: {took:.2f} s = {took / window_s:.2f} window(s); "
+              f"failed requests seen by clients: {errors}")
+    return text, ok
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--block", type=int, default=400)
+    ap.add_argument("--window-s", type=float, default=2.0)
+    ap.add_argument("--goals", default="1,2,3", help="which goals to measure, e.g. 2 or 1,3 (default all)")
+    args = ap.parse_args(argv)
+    goals = {int(g) for g in args.goals.split(",")}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        repo = tmp / "repo"
+        info = _variants().build_variants(repo)
+        images = info["test"][0]
+        results = []
+        if 1 in goals:
+            results.append(goal_canary(repo, images, args.requests, tmp))
+        if 2 in goals:
+            results.append(goal_shadow(repo, images, args.rounds, args.block, tmp))
+        if 3 in goals:
+            results.append(goal_rollback(repo, images, args.window_s, tmp))
+    for text, ok in results:
+        print(text)
+        print(f"-> goal {'met' if ok else 'NOT met'}\n")
+    return 0 if all(ok for _, ok in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

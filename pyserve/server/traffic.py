@@ -1,0 +1,435 @@
+"""The traffic controller in the request path: routes a ModelInfer on a route name to its variants.
+
+The data plane hands a request whose ``model_name`` is a route to :class:`TrafficRouter`; a model
+name with no route is served as before. The router asks the pure controller
+(:class:`pyserve.traffic.TrafficController`) for a plan, runs the chosen variant through the data
+plane (:meth:`DataPlane.infer_model`), adds the response parameter ``pyserve_variant`` (and
+``pyserve_request_id``, the id to send feedback for), and puts shadow work on a bounded per-route
+queue that workers drain off the request path: the primary answer never waits for a shadow, and
+when the queue is full the shadow copy is dropped and counted.
+
+Routing key (sticky assignment), first found: the request parameter ``routing_key``, the gRPC
+metadata ``x-routing-key``, the request ``id``; else none (a random draw per request).
+
+Interleave routes run both variants on the request and answer two outputs instead of the
+variants' own: ``interleaved`` (INT64 ``[N, L]``, item ids, best first; -1 pads short rows) and
+``interleaved_team`` (INT8 ``[N, L]``: 0 = the route's first variant contributed the item, 1 = the
+second, -1 pad). A variant's first output is its ranking: float scores ``[N, C]`` over candidates
+0..C-1 (ranked by descending score) or integer ids ``[N, L]`` already ranked.
+
+Hot reload: with a config file, :meth:`TrafficRouter.start` polls it every ``poll_s`` seconds
+(mtime, size and inode, so a Kubernetes ConfigMap's symlink swap is seen); a changed file is parsed
+and checked against the repository as a whole, then put in force in one step; an invalid one is
+refused, logged and counted, and the previous config stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+import numpy as np
+
+from pyserve.protocol.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
+from pyserve.protocol.types import InferRequest, InferResponse, Tensor
+from pyserve.traffic import (
+    Decision,
+    Plan,
+    TargetConfig,
+    TrafficConfig,
+    TrafficConfigError,
+    TrafficController,
+    divergence,
+    load_traffic_config,
+    team_draft,
+)
+
+__all__ = ["TrafficRouter", "ROUTING_KEY_PARAM", "ROUTING_KEY_METADATA", "VARIANT_PARAM", "REQUEST_ID_PARAM"]
+
+log = logging.getLogger("pyserve.traffic")
+
+ROUTING_KEY_PARAM = "routing_key"
+ROUTING_KEY_METADATA = "x-routing-key"
+VARIANT_PARAM = "pyserve_variant"
+REQUEST_ID_PARAM = "pyserve_request_id"
+#: Route references are followed at most this deep (the config refuses cycles; this is a backstop).
+MAX_ROUTE_DEPTH = 8
+#: Concurrent shadow executions per route.
+SHADOW_WORKERS = 1
+#: Event-loop turns a shadow worker lets pass before running a job it took from the queue.
+SHADOW_YIELDS = 3
+
+
+def routing_key(request: InferRequest, metadata_key: str | None) -> str | None:
+    """The request's routing key (see the module docstring), or None."""
+    v = request.parameters.get(ROUTING_KEY_PARAM)
+    if v is not None and not isinstance(v, bool) and str(v) != "":
+        return str(v)
+    if metadata_key:
+        return metadata_key
+    return request.id or None
+
+
+class TrafficMetrics:
+    """The traffic series on the server's Prometheus registry (docs/traffic.md lists them)."""
+
+    def __init__(self, registry) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        from pyserve.server.metrics import DURATION_BUCKETS_S
+
+        r = registry
+        self.requests = Counter("pyserve_traffic_requests", "Routed requests by route, variant and outcome",
+                                ("route", "variant", "outcome"), registry=r)
+        self.duration = Histogram("pyserve_traffic_request_duration_seconds", "Routed request duration",
+                                  ("route", "variant"), buckets=DURATION_BUCKETS_S, registry=r)
+        self.weight = Gauge("pyserve_traffic_variant_weight_percent", "Current weight of a variant",
+                            ("route", "variant"), registry=r)
+        self.shadow_requests = Counter("pyserve_traffic_shadow_requests", "Mirrored requests by outcome",
+                                       ("route", "shadow", "outcome"), registry=r)
+        self.shadow_dropped = Counter("pyserve_traffic_shadow_dropped", "Shadow copies dropped (queue full)",
+                                      ("route", "shadow"), registry=r)
+        self.shadow_duration = Histogram("pyserve_traffic_shadow_duration_seconds", "Shadow request duration",
+                                         ("route", "shadow"), buckets=DURATION_BUCKETS_S, registry=r)
+        self.shadow_top1 = Gauge("pyserve_traffic_shadow_top1_agreement",
+                                 "Top-1 agreement of a shadow with the primary (all compared rows)",
+                                 ("route", "shadow"), registry=r)
+        self.shadow_max_abs = Gauge("pyserve_traffic_shadow_max_abs_diff", "Largest |primary - shadow| seen",
+                                    ("route", "shadow"), registry=r)
+        self.shadow_cosine = Gauge("pyserve_traffic_shadow_cosine_mean", "Mean cosine similarity to the primary",
+                                   ("route", "shadow"), registry=r)
+        self.decisions = Counter("pyserve_traffic_guard_decisions", "SLO guard decisions by action",
+                                 ("route", "action"), registry=r)
+        self.reloads = Counter("pyserve_traffic_config_reloads", "Traffic config loads by result (applied, refused)",
+                               ("result",), registry=r)
+        self.feedback = Counter("pyserve_traffic_feedback", "Feedback calls by result (ok, unknown_id, invalid)",
+                                ("result",), registry=r)
+        self.interleave = Counter("pyserve_traffic_interleave_outcomes", "Interleaving outcomes (win = first variant)",
+                                  ("route", "outcome"), registry=r)
+
+
+class TrafficRouter:
+    """Routes requests on route names (see the module docstring).
+
+    Parameters
+    ----------
+    dataplane : the server's :class:`~pyserve.server.dataplane.DataPlane` (runs the variants).
+    controller : the pure controller holding routes and statistics (default: an empty one).
+    config_path : the traffic config file to watch (None: routes only through the admin RPCs).
+    poll_s : seconds between checks of the file.
+    metrics : a prometheus_client registry to add the traffic series to, or None.
+    """
+
+    def __init__(self, dataplane, controller: TrafficController | None = None, *,
+                 config_path: str | os.PathLike | None = None, poll_s: float = 2.0, registry=None) -> None:
+        if poll_s <= 0:
+            raise ValueError(f"poll_s must be > 0, got {poll_s}")
+        self.dataplane = dataplane
+        self.controller = controller or TrafficController()
+        self.controller.on_decision = self._on_decision
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.poll_s = float(poll_s)
+        self.metrics = TrafficMetrics(registry) if registry is not None else None
+        self.reloads_applied = 0
+        self.reloads_refused = 0
+        self.last_reload_error = ""
+        self._file_sig: tuple | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._route_workers: dict[str, list[asyncio.Task]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._running = False
+
+    # --- config ------------------------------------------------------------------------------------
+
+    def model_exists(self, model: str, version: str) -> str | None:
+        """None if the repository has ``model`` (and serves ``version``, when it is loaded), else why not."""
+        repo = self.dataplane.repository
+        try:
+            repo.discover()
+        except ValueError as exc:
+            return str(exc)
+        try:
+            repo.get(model, version)  # NotFound for an unknown model, or a version it does not serve
+        except NotFound as exc:
+            return str(exc)
+        return None
+
+    def load_file(self) -> TrafficConfig:
+        """Read and check the config file (TrafficConfigError naming the file and field)."""
+        if self.config_path is None:
+            raise ValueError("no traffic config file")
+        self._file_sig = self._signature()
+        cfg = load_traffic_config(self.config_path)
+        cfg.check_targets(self.model_exists)
+        return cfg
+
+    def apply(self, cfg: TrafficConfig) -> None:
+        self.controller.apply(cfg)
+        self._publish_weights()
+        log.info("traffic config %s revision %r in force: %d route(s)", cfg.source, cfg.revision, len(cfg.routes))
+
+    def _signature(self) -> tuple | None:
+        try:
+            st = os.stat(self.config_path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def poll_once(self) -> bool | None:
+        """Reload if the file changed: True applied, False refused (previous kept), None unchanged."""
+        if self.config_path is None:
+            return None
+        sig = self._signature()
+        if sig == self._file_sig:
+            return None
+        try:
+            cfg = self.load_file()
+        except TrafficConfigError as exc:
+            self.reloads_refused += 1
+            self.last_reload_error = str(exc)
+            if self.metrics:
+                self.metrics.reloads.labels("refused").inc()
+            log.error("traffic config refused, the previous one stays in force: %s", exc)
+            return False
+        self.apply(cfg)
+        self.reloads_applied += 1
+        self.last_reload_error = ""
+        if self.metrics:
+            self.metrics.reloads.labels("applied").inc()
+        return True
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._running = True
+        loop = asyncio.get_running_loop()
+        if self.config_path is not None:
+            self._tasks.append(loop.create_task(self._watch(), name="pyserve-traffic-watch"))
+        self._tasks.append(loop.create_task(self._tick(), name="pyserve-traffic-guard"))
+
+    async def stop(self) -> None:
+        self._running = False
+        workers = [w for ws in self._route_workers.values() for w in ws]
+        for t in self._tasks + workers:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *workers, return_exceptions=True)
+        self._tasks, self._route_workers = [], {}
+        self._queues.clear()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                self.poll_once()
+            except Exception:
+                log.exception("traffic config watch failed")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                self.controller.tick()
+            except Exception:
+                log.exception("traffic guard evaluation failed")
+
+    def _on_decision(self, d: Decision) -> None:
+        (log.warning if "rollback" in d.action else log.info)(
+            "traffic route %r: %s %g%% -> %g%%: %s", d.route, d.action, d.from_percent, d.to_percent, d.reason)
+        if self.metrics:
+            self.metrics.decisions.labels(d.route, d.action).inc()
+        self._publish_weights()
+
+    def _publish_weights(self) -> None:
+        if not self.metrics:
+            return
+        for name, st in self.controller.routes.items():
+            for v in st.config.variants:
+                self.metrics.weight.labels(name, v.name).set(v.weight_percent)
+
+    # --- the request path --------------------------------------------------------------------------
+
+    def has_route(self, name: str) -> bool:
+        return self.controller.has_route(name)
+
+    def resolve_model(self, name: str, depth: int = 0) -> str:
+        """The repository model behind a route's first variant (ModelMetadata/ModelReady on a route)."""
+        if not self.has_route(name) or depth > MAX_ROUTE_DEPTH:
+            return name
+        t = self.controller.routes[name].config.variants[0].target
+        return self.resolve_model(t.route, depth + 1) if t.route is not None else t.model
+
+    async def infer(self, request: InferRequest, metadata_key: str | None = None) -> InferResponse:
+        if request.model_version:
+            raise InvalidArgument(f"{request.model_name!r} is a traffic route: it picks the model version itself; "
+                                  f"send no model_version (got {request.model_version!r})")
+        key = routing_key(request, metadata_key)
+        return await self._route(request.model_name, request, key, 0)
+
+    async def _route(self, route: str, request: InferRequest, key: str | None, depth: int) -> InferResponse:
+        if depth > MAX_ROUTE_DEPTH:
+            raise FailedPrecondition(f"route {route!r}: route references nest deeper than {MAX_ROUTE_DEPTH}")
+        plan = self.controller.plan(route, key)
+        if plan.route.policy == "interleave":
+            return await self._interleave(plan, request, key, depth)
+        v = plan.variant
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            resp = await self._call(v.target, request, key, depth)
+            ok = True
+        finally:
+            self._record(route, v.name, ok, time.perf_counter() - t0)
+        if plan.shadows:
+            self._mirror(plan, request, resp)
+        params = dict(resp.parameters)
+        params[VARIANT_PARAM] = v.name if depth == 0 else params.get(VARIANT_PARAM, v.name)
+        if depth == 0 and plan.route.policy == "ab":
+            rid = request.id or uuid.uuid4().hex
+            self.controller.remember(rid, route, v.name)
+            params[REQUEST_ID_PARAM] = rid
+        return replace(resp, parameters=params)
+
+    async def _call(self, target: TargetConfig, request: InferRequest, key: str | None, depth: int) -> InferResponse:
+        if target.route is not None:
+            return await self._route(target.route, replace(request, model_name=target.route), key, depth + 1)
+        return await self.dataplane.infer_model(replace(request, model_name=target.model,
+                                                        model_version=target.version))
+
+    def _record(self, route: str, variant: str, ok: bool, latency_s: float) -> None:
+        self.controller.record(route, variant, ok, latency_s)
+        if self.metrics:
+            self.metrics.requests.labels(route, variant, "ok" if ok else "error").inc()
+            self.metrics.duration.labels(route, variant).observe(latency_s)
+
+    # --- shadows -----------------------------------------------------------------------------------
+
+    def _mirror(self, plan: Plan, request: InferRequest, resp: InferResponse) -> None:
+        route = plan.route
+        q = self._queues.get(route.name)
+        if q is None or q.maxsize != route.shadow_queue_size:
+            if q is not None:  # the queue size changed (a reload): the waiting copies are dropped
+                for w in self._route_workers.pop(route.name, []):
+                    w.cancel()
+                while not q.empty():
+                    job = q.get_nowait()
+                    q.task_done()
+                    self._drop(job[0], job[1].name)
+            q = asyncio.Queue(maxsize=route.shadow_queue_size)
+            self._queues[route.name] = q
+            loop = asyncio.get_running_loop()
+            workers = [loop.create_task(self._shadow_worker(q), name=f"pyserve-shadow-{route.name}")
+                       for _ in range(SHADOW_WORKERS)]
+            self._route_workers[route.name] = workers
+        primary = {t.name: t.data for t in resp.outputs}
+        for s in plan.shadows:
+            try:
+                q.put_nowait((route.name, s, request, primary, plan.key))
+            except asyncio.QueueFull:
+                self._drop(route.name, s.name)
+
+    def _drop(self, route: str, shadow: str) -> None:
+        self.controller.drop_shadow(route, shadow)
+        if self.metrics:
+            self.metrics.shadow_dropped.labels(route, shadow).inc()
+
+    async def _shadow_worker(self, q: asyncio.Queue) -> None:
+        while True:
+            route, shadow, request, primary, key = await q.get()
+            # let the primary's response leave first: the RPC that queued this job is still
+            # finishing on this event loop (serializing and sending its answer)
+            for _ in range(SHADOW_YIELDS):
+                await asyncio.sleep(0)
+            try:
+                await self._run_shadow(route, shadow, request, primary, key)
+            except Exception:
+                log.exception("shadow %r of route %r failed unexpectedly", shadow.name, route)
+            finally:
+                q.task_done()
+
+    async def _run_shadow(self, route: str, shadow, request: InferRequest, primary: dict, key) -> None:
+        t0 = time.perf_counter()
+        ok, div = False, None
+        try:
+            resp = await self._call(shadow.target, replace(request, model_name=shadow.target.route or
+                                                           shadow.target.model), key, 1)
+            ok = True
+            div = divergence(primary, {t.name: t.data for t in resp.outputs})
+        except ServingError as exc:
+            log.debug("shadow %r of route %r: %s", shadow.name, route, exc)
+        except Exception:
+            log.exception("shadow %r of route %r: internal error", shadow.name, route)
+        latency = time.perf_counter() - t0
+        self.controller.record_shadow(route, shadow.name, ok, latency, div)
+        if self.metrics:
+            m = self.metrics
+            m.shadow_requests.labels(route, shadow.name, "ok" if ok else "error").inc()
+            m.shadow_duration.labels(route, shadow.name).observe(latency)
+            st = self.controller.routes.get(route)
+            if st is not None and shadow.name in st.shadows:
+                s = st.shadows[shadow.name].as_dict()
+                if s["top1_agreement"] is not None:
+                    m.shadow_top1.labels(route, shadow.name).set(s["top1_agreement"])
+                if s["compared"]:
+                    m.shadow_max_abs.labels(route, shadow.name).set(s["max_abs_diff"])
+                    m.shadow_cosine.labels(route, shadow.name).set(s["cosine_mean"])
+
+    async def drain_shadows(self) -> None:
+        """Wait until every queued shadow copy has run (tests, benchmarks)."""
+        for q in list(self._queues.values()):
+            await q.join()
+
+    # --- interleaving ------------------------------------------------------------------------------
+
+    async def _interleave(self, plan: Plan, request: InferRequest, key: str | None, depth: int) -> InferResponse:
+        import random
+
+        route = plan.route
+        a, b = plan.variants
+        plain = replace(request, outputs=())
+        t0 = time.perf_counter()
+        results = await asyncio.gather(self._call(a.target, plain, key, depth), self._call(b.target, plain, key, depth),
+                                       return_exceptions=True)
+        latency = time.perf_counter() - t0
+        for v, r in zip((a, b), results):
+            self._record(route.name, v.name, not isinstance(r, BaseException), latency)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        ra, rb = (_ranking(r, v.name) for r, v in zip(results, (a, b)))
+        if ra.shape[0] != rb.shape[0]:
+            raise InvalidArgument(f"route {route.name!r}: the variants answered {ra.shape[0]} and {rb.shape[0]} rows")
+        rows = []
+        for i in range(ra.shape[0]):
+            rng = random.Random(f"{route.name}/{key}/{i}") if key else self.controller.rng
+            rows.append(team_draft([int(x) for x in ra[i]], [int(x) for x in rb[i]], rng))
+        width = max((len(il.items) for il in rows), default=0)
+        ids = np.full((len(rows), width), -1, dtype=np.int64)
+        teams = np.full((len(rows), width), -1, dtype=np.int8)
+        for i, il in enumerate(rows):
+            ids[i, : len(il.items)] = il.items
+            teams[i, : len(il.teams)] = il.teams
+        self.controller.record_interleaving(route.name)
+        rid = request.id or uuid.uuid4().hex
+        self.controller.remember(rid, route.name, f"{a.name},{b.name}", rows)
+        return InferResponse(model_name=route.name, model_version="", id=request.id,
+                             outputs=(Tensor("interleaved", "INT64", ids), Tensor("interleaved_team", "INT8", teams)),
+                             parameters={VARIANT_PARAM: f"{a.name},{b.name}", REQUEST_ID_PARAM: rid})
+
+
+def _ranking(resp: InferResponse, variant: str) -> np.ndarray:
+    """Ranked item ids ``[N, L]`` from a variant's first output (scores -> ids by descending score)."""
+    if not resp.outputs:
+        raise InvalidArgument(f"variant {variant!r} answered no output to rank")
+    data = np.asarray(resp.outputs[0].data)
+    if data.ndim == 1:
+        data = data.reshape(1, -1)
+    if data.ndim != 2 or data.dtype.kind not in "biuf":
+        raise InvalidArgument(f"variant {variant!r}: a ranking output must be numeric [N, C] scores or [N, L] ids, "
+                              f"got {data.dtype} {list(data.shape)}")
+    if data.dtype.kind == "f":
+        return np.argsort(-data, axis=1, kind="stable")
+    return data.astype(np.int64)

@@ -1,0 +1,234 @@
+"""The traffic config contract: the example parses; every bad input is refused with the field named."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from pyserve.traffic import TrafficConfigError, load_traffic_config, parse_traffic_config
+
+EXAMPLE = textwrap.dedent("""
+    version: 1
+    revision: "2026-11-30.1"
+    routes:
+      mnist:
+        policy: canary
+        variants:
+          stable:    {model: lenet300, version: 1, weight_percent: 95}
+          candidate: {model: lenet300, version: 2, weight_percent: 5}
+        shadows:
+          compressed: {model: lenet300c, version: 1, fraction: 0.25}
+        shadow_queue_size: 1024
+        guard:
+          canary: candidate
+          steps_percent: [1, 5, 25, 50, 100]
+          window_s: 60
+          min_requests: 100
+          max_error_rate_increase: 0.01
+          max_p99_latency_ratio: 1.2
+          max_shadow_disagreement: 0.02
+""")
+
+
+def test_contract_example_parses():
+    cfg = parse_traffic_config(EXAMPLE, source="traffic.yaml")
+    assert cfg.version == 1 and cfg.revision == "2026-11-30.1" and list(cfg.routes) == ["mnist"]
+    r = cfg.routes["mnist"]
+    assert r.policy == "canary" and r.weights == {"stable": 95.0, "candidate": 5.0}
+    assert [(v.target.model, v.target.version) for v in r.variants] == [("lenet300", "1"), ("lenet300", "2")]
+    assert r.shadows[0].name == "compressed" and r.shadows[0].fraction == 0.25
+    assert r.guard.canary == "candidate" and r.guard.steps_percent == (1, 5, 25, 50, 100)
+    assert r.guard.max_shadow_disagreement == 0.02 and r.shadow_queue_size == 1024
+
+
+def test_load_from_file_names_the_file(tmp_path):
+    p = tmp_path / "traffic.yaml"
+    p.write_text(EXAMPLE.replace("weight_percent: 5}", "weight_percent: 6}"))
+    with pytest.raises(TrafficConfigError) as e:
+        load_traffic_config(p)
+    assert str(e.value).startswith(f"{p}: routes.mnist.variants: weight_percent must sum to 100, got 101")
+
+
+def test_version_omitted_means_served_version_and_single_variant_gets_100():
+    cfg = parse_traffic_config("version: 1\nroutes:\n  r: {policy: canary, variants: {only: {model: m}}}\n")
+    v = cfg.routes["r"].variants[0]
+    assert v.target.version == "" and v.weight_percent == 100.0
+
+
+def _routes(body: str) -> str:
+    return "version: 1\nroutes:\n" + textwrap.indent(textwrap.dedent(body), "  ")
+
+
+BAD = [
+    # (yaml, field path, words in the message)
+    (_routes("""
+        r:
+          policy: canary
+          variants:
+            a: {model: m, weight_percent: -5}
+            b: {model: n, weight_percent: 105}
+        """), "routes.r.variants.a.weight_percent", "[0, 100]"),
+    (_routes("""
+        r:
+          policy: ab
+          variants:
+            a: {model: m, weight_percent: 50}
+            b: {model: n, weight_percent: 49}
+        """), "routes.r.variants", "sum to 100, got 99"),
+    (_routes("""
+        r:
+          policy: canary
+          variants:
+            a: {model: m, weight_percent: 99}
+            b: {model: n, weight_percent: 1}
+          guard: {canary: c, steps_percent: [1, 100]}
+        """), "routes.r.guard.canary", "unknown variant 'c'"),
+    (_routes("""
+        r:
+          policy: shadow
+          variants: {a: {model: m}}
+          shadows: {me: {route: r}}
+        """), "routes.r.shadows.me.route", "cannot shadow itself"),
+    (_routes("""
+        r:
+          policy: canary
+          variants: {a: {route: s}}
+        s:
+          policy: canary
+          variants: {b: {route: t}}
+        t:
+          policy: shadow
+          variants: {c: {model: m}}
+          shadows: {back: {route: r}}
+        """), "routes.t.shadows.back.route", "cycle: r -> s -> t -> r"),
+    (_routes("""
+        r:
+          policy: canary
+          variants: {a: {route: nowhere}}
+        """), "routes.r.variants.a.route", "unknown route 'nowhere'"),
+    (_routes("""
+        r:
+          policy: shadow
+          variants: {a: {model: m}}
+          shadows: {s: {model: n, fraction: 1.5}}
+        """), "routes.r.shadows.s.fraction", "[0, 1]"),
+    (_routes("""
+        r:
+          policy: shadow
+          variants: {a: {model: m}}
+          shadows: {s: {model: n, fraction: -0.1}}
+        """), "routes.r.shadows.s.fraction", "[0, 1]"),
+    (_routes("""
+        r:
+          policy: canary
+          variants: {a: {model: m, wieght_percent: 100}}
+        """), "routes.r.variants.a.wieght_percent", "unknown field"),
+    (_routes("""
+        r: {policy: rainbow, variants: {a: {model: m}}}
+        """), "routes.r.policy", "canary, ab, shadow, interleave"),
+    (_routes("""
+        r:
+          policy: interleave
+          variants: {a: {model: m}, b: {model: n}, c: {model: o}}
+        """), "routes.r.variants", "exactly two"),
+    (_routes("""
+        r:
+          policy: interleave
+          variants: {a: {model: m, weight_percent: 50}, b: {model: n, weight_percent: 50}}
+        """), "routes.r.variants.a.weight_percent", "no weights"),
+    (_routes("""
+        r:
+          policy: canary
+          variants:
+            a: {model: m, weight_percent: 97}
+            b: {model: n, weight_percent: 3}
+          guard: {canary: b, steps_percent: [1, 5, 100]}
+        """), "routes.r.variants.b.weight_percent", "must be one of guard.steps_percent"),
+    (_routes("""
+        r:
+          policy: canary
+          variants:
+            a: {model: m, weight_percent: 99}
+            b: {model: n, weight_percent: 1}
+          guard: {canary: b, steps_percent: [1, 50, 25]}
+        """), "routes.r.guard.steps_percent[2]", "increase strictly"),
+    (_routes("""
+        r:
+          policy: canary
+          variants: {a: {model: m, route: x}}
+        """), "routes.r.variants.a", "exactly one of 'model'"),
+    (_routes("""
+        r:
+          policy: shadow
+          variants: {a: {model: m}}
+        """), "routes.r.shadows", "at least one shadow"),
+    ("routes: {}\n", "version", "required"),
+    ("version: 2\nroutes: {}\n", "version", "unsupported format version 2"),
+]
+
+
+@pytest.mark.parametrize("text,field,words", BAD, ids=[b[1] + ":" + b[2][:12] for b in BAD])
+def test_bad_config_is_refused_with_the_field_named(text, field, words):
+    with pytest.raises(TrafficConfigError) as e:
+        parse_traffic_config(text, source="traffic.yaml")
+    assert e.value.field_path == field
+    assert str(e.value).startswith(f"traffic.yaml: {field}: ")
+    assert words in str(e.value)
+
+
+def test_not_yaml_and_not_a_mapping():
+    with pytest.raises(TrafficConfigError, match="not valid YAML"):
+        parse_traffic_config("version: [1\n", source="t.yaml")
+    with pytest.raises(TrafficConfigError, match="mapping at the top level"):
+        parse_traffic_config("- 1\n", source="t.yaml")
+
+
+def test_route_chaining_without_cycle_is_accepted():
+    cfg = parse_traffic_config(_routes("""
+        front: {policy: canary, variants: {all: {route: back}}}
+        back: {policy: canary, variants: {a: {model: m, weight_percent: 50}, b: {model: n, weight_percent: 50}}}
+        """))
+    assert cfg.routes["front"].variants[0].target.route == "back"
+
+
+def test_with_weights_checks_every_rule():
+    r = parse_traffic_config(EXAMPLE).routes["mnist"]
+    assert r.with_weights({"stable": 75, "candidate": 25}).weights == {"stable": 75.0, "candidate": 25.0}
+    assert r.weights == {"stable": 95.0, "candidate": 5.0}  # frozen: the original is unchanged
+    for weights, field in (({"stable": 75, "candidate": 20}, "routes.mnist.variants"),
+                           ({"stable": 110, "candidate": -10}, "routes.mnist.variants.stable.weight_percent"),
+                           ({"stable": 100}, "routes.mnist.variants.candidate.weight_percent"),
+                           ({"stable": 50, "candidate": 25, "ghost": 25}, "routes.mnist.variants.ghost")):
+        with pytest.raises(TrafficConfigError) as e:
+            r.with_weights(weights)
+        assert e.value.field_path == field
+
+
+def test_check_targets_names_the_field():
+    cfg = parse_traffic_config(EXAMPLE, source="traffic.yaml")
+
+    def exists(model, version):
+        return None if model == "lenet300" else f"unknown model {model!r}"
+
+    with pytest.raises(TrafficConfigError) as e:
+        cfg.check_targets(exists)
+    assert e.value.field_path == "routes.mnist.shadows.compressed.model"
+    cfg.check_targets(lambda m, v: None)
+
+
+def test_route_to_dict_round_trips_through_parse_route():
+    import yaml
+
+    from pyserve.traffic.config import parse_route, route_to_dict
+
+    for r in parse_traffic_config(EXAMPLE).routes.values():
+        assert parse_route(r.name, yaml.safe_dump(route_to_dict(r), sort_keys=False)) == r
+    il = parse_traffic_config(_routes("""
+        rank: {policy: interleave, variants: {a: {model: m, version: 3}, b: {route: other}}}
+        other: {policy: canary, variants: {x: {model: n}}}
+        """)).routes["rank"]
+    assert parse_route("rank", yaml.safe_dump(route_to_dict(il), sort_keys=False)) == il
+    with pytest.raises(TrafficConfigError) as e:
+        parse_route("r", "policy: canary\nvariants: {a: {model: m, weight_percent: 50}}\n")
+    assert e.value.field_path == "routes.r.variants"

@@ -3,6 +3,11 @@
 Add a backend: implement :class:`pyserve.backends.base.Backend` in a module, then either add it to
 ``_BUILTIN`` below or call :func:`register_backend` (e.g. from a plug-in) before the server starts.
 A model's ``config.yaml`` picks its backend with ``backend: NAME`` (default ``pyserve``).
+
+Built in: ``pyserve`` (``model.pyserve``), ``torch`` (``model.pt2``, torch.export), ``pytorch_libtorch``
+and ``pytorch`` (``model.pt``, TorchScript), ``onnxruntime``/``onnxruntime_onnx`` (``model.onnx``),
+``tensorrt``/``tensorrt_plan`` (``model.plan``). The second names are Triton's ``platform`` values, so
+a Triton ``config.pbtxt`` with ``platform: "onnxruntime_onnx"`` loads unchanged.
 """
 
 from __future__ import annotations
@@ -63,3 +68,11 @@ def create_backend(name: str, artifact_path: Path, *, executor: Executor | None 
 
 
 register_backend("pyserve", "pyserve.backends.pyserve_backend:PyserveBackend", "model.pyserve")
+# torch.export programs (.pt2) and TorchScript (.pt, Triton's pytorch_libtorch platform); one class loads both.
+register_backend("torch", "pyserve.backends.torch_backend:TorchBackend", "model.pt2")
+register_backend("pytorch_libtorch", "pyserve.backends.torch_backend:TorchBackend", "model.pt")
+register_backend("pytorch", "pyserve.backends.torch_backend:TorchBackend", "model.pt")
+register_backend("onnxruntime", "pyserve.backends.onnxruntime_backend:OnnxRuntimeBackend", "model.onnx")
+register_backend("onnxruntime_onnx", "pyserve.backends.onnxruntime_backend:OnnxRuntimeBackend", "model.onnx")
+register_backend("tensorrt", "pyserve.backends.tensorrt_backend:TensorRTBackend", "model.plan")
+register_backend("tensorrt_plan", "pyserve.backends.tensorrt_backend:TensorRTBackend", "model.plan")

@@ -24,6 +24,7 @@ COMMANDS = {
     "evaluate": "pyserve.cli.evaluate",
     "serve": "pyserve.cli.serve",
     "infer": "pyserve.cli.infer",
+    "export": "pyserve.cli.export",
     "traffic": "pyserve.cli.traffic",
 }
 

@@ -207,7 +207,7 @@ def test_config_pbtxt_equals_the_same_config_in_yaml(tmp_path, write_model):
          "field 'dynamic_batching.preserve_ordering' is not supported"),
         ("no_such_field: 1\n", "field 'no_such_field' of ModelConfig is unknown or not supported"),
         ("max_batch_size: lots\n", "max_batch_size"),
-        ('platform: "onnxruntime_onnx"\n', "field 'platform': unknown backend 'onnxruntime_onnx'"),
+        ('platform: "tensorflow_savedmodel"\n', "field 'platform': unknown backend 'tensorflow_savedmodel'"),
         ("dynamic_batching { }\n", "field 'dynamic_batching' needs 'max_batch_size' > 0"),
     ],
 )

@@ -1,0 +1,75 @@
+"""Pieces the torch, onnxruntime and tensorrt backends share: the embedded signature format, the
+per-request loop (one bad request never fails the batch) and output checks.
+
+The exporter (:mod:`pyserve.export`) embeds the protocol signature in what it writes (an extra file
+of a ``.pt2``/TorchScript file, ``metadata_props`` of an ONNX model; a TensorRT engine carries its
+own I/O names, types and shapes) under :data:`SIGNATURE_KEY`, as ``{"inputs": [{name, datatype, shape}], "outputs": [...]}``
+with -1 for the batch dimension.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pyserve import dtypes
+from pyserve.backends.base import InferInputs, InferOutputs, InferResult, ModelSignature, TensorSpec
+
+__all__ = ["SIGNATURE_KEY", "signature_to_json", "signature_from_json", "run_each", "check_output"]
+
+#: Key of the embedded signature (extra file name of .pt2/.pt, ONNX metadata_props key).
+SIGNATURE_KEY = "pyserve_signature.json"
+
+
+def signature_to_json(sig: ModelSignature) -> str:
+    def specs(items):
+        return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in items]
+
+    return json.dumps({"inputs": specs(sig.inputs), "outputs": specs(sig.outputs)}, sort_keys=True)
+
+
+def signature_from_json(text: str | bytes, what: str) -> ModelSignature:
+    """Parse an embedded signature; ValueError naming ``what`` when it is malformed."""
+    try:
+        raw = json.loads(text)
+
+        def specs(items) -> tuple[TensorSpec, ...]:
+            out = []
+            for s in items:
+                name, dt, shape = s["name"], s["datatype"], s["shape"]
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"bad tensor name {name!r}")
+                dtypes.from_name(dt)
+                if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < -1
+                                                      for d in shape):
+                    raise ValueError(f"bad shape {shape!r} of {name!r}")
+                out.append(TensorSpec(name, dt, tuple(shape)))
+            return tuple(out)
+
+        sig = ModelSignature(inputs=specs(raw["inputs"]), outputs=specs(raw["outputs"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: malformed embedded signature {SIGNATURE_KEY}: {exc}") from None
+    if not sig.inputs or not sig.outputs:
+        raise ValueError(f"{what}: embedded signature {SIGNATURE_KEY} has no inputs or no outputs")
+    return sig
+
+
+def check_output(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """``array`` as the declared datatype; RuntimeError when the model produced another one."""
+    actual = dtypes.from_numpy(array.dtype).name
+    if actual != spec.datatype:
+        raise RuntimeError(f"output {spec.name!r}: the model returned {actual}, its signature declares {spec.datatype}")
+    return np.ascontiguousarray(array)
+
+
+def run_each(fn: Callable[[InferInputs], InferOutputs], batch: Sequence[InferInputs]) -> list[InferResult]:
+    """``fn`` on every request; an exception becomes that request's result only."""
+    results: list[InferResult] = []
+    for inputs in batch:
+        try:
+            results.append(fn(inputs))
+        except Exception as exc:  # the error belongs to this request only
+            results.append(exc)
+    return results

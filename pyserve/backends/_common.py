@@ -17,7 +17,7 @@ import numpy as np
 from pyserve import dtypes
 from pyserve.backends.base import InferInputs, InferOutputs, InferResult, ModelSignature, TensorSpec
 
-__all__ = ["SIGNATURE_KEY", "signature_to_json", "signature_from_json", "run_each", "check_output"]
+__all__ = ["SIGNATURE_KEY", "signature_to_json", "signature_from_json", "run_each", "check_output", "run_torch_batch"]
 
 #: Key of the embedded signature (extra file name of .pt2/.pt, ONNX metadata_props key).
 SIGNATURE_KEY = "pyserve_signature.json"
@@ -73,3 +73,48 @@ def run_each(fn: Callable[[InferInputs], InferOutputs], batch: Sequence[InferInp
         except Exception as exc:  # the error belongs to this request only
             results.append(exc)
     return results
+
+
+def _to_torch(array: np.ndarray, datatype: str):
+    import torch
+
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        array = np.array(array, order="C", copy=True)
+    if datatype == "BF16":  # held as uint16 bits; reinterpret, never convert
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def _to_numpy(tensor, spec: TensorSpec) -> np.ndarray:
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise RuntimeError(f"output {spec.name!r}: the model returned {type(tensor).__name__}, not a tensor")
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return check_output(tensor.view(torch.int16).numpy().view(np.uint16), spec) if spec.datatype == "BF16" \
+            else check_output(tensor.float().numpy(), spec)
+    return check_output(tensor.numpy(), spec)
+
+
+def run_torch_batch(module, signature: ModelSignature, batch: Sequence[InferInputs]) -> list[InferResult]:
+    """Run a torch ``module`` (called with one tensor per ``signature.inputs``, returning a tensor or
+    a tuple in ``signature.outputs`` order) on each request of ``batch`` under inference mode.
+
+    Inputs are taken without copying where numpy allows (BF16 arrives as uint16 bits and is
+    reinterpreted); an output of another datatype or count than the signature declares, or any
+    exception, becomes that request's result only.
+    """
+    import torch
+
+    def one(inputs: InferInputs) -> InferOutputs:
+        args = [_to_torch(inputs[spec.name], spec.datatype) for spec in signature.inputs]
+        out = module(*args)
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        if len(outs) != len(signature.outputs):
+            raise RuntimeError(f"the model returned {len(outs)} output(s); its signature declares "
+                               f"{len(signature.outputs)}")
+        return {spec.name: _to_numpy(t, spec) for spec, t in zip(signature.outputs, outs, strict=True)}
+
+    with torch.inference_mode():
+        return run_each(one, batch)

@@ -20,10 +20,8 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from pyserve import dtypes
-from pyserve.backends.base import InferInputs, InferOutputs, InferResult, ModelSignature, TensorSpec
+from pyserve.backends._common import run_torch_batch
+from pyserve.backends.base import InferInputs, InferResult, ModelSignature, TensorSpec
 
 __all__ = ["PyserveBackend"]
 
@@ -63,7 +61,7 @@ class PyserveBackend:
         if module is None or signature is None:
             raise RuntimeError(f"backend for {self._path} is not loaded")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(_run_batch, module, signature, list(batch)))
+        return await loop.run_in_executor(self._executor, functools.partial(run_torch_batch, module, signature, list(batch)))
 
     async def unload(self) -> None:
         self._module = None
@@ -88,52 +86,3 @@ def _load(path: Path, kernels: str = "auto"):
         return tuple(TensorSpec(s.name, s.datatype, tuple(int(d) for d in s.shape)) for s in items)
 
     return module, ModelSignature(inputs=specs(m.inputs), outputs=specs(m.outputs)), choices
-
-
-def _run_batch(module, signature: ModelSignature, batch: list[InferInputs]) -> list[InferResult]:
-    # One forward pass per request for now; a dynamic batcher will concatenate along dim 0.
-    import torch
-
-    results: list[InferResult] = []
-    with torch.inference_mode():
-        for inputs in batch:
-            try:
-                results.append(_run_one(module, signature, inputs))
-            except Exception as exc:  # the error belongs to this request only
-                results.append(exc)
-    return results
-
-
-def _to_torch(array: np.ndarray, datatype: str):
-    import torch
-
-    if not (array.flags.c_contiguous and array.flags.writeable):
-        array = np.array(array, order="C", copy=True)
-    if datatype == "BF16":  # held as uint16 bits; reinterpret, never convert
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
-
-
-def _to_numpy(tensor, spec: TensorSpec) -> np.ndarray:
-    import torch
-
-    if not isinstance(tensor, torch.Tensor):
-        raise RuntimeError(f"output {spec.name!r}: the model returned {type(tensor).__name__}, not a tensor")
-    actual = dtypes.from_torch(tensor.dtype).name
-    if actual != spec.datatype:
-        raise RuntimeError(f"output {spec.name!r}: the model returned {actual}, its signature declares {spec.datatype}")
-    tensor = tensor.detach().cpu().contiguous()
-    if actual == "BF16":
-        return tensor.view(torch.int16).numpy().view(np.uint16)
-    return tensor.numpy()
-
-
-def _run_one(module, signature: ModelSignature, inputs: InferInputs) -> InferOutputs:
-    import torch
-
-    args = [_to_torch(inputs[spec.name], spec.datatype) for spec in signature.inputs]
-    out = module(*args)
-    outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-    if len(outs) != len(signature.outputs):
-        raise RuntimeError(f"the model returned {len(outs)} output(s); its signature declares {len(signature.outputs)}")
-    return {spec.name: _to_numpy(t, spec) for spec, t in zip(signature.outputs, outs, strict=True)}

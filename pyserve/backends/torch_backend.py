@@ -21,11 +21,10 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from pyserve import dtypes
-from pyserve.backends._common import SIGNATURE_KEY, check_output, run_each, signature_from_json
-from pyserve.backends.base import InferInputs, InferOutputs, InferResult, ModelSignature, TensorSpec
+from pyserve.backends._common import SIGNATURE_KEY, run_torch_batch, signature_from_json
+from pyserve.backends.base import InferInputs, InferResult, ModelSignature, TensorSpec
 
 __all__ = ["TorchBackend", "load_torch_model"]
 
@@ -72,7 +71,7 @@ class TorchBackend:
         if module is None or signature is None:
             raise RuntimeError(f"backend for {self._path} is not loaded")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(_run_batch, module, signature, list(batch)))
+        return await loop.run_in_executor(self._executor, functools.partial(run_torch_batch, module, signature, list(batch)))
 
     async def unload(self) -> None:
         self._module = None
@@ -138,41 +137,3 @@ def _signature_from_program(ep) -> ModelSignature:
     outputs = [o.meta.get("val") for o in outs if getattr(o, "name", None) in user_outputs]
     return ModelSignature(inputs=tuple(spec(f"input__{i}", v) for i, v in enumerate(inputs)),
                           outputs=tuple(spec(f"output__{i}", v) for i, v in enumerate(outputs)))
-
-
-def _to_torch(array: np.ndarray, datatype: str):
-    import torch
-
-    if not (array.flags.c_contiguous and array.flags.writeable):
-        array = np.array(array, order="C", copy=True)
-    if datatype == "BF16":  # held as uint16 bits; reinterpret, never convert
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
-
-
-def _to_numpy(tensor, spec: TensorSpec) -> np.ndarray:
-    import torch
-
-    if not isinstance(tensor, torch.Tensor):
-        raise RuntimeError(f"output {spec.name!r}: the model returned {type(tensor).__name__}, not a tensor")
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        return check_output(tensor.view(torch.int16).numpy().view(np.uint16), spec) if spec.datatype == "BF16" \
-            else check_output(tensor.float().numpy(), spec)
-    return check_output(tensor.numpy(), spec)
-
-
-def _run_batch(module, signature: ModelSignature, batch: list[InferInputs]) -> list[InferResult]:
-    import torch
-
-    def one(inputs: InferInputs) -> InferOutputs:
-        args = [_to_torch(inputs[spec.name], spec.datatype) for spec in signature.inputs]
-        out = module(*args)
-        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-        if len(outs) != len(signature.outputs):
-            raise RuntimeError(f"the model returned {len(outs)} output(s); its signature declares "
-                               f"{len(signature.outputs)}")
-        return {spec.name: _to_numpy(t, spec) for spec, t in zip(signature.outputs, outs, strict=True)}
-
-    with torch.inference_mode():
-        return run_each(one, batch)

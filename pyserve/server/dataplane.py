@@ -17,7 +17,7 @@ import numpy as np
 from pyserve import dtypes
 from pyserve._version import __version__
 from pyserve.backends import ModelSignature, TensorSpec
-from pyserve.protocol.errors import Internal, InvalidArgument, NotFound, ServingError, Unimplemented
+from pyserve.protocol.errors import Internal, InvalidArgument, NotFound, Unimplemented
 from pyserve.protocol.types import (
     InferRequest,
     InferResponse,

@@ -24,9 +24,10 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
+
+from pyserve._fileio import atomic_output
 
 MAGIC = b"\x89PYSRV\r\n"
 FORMAT_VERSION = 2
@@ -59,24 +60,12 @@ def write_container(path: str | os.PathLike, manifest: dict, blobs: dict[str, by
     manifest_bytes = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode("utf-8"), 9)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes), offset,
                           hashlib.sha256(manifest_bytes).digest(), 0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
             fh.write(header)
             fh.write(manifest_bytes)
             for data in blobs.values():
                 fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return HEADER_SIZE + len(manifest_bytes) + offset
 
 

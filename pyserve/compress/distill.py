@@ -28,7 +28,6 @@ import copy
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -6,7 +6,6 @@ import importlib
 import importlib.util
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import numpy as np
 import torch
 
 from pyserve import artifact
-from pyserve.compress._train import Task, accuracy, fit, progress, set_seed
+from pyserve._fileio import atomic_output
+from pyserve.compress._train import Task, fit, progress, set_seed
 from pyserve.compress.methods import CompressionState, handler_for
 from pyserve.compress.recipe import Recipe, RecipeError, load_recipe
 
@@ -157,11 +157,8 @@ def prepare_model(recipe: Recipe, task: Task, *, verbose: bool = True,
     _log(f"pyserve compress: training {recipe.name} for {recipe.train.epochs} epochs", verbose)
     fit(model, task, recipe.train.epochs, desc="train")
     if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=ckpt.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, ckpt)
+        with atomic_output(ckpt) as tmp:
+            torch.save(model.state_dict(), tmp)
         _log(f"pyserve compress: saved checkpoint {ckpt}", verbose)
     return model.eval()
 

@@ -7,12 +7,11 @@ interrupted export never leaves a partial model file or config.
 
 from __future__ import annotations
 
-import os
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from pyserve import dtypes
+from pyserve._fileio import atomic_output
 from pyserve.backends.base import ModelSignature
 
 __all__ = ["FORMAT_FILES", "PLATFORMS", "model_config_text", "atomic_output", "check_writable_dir"]
@@ -72,22 +71,3 @@ def check_writable_dir(path: Path, what: str) -> None:
     except OSError as exc:
         raise ValueError(f"{what} {str(path)!r}: directory {str(p)!r} is not writable ({exc.strerror})") from None
 
-
-@contextmanager
-def atomic_output(path: Path):
-    """Yields a temporary path beside ``path``; renamed onto ``path`` when the block succeeds,
-    removed when it raises."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the final suffix kept last: torch.export.save warns about a file not ending in .pt2
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

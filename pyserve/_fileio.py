@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 __all__ = ["atomic_output"]
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    with _UMASK_LOCK:  # reading the umask means setting it; keep other writers of it out meanwhile
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -17,6 +27,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     the file is fsynced and renamed onto ``path`` in one step, and when it raises (Ctrl-C included)
     it is removed, so ``path`` is never half-written and an existing file is never damaged.
 
+    The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask; mkstemp
+    alone makes it 0600, which the unprivileged user of a model-repository image could not read).
     The temporary name keeps ``path``'s suffix last (torch.export.save warns about a file not
     ending in ``.pt2``).
     """
@@ -28,6 +40,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:

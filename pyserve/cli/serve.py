@@ -160,7 +160,8 @@ async def _serve(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as exc:
         raise UsageError(str(exc)) from None
     ready = sum(1 for m in server.repository.models if m.ready)
-    refused = [m.name for m in server.repository.models if not m.ready]
+    # explicit mode: models not asked for are simply not loaded; refused = tried and failed
+    refused = [m.name for m in server.repository.models if not m.ready and m.reason not in ("", "not loaded")]
     if refused:
         logging.getLogger("pyserve.server").warning("refused model(s): %s (reasons above)", ", ".join(refused))
     if server.metrics_bound_port is not None:

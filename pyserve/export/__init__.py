@@ -142,6 +142,10 @@ def check_request(req: ExportRequest) -> str:
             check_writable_dir(req.repository, "--repository")
         except ValueError as exc:
             raise ExportError(str(exc)) from None
+        yaml_cfg = Path(req.repository) / req.model / "config.yaml"
+        if yaml_cfg.exists():  # the server refuses a model with both config.yaml and config.pbtxt
+            raise ExportError(f"{yaml_cfg} exists and --repository writes config.pbtxt beside it, which the server "
+                              f"would refuse (one config per model): remove or rename it, or export with -o")
     else:
         if req.output.is_dir():
             raise ExportError(f"-o {str(req.output)!r} is a directory; give a file name")
@@ -209,9 +213,6 @@ def run_export(req: ExportRequest, source: Source | None = None) -> ExportResult
         text = model_config_text(req.model, result.format, result.signature, max_batch_size=mbs)
         with atomic_output(cfg) as tmp:
             tmp.write_text(text, encoding="utf-8")
-        for other in ("config.yaml",):  # the server refuses a model with both configs
-            if (cfg.parent / other).exists():
-                result.notes.append(f"{cfg.parent / other} also exists; the server refuses both configs: remove it")
         result.config_path = cfg
     result.seconds = time.perf_counter() - t0
     return result

@@ -215,6 +215,15 @@ class Server:
         await server.start()
         log.info("listening on %s; loading %s", self.address, self.model_repository)
         await self.repository.load_all()
+        if self.traffic.config_path is not None:
+            # The versions a route names, and whether its models loaded, are known only now: check
+            # the config again, and refuse to start (TrafficConfigError, a ValueError) rather than
+            # serve a route whose variants answer NOT_FOUND or UNAVAILABLE.
+            try:
+                self.traffic.load_file()
+            except ValueError:
+                await self.stop(0)
+                raise
         await self.traffic.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.repository.control_mode == "poll":

@@ -146,7 +146,7 @@ class TrafficRouter:
     # --- config ------------------------------------------------------------------------------------
 
     def model_exists(self, model: str, version: str) -> str | None:
-        """None if the repository has ``model`` (and serves ``version``, when it is loaded), else why not."""
+        """None if the repository has ``model`` (and serves ``version``, once it has loaded), else why not."""
         repo = self.dataplane.repository
         try:
             repo.discover()
@@ -156,6 +156,8 @@ class TrafficRouter:
             repo.get(model, version)  # NotFound for an unknown model, or a version it does not serve
         except NotFound as exc:
             return str(exc)
+        # A model that failed to load is accepted: its variant or shadow answers UNAVAILABLE, counted
+        # as errors (the SLO guard rolls a guarded canary back), until a reload succeeds.
         return None
 
     def load_file(self) -> TrafficConfig:

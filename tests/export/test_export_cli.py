@@ -45,7 +45,7 @@ def test_cli_writes_onnx_and_reports(lenet, tmp_path):
 @pytest.mark.parametrize("case", [
     "unsupported-source", "missing-source", "int8-no-scales", "int8-opset-too-old", "opset-too-new",
     "torch-fp16", "unwritable-output", "output-under-a-file", "tensorrt-missing", "both-outputs",
-    "no-output", "bad-model-name", "bad-version", "trt-batch-order", "opset-for-torch",
+    "no-output", "bad-model-name", "bad-version", "trt-batch-order", "opset-for-torch", "repository-has-config-yaml",
 ])
 def test_bad_input_exits_2_before_any_work_and_writes_nothing(lenet, tmp_path, case):
     out = tmp_path / "out" / "m.onnx"
@@ -77,7 +77,12 @@ def test_bad_input_exits_2_before_any_work_and_writes_nothing(lenet, tmp_path, c
                              tmp_path / "out" / "m.plan"], "min_batch <= opt_batch <= max_batch"),
         "opset-for-torch": ([lenet.fp32, "--to", "torch", "--opset", "17", "-o", tmp_path / "out" / "m.pt2"],
                             "--opset applies to"),
+        "repository-has-config-yaml": ([lenet.fp32, "--to", "onnx", "--repository", tmp_path / "out", "--model",
+                                        "m"], "config.yaml exists"),
     }[case]
+    if case == "repository-has-config-yaml":
+        (tmp_path / "out" / "m").mkdir()
+        (tmp_path / "out" / "m" / "config.yaml").write_text("max_batch_size: 0\n")
     if case == "unwritable-output":
         try:
             with tempfile.TemporaryFile(dir="/sys"):

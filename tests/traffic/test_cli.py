@@ -20,6 +20,39 @@ def test_serve_refuses_an_invalid_traffic_config_at_start(tmp_path, capsys):
     assert err[-1].startswith(f"pyserve serve: error: {cfg}: routes.mnist.variants.b.model: unknown model 'ghost'")
 
 
+def test_serve_refuses_a_route_to_a_version_that_is_not_served(tmp_path, capsys):
+    """The versions a model serves are known only after the repository loaded: the server must
+    still refuse the config (exit 2, field named) rather than serve a route answering NOT_FOUND."""
+    torch = pytest.importorskip("torch")
+    from pyserve.artifact import save
+
+    repo = tmp_path / "repo"
+    for version in (1, 2):  # no config.yaml: only the highest version (2) serves
+        save(repo / "lin" / str(version) / "model.pyserve", torch.nn.Linear(4, 2), (torch.randn(2, 4),),
+             model_name="lin")
+    cfg = tmp_path / "traffic.yaml"
+    cfg.write_text("version: 1\nroutes:\n  mnist:\n    policy: canary\n    variants:\n"
+                   "      a: {model: lin, version: 2, weight_percent: 90}\n      b: {model: lin, version: 1, weight_percent: 10}\n")
+    rc = main(["serve", "--model-repository", str(repo), "--grpc-port", "0", "--host", "127.0.0.1",
+               "--traffic-config", str(cfg), "--log-level", "ERROR"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith(f"pyserve serve: error: {cfg}: routes.mnist.variants.b.version: model 'lin' has no "
+                              "version '1'"), err[-1]
+
+
+def test_every_help_page_prints(capsys):
+    """`--help` of every command and traffic action exits 0 (argparse formats help strings with %)."""
+    for argv in (["--help"], ["serve", "--help"], ["traffic", "--help"], ["export", "--help"], ["compress", "--help"],
+                 ["inspect", "--help"], ["infer", "--help"], ["evaluate", "--help"],
+                 *[["traffic", a, "--help"] for a in ("status", "report", "get-route", "set-route", "set-weights",
+                                                        "promote", "rollback", "feedback")]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0, argv
+        assert "usage:" in capsys.readouterr().out
+
+
 def test_serve_refuses_a_bad_poll_interval(tmp_path, capsys):
     assert main(["serve", "--model-repository", str(tmp_path), "--traffic-poll-s", "0"]) == 2
     assert "--traffic-poll-s must be > 0" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pyserve.cli import auth_metadata
 from pyserve.cli.main import UsageError
 
 
@@ -35,6 +36,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", metavar="FILE.npy", help="save the first output to this file")
     p.add_argument("--id", default="", help="request id (echoed by the server)")
     p.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each RPC")
+    p.add_argument("--auth-token-file", metavar="FILE", default=None,
+                   help="send 'authorization: Bearer <token>' with the first token of FILE (for a server "
+                   "started with --auth-token-file)")
     p.add_argument("--client", choices=["auto", "tritonclient", "pyserve"], default="auto",
                    help="gRPC client library (default: tritonclient if installed)")
     p.set_defaults(func=run)
@@ -91,7 +95,8 @@ def _infer_tritonclient(args, arrays: list[np.ndarray]) -> tuple[str, list[_Outp
 
     try:
         client = tc.InferenceServerClient(args.url)
-        md = client.get_model_metadata(args.model, args.model_version, client_timeout=args.timeout_s)
+        headers = dict(args.metadata) or None
+        md = client.get_model_metadata(args.model, args.model_version, headers=headers, client_timeout=args.timeout_s)
         names = _names(args, [t.name for t in md.inputs])
         inputs = []
         for name, arr, path in zip(names, arrays, args.input, strict=True):
@@ -103,7 +108,7 @@ def _infer_tritonclient(args, arrays: list[np.ndarray]) -> tuple[str, list[_Outp
             inputs.append(t)
         outputs = [tc.InferRequestedOutput(n) for n in args.output_name] or None
         result = client.infer(args.model, inputs, model_version=args.model_version, outputs=outputs,
-                              request_id=args.id, client_timeout=args.timeout_s)
+                              request_id=args.id, headers=headers, client_timeout=args.timeout_s)
     except InferenceServerException as exc:
         status = str(exc.status() or "").removeprefix("StatusCode.")
         raise UsageError(f"{status}: {exc.message()}" if status else str(exc.message())) from None
@@ -123,7 +128,7 @@ def _infer_pyserve(args, arrays: list[np.ndarray]) -> tuple[str, list[_Output]]:
         try:
             md = codec.decode_model_metadata(
                 stub.ModelMetadata(codec.encode_model_metadata_request(args.model, args.model_version),
-                                   timeout=args.timeout_s)
+                                   timeout=args.timeout_s, metadata=args.metadata)
             )
             names = _names(args, [t.name for t in md.inputs])
             tensors = tuple(
@@ -137,7 +142,7 @@ def _infer_pyserve(args, arrays: list[np.ndarray]) -> tuple[str, list[_Output]]:
                 outputs=tuple(RequestedOutput(n) for n in args.output_name),
             )
             response = codec.decode_infer_response(stub.ModelInfer(codec.encode_infer_request(request),
-                                                                   timeout=args.timeout_s))
+                                                                   timeout=args.timeout_s, metadata=args.metadata))
         except grpc.RpcError as exc:
             raise UsageError(f"{exc.code().name}: {exc.details()}") from None
     return response.model_version, [_Output(t.name, t.datatype, t.data) for t in response.outputs]
@@ -154,6 +159,7 @@ def _client(choice: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.metadata = auth_metadata(args.auth_token_file)
     arrays = _load_inputs(args.input)
     client = _client(args.client)
     if client == "tritonclient":

@@ -20,6 +20,7 @@ import math
 import time
 from pathlib import Path
 
+from pyserve.cli import auth_metadata
 from pyserve.cli.main import UsageError
 
 
@@ -32,6 +33,8 @@ def add_parser(subparsers) -> None:
         c = sub.add_parser(name, help=help_)
         c.add_argument("--url", default="localhost:8001", help="server HOST:PORT (default localhost:8001)")
         c.add_argument("--timeout-s", type=float, default=30.0, help="deadline of the RPC")
+        c.add_argument("--auth-token-file", metavar="FILE", default=None,
+                       help="send 'authorization: Bearer <token>' with the first token of FILE")
         return c
 
     c = cmd("status", "revision, routes, weights, guard states and recent decisions")
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.url) as channel:
         stub = codec.traffic_stub(channel)
         try:
-            resp = getattr(stub, method)(req, timeout=args.timeout_s)
+            resp = getattr(stub, method)(req, timeout=args.timeout_s, metadata=auth_metadata(args.auth_token_file))
         except grpc.RpcError as exc:
             code = exc.code().name if exc.code() else "UNKNOWN"
             raise UsageError(f"{code}: {exc.details()}") from None

@@ -266,3 +266,38 @@ def test_cli_flag_errors_are_one_line(tmp_path, capsys, flags, message):
     assert main(["serve", "--model-repository", str(tmp_path), "--grpc-port", "0", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("pyserve serve: error:")
+
+
+@pytest.mark.parametrize("client", ["tritonclient", "pyserve"])
+def test_infer_cli_sends_the_token_of_auth_token_file(authed, tmp_path, capsys, client):
+    """`pyserve infer --auth-token-file` against a token-protected server: answers with the token
+    (values checked against the echo model), UNAUTHENTICATED with a wrong one, exit 2 without."""
+    from pyserve.cli.main import main
+
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "y.npy"
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text("# rotated weekly\nrotated-token\n")
+    bad.write_text("wrong-token\n")
+    base = ["infer", "--url", authed.url, "--model", "echo", "--input", str(tmp_path / "x.npy"), "--client", client]
+    assert main([*base, "--auth-token-file", str(good), "--output", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), 2 * x)  # the test echo model doubles its input
+    capsys.readouterr()
+    assert main([*base, "--auth-token-file", str(bad)]) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main([*base, "--auth-token-file", str(tmp_path / "missing")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_traffic_cli_sends_the_token_of_auth_token_file(authed, tmp_path, capsys):
+    from pyserve.cli.main import main
+
+    good = tmp_path / "good"
+    good.write_text("s3cret-token\n")
+    assert main(["traffic", "status", "--url", authed.url]) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(["traffic", "status", "--json", "--url", authed.url, "--auth-token-file", str(good)]) == 0
+    assert '"routes"' in capsys.readouterr().out

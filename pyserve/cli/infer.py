@@ -113,7 +113,10 @@ def _infer_tritonclient(args, arrays: list[np.ndarray]) -> tuple[str, list[_Outp
         status = str(exc.status() or "").removeprefix("StatusCode.")
         raise UsageError(f"{status}: {exc.message()}" if status else str(exc.message())) from None
     response = result.get_response()
-    return response.model_version, [_Output(o.name, o.datatype, result.as_numpy(o.name)) for o in response.outputs]
+    params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.parameters.items()
+              if v.WhichOneof("parameter_choice")}
+    return (response.model_version, [_Output(o.name, o.datatype, result.as_numpy(o.name)) for o in response.outputs],
+            params)
 
 
 def _infer_pyserve(args, arrays: list[np.ndarray]) -> tuple[str, list[_Output]]:
@@ -145,7 +148,8 @@ def _infer_pyserve(args, arrays: list[np.ndarray]) -> tuple[str, list[_Output]]:
                                                                    timeout=args.timeout_s, metadata=args.metadata))
         except grpc.RpcError as exc:
             raise UsageError(f"{exc.code().name}: {exc.details()}") from None
-    return response.model_version, [_Output(t.name, t.datatype, t.data) for t in response.outputs]
+    return (response.model_version, [_Output(t.name, t.datatype, t.data) for t in response.outputs],
+            dict(response.parameters))
 
 
 def _client(choice: str) -> str:
@@ -167,10 +171,12 @@ def run(args: argparse.Namespace) -> int:
             import tritonclient.grpc  # noqa: F401
         except ImportError:
             raise UsageError("--client tritonclient: tritonclient[grpc] is not installed") from None
-        version, outputs = _infer_tritonclient(args, arrays)
+        version, outputs, params = _infer_tritonclient(args, arrays)
     else:
-        version, outputs = _infer_pyserve(args, arrays)
+        version, outputs, params = _infer_pyserve(args, arrays)
     print(f"model {args.model} version {version}")
+    if params:  # e.g. a traffic route's pyserve_variant and pyserve_request_id (for `pyserve traffic feedback`)
+        print("parameters: " + " ".join(f"{k}={v}" for k, v in sorted(params.items())))
     for out in outputs:
         data = out.data
         print(f"output {out.name}: {out.datatype} {list(data.shape)}")

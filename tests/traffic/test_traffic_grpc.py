@@ -75,7 +75,7 @@ def _serve(repo, config_text, tmp_path, **kw):
     return ServerThread(repo, host="127.0.0.1", grpc_port=0, traffic_config=cfg, **kw), cfg
 
 
-def test_canary_split_is_sticky_and_names_the_variant(lenet_repo, lenet_built, images, tmp_path):
+def test_canary_split_is_sticky_and_names_the_variant(lenet_repo, lenet_built, images, tmp_path, capsys):
     info = lenet_built[1]
     srv, _ = _serve(lenet_repo, CANARY, tmp_path)
     ref = WeightedSplit("mnist", [("stable", 80), ("candidate", 20)])
@@ -98,6 +98,12 @@ def test_canary_split_is_sticky_and_names_the_variant(lenet_repo, lenet_built, i
             assert _param(_infer(c, "mnist", images[:1], headers={"x-routing-key": key}), "pyserve_variant") == v
         # the request id is the key when nothing else is given
         assert _param(_infer(c, "mnist", images[:1], request_id="user-3"), "pyserve_variant") == seen["user-3"]
+        # `pyserve infer` prints the response parameters (the request id is the key here), both clients
+        np.save(tmp_path / "x.npy", images[:1])
+        for client in ("tritonclient", "pyserve"):
+            assert cli_main(["infer", "--url", srv.url, "--model", "mnist", "--input", str(tmp_path / "x.npy"),
+                             "--id", "user-3", "--client", client]) == 0
+            assert f"parameters: pyserve_variant={seen['user-3']}\n" in capsys.readouterr().out
         # a model name with no route behaves as before
         direct = c.infer("lenet300", [_input(images[:2])])
         assert _param(direct, "pyserve_variant") is None

@@ -46,7 +46,7 @@ def add_parser(subparsers) -> None:
         "models; explicit: load the --load-model models at start and the rest through "
         "RepositoryModelLoad/Unload",
     )
-    p.add_argument("--repository-poll-s", type=float, default=15.0,
+    p.add_argument("--repository-poll-s", type=float, default=None,
                    help="with --model-control-mode poll: seconds between two scans of the repository (default 15)")
     p.add_argument(
         "--load-model",
@@ -121,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--exit-timeout-s must be >= 0, got {args.exit_timeout_s}")
     if args.traffic_poll_s <= 0:
         raise UsageError(f"--traffic-poll-s must be > 0, got {args.traffic_poll_s}")
+    if args.repository_poll_s is None:
+        args.repository_poll_s = 15.0
+    elif args.model_control_mode != "poll":
+        raise UsageError("--repository-poll-s needs --model-control-mode poll (other modes never rescan)")
     if not args.repository_poll_s > 0:
         raise UsageError(f"--repository-poll-s must be > 0, got {args.repository_poll_s}")
     if args.load_model and args.model_control_mode != "explicit":

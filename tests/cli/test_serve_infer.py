@@ -156,3 +156,24 @@ def test_serve_flag_ranges_named(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "pyserve", "serve", "--model-repository", str(tmp_path),
                                "--grpc-port", "0", *flags], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_output_piped_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`pyserve ... | head -1`: head closes the pipe early; no BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    torch = __import__("pytest").importorskip("torch")
+    from pyserve.artifact import save
+
+    net = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(60)])
+    save(tmp_path / "m.pyserve", net, (torch.randn(2, 8),), model_name="deep")
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "pyserve", "inspect", "--json", str(tmp_path / "m.pyserve")],
+                            stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    with os.fdopen(r, "rb") as reader:
+        reader.read(10)  # like `head -c 10`: read a little, then close the pipe
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()

@@ -255,7 +255,8 @@ def test_reflection_lists_and_describes_the_services(authed, server):
         (["--auth-token-file", "{d}/empty"], "--auth-token-file: auth token file"),
         (["--max-message-mb", "4", "--max-message-bytes", "100"], "give --max-message-mb or --max-message-bytes"),
         (["--max-message-bytes", "0"], "--max-message-bytes must be in 1..2147483647"),
-        (["--repository-poll-s", "0"], "--repository-poll-s must be > 0"),
+        (["--model-control-mode", "poll", "--repository-poll-s", "0"], "--repository-poll-s must be > 0"),
+        (["--repository-poll-s", "5"], "--repository-poll-s needs --model-control-mode poll"),
     ],
 )
 def test_cli_flag_errors_are_one_line(tmp_path, capsys, flags, message):

@@ -165,8 +165,10 @@ class Server:
         if self._grpc is not None:
             raise RuntimeError("server already started")
         self.repository.startup_names()  # fail fast on a missing directory or start-up model, before binding
+        traffic_cfg = None
         if self.traffic.config_path is not None:  # fail fast on an invalid traffic config, before binding
-            self.traffic.apply(self.traffic.load_file())
+            traffic_cfg = self.traffic.load_file()
+            self.traffic.apply(traffic_cfg)
         if self.metrics is not None:
             self.metrics.start(self.host, self.metrics_port)  # RuntimeError naming the address
         self._stopped = asyncio.Event()
@@ -215,12 +217,12 @@ class Server:
         await server.start()
         log.info("listening on %s; loading %s", self.address, self.model_repository)
         await self.repository.load_all()
-        if self.traffic.config_path is not None:
-            # The versions a route names, and whether its models loaded, are known only now: check
-            # the config again, and refuse to start (TrafficConfigError, a ValueError) rather than
-            # serve a route whose variants answer NOT_FOUND or UNAVAILABLE.
+        if traffic_cfg is not None:
+            # The versions a model serves are known only now: check the config in force again, and
+            # refuse to start (TrafficConfigError, a ValueError) rather than serve a route whose
+            # variants answer NOT_FOUND.
             try:
-                self.traffic.load_file()
+                traffic_cfg.check_targets(self.traffic.model_exists)
             except ValueError:
                 await self.stop(0)
                 raise

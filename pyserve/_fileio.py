@@ -15,7 +15,17 @@ _UMASK_LOCK = threading.Lock()
 
 
 def _umask() -> int:
-    with _UMASK_LOCK:  # reading the umask means setting it; keep other writers of it out meanwhile
+    """The process umask. Linux reports it in /proc/self/status (kernel 4.7+), which reads it
+    without changing it; elsewhere reading it means setting it for a moment (another thread
+    creating a file in that moment would get 0o022), so pyserve's own writers are serialised."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
         mask = os.umask(0o022)
         os.umask(mask)
     return mask

@@ -33,3 +33,14 @@ def test_failed_block_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_reading_the_umask_leaves_it_unchanged():
+    from pyserve import _fileio
+
+    old = os.umask(0o027)
+    try:
+        assert _fileio._umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still what was set
+    finally:
+        os.umask(old)

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = any free port; default: off)")
     p.add_argument("--exit-timeout-s", type=float, default=30.0, help="grace period for in-flight requests on stop")
     p.add_argument("--max-message-mb", type=float, default=None,
-                   help="largest request/response message in MiB (default 256)")
+                   help="largest request/response message in MiB (default 64)")
     p.add_argument("--max-message-bytes", type=int, default=None, metavar="N",
                    help="the same limit in bytes (Triton-style spelling); give one of the two")
     p.add_argument("--infer-threads", type=int, default=None, help="threads that load and run models")
@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
                              f"got {args.max_message_bytes}")
         args.max_message_mb = args.max_message_bytes / (1024 * 1024)
     if args.max_message_mb is None:
-        args.max_message_mb = 256.0
+        from pyserve.server.server import DEFAULT_MAX_MESSAGE_BYTES  # 64 MiB; imports grpc, hence here
+
+        args.max_message_mb = DEFAULT_MAX_MESSAGE_BYTES / (1024 * 1024)
     if args.max_message_mb <= 0:
         raise UsageError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
     if args.max_message_mb >= 2048:  # gRPC takes the limit as a signed 32-bit byte count

@@ -396,3 +396,38 @@ def test_batcher_runs_measured_tiny_batches_inline_and_splits_rows():
     assert [rows for rows, _ in backend.threads] == [4, 4]
     assert backend.threads[0][1] != loop_thread and backend.threads[1][1] == loop_thread
     assert snap.execution_count == 2 and snap.inference_count == 0  # request_done is the data plane's
+
+
+@pytest.mark.parametrize("inline_max_us", [0, 1_000_000])
+def test_pyserve_backend_runs_inline_through_the_server_with_the_same_answers(
+        tmp_path, classifier_modules, write_model, inline_max_us):
+    """The real pyserve backend (its ``infer_sync``) behind the server: with inline execution allowed
+    (a bound far above this tiny model's time, so machine load cannot flip it) every request after
+    the first runs on the event loop; with 0, none does; the answers equal the torch module's."""
+    tc = pytest.importorskip("tritonclient.grpc")
+    torch = pytest.importorskip("torch")
+    from pyserve.server import ServerThread
+
+    module, artifact = classifier_modules[1]
+    write_model(tmp_path, "clf", 1, artifact=artifact, config="max_batch_size: 8\n")
+    xs = [np.random.default_rng(i).standard_normal((1 + i % 3, 8)).astype(np.float32) for i in range(6)]
+    with ServerThread(tmp_path, host="127.0.0.1", grpc_port=0, inline_max_us=inline_max_us) as srv:
+        c = tc.InferenceServerClient(srv.url)
+        outs = []
+        for x in xs:
+            t = tc.InferInput("x", list(x.shape), "FP32")
+            t.set_data_from_numpy(x)
+            r = c.infer("clf", [t])
+            outs.append((r.as_numpy("logits"), r.as_numpy("probs")))
+        (s,) = c.get_inference_statistics("clf").model_stats
+        c.close()
+        runner = srv.server.repository.get("clf").current.scheduler.runner
+        counts = (runner.inline_count, runner.pool_count)
+    with torch.no_grad():
+        for x, (logits, probs) in zip(xs, outs, strict=True):
+            ref_logits, ref_probs = module(torch.from_numpy(x))
+            np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(probs, ref_probs.numpy(), rtol=1e-5, atol=1e-6)
+    assert s.inference_count == sum(x.shape[0] for x in xs) and s.execution_count == len(xs)
+    # rows 1, 2, 3, 1, 2, 3: classes 1, 2 and 2 (rows 2 and 3) are each measured once in the pool
+    assert counts == ((0, 6) if inline_max_us == 0 else (4, 2))

@@ -151,7 +151,9 @@ def wrap_servicer(servicer, service: str, inflight: "InflightInterceptor | None"
 
 class InflightInterceptor(grpc.aio.ServerInterceptor):
     """Counts running RPCs, so a graceful stop can wait for them and then end the long-lived
-    streams (health Watch) at once instead of waiting out the whole grace period.
+    streams (health Watch) at once instead of waiting out the whole grace period. The server applies
+    its wrappers once, at registration, through :func:`wrap_servicer` (so only pyserve's own
+    services are counted); it still works as an interceptor too.
 
     ``count``: RPCs with a single response (unary-unary, stream-unary), from the call until gRPC
     has sent the status (the RPC's done callback), so a drained server has flushed its responses.

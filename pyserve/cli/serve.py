@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--inline-max-us", type=float, default=None, metavar="US",
                    help="run a model execution on the event loop, not the thread pool, when its measured CPU "
                    "time for that batch size is below US microseconds (saves two thread hand-overs per "
-                   "request for tiny models; 0 = never; default 250)")
+                   "request for tiny models; 0 = never; default 1000)")
     p.add_argument(
         "--model-control-mode",
         choices=["none", "poll", "explicit"],

@@ -27,7 +27,7 @@ costs two thread wake-ups (tens of microseconds on an idle machine, milliseconds
 plus GIL hand-overs, more than the whole computation of a small model. A backend that offers
 ``infer_sync(batch)`` (the same work as ``infer``, called on the current thread) is therefore run
 directly on the event loop when its measured execution time for batches of that size is below
-``inline_max_us`` (default :data:`DEFAULT_INLINE_MAX_US` = 250 µs). The time is measured on every
+``inline_max_us`` (default :data:`DEFAULT_INLINE_MAX_US` = 1000 µs). The time is measured on every
 execution (in the pool or inline) as the CPU time of the thread that ran it (wall time in the pool
 also counts waiting for the GIL and for a CPU), as an exponential moving average per batch-size
 class (rows rounded up to a power of two); a class never measured runs in the pool first. So a long model, or
@@ -58,12 +58,15 @@ _now = time.perf_counter_ns
 
 
 #: Executions measured below this many microseconds of CPU run on the event loop (see the module
-#: docstring). LeNet-300-100 at batch 1 (the benchmark's model) takes about 75 µs on an idle 2-vCPU
-#: CI machine and 200-500 µs with the machine's load at 9-14, while handing an execution to the pool
-#: and back took about 1 ms there under that load; the gRPC layer alone spends several hundred
-#: microseconds of the loop per request, so an inline execution below this bound delays the other
-#: requests less than the thread hand-overs it saves cost each request.
-DEFAULT_INLINE_MAX_US = 250
+#: docstring). Measured on the shared 2-vCPU CI machine with its load average at 13-15
+#: (benchmarks/server/profile_server.py, LeNet-300-100 at batch 1, the benchmark's model): the
+#: model's CPU time per execution was 200-525 µs (about 75 µs when the machine is idle), and running
+#: it inline instead of in the pool cut the server's CPU per request by 30-35% at concurrency 1 and
+#: by 1-27% at 16. A bound of 1 ms keeps such models inline under that load while still sending
+#: anything longer to the pool; the gRPC layer alone costs 560-740 µs of CPU per request there
+#: (benchmarks/server/grpc_floor.py), so an inline execution below the bound delays the other
+#: requests by about what one more request costs.
+DEFAULT_INLINE_MAX_US = 1000
 
 _EMA_WEIGHT = 0.2  # weight of the newest execution in the moving average
 

@@ -79,7 +79,7 @@ class Server:
         else UNAUTHENTICATED. None/empty: no authentication.
     inline_max_us : model executions measured below this many microseconds run on the event loop
         instead of the thread pool (two thread hand-overs saved per request; see
-        :class:`pyserve.server.scheduler.ExecutionRunner`); 0: always the pool. Default 250.
+        :class:`pyserve.server.scheduler.ExecutionRunner`); 0: always the pool. Default 1000.
     reflection : register gRPC server reflection (``grpc.reflection.v1alpha.ServerReflection``,
         what grpcio-reflection implements) for the inference and health services when
         grpcio-reflection is installed (the ``reflection`` extra); default True.

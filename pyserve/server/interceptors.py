@@ -164,6 +164,8 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
         self.count = 0
         self.streams = 0
+        #: unary RPCs started so far (a graceful stop watches it for RPCs arriving late)
+        self.started = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._wrapped = _CachedWrap()
@@ -184,6 +186,7 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, behavior):
         async def wrapper(request, context):
             self.count += 1
+            self.started += 1
             self._idle.clear()
             try:
                 context.add_done_callback(self._done)

@@ -39,6 +39,10 @@ log = logging.getLogger("pyserve.server")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+#: A graceful stop ends the server once no RPC has started for this long (see Server._drained).
+DRAIN_QUIET_S = 0.1
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -305,11 +309,19 @@ class Server:
         return self._inflight.count + self.repository.inflight()
 
     async def _drained(self) -> None:
-        """Return once no unary RPC and no inference (also those of streams) is running."""
+        """Return once no unary RPC and no inference (also those of streams) is running and no
+        unary RPC has started for :data:`DRAIN_QUIET_S`. gRPC may have accepted RPCs just before the
+        stop whose handlers have not run yet (on a busy event loop that takes tens of milliseconds);
+        ending the server at the first idle moment would cancel them (CANCELLED) instead of letting
+        them finish."""
         while True:
             await self._inflight.idle()
             await self.repository.drained()
-            if not self._busy():
+            if self._busy():
+                continue
+            started = self._inflight.started
+            await asyncio.sleep(DRAIN_QUIET_S)
+            if not self._busy() and self._inflight.started == started:
                 return
 
     async def wait_for_termination(self) -> None:

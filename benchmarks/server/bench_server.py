@@ -13,10 +13,16 @@ OMP_NUM_THREADS=1 so the two compare on equal terms with the client on the same 
 Client: perf_analyzer from tritonclient[grpc]==2.51.0 (C++; gRPC; batch 1; random FP32 data;
 ``--concurrency-range C`` for C in 1, 4, 16; three time windows). It needs ModelMetadata and
 ModelConfig; the KServe Python server has no ModelConfig RPC ("failed to get model config: Method
-not found!"), so pyserve vs KServe is measured with one Python client for both (a closed loop of C
-concurrent tritonclient.grpc.aio requests), and perf_analyzer measures pyserve batched vs unbatched.
-Every point is measured ``--rounds`` times with the servers taking turns (all three run at once, idle
-but for the one measured); the tables give medians.
+not found!"), so pyserve vs KServe is measured with one client for both: by default
+benchmarks/server/grpc_load.py (one process, grpc.aio, C concurrent closed loops sending one
+pre-serialized ModelInferRequest and not parsing the answers, so the client takes little of the
+2-core machine's CPU; ``--vs-client tritonclient`` uses a tritonclient.grpc.aio loop instead), and
+perf_analyzer measures pyserve batched vs unbatched. pyserve runs twice: with its defaults (inline
+execution of the tiny model on the event loop) and with ``--inline-max-us 0`` (every execution in
+the thread pool, as before inline execution existed). The server overhead per request (server time
+minus queue and compute, from ModelStatistics deltas after each request at concurrency 1) is
+measured on both. Every point is measured ``--rounds`` times with the servers taking turns (all run
+at once, idle but for the one measured); the tables give medians.
 
 Prints one table per comparison (infer/s, p50 and p99 latency in microseconds, and ratios) and
 writes everything to ``--out`` as JSON. Timings on a shared machine are noisy: compare ratios
@@ -106,10 +112,10 @@ def _env() -> dict:
     return env
 
 
-def start_pyserve(repo: Path) -> tuple[subprocess.Popen, str]:
+def start_pyserve(repo: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyserve.cli.main", "serve", "--model-repository", str(repo), "--grpc-port", "0",
-         "--host", "127.0.0.1", "--log-level", "WARNING"],
+         "--host", "127.0.0.1", "--log-level", "WARNING", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
     line = proc.stdout.readline()
     m = READY.match(line.strip())
@@ -181,6 +187,25 @@ def perf_analyzer(url: str, concurrency: int, seconds: float) -> dict:
             "p99_us": float(row["p99 latency"]), "client": "perf_analyzer"}
 
 
+def grpc_load(url: str, concurrency: int, seconds: float) -> dict:
+    """benchmarks/server/grpc_load.py in its own process: pre-serialized requests, raw answers."""
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("grpc_load.py")), "--url", url, "--model",
+                        "lenet300", "--concurrency", str(concurrency), "--seconds", str(seconds)],
+                       capture_output=True, text=True, timeout=600, env=_env())
+    if r.returncode != 0:
+        raise RuntimeError(f"grpc_load failed ({r.returncode}): {r.stderr[-800:]}")
+    return json.loads(r.stdout)
+
+
+def server_overhead(url: str, n: int) -> dict:
+    """p50/p90/p99 server overhead per request at concurrency 1, from ModelStatistics deltas
+    (benchmarks/server/profile_server.py: server time - queue - compute of each request)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from profile_server import p50_overhead
+
+    return p50_overhead(url, n)
+
+
 def python_client(url: str, concurrency: int, seconds: float) -> dict:
     """Fallback: closed loop of ``concurrency`` tritonclient.grpc.aio requests for ``seconds``."""
     import tritonclient.grpc as tc
@@ -217,24 +242,62 @@ def python_client(url: str, concurrency: int, seconds: float) -> dict:
 
 def median_of(runs: list[dict]) -> dict:
     """Per field, the median over the rounds (the client name kept)."""
-    out = {k: float(np.median([r[k] for r in runs])) for k in ("infer_per_s", "p50_us", "p99_us")}
+    keys = ("infer_per_s", "p50_us", "p99_us") + (("cpu_us_per_request",) if "cpu_us_per_request" in runs[0] else ())
+    out = {k: float(np.median([r[k] for r in runs])) for k in keys}
     out["client"] = runs[0]["client"]
-    out["rounds"] = [{k: round(r[k], 1) for k in ("infer_per_s", "p50_us", "p99_us")} for r in runs]
+    out["rounds"] = [{k: round(r[k], 1) for k in keys} for r in runs]
     return out
 
 
-def rounds(servers: dict[str, str], concurrencies, seconds: float, client: str, n_rounds: int) -> dict:
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and all its descendants (/proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, cpu
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo.extend(child for child, (ppid, _) in stats.items() if ppid == p)
+    return total
+
+
+def rounds(servers: dict[str, tuple[str, int]], concurrencies, seconds: float, client: str, n_rounds: int) -> dict:
     """Every (server, concurrency) point measured ``n_rounds`` times, the servers taking turns
-    within each round so that the machine's load drifts over all of them alike; medians."""
+    within each round so that the machine's load drifts over all of them alike; medians.
+    ``servers``: name -> (url, pid). With the grpc_load client, each point also gets the server
+    process tree's CPU time per request (``cpu_us_per_request``; warm-up requests counted), which
+    depends far less on the other load on a shared machine than throughput does."""
     raw: dict = {name: {c: [] for c in concurrencies} for name in servers}
     for r in range(n_rounds):
         for c in concurrencies:
-            for name, url in servers.items():
-                res = perf_analyzer(url, c, seconds) if client == "perf_analyzer" else python_client(url, c, seconds)
+            for name, (url, pid) in servers.items():
+                run = {"perf_analyzer": perf_analyzer, "grpc_load": grpc_load}.get(client, python_client)
+                cpu0 = proc_cpu_s(pid)
+                res = run(url, c, seconds)
+                if "requests" in res:
+                    res["cpu_us_per_request"] = (proc_cpu_s(pid) - cpu0) / (res["requests"] + 51) * 1e6
                 raw[name][c].append(res)
+                cpu = f", server CPU {res['cpu_us_per_request']:.0f} us/request" if "cpu_us_per_request" in res else ""
                 print(f"  round {r + 1} {name} c={c}: {res['infer_per_s']:.0f} infer/s, p50 {res['p50_us']:.0f} us, "
-                      f"p99 {res['p99_us']:.0f} us ({res['client']})", flush=True)
+                      f"p99 {res['p99_us']:.0f} us{cpu} ({res['client']})", flush=True)
     return {name: {c: median_of(runs) for c, runs in per.items()} for name, per in raw.items()}
+
+
+def cpu_table(title: str, results: dict) -> str:
+    names = list(results)
+    lines = [f"**{title}**", "", "| concurrency | " + " | ".join(f"{n} CPU µs/request" for n in names) + " |",
+             "| --- |" + " --- |" * len(names)]
+    for c in results[names[0]]:
+        lines.append(f"| {c} | " + " | ".join(f"{results[n][c].get('cpu_us_per_request', float('nan')):.0f}"
+                                             for n in names) + " |")
+    return "\n".join(lines)
 
 
 def table(title: str, a_name: str, a: dict, b_name: str, b: dict) -> str:
@@ -258,6 +321,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="measurement window per point (default 3)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, servers taking turns (default 3)")
     p.add_argument("--out", default="benchmarks/server/results.json")
+    p.add_argument("--vs-client", choices=["grpc_load", "tritonclient"], default="grpc_load",
+                   help="client of pyserve vs KServe (perf_analyzer cannot drive KServe): grpc_load.py "
+                   "(pre-serialized requests; default) or a tritonclient.grpc.aio loop")
+    p.add_argument("--overhead-requests", type=int, default=500,
+                   help="requests for the p50 server overhead (concurrency 1; default 500)")
     args = p.parse_args()
     if not (PA_VENV / "bin" / "perf_analyzer").exists() or not (KS_VENV / "bin" / "python").exists():
         print("no .venv-pa or .venv-kserve: run benchmarks/server/setup.sh first", file=sys.stderr)
@@ -274,10 +342,16 @@ def main() -> int:
         try:
             proc, plain = start_pyserve(write_repo(tmp, artifact, False))
             procs.append(proc)
+            pids = {plain: proc.pid}
+            proc, pool = start_pyserve(tmp / "repo_plain", "--inline-max-us", "0")  # every execution in the pool
+            procs.append(proc)
+            pids[pool] = proc.pid
             proc, batched = start_pyserve(write_repo(tmp, artifact, True))
             procs.append(proc)
+            pids[batched] = proc.pid
             proc, kserve = start_kserve(tmp / "lenet300.npz")
             procs.append(proc)
+            pids[kserve] = proc.pid
             # perf_analyzer needs ModelConfig, which the KServe Python server does not implement
             try:
                 perf_analyzer(kserve, 1, 1.0)
@@ -285,12 +359,18 @@ def main() -> int:
             except RuntimeError as exc:
                 results["kserve_perf_analyzer"] = str(exc).strip().splitlines()[-1][-200:]
                 print(f"  perf_analyzer cannot drive KServe: {results['kserve_perf_analyzer']}", flush=True)
-            vs_client = "perf_analyzer" if results["kserve_perf_analyzer"] == "ok" else "python"
+            vs_client = "perf_analyzer" if results["kserve_perf_analyzer"] == "ok" else args.vs_client
             print(f"pyserve vs KServe ({vs_client} client) ...", flush=True)
-            results["vs_kserve"] = rounds({"pyserve": plain, "kserve": kserve}, CONCURRENCY, args.seconds, vs_client,
+            results["vs_kserve"] = rounds({"pyserve": (plain, pids[plain]), "pyserve_pool": (pool, pids[pool]),
+                                           "kserve": (kserve, pids[kserve])}, CONCURRENCY, args.seconds, vs_client,
                                           args.rounds)
+            print("server overhead per request at concurrency 1 (ModelStatistics) ...", flush=True)
+            results["overhead"] = {"inline": server_overhead(plain, args.overhead_requests),
+                                   "pool": server_overhead(pool, args.overhead_requests)}
+            print(f"  {results['overhead']}", flush=True)
             print("pyserve dynamic batching vs unbatched (perf_analyzer) ...", flush=True)
-            results["batching"] = rounds({"batched": batched, "unbatched": plain}, (1, 4, 16), args.seconds,
+            results["batching"] = rounds({"batched": (batched, pids[batched]), "unbatched": (plain, pids[plain])},
+                                         (1, 4, 16), args.seconds,
                                          "perf_analyzer", args.rounds)
         finally:
             for proc in procs:
@@ -300,6 +380,12 @@ def main() -> int:
     print()
     print(table(f"pyserve vs KServe Python server, LeNet-300-100, batch 1, client {v['pyserve'][1]['client']}",
                 "pyserve", v["pyserve"], "KServe", v["kserve"]))
+    print()
+    print(table("pyserve, inline execution (default) vs every execution in the thread pool (--inline-max-us 0)",
+                "inline", v["pyserve"], "pool", v["pyserve_pool"]))
+    if "cpu_us_per_request" in v["pyserve"][1]:
+        print()
+        print(cpu_table("Server CPU time per request (process tree, user + system)", v))
     print()
     print(table("pyserve dynamic batching vs unbatched, perf_analyzer", "batched", bt["batched"], "unbatched",
                 bt["unbatched"]))

@@ -17,7 +17,8 @@ import numpy as np
 from pyserve import dtypes
 from pyserve.backends.base import InferInputs, InferOutputs, InferResult, ModelSignature, TensorSpec
 
-__all__ = ["SIGNATURE_KEY", "signature_to_json", "signature_from_json", "run_each", "check_output", "run_torch_batch"]
+__all__ = ["SIGNATURE_KEY", "signature_to_json", "signature_from_json", "run_each", "check_output", "run_torch_batch",
+           "skip_export_input_checks"]
 
 #: Key of the embedded signature (extra file name of .pt2/.pt, ONNX metadata_props key).
 SIGNATURE_KEY = "pyserve_signature.json"
@@ -95,6 +96,18 @@ def _to_numpy(tensor, spec: TensorSpec) -> np.ndarray:
         return check_output(tensor.view(torch.int16).numpy().view(np.uint16), spec) if spec.datatype == "BF16" \
             else check_output(tensor.float().numpy(), spec)
     return check_output(tensor.numpy(), spec)
+
+
+def skip_export_input_checks(module):
+    """Turn off the input check torch.export puts on the module it rebuilds (``ExportedProgram.module()``:
+    a forward pre-hook that flattens the inputs and checks them against the range constraints with
+    sympy, about 100 µs per call, more than the arithmetic of a small model), through the
+    switch torch provides for that (``validate_inputs``). The server's data plane has already checked
+    every input's name, datatype and shape against the model's signature before a backend runs. A
+    module without the switch is returned unchanged."""
+    if hasattr(module, "validate_inputs"):
+        module.validate_inputs = False
+    return module
 
 
 def run_torch_batch(module, signature: ModelSignature, batch: Sequence[InferInputs]) -> list[InferResult]:

@@ -7,6 +7,12 @@ of ``await infer(batch)``, then ``await unload()``. One lifecycle style: async t
 Backends see numpy arrays only, never protobuf nor the protocol's request types. The data plane
 validates input names, datatypes and shapes against :attr:`Backend.signature` before calling
 :meth:`Backend.infer`.
+
+Optional: ``infer_sync(batch) -> list[InferResult]``, the work of :meth:`Backend.infer` done on the
+calling thread. A backend offering it lets the server run executions it measured as tiny (below
+``inline_max_us``, 1000 µs by default) directly on the event loop, saving two thread hand-overs per
+request (:class:`pyserve.server.scheduler.ExecutionRunner`); it must be safe to call from any one
+thread at a time, and never block on I/O. Backends without it always run through :meth:`Backend.infer`.
 """
 
 from __future__ import annotations

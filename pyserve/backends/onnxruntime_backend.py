@@ -89,11 +89,14 @@ class OnnxRuntimeBackend:
         self._session, self._signature = session, sig
 
     async def infer(self, batch: Sequence[InferInputs]) -> list[InferResult]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.infer_sync, list(batch))
+
+    def infer_sync(self, batch: Sequence[InferInputs]) -> list[InferResult]:
+        """:meth:`infer` on the calling thread (the server runs measured-tiny executions inline)."""
         session, sig = self._session, self._signature
         if session is None or sig is None:
             raise RuntimeError(f"backend for {self._path} is not loaded")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(_run_batch, session, sig, list(batch)))
+        return _run_batch(session, sig, list(batch))
 
     async def unload(self) -> None:
         self._session = None

@@ -20,7 +20,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Sequence
 
-from pyserve.backends._common import run_torch_batch
+from pyserve.backends._common import run_torch_batch, skip_export_input_checks
 from pyserve.backends.base import InferInputs, InferResult, ModelSignature, TensorSpec
 
 __all__ = ["PyserveBackend"]
@@ -57,11 +57,14 @@ class PyserveBackend:
         self._module, self._signature, self.kernel_choices = module, signature, choices
 
     async def infer(self, batch: Sequence[InferInputs]) -> list[InferResult]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.infer_sync, list(batch))
+
+    def infer_sync(self, batch: Sequence[InferInputs]) -> list[InferResult]:
+        """:meth:`infer` on the calling thread (the server runs measured-tiny executions inline)."""
         module, signature = self._module, self._signature
         if module is None or signature is None:
             raise RuntimeError(f"backend for {self._path} is not loaded")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(run_torch_batch, module, signature, list(batch)))
+        return run_torch_batch(module, signature, batch)
 
     async def unload(self) -> None:
         self._module = None
@@ -80,6 +83,7 @@ def _load(path: Path, kernels: str = "auto"):
     with _LOAD_LOCK:
         art = load_artifact(path)
     module, choices = native_module(art, kernels=kernels)
+    skip_export_input_checks(module)  # the data plane checked names, datatypes and shapes already
     m = art.manifest
 
     def specs(items) -> tuple[TensorSpec, ...]:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 
 from pyserve import dtypes
-from pyserve.backends._common import SIGNATURE_KEY, run_torch_batch, signature_from_json
+from pyserve.backends._common import SIGNATURE_KEY, run_torch_batch, signature_from_json, skip_export_input_checks
 from pyserve.backends.base import InferInputs, InferResult, ModelSignature, TensorSpec
 
 __all__ = ["TorchBackend", "load_torch_model"]
@@ -67,11 +67,14 @@ class TorchBackend:
             self._executor, functools.partial(load_torch_model, self._path))
 
     async def infer(self, batch: Sequence[InferInputs]) -> list[InferResult]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.infer_sync, list(batch))
+
+    def infer_sync(self, batch: Sequence[InferInputs]) -> list[InferResult]:
+        """:meth:`infer` on the calling thread (the server runs measured-tiny executions inline)."""
         module, signature = self._module, self._signature
         if module is None or signature is None:
             raise RuntimeError(f"backend for {self._path} is not loaded")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(run_torch_batch, module, signature, list(batch)))
+        return run_torch_batch(module, signature, batch)
 
     async def unload(self) -> None:
         self._module = None
@@ -91,7 +94,7 @@ def load_torch_model(path: str | Path):
         try:
             with _load_lock():
                 ep = torch.export.load(str(path), extra_files=extra)
-                module = ep.module()
+                module = skip_export_input_checks(ep.module())
         except Exception as exc:  # torch raises many types for a bad file
             raise ValueError(f"{path}: not a torch.export program torch can load: {type(exc).__name__}: "
                              f"{_first_line(exc)}") from None

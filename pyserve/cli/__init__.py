@@ -18,3 +18,52 @@ def auth_metadata(token_file: str | None) -> tuple[tuple[str, str], ...]:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return (("authorization", f"Bearer {token}"),)
+
+
+def add_tls_arguments(parser) -> None:
+    """``--tls-ca F [--tls-cert F --tls-key F]`` of the client commands (``pyserve infer``, ``pyserve
+    traffic``), matching a server started with ``--tls-cert/--tls-key [--tls-client-ca]``."""
+    parser.add_argument("--tls-ca", metavar="PEM", default=None,
+                        help="connect with TLS, trusting the CA(s) of this PEM file (the server's --tls-cert issuer)")
+    parser.add_argument("--tls-cert", metavar="PEM", default=None,
+                        help="client certificate (chain) for mutual TLS (a server started with --tls-client-ca); "
+                        "needs --tls-key and --tls-ca")
+    parser.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert")
+
+
+def tls_files(args) -> tuple[bytes, bytes | None, bytes | None] | None:
+    """PEM bytes of (CA, client key or None, client certificate or None) from ``--tls-ca``,
+    ``--tls-key`` and ``--tls-cert``, or None without ``--tls-ca`` (plaintext). UsageError naming the
+    flag when the flags do not go together or a file cannot be read or is not PEM."""
+    ca, cert, key = getattr(args, "tls_ca", None), getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if (cert is None) != (key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if ca is None:
+        if cert is not None:
+            raise UsageError("--tls-cert/--tls-key need --tls-ca (the CA the server's certificate chains to)")
+        return None
+    out = []
+    for flag, path in (("--tls-ca", ca), ("--tls-key", key), ("--tls-cert", cert)):
+        if path is None:
+            out.append(None)
+            continue
+        from pathlib import Path
+
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{flag}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+        if b"-----BEGIN " not in data:
+            raise UsageError(f"{flag}: {str(path)!r} is not a PEM file (no '-----BEGIN' line)")
+        out.append(data)
+    return out[0], out[1], out[2]
+
+
+def grpc_channel(url: str, tls, options=None):
+    """A grpc channel to ``url``: TLS with ``tls`` (from :func:`tls_files`) or plaintext when None."""
+    import grpc
+
+    if tls is None:
+        return grpc.insecure_channel(url, options=options)
+    ca, key, cert = tls
+    return grpc.secure_channel(url, grpc.ssl_channel_credentials(ca, key, cert), options=options)

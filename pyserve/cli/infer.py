@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyserve.cli import auth_metadata
+from pyserve.cli import add_tls_arguments, auth_metadata, grpc_channel, tls_files
 from pyserve.cli.main import UsageError
 
 
@@ -39,6 +39,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--auth-token-file", metavar="FILE", default=None,
                    help="send 'authorization: Bearer <token>' with the first token of FILE (for a server "
                    "started with --auth-token-file)")
+    add_tls_arguments(p)
     p.add_argument("--client", choices=["auto", "tritonclient", "pyserve"], default="auto",
                    help="gRPC client library (default: tritonclient if installed)")
     p.set_defaults(func=run)
@@ -94,7 +95,11 @@ def _infer_tritonclient(args, arrays: list[np.ndarray]) -> tuple[str, list[_Outp
     from tritonclient.utils import InferenceServerException
 
     try:
-        client = tc.InferenceServerClient(args.url)
+        tls = {}
+        if args.tls is not None:  # tritonclient reads the files itself
+            tls = {"ssl": True, "root_certificates": args.tls_ca, "private_key": args.tls_key,
+                   "certificate_chain": args.tls_cert}
+        client = tc.InferenceServerClient(args.url, **tls)
         headers = dict(args.metadata) or None
         md = client.get_model_metadata(args.model, args.model_version, headers=headers, client_timeout=args.timeout_s)
         names = _names(args, [t.name for t in md.inputs])
@@ -126,7 +131,7 @@ def _infer_pyserve(args, arrays: list[np.ndarray]) -> tuple[str, list[_Output]]:
     from pyserve.protocol.types import InferRequest, RequestedOutput, Tensor
 
     options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
-    with grpc.insecure_channel(args.url, options=options) as channel:
+    with grpc_channel(args.url, args.tls, options) as channel:
         stub = codec.inference_stub(channel)
         try:
             md = codec.decode_model_metadata(
@@ -164,6 +169,7 @@ def _client(choice: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     args.metadata = auth_metadata(args.auth_token_file)
+    args.tls = tls_files(args)
     arrays = _load_inputs(args.input)
     client = _client(args.client)
     if client == "tritonclient":

@@ -20,7 +20,7 @@ import math
 import time
 from pathlib import Path
 
-from pyserve.cli import auth_metadata
+from pyserve.cli import add_tls_arguments, auth_metadata, grpc_channel, tls_files
 from pyserve.cli.main import UsageError
 
 
@@ -35,6 +35,7 @@ def add_parser(subparsers) -> None:
         c.add_argument("--timeout-s", type=float, default=30.0, help="deadline of the RPC")
         c.add_argument("--auth-token-file", metavar="FILE", default=None,
                        help="send 'authorization: Bearer <token>' with the first token of FILE")
+        add_tls_arguments(c)
         return c
 
     c = cmd("status", "revision, routes, weights, guard states and recent decisions")
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         if args.row < 0:
             raise UsageError(f"--row must be >= 0, got {args.row}")
         method, req = "Feedback", codec.feedback_request(args.request_id, args.metric, args.clicked or (), args.row)
-    with grpc.insecure_channel(args.url) as channel:
+    with grpc_channel(args.url, tls_files(args)) as channel:
         stub = codec.traffic_stub(channel)
         try:
             resp = getattr(stub, method)(req, timeout=args.timeout_s, metadata=auth_metadata(args.auth_token_file))

@@ -101,6 +101,9 @@ CONTENTS_FIELD: dict[str, str] = {
 
 _LEN = struct.Struct("<I")
 _LITTLE = sys.byteorder == "little"
+#: Little-endian numpy dtype of each fixed-size datatype (built once: ``newbyteorder`` makes a new
+#: dtype object on every call, and this is on the per-request path).
+_WIRE_DTYPE = {d.name: d.numpy.newbyteorder("<") for d in dtypes.DTYPES if d.byte_size is not None}
 
 
 # --- service plumbing -------------------------------------------------------------------------
@@ -169,8 +172,8 @@ def _datatype(name: str, where: str) -> dtypes.DType:
 
 
 def _shape(dims: Iterable[int], where: str) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in dims)
-    if any(d < 0 for d in shape):
+    shape = tuple(map(int, dims))
+    if shape and min(shape) < 0:
         raise InvalidArgument(f"{where}: shape {list(shape)} has a negative dimension; a tensor's shape is concrete")
     return shape
 
@@ -198,8 +201,10 @@ def tensor_to_raw(tensor: Tensor) -> bytes:
             parts.append(_LEN.pack(len(b)))
             parts.append(b)
         return b"".join(parts)
-    dt = dtypes.numpy_dtype(tensor.datatype)
-    return np.ascontiguousarray(tensor.data, dtype=dt.newbyteorder("<")).tobytes()
+    wire = _WIRE_DTYPE.get(tensor.datatype)
+    if wire is None:
+        wire = dtypes.numpy_dtype(tensor.datatype).newbyteorder("<")  # ValueError for an unknown name
+    return np.ascontiguousarray(tensor.data, dtype=wire).tobytes()
 
 
 def _unpack_bytes(buf: bytes, count: int, where: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -241,7 +246,7 @@ def tensor_from_raw(buf: bytes, name: str, datatype: str, shape: tuple[int, ...]
             f"{where}: raw contents hold {len(buf)} bytes; expected {expected} "
             f"(shape {_fmt_shape(shape)} x {dt.name} at {dt.byte_size} byte(s) per element)"
         )
-    arr = np.frombuffer(buf, dtype=dt.numpy.newbyteorder("<")).reshape(shape)
+    arr = np.frombuffer(buf, dtype=_WIRE_DTYPE[dt.name]).reshape(shape)
     if not _LITTLE:
         arr = arr.astype(dt.numpy)
     return Tensor(name, dt.name, arr)

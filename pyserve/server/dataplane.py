@@ -45,6 +45,10 @@ def _fmt_shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def _where(spec: TensorSpec, model: Model) -> str:
+    return f"input {spec.name!r} of model {model.name!r}"
+
+
 def _fmt_spec(spec: TensorSpec) -> str:
     return f"'{spec.name}' ({spec.datatype} {_fmt_shape(spec.shape)})"
 
@@ -67,16 +71,23 @@ class DataPlane:
         return self.repository.loaded and not self.stopping
 
     def _model_name(self, name: str, version: str) -> str:
-        """A route name (with no version) stands for the model of its first variant in metadata RPCs."""
-        if self.router is not None and not version and self.router.has_route(name):
+        """A route name stands for the model of its first variant in metadata RPCs. A route with a
+        version is refused (InvalidArgument), as an inference on it is: a route picks the version."""
+        if self.router is not None and self.router.has_route(name):
+            if version:
+                target = self.router.resolve_model(name)
+                raise InvalidArgument(
+                    f"{name!r} is a traffic route: it picks the model version itself; send no model version "
+                    f"(got {version!r}), or name a model with a version, e.g. model {target!r} version {version}"
+                )
             return self.router.resolve_model(name)
         return name
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        name = self._model_name(name, version)
         try:
+            name = self._model_name(name, version)
             return self.repository.get(name, version).is_ready(version)
-        except NotFound:
+        except (NotFound, InvalidArgument):
             return False
 
     # --- metadata -------------------------------------------------------------------------------
@@ -151,15 +162,22 @@ class DataPlane:
 
     # --- inference ------------------------------------------------------------------------------
 
-    async def infer(self, request: InferRequest, routing_key: str | None = None) -> InferResponse:
+    def is_route(self, name: str) -> bool:
+        """Whether requests for ``name`` go through the traffic router."""
+        return self.router is not None and self.router.has_route(name)
+
+    async def infer(self, request: InferRequest, routing_key: str | None = None,
+                    arrival_ns: int | None = None) -> InferResponse:
         """Serve one request: through the traffic router when ``model_name`` is a route (``routing_key``:
-        the gRPC metadata ``x-routing-key``, if any), else on the model itself (:meth:`infer_model`)."""
+        the gRPC metadata ``x-routing-key``, if any), else on the model itself (:meth:`infer_model`).
+        ``arrival_ns``: ``time.perf_counter_ns()`` when the request arrived (before decoding), the
+        start of its duration in the statistics; default now."""
         if self.router is not None and self.router.has_route(request.model_name):
             return await self.router.infer(request, routing_key)
-        return await self.infer_model(request)
+        return await self.infer_model(request, arrival_ns)
 
-    async def infer_model(self, request: InferRequest) -> InferResponse:
-        t0 = time.perf_counter_ns()
+    async def infer_model(self, request: InferRequest, arrival_ns: int | None = None) -> InferResponse:
+        t0 = time.perf_counter_ns() if arrival_ns is None else arrival_ns
         model = self.repository.get_ready(request.model_name, request.model_version)
         mv = model.pick(request.model_version).acquire()  # finishes on this version, even across a reload
         ok, rows = False, 1
@@ -190,11 +208,45 @@ class DataPlane:
     def _check_inputs(self, model: Model, sig: ModelSignature, tensors: Sequence[Tensor],
                       max_batch: int = 0) -> dict[str, np.ndarray]:
         """Inputs in signature order; InvalidArgument naming expected vs actual."""
-        specs = {s.name: s for s in sig.inputs}
-        expected = ", ".join(_fmt_spec(s) for s in sig.inputs)
+        # the per-request path builds no message text: strings are formatted only on an error
         given = {t.name: t for t in tensors}
+        if len(given) != len(tensors) or len(tensors) != len(sig.inputs):
+            self._check_names(model, sig, tensors, given)
+        batch_sizes = set()
+        for spec in sig.inputs:
+            t = given.get(spec.name)
+            if t is None:
+                self._check_names(model, sig, tensors, given)
+            if t.datatype != spec.datatype:
+                raise InvalidArgument(f"{_where(spec, model)}: expected datatype {spec.datatype}, got {t.datatype}")
+            shape = t.shape
+            if len(shape) != len(spec.shape) or any(e != -1 and e != a for e, a in zip(spec.shape, shape, strict=True)):
+                raise InvalidArgument(
+                    f"{_where(spec, model)}: expected shape {_fmt_shape(spec.shape)} (-1 = any), got {_fmt_shape(shape)}"
+                )
+            if spec.shape and spec.shape[0] == -1:
+                batch_sizes.add(shape[0])
+                if max_batch and shape[0] > max_batch:
+                    raise InvalidArgument(
+                        f"{_where(spec, model)}: batch size {shape[0]} exceeds the model's max_batch_size {max_batch}"
+                    )
+            # the codec already guarantees dtype == numpy_dtype(datatype); keep the invariant explicit
+            if spec.datatype != "BYTES" and t.data.dtype.newbyteorder("=") != dtypes.numpy_dtype(spec.datatype):
+                raise InvalidArgument(f"{_where(spec, model)}: data is numpy {t.data.dtype}, datatype {spec.datatype}")
+        if len(batch_sizes) > 1:
+            raise InvalidArgument(
+                f"model {model.name!r}: inputs disagree on the batch dimension: {sorted(batch_sizes)}"
+            )
+        return {spec.name: given[spec.name].data for spec in sig.inputs}
+
+    @staticmethod
+    def _check_names(model: Model, sig: ModelSignature, tensors: Sequence[Tensor], given: dict) -> None:
+        """InvalidArgument for an input the model lacks or one the request lacks (the codec refuses
+        duplicate names)."""
+        specs = {s.name: s for s in sig.inputs}
         for t in tensors:
             if t.name not in specs:
+                expected = ", ".join(_fmt_spec(s) for s in sig.inputs)
                 raise InvalidArgument(
                     f"model {model.name!r} has no input {t.name!r}; expected inputs: {expected}"
                 )
@@ -205,31 +257,9 @@ class DataPlane:
                     f"model {model.name!r} expects input {_fmt_spec(spec)}, which the request lacks "
                     f"(request inputs: {got})"
                 )
-        batch_sizes = set()
-        for spec in sig.inputs:
-            t = given[spec.name]
-            where = f"input {spec.name!r} of model {model.name!r}"
-            if t.datatype != spec.datatype:
-                raise InvalidArgument(f"{where}: expected datatype {spec.datatype}, got {t.datatype}")
-            shape = t.shape
-            if len(shape) != len(spec.shape) or any(e != -1 and e != a for e, a in zip(spec.shape, shape, strict=True)):
-                raise InvalidArgument(
-                    f"{where}: expected shape {_fmt_shape(spec.shape)} (-1 = any), got {_fmt_shape(shape)}"
-                )
-            if spec.shape and spec.shape[0] == -1:
-                batch_sizes.add(shape[0])
-                if max_batch and shape[0] > max_batch:
-                    raise InvalidArgument(
-                        f"{where}: batch size {shape[0]} exceeds the model's max_batch_size {max_batch}"
-                    )
-            # the codec already guarantees dtype == numpy_dtype(datatype); keep the invariant explicit
-            if t.data.dtype.newbyteorder("=") != dtypes.numpy_dtype(spec.datatype) and spec.datatype != "BYTES":
-                raise InvalidArgument(f"{where}: data is numpy {t.data.dtype}, datatype {spec.datatype}")
-        if len(batch_sizes) > 1:
-            raise InvalidArgument(
-                f"model {model.name!r}: inputs disagree on the batch dimension: {sorted(batch_sizes)}"
-            )
-        return {spec.name: given[spec.name].data for spec in sig.inputs}
+        names = [t.name for t in tensors]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise InvalidArgument(f"model {model.name!r}: input(s) {dup} appear more than once")
 
     def _check_outputs(self, model: Model, sig: ModelSignature, request: InferRequest) -> list[TensorSpec]:
         if not request.outputs:

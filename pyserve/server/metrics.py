@@ -61,23 +61,37 @@ class PrometheusMetrics:
                                           _LABELS, buckets=DURATION_BUCKETS_S, registry=r)
         self.batch_size = Histogram("pyserve_batch_size", "Rows per backend execution", _LABELS,
                                     buckets=BATCH_BUCKETS, registry=r)
+        self._children: dict[tuple[str, str], tuple] = {}
         self._http = None
         self._thread = None
         self.bound_port: int | None = None
 
     # --- StatsSink ----------------------------------------------------------------------------------
 
+    def _series(self, model: str, version: str) -> tuple:
+        """The labelled children of every metric for one model version, looked up once (``labels()``
+        takes a lock and builds a key on every call; this is on the per-request path)."""
+        key = (model, version)
+        series = self._children.get(key)
+        if series is None:
+            series = tuple(m.labels(model, version) for m in (
+                self.success, self.failure, self.request_duration, self.executions, self.queue_duration,
+                self.compute_duration, self.batch_size))
+            self._children[key] = series
+        return series
+
     def request_done(self, model: str, version: str, ok: bool, duration_ns: int) -> None:
-        (self.success if ok else self.failure).labels(model, version).inc()
-        self.request_duration.labels(model, version).observe(duration_ns / 1e9)
+        success, failure, duration = self._series(model, version)[:3]
+        (success if ok else failure).inc()
+        duration.observe(duration_ns / 1e9)
 
     def execution(self, model: str, version: str, batch_size: int, queue_ns: list[int], compute_ns: int) -> None:
-        self.executions.labels(model, version).inc()
-        queue = self.queue_duration.labels(model, version)
+        _, _, _, executions, queue, compute, batch = self._series(model, version)
+        executions.inc()
         for q in queue_ns:
             queue.observe(q / 1e9)
-        self.compute_duration.labels(model, version).observe(compute_ns / 1e9)
-        self.batch_size.labels(model, version).observe(batch_size)
+        compute.observe(compute_ns / 1e9)
+        batch.observe(batch_size)
 
     # --- HTTP endpoint ------------------------------------------------------------------------------
 

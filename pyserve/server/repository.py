@@ -49,7 +49,7 @@ import numpy as np
 from pyserve.backends import Backend, create_backend, get_backend
 from pyserve.protocol.errors import InvalidArgument, NotFound, Unavailable
 from pyserve.protocol.types import ModelIndexEntry
-from pyserve.server.scheduler import DirectScheduler, DynamicBatcher, Scheduler
+from pyserve.server.scheduler import DEFAULT_INLINE_MAX_US, DirectScheduler, DynamicBatcher, Scheduler
 from pyserve.server.stats import StatsRecorder, StatsSink
 
 __all__ = [
@@ -507,6 +507,8 @@ class ModelRepository:
     startup_models : models loaded by :meth:`load_all` in explicit mode (``"*"``: all); ignored
         in modes none and poll, where every model is loaded.
     stats_sink : receives every statistics event (the Prometheus exporter), or None.
+    inline_max_us : executions measured below this many microseconds run on the event loop
+        instead of the thread pool (:class:`pyserve.server.scheduler.ExecutionRunner`); 0: never.
     """
 
     def __init__(
@@ -517,6 +519,7 @@ class ModelRepository:
         control_mode: str = "none",
         startup_models: Sequence[str] = (),
         stats_sink: StatsSink | None = None,
+        inline_max_us: float = DEFAULT_INLINE_MAX_US,
     ) -> None:
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)}, got {control_mode!r}")
@@ -525,6 +528,9 @@ class ModelRepository:
         self.control_mode = control_mode
         self.startup_models = tuple(startup_models)
         self.stats_sink = stats_sink
+        if inline_max_us < 0:
+            raise ValueError(f"inline_max_us must be >= 0, got {inline_max_us}")
+        self.inline_max_us = inline_max_us
         self._models: dict[str, Model] = {}
         self._stats: dict[tuple[str, str], StatsRecorder] = {}
         self._retiring: set[asyncio.Task] = set()
@@ -715,7 +721,7 @@ class ModelRepository:
                     _check_signature(config, backend)
                     await warm_up(backend)
                     stats = self.stats_recorder(model.name, version)
-                    mv = ModelVersion(model.name, version, config, backend, stats, _scheduler(config, backend, stats),
+                    mv = ModelVersion(model.name, version, config, backend, stats, _scheduler(config, backend, stats, self.executor, self.inline_max_us),
                                       path, fingerprint=fp)
                     backend = None
                     fresh.append(mv)
@@ -909,10 +915,12 @@ def _check_signature(config: ModelConfig, backend: Backend) -> None:
                                   f"{d.name!r} has dims {list(shape)}" + (" (batch dimension excluded)" if batched else ""))
 
 
-def _scheduler(config: ModelConfig, backend: Backend, stats: StatsRecorder) -> Scheduler:
+def _scheduler(config: ModelConfig, backend: Backend, stats: StatsRecorder, executor=None,
+               inline_max_us: float = DEFAULT_INLINE_MAX_US) -> Scheduler:
     db = config.dynamic_batching
     if db is None:
-        return DirectScheduler(backend, stats, instances=config.instance_count)
+        return DirectScheduler(backend, stats, instances=config.instance_count, executor=executor,
+                               inline_max_us=inline_max_us)
     return DynamicBatcher(
         backend,
         stats,
@@ -920,6 +928,8 @@ def _scheduler(config: ModelConfig, backend: Backend, stats: StatsRecorder) -> S
         preferred_batch_sizes=db.preferred_batch_size,
         max_queue_delay_us=db.max_queue_delay_microseconds,
         instances=config.instance_count,
+        executor=executor,
+        inline_max_us=inline_max_us,
     )
 
 

@@ -20,7 +20,20 @@ at once; a batch all of whose requests were cancelled has its execution cancelle
 instance. A backend running in a thread pool cannot be interrupted: that thread finishes its work
 and the result is dropped.
 
-Everything here runs on the event loop; backends do their work in a thread pool.
+Everything here runs on the event loop; backends do their work in a thread pool, except tiny ones:
+
+**Inline execution** (:class:`ExecutionRunner`). Handing an execution to the thread pool and back
+costs two thread wake-ups (tens of microseconds on an idle machine, milliseconds on a loaded one)
+plus GIL hand-overs, more than the whole computation of a small model. A backend that offers
+``infer_sync(batch)`` (the same work as ``infer``, called on the current thread) is therefore run
+directly on the event loop when its measured execution time for batches of that size is below
+``inline_max_us`` (default :data:`DEFAULT_INLINE_MAX_US` = 1000 µs). The time is measured on every
+execution (in the pool or inline) as the CPU time of the thread that ran it (wall time in the pool
+also counts waiting for the GIL and for a CPU), as an exponential moving average per batch-size
+class (rows rounded up to a power of two); a class never measured runs in the pool first. So a long model, or
+a large batch of a small one, never blocks the event loop for more than about ``inline_max_us``;
+``inline_max_us=0`` turns inline execution off. Backends without ``infer_sync`` always use their
+own ``infer``.
 """
 
 from __future__ import annotations
@@ -37,11 +50,91 @@ from pyserve.backends.base import Backend, InferOutputs
 from pyserve.protocol.errors import Internal, Unavailable
 from pyserve.server.stats import ExecutionTiming, StatsRecorder
 
-__all__ = ["Scheduler", "DirectScheduler", "DynamicBatcher"]
+__all__ = ["Scheduler", "DirectScheduler", "DynamicBatcher", "ExecutionRunner", "DEFAULT_INLINE_MAX_US"]
 
 log = logging.getLogger("pyserve.server.scheduler")
 
 _now = time.perf_counter_ns
+
+
+#: Executions measured below this many microseconds of CPU run on the event loop (see the module
+#: docstring). Measured on the shared 2-vCPU CI machine with its load average at 13-15
+#: (benchmarks/server/profile_server.py, LeNet-300-100 at batch 1, the benchmark's model): the
+#: model's CPU time per execution was 200-525 µs (about 75 µs when the machine is idle), and running
+#: it inline instead of in the pool cut the server's CPU per request by 30-35% at concurrency 1 and
+#: by 1-27% at 16. A bound of 1 ms keeps such models inline under that load while still sending
+#: anything longer to the pool; the gRPC layer alone costs 560-740 µs of CPU per request there
+#: (benchmarks/server/grpc_floor.py), so an inline execution below the bound delays the other
+#: requests by about what one more request costs.
+DEFAULT_INLINE_MAX_US = 1000
+
+_EMA_WEIGHT = 0.2  # weight of the newest execution in the moving average
+
+
+#: CPU time of the calling thread: what an execution would hold the event loop for. Wall time
+#: measured in the pool also counts waiting for the GIL and for a CPU, which on a busy server can
+#: be many times the work itself and would keep a tiny model in the pool for good.
+_cpu_now = time.thread_time_ns
+
+
+def _timed(fn, batch):
+    t0 = _cpu_now()
+    result = fn(batch)
+    return result, _cpu_now() - t0
+
+
+class ExecutionRunner:
+    """Runs one backend execution inline on the event loop or in ``executor`` (see the module
+    docstring, "Inline execution").
+
+    Parameters
+    ----------
+    backend : the backend; inline execution needs its optional ``infer_sync(batch) -> list``.
+    executor : thread pool for executions not run inline (None: the loop's default executor).
+    inline_max_us : executions whose measured time (µs, moving average per batch-size class) is
+        below this run inline; 0 disables inline execution. ValueError when negative.
+    """
+
+    def __init__(self, backend: Backend, executor=None, inline_max_us: float = DEFAULT_INLINE_MAX_US) -> None:
+        if inline_max_us < 0:
+            raise ValueError(f"inline_max_us must be >= 0, got {inline_max_us}")
+        self._backend, self._executor = backend, executor
+        self._sync = getattr(backend, "infer_sync", None) if inline_max_us > 0 else None
+        self.inline_max_ns = int(inline_max_us * 1000)
+        #: batch-size class (rows.bit_length()) -> moving average of the execution time in ns
+        self.ema_ns: dict[int, float] = {}
+        #: executions run inline / in the thread pool (or by the backend's own ``infer``)
+        self.inline_count = 0
+        self.pool_count = 0
+
+    def runs_inline(self, rows: int) -> bool:
+        """Whether an execution of ``rows`` rows would run on the event loop now."""
+        if self._sync is None:
+            return False
+        ema = self.ema_ns.get(max(1, rows).bit_length())
+        return ema is not None and ema < self.inline_max_ns
+
+    def _observe(self, rows: int, ns: int) -> None:
+        key = max(1, rows).bit_length()
+        old = self.ema_ns.get(key)
+        self.ema_ns[key] = float(ns) if old is None else old + _EMA_WEIGHT * (ns - old)
+
+    async def run(self, batch: list, rows: int) -> list:
+        """The backend's results for ``batch`` (one per request); ``rows``: rows in the batch."""
+        if self._sync is None:
+            self.pool_count += 1
+            return await self._backend.infer(batch)
+        if self.runs_inline(rows):
+            self.inline_count += 1
+            t0 = _cpu_now()
+            try:
+                return self._sync(batch)
+            finally:
+                self._observe(rows, _cpu_now() - t0)
+        self.pool_count += 1
+        result, ns = await asyncio.get_running_loop().run_in_executor(self._executor, _timed, self._sync, batch)
+        self._observe(rows, ns)
+        return result
 
 
 class Scheduler:
@@ -65,17 +158,19 @@ def _result(result) -> InferOutputs:
 class DirectScheduler(Scheduler):
     """One backend execution per request; at most ``instances`` executions at a time."""
 
-    def __init__(self, backend: Backend, stats: StatsRecorder, *, instances: int = 1) -> None:
+    def __init__(self, backend: Backend, stats: StatsRecorder, *, instances: int = 1, executor=None,
+                 inline_max_us: float = DEFAULT_INLINE_MAX_US) -> None:
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
         self._backend, self._stats = backend, stats
+        self.runner = ExecutionRunner(backend, executor, inline_max_us)
         self._slots = asyncio.Semaphore(instances)
 
     async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> InferOutputs:
         t0 = _now()
         async with self._slots:
             t1 = _now()
-            (result,) = await self._backend.infer([inputs])
+            (result,) = await self.runner.run([inputs], rows)
             t2 = _now()
         self._stats.execution(ExecutionTiming(rows, [t1 - t0], 0, t2 - t1, 0))
         return _result(result)
@@ -104,6 +199,7 @@ class DynamicBatcher(Scheduler):
     preferred_batch_sizes : batch sizes to aim for, each in 1..max_batch_size (may be empty).
     max_queue_delay_us : longest time in microseconds the oldest waiting request waits for others.
     instances : executions that may run at once (one worker task each).
+    executor, inline_max_us : where executions run (:class:`ExecutionRunner`).
     """
 
     def __init__(
@@ -115,6 +211,8 @@ class DynamicBatcher(Scheduler):
         preferred_batch_sizes: Sequence[int] = (),
         max_queue_delay_us: int = 0,
         instances: int = 1,
+        executor=None,
+        inline_max_us: float = DEFAULT_INLINE_MAX_US,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 for dynamic batching, got {max_batch_size}")
@@ -126,6 +224,7 @@ class DynamicBatcher(Scheduler):
         if instances < 1:
             raise ValueError(f"instances must be >= 1, got {instances}")
         self._backend, self._stats = backend, stats
+        self.runner = ExecutionRunner(backend, executor, inline_max_us)
         self.max_batch_size = max_batch_size
         self.preferred = tuple(sorted(set(preferred_batch_sizes)))
         self.delay_ns = int(max_queue_delay_us) * 1000
@@ -199,11 +298,14 @@ class DynamicBatcher(Scheduler):
             _, rows = self._candidates(first.key)
             wait_ns = first.arrival_ns + self.delay_ns - _now()
             if rows < self._target and rows < self.max_batch_size and wait_ns > 0:
+                # wait for more requests or the delay, whichever comes first (a timer setting the
+                # event: cheaper than asyncio.wait_for, which wraps the wait in a task each time)
                 self._wake.clear()
+                timer = asyncio.get_running_loop().call_later(wait_ns / 1e9, self._wake.set)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), wait_ns / 1e9)
-                except asyncio.TimeoutError:
-                    pass
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
                 continue
             batch = self._form(first.key)
             if batch:
@@ -245,7 +347,7 @@ class DynamicBatcher(Scheduler):
         else:
             merged = {name: np.concatenate([p.inputs[name] for p in batch], axis=0) for name in batch[0].inputs}
         t1 = _now()
-        (result,) = await self._backend.infer([merged])
+        (result,) = await self.runner.run([merged], total)
         t2 = _now()
         if len(batch) == 1:
             self._stats.execution(ExecutionTiming(total, queue_ns, t1 - t0, t2 - t1, _now() - t2))
@@ -261,7 +363,7 @@ class DynamicBatcher(Scheduler):
         # the batch failed: run each request on its own so that an error stays with its request
         log.info("batch of %d request(s) failed (%s); running them one by one", len(batch), _describe(result))
         t4 = _now()
-        results = await self._backend.infer([p.inputs for p in batch])
+        results = await self.runner.run([p.inputs for p in batch], total)
         each_ns = (_now() - t4) // len(batch)
         for p, r in zip(batch, results, strict=True):
             self._stats.execution(ExecutionTiming(p.rows, [0], 0, each_ns, 0))

@@ -26,15 +26,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pyserve.protocol import codec
 from pyserve.server.dataplane import EXTENSIONS, DataPlane
-from pyserve.server.interceptors import BearerTokenInterceptor, ErrorInterceptor, InflightInterceptor
+from pyserve.server.interceptors import BearerTokenInterceptor, InflightInterceptor, wrap_servicer
 from pyserve.server.repository import ModelRepository
+from pyserve.server.scheduler import DEFAULT_INLINE_MAX_US
 from pyserve.server.servicer import InferenceServicer
 
 __all__ = ["Server", "DEFAULT_MAX_MESSAGE_BYTES", "read_tls_files"]
 
 log = logging.getLogger("pyserve.server")
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+#: Default limit on request and response messages (issue 5: 64 MiB; gRPC's own default is 4 MiB).
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+#: A graceful stop ends the server once no RPC has started for this long (see Server._drained).
+DRAIN_QUIET_S = 0.1
 
 
 def _address(host: str, port: int) -> str:
@@ -48,7 +54,8 @@ class Server:
     ----------
     model_repository : directory laid out as ``<model>/<version>/model.pyserve``.
     host, grpc_port : where to listen; ``grpc_port=0`` lets the OS choose (see :attr:`bound_port`).
-    max_message_bytes : largest request and response message, both directions (default 256 MiB).
+    max_message_bytes : largest request and response message, both directions (default 64 MiB,
+        :data:`DEFAULT_MAX_MESSAGE_BYTES`); larger messages get RESOURCE_EXHAUSTED.
     exit_timeout_s : grace period in-flight RPCs get on :meth:`stop`.
     infer_threads : size of the thread pool that loads models and runs inference
         (default ``min(4, cpu_count)``).
@@ -74,6 +81,9 @@ class Server:
     auth_tokens : bearer tokens (e.g. from :func:`pyserve.server.interceptors.read_token_file`):
         every RPC but the gRPC health checks must carry ``authorization: Bearer <token>`` metadata,
         else UNAUTHENTICATED. None/empty: no authentication.
+    inline_max_us : model executions measured below this many microseconds run on the event loop
+        instead of the thread pool (two thread hand-overs saved per request; see
+        :class:`pyserve.server.scheduler.ExecutionRunner`); 0: always the pool. Default 1000.
     reflection : register gRPC server reflection (``grpc.reflection.v1alpha.ServerReflection``,
         what grpcio-reflection implements) for the inference and health services when
         grpcio-reflection is installed (the ``reflection`` extra); default True.
@@ -102,6 +112,7 @@ class Server:
         tls_client_ca: str | os.PathLike | None = None,
         auth_tokens: Sequence[str] | None = None,
         reflection: bool = True,
+        inline_max_us: float = DEFAULT_INLINE_MAX_US,
     ) -> None:
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
@@ -128,7 +139,7 @@ class Server:
             self.metrics = PrometheusMetrics()
         self.repository = ModelRepository(
             self.model_repository, control_mode=model_control_mode, startup_models=startup_models,
-            stats_sink=self.metrics,
+            stats_sink=self.metrics, inline_max_us=inline_max_us,
         )
         self.dataplane = DataPlane(self.repository, extensions=extensions)
         from pyserve.server.traffic import TrafficRouter
@@ -180,16 +191,21 @@ class Server:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        interceptors = [self._inflight, ErrorInterceptor()]
+        # error mapping and in-flight counting wrap pyserve's servicers once, here (wrap_servicer),
+        # not as interceptors that grpc.aio would run on every call; only auth is an interceptor
+        interceptors = []
         if self.auth_tokens:
-            interceptors.insert(0, BearerTokenInterceptor(self.auth_tokens))
+            interceptors.append(BearerTokenInterceptor(self.auth_tokens))
             if self._tls is None:
                 log.warning("bearer-token auth without TLS: tokens travel in plaintext")
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        InferenceServicer(self.dataplane).add_to_server(server)
+        codec.add_inference_servicer(
+            wrap_servicer(InferenceServicer(self.dataplane), codec.SERVICE_NAME, self._inflight), server)
+        from pyserve.protocol import traffic_codec
         from pyserve.server.traffic_service import TrafficControlServicer
 
-        TrafficControlServicer(self.traffic).add_to_server(server)
+        traffic_codec.add_traffic_servicer(
+            wrap_servicer(TrafficControlServicer(self.traffic), traffic_codec.SERVICE_NAME, self._inflight), server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self.reflection:
@@ -293,11 +309,19 @@ class Server:
         return self._inflight.count + self.repository.inflight()
 
     async def _drained(self) -> None:
-        """Return once no unary RPC and no inference (also those of streams) is running."""
+        """Return once no unary RPC and no inference (also those of streams) is running and no
+        unary RPC has started for :data:`DRAIN_QUIET_S`. gRPC may have accepted RPCs just before the
+        stop whose handlers have not run yet (on a busy event loop that takes tens of milliseconds);
+        ending the server at the first idle moment would cancel them (CANCELLED) instead of letting
+        them finish."""
         while True:
             await self._inflight.idle()
             await self.repository.drained()
-            if not self._busy():
+            if self._busy():
+                continue
+            started = self._inflight.started
+            await asyncio.sleep(DRAIN_QUIET_S)
+            if not self._busy() and self._inflight.started == started:
                 return
 
     async def wait_for_termination(self) -> None:

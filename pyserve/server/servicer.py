@@ -8,6 +8,7 @@ with ``error_message`` set and the stream carries on (as Triton does).
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 from pyserve.protocol import codec
@@ -61,13 +62,18 @@ class InferenceServicer:
         return codec.encode_repository_unload_response()
 
     async def ModelInfer(self, request, context):
-        response = await self._dp.infer(codec.decode_infer_request(request), _routing_key(context))
-        return codec.encode_infer_response(response)
+        arrival_ns = time.perf_counter_ns()  # the request's server time starts before decoding
+        req = codec.decode_infer_request(request)
+        key = _routing_key(context) if self._dp.is_route(req.model_name) else None
+        return codec.encode_infer_response(await self._dp.infer(req, key, arrival_ns))
 
     async def ModelStreamInfer(self, request_iterator, context):
         async for request in request_iterator:
             try:
-                response = await self._dp.infer(codec.decode_infer_request(request), _routing_key(context))
+                arrival_ns = time.perf_counter_ns()
+                req = codec.decode_infer_request(request)
+                key = _routing_key(context) if self._dp.is_route(req.model_name) else None
+                response = await self._dp.infer(req, key, arrival_ns)
                 yield codec.encode_stream_response(response)
             except ServingError as exc:
                 yield codec.encode_stream_error(f"{exc.code}: {exc}", request.id)

@@ -8,7 +8,10 @@ update happens on the server's event loop thread, so no lock is needed. An optio
 Stages, per request (Triton's definitions): ``queue`` from the scheduler accepting the request to
 its batch starting; ``compute_input`` assembling the backend's inputs (concatenating a dynamic
 batch); ``compute_infer`` the backend call; ``compute_output`` splitting and checking the outputs.
-``success``/``fail`` count requests with their whole duration in the server, arrival to response.
+``success``/``fail`` count requests with their duration in the server: from the servicer receiving
+the request message (before pyserve decodes and validates it) until the data plane has the response
+(encoding it to protobuf, a few microseconds for small outputs, and gRPC's own work are not
+included). Server overhead = that duration - queue - compute.
 """
 
 from __future__ import annotations

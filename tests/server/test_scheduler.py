@@ -284,3 +284,150 @@ def test_dynamic_batching_with_the_pyserve_backend_matches_the_module(tmp_path, 
             np.testing.assert_allclose(results[i], module(torch.from_numpy(x))[0].numpy(), rtol=1e-5, atol=1e-5)
     assert s.inference_count == sum(x.shape[0] for x in xs)
     assert s.execution_count < len(xs)
+
+
+# --- inline execution (ExecutionRunner) ---------------------------------------------------------------
+
+
+class SyncBackend:
+    """y = x + 1 with an ``infer_sync``; records the thread of every execution; an execution of
+    ``slow_rows`` rows or more works ``slow_s`` seconds of its thread's CPU time (hashing, which
+    releases the GIL as torch's kernels do; the runner measures CPU time, so a sleep would not do)."""
+
+    def __init__(self, slow_rows: int = 10**9, slow_s: float = 0.0) -> None:
+        self.threads: list[tuple[int, int]] = []  # (rows, thread id)
+        self.slow_rows, self.slow_s = slow_rows, slow_s
+
+    def infer_sync(self, batch):
+        import time
+
+        rows = sum(int(b["x"].shape[0]) for b in batch)
+        self.threads.append((rows, threading.get_ident()))
+        if rows >= self.slow_rows:
+            import hashlib
+
+            block, t0 = bytes(1 << 18), time.thread_time()
+            while time.thread_time() - t0 < self.slow_s:
+                hashlib.sha256(block).digest()
+        return [{"y": b["x"] + 1} for b in batch]
+
+    async def infer(self, batch):  # what a backend's async path does: the same work in a thread
+        return await asyncio.get_running_loop().run_in_executor(None, self.infer_sync, batch)
+
+
+def test_fast_executions_move_inline_after_one_measured_in_the_pool():
+    async def main():
+        backend = SyncBackend()
+        s = DirectScheduler(backend, StatsRecorder("m", "1"), inline_max_us=100_000)  # 100 ms: all "fast"
+        runner = s.runner
+        outs = [await s.submit(_x(1, i), 1) for i in range(5)]
+        return backend, runner, outs, threading.get_ident()
+
+    backend, runner, outs, loop_thread = _run(main())
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), i + 1, np.float32))
+    threads = [t for _, t in backend.threads]
+    assert threads[0] != loop_thread  # never measured: the pool
+    assert threads[1:] == [loop_thread] * 4  # then on the event loop's own thread
+    assert (runner.pool_count, runner.inline_count) == (1, 4)
+
+
+def test_slow_executions_and_unmeasured_batch_sizes_stay_in_the_pool():
+    from pyserve.server.scheduler import ExecutionRunner
+
+    async def main():
+        backend = SyncBackend(slow_rows=8, slow_s=0.005)  # 8+ rows: 5 ms of CPU, far above 1 ms
+        runner = ExecutionRunner(backend, None, inline_max_us=1000)
+        loop_thread = threading.get_ident()
+        for _ in range(3):
+            await runner.run([_x(1, 0)], 1)  # 1 row: fast, inline from the second on
+        assert runner.runs_inline(1) and not runner.runs_inline(8)  # 8 rows: another class, never measured
+        ticks = 0
+
+        async def ticker():  # the event loop keeps running while the slow executions run
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        t = asyncio.ensure_future(ticker())
+        for _ in range(4):
+            await runner.run([_x(8, 0)], 8)
+        t.cancel()
+        slow = [tid for rows, tid in backend.threads if rows == 8]
+        assert loop_thread not in slow and not runner.runs_inline(8)
+        assert runner.ema_ns[(8).bit_length()] >= 4_000_000
+        return ticks
+
+    assert _run(main()) >= 4  # at least one tick per slow execution: the loop was never held
+
+
+def test_inline_execution_can_be_turned_off_and_needs_infer_sync():
+    from pyserve.server.scheduler import ExecutionRunner
+
+    async def main():
+        off = ExecutionRunner(SyncBackend(), None, inline_max_us=0)
+        plain = ExecutionRunner(Recorder(), None)  # no infer_sync: always the backend's infer
+        for _ in range(3):
+            await off.run([_x(1, 0)], 1)
+            await plain.run([_x(1, 0)], 1)
+        return off, plain
+
+    off, plain = _run(main())
+    assert (off.inline_count, off.pool_count) == (0, 3) and not off.runs_inline(1)
+    assert (plain.inline_count, plain.pool_count) == (0, 3)
+    with pytest.raises(ValueError, match="inline_max_us must be >= 0, got -1"):
+        ExecutionRunner(SyncBackend(), None, inline_max_us=-1)
+
+
+def test_batcher_runs_measured_tiny_batches_inline_and_splits_rows():
+    async def main():
+        backend = SyncBackend()
+        stats = StatsRecorder("m", "1")
+        b = DynamicBatcher(backend, stats, max_batch_size=8, max_queue_delay_us=20_000, inline_max_us=100_000)
+        first = await asyncio.gather(*(b.submit(_x(1, i), 1) for i in range(4)))  # measured in the pool
+        second = await asyncio.gather(*(b.submit(_x(1, 10 + i), 1) for i in range(4)))  # inline
+        await b.close()
+        return backend, b.runner, first + second, threading.get_ident(), stats.snapshot()
+
+    backend, runner, outs, loop_thread, snap = _run(main())
+    for out, v in zip(outs, [0, 1, 2, 3, 10, 11, 12, 13], strict=True):
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), v + 1, np.float32))
+    assert [rows for rows, _ in backend.threads] == [4, 4]
+    assert backend.threads[0][1] != loop_thread and backend.threads[1][1] == loop_thread
+    assert snap.execution_count == 2 and snap.inference_count == 0  # request_done is the data plane's
+
+
+@pytest.mark.parametrize("inline_max_us", [0, 1_000_000])
+def test_pyserve_backend_runs_inline_through_the_server_with_the_same_answers(
+        tmp_path, classifier_modules, write_model, inline_max_us):
+    """The real pyserve backend (its ``infer_sync``) behind the server: with inline execution allowed
+    (a bound far above this tiny model's time, so machine load cannot flip it) every request after
+    the first runs on the event loop; with 0, none does; the answers equal the torch module's."""
+    tc = pytest.importorskip("tritonclient.grpc")
+    torch = pytest.importorskip("torch")
+    from pyserve.server import ServerThread
+
+    module, artifact = classifier_modules[1]
+    write_model(tmp_path, "clf", 1, artifact=artifact, config="max_batch_size: 8\n")
+    xs = [np.random.default_rng(i).standard_normal((1 + i % 3, 8)).astype(np.float32) for i in range(6)]
+    with ServerThread(tmp_path, host="127.0.0.1", grpc_port=0, inline_max_us=inline_max_us) as srv:
+        c = tc.InferenceServerClient(srv.url)
+        outs = []
+        for x in xs:
+            t = tc.InferInput("x", list(x.shape), "FP32")
+            t.set_data_from_numpy(x)
+            r = c.infer("clf", [t])
+            outs.append((r.as_numpy("logits"), r.as_numpy("probs")))
+        (s,) = c.get_inference_statistics("clf").model_stats
+        c.close()
+        runner = srv.server.repository.get("clf").current.scheduler.runner
+        counts = (runner.inline_count, runner.pool_count)
+    with torch.no_grad():
+        for x, (logits, probs) in zip(xs, outs, strict=True):
+            ref_logits, ref_probs = module(torch.from_numpy(x))
+            np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(probs, ref_probs.numpy(), rtol=1e-5, atol=1e-6)
+    assert s.inference_count == sum(x.shape[0] for x in xs) and s.execution_count == len(xs)
+    # rows 1, 2, 3, 1, 2, 3: classes 1, 2 and 2 (rows 2 and 3) are each measured once in the pool
+    assert counts == ((0, 6) if inline_max_us == 0 else (4, 2))

@@ -302,3 +302,71 @@ def test_traffic_cli_sends_the_token_of_auth_token_file(authed, tmp_path, capsys
     assert "UNAUTHENTICATED" in capsys.readouterr().err
     assert main(["traffic", "status", "--json", "--url", authed.url, "--auth-token-file", str(good)]) == 0
     assert '"routes"' in capsys.readouterr().out
+
+
+# --- client commands over TLS ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mtls(repo, pki):
+    s = ServerThread(repo, host="127.0.0.1", grpc_port=0, tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+                     tls_client_ca=pki["ca"]).start()
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("client", ["tritonclient", "pyserve"])
+def test_infer_cli_over_mutual_tls(mtls, pki, tmp_path, capsys, client):
+    """`pyserve infer --tls-ca --tls-cert --tls-key` against a mutual-TLS server: the answer equals
+    the echo model's 2x; without a client certificate, or in plaintext, one line and exit 2."""
+    from pyserve.cli.main import main
+
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "y.npy"
+    base = ["infer", "--url", f"localhost:{mtls.bound_port}", "--model", "echo", "--input", str(tmp_path / "x.npy"),
+            "--client", client, "--timeout-s", "10"]
+    assert main([*base, "--tls-ca", pki["ca"], "--tls-cert", pki["client_cert"], "--tls-key", pki["client_key"],
+                 "--output", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), 2 * x)
+    capsys.readouterr()
+    for flags in (["--tls-ca", pki["ca"]], []):  # no client certificate; plaintext
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("pyserve infer: error: UNAVAILABLE"), err
+
+
+def test_traffic_cli_over_tls(repo, pki, capsys):
+    from pyserve.cli.main import main
+
+    with ServerThread(repo, host="127.0.0.1", grpc_port=0, tls_cert=pki["server_cert"], tls_key=pki["server_key"]) as s:
+        url = f"localhost:{s.bound_port}"
+        assert main(["traffic", "status", "--json", "--url", url, "--tls-ca", pki["ca"]]) == 0
+        assert '"routes"' in capsys.readouterr().out
+        assert main(["traffic", "status", "--url", url, "--timeout-s", "10"]) == 2  # plaintext to a TLS port
+        assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tls-cert", "{client_cert}"], "--tls-cert and --tls-key go together"),
+        (["--tls-cert", "{client_cert}", "--tls-key", "{client_key}"], "--tls-cert/--tls-key need --tls-ca"),
+        (["--tls-ca", "{d}/missing.pem"], "--tls-ca: cannot read"),
+        (["--tls-ca", "{d}/junk.pem"], "--tls-ca: '{d}/junk.pem' is not a PEM file"),
+        (["--tls-ca", "{ca}", "--tls-cert", "{d}/junk.pem", "--tls-key", "{client_key}"], "--tls-cert: '{d}/junk.pem' is not a PEM"),
+    ],
+)
+@pytest.mark.parametrize("command", ["infer", "traffic"])
+def test_client_tls_flag_errors_are_one_line(pki, tmp_path, capsys, flags, message, command):
+    from pyserve.cli.main import main
+
+    (tmp_path / "junk.pem").write_text("not pem")
+    np.save(tmp_path / "x.npy", np.zeros((1, 2), np.float32))
+    fmt = dict(pki, d=str(tmp_path))
+    flags = [f.format(**fmt) for f in flags]
+    argv = (["infer", "--url", "localhost:1", "--model", "echo", "--input", str(tmp_path / "x.npy")]
+            if command == "infer" else ["traffic", "status", "--url", "localhost:1"])
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.format(**fmt) in err[0], err

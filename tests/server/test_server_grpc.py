@@ -252,6 +252,26 @@ def test_message_size_limit(tmp_path, write_model):
         c.close()
 
 
+def test_default_message_size_limit_is_64_mib(tmp_path, write_model):
+    """Default limit 64 MiB both ways (issue 5): 16 MiB requests and answers pass (over gRPC's own
+    4 MiB default), 64 MiB + 1 row is RESOURCE_EXHAUSTED, and the server keeps serving."""
+    from pyserve.server import ServerThread
+    from pyserve.server.server import DEFAULT_MAX_MESSAGE_BYTES
+
+    assert DEFAULT_MAX_MESSAGE_BYTES == 64 * 1024 * 1024
+    write_model(tmp_path, "echo", 1, echo_mode="echo", config="backend: test-echo\n")
+    with ServerThread(tmp_path, host="127.0.0.1", grpc_port=0) as srv:
+        assert srv.server.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+        c = tc.InferenceServerClient(srv.url)
+        mid = np.full((2 * 1024 * 1024, 2), 1.5, np.float32)  # 16 MiB of data
+        y = c.infer("echo", [fp32_input(mid)]).as_numpy("y")
+        assert y.shape == mid.shape and float(y[0, 0]) == 3.0 and float(y[-1, 1]) == 3.0
+        rows = DEFAULT_MAX_MESSAGE_BYTES // 8 + 1  # 8 bytes per row: data alone is over the limit
+        expect_error(lambda: c.infer("echo", [fp32_input(np.zeros((rows, 2), np.float32))]), "RESOURCE_EXHAUSTED")
+        assert c.infer("echo", [fp32_input(np.ones((1, 2), np.float32))]).as_numpy("y").tolist() == [[2.0, 2.0]]
+        c.close()
+
+
 def test_graceful_stop_lets_in_flight_requests_finish(tmp_path, write_model):
     from pyserve.server import ServerThread
 
@@ -321,3 +341,33 @@ def test_live_but_not_ready_while_loading(tmp_path, write_model):
         await server.stop(0)
 
     asyncio.run(main())
+
+
+# --- a traffic route named with a model version -------------------------------------------------------
+
+
+@pytest.mark.parametrize("cli_client", ["tritonclient", "pyserve"])
+def test_a_route_with_a_model_version_is_refused_clearly(tmp_path, write_model, capsys, cli_client):
+    """A route picks the version itself: its metadata/config with a version give INVALID_ARGUMENT
+    naming the route and the model to call instead (not NOT_FOUND "unknown model"), ModelReady says
+    false, and `pyserve infer --model ROUTE --model-version 1` prints that one line, exit 2."""
+    from pyserve.cli.main import main
+    from pyserve.server import ServerThread
+
+    write_model(tmp_path / "repo", "echo", 1, echo_mode="echo", config="backend: test-echo\n")
+    cfg = tmp_path / "traffic.yaml"
+    cfg.write_text("version: 1\nroutes:\n  front:\n    policy: canary\n    variants:\n"
+                   "      a: {model: echo, version: 1, weight_percent: 100}\n")
+    np.save(tmp_path / "x.npy", np.ones((1, 2), np.float32))
+    with ServerThread(tmp_path / "repo", host="127.0.0.1", grpc_port=0, traffic_config=cfg) as s:
+        c = tc.InferenceServerClient(s.url)
+        assert c.get_model_metadata("front").name == "echo"  # without a version: the first variant's model
+        for call in (lambda: c.get_model_metadata("front", "1"), lambda: c.get_model_config("front", "1")):
+            expect_error(call, "INVALID_ARGUMENT", "'front' is a traffic route", "send no model version (got '1')",
+                         "model 'echo' version 1")
+        assert c.is_model_ready("front") and not c.is_model_ready("front", "1")
+        c.close()
+        assert main(["infer", "--url", s.url, "--model", "front", "--model-version", "1", "--input",
+                     str(tmp_path / "x.npy"), "--client", cli_client]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "INVALID_ARGUMENT: 'front' is a traffic route" in err[0], err

@@ -180,8 +180,8 @@ class TrafficRouter:
             repo.get(model, version)  # NotFound for an unknown model, or a version it does not serve
         except NotFound as exc:
             return str(exc)
-        # A model that failed to load is accepted: its variant or shadow answers UNAVAILABLE, counted
-        # as errors (the SLO guard rolls a guarded canary back), until a reload succeeds.
+        # A model that failed to load exists here; check_config refuses it as a variant (load_failure)
+        # and only warns for a shadow.
         return None
 
     def load_failure(self, model: str, version: str) -> str | None:

@@ -387,7 +387,12 @@ def test_interleaving_answers_the_team_draft_and_counts_clicks(lenet_repo, lenet
         c.close()
 
 
-def test_guard_rolls_back_a_failing_canary_within_one_window(lenet_repo, images, tmp_path, capsys):
+def test_guard_rolls_back_a_failing_canary_within_one_window(lenet_repo, images, tmp_path, capsys, variants_module):
+    # a canary that loads (a variant whose model failed to load is refused by the config) and then
+    # fails every request once the flag exists
+    flag = tmp_path / "canary-fails"
+    variants_module.write_faulty_model(lenet_repo, "failing", lenet_repo / "lenet300c/1/model.pyserve", "ok",
+                                       fail_if_exists=flag)
     cfg = textwrap.dedent("""
         version: 1
         revision: guarded
@@ -396,12 +401,13 @@ def test_guard_rolls_back_a_failing_canary_within_one_window(lenet_repo, images,
             policy: canary
             variants:
               stable: {model: lenet300, weight_percent: 50}
-              canary: {model: broken, weight_percent: 50}
+              canary: {model: failing, weight_percent: 50}
             guard: {canary: canary, steps_percent: [50, 100], window_s: 30, min_requests: 10,
                     max_error_rate_increase: 0.05, max_p99_latency_ratio: 100}
     """)
     srv, _ = _serve(lenet_repo, cfg, tmp_path)
     with srv:
+        flag.touch()
         c = tc.InferenceServerClient(srv.url)
         t0 = time.monotonic()
         errors = 0

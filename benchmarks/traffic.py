@@ -10,10 +10,11 @@
    10x as expensive (the fp32 model run 10 times per request: real CPU work on the same machine), a
    shadow 10x as slow without using the CPU (it waits 9x its compute time, like a remote or I/O-bound
    model), and a shadow that always fails (it loads, then fails every request); primary errors must
-   be 0 and p99 must not rise by more than 5%. The server runs torch with one intra-op thread (OMP_NUM_THREADS=1), so the primary and
-   one shadow execution can each have a core of the two.
-   The three routes take turns in --rounds blocks (queued shadow work drained between blocks), so a
-   change in machine load hits them alike.
+   be 0 and p99 must not rise by more than 5%. The server runs torch with one intra-op thread
+   (OMP_NUM_THREADS=1), so the primary and one shadow execution can each have a core of the two.
+   The routes take turns in --rounds blocks (the shadow backlog is waited for between blocks, 120 s at
+   most), so a change in machine load hits them alike; the table gives p50/p90/p99 over all blocks
+   and the median over rounds of each block's p99 change against that round's no-shadow block.
 3. Rollback: a guarded canary (steps 5 -> 25 -> 50 -> 100%, window --window-s) starts failing at a
    known time; the guard must roll it back within one window.
 

@@ -84,7 +84,8 @@ def measure(cond: str, n: int, python_reps: int = 0) -> tuple[list[float], int]:
     done = ctx.Value("q", 0)
     worker = None
     if cond.startswith("thread"):
-        worker = threading.Thread(target=_shadow_loop, args=(stop, done, ready, cond == "thread-idle", python_reps), daemon=True)
+        worker = threading.Thread(target=_shadow_loop, args=(stop, done, ready, cond == "thread-idle", python_reps),
+                                  daemon=True)
     elif cond.startswith("process"):
         worker = ctx.Process(target=_shadow_loop, args=(stop, done, ready, cond == "process-idle", python_reps),
                                                  daemon=True)
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
             jobs[c] += n
     base = np.percentile(lat["none"], 99)
     print(f"primary: LeNet-300-100 batch 1 + ~0.4 ms Python, {args.rounds} rounds x {args.block} per condition; "
-          f"shadow: 10x the model + {args.shadow_python} x ~0.2 ms Python per job, back to back; load average {min(load):.1f}-{max(load):.1f}\n")
+          f"shadow: 10x the model + {args.shadow_python} x ~0.2 ms Python per job, back to back; "
+          f"load average {min(load):.1f}-{max(load):.1f}\n")
     print("| shadow runs in | p50 ms | p99 ms | p99 vs none | median of rounds' p99 change | shadow jobs done |")
     print("|---|---|---|---|---|---|")
     for c in CONDITIONS:

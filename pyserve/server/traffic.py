@@ -144,7 +144,8 @@ class TrafficRouter:
         if poll_s <= 0:
             raise ValueError(f"poll_s must be > 0, got {poll_s}")
         if shadow_isolation not in SHADOW_ISOLATIONS:
-            raise ValueError(f"shadow_isolation must be one of {', '.join(SHADOW_ISOLATIONS)}, got {shadow_isolation!r}")
+            raise ValueError(f"shadow_isolation must be one of {', '.join(SHADOW_ISOLATIONS)}, "
+                             f"got {shadow_isolation!r}")
         if shadow_priority not in PRIORITIES:
             raise ValueError(f"shadow_priority must be one of {', '.join(PRIORITIES)}, got {shadow_priority!r}")
         self.shadow_isolation = shadow_isolation

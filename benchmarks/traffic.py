@@ -4,14 +4,17 @@
    --requests requests (10,000 by default), one routing key each; the share on the canary must lie in
    the 99% binomial interval of 5%. Stickiness: every key sent again (routing_key parameter, and
    x-routing-key metadata for a sample) and to a second server (a replica) gets the same variant.
-2. Shadowing 100% of traffic: primary latency (p50, p99) on a route with no shadow, with a shadow
+2. Shadowing 100% of traffic (shadows in the worker process at SCHED_IDLE by default; --isolation
+   compares others: nice 19, normal priority, in the server process): primary latency (p50, p99) on a
+   route with no shadow, with a shadow
    10x as expensive (the fp32 model run 10 times per request: real CPU work on the same machine), a
    shadow 10x as slow without using the CPU (it waits 9x its compute time, like a remote or I/O-bound
-   model), and a shadow that always fails; primary errors must be 0 and p99 must not rise by more
-   than 5%. The server runs torch with one intra-op thread (OMP_NUM_THREADS=1), so the primary and
-   one shadow execution can each have a core of the two.
-   The three routes take turns in --rounds blocks (queued shadow work drained between blocks), so a
-   change in machine load hits them alike.
+   model), and a shadow that always fails (it loads, then fails every request); primary errors must
+   be 0 and p99 must not rise by more than 5%. The server runs torch with one intra-op thread
+   (OMP_NUM_THREADS=1), so the primary and one shadow execution can each have a core of the two.
+   The routes take turns in --rounds blocks (the shadow backlog is waited for between blocks, 120 s at
+   most), so a change in machine load hits them alike; the table gives p50/p90/p99 over all blocks
+   and the median over rounds of each block's p99 change against that round's no-shadow block.
 3. Rollback: a guarded canary (steps 5 -> 25 -> 50 -> 100%, window --window-s) starts failing at a
    known time; the guard must roll it back within one window.
 
@@ -19,6 +22,7 @@ The server runs in a subprocess (``pyserve serve`` with a fault-injection backen
 client here, one request at a time (batch 1). Prints one table per goal.
 
     python benchmarks/traffic.py [--requests 10000] [--rounds 5] [--block 400] [--window-s 2]
+                                 [--goals 1,2,3] [--isolation process,inline]
 """
 
 from __future__ import annotations
@@ -58,10 +62,10 @@ def _variants():
 class Served:
     """``pyserve serve`` in a subprocess on a free port, with the faulty backend registered."""
 
-    def __init__(self, repo: Path, config: Path, poll_s: float = 0.2) -> None:
+    def __init__(self, repo: Path, config: Path, poll_s: float = 0.2, extra: tuple[str, ...] = ()) -> None:
         cmd = [sys.executable, "-c", SERVER_MAIN, str(ROOT / "examples/lenet300/variants.py"), "serve",
                "--model-repository", str(repo), "--grpc-port", "0", "--host", "127.0.0.1",
-               "--traffic-config", str(config), "--traffic-poll-s", str(poll_s), "--log-level", "WARNING"]
+               "--traffic-config", str(config), "--traffic-poll-s", str(poll_s), "--log-level", "WARNING", *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()
@@ -160,13 +164,28 @@ def goal_canary(repo: Path, images: np.ndarray, n: int, tmp: Path) -> tuple[str,
     return "Goal 1: canary split and stickiness\n\n" + _table(["measure", "value", "note"], rows), ok
 
 
-def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Path) -> tuple[str, bool]:
+#: --isolation values: label -> serve flags
+ISOLATIONS = {
+    "process": ("--traffic-shadow-isolation", "process", "--traffic-shadow-priority", "idle"),
+    "process-nice": ("--traffic-shadow-isolation", "process", "--traffic-shadow-priority", "nice"),
+    "process-normal": ("--traffic-shadow-isolation", "process", "--traffic-shadow-priority", "normal"),
+    "inline": ("--traffic-shadow-isolation", "inline"),
+}
+ISOLATION_TEXT = {"process": "worker process, SCHED_IDLE", "process-nice": "worker process, nice 19",
+                  "process-normal": "worker process, normal priority", "inline": "in the server process"}
+
+
+def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Path,
+                isolation: str = "process") -> tuple[str, bool]:
     import tritonclient.grpc as tc
 
     v = _variants()
     v.write_faulty_model(repo, "slow10", repo / "lenet300/1/model.pyserve", "slow", 10)
     v.write_faulty_model(repo, "sleep10", repo / "lenet300/1/model.pyserve", "sleep", 10)
-    v.write_faulty_model(repo, "broken", repo / "lenet300/1/model.pyserve", "fail")
+    # loads and warms up, then fails every request once the flag exists (so failures reach the shadow runner)
+    fails_now = tmp / "shadow-fails-now"
+    fails_now.unlink(missing_ok=True)
+    v.write_faulty_model(repo, "broken", repo / "lenet300/1/model.pyserve", "ok", fail_if_exists=fails_now)
     cfg = tmp / "shadow.yaml"
     cfg.write_text(textwrap.dedent("""
         version: 1
@@ -187,50 +206,75 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
             variants: {primary: {model: lenet300}}
             shadows: {broken: {model: broken, fraction: 1.0}}
     """))
-    srv = Served(repo, cfg)
+    srv = Served(repo, cfg, extra=ISOLATIONS[isolation])
+    fails_now.touch()
     lat = {"none": [], "slow": [], "waiting": [], "failing": []}
+    per_round = {k: [] for k in lat}  # p99 of each block
     errors = {k: 0 for k in lat}
+    load = []
     try:
         c = tc.InferenceServerClient(srv.url)
         x = [_input(images[i: i + 1]) for i in range(64)]
+        def settled(route: str, expected: int, timeout_s: float) -> float:
+            """Wait until the route's shadow ran or dropped ``expected`` copies; seconds waited."""
+            t0 = time.monotonic()
+            while route != "none" and time.monotonic() - t0 < timeout_s:
+                sh = next(iter(_report(srv.url, route)["shadows"].values()))
+                if sh["requests_count"] + sh["dropped"] >= expected:
+                    break
+                time.sleep(0.2)
+            return time.monotonic() - t0
+
         for i in range(200):  # warm-up
             c.infer("none", [x[i % 64]])
+        warm = 20  # every route, so the shadow worker process has started and loaded its models
+        for route in lat:
+            for i in range(warm):
+                c.infer(route, [x[i % 64]], parameters={"routing_key": f"w-{i}"})
+            settled(route, warm, 120)
+        waited = []
         for r in range(rounds):
+            load.append(os.getloadavg()[0])
             for route in lat:
+                blk = []
                 for i in range(block):
                     t0 = time.perf_counter()
                     try:
                         c.infer(route, [x[i % 64]], parameters={"routing_key": f"r{r}-{i}"})
                     except tc.InferenceServerException:
                         errors[route] += 1
-                    lat[route].append(time.perf_counter() - t0)
+                    blk.append(time.perf_counter() - t0)
+                lat[route].extend(blk)
+                per_round[route].append(np.percentile(blk, 99))
                 time.sleep(0.5)  # let queued shadow work finish (or be dropped) before the next block
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    rep = _report(srv.url, route) if route != "none" else None
-                    sh = next(iter(rep["shadows"].values())) if rep else None
-                    if sh is None or sh["requests_count"] + sh["dropped"] >= (r + 1) * block:
-                        break
-                    time.sleep(0.2)
+                waited.append(settled(route, warm + (r + 1) * block, 120))
         reps = {r: _report(srv.url, r) for r in ("slow", "waiting", "failing")}
         c.close()
     finally:
         srv.stop()
-    p = {k: (np.percentile(v, 50) * 1e3, np.percentile(v, 99) * 1e3) for k, v in lat.items()}
+    p = {k: (np.percentile(v, 50) * 1e3, np.percentile(v, 99) * 1e3, np.percentile(v, 90) * 1e3)
+         for k, v in lat.items()}
     base99 = p["none"][1]
+    # per round: this route's block p99 against the no-shadow block of the same round; median over rounds
+    med = {k: float(np.median([a / b - 1 for a, b in zip(per_round[k], per_round["none"])])) for k in lat}
     rows = []
     for route, label in (("none", "no shadow"), ("slow", "shadow 10x as expensive (CPU), 100%"),
                          ("waiting", "shadow 10x as slow (waiting), 100%"),
                          ("failing", "shadow always failing, 100%")):
         sh = next(iter(reps[route]["shadows"].values())) if route in reps else None
-        rows.append([label, len(lat[route]), errors[route], f"{p[route][0]:.3f}", f"{p[route][1]:.3f}",
+        rows.append([label, len(lat[route]), errors[route], f"{p[route][0]:.3f}", f"{p[route][2]:.3f}",
+                     f"{p[route][1]:.3f}",
                      f"{100 * (p[route][1] / base99 - 1):+.1f}%" if route != "none" else "-",
+                     f"{100 * med[route]:+.1f}%" if route != "none" else "-",
                      f"{sh['requests_count']:,} ok {sh['requests_count'] - sh['requests_errors']:,}" if sh else "-",
                      f"{sh['dropped']:,}" if sh else "-"])
     ok = all(e == 0 for e in errors.values()) and all(p[r][1] <= 1.05 * base99 for r in ("slow", "waiting", "failing"))
-    text = ("Goal 2: shadowing 100% of traffic (primary latency as the client sees it, batch 1)\n\n"
-            + _table(["route", "requests", "primary errors", "p50 ms", "p99 ms", "p99 vs no shadow", "shadow runs",
-                      "shadow dropped"], rows))
+    text = (f"Goal 2: shadowing 100% of traffic, shadows {ISOLATION_TEXT[isolation]} (primary latency as the "
+            f"client sees it, batch 1; {rounds} rounds of {block} requests per route, load average "
+            f"{min(load):.1f}-{max(load):.1f}; waiting for the shadow backlog after blocks took up to "
+            f"{max(waited):.0f} s, 120 s at most)\n\n"
+            + _table(["route", "requests", "primary errors", "p50 ms", "p90 ms", "p99 ms", "p99 vs no shadow",
+                      f"median of {rounds} rounds' p99 change", "shadow runs", "shadow dropped"], rows))
     return text, ok
 
 
@@ -303,6 +347,9 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=400)
     ap.add_argument("--window-s", type=float, default=2.0)
     ap.add_argument("--goals", default="1,2,3", help="which goals to measure, e.g. 2 or 1,3 (default all)")
+    ap.add_argument("--isolation", default="process",
+                    help="goal 2: where shadows run, one or more of " + ", ".join(ISOLATIONS)
+                    + " (comma-separated; each gets its own server and table; the goal is judged on the first)")
     args = ap.parse_args(argv)
     goals = {int(g) for g in args.goals.split(",")}
     with tempfile.TemporaryDirectory() as d:
@@ -314,7 +361,11 @@ def main(argv=None) -> int:
         if 1 in goals:
             results.append(goal_canary(repo, images, args.requests, tmp))
         if 2 in goals:
-            results.append(goal_shadow(repo, images, args.rounds, args.block, tmp))
+            for k, iso in enumerate(args.isolation.split(",")):
+                if iso not in ISOLATIONS:
+                    ap.error(f"--isolation: unknown {iso!r}; one of {', '.join(ISOLATIONS)}")
+                text, ok = goal_shadow(repo, images, args.rounds, args.block, tmp, iso)
+                results.append((text, ok) if k == 0 else (text + "\n(comparison; not judged)", True))
         if 3 in goals:
             results.append(goal_rollback(repo, images, args.window_s, tmp))
     for text, ok in results:

@@ -64,6 +64,12 @@ def add_parser(subparsers) -> None:
                    "re-read when it changes")
     p.add_argument("--traffic-poll-s", type=float, default=2.0, metavar="SECONDS",
                    help="how often to check --traffic-config for changes (default 2)")
+    p.add_argument("--traffic-shadow-isolation", choices=("process", "inline"), default="process",
+                   help="where traffic shadows run: 'process' (default: a worker process at the lowest CPU "
+                   "priority, so a shadow uses only CPU time the primary does not) or 'inline' (this process)")
+    p.add_argument("--traffic-shadow-priority", choices=("idle", "nice", "normal"), default="idle",
+                   help="CPU priority of the shadow worker process: 'idle' (SCHED_IDLE, default), 'nice' "
+                   "(nice 19) or 'normal'")
     p.add_argument("--tls-cert", metavar="PEM", default=None, help="serve TLS with this certificate (chain)")
     p.add_argument("--tls-key", metavar="PEM", default=None, help="private key of --tls-cert")
     p.add_argument("--tls-client-ca", metavar="PEM", default=None,
@@ -156,6 +162,8 @@ async def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         traffic_config=args.traffic_config,
         traffic_poll_s=args.traffic_poll_s,
+        shadow_isolation=args.traffic_shadow_isolation,
+        shadow_priority=args.traffic_shadow_priority,
         repository_poll_s=args.repository_poll_s,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

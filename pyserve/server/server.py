@@ -74,6 +74,9 @@ class Server:
         re-read every ``traffic_poll_s`` seconds when it changes. None: no routes until the
         ``pyserve.v1.TrafficControl`` admin RPCs add some.
     traffic_poll_s : seconds between checks of ``traffic_config``.
+    shadow_isolation, shadow_priority : where traffic shadows run (``"process"``: a worker process at
+        priority ``"idle"`` (SCHED_IDLE), ``"nice"`` or ``"normal"``; ``"inline"``: this process);
+        see :class:`pyserve.server.traffic.TrafficRouter` and docs/traffic.md.
     tls_cert, tls_key : PEM files of the server's certificate (chain) and private key: serve TLS
         instead of plaintext. Both or neither.
     tls_client_ca : PEM file of the CA(s) client certificates must chain to: mutual TLS (a client
@@ -106,6 +109,8 @@ class Server:
         metrics_port: int | None = None,
         traffic_config: str | os.PathLike | None = None,
         traffic_poll_s: float = 2.0,
+        shadow_isolation: str = "process",
+        shadow_priority: str = "idle",
         repository_poll_s: float = 15.0,
         tls_cert: str | os.PathLike | None = None,
         tls_key: str | os.PathLike | None = None,
@@ -145,7 +150,8 @@ class Server:
         from pyserve.server.traffic import TrafficRouter
 
         self.traffic = TrafficRouter(self.dataplane, config_path=traffic_config, poll_s=traffic_poll_s,
-                                     registry=self.metrics.registry if self.metrics is not None else None)
+                                     registry=self.metrics.registry if self.metrics is not None else None,
+                                     shadow_isolation=shadow_isolation, shadow_priority=shadow_priority)
         self.dataplane.router = self.traffic
         self._tls = read_tls_files(tls_cert, tls_key, tls_client_ca)
         self.auth_tokens = tuple(auth_tokens or ())
@@ -236,9 +242,9 @@ class Server:
         if traffic_cfg is not None:
             # The versions a model serves are known only now: check the config in force again, and
             # refuse to start (TrafficConfigError, a ValueError) rather than serve a route whose
-            # variants answer NOT_FOUND.
+            # variants answer NOT_FOUND or UNAVAILABLE, or take different inputs.
             try:
-                traffic_cfg.check_targets(self.traffic.model_exists)
+                self.traffic.check_config(traffic_cfg)
             except ValueError:
                 await self.stop(0)
                 raise

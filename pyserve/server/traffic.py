@@ -6,7 +6,11 @@ name with no route is served as before. The router asks the pure controller
 plane (:meth:`DataPlane.infer_model`), adds the response parameter ``pyserve_variant`` (and
 ``pyserve_request_id``, the id to send feedback for), and puts shadow work on a bounded per-route
 queue that workers drain off the request path: the primary answer never waits for a shadow, and
-when the queue is full the shadow copy is dropped and counted.
+when the queue is full the shadow copy is dropped and counted. With ``shadow_isolation="process"``
+(the default) a shadow on a repository model runs in a worker process at the lowest CPU priority
+(:mod:`pyserve.server._shadow_process`), so a CPU-heavy shadow takes only CPU time the primary does
+not want; ``"inline"`` runs shadows in the server process (as before; also used for shadows on
+routes and for backends the worker cannot import).
 
 Routing key (sticky assignment), first found: the request parameter ``routing_key``, the gRPC
 metadata ``x-routing-key``, the request ``id``; else none (a random draw per request).
@@ -62,6 +66,8 @@ MAX_ROUTE_DEPTH = 8
 SHADOW_WORKERS = 1
 #: Event-loop turns a shadow worker lets pass before running a job it took from the queue.
 SHADOW_YIELDS = 3
+#: Where shadows run: ``process`` (a worker process at low CPU priority) or ``inline`` (this process).
+SHADOW_ISOLATIONS = ("process", "inline")
 
 
 def routing_key(request: InferRequest, metadata_key: str | None) -> str | None:
@@ -121,13 +127,32 @@ class TrafficRouter:
     controller : the pure controller holding routes and statistics (default: an empty one).
     config_path : the traffic config file to watch (None: routes only through the admin RPCs).
     poll_s : seconds between checks of the file.
-    metrics : a prometheus_client registry to add the traffic series to, or None.
+    registry : a prometheus_client registry to add the traffic series to, or None.
+    shadow_isolation : ``"process"`` (default) or ``"inline"``: where shadows on repository models run
+        (see the module docstring and docs/traffic.md).
+    shadow_priority : the worker process's CPU priority, ``"idle"`` (SCHED_IDLE, default), ``"nice"``
+        (nice 19) or ``"normal"``; only with ``shadow_isolation="process"``.
+
+    Raises ValueError naming the argument for a bad ``poll_s``, ``shadow_isolation`` or ``shadow_priority``.
     """
 
     def __init__(self, dataplane, controller: TrafficController | None = None, *,
-                 config_path: str | os.PathLike | None = None, poll_s: float = 2.0, registry=None) -> None:
+                 config_path: str | os.PathLike | None = None, poll_s: float = 2.0, registry=None,
+                 shadow_isolation: str = "process", shadow_priority: str = "idle") -> None:
+        from pyserve.server._shadow_process import PRIORITIES, ShadowProcess
+
         if poll_s <= 0:
             raise ValueError(f"poll_s must be > 0, got {poll_s}")
+        if shadow_isolation not in SHADOW_ISOLATIONS:
+            raise ValueError(f"shadow_isolation must be one of {', '.join(SHADOW_ISOLATIONS)}, "
+                             f"got {shadow_isolation!r}")
+        if shadow_priority not in PRIORITIES:
+            raise ValueError(f"shadow_priority must be one of {', '.join(PRIORITIES)}, got {shadow_priority!r}")
+        self.shadow_isolation = shadow_isolation
+        self.shadow_process = (ShadowProcess(dataplane.repository.root, priority=shadow_priority)
+                               if shadow_isolation == "process" else None)
+        self._inline_backends: set[str] = set()
+        self._missing: dict[tuple[str, str, str], str] = {}
         self.dataplane = dataplane
         self.controller = controller or TrafficController()
         self.controller.on_decision = self._on_decision
@@ -156,9 +181,39 @@ class TrafficRouter:
             repo.get(model, version)  # NotFound for an unknown model, or a version it does not serve
         except NotFound as exc:
             return str(exc)
-        # A model that failed to load is accepted: its variant or shadow answers UNAVAILABLE, counted
-        # as errors (the SLO guard rolls a guarded canary back), until a reload succeeds.
+        # A model that failed to load exists here; check_config refuses it as a variant (load_failure)
+        # and only warns for a shadow.
         return None
+
+    def load_failure(self, model: str, version: str) -> str | None:
+        """Why ``model``'s last load failed (it serves nothing), or None: it serves, is loading, or
+        was never asked to load (explicit mode) or unloaded on purpose."""
+        m = self.dataplane.repository._models.get(model)  # noqa: SLF001 - read-only look at the state
+        if m is None or m.versions or m.state.value != "UNAVAILABLE":
+            return None
+        if m.reason in ("", "not loaded", "unloaded", "removed from the repository"):
+            return None
+        return m.reason
+
+    def inputs_of(self, model: str, version: str) -> list[tuple[str, str, tuple]] | None:
+        """``model``'s inputs as ``(name, datatype, shape)``, or None when it does not serve."""
+        m = self.dataplane.repository._models.get(model)  # noqa: SLF001
+        if m is None or not m.ready:
+            return None
+        try:
+            sig = m.pick(version).backend.signature
+        except ServingError:
+            return None
+        return [(t.name, t.datatype, tuple(t.shape)) for t in sig.inputs]
+
+    def check_config(self, cfg: TrafficConfig) -> None:
+        """Check a parsed config against the repository: every model target exists (and serves the
+        named version), no variant's model failed to load, and a route's variants take the same
+        inputs (TrafficConfigError naming the field); shadows with a failed model or other inputs
+        are only logged (WARNING)."""
+        cfg.check_targets(self.model_exists)
+        cfg.check_loaded(self.load_failure, warn=log.warning)
+        cfg.check_inputs(self.inputs_of, warn=log.warning)
 
     def load_file(self) -> TrafficConfig:
         """Read and check the config file (TrafficConfigError naming the file and field)."""
@@ -166,7 +221,7 @@ class TrafficRouter:
             raise ValueError("no traffic config file")
         self._file_sig = self._signature()
         cfg = load_traffic_config(self.config_path)
-        cfg.check_targets(self.model_exists)
+        self.check_config(cfg)
         return cfg
 
     def apply(self, cfg: TrafficConfig) -> None:
@@ -221,6 +276,8 @@ class TrafficRouter:
         await asyncio.gather(*self._tasks, *workers, return_exceptions=True)
         self._tasks, self._route_workers = [], {}
         self._queues.clear()
+        if self.shadow_process is not None:
+            await self.shadow_process.stop()
 
     async def _watch(self) -> None:
         while True:
@@ -231,12 +288,56 @@ class TrafficRouter:
                 log.exception("traffic config watch failed")
 
     async def _tick(self) -> None:
+        n = 0
         while True:
             await asyncio.sleep(0.25)
             try:
                 self.controller.tick()
             except Exception:
                 log.exception("traffic guard evaluation failed")
+            n += 1
+            if n % 4 == 0:
+                try:
+                    self.check_models()
+                except Exception:
+                    log.exception("traffic model check failed")
+
+    def check_models(self) -> list[str]:
+        """Log (WARNING) each route target whose model has left the repository (poll mode deletes a
+        model directory; explicit mode unloads it) or stopped serving, once per change, and (INFO)
+        when it serves again. Returns the messages logged now (tests). Runs every second."""
+        repo = self.dataplane.repository
+        now: dict[tuple[str, str, str], str] = {}
+        for name, st in self.controller.routes.items():
+            for kind, items in (("variants", st.config.variants), ("shadows", st.config.shadows)):
+                for item in items:
+                    t = item.target
+                    if t.model is None:
+                        continue
+                    m = repo._models.get(t.model)  # noqa: SLF001 - read-only look at the state
+                    if m is None:
+                        why = "is no longer in the repository (its directory was removed)"
+                    elif not m.ready and repo.loaded and m.state.value == "UNAVAILABLE":
+                        why = f"does not serve: {m.reason or 'unavailable'}"
+                    else:
+                        continue
+                    now[(name, kind, item.name)] = f"model {t.model!r} {why}"
+        out = []
+        for (route, kind, item), why in now.items():
+            if self._missing.get((route, kind, item)) != why:
+                effect = ("its share of the route's requests fails" if kind == "variants"
+                          else "every mirrored request to it fails (counted)")
+                msg = f"traffic route {route!r}: routes.{route}.{kind}.{item}.model: {why}; {effect}"
+                log.warning("%s", msg)
+                out.append(msg)
+        for key in self._missing.keys() - now.keys():
+            route, kind, item = key
+            if route in self.controller.routes:
+                msg = f"traffic route {route!r}: routes.{route}.{kind}.{item}.model serves again"
+                log.info("%s", msg)
+                out.append(msg)
+        self._missing = now
+        return out
 
     def _on_decision(self, d: Decision) -> None:
         (log.warning if "rollback" in d.action else log.info)(
@@ -352,19 +453,44 @@ class TrafficRouter:
             finally:
                 q.task_done()
 
+    def _isolated(self, target: TargetConfig) -> tuple[str, str, tuple] | None:
+        """``(model, version, token)`` when ``target`` runs in the shadow worker process, else None.
+        Raises the ServingError inference on the target would (unknown or unavailable model)."""
+        if self.shadow_process is None or target.route is not None:
+            return None
+        model = self.dataplane.repository.get_ready(target.model, target.version)
+        mv = model.pick(target.version)
+        backend = mv.config.backend
+        if backend in self._inline_backends:
+            return None
+        if not self.shadow_process.portable(backend):
+            self._inline_backends.add(backend)
+            log.warning("backend %r cannot be imported by the shadow worker process (registered as a callable "
+                        "it cannot find); shadows on its models run in the server process", backend)
+            return None
+        return mv.name, mv.version, (mv.fingerprint, mv.config)
+
     async def _run_shadow(self, route: str, shadow, request: InferRequest, primary: dict, key) -> None:
         t0 = time.perf_counter()
-        ok, div = False, None
+        ok, div, latency = False, None, None
         try:
-            resp = await self._call(shadow.target, replace(request, model_name=shadow.target.route or
-                                                           shadow.target.model), key, 1)
-            ok = True
-            div = divergence(primary, {t.name: t.data for t in resp.outputs})
+            where = self._isolated(shadow.target)
+            if where is not None:
+                res = await self.shadow_process.run(*where, request, primary)
+                ok, div, latency = res.ok, res.divergence, res.latency_s
+                if not ok:
+                    log.debug("shadow %r of route %r: %s", shadow.name, route, res.error)
+            else:
+                resp = await self._call(shadow.target, replace(request, model_name=shadow.target.route or
+                                                               shadow.target.model), key, 1)
+                ok = True
+                div = divergence(primary, {t.name: t.data for t in resp.outputs})
         except ServingError as exc:
             log.debug("shadow %r of route %r: %s", shadow.name, route, exc)
         except Exception:
             log.exception("shadow %r of route %r: internal error", shadow.name, route)
-        latency = time.perf_counter() - t0
+        if latency is None:
+            latency = time.perf_counter() - t0
         self.controller.record_shadow(route, shadow.name, ok, latency, div)
         if self.metrics:
             m = self.metrics

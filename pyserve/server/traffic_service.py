@@ -12,7 +12,7 @@ import yaml
 
 from pyserve.protocol import traffic_codec as codec
 from pyserve.protocol.errors import FailedPrecondition, InvalidArgument, NotFound
-from pyserve.traffic import FeedbackError, TrafficConfigError, UnknownRequest, UnknownRoute
+from pyserve.traffic import FeedbackError, TrafficConfig, TrafficConfigError, UnknownRequest, UnknownRoute
 from pyserve.traffic.config import parse_route, route_to_dict
 
 __all__ = ["TrafficControlServicer"]
@@ -43,12 +43,7 @@ class TrafficControlServicer:
     async def SetRoute(self, request, context):
         try:
             rc = parse_route(request.route, request.yaml)
-            for kind, items in (("variants", rc.variants), ("shadows", rc.shadows)):
-                for item in items:
-                    t = item.target
-                    reason = self._router.model_exists(t.model, t.version) if t.model is not None else None
-                    if reason:
-                        raise TrafficConfigError("set-route", f"routes.{rc.name}.{kind}.{item.name}.model", reason)
+            self._router.check_config(TrafficConfig(routes={rc.name: rc}, source="set-route"))
             self._ctl.set_route(rc)  # checks route references against the other routes; all or nothing
         except TrafficConfigError as exc:
             raise InvalidArgument(str(exc)) from None

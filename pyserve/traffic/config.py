@@ -33,7 +33,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
     "FORMAT_VERSION",
@@ -199,6 +199,85 @@ class TrafficConfig:
                         raise TrafficConfigError(self.source, f"routes.{route.name}.{kind}.{item.name}.{field_}",
                                                  reason)
 
+    def check_loaded(self, load_failure: Callable[[str, str], str | None],
+                     warn: Callable[[str], None] | None = None) -> None:
+        """Refuse a variant whose model failed to load; warn (``warn(message)``) for such a shadow.
+
+        ``load_failure(model, version)`` returns why the model's last load failed, or None when it
+        serves (or was never asked to load, e.g. explicit mode). A variant on such a model would
+        answer every request it gets with UNAVAILABLE, so the config is refused (TrafficConfigError
+        naming ``routes.R.variants.V.model``); a shadow never affects an answer, so only ``warn``
+        hears of it (its errors are counted).
+        """
+        for route in self.routes.values():
+            for kind, items in (("variants", route.variants), ("shadows", route.shadows)):
+                for item in items:
+                    t = item.target
+                    if t.model is None:
+                        continue
+                    reason = load_failure(t.model, t.version)
+                    if not reason:
+                        continue
+                    where = f"routes.{route.name}.{kind}.{item.name}.model"
+                    msg = f"model {t.model!r} failed to load: {reason}"
+                    if kind == "variants":
+                        raise TrafficConfigError(self.source, where, msg + "; fix the model or route elsewhere")
+                    if warn is not None:
+                        warn(f"{self.source}: {where}: {msg}; every mirrored request to it fails (counted)")
+
+    def check_inputs(self, inputs_of: Callable[[str, str], Sequence[tuple[str, str, tuple]] | None],
+                     warn: Callable[[str], None] | None = None) -> None:
+        """Refuse a route whose variants take different inputs; warn for such a shadow.
+
+        ``inputs_of(model, version)`` gives the model's inputs as ``(name, datatype, shape)`` (-1 =
+        any size), or None when unknown (not loaded); unknown models are not compared. Every model
+        variant of a route must accept what its first model variant accepts: the same input names,
+        the same datatypes and shapes of the same rank whose fixed sizes agree. Raises
+        TrafficConfigError naming ``routes.R.variants.V.model`` with both signatures.
+        """
+        for route in self.routes.values():
+            ref = None
+            for kind, items in (("variants", route.variants), ("shadows", route.shadows)):
+                for item in items:
+                    t = item.target
+                    if t.model is None:
+                        continue
+                    sig = inputs_of(t.model, t.version)
+                    if sig is None:
+                        continue
+                    if ref is None:
+                        ref = (item.name, t.model, tuple(sig))
+                        continue
+                    why = _inputs_mismatch(ref[2], tuple(sig))
+                    if why is None:
+                        continue
+                    where = f"routes.{route.name}.{kind}.{item.name}.model"
+                    msg = (f"model {t.model!r} takes {_fmt_inputs(sig)} but variant {ref[0]!r} (model {ref[1]!r}) "
+                           f"takes {_fmt_inputs(ref[2])}: {why}")
+                    if kind == "variants":
+                        raise TrafficConfigError(self.source, where,
+                                                 msg + "; a client of the route could not call both")
+                    if warn is not None:
+                        warn(f"{self.source}: {where}: {msg}; every mirrored request to it fails (counted)")
+
+
+def _fmt_inputs(sig) -> str:
+    return ", ".join(f"{n} {d} [{', '.join(str(x) for x in s)}]" for n, d, s in sig) or "no inputs"
+
+
+def _inputs_mismatch(a, b) -> str | None:
+    """Why inputs ``a`` and ``b`` (``(name, datatype, shape)`` each) cannot take the same request."""
+    da, db = {n: (d, tuple(s)) for n, d, s in a}, {n: (d, tuple(s)) for n, d, s in b}
+    if set(da) != set(db):
+        return f"input names differ ({', '.join(sorted(da))} vs {', '.join(sorted(db))})"
+    for n in sorted(da):
+        (ta, sa), (tb, sb) = da[n], db[n]
+        if ta != tb:
+            return f"input {n!r}: datatype {ta} vs {tb}"
+        if len(sa) != len(sb) or any(x != y and x != -1 and y != -1 for x, y in zip(sa, sb)):
+            return f"input {n!r}: shape [{', '.join(map(str, sa))}] vs [{', '.join(map(str, sb))}]"
+    return None
+
 
 # --- one route <-> its YAML body (the admin RPCs GetRoute / SetRoute) ------------------------------
 
@@ -241,11 +320,25 @@ def parse_route(name: str, text: str, source: str = "set-route") -> RouteConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise TrafficConfigError(source, f"routes.{name}", f"not valid YAML: {exc}") from None
+        raise TrafficConfigError(source, f"routes.{name}", yaml_error_line(exc)) from None
     return _route(source, name, raw)
 
 
 # --- parsing ---------------------------------------------------------------------------------------
+
+
+def yaml_error_line(exc: Exception) -> str:
+    """One line for a PyYAML error (whose ``str`` spans several lines with a caret drawing), e.g.
+    ``not valid YAML at line 4, column 12: mapping values are not allowed here``."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if not problem:
+        problem = " ".join(str(exc).split())
+    context = getattr(exc, "context", None)
+    if context and context != problem:
+        problem = f"{problem} ({context})"
+    return f"not valid YAML{where}: {problem}"
 
 
 def load_traffic_config(path: str | os.PathLike) -> TrafficConfig:
@@ -265,7 +358,7 @@ def parse_traffic_config(text: str, source: str = "<string>") -> TrafficConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise TrafficConfigError(source, "", f"not valid YAML: {exc}") from None
+        raise TrafficConfigError(source, "", yaml_error_line(exc)) from None
     if not isinstance(raw, dict):
         raise TrafficConfigError(source, "", f"expected a mapping at the top level, got {type(raw).__name__}")
     _known(source, "", raw, ("version", "revision", "routes"))

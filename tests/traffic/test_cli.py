@@ -74,3 +74,59 @@ def test_traffic_cli_without_a_server(capsys):
     assert main(["traffic", "status", "--url", "127.0.0.1:1", "--timeout-s", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pyserve traffic: error: UNAVAILABLE") and len(err.strip().splitlines()) == 1
+
+
+def test_serve_prints_a_yaml_error_on_one_line(tmp_path, capsys):
+    """PyYAML's message spans several lines (with a caret drawing): the CLI prints one, with the place."""
+    repo = tmp_path / "repo"
+    (repo / "lenet300" / "1").mkdir(parents=True)
+    cfg = tmp_path / "traffic.yaml"
+    cfg.write_text("version: 1\nroutes:\n  mnist:\n    policy: canary\n   variants: {a: {model: lenet300}}\n")
+    rc = main(["serve", "--model-repository", str(repo), "--grpc-port", "0", "--host", "127.0.0.1",
+               "--traffic-config", str(cfg), "--log-level", "ERROR"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1, err
+    assert err[0].startswith(f"pyserve serve: error: {cfg}: not valid YAML at line 5, column ")
+
+
+def _lin(repo, name, n_in, version=1):
+    torch = pytest.importorskip("torch")
+    from pyserve.artifact import save
+
+    save(repo / name / str(version) / "model.pyserve", torch.nn.Linear(n_in, 2), (torch.randn(2, n_in),),
+         model_name=name)
+
+
+def _serve_with(tmp_path, repo, routes: str) -> int:
+    cfg = tmp_path / "traffic.yaml"
+    cfg.write_text("version: 1\nroutes:\n  r:\n" + routes)
+    return main(["serve", "--model-repository", str(repo), "--grpc-port", "0", "--host", "127.0.0.1",
+                 "--traffic-config", str(cfg), "--log-level", "ERROR"])
+
+
+def test_serve_refuses_a_variant_whose_model_failed_to_load(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    _lin(repo, "good", 4)
+    (repo / "bad" / "1").mkdir(parents=True)
+    (repo / "bad" / "1" / "model.pyserve").write_bytes(b"not an artifact")
+    rc = _serve_with(tmp_path, repo, "    policy: canary\n    variants:\n"
+                     "      a: {model: good, weight_percent: 90}\n      b: {model: bad, weight_percent: 10}\n")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith(f"pyserve serve: error: {tmp_path / 'traffic.yaml'}: routes.r.variants.b.model: "
+                              "model 'bad' failed to load: "), err[-1]
+    assert len(err) == 1
+
+
+def test_serve_refuses_variants_with_different_inputs(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    _lin(repo, "four", 4)
+    _lin(repo, "five", 5)
+    rc = _serve_with(tmp_path, repo, "    policy: canary\n    variants:\n"
+                     "      a: {model: four, weight_percent: 90}\n      b: {model: five, weight_percent: 10}\n")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith(f"pyserve serve: error: {tmp_path / 'traffic.yaml'}: routes.r.variants.b.model: "
+                              "model 'five' takes "), err[-1]
+    assert "shape [-1, 4] vs [-1, 5]" in err[-1]

@@ -232,3 +232,48 @@ def test_route_to_dict_round_trips_through_parse_route():
     with pytest.raises(TrafficConfigError) as e:
         parse_route("r", "policy: canary\nvariants: {a: {model: m, weight_percent: 50}}\n")
     assert e.value.field_path == "routes.r.variants"
+
+
+def test_yaml_errors_are_one_line_with_the_place():
+    with pytest.raises(TrafficConfigError) as e:
+        parse_traffic_config("version: 1\nroutes:\n  a: {policy: canary\n  b: 1\n", source="t.yaml")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("t.yaml: not valid YAML at line 4, column ")
+
+
+def test_check_loaded_refuses_a_failed_variant_and_warns_for_a_shadow():
+    cfg = parse_traffic_config(EXAMPLE, source="traffic.yaml")
+    warnings = []
+
+    def failure(model, version):
+        return "artifact truncated" if model == "lenet300c" else None
+
+    cfg.check_loaded(failure, warn=warnings.append)  # lenet300c is only a shadow here: warned, accepted
+    assert warnings == ["traffic.yaml: routes.mnist.shadows.compressed.model: model 'lenet300c' failed to load: "
+                        "artifact truncated; every mirrored request to it fails (counted)"]
+    with pytest.raises(TrafficConfigError) as e:
+        cfg.check_loaded(lambda m, v: "bad file" if v == "2" else None)
+    assert e.value.field_path == "routes.mnist.variants.candidate.model"
+    assert "model 'lenet300' failed to load: bad file" in str(e.value)
+
+
+def test_check_inputs_compares_every_variant_with_the_first():
+    cfg = parse_traffic_config(EXAMPLE, source="traffic.yaml")
+    img = [("images", "FP32", (-1, 784))]
+    same = {("lenet300", "1"): img, ("lenet300", "2"): [("images", "FP32", (8, 784))], ("lenet300c", "1"): img}
+    cfg.check_inputs(lambda m, v: same[(m, v)])  # -1 accepts any size
+    cfg.check_inputs(lambda m, v: None)  # unknown (not loaded): not compared
+    for other, words in (([("images", "FP16", (-1, 784))], "input 'images': datatype FP32 vs FP16"),
+                         ([("images", "FP32", (-1, 28, 28))], "input 'images': shape [-1, 784] vs [-1, 28, 28]"),
+                         ([("x", "FP32", (-1, 784))], "input names differ (images vs x)"),
+                         ([("images", "FP32", (-1, 100))], "shape [-1, 784] vs [-1, 100]")):
+        sigs = {**same, ("lenet300", "2"): other}
+        with pytest.raises(TrafficConfigError) as e:
+            cfg.check_inputs(lambda m, v: sigs[(m, v)])
+        assert e.value.field_path == "routes.mnist.variants.candidate.model"
+        assert words in str(e.value)
+    warnings = []
+    sigs = {**same, ("lenet300c", "1"): [("x", "FP32", (-1, 784))]}
+    cfg.check_inputs(lambda m, v: sigs[(m, v)], warn=warnings.append)
+    assert len(warnings) == 1 and warnings[0].startswith("traffic.yaml: routes.mnist.shadows.compressed.model: ")

@@ -8,6 +8,7 @@ the server's seed, the A/B test from the statistics of the metrics we sent.
 from __future__ import annotations
 
 import json
+import os
 import random
 import textwrap
 import time
@@ -136,7 +137,11 @@ def test_canary_split_is_sticky_and_names_the_variant(lenet_repo, lenet_built, i
         c.close()
 
 
-def test_shadow_never_changes_the_primary_and_measures_divergence(lenet_repo, lenet_built, images, tmp_path):
+@pytest.mark.parametrize("isolation", ["process", "inline"])
+def test_shadow_never_changes_the_primary_and_measures_divergence(lenet_repo, lenet_built, images, tmp_path,
+                                                                   isolation):
+    """Divergence against the torch modules, with shadows in the worker process (priority normal,
+    so a loaded test machine cannot starve it) and in the server process."""
     info = lenet_built[1]
     cfg = textwrap.dedent("""
         version: 1
@@ -148,7 +153,7 @@ def test_shadow_never_changes_the_primary_and_measures_divergence(lenet_repo, le
               compressed: {model: lenet300c, fraction: 1.0}
               broken: {model: broken, fraction: 1.0}
     """)
-    srv, _ = _serve(lenet_repo, cfg, tmp_path, metrics_port=0)
+    srv, _ = _serve(lenet_repo, cfg, tmp_path, metrics_port=0, shadow_isolation=isolation, shadow_priority="normal")
     x = images[:200]
     with srv:
         c = tc.InferenceServerClient(srv.url)
@@ -178,7 +183,99 @@ def test_shadow_never_changes_the_primary_and_measures_divergence(lenet_repo, le
         assert 'pyserve_traffic_shadow_requests_total{outcome="error",route="mnist",shadow="broken"} 25.0' in text
         assert 'pyserve_traffic_requests_total{outcome="ok",route="mnist",variant="primary"} 25.0' in text
         assert "pyserve_traffic_shadow_top1_agreement" in text
+        proc = router.shadow_process
+        if isolation == "process":  # both shadows ran in one worker process (broken: a plug-in backend)
+            assert proc.starts == 1 and proc.pid is not None and proc.pid != os.getpid()
+        else:
+            assert proc is None
         c.close()
+
+
+def _drain(srv):
+    import asyncio
+
+    asyncio.run_coroutine_threadsafe(srv.server.traffic.drain_shadows(), srv._loop).result(120)
+
+
+SHADOWED = textwrap.dedent("""
+    version: 1
+    routes:
+      mnist:
+        policy: shadow
+        variants: {primary: {model: lenet300}}
+        shadows: {compressed: {model: lenet300c, fraction: 1.0}}
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux only")
+def test_shadow_worker_runs_at_sched_idle(lenet_repo, images, tmp_path):
+    srv, _ = _serve(lenet_repo, SHADOWED, tmp_path)  # the default: process, idle
+    with srv:
+        c = tc.InferenceServerClient(srv.url)
+        _infer(c, "mnist", images[:4], key="k")
+        proc = srv.server.traffic.shadow_process
+        deadline = time.monotonic() + 60
+        policy = None
+        while time.monotonic() < deadline:
+            pid = proc.pid
+            if pid is not None:
+                try:
+                    policy = os.sched_getscheduler(pid)
+                except OSError:
+                    policy = None
+                if policy == os.SCHED_IDLE:
+                    break
+            time.sleep(0.05)
+        assert pid != os.getpid() and policy == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the server itself is untouched
+        c.close()
+
+
+def test_shadow_worker_that_dies_is_counted_and_restarted(lenet_repo, images, tmp_path, monkeypatch):
+    import signal
+
+    from pyserve.server import _shadow_process
+
+    monkeypatch.setattr(_shadow_process, "RESTART_BACKOFF_S", 0.5)
+    srv, _ = _serve(lenet_repo, SHADOWED, tmp_path, shadow_priority="normal")
+    with srv:
+        c = tc.InferenceServerClient(srv.url)
+        for i in range(5):
+            _infer(c, "mnist", images[i:i + 1], key=f"a{i}")
+        _drain(srv)
+        proc = srv.server.traffic.shadow_process
+        st = srv.server.traffic.controller.routes["mnist"].shadows["compressed"]
+        assert proc.starts == 1 and st.requests.count == 5 and st.requests.errors == 0
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        i = 0
+        while proc.starts < 2 or st.requests.count - st.requests.errors < 6:
+            assert time.monotonic() < deadline, (proc.starts, st.as_dict())
+            r = _infer(c, "mnist", images[:1], key=f"b{i}")  # the primary never fails meanwhile
+            assert _param(r, "pyserve_variant") == "primary"
+            _drain(srv)
+            i += 1
+            time.sleep(0.1)
+        assert st.compared == st.requests.count - st.requests.errors
+        c.close()
+
+
+def test_poll_mode_logs_a_route_whose_model_was_removed(lenet_repo, images, tmp_path, caplog):
+    import logging
+    import shutil
+
+    srv, _ = _serve(lenet_repo, CANARY, tmp_path, model_control_mode="poll", repository_poll_s=0.2)
+    with caplog.at_level(logging.INFO, logger="pyserve.traffic"), srv:
+        shutil.rmtree(lenet_repo / "lenet300c")
+        want = ("traffic route 'mnist': routes.mnist.variants.candidate.model: model 'lenet300c' is no longer in "
+                "the repository (its directory was removed); its share of the route's requests fails")
+        deadline = time.monotonic() + 30
+        while want not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.1)
+        assert caplog.text.count(want) == 1  # once per change, not every second
+        time.sleep(1.5)
+        assert caplog.text.count(want) == 1
 
 
 def test_shadow_queue_drops_under_pressure(lenet_repo, images, tmp_path, variants_module):
@@ -290,7 +387,12 @@ def test_interleaving_answers_the_team_draft_and_counts_clicks(lenet_repo, lenet
         c.close()
 
 
-def test_guard_rolls_back_a_failing_canary_within_one_window(lenet_repo, images, tmp_path, capsys):
+def test_guard_rolls_back_a_failing_canary_within_one_window(lenet_repo, images, tmp_path, capsys, variants_module):
+    # a canary that loads (a variant whose model failed to load is refused by the config) and then
+    # fails every request once the flag exists
+    flag = tmp_path / "canary-fails"
+    variants_module.write_faulty_model(lenet_repo, "failing", lenet_repo / "lenet300c/1/model.pyserve", "ok",
+                                       fail_if_exists=flag)
     cfg = textwrap.dedent("""
         version: 1
         revision: guarded
@@ -299,12 +401,13 @@ def test_guard_rolls_back_a_failing_canary_within_one_window(lenet_repo, images,
             policy: canary
             variants:
               stable: {model: lenet300, weight_percent: 50}
-              canary: {model: broken, weight_percent: 50}
+              canary: {model: failing, weight_percent: 50}
             guard: {canary: canary, steps_percent: [50, 100], window_s: 30, min_requests: 10,
                     max_error_rate_increase: 0.05, max_p99_latency_ratio: 100}
     """)
     srv, _ = _serve(lenet_repo, cfg, tmp_path)
     with srv:
+        flag.touch()
         c = tc.InferenceServerClient(srv.url)
         t0 = time.monotonic()
         errors = 0
@@ -442,3 +545,24 @@ def test_stream_infer_routes_by_the_stream_metadata_key(lenet_repo, images, tmp_
         assert all(err is None for _, err in results)
         assert [_param(r, "pyserve_variant") for r, _ in results] == ["candidate"] * 8 + [ref.choose("user-0")]
         c.close()
+
+
+def test_shadow_process_knows_which_backends_it_can_import(variants_module, tmp_path):
+    from pyserve.backends import register_backend
+    from pyserve.backends.registry import _REGISTRY
+    from pyserve.server import Server
+    from pyserve.server._shadow_process import ShadowProcess
+
+    variants_module.register_faulty_backend()  # a class from a module loaded from a file path
+    register_backend("lambda-test", lambda path, executor=None: None, "model.x")
+    try:
+        p = ShadowProcess(tmp_path)
+        assert p.portable("pyserve") and p.portable("onnxruntime")  # registered as "module:attr"
+        assert p.portable("faulty")
+        assert not p.portable("lambda-test") and not p.portable("no-such-backend")
+    finally:
+        _REGISTRY.pop("lambda-test", None)
+    with pytest.raises(ValueError, match="shadow_isolation must be one of process, inline, got 'thread'"):
+        Server(tmp_path, shadow_isolation="thread")
+    with pytest.raises(ValueError, match="shadow_priority must be one of idle, nice, normal, got 'low'"):
+        Server(tmp_path, shadow_priority="low")

@@ -298,7 +298,7 @@ void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t
   // measurement among 8..256 rows, benchmarks/native/int8_gemm.cpp) while every channel block
   // passes; each channel block's packed weights (64 Kq bytes) and W^T slice (16 K bytes) are
   // reused by all 4-row tiles of the row block.
-  const int64_t RB = std::max<int64_t>(4, (int64_t{48} << 10) / (4 * Kq) / 4 * 4);
+  const int64_t RB = std::max<int64_t>(4, (int64_t{48} << 10) / (4 * std::max<int64_t>(Kq, 1)) / 4 * 4);
   const bool parallel = B * N * K >= kParallelMinMacs;
   for (int64_t r0 = 0; r0 < B; r0 += RB) {
     const int64_t rows = std::min(RB, B - r0);

@@ -1,6 +1,7 @@
 // int8 GEMM on pre-packed weights (CPU). Layout, exactness and the activation split:
 // int8_kernel.h ("pre-packed weights"). Micro-kernel: 4 activation rows x 16 channels (two ymm of
-// 8 int32 accumulators per row), the packed block streamed once per 4-row tile.
+// 8 int32 accumulators per row), the packed block streamed once per 4-row tile; the remaining 1-3
+// rows take the same kernel with fewer rows.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -22,6 +23,9 @@ namespace {
 
 constexpr int64_t kParallelMinMacs = int64_t{1} << 22;  // as int8_gemm (int8_kernel.cpp)
 constexpr int64_t NR = kInt8PackNR;
+// Rows per register tile. 5 and 6 (12 accumulators, no spills with GCC 12) measured within noise of
+// 4 on this CPU (benchmarks/native/int8_gemm.cpp, 2026-11-30); 4 leaves registers to spare.
+constexpr int kTileRows = 4;
 
 // Keeps the compiler from fusing the dequantization's multiply and add into an FMA (the unpacked
 // kernel rounds twice; the outputs must agree bit for bit).
@@ -172,7 +176,32 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* xr[MR];
   for (int i = 0; i < MR; ++i) xr[i] = (SPLIT ? P.xa.data() : P.xo.data()) + (b0 + i) * P.Kp;
-  if (SPLIT) {
+  if (SPLIT && MR >= 4) {
+    // Named accumulators: with an array GCC 12 copied every accumulator and spilled two per step.
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
+            a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+    const int8_t* xs[6];
+    for (int i = 0; i < 6; ++i) xs[i] = xr[i < MR ? i : 0];
+#define PYSERVE_ROW(i)                                                                     \
+  xb = load_x4(xs[i] + 4 * kq);                                                            \
+  a##i##0 = _mm256_add_epi32(a##i##0, _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xb), ones)); \
+  a##i##1 = _mm256_add_epi32(a##i##1, _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xb), ones));
+    for (int64_t kq = 0; kq < Kq; ++kq) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64 + 32));
+      __m256i xb;
+      PYSERVE_ROW(0) PYSERVE_ROW(1) PYSERVE_ROW(2) PYSERVE_ROW(3)
+      if constexpr (MR > 4) {
+        PYSERVE_ROW(4)
+      }
+      if constexpr (MR > 5) {
+        PYSERVE_ROW(5)
+      }
+    }
+#undef PYSERVE_ROW
+    const __m256i named[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+    for (int i = 0; i < MR; ++i) acc[i][0] = named[i][0], acc[i][1] = named[i][1];
+  } else if (SPLIT) {
     for (int64_t kq = 0; kq < Kq; ++kq) {
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64 + 32));
@@ -251,7 +280,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Prepared& P, int64_t r
                                                     const float* sw, const float* bias, int64_t N, int64_t n0, float* y) {
   int64_t b = r0;
   const int64_t end = r0 + rows;
-  for (; b + 4 <= end; b += 4) tile_dispatch<4>(P, b, Kq, wub, wtb, sx, sw, bias, N, n0, y);
+  for (; b + kTileRows <= end; b += kTileRows) tile_dispatch<kTileRows>(P, b, Kq, wub, wtb, sx, sw, bias, N, n0, y);
   switch (end - b) {
     case 3: tile_dispatch<3>(P, b, Kq, wub, wtb, sx, sw, bias, N, n0, y); break;
     case 2: tile_dispatch<2>(P, b, Kq, wub, wtb, sx, sw, bias, N, n0, y); break;

@@ -223,8 +223,9 @@ def pack_int8_weight(w_int8: Any) -> "_C.Int8PackedWeight":
     same tensor on (a cache keyed by the tensor object, kept while it lives; an in-place torch
     operation, which bumps the tensor's version counter, invalidates the entry). Writes that torch
     does not see (through a numpy array sharing the tensor's memory) are not detected: pack
-    explicitly, or pass a new tensor, when weights change that way. numpy weight arrays are never
-    packed implicitly.
+    explicitly, or pass a new tensor, when weights change that way. numpy weight arrays, inference
+    tensors (made under ``torch.inference_mode``, which keeps no version counter) and tensors that
+    require grad are never packed implicitly.
     """
     return _C.pack_int8_weight(_to_numpy(w_int8, "pack_int8_weight", "w_int8", "int8"))
 
@@ -251,7 +252,8 @@ def _cached_pack(w: Any) -> Any:
         return None
     import torch
 
-    if w.device.type != "cpu" or w.dtype != torch.int8 or w.dim() != 2 or not w.is_contiguous() or w.requires_grad:
+    if (w.device.type != "cpu" or w.dtype != torch.int8 or w.dim() != 2 or not w.is_contiguous() or w.requires_grad
+            or w.is_inference()):  # inference tensors have no version counter
         return None
     key, version, ptr, shape = id(w), w._version, w.data_ptr(), tuple(w.shape)
     entry = _PACK_CACHE.get(key)

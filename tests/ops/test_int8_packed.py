@@ -218,6 +218,28 @@ def test_numpy_and_noncontiguous_weights_are_not_cached():
     assert len(quant_module._PACK_CACHE) == before
 
 
+def test_inference_tensors_are_not_cached():
+    q, s = _weights(8, 16, 13)
+    x = _x("gauss", 2, 16, 14)
+    with torch.inference_mode():
+        w = torch.from_numpy(q).clone()  # an inference tensor: no version counter
+        before = len(quant_module._PACK_CACHE)
+        for _ in range(3):
+            np.testing.assert_array_equal(int8_linear(x, w, s), int8_linear(x, q, s))
+    assert len(quant_module._PACK_CACHE) == before
+
+
+def test_torch_weights_cached_under_inference_mode_calls():
+    """The server calls under inference_mode with weights made outside it (registered buffers)."""
+    q, s = _weights(8, 16, 15)
+    w = torch.from_numpy(q.copy())
+    x = torch.from_numpy(_x("gauss", 3, 16, 16))
+    with torch.inference_mode():
+        for _ in range(3):
+            np.testing.assert_array_equal(int8_linear(x, w, s).numpy(), int8_linear(x.numpy(), q, s))
+    assert isinstance(quant_module._PACK_CACHE[id(w)].packed, _C.Int8PackedWeight)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

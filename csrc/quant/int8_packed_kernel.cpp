@@ -211,6 +211,26 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
         acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xb), ones));
       }
     }
+  } else if (MR == 4) {  // the vpsignb path, named accumulators as above
+    const __m256i bias8 = _mm256_set1_epi8(static_cast<char>(0x80));
+    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    const int8_t* xs[4];
+    for (int i = 0; i < 4; ++i) xs[i] = xr[i < MR ? i : 0];
+#define PYSERVE_ROW(i)                                                                                            \
+  xb = load_x4(xs[i] + 4 * kq);                                                                                   \
+  a##i##0 = _mm256_add_epi32(a##i##0, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, s0)), ones)); \
+  a##i##1 = _mm256_add_epi32(a##i##1, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, s1)), ones));
+    for (int64_t kq = 0; kq < Kq; ++kq) {
+      const __m256i s0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64)), bias8);
+      const __m256i s1 =
+          _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64 + 32)), bias8);
+      const __m256i u0 = _mm256_abs_epi8(s0), u1 = _mm256_abs_epi8(s1);
+      __m256i xb;
+      PYSERVE_ROW(0) PYSERVE_ROW(1) PYSERVE_ROW(2) PYSERVE_ROW(3)
+    }
+#undef PYSERVE_ROW
+    const __m256i named[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    for (int i = 0; i < MR; ++i) acc[i][0] = named[i][0], acc[i][1] = named[i][1];
   } else {
     const __m256i bias8 = _mm256_set1_epi8(static_cast<char>(0x80));
     for (int64_t kq = 0; kq < Kq; ++kq) {

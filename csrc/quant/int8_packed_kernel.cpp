@@ -127,7 +127,7 @@ void prepare(const int8_t* xq, int64_t B, int64_t K, bool avx2, Prepared* P) {
   P->rk.resize(static_cast<size_t>(B * P->cap));
   P->rv.resize(static_cast<size_t>(B * P->cap));
   for (int64_t b = 0; b < B; ++b) {
-    std::memcpy(P->xo.data() + b * Kp, xq + b * K, static_cast<size_t>(K));
+    if (K > 0) std::memcpy(P->xo.data() + b * Kp, xq + b * K, static_cast<size_t>(K));  // xq may be null at K = 0
     int8_t* xa = P->xa.data() + b * Kp;
     int32_t* rk = P->rk.data() + b * P->cap;
     int32_t* rv = P->rv.data() + b * P->cap;

@@ -69,7 +69,8 @@ inline int64_t int8_pack_wt_bytes(int64_t N, int64_t K) { return int8_pack_npad(
 void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu, int8_t* wt);
 
 // y[B, N] = dequant(xq[B, K] . w[N, K]^T) + bias from packed weights: equal to int8_gemm's output
-// for the same arguments. OpenMP over blocks of 16 channels.
+// for the same arguments. OpenMP over blocks of 16 channels; within a block K runs in chunks of
+// 1024 (16 KB of packed weights, resident in L1 while all rows pass), partial sums kept in int32.
 void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const uint8_t* wu,
                       const int8_t* wt, const float* w_scale, const float* bias, int64_t N, float* y);
 

@@ -51,6 +51,14 @@ struct Prepared {
   std::vector<int32_t> rv;     // [B][cap] residual values
 };
 
+// A range of k / 4 steps of one channel block: the first starts the accumulators at zero, the
+// others resume them from `part` ([B][16] int32); all but the last store them back there.
+struct Chunk {
+  int64_t kq0, kq1;
+  bool first, last;
+  int32_t* part;
+};
+
 // Split one padded row. Returns the residual count, or -1 when there are more than `cap`.
 int32_t split_row(const int8_t* xo, int64_t Kp, int8_t* xa, int32_t* rk, int32_t* rv, int64_t cap, int32_t* xsum) {
   int32_t n = 0;
@@ -168,25 +176,35 @@ __attribute__((target("avx2,fma"))) inline __m256i load_x4(const int8_t* p) {
 // MR rows b0.. x the 16 channels of one packed block. SPLIT: the 3-op path on xa with the
 // residual corrections; otherwise the vpsignb path on xo.
 template <int MR, bool SPLIT>
-__attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t b0, int64_t Kq, const uint8_t* wub,
+__attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t b0, const Chunk& ch, const uint8_t* wub,
                                                      const int8_t* wt, const float* sx, const float* sw,
                                                      const float* bias, int64_t N, int64_t n0, float* y) {
   __m256i acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  for (int i = 0; i < MR; ++i) {
+    if (ch.first) {
+      acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    } else {
+      acc[i][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ch.part + (b0 + i) * NR));
+      acc[i][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ch.part + (b0 + i) * NR + 8));
+    }
+  }
+  const int64_t kq0 = ch.kq0, kq1 = ch.kq1;
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* xr[MR];
   for (int i = 0; i < MR; ++i) xr[i] = (SPLIT ? P.xa.data() : P.xo.data()) + (b0 + i) * P.Kp;
   if (SPLIT && MR >= 4) {
     // Named accumulators: with an array GCC 12 copied every accumulator and spilled two per step.
-    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
-            a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+    __m256i a00 = acc[0][0], a01 = acc[0][1], a10 = acc[MR > 1][0], a11 = acc[MR > 1][1], a20 = acc[MR > 2 ? 2 : 0][0],
+            a21 = acc[MR > 2 ? 2 : 0][1], a30 = acc[MR > 3 ? 3 : 0][0], a31 = acc[MR > 3 ? 3 : 0][1],
+            a40 = acc[MR > 4 ? 4 : 0][0], a41 = acc[MR > 4 ? 4 : 0][1], a50 = acc[MR > 5 ? 5 : 0][0],
+            a51 = acc[MR > 5 ? 5 : 0][1];
     const int8_t* xs[6];
     for (int i = 0; i < 6; ++i) xs[i] = xr[i < MR ? i : 0];
 #define PYSERVE_ROW(i)                                                                     \
   xb = load_x4(xs[i] + 4 * kq);                                                            \
   a##i##0 = _mm256_add_epi32(a##i##0, _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xb), ones)); \
   a##i##1 = _mm256_add_epi32(a##i##1, _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xb), ones));
-    for (int64_t kq = 0; kq < Kq; ++kq) {
+    for (int64_t kq = kq0; kq < kq1; ++kq) {
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64 + 32));
       __m256i xb;
@@ -202,7 +220,7 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
     const __m256i named[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
     for (int i = 0; i < MR; ++i) acc[i][0] = named[i][0], acc[i][1] = named[i][1];
   } else if (SPLIT) {
-    for (int64_t kq = 0; kq < Kq; ++kq) {
+    for (int64_t kq = kq0; kq < kq1; ++kq) {
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64 + 32));
       for (int i = 0; i < MR; ++i) {
@@ -213,14 +231,15 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
     }
   } else if (MR == 4) {  // the vpsignb path, named accumulators as above
     const __m256i bias8 = _mm256_set1_epi8(static_cast<char>(0x80));
-    __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    __m256i a00 = acc[0][0], a01 = acc[0][1], a10 = acc[MR > 1][0], a11 = acc[MR > 1][1], a20 = acc[MR > 2 ? 2 : 0][0],
+            a21 = acc[MR > 2 ? 2 : 0][1], a30 = acc[MR > 3 ? 3 : 0][0], a31 = acc[MR > 3 ? 3 : 0][1];
     const int8_t* xs[4];
     for (int i = 0; i < 4; ++i) xs[i] = xr[i < MR ? i : 0];
 #define PYSERVE_ROW(i)                                                                                            \
   xb = load_x4(xs[i] + 4 * kq);                                                                                   \
   a##i##0 = _mm256_add_epi32(a##i##0, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, s0)), ones)); \
   a##i##1 = _mm256_add_epi32(a##i##1, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, s1)), ones));
-    for (int64_t kq = 0; kq < Kq; ++kq) {
+    for (int64_t kq = kq0; kq < kq1; ++kq) {
       const __m256i s0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64)), bias8);
       const __m256i s1 =
           _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64 + 32)), bias8);
@@ -233,7 +252,7 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
     for (int i = 0; i < MR; ++i) acc[i][0] = named[i][0], acc[i][1] = named[i][1];
   } else {
     const __m256i bias8 = _mm256_set1_epi8(static_cast<char>(0x80));
-    for (int64_t kq = 0; kq < Kq; ++kq) {
+    for (int64_t kq = kq0; kq < kq1; ++kq) {
       const __m256i s0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64)), bias8);
       const __m256i s1 =
           _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64 + 32)), bias8);
@@ -244,6 +263,13 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
         acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, s1)), ones));
       }
     }
+  }
+  if (!ch.last) {
+    for (int i = 0; i < MR; ++i) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ch.part + (b0 + i) * NR), acc[i][0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ch.part + (b0 + i) * NR + 8), acc[i][1]);
+    }
+    return;
   }
   for (int i = 0; i < MR; ++i) {
     const int64_t b = b0 + i;
@@ -284,27 +310,27 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
 }
 
 template <int MR>
-__attribute__((target("avx2,fma"))) void tile_dispatch(const Prepared& P, int64_t b0, int64_t Kq, const uint8_t* wub,
+__attribute__((target("avx2,fma"))) void tile_dispatch(const Prepared& P, int64_t b0, const Chunk& ch, const uint8_t* wub,
                                                        const int8_t* wtb, const float* sx, const float* sw,
                                                        const float* bias, int64_t N, int64_t n0, float* y) {
   bool split = true;
   for (int i = 0; i < MR; ++i) split &= P.count[b0 + i] >= 0;
   if (split)
-    tile_packed<MR, true>(P, b0, Kq, wub, wtb, sx, sw, bias, N, n0, y);
+    tile_packed<MR, true>(P, b0, ch, wub, wtb, sx, sw, bias, N, n0, y);
   else
-    tile_packed<MR, false>(P, b0, Kq, wub, wtb, sx, sw, bias, N, n0, y);
+    tile_packed<MR, false>(P, b0, ch, wub, wtb, sx, sw, bias, N, n0, y);
 }
 
-__attribute__((target("avx2,fma"))) void block_avx2(const Prepared& P, int64_t r0, int64_t rows, int64_t Kq,
+__attribute__((target("avx2,fma"))) void block_avx2(const Prepared& P, int64_t r0, int64_t rows, const Chunk& ch,
                                                     const uint8_t* wub, const int8_t* wtb, const float* sx,
                                                     const float* sw, const float* bias, int64_t N, int64_t n0, float* y) {
   int64_t b = r0;
   const int64_t end = r0 + rows;
-  for (; b + kTileRows <= end; b += kTileRows) tile_dispatch<kTileRows>(P, b, Kq, wub, wtb, sx, sw, bias, N, n0, y);
+  for (; b + kTileRows <= end; b += kTileRows) tile_dispatch<kTileRows>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y);
   switch (end - b) {
-    case 3: tile_dispatch<3>(P, b, Kq, wub, wtb, sx, sw, bias, N, n0, y); break;
-    case 2: tile_dispatch<2>(P, b, Kq, wub, wtb, sx, sw, bias, N, n0, y); break;
-    case 1: tile_dispatch<1>(P, b, Kq, wub, wtb, sx, sw, bias, N, n0, y); break;
+    case 3: tile_dispatch<3>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
+    case 2: tile_dispatch<2>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
+    case 1: tile_dispatch<1>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
     default: break;
   }
 }
@@ -343,27 +369,26 @@ void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t
   const int64_t Kq = int8_pack_kq(K), blocks = int8_pack_npad(N) / NR;
   Prepared P;
   prepare(xq, B, K, avx2, &P);
-  // Rows in blocks of RB (48 KB of activations: 64 rows at K = 768, 16 at K = 3072; chosen by
-  // measurement among 8..256 rows, benchmarks/native/int8_gemm.cpp) while every channel block
-  // passes; each channel block's packed weights (64 Kq bytes) and W^T slice (16 K bytes) are
-  // reused by all 4-row tiles of the row block.
-  const int64_t RB = std::max<int64_t>(4, (int64_t{48} << 10) / (4 * std::max<int64_t>(Kq, 1)) / 4 * 4);
-  const bool parallel = B * N * K >= kParallelMinMacs;
-  for (int64_t r0 = 0; r0 < B; r0 += RB) {
-    const int64_t rows = std::min(RB, B - r0);
-#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (parallel)
-    for (int64_t nb = 0; nb < blocks; ++nb) {
-      const uint8_t* wub = wu + nb * Kq * NR * 4;
-      const int8_t* wtb = wt + nb * K * NR;
+  // K in chunks of 256 steps of 4 (16 KB of a block's packed weights: they stay in the 32 KB L1
+  // while every 4-row tile of the call passes over them; the partial sums, B x 16 int32, too).
+  constexpr int64_t KC = 256;
+  const int64_t chunks = std::max<int64_t>(1, (Kq + KC - 1) / KC);
+#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
+  for (int64_t nb = 0; nb < blocks; ++nb) {
+    const uint8_t* wub = wu + nb * Kq * NR * 4;
+    const int8_t* wtb = wt + nb * K * NR;
 #if PYSERVE_AVX2
-      if (avx2) {
-        block_avx2(P, r0, rows, Kq, wub, wtb, x_scale, w_scale, bias, N, nb * NR, y);
-        continue;
+    if (avx2) {
+      std::vector<int32_t> part(chunks > 1 ? static_cast<size_t>(B * NR) : 0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const Chunk ch{c * KC, std::min(Kq, (c + 1) * KC), c == 0, c == chunks - 1, part.data()};
+        block_avx2(P, 0, B, ch, wub, wtb, x_scale, w_scale, bias, N, nb * NR, y);
       }
-#endif
-      (void)wtb;
-      block_portable(P, r0, rows, K, wub, x_scale, w_scale, bias, N, nb * NR, y);
+      continue;
     }
+#endif
+    (void)wtb;
+    block_portable(P, 0, B, K, wub, x_scale, w_scale, bias, N, nb * NR, y);
   }
 }
 

@@ -77,7 +77,9 @@ def _weights(N, K, seed, full_range=False):
 
 @pytest.mark.parametrize("kind", ["gauss", "uniform", "sign", "edge", "mixed", "zeros"])
 @pytest.mark.parametrize(
-    "B,K,N", [(1, 1, 1), (3, 5, 17), (4, 16, 16), (5, 33, 31), (8, 768, 48), (13, 130, 33), (64, 257, 20)]
+    "B,K,N",
+    [(1, 1, 1), (3, 5, 17), (4, 16, 16), (5, 33, 31), (8, 768, 48), (13, 130, 33), (64, 257, 20),
+     (9, 1030, 20), (6, 2049, 17)],  # K > 1024: several K chunks of 1024, the last short
 )
 def test_packed_equals_row_kernel_and_reference(kind, B, K, N):
     x = _x(kind, B, K, seed=B * 1000 + K)

@@ -31,6 +31,9 @@ import numpy as np
 
 INT8_SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # [N, K]
 INT8_BATCHES = [1, 8, 64, 128]
+# --int8-shapes minilm: all-MiniLM-L6-v2's Linear layers (hidden 384, FFN 1536), B = tokens
+MINILM_SHAPES = [(384, 384), (1536, 384), (384, 1536)]
+MINILM_BATCHES = [16, 64, 128]
 CB_SHAPES = [(768, 768), (3072, 768), (768, 3072)]
 CB_BITS = [4, 5]
 CB_BATCHES = [1, 8]
@@ -80,7 +83,7 @@ def interleaved_medians_us(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
-def child(threads: int, repeats: int, only: str = "") -> dict:
+def child(threads: int, repeats: int, only: str = "", int8_shapes: str = "bert") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -95,7 +98,8 @@ def child(threads: int, repeats: int, only: str = "") -> dict:
     rows = {"int8": [], "codebook": []}
     load0 = os.getloadavg()[0]
     with torch.inference_mode():
-        for N, K in INT8_SHAPES if only != "codebook" else []:
+        shapes, batches = (MINILM_SHAPES, MINILM_BATCHES) if int8_shapes == "minilm" else (INT8_SHAPES, INT8_BATCHES)
+        for N, K in shapes if only != "codebook" else []:
             w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
             b = rng.standard_normal(N).astype(np.float32)
             lin = torch.nn.Linear(K, N)
@@ -107,7 +111,7 @@ def child(threads: int, repeats: int, only: str = "") -> dict:
             q, s = quantize_per_channel(w)
             packed = pack_int8_weight(q)  # once, as a loaded model does (int8_linear caches it for torch weights)
             wt, bt = torch.from_numpy(w), torch.from_numpy(b)
-            for B in INT8_BATCHES:
+            for B in batches:
                 x = rng.standard_normal((B, K)).astype(np.float32)
                 xt = torch.from_numpy(x)
                 t = interleaved_medians_us({
@@ -174,12 +178,14 @@ def main() -> None:
                         help="wall: time.perf_counter; cpu: time.process_time (CPU time of the process, "
                         "robust to being descheduled on a shared machine; meaningful for 1 thread only)")
     parser.add_argument("--only", choices=["int8", "codebook"], default="", help="run one of the two tables")
+    parser.add_argument("--int8-shapes", choices=["bert", "minilm"], default="bert",
+                        help="int8 layer shapes: BERT-base (B 1/8/64/128) or all-MiniLM-L6-v2 (B 16/64/128 tokens)")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.child:
-        print(json.dumps(child(args.child, args.repeats, args.only)))
+        print(json.dumps(child(args.child, args.repeats, args.only, args.int8_shapes)))
         return
     from pyserve.ops import build_info
 
@@ -188,7 +194,8 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         print(f"\n({args.clock} clock)")
         out = subprocess.run([sys.executable, __file__, "--child", str(threads), "--repeats", str(args.repeats),
-                              "--clock", args.clock] + (["--only", args.only] if args.only else []),
+                              "--clock", args.clock, "--int8-shapes", args.int8_shapes]
+                             + (["--only", args.only] if args.only else []),
                              env=env, capture_output=True, text=True, check=True)
         print_tables(threads, json.loads(out.stdout.strip().splitlines()[-1]))
 

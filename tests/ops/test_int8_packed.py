@@ -277,3 +277,10 @@ def test_packed_linear_bad_input():
         int8_linear(np.array([[0.0] * 8, [np.inf] + [0.0] * 7], np.float32), packed, s)
     with pytest.raises(TypeError):
         _C.Int8PackedWeight()
+
+
+@pytest.mark.gpu
+def test_packed_weight_with_cuda_x_is_refused():
+    q, s = _weights(3, 8, 17)
+    with pytest.raises(ValueError, match=r"int8_linear: argument 'w_int8'.*CUDA.*Int8PackedWeight"):
+        int8_linear(torch.zeros(2, 8, device="cuda"), pack_int8_weight(q), torch.from_numpy(s).cuda())

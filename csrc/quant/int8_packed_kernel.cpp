@@ -40,13 +40,14 @@ inline float dequant(int32_t acc, float sx, float sw, const float* bias, int64_t
   return bias ? v + bias[n] : v;
 }
 
-// Per-call activation data: rows padded to Kp = 4 Kq bytes with zeros.
+// Per-call activation data: rows padded to Kp = 4 Kq bytes with zeros. One buffer for both paths:
+// a row that split (count >= 0) holds xa and its residuals, so x = xa + residuals in either path;
+// a row that did not (count = -1) holds the activations as given.
 struct Prepared {
   int64_t Kp = 0, cap = 0;
-  std::vector<int8_t> xo;      // [B][Kp] quantized activations as given
-  std::vector<int8_t> xa;      // [B][Kp] split activations (aligned pairs with |x0| + |x1| <= 128)
+  std::vector<int8_t> xa;      // [B][Kp] split activations (aligned pairs with |x0| + |x1| <= 128) or as given
   std::vector<int32_t> xsum;   // [B] sum of xa (wrapping)
-  std::vector<int32_t> count;  // [B] residuals of the row, or -1: row takes the vpsignb path
+  std::vector<int32_t> count;  // [B] residuals of the row, or -1: the row did not split (vpsignb path)
   std::vector<int32_t> rk;     // [B][cap] residual positions
   std::vector<int32_t> rv;     // [B][cap] residual values
 };
@@ -128,40 +129,51 @@ void prepare(const int8_t* xq, int64_t B, int64_t K, bool avx2, Prepared* P) {
   const int64_t Kp = 4 * int8_pack_kq(K);
   P->Kp = Kp;
   P->cap = std::max<int64_t>(1, Kp / 16);
-  P->xo.assign(static_cast<size_t>(B * Kp), 0);
-  P->xa.resize(static_cast<size_t>(B * Kp));
+  P->xa.assign(static_cast<size_t>(B * Kp), 0);
   P->xsum.assign(static_cast<size_t>(B), 0);
   P->count.assign(static_cast<size_t>(B), -1);
   P->rk.resize(static_cast<size_t>(B * P->cap));
   P->rv.resize(static_cast<size_t>(B * P->cap));
   for (int64_t b = 0; b < B; ++b) {
-    if (K > 0) std::memcpy(P->xo.data() + b * Kp, xq + b * K, static_cast<size_t>(K));  // xq may be null at K = 0
     int8_t* xa = P->xa.data() + b * Kp;
+    if (K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // xq may be null at K = 0
     int32_t* rk = P->rk.data() + b * P->cap;
     int32_t* rv = P->rv.data() + b * P->cap;
+    int32_t n;  // split in place (each pair is read before it is written)
 #if PYSERVE_AVX2
-    if (avx2) {
-      P->count[b] = split_row_avx2(P->xo.data() + b * Kp, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
-      continue;
-    }
+    if (avx2)
+      n = split_row_avx2(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
+    else
 #endif
+      n = split_row(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
     (void)avx2;
-    P->count[b] = split_row(P->xo.data() + b * Kp, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
+    P->count[b] = n;
+    if (n < 0 && K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // partly split: restore
   }
 }
 
-// Portable: exact int32 sums of xo . w over the packed layout, one channel block.
+// acc += the residuals of row b (count >= 0) times column k of W, from the packed block.
+inline int32_t residual_sum(const Prepared& P, int64_t b, const uint8_t* wub, int64_t c) {
+  uint32_t acc = 0;
+  for (int32_t t = 0; t < P.count[b]; ++t) {
+    const int64_t k = P.rk[b * P.cap + t];
+    acc += static_cast<uint32_t>(P.rv[b * P.cap + t] * (static_cast<int32_t>(wub[((k / 4) * NR + c) * 4 + (k & 3)]) - 128));
+  }
+  return static_cast<int32_t>(acc);
+}
+
+// Portable: exact int32 sums of x . w over the packed layout (x = xa + residuals), one channel block.
 void block_portable(const Prepared& P, int64_t r0, int64_t rows, int64_t K, const uint8_t* wub, const float* sx,
                     const float* sw, const float* bias, int64_t N, int64_t n0, float* y) {
   const int64_t n1 = std::min(N, n0 + NR);
   for (int64_t b = r0; b < r0 + rows; ++b) {
-    const int8_t* x = P.xo.data() + b * P.Kp;
+    const int8_t* x = P.xa.data() + b * P.Kp;
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t c = n - n0;
-      int32_t acc = 0;
+      uint32_t acc = static_cast<uint32_t>(residual_sum(P, b, wub, c));
       for (int64_t k = 0; k < K; ++k)
-        acc += static_cast<int32_t>(x[k]) * (static_cast<int32_t>(wub[((k / 4) * NR + c) * 4 + (k & 3)]) - 128);
-      y[b * N + n] = dequant(acc, sx[b], sw[n], bias, n);
+        acc += static_cast<uint32_t>(static_cast<int32_t>(x[k]) * (static_cast<int32_t>(wub[((k / 4) * NR + c) * 4 + (k & 3)]) - 128));
+      y[b * N + n] = dequant(static_cast<int32_t>(acc), sx[b], sw[n], bias, n);
     }
   }
 }
@@ -174,7 +186,7 @@ __attribute__((target("avx2,fma"))) inline __m256i load_x4(const int8_t* p) {
 }
 
 // MR rows b0.. x the 16 channels of one packed block. SPLIT: the 3-op path on xa with the
-// residual corrections; otherwise the vpsignb path on xo.
+// residual corrections; otherwise the vpsignb path (on xa too, plus the residuals of rows that split).
 template <int MR, bool SPLIT>
 __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t b0, const Chunk& ch, const uint8_t* wub,
                                                      const int8_t* wt, const float* sx, const float* sw,
@@ -191,7 +203,7 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
   const int64_t kq0 = ch.kq0, kq1 = ch.kq1;
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* xr[MR];
-  for (int i = 0; i < MR; ++i) xr[i] = (SPLIT ? P.xa.data() : P.xo.data()) + (b0 + i) * P.Kp;
+  for (int i = 0; i < MR; ++i) xr[i] = P.xa.data() + (b0 + i) * P.Kp;
   if (SPLIT && MR >= 4) {
     // Named accumulators: with an array GCC 12 copied every accumulator and spilled two per step.
     __m256i a00 = acc[0][0], a01 = acc[0][1], a10 = acc[MR > 1][0], a11 = acc[MR > 1][1], a20 = acc[MR > 2 ? 2 : 0][0],
@@ -278,6 +290,8 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
       const __m256i c = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(P.xsum[b]) * 128u));
       v0 = _mm256_sub_epi32(v0, c);
       v1 = _mm256_sub_epi32(v1, c);
+    }
+    {  // residuals (none for a row that did not split: count = -1)
       const int32_t* rk = P.rk.data() + b * P.cap;
       const int32_t* rv = P.rv.data() + b * P.cap;
       for (int32_t t = 0; t < P.count[b]; ++t) {

@@ -55,8 +55,9 @@ bool int8_avx2_active();
 //   acc = sum_k xa[k] * wu[k] - 128 * sum_k xa[k] + sum_{k in xr} xr[k] * wt[k, n]
 // in wrapping int32 arithmetic (the exact result fits int32 for K <= kInt8MaxK, so the wrap of the
 // intermediate sum cancels). A row with more than K / 16 residuals (e.g. activations all near
-// +-127) takes the vpsignb path instead on its 4-row tile: |w| x (x * sign(w)), 4 ops, as
-// int8_gemm. Without AVX2: scalar int32 sums over the packed layout.
+// +-127) is left as given, and its 4-row tile takes the vpsignb path: |w| x (x * sign(w)), 4 ops,
+// as int8_gemm (the tile's rows that did split add their residuals there too). Without AVX2:
+// scalar int32 sums over the packed layout.
 constexpr int64_t kInt8PackNR = 16;
 inline int64_t int8_pack_kq(int64_t K) { return (K + 3) / 4; }
 inline int64_t int8_pack_npad(int64_t N) { return (N + kInt8PackNR - 1) / kInt8PackNR * kInt8PackNR; }

@@ -166,6 +166,56 @@ ValueError
     non-finite ``x``.
 )doc");
 
+  py::class_<pyserve::Int8PackedWeight>(m, "Int8PackedWeight",
+                                        R"doc(int8 weights packed once for int8_linear (see pyserve.ops.pack_int8_weight).
+
+An immutable copy in the layout of the register-blocked AVX2 micro-kernel (csrc/quant/int8_kernel.h):
+``w + 128`` as uint8 in blocks of 16 channels x 4 k, and W transposed per block for the residual
+corrections, about 2 x N x K bytes. Created by ``pack_int8_weight``; not constructible from Python.
+)doc")
+      .def_property_readonly("shape", &pyserve::Int8PackedWeight::shape, "``(N, K)`` of the packed weights.")
+      .def_property_readonly("nbytes", &pyserve::Int8PackedWeight::nbytes, "Bytes held by the packed copy.");
+
+  m.def("pack_int8_weight", &pyserve::int8_pack_weight, py::arg("w_int8"),
+        R"doc(Pack int8 weights once for int8_linear_packed (see pyserve.ops.pack_int8_weight).
+
+Parameters
+----------
+w_int8 : numpy.ndarray
+    ``[N, K]`` int8, C-contiguous, any value in -128..127, K <= 131072.
+
+Returns
+-------
+Int8PackedWeight
+    A packed copy; int8_linear_packed with it returns exactly what int8_linear returns with w_int8.
+
+Raises
+------
+ValueError
+    Wrong dtype, rank or layout, or K > 131072.
+)doc");
+
+  m.def("int8_linear_packed", &pyserve::int8_linear_packed, py::arg("x"), py::arg("w"), py::arg("w_scale"),
+        py::arg("bias") = py::none(),
+        R"doc(int8_linear with weights from pack_int8_weight: the same ``[B, N]`` float32, bit for bit.
+
+Parameters
+----------
+x : numpy.ndarray
+    ``[B, K]`` float32, C-contiguous, finite.
+w : Int8PackedWeight
+    ``[N, K]`` packed weights.
+w_scale : numpy.ndarray
+    ``[N]`` float32.
+bias : numpy.ndarray or None
+    ``[N]`` float32.
+
+Raises
+------
+ValueError
+    As int8_linear (the K mismatch names ``w_int8``).
+)doc");
+
   m.def("int8_linear_cuda", &pyserve::int8_linear_cuda, py::arg("x"), py::arg("w"), py::arg("w_scale"),
         py::arg("bias"), py::arg("y"), py::arg("xq"), py::arg("x_scale"), py::arg("B"), py::arg("K"), py::arg("N"),
         R"doc(CUDA int8 linear on device pointers (int); used by pyserve.ops.int8_linear for CUDA tensors.

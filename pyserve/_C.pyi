@@ -4,7 +4,25 @@ pyserve native kernels (C++/CUDA). Use the Python faces in pyserve.ops.
 from __future__ import annotations
 import numpy
 import typing
-__all__: list[str] = ['build_info', 'codebook_linear', 'codebook_linear_cuda', 'csr_linear', 'csr_linear_has_avx2', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_encode', 'int8_linear', 'int8_linear_cuda', 'pack_indices', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
+__all__: list[str] = ['Int8PackedWeight', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'csr_linear', 'csr_linear_has_avx2', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_encode', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
+class Int8PackedWeight:
+    """
+    int8 weights packed once for int8_linear (see pyserve.ops.pack_int8_weight).
+    
+    An immutable copy in the layout of the register-blocked AVX2 micro-kernel (csrc/quant/int8_kernel.h):
+    ``w + 128`` as uint8 in blocks of 16 channels x 4 k, and W transposed per block for the residual
+    corrections, about 2 x N x K bytes. Created by ``pack_int8_weight``; not constructible from Python.
+    """
+    @property
+    def nbytes(self) -> int:
+        """
+        Bytes held by the packed copy.
+        """
+    @property
+    def shape(self) -> tuple:
+        """
+        ``(N, K)`` of the packed weights.
+        """
 def build_info() -> dict[str, typing.Any]:
     """
     What this build compiled in.
@@ -183,6 +201,26 @@ def int8_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, w: typing.Sup
     RuntimeError
         Built without CUDA, or a CUDA error.
     """
+def int8_linear_packed(x: numpy.ndarray, w: Int8PackedWeight, w_scale: numpy.ndarray, bias: numpy.ndarray | None = None) -> numpy.ndarray:
+    """
+    int8_linear with weights from pack_int8_weight: the same ``[B, N]`` float32, bit for bit.
+    
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``[B, K]`` float32, C-contiguous, finite.
+    w : Int8PackedWeight
+        ``[N, K]`` packed weights.
+    w_scale : numpy.ndarray
+        ``[N]`` float32.
+    bias : numpy.ndarray or None
+        ``[N]`` float32.
+    
+    Raises
+    ------
+    ValueError
+        As int8_linear (the K mismatch names ``w_int8``).
+    """
 def pack_indices(idx: numpy.ndarray, bits: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
     """
     Pack 2..8-bit codes, little-endian bit order (see pyserve.ops.pack_indices).
@@ -203,6 +241,25 @@ def pack_indices(idx: numpy.ndarray, bits: typing.SupportsInt | typing.SupportsI
     ------
     ValueError
         ``bits`` outside 2..8, wrong dtype/rank/layout of ``idx``, or a value >= ``2**bits``.
+    """
+def pack_int8_weight(w_int8: numpy.ndarray) -> Int8PackedWeight:
+    """
+    Pack int8 weights once for int8_linear_packed (see pyserve.ops.pack_int8_weight).
+    
+    Parameters
+    ----------
+    w_int8 : numpy.ndarray
+        ``[N, K]`` int8, C-contiguous, any value in -128..127, K <= 131072.
+    
+    Returns
+    -------
+    Int8PackedWeight
+        A packed copy; int8_linear_packed with it returns exactly what int8_linear returns with w_int8.
+    
+    Raises
+    ------
+    ValueError
+        Wrong dtype, rank or layout, or K > 131072.
     """
 def quantize_per_channel(w: numpy.ndarray) -> tuple:
     """

@@ -113,7 +113,8 @@ __attribute__((target("avx2,fma"))) bool quantize_row_avx2(const float* r, int64
 // --- GEMM ----------------------------------------------------------------------------------------
 
 inline float dequant(int32_t acc, float sx, float sw, const float* bias, int64_t n) {
-  const float v = static_cast<float>(acc) * (sx * sw);
+  float v = static_cast<float>(acc) * (sx * sw);
+  __asm__("" : "+x"(v));  // no FMA contraction: two roundings, as int8_gemm_packed and the docs
   return bias ? v + bias[n] : v;
 }
 

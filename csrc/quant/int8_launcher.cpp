@@ -18,6 +18,7 @@ namespace {
 constexpr char kQuantizeOp[] = "quantize_per_channel";
 constexpr char kLinearOp[] = "int8_linear";
 constexpr char kLinearCudaOp[] = "int8_linear_cuda";
+constexpr char kPackOp[] = "pack_int8_weight";
 using quant_checks::check_array;
 using quant_checks::shape_text;
 }  // namespace
@@ -40,29 +41,31 @@ py::tuple quantize_per_channel(const py::array& w) {
   return py::make_tuple(q, scale);
 }
 
-py::array int8_linear(const py::array& x, const py::array& w_int8, const py::array& w_scale,
-                      const std::optional<py::array>& bias) {
-  check_array<float>(x, kLinearOp, "x", 2, "float32");
-  check_array<int8_t>(w_int8, kLinearOp, "w_int8", 2, "int8");
-  check_array<float>(w_scale, kLinearOp, "w_scale", 1, "float32");
-  const int64_t B = x.shape(0), K = x.shape(1), N = w_int8.shape(0);
-  PYSERVE_CHECK_ARG(w_int8.shape(1) == K, kLinearOp, "w_int8", "expected shape (N, K) with K = ", K,
-                    " (x.shape[1]), got shape ", shape_text(w_int8));
+namespace {
+// Checks x, w_scale and bias against N and K (w_int8's shape, checked by the caller); returns bias's
+// data or null.
+const float* check_linear_args(const py::array& x, int64_t N, int64_t K, const py::array& w_scale,
+                               const std::optional<py::array>& bias, const char* w_arg) {
+  PYSERVE_CHECK_ARG(x.shape(1) == K, kLinearOp, w_arg, "expected shape (N, K) with K = ", x.shape(1),
+                    " (x.shape[1]), got shape (", N, ", ", K, ")");
   PYSERVE_CHECK_ARG(K <= quant::kInt8MaxK, kLinearOp, "x", "expected K <= ", quant::kInt8MaxK,
                     " (exact int32 accumulation), got K = ", K);
+  check_array<float>(w_scale, kLinearOp, "w_scale", 1, "float32");
   PYSERVE_CHECK_ARG(w_scale.shape(0) == N, kLinearOp, "w_scale", "expected shape (", N, ",) (one scale per row of w_int8), got shape ",
                     shape_text(w_scale));
-  const float* bias_ptr = nullptr;
-  if (bias) {
-    check_array<float>(*bias, kLinearOp, "bias", 1, "float32");
-    PYSERVE_CHECK_ARG(bias->shape(0) == N, kLinearOp, "bias", "expected shape (", N, ",) (N = w_int8.shape[0]), got shape ",
-                      shape_text(*bias));
-    bias_ptr = static_cast<const float*>(bias->data());
-  }
+  if (!bias) return nullptr;
+  check_array<float>(*bias, kLinearOp, "bias", 1, "float32");
+  PYSERVE_CHECK_ARG(bias->shape(0) == N, kLinearOp, "bias", "expected shape (", N, ",) (N = w_int8.shape[0]), got shape ",
+                    shape_text(*bias));
+  return static_cast<const float*>(bias->data());
+}
+
+// Quantizes x per row and runs `gemm(xq, sx, y)` with the GIL released; ValueError on a non-finite x.
+template <class Gemm>
+py::array run_linear(const py::array& x, int64_t N, Gemm gemm) {
+  const int64_t B = x.shape(0), K = x.shape(1);
   py::array_t<float> y({static_cast<py::ssize_t>(B), static_cast<py::ssize_t>(N)});
   const float* xp = static_cast<const float*>(x.data());
-  const int8_t* wp = static_cast<const int8_t*>(w_int8.data());
-  const float* sp = static_cast<const float*>(w_scale.data());
   float* yp = y.mutable_data();
   int64_t bad_row = -1;
   bool ok;
@@ -71,10 +74,52 @@ py::array int8_linear(const py::array& x, const py::array& w_int8, const py::arr
     std::vector<int8_t> xq(static_cast<size_t>(B * K));
     std::vector<float> sx(static_cast<size_t>(B));
     ok = quant::quantize_rows(xp, B, K, xq.data(), sx.data(), &bad_row);
-    if (ok) quant::int8_gemm(xq.data(), sx.data(), B, K, wp, sp, bias_ptr, N, yp);
+    if (ok) gemm(xq.data(), sx.data(), yp);
   }
   PYSERVE_CHECK_ARG(ok, kLinearOp, "x", "expected finite values, got inf or NaN in row ", bad_row);
   return y;
+}
+}  // namespace
+
+py::array int8_linear(const py::array& x, const py::array& w_int8, const py::array& w_scale,
+                      const std::optional<py::array>& bias) {
+  check_array<float>(x, kLinearOp, "x", 2, "float32");
+  check_array<int8_t>(w_int8, kLinearOp, "w_int8", 2, "int8");
+  const int64_t B = x.shape(0), K = w_int8.shape(1), N = w_int8.shape(0);
+  const float* bias_ptr = check_linear_args(x, N, K, w_scale, bias, "w_int8");
+  const int8_t* wp = static_cast<const int8_t*>(w_int8.data());
+  const float* sp = static_cast<const float*>(w_scale.data());
+  return run_linear(x, N, [&](const int8_t* xq, const float* sx, float* yp) {
+    quant::int8_gemm(xq, sx, B, K, wp, sp, bias_ptr, N, yp);
+  });
+}
+
+Int8PackedWeight int8_pack_weight(const py::array& w_int8) {
+  check_array<int8_t>(w_int8, kPackOp, "w_int8", 2, "int8");
+  const int64_t N = w_int8.shape(0), K = w_int8.shape(1);
+  PYSERVE_CHECK_ARG(K <= quant::kInt8MaxK, kPackOp, "w_int8", "expected K = w_int8.shape[1] <= ", quant::kInt8MaxK,
+                    " (exact int32 accumulation), got K = ", K);
+  py::array_t<uint8_t> wu(static_cast<py::ssize_t>(quant::int8_pack_wu_bytes(N, K)));
+  py::array_t<int8_t> wt(static_cast<py::ssize_t>(quant::int8_pack_wt_bytes(N, K)));
+  const int8_t* wp = static_cast<const int8_t*>(w_int8.data());
+  uint8_t* up = wu.mutable_data();
+  int8_t* tp = wt.mutable_data();
+  {
+    py::gil_scoped_release release;
+    quant::int8_pack(wp, N, K, up, tp);
+  }
+  return Int8PackedWeight(std::move(wu), std::move(wt), N, K);
+}
+
+py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, const py::array& w_scale,
+                             const std::optional<py::array>& bias) {
+  check_array<float>(x, kLinearOp, "x", 2, "float32");
+  const int64_t B = x.shape(0), K = w.cols(), N = w.rows();
+  const float* bias_ptr = check_linear_args(x, N, K, w_scale, bias, "w_int8");
+  const float* sp = static_cast<const float*>(w_scale.data());
+  return run_linear(x, N, [&](const int8_t* xq, const float* sx, float* yp) {
+    quant::int8_gemm_packed(xq, sx, B, K, w.wu(), w.wt(), sp, bias_ptr, N, yp);
+  });
 }
 
 void int8_linear_cuda(std::uintptr_t x, std::uintptr_t w, std::uintptr_t w_scale, std::uintptr_t bias,

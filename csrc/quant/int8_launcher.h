@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 namespace pyserve {
 
@@ -15,6 +16,32 @@ pybind11::tuple quantize_per_channel(const pybind11::array& w);
 // x [B, K] float32, w_int8 [N, K] int8, w_scale [N] float32, bias [N] float32 or None -> y [B, N].
 pybind11::array int8_linear(const pybind11::array& x, const pybind11::array& w_int8, const pybind11::array& w_scale,
                             const std::optional<pybind11::array>& bias);
+
+// Weights packed once for int8_linear_packed (layout: quant/int8_kernel.h). Immutable: the packed
+// bytes are a copy, so later writes to the source array do not reach them.
+class Int8PackedWeight {
+ public:
+  Int8PackedWeight(pybind11::array_t<uint8_t> wu, pybind11::array_t<int8_t> wt, int64_t N, int64_t K)
+      : wu_(std::move(wu)), wt_(std::move(wt)), N_(N), K_(K) {}
+  int64_t rows() const { return N_; }
+  int64_t cols() const { return K_; }
+  pybind11::tuple shape() const { return pybind11::make_tuple(N_, K_); }
+  int64_t nbytes() const { return static_cast<int64_t>(wu_.nbytes() + wt_.nbytes()); }
+  const uint8_t* wu() const { return wu_.data(); }
+  const int8_t* wt() const { return wt_.data(); }
+
+ private:
+  pybind11::array_t<uint8_t> wu_;
+  pybind11::array_t<int8_t> wt_;
+  int64_t N_, K_;
+};
+
+// w_int8 [N, K] int8 C-contiguous -> packed copy (K <= kInt8MaxK).
+Int8PackedWeight int8_pack_weight(const pybind11::array& w_int8);
+
+// As int8_linear, the weights given packed; the same output bit for bit.
+pybind11::array int8_linear_packed(const pybind11::array& x, const Int8PackedWeight& w, const pybind11::array& w_scale,
+                                   const std::optional<pybind11::array>& bias);
 
 // CUDA path on device pointers (the Python face checks the torch tensors): x [B, K] fp32,
 // w [N, K] int8, w_scale [N] fp32, bias [N] fp32 or 0, y [B, N] fp32, workspace xq [B, K] int8 and

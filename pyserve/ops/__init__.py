@@ -14,7 +14,14 @@ from pyserve.ops.huffman import (
 )
 from pyserve.ops._threads import get_num_threads, set_num_threads
 from pyserve.ops.sparse import csr_linear
-from pyserve.ops.quant import codebook_linear, int8_linear, pack_indices, quantize_per_channel, unpack_indices
+from pyserve.ops.quant import (
+    codebook_linear,
+    int8_linear,
+    pack_indices,
+    pack_int8_weight,
+    quantize_per_channel,
+    unpack_indices,
+)
 
 __all__ = [
     "HUFFMAN_FORMAT_VERSION",
@@ -31,6 +38,7 @@ __all__ = [
     "codebook_linear",
     "int8_linear",
     "pack_indices",
+    "pack_int8_weight",
     "quantize_per_channel",
     "unpack_indices",
 ]

@@ -1,0 +1,410 @@
+// int8 GEMM on pre-packed weights (CPU). Layout, exactness and the activation split:
+// int8_kernel.h ("pre-packed weights"). Micro-kernel: 4 activation rows x 16 channels (two ymm of
+// 8 int32 accumulators per row), the packed block streamed once per 4-row tile; the remaining 1-3
+// rows take the same kernel with fewer rows.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "common/cpu_features.h"
+#include "common/threads.h"
+#include "quant/int8_kernel.h"
+
+#if PYSERVE_AVX2
+#include <immintrin.h>
+#endif
+
+namespace pyserve {
+namespace quant {
+
+namespace {
+
+constexpr int64_t kParallelMinMacs = int64_t{1} << 22;  // as int8_gemm (int8_kernel.cpp)
+constexpr int64_t NR = kInt8PackNR;
+// Rows per register tile. 5 and 6 (12 accumulators, no spills with GCC 12) measured within noise of
+// 4 on this CPU (benchmarks/native/int8_gemm.cpp, 2026-11-30); 4 leaves registers to spare.
+constexpr int kTileRows = 4;
+
+// Keeps the compiler from fusing the dequantization's multiply and add into an FMA (the unpacked
+// kernel rounds twice; the outputs must agree bit for bit).
+template <class T>
+inline void opaque(T& v) {
+  __asm__("" : "+x"(v));
+}
+
+inline float dequant(int32_t acc, float sx, float sw, const float* bias, int64_t n) {
+  float v = static_cast<float>(acc) * (sx * sw);
+  opaque(v);
+  return bias ? v + bias[n] : v;
+}
+
+// Per-call activation data: rows padded to Kp = 4 Kq bytes with zeros. One buffer for both paths:
+// a row that split (count >= 0) holds xa and its residuals, so x = xa + residuals in either path;
+// a row that did not (count = -1) holds the activations as given.
+struct Prepared {
+  int64_t Kp = 0, cap = 0;
+  std::vector<int8_t> xa;      // [B][Kp] split activations (aligned pairs with |x0| + |x1| <= 128) or as given
+  std::vector<int32_t> xsum;   // [B] sum of xa (wrapping)
+  std::vector<int32_t> count;  // [B] residuals of the row, or -1: the row did not split (vpsignb path)
+  std::vector<int32_t> rk;     // [B][cap] residual positions
+  std::vector<int32_t> rv;     // [B][cap] residual values
+};
+
+// A range of k / 4 steps of one channel block: the first starts the accumulators at zero, the
+// others resume them from `part` ([B][16] int32); all but the last store them back there.
+struct Chunk {
+  int64_t kq0, kq1;
+  bool first, last;
+  int32_t* part;
+};
+
+// Split one padded row. Returns the residual count, or -1 when there are more than `cap`.
+int32_t split_row(const int8_t* xo, int64_t Kp, int8_t* xa, int32_t* rk, int32_t* rv, int64_t cap, int32_t* xsum) {
+  int32_t n = 0;
+  uint32_t sum = 0;
+  for (int64_t k = 0; k < Kp; k += 2) {
+    int32_t x0 = xo[k], x1 = xo[k + 1];
+    const int32_t a0 = x0 < 0 ? -x0 : x0, a1 = x1 < 0 ? -x1 : x1;
+    if (a0 + a1 > 128) {
+      if (n >= cap) return -1;
+      const bool first = a0 >= a1;
+      const int32_t big = first ? x0 : x1, keep = 128 - (first ? a1 : a0);
+      const int32_t cut = big < 0 ? -keep : keep;
+      rk[n] = static_cast<int32_t>(first ? k : k + 1);
+      rv[n] = big - cut;
+      ++n;
+      (first ? x0 : x1) = cut;
+    }
+    xa[k] = static_cast<int8_t>(x0);
+    xa[k + 1] = static_cast<int8_t>(x1);
+    sum += static_cast<uint32_t>(x0) + static_cast<uint32_t>(x1);
+  }
+  *xsum = static_cast<int32_t>(sum);
+  return n;
+}
+
+#if PYSERVE_AVX2
+// As split_row; 32 activations at a time, the scalar loop only for chunks holding a violating pair.
+__attribute__((target("avx2,fma"))) int32_t split_row_avx2(const int8_t* xo, int64_t Kp, int8_t* xa, int32_t* rk,
+                                                           int32_t* rv, int64_t cap, int32_t* xsum) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), lim = _mm256_set1_epi16(128);
+  __m256i vsum = _mm256_setzero_si256();
+  int32_t n = 0;
+  uint32_t tail_sum = 0;
+  int64_t k = 0;
+  for (; k + 32 <= Kp; k += 32) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo + k));
+    const __m256i pair = _mm256_maddubs_epi16(_mm256_abs_epi8(x), ones8);  // |x0| + |x1| as int16
+    if (_mm256_movemask_epi8(_mm256_cmpgt_epi16(pair, lim)) == 0) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xa + k), x);
+      vsum = _mm256_add_epi32(vsum, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16));
+      continue;
+    }
+    int32_t part = 0;
+    const int32_t m = split_row(xo + k, 32, xa + k, rk + n, rv + n, cap - n, &part);
+    if (m < 0) return -1;
+    for (int32_t t = 0; t < m; ++t) rk[n + t] += static_cast<int32_t>(k);
+    n += m;
+    tail_sum += static_cast<uint32_t>(part);
+  }
+  if (k < Kp) {
+    int32_t part = 0;
+    const int32_t m = split_row(xo + k, Kp - k, xa + k, rk + n, rv + n, cap - n, &part);
+    if (m < 0) return -1;
+    for (int32_t t = 0; t < m; ++t) rk[n + t] += static_cast<int32_t>(k);
+    n += m;
+    tail_sum += static_cast<uint32_t>(part);
+  }
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vsum);
+  for (int i = 0; i < 8; ++i) tail_sum += static_cast<uint32_t>(lanes[i]);
+  *xsum = static_cast<int32_t>(tail_sum);
+  return n;
+}
+#endif
+
+void prepare(const int8_t* xq, int64_t B, int64_t K, bool avx2, Prepared* P) {
+  const int64_t Kp = 4 * int8_pack_kq(K);
+  P->Kp = Kp;
+  P->cap = std::max<int64_t>(1, Kp / 16);
+  P->xa.assign(static_cast<size_t>(B * Kp), 0);
+  P->xsum.assign(static_cast<size_t>(B), 0);
+  P->count.assign(static_cast<size_t>(B), -1);
+  P->rk.resize(static_cast<size_t>(B * P->cap));
+  P->rv.resize(static_cast<size_t>(B * P->cap));
+  for (int64_t b = 0; b < B; ++b) {
+    int8_t* xa = P->xa.data() + b * Kp;
+    if (K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // xq may be null at K = 0
+    int32_t* rk = P->rk.data() + b * P->cap;
+    int32_t* rv = P->rv.data() + b * P->cap;
+    int32_t n;  // split in place (each pair is read before it is written)
+#if PYSERVE_AVX2
+    if (avx2)
+      n = split_row_avx2(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
+    else
+#endif
+      n = split_row(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
+    (void)avx2;
+    P->count[b] = n;
+    if (n < 0 && K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // partly split: restore
+  }
+}
+
+// acc += the residuals of row b (count >= 0) times column k of W, from the packed block.
+inline int32_t residual_sum(const Prepared& P, int64_t b, const uint8_t* wub, int64_t c) {
+  uint32_t acc = 0;
+  for (int32_t t = 0; t < P.count[b]; ++t) {
+    const int64_t k = P.rk[b * P.cap + t];
+    acc += static_cast<uint32_t>(P.rv[b * P.cap + t] * (static_cast<int32_t>(wub[((k / 4) * NR + c) * 4 + (k & 3)]) - 128));
+  }
+  return static_cast<int32_t>(acc);
+}
+
+// Portable: exact int32 sums of x . w over the packed layout (x = xa + residuals), one channel block.
+void block_portable(const Prepared& P, int64_t r0, int64_t rows, int64_t K, const uint8_t* wub, const float* sx,
+                    const float* sw, const float* bias, int64_t N, int64_t n0, float* y) {
+  const int64_t n1 = std::min(N, n0 + NR);
+  for (int64_t b = r0; b < r0 + rows; ++b) {
+    const int8_t* x = P.xa.data() + b * P.Kp;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t c = n - n0;
+      uint32_t acc = static_cast<uint32_t>(residual_sum(P, b, wub, c));
+      for (int64_t k = 0; k < K; ++k)
+        acc += static_cast<uint32_t>(static_cast<int32_t>(x[k]) * (static_cast<int32_t>(wub[((k / 4) * NR + c) * 4 + (k & 3)]) - 128));
+      y[b * N + n] = dequant(static_cast<int32_t>(acc), sx[b], sw[n], bias, n);
+    }
+  }
+}
+
+#if PYSERVE_AVX2
+__attribute__((target("avx2,fma"))) inline __m256i load_x4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// MR rows b0.. x the 16 channels of one packed block. SPLIT: the 3-op path on xa with the
+// residual corrections; otherwise the vpsignb path (on xa too, plus the residuals of rows that split).
+template <int MR, bool SPLIT>
+__attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t b0, const Chunk& ch, const uint8_t* wub,
+                                                     const int8_t* wt, const float* sx, const float* sw,
+                                                     const float* bias, int64_t N, int64_t n0, float* y) {
+  __m256i acc[MR][2];
+  for (int i = 0; i < MR; ++i) {
+    if (ch.first) {
+      acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    } else {
+      acc[i][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ch.part + (b0 + i) * NR));
+      acc[i][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ch.part + (b0 + i) * NR + 8));
+    }
+  }
+  const int64_t kq0 = ch.kq0, kq1 = ch.kq1;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = P.xa.data() + (b0 + i) * P.Kp;
+  if (SPLIT && MR >= 4) {
+    // Named accumulators: with an array GCC 12 copied every accumulator and spilled two per step.
+    __m256i a00 = acc[0][0], a01 = acc[0][1], a10 = acc[MR > 1][0], a11 = acc[MR > 1][1], a20 = acc[MR > 2 ? 2 : 0][0],
+            a21 = acc[MR > 2 ? 2 : 0][1], a30 = acc[MR > 3 ? 3 : 0][0], a31 = acc[MR > 3 ? 3 : 0][1],
+            a40 = acc[MR > 4 ? 4 : 0][0], a41 = acc[MR > 4 ? 4 : 0][1], a50 = acc[MR > 5 ? 5 : 0][0],
+            a51 = acc[MR > 5 ? 5 : 0][1];
+    const int8_t* xs[6];
+    for (int i = 0; i < 6; ++i) xs[i] = xr[i < MR ? i : 0];
+#define PYSERVE_ROW(i)                                                                     \
+  xb = load_x4(xs[i] + 4 * kq);                                                            \
+  a##i##0 = _mm256_add_epi32(a##i##0, _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xb), ones)); \
+  a##i##1 = _mm256_add_epi32(a##i##1, _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xb), ones));
+    for (int64_t kq = kq0; kq < kq1; ++kq) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64 + 32));
+      __m256i xb;
+      PYSERVE_ROW(0) PYSERVE_ROW(1) PYSERVE_ROW(2) PYSERVE_ROW(3)
+      if constexpr (MR > 4) {
+        PYSERVE_ROW(4)
+      }
+      if constexpr (MR > 5) {
+        PYSERVE_ROW(5)
+      }
+    }
+#undef PYSERVE_ROW
+    const __m256i named[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+    for (int i = 0; i < MR; ++i) acc[i][0] = named[i][0], acc[i][1] = named[i][1];
+  } else if (SPLIT) {
+    for (int64_t kq = kq0; kq < kq1; ++kq) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64 + 32));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xb = load_x4(xr[i] + 4 * kq);
+        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xb), ones));
+        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xb), ones));
+      }
+    }
+  } else if (MR == 4) {  // the vpsignb path, named accumulators as above
+    const __m256i bias8 = _mm256_set1_epi8(static_cast<char>(0x80));
+    __m256i a00 = acc[0][0], a01 = acc[0][1], a10 = acc[MR > 1][0], a11 = acc[MR > 1][1], a20 = acc[MR > 2 ? 2 : 0][0],
+            a21 = acc[MR > 2 ? 2 : 0][1], a30 = acc[MR > 3 ? 3 : 0][0], a31 = acc[MR > 3 ? 3 : 0][1];
+    const int8_t* xs[4];
+    for (int i = 0; i < 4; ++i) xs[i] = xr[i < MR ? i : 0];
+#define PYSERVE_ROW(i)                                                                                            \
+  xb = load_x4(xs[i] + 4 * kq);                                                                                   \
+  a##i##0 = _mm256_add_epi32(a##i##0, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, s0)), ones)); \
+  a##i##1 = _mm256_add_epi32(a##i##1, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, s1)), ones));
+    for (int64_t kq = kq0; kq < kq1; ++kq) {
+      const __m256i s0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64)), bias8);
+      const __m256i s1 =
+          _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64 + 32)), bias8);
+      const __m256i u0 = _mm256_abs_epi8(s0), u1 = _mm256_abs_epi8(s1);
+      __m256i xb;
+      PYSERVE_ROW(0) PYSERVE_ROW(1) PYSERVE_ROW(2) PYSERVE_ROW(3)
+    }
+#undef PYSERVE_ROW
+    const __m256i named[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+    for (int i = 0; i < MR; ++i) acc[i][0] = named[i][0], acc[i][1] = named[i][1];
+  } else {
+    const __m256i bias8 = _mm256_set1_epi8(static_cast<char>(0x80));
+    for (int64_t kq = kq0; kq < kq1; ++kq) {
+      const __m256i s0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64)), bias8);
+      const __m256i s1 =
+          _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + kq * 64 + 32)), bias8);
+      const __m256i u0 = _mm256_abs_epi8(s0), u1 = _mm256_abs_epi8(s1);
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xb = load_x4(xr[i] + 4 * kq);
+        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, s0)), ones));
+        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, s1)), ones));
+      }
+    }
+  }
+  if (!ch.last) {
+    for (int i = 0; i < MR; ++i) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ch.part + (b0 + i) * NR), acc[i][0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ch.part + (b0 + i) * NR + 8), acc[i][1]);
+    }
+    return;
+  }
+  for (int i = 0; i < MR; ++i) {
+    const int64_t b = b0 + i;
+    __m256i v0 = acc[i][0], v1 = acc[i][1];
+    if (SPLIT) {
+      const __m256i c = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(P.xsum[b]) * 128u));
+      v0 = _mm256_sub_epi32(v0, c);
+      v1 = _mm256_sub_epi32(v1, c);
+    }
+    {  // residuals (none for a row that did not split: count = -1)
+      const int32_t* rk = P.rk.data() + b * P.cap;
+      const int32_t* rv = P.rv.data() + b * P.cap;
+      for (int32_t t = 0; t < P.count[b]; ++t) {
+        const int8_t* col = wt + static_cast<int64_t>(rk[t]) * NR;
+        const __m256i r = _mm256_set1_epi32(rv[t]);
+        v0 = _mm256_add_epi32(v0, _mm256_mullo_epi32(r, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(col)))));
+        v1 = _mm256_add_epi32(v1, _mm256_mullo_epi32(r, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(col + 8)))));
+      }
+    }
+    float* yr = y + b * N;
+    if (n0 + NR <= N) {
+      const __m256 sxv = _mm256_set1_ps(sx[b]);
+      __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(v0), _mm256_mul_ps(sxv, _mm256_loadu_ps(sw + n0)));
+      __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(v1), _mm256_mul_ps(sxv, _mm256_loadu_ps(sw + n0 + 8)));
+      if (bias) {
+        opaque(f0);
+        opaque(f1);
+        f0 = _mm256_add_ps(f0, _mm256_loadu_ps(bias + n0));
+        f1 = _mm256_add_ps(f1, _mm256_loadu_ps(bias + n0 + 8));
+      }
+      _mm256_storeu_ps(yr + n0, f0);
+      _mm256_storeu_ps(yr + n0 + 8, f1);
+    } else {
+      alignas(32) int32_t t[16];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t), v0);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(t + 8), v1);
+      for (int64_t n = n0; n < N; ++n) yr[n] = dequant(t[n - n0], sx[b], sw[n], bias, n);
+    }
+  }
+}
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void tile_dispatch(const Prepared& P, int64_t b0, const Chunk& ch, const uint8_t* wub,
+                                                       const int8_t* wtb, const float* sx, const float* sw,
+                                                       const float* bias, int64_t N, int64_t n0, float* y) {
+  bool split = true;
+  for (int i = 0; i < MR; ++i) split &= P.count[b0 + i] >= 0;
+  if (split)
+    tile_packed<MR, true>(P, b0, ch, wub, wtb, sx, sw, bias, N, n0, y);
+  else
+    tile_packed<MR, false>(P, b0, ch, wub, wtb, sx, sw, bias, N, n0, y);
+}
+
+__attribute__((target("avx2,fma"))) void block_avx2(const Prepared& P, int64_t r0, int64_t rows, const Chunk& ch,
+                                                    const uint8_t* wub, const int8_t* wtb, const float* sx,
+                                                    const float* sw, const float* bias, int64_t N, int64_t n0, float* y) {
+  int64_t b = r0;
+  const int64_t end = r0 + rows;
+  for (; b + kTileRows <= end; b += kTileRows) tile_dispatch<kTileRows>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y);
+  switch (end - b) {
+    case 3: tile_dispatch<3>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
+    case 2: tile_dispatch<2>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
+    case 1: tile_dispatch<1>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
+    default: break;
+  }
+}
+#endif
+
+}  // namespace
+
+void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu, int8_t* wt) {
+  const int64_t Kq = int8_pack_kq(K), Npad = int8_pack_npad(N), blocks = Npad / NR;
+#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (N * K >= (int64_t{1} << 22))
+  for (int64_t nb = 0; nb < blocks; ++nb) {
+    uint8_t* dst = wu + nb * Kq * NR * 4;
+    for (int64_t kq = 0; kq < Kq; ++kq)
+      for (int64_t c = 0; c < NR; ++c)
+        for (int64_t e = 0; e < 4; ++e) {
+          const int64_t n = nb * NR + c, k = 4 * kq + e;
+          const int32_t v = (n < N && k < K) ? w[n * K + k] : 0;
+          dst[(kq * NR + c) * 4 + e] = static_cast<uint8_t>(v + 128);
+        }
+  }
+#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (N * K >= (int64_t{1} << 22))
+  for (int64_t nb = 0; nb < blocks; ++nb) {
+    int8_t* dst = wt + nb * K * NR;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < NR; ++c) {
+        const int64_t n = nb * NR + c;
+        dst[k * NR + c] = n < N ? w[n * K + k] : 0;
+      }
+  }
+}
+
+void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const uint8_t* wu,
+                      const int8_t* wt, const float* w_scale, const float* bias, int64_t N, float* y) {
+  if (B == 0 || N == 0) return;
+  const bool avx2 = cpu_has_avx2_fma();
+  const int64_t Kq = int8_pack_kq(K), blocks = int8_pack_npad(N) / NR;
+  Prepared P;
+  prepare(xq, B, K, avx2, &P);
+  // K in chunks of 256 steps of 4 (16 KB of a block's packed weights: they stay in the 32 KB L1
+  // while every 4-row tile of the call passes over them; the partial sums, B x 16 int32, too).
+  constexpr int64_t KC = 256;
+  const int64_t chunks = std::max<int64_t>(1, (Kq + KC - 1) / KC);
+#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
+  for (int64_t nb = 0; nb < blocks; ++nb) {
+    const uint8_t* wub = wu + nb * Kq * NR * 4;
+    const int8_t* wtb = wt + nb * K * NR;
+#if PYSERVE_AVX2
+    if (avx2) {
+      std::vector<int32_t> part(chunks > 1 ? static_cast<size_t>(B * NR) : 0);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const Chunk ch{c * KC, std::min(Kq, (c + 1) * KC), c == 0, c == chunks - 1, part.data()};
+        block_avx2(P, 0, B, ch, wub, wtb, x_scale, w_scale, bias, N, nb * NR, y);
+      }
+      continue;
+    }
+#endif
+    (void)wtb;
+    block_portable(P, 0, B, K, wub, x_scale, w_scale, bias, N, nb * NR, y);
+  }
+}
+
+}  // namespace quant
+}  // namespace pyserve

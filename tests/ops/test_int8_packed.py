@@ -1,0 +1,286 @@
+"""int8_linear on packed weights (pack_int8_weight, and the cache for torch weight tensors).
+
+The packed kernel must return exactly what the row kernel returns (the same int32 sums, the same
+two fp32 roundings) and agree with the NumPy reference; both split activation paths (pairs cut to
+|x0| + |x1| <= 128 plus residuals, and the vpsignb path of rows with too many residuals) are
+driven on purpose, alone and mixed within one 4-row tile.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from pyserve import _C
+from pyserve.ops import get_num_threads, int8_linear, pack_int8_weight, quantize_per_channel, set_num_threads
+from pyserve.ops import quant as quant_module
+from pyserve.ops.reference import int8_linear_reference, quantize_rows_reference
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _x(kind: str, B: int, K: int, seed: int) -> np.ndarray:
+    """Activations whose quantized rows exercise one path of the packed kernel.
+
+    gauss:   ~2% of aligned pairs exceed |x0| + |x1| = 128 (a few residuals per row)
+    uniform: about half the pairs exceed it (more than K / 16 residuals: the vpsignb path)
+    sign:    every value quantizes to +-127 (every pair exceeds it)
+    edge:    pairs right at the bound: (127, 1), (-127, -1), (64, 64), (127, -2), (-1, 128 - 1)
+    mixed:   rows alternate gauss / sign, so 4-row tiles mix the two paths
+    zeros:   all-zero rows (scale 1, every xq 0)
+    """
+    rng = np.random.default_rng(seed)
+    if kind == "gauss":
+        return rng.standard_normal((B, K)).astype(np.float32)
+    if kind == "uniform":
+        return rng.uniform(-1, 1, (B, K)).astype(np.float32)
+    if kind == "sign":
+        return np.where(rng.random((B, K)) < 0.5, -1.0, 1.0).astype(np.float32)
+    if kind == "edge":
+        pattern = np.array([127, 1, -127, -1, 64, 64, 127, -2, -1, 127, 2, 127, 0, -127, -64, -65], np.float32)
+        return np.resize(pattern, (B, K)) * np.float32(1.0 + rng.random((B, 1)).astype(np.float32) * 0)
+    if kind == "mixed":
+        x = rng.standard_normal((B, K)).astype(np.float32)
+        x[1::2] = np.where(rng.random((x[1::2].shape)) < 0.5, -1.0, 1.0)
+        return x
+    if kind == "zeros":
+        return np.zeros((B, K), np.float32)
+    raise ValueError(kind)
+
+
+def _assert_close_to_reference(y, x, w_int8, w_scale, bias=None):
+    ref = int8_linear_reference(x, w_int8, w_scale, bias)
+    no_bias = int8_linear_reference(x, w_int8, w_scale, None)
+    bound = 4 * EPS32 * (np.abs(no_bias) + (0 if bias is None else np.abs(np.asarray(bias, np.float64))[None, :]))
+    assert y.shape == ref.shape
+    assert np.all(np.abs(np.asarray(y, np.float64) - ref) <= bound + 1e-30)
+
+
+def _weights(N, K, seed, full_range=False):
+    rng = np.random.default_rng(seed)
+    if full_range:
+        q = rng.integers(-128, 128, (N, K)).astype(np.int8)
+        if N:
+            q[0] = -128
+        if N > 1:
+            q[-1] = 127
+        return q, rng.uniform(0.001, 0.1, N).astype(np.float32)
+    return quantize_per_channel(rng.standard_normal((N, K)).astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["gauss", "uniform", "sign", "edge", "mixed", "zeros"])
+@pytest.mark.parametrize(
+    "B,K,N",
+    [(1, 1, 1), (3, 5, 17), (4, 16, 16), (5, 33, 31), (8, 768, 48), (13, 130, 33), (64, 257, 20),
+     (9, 1030, 20), (6, 2049, 17)],  # K > 1024: several K chunks of 1024, the last short
+)
+def test_packed_equals_row_kernel_and_reference(kind, B, K, N):
+    x = _x(kind, B, K, seed=B * 1000 + K)
+    for full_range in (False, True):
+        q, s = _weights(N, K, seed=N + K, full_range=full_range)
+        bias = np.random.default_rng(1).standard_normal(N).astype(np.float32)
+        packed = pack_int8_weight(q)
+        assert packed.shape == (N, K) and packed.nbytes >= N * K
+        for b in (None, bias):
+            y_rows = int8_linear(x, q, s, b)
+            y_packed = int8_linear(x, packed, s, b)
+            assert y_packed.dtype == np.float32 and y_packed.shape == (B, N)
+            np.testing.assert_array_equal(y_packed, y_rows)
+            _assert_close_to_reference(y_packed, x, q, s, b)
+
+
+@pytest.mark.parametrize("B,K,N", [(0, 8, 4), (3, 8, 0), (2, 0, 5)])
+def test_packed_empty_shapes(B, K, N):
+    x = _x("gauss", B, K, 2)
+    q, s = _weights(N, K, 3)
+    y = int8_linear(x, pack_int8_weight(q), s, np.ones(N, np.float32))
+    assert y.shape == (B, N)
+    np.testing.assert_array_equal(y, int8_linear(x, q, s, np.ones(N, np.float32)))
+
+
+def test_packed_split_arithmetic_by_hand():
+    """Pairs over the bound are cut and their residuals added back from W transposed: an int sum
+    checked against integer arithmetic done here (x_scale = 1: amax 127; w_scale = 1)."""
+    x = np.array([[127, 127, -127, -100, 3, 125, 0, 0, -1, 127, 64, 64]], np.float32)
+    w = np.array([[127, -128, 5, -7, 100, -100, 9, 9, 127, 127, -128, -128],
+                  [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]], np.int8)
+    y = int8_linear(x, pack_int8_weight(w), np.ones(2, np.float32))
+    expected = x.astype(np.int64) @ w.astype(np.int64).T
+    np.testing.assert_array_equal(y, expected.astype(np.float32))
+
+
+def test_packed_largest_k_is_exact():
+    """K = 131072: the largest K int8_linear accepts; sums near the int32 limit stay exact (every
+    row has amax 127, so x_scale = 1 and y is the integer sum itself)."""
+    K = 131072
+    x = np.full((5, K), 127.0, np.float32)
+    x[1, 1::2] = 1.0  # (127, 1) pairs: the split path with sums up to 2.1e9
+    x[2] = -127.0
+    x[3, ::2] = -127.0  # (-127, -1) pairs: the split path, negative
+    x[3, 1::2] = -1.0
+    q = np.full((3, K), 127, np.int8)
+    q[1] = -128
+    q[2, ::3] = -128
+    s = np.ones(3, np.float32)
+    y = int8_linear(x, pack_int8_weight(q), s)
+    np.testing.assert_array_equal(y, int8_linear(x, q, s))
+    ref = quantize_rows_reference(x)[0].astype(np.int64) @ q.astype(np.int64).T
+    assert np.abs(ref).max() > 2**30
+    np.testing.assert_array_equal(y, ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_threads(threads):
+    before = get_num_threads()
+    set_num_threads(threads)
+    try:
+        # above the 2**22-MAC threshold for going parallel; tiles of both paths
+        x = _x("mixed", 70, 520, 5)
+        q, s = _weights(300, 520, 6)
+        np.testing.assert_array_equal(int8_linear(x, pack_int8_weight(q), s), int8_linear(x, q, s))
+    finally:
+        set_num_threads(before)
+
+
+_PORTABLE_CHECK = textwrap.dedent(
+    """
+    import numpy as np
+    from pyserve.ops import int8_linear, pack_int8_weight, quantize_per_channel
+    from pyserve.ops.reference import int8_linear_reference
+    rng = np.random.default_rng(11)
+    for B, K, N in [(64, 520, 260), (9, 33, 17), (1, 7, 3)]:
+        x = rng.standard_normal((B, K)).astype(np.float32)
+        x[1::3] = np.sign(x[1::3])
+        q, s = quantize_per_channel(rng.standard_normal((N, K)).astype(np.float32))
+        y = int8_linear(x, pack_int8_weight(q), s)
+        assert np.array_equal(y, int8_linear(x, q, s)), (B, K, N)
+        ref = int8_linear_reference(x, q, s)
+        assert np.all(np.abs(y - ref) <= 4 * np.finfo(np.float32).eps * np.abs(ref) + 1e-30), (B, K, N)
+    print("ok")
+    """
+)
+
+
+def test_packed_portable_path():
+    env = {**os.environ, "PYSERVE_DISABLE_AVX2": "1", "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_packed_torch_inputs():
+    q, s = _weights(40, 70, 7)
+    packed = pack_int8_weight(torch.from_numpy(q))
+    x = torch.from_numpy(_x("gauss", 9, 70, 8))
+    y = int8_linear(x, packed, torch.from_numpy(s))
+    assert isinstance(y, torch.Tensor) and y.shape == (9, 40)
+    np.testing.assert_array_equal(y.numpy(), int8_linear(x.numpy(), q, s))
+
+
+# --- the cache for torch weight tensors -------------------------------------------------------------
+
+
+def test_torch_weights_packed_from_second_call_and_invalidated_by_inplace_ops():
+    q, s = _weights(24, 40, 9)
+    w = torch.from_numpy(q.copy())
+    x = _x("gauss", 6, 40, 10)
+    expected = int8_linear(x, q, s)
+    np.testing.assert_array_equal(int8_linear(x, w, s), expected)
+    entry = quant_module._PACK_CACHE[id(w)]
+    assert entry.packed is None  # first sight: registered, not packed
+    np.testing.assert_array_equal(int8_linear(x, w, s), expected)
+    assert isinstance(quant_module._PACK_CACHE[id(w)].packed, _C.Int8PackedWeight)
+    np.testing.assert_array_equal(int8_linear(x, w, s), expected)
+
+    w.mul_(-1)  # an in-place op bumps the version: the packed copy is stale
+    flipped = int8_linear(x, (-q.astype(np.int16)).clip(-128, 127).astype(np.int8), s)
+    np.testing.assert_array_equal(int8_linear(x, w, s), flipped)
+    np.testing.assert_array_equal(int8_linear(x, w, s), flipped)  # re-packed from the new values
+
+    key = id(w)
+    del w
+    gc.collect()
+    assert key not in quant_module._PACK_CACHE
+
+
+def test_numpy_and_noncontiguous_weights_are_not_cached():
+    q, s = _weights(8, 16, 11)
+    x = _x("gauss", 2, 16, 12)
+    before = len(quant_module._PACK_CACHE)
+    for _ in range(3):
+        int8_linear(x, q, s)
+        int8_linear(x, torch.from_numpy(np.ascontiguousarray(q.T)).t(), s)
+    assert len(quant_module._PACK_CACHE) == before
+
+
+def test_inference_tensors_are_not_cached():
+    q, s = _weights(8, 16, 13)
+    x = _x("gauss", 2, 16, 14)
+    with torch.inference_mode():
+        w = torch.from_numpy(q).clone()  # an inference tensor: no version counter
+        before = len(quant_module._PACK_CACHE)
+        for _ in range(3):
+            np.testing.assert_array_equal(int8_linear(x, w, s), int8_linear(x, q, s))
+    assert len(quant_module._PACK_CACHE) == before
+
+
+def test_torch_weights_cached_under_inference_mode_calls():
+    """The server calls under inference_mode with weights made outside it (registered buffers)."""
+    q, s = _weights(8, 16, 15)
+    w = torch.from_numpy(q.copy())
+    x = torch.from_numpy(_x("gauss", 3, 16, 16))
+    with torch.inference_mode():
+        for _ in range(3):
+            np.testing.assert_array_equal(int8_linear(x, w, s).numpy(), int8_linear(x.numpy(), q, s))
+    assert isinstance(quant_module._PACK_CACHE[id(w)].packed, _C.Int8PackedWeight)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "w,words",
+    [
+        (np.zeros((3, 4), np.int16), ["int8", "int16"]),
+        (np.zeros((3,), np.int8), ["2-D", "ndim=1"]),
+        (np.zeros((1, 131073), np.int8), ["131072", "131073"]),
+        ([[1, 2]], ["numpy.ndarray", "list"]),
+    ],
+    ids=["dtype", "rank", "k_limit", "list"],
+)
+def test_pack_bad_input(w, words):
+    with pytest.raises(ValueError) as info:
+        pack_int8_weight(w)
+    message = str(info.value)
+    assert "pack_int8_weight" in message and "argument 'w_int8'" in message
+    assert all(word in message for word in words), message
+
+
+def test_packed_linear_bad_input():
+    q, s = _weights(3, 8, 13)
+    packed = pack_int8_weight(q)
+    x = _x("gauss", 2, 8, 14)
+    with pytest.raises(ValueError, match=r"int8_linear: argument 'w_int8'.*K = 9.*\(3, 8\)"):
+        int8_linear(_x("gauss", 2, 9, 1), packed, s)
+    with pytest.raises(ValueError, match=r"argument 'w_scale'.*\(3,\).*\(4,\)"):
+        int8_linear(x, packed, np.ones(4, np.float32))
+    with pytest.raises(ValueError, match=r"argument 'bias'.*\(3,\).*\(2,\)"):
+        int8_linear(x, packed, s, np.ones(2, np.float32))
+    with pytest.raises(ValueError, match=r"argument 'x'.*finite.*row 1"):
+        int8_linear(np.array([[0.0] * 8, [np.inf] + [0.0] * 7], np.float32), packed, s)
+    with pytest.raises(TypeError):
+        _C.Int8PackedWeight()
+
+
+@pytest.mark.gpu
+def test_packed_weight_with_cuda_x_is_refused():
+    q, s = _weights(3, 8, 17)
+    with pytest.raises(ValueError, match=r"int8_linear: argument 'w_int8'.*CUDA.*Int8PackedWeight"):
+        int8_linear(torch.zeros(2, 8, device="cuda"), pack_int8_weight(q), torch.from_numpy(s).cuda())

@@ -93,21 +93,21 @@ def test_a_conv_that_would_grow_is_kept():
     assert isinstance(state.model[1], nn.Sequential)
 
 
+@pytest.mark.slow
 def test_lenet5_conv2_depthwise_separable_recovers_accuracy(tmp_path):
-    """LeNet-5 trained briefly on 20k MNIST images; conv2 (20 -> 50, 5x5: 25,000 weights) becomes
-    depthwise + pointwise (1,500 weights). Test accuracy (10k images): the replacement alone loses
-    accuracy; one epoch of distillation from the original brings it within 1 point of it. The result
-    round-trips through the artifact with equal logits."""
+    """LeNet-5 trained for one epoch on MNIST's 50k training images; conv2 (20 -> 50, 5x5: 25,000
+    weights) becomes depthwise + pointwise (1,500 weights). Test accuracy (10k images): the
+    replacement alone loses accuracy; one epoch of distillation from the original brings it within
+    0.5 point of it. The result round-trips through the artifact with equal logits. (Minutes on 2 cores.)"""
     from pyserve import artifact
     from pyserve.compress._train import Task, accuracy, fit, set_seed
 
     set_seed(0)
-    full = Task.from_dataset("mnist", verbose=False)
-    task = Task(full.train_x[:20000], full.train_y[:20000], full.test_x, full.test_y, verbose=False)
+    task = Task.from_dataset("mnist", verbose=False)
     model = _lenet5_class()()
     fit(model, task, 1, lr=1e-3)
     base = accuracy(model, task.test_x, task.test_y)
-    assert base > 0.95
+    assert base > 0.97
 
     state = CompressionState(model)
     cfg = LowRankConfig(conv="depthwise-separable", include=("conv2",), finetune_epochs=0)
@@ -120,7 +120,8 @@ def test_lenet5_conv2_depthwise_separable_recovers_accuracy(tmp_path):
     state = CompressionState(model)
     lowrank(state, LowRankConfig(conv="depthwise-separable", include=("conv2",), finetune_epochs=1, lr=1e-3), task)
     tuned = accuracy(state.model, task.test_x, task.test_y)
-    assert tuned >= base - 0.01, (base, replaced, tuned)
+    print(f"LeNet-5 test accuracy: original {base:.4f}, conv2 replaced {replaced:.4f}, fine-tuned {tuned:.4f}")
+    assert tuned >= base - 0.005, (base, replaced, tuned)
     assert tuned > replaced
     assert isinstance(state.model.conv2[0], nn.Conv2d) and state.model.conv2[0].groups == 20
 

@@ -98,18 +98,20 @@ def profile(module, args: tuple, reps: int = 5) -> dict:
                     dt = time.perf_counter() - t0
                 best[node] = min(best.get(node, float("inf")), dt)
         calls = []
-        for _ in range(max(reps, 5)):
+        for _ in range(max(reps, 5) * 2):
             t0 = time.perf_counter()
             module(*args)
             calls.append(time.perf_counter() - t0)
+    # best of the calls against the best per node: both the least disturbed by other load
     by_kind = defaultdict(float)
     counts = defaultdict(int)
     for node, dt in best.items():
         k = kind_of(node) if node.op != "call_module" else "other (embedding, pooling, ...)"
         by_kind[k] += dt
         counts[k] += 1
-    total = statistics.median(calls)
-    return {"by_kind": dict(by_kind), "counts": dict(counts), "total": total,
+    total = min(calls)
+    return {"by_kind": dict(by_kind), "counts": dict(counts), "total": total, "median": statistics.median(calls),
+            "calls": len(calls),
             "overhead": total - sum(by_kind.values())}
 
 
@@ -121,7 +123,8 @@ def table(res: dict) -> str:
             lines.append(f"| {k} | {res['counts'][k]} | {res['by_kind'][k] * 1e3:.2f} | "
                          f"{100 * res['by_kind'][k] / total:.1f}% |")
     lines.append(f"| graph and Python overhead | | {res['overhead'] * 1e3:.2f} | {100 * res['overhead'] / total:.1f}% |")
-    lines.append(f"| **one call (median)** | | **{total * 1e3:.2f}** | 100% |")
+    lines.append(f"| **one call (best of {res.get('calls', 'the')} calls; median {res['median'] * 1e3:.2f})** | | "
+                 f"**{total * 1e3:.2f}** | 100% |")
     return "\n".join(lines)
 
 

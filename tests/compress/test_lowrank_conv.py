@@ -133,3 +133,13 @@ def test_lenet5_conv2_depthwise_separable_recovers_accuracy(tmp_path):
         torch.testing.assert_close(loaded(task.test_x[:64]), state.model.eval()(task.test_x[:64]))
     names = artifact.read_manifest(path).tensors
     assert names["conv2.0.weight"]["shape"] == [20, 1, 5, 5] and names["conv2.1.weight"]["shape"] == [50, 20, 1, 1]
+
+
+def test_lenet5_depthwise_recipe_loads_and_passes_preflight():
+    from pyserve.compress.pipeline import build_model, build_task, preflight
+    from pyserve.compress.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "examples" / "lenet5" / "depthwise.yaml")
+    (stage,) = recipe.stages
+    assert stage == LowRankConfig(conv="depthwise-separable", include=("conv2",), finetune_epochs=2, lr=1e-3)
+    preflight(recipe, build_model(recipe), build_task(recipe, verbose=False))

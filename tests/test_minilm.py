@@ -174,6 +174,20 @@ def test_artifact_tokenizer_equals_the_models(tiny_int8):
         model([])
 
 
+def test_fused_qkv_and_attention_equal_the_graph(tiny_int8):
+    """native_module's rewrites on the BERT graph: Q, K, V as one Linear per layer and attention as
+    one scaled_dot_product_attention; on fp32 weights the result equals the stored graph's."""
+    _, out = tiny_int8
+    fused, choices = native_module(artifact.load_artifact(out), kernels="dense")
+    targets = [str(n.target) for n in fused.graph.nodes if n.op == "call_function"]
+    assert sum("_sdpa" in t for t in targets) == 2 and not any("softmax" in t for t in targets)
+    assert sum("aten.linear" in t for t in targets) == 2 * 4  # qkv, attention out, intermediate, output
+    graph = artifact.load_module(out)
+    ids, mask = pyserve.load(out).token_inputs(SENTENCES)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids, mask), graph(ids, mask), atol=1e-5, rtol=1e-5)
+
+
 def test_served_sentences_equal_offline(tiny_int8, tmp_path, monkeypatch):
     """tritonclient sends sentences (BYTES); the served embeddings equal pyserve.load(path)(sentences)
     run offline on the same int8 kernels, bit for bit, and lie within cosine 0.999 / max abs 0.02

@@ -29,6 +29,12 @@ quantization makes the fused int8 layer compute exactly what the three did (each
 keeps its own scale; the activation's per-row scale is the same for all three). Layers are merged
 only when their stored forms allow the same kernels (all ``int8`` with no static ``input_scale``
 difference, or all plain fp32) and all or none have a bias.
+
+``fuse=True`` also replaces eager attention — ``softmax(q @ k^T * scale + mask) @ v`` as
+``matmul``, ``transpose``, ``mul``, ``add``, ``softmax`` (and an inactive ``dropout``) nodes — by one
+``torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)`` call
+(torch's fused CPU kernel: no ``[B, H, S, S]`` score tensor written and read back between five ops;
+Vaswani et al. 2017, section 3.2.1, is the function both compute).
 """
 
 from __future__ import annotations
@@ -201,6 +207,68 @@ def _drop_unused_attrs(gm, names) -> None:
             pass
 
 
+def _sdpa(q, k, v, mask, scale):
+    import torch
+
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _fuse_attention(gm) -> int:
+    """Replace ``matmul(softmax(matmul(q, k^T) * scale + mask, -1) [-> dropout(p, False)], v)`` by
+    :func:`_sdpa`; returns how many were replaced. Patterns that differ in any node are left alone."""
+    import torch
+
+    aten = torch.ops.aten
+    graph = gm.graph
+    count = 0
+
+    def only_user(node):
+        return len(node.users) == 1
+
+    for sm in list(graph.nodes):
+        if sm.op != "call_function" or sm.target is not aten.softmax.int or len(sm.args) < 2 or sm.args[1] not in (-1, 3):
+            continue
+        if (len(sm.args) > 2 and sm.args[2]) or sm.kwargs:
+            continue  # half_to_float
+        add = sm.args[0]
+        if getattr(add, "target", None) is not aten.add.Tensor or not only_user(add) or len(add.args) != 2:
+            continue
+        mul, mask = add.args
+        if getattr(mul, "target", None) is not aten.mul.Tensor or not only_user(mul):
+            continue
+        scores, scale = mul.args
+        if not isinstance(scale, float) or getattr(scores, "target", None) is not aten.matmul.default \
+                or not only_user(scores):
+            continue
+        q, kt = scores.args
+        if getattr(kt, "target", None) is not aten.transpose.int or not only_user(kt) \
+                or sorted(d % 4 for d in kt.args[1:3]) != [2, 3]:
+            continue
+        k = kt.args[0]
+        out = next(iter(sm.users)) if only_user(sm) else None
+        drop = None
+        if getattr(out, "target", None) is aten.dropout.default:
+            if len(out.args) < 3 or out.args[2] is not False or not only_user(out):
+                continue
+            drop, out = out, next(iter(out.users))
+        if getattr(out, "target", None) is not aten.matmul.default or out.args[0] is not (drop or sm):
+            continue
+        v = out.args[1]
+        if not isinstance(mask, torch.fx.Node):
+            continue
+        with graph.inserting_before(out):
+            new = graph.call_function(_sdpa, (q, k, v, mask, scale))
+        new.meta = dict(out.meta)
+        out.replace_all_uses_with(new)
+        for n in (out, drop, sm, add, mul, scores, kt):
+            if n is not None and not n.users:
+                graph.erase_node(n)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
 def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: int = 5, fuse: bool = True):
     """The artifact's module with its Linear layers on the chosen kernels.
 
@@ -211,7 +279,8 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         ``int8``, ``csr``, ``codebook`` (used wherever a layer's stored form allows it).
     sample_rows : activation row counts (batch x tokens) the measurement uses.
     repeats : timed runs per kernel and row count (the fastest counts).
-    fuse : merge Linear layers that share their input (Q, K, V) into one first (module docstring).
+    fuse : merge Linear layers that share their input (Q, K, V) into one first, and run eager
+        attention as one scaled_dot_product_attention (module docstring).
 
     Returns
     -------
@@ -233,6 +302,8 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
     extra_int8: dict = {}
     extra_meta: dict = {}
     fused = _fuse_shared_input(gm, art, extra_int8, extra_meta) if fuse else {}
+    if fuse:
+        _fuse_attention(gm)
     if kernels == "dense":
         for fname, originals in fused.items():
             choices.update({w: "dense" for w in originals})

@@ -117,3 +117,36 @@ def test_mixed_encodings_are_not_fused(tmp_path):
     x = torch.randn(2, 3, 32)
     with torch.inference_mode():
         torch.testing.assert_close(module(x), net(x), atol=2e-2, rtol=0)
+
+
+class Attention(nn.Module):
+    """Eager attention as Hugging Face's BERT writes it: [B, S, 32] -> [B, S, 32], 4 heads of 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = (lin(x).view(b, s, -1, 8).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        add = torch.where(mask[:, None, None, :].bool(), 0.0, torch.finfo(torch.float32).min)
+        w = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * 8 ** -0.5 + add, dim=-1)
+        return torch.matmul(self.drop(w), v).transpose(1, 2).reshape(b, s, -1)
+
+
+def test_eager_attention_becomes_one_sdpa_call(tmp_path):
+    torch.manual_seed(0)
+    net = Attention().eval()
+    x, mask = torch.randn(2, 6, 32), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    path = tmp_path / "att.pyserve"
+    artifact.save(path, net, (x, mask), model_name="att", dynamic_axes=((0, 1), (0, 1)))
+    fused, _ = native_module(artifact.load_artifact(path), kernels="dense")
+    targets = [str(n.target) for n in fused.graph.nodes if n.op == "call_function"]
+    assert sum("_sdpa" in t for t in targets) == 1 and not any("softmax" in t for t in targets)
+    apart, _ = native_module(artifact.load_artifact(path), kernels="dense", fuse=False)
+    assert any("softmax" in str(n.target) for n in apart.graph.nodes)
+    x2, mask2 = torch.randn(3, 9, 32), (torch.arange(9)[None] < torch.tensor([[9], [4], [1]])).long()
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x2, mask2), net(x2, mask2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(apart(x2, mask2), net(x2, mask2), atol=1e-5, rtol=1e-5)

@@ -126,3 +126,11 @@ def test_load_refuses_a_bad_text_section(saved, tmp_path, edit, match):
     _rewrite(saved, bad, edit)
     with pytest.raises(artifact.ArtifactError, match=match):
         artifact.load_artifact(bad)
+
+
+def test_inspect_shows_the_text_input(saved, capsys):
+    from pyserve.cli.main import main
+
+    assert main(["inspect", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "text   text            BYTES [-1]  tokenizer inside (max_length 5; feeds input_ids, attention_mask" in out

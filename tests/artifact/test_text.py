@@ -134,3 +134,36 @@ def test_inspect_shows_the_text_input(saved, capsys):
     assert main(["inspect", str(saved)]) == 0
     out = capsys.readouterr().out
     assert "text   text            BYTES [-1]  tokenizer inside (max_length 5; feeds input_ids, attention_mask" in out
+
+
+def test_pyserve_backend_serves_text_or_token_ids(saved, tmp_path):
+    import asyncio
+
+    from pyserve.backends.pyserve_backend import PyserveBackend
+    from pyserve.protocol.errors import InvalidArgument
+
+    async def run():
+        be = PyserveBackend(saved)
+        await be.load()
+        assert [(s.name, s.datatype, s.shape) for s in be.signature.inputs] == [("text", "BYTES", (-1,))]
+        good = {"text": np.array([b"a cat", b"the mat"], dtype=object)}
+        bad = {"text": np.array([b"\xc3\x28"], dtype=object)}
+        empty = {"text": np.array([], dtype=object)}
+        res = await be.infer([good, bad, empty, good])
+        want = pyserve.load(saved)(["a cat", "the mat"]).numpy()
+        np.testing.assert_allclose(res[0]["embedding"], want, atol=1e-6)
+        np.testing.assert_allclose(res[3]["embedding"], want, atol=1e-6)
+        assert isinstance(res[1], InvalidArgument) and "element 0 is not valid UTF-8" in str(res[1])
+        assert isinstance(res[2], InvalidArgument) and "no sentences" in str(res[2])
+        ids = PyserveBackend(saved, inputs="token_ids")
+        await ids.load()
+        assert [s.name for s in ids.signature.inputs] == ["input_ids", "attention_mask"]
+
+    asyncio.run(run())
+    with pytest.raises(ValueError, match="PYSERVE_INPUTS.*expected one of"):
+        PyserveBackend(saved, inputs="words")
+    plain = tmp_path / "plain.pyserve"
+    artifact.save(plain, Bag().eval(), (torch.tensor([[2, 4, 3]] * 2), torch.ones(2, 3, dtype=torch.int64)),
+                  model_name="plain", dynamic_axes=((0, 1), (0, 1)))
+    with pytest.raises(ValueError, match="PYSERVE_INPUTS=text, but the artifact holds no tokenizer"):
+        asyncio.run(PyserveBackend(plain, inputs="text").load())

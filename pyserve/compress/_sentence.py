@@ -90,6 +90,18 @@ class SentenceTask:
                              return_tensors="pt")
         return out["input_ids"].to(torch.int64), out["attention_mask"].to(torch.int64)
 
+    def text_input(self, input_names):
+        """The tokenizer to store in the artifact (:class:`pyserve.artifact.TextInput`, truncating at
+        ``max_length`` as evaluation did), or None (with a log line) for a tokenizer that is not a
+        Hugging Face fast tokenizer or graph inputs that are not tokenizer outputs."""
+        from pyserve.artifact.text import text_input_from_hf
+
+        try:
+            return text_input_from_hf(self.tokenizer, input_names, self.max_length)
+        except ValueError as exc:
+            self.log(f"pyserve compress: no text input in the artifact: {exc}")
+            return None
+
     def example_inputs(self, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode(self.eval_sentences[:n])
 

@@ -39,12 +39,16 @@ __all__ = ["DistillConfig", "find_layer_stack", "make_student", "distill_train"]
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """``student_layers``: blocks of the student (default: half the teacher's, rounded up);
+    """``student_layers``: blocks of the student (default: half the teacher's, rounded up, or
+    ``len(from_layers)``); ``from_layers``: the teacher blocks the student starts from, increasing
+    (default: every other one from block 0, DistilBERT's choice — for all-MiniLM-L6-v2 ``[0, 3, 5]``,
+    which keeps the last block, starts far closer to the teacher: README, "BERT on CPUs");
     ``layers``: dotted path of the teacher's block list (default: found automatically);
     ``temperature`` > 0; ``weight_*`` >= 0 (not all 0); ``epochs`` >= 0 over the task's training
     (transfer) data; ``lr`` > 0 (AdamW, linear decay); ``similarity_scale`` for embedding models."""
 
     student_layers: int | None = None
+    from_layers: tuple[int, ...] | None = None
     layers: str | None = None
     temperature: float = 2.0
     weight_kl: float = 5.0
@@ -58,6 +62,13 @@ class DistillConfig:
     def __post_init__(self):
         if self.student_layers is not None and self.student_layers < 1:
             raise ValueError(f"student_layers: must be >= 1, got {self.student_layers}")
+        if self.from_layers is not None:
+            fl = list(self.from_layers)
+            if not fl or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in fl) \
+                    or any(b <= a for a, b in zip(fl, fl[1:])):
+                raise ValueError(f"from_layers: must be increasing block indices >= 0, got {fl}")
+            if self.student_layers is not None and self.student_layers != len(fl):
+                raise ValueError(f"from_layers: {len(fl)} blocks given for student_layers {self.student_layers}")
         if not self.temperature > 0:
             raise ValueError(f"temperature: must be > 0, got {self.temperature}")
         for name in ("weight_kl", "weight_task", "weight_cosine", "weight_output"):
@@ -75,6 +86,8 @@ class DistillConfig:
         _, stack = find_layer_stack(model, self.layers)
         if self.student_layers is not None:
             student_indices(len(stack), self.student_layers)
+        if self.from_layers is not None:
+            student_indices(len(stack), len(self.from_layers), self.from_layers)
 
 
 def find_layer_stack(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
@@ -108,25 +121,35 @@ def _set_path(model: nn.Module, path: str, value: nn.Module) -> None:
     setattr(mod, attr, value)
 
 
-def student_indices(teacher_layers: int, student_layers: int) -> list[int]:
-    """Teacher blocks the student starts from: every other one (0, 2, 4, ...) when the student has
-    half the blocks (rounded up), else evenly spaced from the first block."""
+def student_indices(teacher_layers: int, student_layers: int, from_layers=None) -> list[int]:
+    """Teacher blocks the student starts from: ``from_layers`` when given (checked against the
+    teacher's depth), else every other one (0, 2, 4, ...) when the student has half the blocks
+    (rounded up), else evenly spaced from the first block."""
     if student_layers > teacher_layers:
         raise ValueError(f"student_layers: the student ({student_layers} layers) cannot be deeper than the "
                          f"teacher ({teacher_layers} layers)")
+    if from_layers is not None:
+        bad = [i for i in from_layers if not 0 <= i < teacher_layers]
+        if bad:
+            raise ValueError(f"from_layers: blocks {bad} are not blocks of the teacher (0..{teacher_layers - 1})")
+        return list(from_layers)
     if student_layers == math.ceil(teacher_layers / 2):
         return list(range(0, teacher_layers, 2))
     return [int(round(i * teacher_layers / student_layers)) for i in range(student_layers)]
 
 
-def make_student(teacher: nn.Module, student_layers: int | None = None, path: str | None = None
-                 ) -> tuple[nn.Module, str, list[int]]:
+def make_student(teacher: nn.Module, student_layers: int | None = None, path: str | None = None,
+                 from_layers=None) -> tuple[nn.Module, str, list[int]]:
     """(student, block list path, teacher block indices) — a deep copy of ``teacher`` with the
-    block list cut to ``student_layers`` blocks copied from the teacher (see :func:`student_indices`).
-    A ``config.num_hidden_layers`` (Hugging Face models) on the copy is updated to match."""
+    block list cut to ``student_layers`` blocks copied from the teacher (see :func:`student_indices`;
+    ``from_layers`` names them). A ``config.num_hidden_layers`` (Hugging Face models) on the copy is
+    updated to match."""
     path, stack = find_layer_stack(teacher, path)
-    n = student_layers if student_layers is not None else math.ceil(len(stack) / 2)
-    idx = student_indices(len(stack), n)
+    if from_layers is not None:
+        n = len(from_layers)
+    else:
+        n = student_layers if student_layers is not None else math.ceil(len(stack) / 2)
+    idx = student_indices(len(stack), n, from_layers)
     student = copy.deepcopy(teacher)
     _set_path(student, path, nn.ModuleList([copy.deepcopy(stack[i]) for i in idx]))
     for mod in student.modules():
@@ -226,7 +249,7 @@ def distill(state: CompressionState, cfg: DistillConfig, task) -> dict:
         raise ValueError("distill: must run before prune, quantize and int8 (it builds a new model)")
     teacher = state.model
     _, t_stack = find_layer_stack(teacher, cfg.layers)
-    student, path, idx = make_student(teacher, cfg.student_layers, cfg.layers)
+    student, path, idx = make_student(teacher, cfg.student_layers, cfg.layers, cfg.from_layers)
     _, s_stack = find_layer_stack(student, path)
     n_teacher = sum(p.numel() for p in teacher.parameters())
     losses = distill_train(student, teacher, task, cfg, student_stack=s_stack, teacher_stack=t_stack)

@@ -12,6 +12,20 @@ fraction of ``sum(S**2)``; a layer is factorized only when that saves parameters
 (``r (in + out) < in * out``). ``finetune_epochs`` then trains the factorized model against the
 unfactorized one as a frozen teacher with the distillation loss of :mod:`pyserve.compress.distill`
 (its ``temperature`` and weights).
+
+Convolutions (``conv: depthwise-separable``): each selected ``nn.Conv2d`` (``groups == 1``) of weight
+``W [Cout, Cin, kh, kw]`` becomes a depthwise convolution (``Cin`` filters ``kh x kw``, one per input
+channel, same stride, padding and dilation) followed by a pointwise ``1 x 1`` convolution
+``Cin -> Cout`` with the original bias — the depthwise separable convolution of MobileNets (Howard et
+al. 2017, "MobileNets: Efficient Convolutional Neural Networks for Mobile Vision Applications",
+section 3.1), costing ``Cin (kh kw + Cout)`` parameters instead of ``Cout Cin kh kw``. Its weight is
+``W'[o, c] = P[o, c] D[c]``: rank 1 in each input channel's ``[Cout, kh kw]`` slice, so the best
+initialisation (Frobenius) is that slice's leading singular pair, ``D[c] = sqrt(s1) v1``,
+``P[:, c] = sqrt(s1) u1`` (Eckart-Young per channel; the per-channel rank-1 case of Jaderberg et al.
+2014, "Speeding up Convolutional Neural Networks with Low Rank Expansions"). Accuracy lost by the
+replacement is recovered by ``finetune_epochs`` of distillation from the original model. A convolution
+is replaced only when that saves parameters. ``rank`` / ``energy`` may then be omitted (no Linear
+factorized); ``include`` / ``exclude`` select convolutions and Linear layers by module name alike.
 """
 
 from __future__ import annotations
@@ -26,14 +40,18 @@ from torch import nn
 from pyserve.compress.distill import DistillConfig, distill_train, find_layer_stack
 from pyserve.compress.methods import CompressionState, register
 
-__all__ = ["LowRankConfig", "factorize", "rank_for_energy"]
+__all__ = ["CONV_MODES", "LowRankConfig", "depthwise_separable", "factorize", "rank_for_energy"]
+
+#: Values of ``conv``: leave convolutions alone (None) or replace them by depthwise + pointwise ones.
+CONV_MODES = ("depthwise-separable",)
 
 
 @dataclass(frozen=True)
 class LowRankConfig:
-    """Exactly one of ``rank`` (>= 1) or ``energy`` (in (0, 1]); ``include`` / ``exclude`` fnmatch
-    patterns on Linear module names; ``finetune_epochs`` >= 0 with ``lr`` > 0; ``temperature`` and
-    ``weight_*`` as in ``distill``."""
+    """Exactly one of ``rank`` (>= 1) or ``energy`` (in (0, 1]) for Linear layers — or neither when
+    ``conv`` is given (then only convolutions change); ``conv``: ``None`` or ``"depthwise-separable"``
+    (Conv2d layers, module docstring); ``include`` / ``exclude`` fnmatch patterns on module names;
+    ``finetune_epochs`` >= 0 with ``lr`` > 0; ``temperature`` and ``weight_*`` as in ``distill``."""
 
     rank: int | None = None
     energy: float | None = None
@@ -45,10 +63,15 @@ class LowRankConfig:
     weight_kl: float = 5.0
     weight_task: float = 2.0
     weight_cosine: float = 1.0
+    conv: str | None = None
 
     def __post_init__(self):
-        if (self.rank is None) == (self.energy is None):
+        if self.conv is not None and self.conv not in CONV_MODES:
+            raise ValueError(f"conv: expected one of {CONV_MODES} (or omit it), got {self.conv!r}")
+        if self.rank is not None and self.energy is not None:
             raise ValueError("rank, energy: give exactly one of them")
+        if self.rank is None and self.energy is None and self.conv is None:
+            raise ValueError("rank, energy: give exactly one of them (or conv: depthwise-separable)")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank: must be >= 1, got {self.rank}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
@@ -59,8 +82,12 @@ class LowRankConfig:
                       weight_cosine=self.weight_cosine, lr=self.lr)
 
     def check(self, model: nn.Module, task) -> None:
-        """Raise ValueError, before any work: no Linear selected, ``rank`` above min(in, out)."""
-        _selected(model, self)
+        """Raise ValueError, before any work: no Linear selected, ``rank`` above min(in, out); with
+        ``conv``: no Conv2d selected, a selected convolution that is grouped already."""
+        if self.rank is not None or self.energy is not None:
+            _selected(model, self)
+        if self.conv is not None:
+            _selected_convs(model, self)
 
 
 def rank_for_energy(s: torch.Tensor, energy: float) -> int:
@@ -93,6 +120,43 @@ def factorize(linear: nn.Linear, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
+def depthwise_separable(conv: nn.Conv2d) -> nn.Sequential:
+    """``nn.Sequential(depthwise Conv2d(Cin, Cin, k, groups=Cin, bias=False), Conv2d(Cin, Cout, 1))``
+    initialised from ``conv`` by a rank-1 SVD of each input channel's ``[Cout, kh*kw]`` weight slice
+    (module docstring); stride, padding, dilation and padding mode stay on the depthwise part, the
+    bias on the pointwise part. Raises ValueError for a grouped convolution (``groups != 1``)."""
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"conv: depthwise-separable replaces nn.Conv2d layers, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(f"conv: the convolution has groups={conv.groups}; only groups=1 is replaced")
+    cout, cin, kh, kw = conv.weight.shape
+    w = conv.weight.detach().double().permute(1, 0, 2, 3).reshape(cin, cout, kh * kw)  # per input channel
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # [cin, cout, r], [cin, r], [cin, r, kh*kw]
+    root = s[:, 0].sqrt()
+    depth = nn.Conv2d(cin, cin, (kh, kw), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                      groups=cin, bias=False, padding_mode=conv.padding_mode)
+    point = nn.Conv2d(cin, cout, 1, bias=conv.bias is not None)
+    with torch.no_grad():
+        depth.weight.copy_((root[:, None] * vh[:, 0, :]).reshape(cin, 1, kh, kw).float())
+        point.weight.copy_((u[:, :, 0] * root[:, None]).T.reshape(cout, cin, 1, 1).float())
+        if conv.bias is not None:
+            point.bias.copy_(conv.bias.detach())
+    return nn.Sequential(depth, point).to(conv.weight.device)
+
+
+def _selected_convs(model: nn.Module, cfg: LowRankConfig) -> dict[str, nn.Conv2d]:
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+             and any(fnmatch.fnmatchcase(n, p) for p in cfg.include)
+             and not any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)}
+    if not convs:
+        raise ValueError("conv, include/exclude: no Conv2d layer of the model is selected")
+    for n, m in convs.items():
+        if m.groups != 1:
+            raise ValueError(f"conv: layer {n!r} has groups={m.groups}; depthwise-separable replaces only "
+                             f"groups=1 convolutions (exclude it)")
+    return convs
+
+
 def _selected(model: nn.Module, cfg: LowRankConfig) -> dict[str, nn.Linear]:
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
                and any(fnmatch.fnmatchcase(n, p) for p in cfg.include)
@@ -122,9 +186,18 @@ def lowrank(state: CompressionState, cfg: LowRankConfig, task) -> dict:
     if state.masks or state.codebooks or state.int8:
         raise ValueError("lowrank: must run before prune, quantize and int8 (it changes the layers)")
     teacher = state.model
-    linears = _selected(teacher, cfg)
+    linears = _selected(teacher, cfg) if cfg.rank is not None or cfg.energy is not None else {}
+    convs = _selected_convs(teacher, cfg) if cfg.conv is not None else {}
     student = copy.deepcopy(teacher)
     report = {}
+    for n, m in convs.items():
+        cout, cin, kh, kw = m.weight.shape
+        dense, separable = cout * cin * kh * kw, cin * (kh * kw + cout)
+        saves = separable < dense
+        report[n] = {"shape": [cout, cin, kh, kw], "conv": cfg.conv, "factorized": saves,
+                     "parameters": separable if saves else dense, "dense_parameters": dense}
+        if saves:
+            _set(student, n, depthwise_separable(student.get_submodule(n)))
     for n, m in linears.items():
         out_f, in_f = m.weight.shape
         if cfg.rank is not None:

@@ -371,10 +371,13 @@ def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
              "dataset": recipe.data.dataset}
     if task.metric != Task.metric:
         stats["metric"] = task.metric
+    input_names = [s.name for s in recipe.model.inputs]
+    # a sentence model's artifact carries its tokenizer (BYTES input of sentences; docs/artifact.md)
+    text = task.text_input(input_names) if hasattr(task, "text_input") else None
     manifest = artifact.save(output, model, example, model_name=recipe.name,
-                             input_names=[s.name for s in recipe.model.inputs],
+                             input_names=input_names,
                              output_names=[s.name for s in recipe.model.outputs],
-                             encodings=encodings, stats=stats, dynamic_axes=task.dynamic_axes)
+                             encodings=encodings, stats=stats, dynamic_axes=task.dynamic_axes, text=text)
     # quality as served: the artifact run with the native kernels the pyserve backend uses
     from pyserve.artifact.kernels import native_module
 

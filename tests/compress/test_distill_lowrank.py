@@ -168,3 +168,23 @@ def test_output_cosine_loss_alone_aligns_outputs():
     assert mean_cos() > max(before, 0.9)
     with pytest.raises(ValueError, match="at least one"):
         DistillConfig(weight_kl=0, weight_task=0, weight_cosine=0, weight_output=0)
+
+
+def test_student_from_named_teacher_layers():
+    torch.manual_seed(0)
+    teacher = Deep()
+    student, path, idx = make_student(teacher, from_layers=(0, 3, 5))
+    assert path == "blocks" and idx == [0, 3, 5] and len(student.blocks) == 3
+    for s_block, t in zip(student.blocks, (0, 3, 5)):
+        torch.testing.assert_close(s_block.fc.weight, teacher.blocks[t].fc.weight)
+    cfg = DistillConfig(student_layers=3, from_layers=(0, 3, 5))
+    cfg.check(teacher, None)
+    with pytest.raises(ValueError, match=r"from_layers: blocks \[6\] are not blocks of the teacher \(0..5\)"):
+        DistillConfig(from_layers=(0, 6)).check(teacher, None)
+    with pytest.raises(ValueError, match="from_layers: 2 blocks given for student_layers 3"):
+        DistillConfig(student_layers=3, from_layers=(0, 5))
+    with pytest.raises(ValueError, match="from_layers: must be increasing"):
+        DistillConfig(from_layers=(3, 1))
+    state = CompressionState(teacher)
+    rep = distill(state, DistillConfig(from_layers=(1, 5), epochs=0), ToyTask())
+    assert rep["student"]["from_teacher_layers"] == [1, 5] and len(state.model.blocks) == 2

@@ -1,0 +1,152 @@
+"""native_module(fuse=True): Linear layers that share their input (Q, K, V) merged into one,
+checked against the per-layer NumPy int8 reference and against the unfused module."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pyserve import artifact
+from pyserve.artifact.kernels import native_module
+from pyserve.ops import quantize_per_channel
+from pyserve.ops.reference import int8_linear_reference
+
+
+class QKV(nn.Module):
+    """Three projections of one input (as in attention), a fourth Linear on another input."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 16, bias=bias), nn.Linear(32, 16, bias=bias), nn.Linear(32, 8, bias=bias)
+        self.o = nn.Linear(16, 32)
+
+    def forward(self, x):
+        q = self.q(x).view(*x.shape[:-1], 4, 4)   # a view of the fused output's slice
+        att = torch.softmax(q @ self.k(x).view(*x.shape[:-1], 4, 4).transpose(-1, -2), -1)
+        return self.o(att.flatten(-2)) + self.v(x).sum(-1, keepdim=True)
+
+
+def _save(tmp_path, bias=True, int8=True):
+    torch.manual_seed(0)
+    net = QKV(bias).eval()
+    enc = {}
+    if int8:
+        with torch.no_grad():
+            for name in ("q", "k", "v"):
+                lin = getattr(net, name)
+                q, s = quantize_per_channel(lin.weight.numpy())
+                lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+                enc[f"{name}.weight"] = artifact.encode_int8(q, s)
+    path = tmp_path / "qkv.pyserve"
+    artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="qkv", encodings=enc, dynamic_axes=((0, 1),))
+    return path, net
+
+
+def _linear_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and ("linear" in str(n.target) or "int8" in str(n.target))]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_int8_equals_three_int8_layers(tmp_path, bias):
+    path, net = _save(tmp_path, bias)
+    fused, choices = native_module(artifact.load_artifact(path), kernels="int8")
+    apart, choices_apart = native_module(artifact.load_artifact(path), kernels="int8", fuse=False)
+    assert choices == choices_apart == {"q.weight": "int8", "k.weight": "int8", "v.weight": "int8", "o.weight": "dense"}
+    assert len(_linear_calls(fused)) == 2 and len(_linear_calls(apart)) == 4
+    # the fused weight replaced the three: they are not held twice
+    assert not hasattr(fused, "q") or not hasattr(fused.q, "weight")
+    x = torch.randn(3, 7, 32)
+    with torch.inference_mode():
+        np.testing.assert_allclose(fused(x).numpy(), apart(x).numpy(), rtol=0, atol=1e-6)
+
+
+class Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 16), nn.Linear(32, 12, bias=True), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.q(x), self.k(x) * 2.0, self.v(x)
+
+
+def test_each_slice_of_the_fused_layer_is_its_layers_int8_linear(tmp_path):
+    torch.manual_seed(1)
+    net = Three().eval()
+    enc = {}
+    with torch.no_grad():
+        for name in ("q", "k", "v"):
+            lin = getattr(net, name)
+            q, s = quantize_per_channel(lin.weight.numpy())
+            lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+            enc[f"{name}.weight"] = artifact.encode_int8(q, s)
+    path = tmp_path / "three.pyserve"
+    artifact.save(path, net, (torch.randn(2, 32),), model_name="three", encodings=enc)
+    art = artifact.load_artifact(path)
+    fused, _ = native_module(art, kernels="int8")
+    assert len(_linear_calls(fused)) == 1
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        outs = [o.numpy() for o in fused(x)]
+    for out, name, factor in zip(outs, ("q", "k", "v"), (1.0, 2.0, 1.0)):
+        p = art.int8[f"{name}.weight"]
+        ref = int8_linear_reference(x.numpy(), p.values, p.scale, getattr(net, name).bias.detach().numpy())
+        np.testing.assert_allclose(out, factor * ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_fp32_equals_the_graph(tmp_path):
+    path, net = _save(tmp_path, int8=False)
+    fused, choices = native_module(artifact.load_artifact(path), kernels="dense")
+    assert set(choices.values()) == {"dense"} and len(_linear_calls(fused)) == 2
+    x = torch.randn(2, 9, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_encodings_are_not_fused(tmp_path):
+    torch.manual_seed(0)
+    net = QKV().eval()
+    with torch.no_grad():
+        q, s = quantize_per_channel(net.q.weight.numpy())
+        net.q.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+    path = tmp_path / "m.pyserve"
+    artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="m", encodings={"q.weight": artifact.encode_int8(q, s)},
+                  dynamic_axes=((0, 1),))
+    module, choices = native_module(artifact.load_artifact(path), kernels="int8")
+    assert choices["q.weight"] == "int8" and choices["k.weight"] == "dense"
+    assert len(_linear_calls(module)) == 4
+    x = torch.randn(2, 3, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(module(x), net(x), atol=2e-2, rtol=0)
+
+
+class Attention(nn.Module):
+    """Eager attention as Hugging Face's BERT writes it: [B, S, 32] -> [B, S, 32], 4 heads of 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = (lin(x).view(b, s, -1, 8).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        add = torch.where(mask[:, None, None, :].bool(), 0.0, torch.finfo(torch.float32).min)
+        w = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * 8 ** -0.5 + add, dim=-1)
+        return torch.matmul(self.drop(w), v).transpose(1, 2).reshape(b, s, -1)
+
+
+def test_eager_attention_becomes_one_sdpa_call(tmp_path):
+    torch.manual_seed(0)
+    net = Attention().eval()
+    x, mask = torch.randn(2, 6, 32), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    path = tmp_path / "att.pyserve"
+    artifact.save(path, net, (x, mask), model_name="att", dynamic_axes=((0, 1), (0, 1)))
+    fused, _ = native_module(artifact.load_artifact(path), kernels="dense")
+    targets = [str(n.target) for n in fused.graph.nodes if n.op == "call_function"]
+    assert sum("_sdpa" in t for t in targets) == 1 and not any("softmax" in t for t in targets)
+    apart, _ = native_module(artifact.load_artifact(path), kernels="dense", fuse=False)
+    assert any("softmax" in str(n.target) for n in apart.graph.nodes)
+    x2, mask2 = torch.randn(3, 9, 32), (torch.arange(9)[None] < torch.tensor([[9], [4], [1]])).long()
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x2, mask2), net(x2, mask2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(apart(x2, mask2), net(x2, mask2), atol=1e-5, rtol=1e-5)

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["RECIPE_FORMAT_VERSION", "Recipe", "RecipeError", "ModelSpec", "DataSpec", "TrainSpec", "TensorSig",
-           "load_recipe", "from_dict"]
+__all__ = ["RECIPE_FORMAT_VERSION", "METRICS", "Recipe", "RecipeError", "ModelSpec", "DataSpec", "TrainSpec",
+           "ReportSpec", "EvaluateSpec", "TensorSig", "load_recipe", "from_dict"]
 
 RECIPE_FORMAT_VERSION = 1
 
@@ -52,29 +52,83 @@ class TensorSig:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    factory: str                         # "file.py:Callable" (relative to the recipe) or "module:Callable"
+    """The model: exactly one of
+
+    * ``factory``: ``FILE.py:callable`` (relative to the recipe) or ``module:callable`` returning an
+      untrained ``torch.nn.Module``, with ``checkpoint``, a state_dict file (relative to the
+      recipe) restored when it exists, else written after training ``train.epochs`` epochs; or
+    * ``export``: a ``torch.export.save`` file (``.pt2``, relative to the recipe) of the trained
+      model. Its input dim 0 must be a dynamic batch dimension. Its ``module()`` (a GraphModule whose
+      parameters keep the original names, ``fc1.weight``) is what the stages prune, quantize and
+      retrain; the graph is retrained as it was captured (an eval-mode export trains with dropout
+      off and batch-norm statistics frozen). No ``checkpoint``: the file holds the weights.
+
+    ``inputs`` / ``outputs``: the protocol signature (names, datatypes, shapes with -1 for the batch).
+    """
+
     inputs: tuple[TensorSig, ...]
     outputs: tuple[TensorSig, ...]
-    checkpoint: str | None = None        # state_dict file (relative to the recipe)
+    factory: str | None = None
+    checkpoint: str | None = None
+    export: str | None = None
+
+    def __post_init__(self):
+        if (self.factory is None) == (self.export is None):
+            raise ValueError("factory: give exactly one of model.factory (with model.checkpoint) or model.export "
+                             f"(a torch.export .pt2 file); got {'both' if self.factory else 'neither'}")
+        if self.export is not None and self.checkpoint is not None:
+            raise ValueError("checkpoint: only with model.factory; the model.export file holds the trained weights")
+
+    @property
+    def source(self) -> str:
+        """The recipe field that names the model, for messages: ``model.factory`` or ``model.export``."""
+        return "model.factory" if self.factory is not None else "model.export"
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """``dataset``: ``mnist`` (classification) or ``sentence-pairs`` (sentence embeddings; then
+    """The data: exactly one of ``dataset`` (built in) or ``loader`` (yours); ``mnist`` when neither.
+
+    ``dataset``: ``mnist`` (classification) or ``sentence-pairs`` (sentence embeddings; then
     ``tokenizer`` names a FILE.py:callable or module:callable returning a Hugging Face style
     tokenizer, ``max_length`` caps the tokens per sentence and ``transfer_sentences`` how many
-    unlabelled sentences calibration and distillation use, all when omitted)."""
+    unlabelled sentences calibration and distillation use, all when omitted).
 
-    dataset: str = "mnist"
+    ``loader``: ``FILE.py:callable`` (relative to the recipe) or ``module:callable`` for a
+    classification task. It is called with no arguments and returns ``(train, test)``; each is a
+    map-style ``torch.utils.data.Dataset`` whose items are ``(x, y)``, a ``DataLoader`` (or any
+    iterable) of ``(x, y)`` batches, or a pair of tensors / arrays ``(x [N, ...], y [N])``. ``x``:
+    the model's single input, one example per row; ``y``: int class indices in ``[0, classes)``.
+    Both splits are read once into memory (a DataLoader's random transforms are applied once).
+    Batch sizes: ``train.batch_size`` and ``train.eval_batch_size`` always decide; a DataLoader's own
+    batch size only affects how it is read. Training shuffles by ``seed``, as for ``mnist``.
+    """
+
+    dataset: str | None = None
+    loader: str | None = None
     tokenizer: str | None = None
     max_length: int = 128
     transfer_sentences: int | None = None
 
     def __post_init__(self):
+        if self.dataset is not None and self.loader is not None:
+            raise ValueError("loader: give either data.dataset (built in) or data.loader (your loader factory), not both")
+        if self.dataset is None and self.loader is None:
+            object.__setattr__(self, "dataset", "mnist")
         if self.max_length < 2:
             raise ValueError(f"max_length: must be >= 2, got {self.max_length}")
         if self.transfer_sentences is not None and self.transfer_sentences < 1:
             raise ValueError(f"transfer_sentences: must be >= 1, got {self.transfer_sentences}")
+
+    @property
+    def where(self) -> str:
+        """The recipe field that names the data, for messages: ``data.dataset`` or ``data.loader``."""
+        return "data.loader" if self.loader is not None else "data.dataset"
+
+    @property
+    def label(self) -> str:
+        """The data's name for reports: the dataset name or the loader's import path."""
+        return self.loader if self.loader is not None else self.dataset
 
 
 @dataclass(frozen=True)
@@ -104,6 +158,37 @@ class ReportSpec:
             raise ValueError(f"sensitivity_max_drop: must be >= 0, got {self.sensitivity_max_drop}")
 
 
+METRICS = ("accuracy", "top1_error")
+
+
+@dataclass(frozen=True)
+class EvaluateSpec:
+    """How the result is judged. ``metric``: ``accuracy`` (top-1 test accuracy, a fraction; higher is
+    better) or ``top1_error`` (1 - accuracy; lower is better), for classifiers. Targets, checked on
+    the artifact as loaded back (what a server runs): ``max_accuracy_drop``, the largest allowed
+    loss of top-1 accuracy against the fp32 baseline, a fraction (0.001 = 0.1 point; the same rise
+    of top-1 error); ``min_compression``, the smallest allowed ratio fp32 parameter bytes / artifact
+    bytes (the whole file). None = no target. A missed target still writes the artifact and the
+    report; ``pyserve compress`` then exits with status 3.
+    """
+
+    metric: str = "accuracy"
+    max_accuracy_drop: float | None = None
+    min_compression: float | None = None
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric: must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.max_accuracy_drop is not None and not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise ValueError(f"max_accuracy_drop: must be a fraction in [0, 1], got {self.max_accuracy_drop}")
+        if self.min_compression is not None and not self.min_compression > 0:
+            raise ValueError(f"min_compression: must be > 0, got {self.min_compression}")
+
+    @property
+    def has_targets(self) -> bool:
+        return self.max_accuracy_drop is not None or self.min_compression is not None
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -114,7 +199,7 @@ class Recipe:
     train: TrainSpec = field(default_factory=TrainSpec)
     seed: int = 0
     report: ReportSpec = field(default_factory=ReportSpec)
-    report: ReportSpec = field(default_factory=ReportSpec)
+    evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     base_dir: str = "."                  # directory relative paths resolve against (not a YAML field)
 
     def resolve(self, relative: str) -> Path:
@@ -258,7 +343,8 @@ def recipe_from_mapping(data, *, base_dir: str = ".") -> Recipe:
     stages = _stages(body.pop("stages", None), "stages")
     recipe = from_dict(_RecipeBody, body, "")
     return Recipe(name=recipe.name, model=recipe.model, stages=stages, format_version=version,
-                  data=recipe.data, train=recipe.train, seed=recipe.seed, report=recipe.report, base_dir=base_dir)
+                  data=recipe.data, train=recipe.train, seed=recipe.seed, report=recipe.report,
+                  evaluate=recipe.evaluate, base_dir=base_dir)
 
 
 @dataclass(frozen=True)
@@ -272,3 +358,4 @@ class _RecipeBody:
     train: TrainSpec = field(default_factory=TrainSpec)
     seed: int = 0
     report: ReportSpec = field(default_factory=ReportSpec)
+    evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)

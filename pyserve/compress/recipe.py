@@ -21,6 +21,13 @@ Example (examples/lenet300/recipe.yaml)::
          retrain_epochs: 5, index_bits: {fc1: 8, fc2: 6, fc3: 5}}
       - {method: quantize, bits: 5, finetune_epochs: 2, lr: 0.0001}
       - {method: huffman}
+    evaluate: {metric: top1_error, max_accuracy_drop: 0.001, min_compression: 40}
+
+Alternatives: ``model: {export: model.pt2, inputs: ..., outputs: ...}`` (a torch.export file instead
+of factory + checkpoint, :class:`ModelSpec`); ``data: {loader: data.py:make_loaders}`` (your
+(train, test) data instead of a built-in dataset, :class:`DataSpec`); a prune stage's
+``sparsity: suggested`` (per-layer targets from ``report.sensitivity``). The Python API takes the
+same dataclasses: ``compress(Recipe(name=..., model=ModelSpec(...), stages=(PruneConfig(...), ...)), out)``.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ RECIPE_FORMAT_VERSION = 1
 
 
 class RecipeError(ValueError):
-    """A recipe file that cannot be used: message is ``FILE: FIELD: problem``."""
+    """A recipe file that cannot be used: message is ``FILE: line N: FIELD: problem`` (the line when
+    the field is in the file)."""
 
 
 @dataclass(frozen=True)
@@ -312,7 +320,8 @@ def load_recipe(path: str | Path) -> Recipe:
     ------
     RecipeError
         Missing file, malformed YAML, unknown or ill-typed field, unknown method, unsupported
-        format_version; the message starts with the file name and names the field.
+        format_version; the message starts with the file name and the field's line and names the
+        field (``recipe.yaml: line 19: stages[1].bits: must be in 2..8, got 12``).
     """
     path = Path(path)
     try:
@@ -330,7 +339,46 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return recipe_from_mapping(data, base_dir=str(path.resolve().parent))
     except RecipeError as exc:
-        raise RecipeError(f"{path}: {exc}") from None
+        line = _field_line(text, str(exc))
+        raise RecipeError(f"{path}: {'' if line is None else f'line {line}: '}{exc}") from None
+
+
+def _field_line(text: str, message: str) -> int | None:
+    """The 1-based line of the field a loader message starts with (``stages[1].bits: ...``,
+    ``model: factory: ...``): the deepest node of that path found in the YAML, or None."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    head, _, rest = message.partition(": ")
+    tokens = [t for part in head.split(".") for t in _split_index(part)]
+    second = rest.partition(": ")[0]
+    if second.isidentifier():  # "model: factory: ..." names model.factory
+        tokens.append(second)
+    line = None
+    for tok in tokens:
+        if isinstance(tok, int) and isinstance(node, yaml.SequenceNode) and tok < len(node.value):
+            node = node.value[tok]
+            line = node.start_mark.line + 1
+        elif isinstance(tok, str) and isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if getattr(k, "value", None) == tok), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        else:
+            break
+    return line
+
+
+def _split_index(part: str) -> list:
+    """``stages[1]`` -> ["stages", 1]; ``shape[0][1]`` -> ["shape", 0, 1]."""
+    name, _, idx = part.partition("[")
+    out = [name] if name else []
+    for chunk in idx.split("[") if idx else []:
+        chunk = chunk.rstrip("]")
+        if chunk.isdigit():
+            out.append(int(chunk))
+    return out
 
 
 def recipe_from_mapping(data, *, base_dir: str = ".") -> Recipe:

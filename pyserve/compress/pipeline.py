@@ -243,7 +243,11 @@ def preflight(recipe: Recipe, model: torch.nn.Module, task: Task) -> None:
         The model has no Linear/Conv layer to compress; a stage names a layer the model does not
         have or fails its config's own ``check(model, task)`` (int8: no Linear selected, empty
         calibration set; distill: student deeper than the teacher; lowrank: rank above
-        min(in, out)); the recipe's input signature or the model does not fit the data's shape.
+        min(in, out)); the recipe's input signature or the model does not fit the data's shape
+        (or, for ``model.export``, the exported program's input shapes); an export whose batch
+        dimension is not dynamic; a prune stage with ``sparsity: suggested`` and no sensitivity
+        analysis (``report.sensitivity``); an ``evaluate`` section on a task other than
+        classification.
     """
     from pyserve.compress._train import weight_layers
 

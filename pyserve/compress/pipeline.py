@@ -298,6 +298,10 @@ def preflight(recipe: Recipe, model: torch.nn.Module, task: Task) -> None:
         if len(sig.shape) != t.dim() or any(d != -1 and d != n for d, n in zip(sig.shape[1:], t.shape[1:])):
             raise RecipeError(f"model.inputs: {sig.name} has shape {list(sig.shape)}, the data gives "
                               f"[-1, {', '.join(map(str, t.shape[1:]))}]")
+    for i, (sig, t) in enumerate(zip(recipe.model.inputs, example)):
+        given = _datatype(t)
+        if given != sig.datatype:
+            raise RecipeError(f"model.inputs[{i}].datatype: {sig.name} is declared {sig.datatype}, the data gives {given}")
     _eval_mode(model)
     try:
         with torch.no_grad():
@@ -309,9 +313,23 @@ def preflight(recipe: Recipe, model: torch.nn.Module, task: Task) -> None:
     outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
     if len(outs) != len(recipe.model.outputs):
         raise RecipeError(f"model.outputs: {len(recipe.model.outputs)} outputs declared, the model returns {len(outs)}")
+    for i, (sig, t) in enumerate(zip(recipe.model.outputs, outs)):
+        given = _datatype(t) if isinstance(t, torch.Tensor) else None
+        if given is not None and given != sig.datatype:
+            raise RecipeError(f"model.outputs[{i}].datatype: {sig.name} is declared {sig.datatype}, "
+                              f"the model returns {given}")
     problem = task.check_outputs(outs, len(recipe.model.outputs), recipe.data.label)
     if problem:
         raise RecipeError(f"model.outputs: {problem}")
+
+
+def _datatype(t: torch.Tensor) -> str:
+    from pyserve import dtypes
+
+    try:
+        return dtypes.from_torch(t.dtype).name
+    except ValueError:
+        return str(t.dtype)
 
 
 def _encodings(state: CompressionState) -> dict[str, artifact.EncodedTensor]:

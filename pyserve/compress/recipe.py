@@ -53,9 +53,25 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class TensorSig:
+    """One model input or output: protocol name, KServe v2 datatype (``FP32``, ``INT64``, ...) and
+    shape (-1 for a dim that varies, dim 0 being the batch)."""
+
     name: str
     datatype: str = "FP32"
     shape: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        from pyserve import dtypes
+
+        if not self.name:
+            raise ValueError("name: must not be empty")
+        try:
+            dtypes.from_name(self.datatype)
+        except ValueError as exc:
+            raise ValueError(f"datatype: {exc}") from None
+        bad = [d for d in self.shape if d < -1 or d == 0]
+        if bad:
+            raise ValueError(f"shape: each dim must be -1 (varies) or >= 1, got {bad[0]}")
 
 
 @dataclass(frozen=True)
@@ -141,10 +157,23 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
+    """Training: ``batch_size`` (examples per step), ``lr`` (Adam's learning rate, also the stages'
+    default), ``epochs`` (training from scratch when the checkpoint is missing), ``eval_batch_size``
+    (examples per evaluation batch)."""
+
     batch_size: int = 128
     lr: float = 1e-3
-    epochs: int = 10                     # training from scratch when the checkpoint is missing
+    epochs: int = 10
     eval_batch_size: int = 1000
+
+    def __post_init__(self):
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs: must be >= 0, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)

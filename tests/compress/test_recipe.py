@@ -55,6 +55,12 @@ def test_shipped_recipe_loads():
     (("name: tiny", "name: tiny\nreport: {sensitivity: [0.5, 1.0]}"), "report: sensitivity: each sparsity must be in [0, 1)"),
     (("name: tiny", "name: tiny\nreport: {sensitivity: 0.5}"), "report.sensitivity: expected a list"),
     (("name: tiny", "name: tiny\nreport: {sensitivty: [0.5]}"), "report.sensitivty: unknown field"),
+    (("datatype: FP32, shape: [-1, 784]", "datatype: FP33, shape: [-1, 784]"),
+     "model.inputs[0]: datatype: unknown datatype 'FP33'; expected one of"),
+    (("shape: [-1, 784]", "shape: [-1, 0]"), "model.inputs[0]: shape: each dim must be -1 (varies) or >= 1, got 0"),
+    (("name: tiny", "name: tiny\ntrain: {batch_size: 0}"), "train: batch_size: must be >= 1, got 0"),
+    (("name: tiny", "name: tiny\ntrain: {epochs: -1}"), "train: epochs: must be >= 0, got -1"),
+    (("name: tiny", "name: tiny\ntrain: {lr: 0}"), "train: lr: must be > 0, got 0.0"),
 ])
 def test_bad_field_named(tmp_path, edit, field):
     old, new = edit

@@ -177,7 +177,7 @@ def save(path: str | os.PathLike, module, example_inputs: tuple, *, model_name: 
                          f"{[t.dim() for t in example_inputs]}")
     ep = _graph.export(module, example_inputs, dynamic_axes=dynamic_axes)
     with torch.no_grad():
-        outputs = module.eval()(*example_inputs)
+        outputs = _graph.eval_mode(module)(*example_inputs)
     outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
     input_names = list(input_names or [f"input__{i}" for i in range(len(example_inputs))])
     output_names = list(output_names or [f"output__{i}" for i in range(len(outputs))])

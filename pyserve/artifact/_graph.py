@@ -15,12 +15,23 @@ import torch
 GRAPH_FORMAT = "torch.export"
 
 
+def eval_mode(module: torch.nn.Module) -> torch.nn.Module:
+    """``module.eval()``, except for modules rebuilt by torch.export, which refuse train()/eval()
+    (their graph was captured in one mode already)."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        pass
+    return module
+
+
 def export(module: torch.nn.Module, example_inputs: tuple, *, dynamic_batch: bool = True, dynamic_axes=None):
     """``torch.export`` ``module`` (in eval mode) with dim 0 of every input dynamic (the batch), or
     the dims ``dynamic_axes[i]`` of input ``i`` (dim 0 of every input shares the symbol ``batch``;
     the others are ``Dim.DYNAMIC``, their range and relations inferred from the model, e.g. a
-    sequence length capped by a position-embedding table)."""
-    module = module.eval()
+    sequence length capped by a position-embedding table). A module rebuilt by torch.export
+    (``ExportedProgram.module()``) has no eval() and is captured as it is."""
+    eval_mode(module)
     dynamic_shapes = None
     if dynamic_axes is not None:
         syms = {}

@@ -1,15 +1,23 @@
 """``pyserve compress RECIPE -o OUT.pyserve [--report DIR]``: run a compression recipe and print the report
-(with ``--report``, also write report.json, report.md and PNG plots into DIR)."""
+(with ``--report``, also write report.json, report.md and PNG plots into DIR).
+
+Exit status: 0 done (targets met or none set); 2 unusable recipe, data or output path (one line
+on stderr, nothing written); 3 a target of the recipe's ``evaluate`` section was missed (the
+artifact and the report are written all the same; one line on stderr says which target).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+TARGET_MISSED = 3  # exit status when an evaluate target was missed (the artifact is written)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("compress", help="compress a model with a recipe (Deep Compression) into a .pyserve artifact",
-                       description=__doc__)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML file (see examples/lenet300/recipe.yaml)")
     p.add_argument("-o", "--output", required=True, help="artifact file to write (.pyserve)")
     p.add_argument("--report", metavar="DIR",
@@ -56,4 +64,8 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"--report: cannot write {report_dir}: {exc.strerror or exc}") from None
         print(f"wrote report {report_dir / 'report.md'} ({len(report['plots'])} plots)")
+    if not result.target_met:
+        print(f"pyserve compress: target missed: {'; '.join(result.evaluation['missed'])} "
+              f"(artifact written to {result.path})", file=sys.stderr)
+        return TARGET_MISSED
     return 0

@@ -19,10 +19,11 @@ from pyserve.compress.methods import METHODS, CompressionState
 from pyserve.compress.pipeline import CompressionResult, compress
 from pyserve.compress.prune import PruneConfig
 from pyserve.compress.quantize import QuantizeConfig, kmeans_1d
-from pyserve.compress.recipe import Recipe, RecipeError, load_recipe
+from pyserve.compress.recipe import (DataSpec, EvaluateSpec, ModelSpec, Recipe, RecipeError, ReportSpec, TensorSig,
+                                     TrainSpec, load_recipe)
 from pyserve.compress.sensitivity import sensitivity, suggest_sparsity
 
-__all__ = ["METHODS", "CompressionResult", "CompressionState", "DistillConfig", "HuffmanConfig", "Int8Config",
-           "LowRankConfig", "PruneConfig", "QuantizeConfig",
-           "Recipe", "RecipeError", "compress", "kmeans_1d", "load_recipe",
+__all__ = ["METHODS", "CompressionResult", "CompressionState", "DataSpec", "DistillConfig", "EvaluateSpec",
+           "HuffmanConfig", "Int8Config", "LowRankConfig", "ModelSpec", "PruneConfig", "QuantizeConfig",
+           "Recipe", "RecipeError", "ReportSpec", "TensorSig", "TrainSpec", "compress", "kmeans_1d", "load_recipe",
            "sensitivity", "suggest_sparsity"]

@@ -96,6 +96,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / max(len(x), 1)
 
 
+def _train_mode(model: nn.Module) -> None:
+    try:
+        model.train()
+    except NotImplementedError:  # torch.export graphs train as captured (no mode switch)
+        pass
+
+
 def _eval_mode(model: nn.Module) -> None:
     try:
         model.eval()
@@ -120,7 +127,7 @@ def fit(model: nn.Module, task: Task, epochs: int, *, lr: float | None = None,
     loss_fn = nn.CrossEntropyLoss()
     n = len(task.train_x)
     for epoch in range(epochs):
-        model.train()
+        _train_mode(model)
         perm = torch.randperm(n, generator=gen)
         total = 0.0
         bar = progress(range(0, n, task.batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}",
@@ -139,22 +146,63 @@ def fit(model: nn.Module, task: Task, epochs: int, *, lr: float | None = None,
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
         bar.close()
         task.log(f"  {desc} epoch {epoch + 1}/{epochs}: loss {total / n:.4f}")
-    model.eval()
+    _eval_mode(model)
+
+
+# aten ops whose argument 1 is a Linear / convolution weight, in graphs captured by torch.export
+_GRAPH_WEIGHT_OPS = ("linear", "conv1d", "conv2d", "conv3d", "convolution")
 
 
 def weight_layers(model: nn.Module, names=None) -> dict[str, nn.Module]:
-    """Linear and convolution modules by name (all of them, or those in ``names``).
+    """Linear and convolution layers by name (all of them, or those in ``names``): each value is a
+    module whose ``weight`` parameter is the layer's weight, Linear ``[out, in]`` or Conv
+    ``[out, in/groups, *kernel]``.
 
-    Raises ValueError naming any requested layer that is not a Linear/Conv module of ``model``.
+    A model rebuilt from torch.export (``ExportedProgram.module()``, a GraphModule) has no
+    ``nn.Linear``/``nn.Conv*`` modules left: its layers are the submodules holding a ``weight``
+    parameter that an ``aten.linear`` / ``aten.conv*`` / ``aten.convolution`` node takes as its
+    weight (names as in the original model: ``fc1`` for ``fc1.weight``).
+
+    Raises ValueError naming any requested layer that is not a Linear/Conv layer of ``model``.
     """
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+    if isinstance(model, torch.fx.GraphModule):
+        layers.update(_graph_weight_layers(model))
     if names is None:
         return layers
     missing = [n for n in names if n not in layers]
     if missing:
         raise ValueError(f"layer {missing[0]!r} is not a Linear/Conv layer of the model; layers: {', '.join(layers)}")
     return {n: layers[n] for n in names}
+
+
+def _graph_weight_layers(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or len(node.args) < 2:
+            continue
+        op = getattr(node.target, "_opname", None) or getattr(node.target, "__name__", "")
+        if op not in _GRAPH_WEIGHT_OPS:
+            continue
+        w = node.args[1]
+        if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
+            continue
+        owner, _, attr = w.target.rpartition(".")
+        if attr != "weight" or not owner:
+            continue  # only parameters named <layer>.weight: the stages address them that way
+        try:
+            module = gm.get_submodule(owner)
+        except AttributeError:
+            continue
+        if isinstance(module._parameters.get("weight"), nn.Parameter) or hasattr(module, "parametrizations"):
+            out[owner] = module
+    return out
+
+
+def is_linear_weight(module: nn.Module) -> bool:
+    """True for a Linear layer (2-D weight), False for a convolution (3-D or more)."""
+    return module.weight.dim() == 2
 
 
 def set_seed(seed: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -14,8 +15,9 @@ import torch
 
 from pyserve import artifact
 from pyserve._fileio import atomic_output
-from pyserve.compress._train import Task, fit, progress, set_seed
+from pyserve.compress._train import Task, _eval_mode, fit, progress, set_seed
 from pyserve.compress.methods import CompressionState, handler_for
+from pyserve.compress.prune import SUGGESTED
 from pyserve.compress.recipe import Recipe, RecipeError, load_recipe
 
 __all__ = ["CompressionResult", "compress", "build_model", "preflight", "prepare_model"]
@@ -58,10 +60,20 @@ class CompressionResult:
     # task-specific quality of the loaded artifact (sentence embeddings: Spearman vs the scores and
     # vs the fp32 model, embedding cosine to fp32); empty for classification
     details: dict = field(default_factory=dict)
+    # recipe ``evaluate``: {"metric", "baseline", "compressed" (the metric of the fp32 model and of
+    # the artifact as loaded), "accuracy_drop" (fraction), "compression", "max_accuracy_drop",
+    # "min_compression" (None = no target), "met" (None when no target is set), "missed" (one
+    # message per missed target)}; empty for tasks other than classification.
+    evaluation: dict = field(default_factory=dict)
 
     @property
     def compression(self) -> float:
         return self.fp32_bytes / self.artifact_bytes
+
+    @property
+    def target_met(self) -> bool:
+        """False when a target of the recipe's ``evaluate`` section was missed (True when none is set)."""
+        return self.evaluation.get("met") is not False
 
 
 def _import_factory(recipe: Recipe, target: str | None = None, what: str = "model.factory"):
@@ -106,16 +118,46 @@ def build_task(recipe: Recipe, *, verbose: bool = True):
             raise RecipeError(f"data.tokenizer: {d.tokenizer} raised {type(exc).__name__}: {exc}") from None
         return SentenceTask(tokenizer, max_length=d.max_length, batch_size=recipe.train.batch_size,
                             lr=recipe.train.lr, seed=recipe.seed, verbose=verbose, transfer=d.transfer_sentences)
+    kwargs = dict(batch_size=recipe.train.batch_size, eval_batch_size=recipe.train.eval_batch_size,
+                  lr=recipe.train.lr, seed=recipe.seed, verbose=verbose)
+    if d.loader is not None:
+        return Task(*_loader_splits(recipe), **kwargs)
     try:
-        return Task.from_dataset(d.dataset, batch_size=recipe.train.batch_size,
-                                 eval_batch_size=recipe.train.eval_batch_size, lr=recipe.train.lr,
-                                 seed=recipe.seed, verbose=verbose)
+        return Task.from_dataset(d.dataset, **kwargs)
     except (ValueError, FileNotFoundError) as exc:
         raise RecipeError(f"data.dataset: {exc}") from None
 
 
+def _loader_splits(recipe: Recipe) -> tuple[torch.Tensor, ...]:
+    """``train_x, train_y, test_x, test_y`` from the recipe's ``data.loader`` (contract:
+    :class:`~pyserve.compress.recipe.DataSpec`)."""
+    from pyserve.compress._data import split_tensors
+
+    target = recipe.data.loader
+    factory = _import_factory(recipe, target, "data.loader")
+    try:
+        splits = factory()
+    except Exception as exc:  # the user's code
+        raise RecipeError(f"data.loader: {target} raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(splits, (tuple, list)) or len(splits) != 2:
+        raise RecipeError(f"data.loader: {target} must return (train, test), got {type(splits).__name__}"
+                          + (f" of length {len(splits)}" if isinstance(splits, (tuple, list)) else ""))
+    try:
+        train_x, train_y = split_tensors(splits[0], "train split")
+        test_x, test_y = split_tensors(splits[1], "test split")
+    except ValueError as exc:
+        raise RecipeError(f"data.loader: {target}: {exc}") from None
+    if train_x.shape[1:] != test_x.shape[1:] or train_x.dtype != test_x.dtype:
+        raise RecipeError(f"data.loader: {target}: train examples are {train_x.dtype} {list(train_x.shape[1:])}, "
+                          f"test examples {test_x.dtype} {list(test_x.shape[1:])}")
+    return train_x, train_y, test_x, test_y
+
+
 def build_model(recipe: Recipe) -> torch.nn.Module:
-    """Instantiate the recipe's model (untrained)."""
+    """The recipe's model: a new (untrained) instance from ``model.factory``, or the trained module
+    of the ``model.export`` file (``torch.export.load(...).module()``, a GraphModule)."""
+    if recipe.model.export is not None:
+        return _load_export(recipe)
     factory = _import_factory(recipe)
     try:
         model = factory()
@@ -124,6 +166,32 @@ def build_model(recipe: Recipe) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise RecipeError(f"model.factory: {recipe.model.factory} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _load_export(recipe: Recipe) -> torch.nn.Module:
+    path = recipe.resolve(recipe.model.export)
+    if not path.is_file():
+        raise RecipeError(f"model.export: no such file {path}")
+    try:
+        ep = torch.export.load(path)
+    except Exception as exc:  # torch raises several types for a file that is not an export
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RecipeError(f"model.export: {path} is not a torch.export file ({type(exc).__name__}: {first[:200]})") from None
+    module = ep.module()
+    # The input shapes the program was captured with (dim 0 must be symbolic: the batch), for preflight.
+    shapes = []
+    for node in module.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                shapes.append((node.name, [d if isinstance(d, int) else -1 for d in val.shape]))
+    module._pyserve_export_inputs = shapes
+    return module
+
+
+def _export_inputs(model) -> list | None:
+    """[(name, shape with -1 for symbolic dims)] of a model loaded from ``model.export``, else None."""
+    return getattr(model, "_pyserve_export_inputs", None)
 
 
 def _log(msg: str, verbose: bool) -> None:
@@ -135,13 +203,16 @@ def _log(msg: str, verbose: bool) -> None:
 
 def prepare_model(recipe: Recipe, task: Task, *, verbose: bool = True,
                   model: torch.nn.Module | None = None) -> torch.nn.Module:
-    """The trained model: restored from ``model.checkpoint`` when it exists, else trained for
-    ``train.epochs`` epochs and saved there (atomically) for the next run.
+    """The trained model: the ``model.export`` module as loaded; or restored from
+    ``model.checkpoint`` when it exists, else trained for ``train.epochs`` epochs and saved there
+    (atomically) for the next run.
 
     ``model``: an untrained instance from :func:`build_model` (built here when None)."""
     set_seed(recipe.seed)
     if model is None:
         model = build_model(recipe)
+    if recipe.model.export is not None:
+        return model  # trained already; torch.export graphs run as captured (no eval() switch)
     ckpt = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
     if ckpt is not None and ckpt.is_file():
         _log(f"pyserve compress: reusing checkpoint {ckpt}", verbose)
@@ -172,13 +243,18 @@ def preflight(recipe: Recipe, model: torch.nn.Module, task: Task) -> None:
         The model has no Linear/Conv layer to compress; a stage names a layer the model does not
         have or fails its config's own ``check(model, task)`` (int8: no Linear selected, empty
         calibration set; distill: student deeper than the teacher; lowrank: rank above
-        min(in, out)); the recipe's input signature or the model does not fit the data's shape.
+        min(in, out)); the recipe's input signature or the model does not fit the data's shape
+        (or, for ``model.export``, the exported program's input shapes); an export whose batch
+        dimension is not dynamic; a prune stage with ``sparsity: suggested`` and no sensitivity
+        analysis (``report.sensitivity``); an ``evaluate`` section on a task other than
+        classification.
     """
     from pyserve.compress._train import weight_layers
 
     layers = weight_layers(model)
     if not layers:
-        raise RecipeError(f"model.factory: {recipe.model.factory} has no Linear or Conv layer to compress")
+        raise RecipeError(f"{recipe.model.source}: {recipe.model.factory or recipe.model.export} has no Linear or Conv "
+                          "layer to compress")
     for i, cfg in enumerate(recipe.stages):
         for field in ("sparsity", "bits", "index_bits", "layers"):
             value = getattr(cfg, field, None)
@@ -187,6 +263,14 @@ def preflight(recipe: Recipe, model: torch.nn.Module, task: Task) -> None:
             if missing:
                 raise RecipeError(f"stages[{i}].{field}: {missing[0]!r} is not a Linear/Conv layer of the model; "
                                   f"layers: {', '.join(layers)}")
+    if not isinstance(task, Task) and recipe.evaluate != type(recipe.evaluate)():
+        raise RecipeError(f"evaluate: metrics and targets apply to classifiers (data.dataset mnist or data.loader), "
+                          f"not to {recipe.data.label}")
+    for i, cfg in enumerate(recipe.stages):
+        if getattr(cfg, "sparsity", None) == SUGGESTED and not recipe.report.sensitivity:
+            raise RecipeError(f"stages[{i}].sparsity: 'suggested' needs the sensitivity analysis: set "
+                              "report.sensitivity (sparsities to try, e.g. [0.5, 0.7, 0.9]) and "
+                              "report.sensitivity_max_drop")
     for i, cfg in enumerate(recipe.stages):
         check = getattr(cfg, "check", None)  # a method's own checks (int8, distill, lowrank)
         if check is not None:
@@ -195,26 +279,57 @@ def preflight(recipe: Recipe, model: torch.nn.Module, task: Task) -> None:
             except ValueError as exc:
                 raise RecipeError(f"stages[{i}] ({cfg.method}): {exc}") from None
     example = task.example_inputs()
+    data = recipe.data.where
+    exported = _export_inputs(model)
+    if exported is not None:
+        if len(exported) != len(example):
+            raise RecipeError(f"model.export: the program takes {len(exported)} inputs, the data gives {len(example)}")
+        for (name, shape), t in zip(exported, example):
+            if not shape or shape[0] != -1:
+                raise RecipeError(f"model.export: input {name} was exported with a fixed batch size "
+                                  f"({shape[0] if shape else 'scalar'}); export with a dynamic dim 0, e.g. "
+                                  "dynamic_shapes=({0: torch.export.Dim('batch')},)")
+            if len(shape) != t.dim() or any(d != -1 and d != n for d, n in zip(shape[1:], t.shape[1:])):
+                raise RecipeError(f"{data}: the data's inputs have shape [-1, {', '.join(map(str, t.shape[1:]))}], "
+                                  f"the exported program (model.export) takes {name} {shape}")
     if len(recipe.model.inputs) != len(example):
         raise RecipeError(f"model.inputs: {len(recipe.model.inputs)} inputs declared, the data gives {len(example)}")
     for sig, t in zip(recipe.model.inputs, example):
         if len(sig.shape) != t.dim() or any(d != -1 and d != n for d, n in zip(sig.shape[1:], t.shape[1:])):
             raise RecipeError(f"model.inputs: {sig.name} has shape {list(sig.shape)}, the data gives "
                               f"[-1, {', '.join(map(str, t.shape[1:]))}]")
-    model.eval()
+    for i, (sig, t) in enumerate(zip(recipe.model.inputs, example)):
+        given = _datatype(t)
+        if given != sig.datatype:
+            raise RecipeError(f"model.inputs[{i}].datatype: {sig.name} is declared {sig.datatype}, the data gives {given}")
+    _eval_mode(model)
     try:
         with torch.no_grad():
             out = model(*example)
     except Exception as exc:  # a shape mismatch surfaces as RuntimeError, or anything the model raises
         shapes = ", ".join(str([-1, *t.shape[1:]]) for t in example)
-        raise RecipeError(f"data.dataset: the model cannot take the data's inputs {shapes}: "
+        raise RecipeError(f"{data}: the model cannot take the data's inputs {shapes}: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
     if len(outs) != len(recipe.model.outputs):
         raise RecipeError(f"model.outputs: {len(recipe.model.outputs)} outputs declared, the model returns {len(outs)}")
-    problem = task.check_outputs(outs, len(recipe.model.outputs), recipe.data.dataset)
+    for i, (sig, t) in enumerate(zip(recipe.model.outputs, outs)):
+        given = _datatype(t) if isinstance(t, torch.Tensor) else None
+        if given is not None and given != sig.datatype:
+            raise RecipeError(f"model.outputs[{i}].datatype: {sig.name} is declared {sig.datatype}, "
+                              f"the model returns {given}")
+    problem = task.check_outputs(outs, len(recipe.model.outputs), recipe.data.label)
     if problem:
         raise RecipeError(f"model.outputs: {problem}")
+
+
+def _datatype(t: torch.Tensor) -> str:
+    from pyserve import dtypes
+
+    try:
+        return dtypes.from_torch(t.dtype).name
+    except ValueError:
+        return str(t.dtype)
 
 
 def _encodings(state: CompressionState) -> dict[str, artifact.EncodedTensor]:
@@ -280,6 +395,43 @@ def _table(recipe: Recipe, layers: dict, fp32_bytes: int, artifact_bytes: int, a
     return "\n".join(rows)
 
 
+def evaluation(spec, accuracy_before: float, accuracy_loaded: float, compression: float) -> dict:
+    """The recipe's ``evaluate`` section applied to a run (see :attr:`CompressionResult.evaluation`).
+
+    ``accuracy_before`` / ``accuracy_loaded``: top-1 accuracy (fraction) of the fp32 model and of the
+    artifact as loaded back; ``compression``: fp32 parameter bytes / artifact bytes."""
+    metric = spec.metric
+
+    def value(acc: float) -> float:
+        return acc if metric == "accuracy" else 1.0 - acc
+
+    drop = accuracy_before - accuracy_loaded
+    missed = []
+    if spec.max_accuracy_drop is not None and drop > spec.max_accuracy_drop + 1e-12:
+        missed.append(f"accuracy drop {drop:.4f} > max_accuracy_drop {spec.max_accuracy_drop:g} "
+                      f"({metric}: fp32 {value(accuracy_before):.4f}, artifact {value(accuracy_loaded):.4f})")
+    if spec.min_compression is not None and compression < spec.min_compression:
+        missed.append(f"compression {compression:.1f}x < min_compression {spec.min_compression:g}x")
+    return {"metric": metric, "baseline": value(accuracy_before), "compressed": value(accuracy_loaded),
+            "accuracy_drop": drop, "compression": compression, "max_accuracy_drop": spec.max_accuracy_drop,
+            "min_compression": spec.min_compression, "met": (not missed) if spec.has_targets else None,
+            "missed": missed}
+
+
+def _evaluation_line(ev: dict) -> str:
+    head = f"evaluate {ev['metric']}: fp32 {ev['baseline']:.4f}, artifact {ev['compressed']:.4f}"
+    if ev["met"] is None:
+        return head + " (no targets)"
+    if not ev["met"]:
+        return head + "; target MISSED: " + "; ".join(ev["missed"])
+    met = []
+    if ev["max_accuracy_drop"] is not None:
+        met.append(f"accuracy drop {ev['accuracy_drop']:.4f} <= {ev['max_accuracy_drop']:g}")
+    if ev["min_compression"] is not None:
+        met.append(f"{ev['compression']:.1f}x >= {ev['min_compression']:g}x")
+    return head + "; target met: " + ", ".join(met)
+
+
 def compress(recipe: Recipe | str | os.PathLike, output: str | os.PathLike, *, verbose: bool = True) -> CompressionResult:
     """Run ``recipe`` and write the artifact to ``output``.
 
@@ -287,10 +439,14 @@ def compress(recipe: Recipe | str | os.PathLike, output: str | os.PathLike, *, v
     byte for byte (torch's deterministic algorithms are on for the run; without them the
     scatter-add behind centroid fine-tuning sums gradients in thread-dependent order).
 
+    A missed target of the recipe's ``evaluate`` section does not raise: the artifact is written
+    and ``result.target_met`` is False (``result.evaluation["missed"]`` says why).
+
     Raises
     ------
     RecipeError
-        The recipe (or something it names: factory, checkpoint, dataset, layer) is unusable.
+        The recipe (or something it names: factory, export, checkpoint, dataset, loader, layer) is
+        unusable.
     """
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -298,6 +454,19 @@ def compress(recipe: Recipe | str | os.PathLike, output: str | os.PathLike, *, v
         return _compress(recipe, output, verbose=verbose)
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def _apply_suggestions(cfg, sens: dict | None, verbose: bool):
+    """``cfg`` with ``sparsity: suggested`` replaced by the sensitivity analysis' per-layer targets
+    (only for ``cfg.layers`` when given); other configs unchanged."""
+    if getattr(cfg, "sparsity", None) != SUGGESTED:
+        return cfg
+    if sens is None:  # preflight refuses this; kept for direct callers
+        raise RecipeError("stages: sparsity 'suggested' needs report.sensitivity")
+    names = cfg.layers or tuple(sens["suggested"])
+    targets = {name: float(sens["suggested"][name]) for name in names}
+    _log("pyserve compress: suggested sparsities " + ", ".join(f"{k} {v:g}" for k, v in targets.items()), verbose)
+    return dataclasses.replace(cfg, sparsity=targets)
 
 
 def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
@@ -323,12 +492,13 @@ def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
         sens = {"sparsities": list(recipe.report.sensitivity), "curves": curves,
                 "max_drop": recipe.report.sensitivity_max_drop,
                 "suggested": suggest_sparsity(curves, acc["before"], recipe.report.sensitivity_max_drop)}
+    stages = tuple(_apply_suggestions(cfg, sens, verbose) for cfg in recipe.stages)
 
     set_seed(recipe.seed)
     state = CompressionState(model)
     stage_reports = []
     weights = {"fp32": _snapshot(model)}
-    stage_bar = progress(recipe.stages, desc="stages", verbose=verbose, position=0)
+    stage_bar = progress(stages, desc="stages", verbose=verbose, position=0)
     for cfg in stage_bar:
         stage_bar.set_description(f"stage {cfg.method}")
         _log(f"pyserve compress: stage {cfg.method}", verbose)
@@ -368,7 +538,7 @@ def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
     # "tensors" table already, and the full per-stage report is CompressionResult's (report.json).
     # A few hundred bytes of JSON matter when the whole artifact is ~25 KB.
     stats = {"fp32_bytes": fp32_bytes, "accuracy_fp32": acc["before"], "accuracy_compressed": acc["after"],
-             "dataset": recipe.data.dataset}
+             "dataset": recipe.data.label}
     if task.metric != Task.metric:
         stats["metric"] = task.metric
     input_names = [s.name for s in recipe.model.inputs]
@@ -387,7 +557,11 @@ def _compress(recipe, output, *, verbose: bool) -> CompressionResult:
     table = _table(recipe, layers, fp32_bytes, manifest.size_bytes, acc, task.metric)
     if details:
         table += "\n" + ", ".join(f"{k} {v:.4f}" for k, v in details.items())
+    ev = {}
+    if isinstance(task, Task):  # classification: the evaluate section's metrics and targets
+        ev = evaluation(recipe.evaluate, acc["before"], acc["loaded"], fp32_bytes / manifest.size_bytes)
+        table += "\n" + _evaluation_line(ev)
     return CompressionResult(output, manifest, fp32_bytes, manifest.size_bytes, acc["before"], acc["after"],
                              acc["loaded"], layers, table, model=model, stages=tuple(stage_reports),
                              weights=weights, codebooks=dict(state.codebooks), parts=parts, sensitivity=sens,
-                             details=details)
+                             details=details, evaluation=ev)

@@ -17,22 +17,26 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pyserve.compress._train import fit, weight_layers
+from pyserve.compress._train import fit, is_linear_weight, weight_layers
 from pyserve.compress.methods import CompressionState, register
 
 SCHEDULES = ("linear", "gradual")
+SUGGESTED = "suggested"  # sparsity from the sensitivity analysis
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """``sparsity``: fraction of weights removed, one number for every layer or a mapping
-    layer name -> fraction; or ``quality``: threshold = quality x std of the layer's weights.
+    layer name -> fraction, or ``suggested``: per layer, the target the recipe's sensitivity
+    analysis suggests (``report.sensitivity`` sparsities, ``report.sensitivity_max_drop``; the
+    pipeline fills it in before the stage runs, restricted to ``layers`` when given); or
+    ``quality``: threshold = quality x std of the layer's weights.
     ``index_bits``: relative-index bits in the stored form, 1..8, one number or a mapping layer name
     -> bits (paper: 5 for fully connected, 8 for conv; the default, by layer type). A sparser layer
     wants wider indices: with density ``d`` a gap exceeds ``2**index_bits`` with probability about
     ``(1 - d)**(2**index_bits)``, and each such gap costs a filler entry."""
 
-    sparsity: float | dict[str, float] | None = None
+    sparsity: float | dict[str, float] | str | None = None
     quality: float | None = None
     rounds: int = 1
     schedule: str = "linear"
@@ -44,7 +48,11 @@ class PruneConfig:
     def __post_init__(self):
         if (self.sparsity is None) == (self.quality is None):
             raise ValueError("sparsity: give exactly one of sparsity or quality")
-        values = self.sparsity.values() if isinstance(self.sparsity, dict) else [self.sparsity]
+        if isinstance(self.sparsity, str) and self.sparsity != SUGGESTED:
+            raise ValueError(f"sparsity: a fraction in [0, 1), a mapping layer -> fraction or {SUGGESTED!r}, "
+                             f"got {self.sparsity!r}")
+        values = (self.sparsity.values() if isinstance(self.sparsity, dict)
+                  else [] if self.sparsity == SUGGESTED else [self.sparsity])
         for v in values:
             if v is not None and not 0.0 <= v < 1.0:
                 raise ValueError(f"sparsity: must be in [0, 1), got {v}")
@@ -112,6 +120,9 @@ def dead_units(weight: torch.Tensor) -> dict[str, list[int]]:
 
 @register("prune", PruneConfig)
 def prune(state: CompressionState, cfg: PruneConfig, task) -> dict:
+    if cfg.sparsity == SUGGESTED:
+        raise ValueError("sparsity: 'suggested' is filled in by pyserve.compress.compress from the recipe's "
+                         "sensitivity analysis (report.sensitivity); give per-layer sparsities to call prune directly")
     names = cfg.layers or (tuple(cfg.sparsity) if isinstance(cfg.sparsity, dict) else None)
     layers = weight_layers(state.model, names)
     if isinstance(cfg.index_bits, dict):
@@ -132,7 +143,7 @@ def prune(state: CompressionState, cfg: PruneConfig, task) -> dict:
         fit(state.model, task, cfg.retrain_epochs, lr=cfg.lr, after_step=lambda: apply_masks(state),
             desc=f"prune round {r}/{cfg.rounds} retrain")
     for name, m in layers.items():
-        default_bits = 5 if isinstance(m, nn.Linear) else 8
+        default_bits = 5 if is_linear_weight(m) else 8
         if isinstance(cfg.index_bits, dict):
             bits = cfg.index_bits.get(name, default_bits)
         else:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pyserve.compress._train import fit, weight_layers
+from pyserve.compress._train import fit, is_linear_weight, weight_layers
 from pyserve.compress.methods import CompressionState, register
 from pyserve.compress.prune import apply_masks
 
@@ -111,7 +111,7 @@ def _bits(cfg: QuantizeConfig, name: str, module: nn.Module) -> int:
         return cfg.bits[name]
     if cfg.bits is not None:
         return cfg.bits
-    return 5 if isinstance(module, nn.Linear) else 8
+    return 5 if is_linear_weight(module) else 8
 
 
 @register("quantize", QuantizeConfig)
@@ -133,7 +133,7 @@ def quantize(state: CompressionState, cfg: QuantizeConfig, task) -> dict:
         parametrize.register_parametrization(m, "weight", _SharedWeight(index, torch.from_numpy(centroids)),
                                              unsafe=True)
         report[name] = {"bits": bits, "centroids": int(centroids.size)}
-        state.index_bits.setdefault(key, 5 if isinstance(m, nn.Linear) else 8)
+        state.index_bits.setdefault(key, 5 if is_linear_weight(m) else 8)
     if cfg.finetune_epochs:
         fit(state.model, task, cfg.finetune_epochs, lr=cfg.lr, after_step=lambda: apply_masks(state),
             desc="centroid fine-tuning")

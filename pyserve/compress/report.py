@@ -28,7 +28,9 @@ def build_report(result) -> dict:
     Keys: ``model``, ``artifact`` (path, bytes), ``fp32_bytes``, ``compression`` (fp32 bytes /
     artifact bytes), ``accuracy`` (``fp32``, ``compressed`` in memory, ``loaded`` from the artifact;
     top-1, fractions), ``stages`` (per stage: method, accuracy after it, parameter bytes after it,
-    per-layer details the stage reported) and ``layers`` (per stored tensor: shape, kept fraction,
+    per-layer details the stage reported), ``evaluation`` (the recipe's ``evaluate`` section:
+    metric, baseline and compressed values, targets and whether they were met; None for tasks
+    other than classification) and ``layers`` (per stored tensor: shape, kept fraction,
     codebook bits (0 = none), encoding, fp32 bytes, stored bytes and stored bytes by part, bits per
     weight before (32) and after, bits per kept weight).
     """
@@ -62,6 +64,7 @@ def build_report(result) -> dict:
         "stages": stages,
         "layers": layers,
         "sensitivity": _sensitivity_json(result.sensitivity),
+        "evaluation": _jsonable(dict(getattr(result, "evaluation", {}) or {})) or None,
     }
 
 
@@ -94,6 +97,7 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
              f"**{report['compression']:.1f}x** smaller.", "",
              f"Top-1 test accuracy: fp32 {acc['fp32']:.4f}, compressed {acc['compressed']:.4f}, "
              f"loaded from the artifact {acc['loaded']:.4f}.", "",
+             *_evaluation_md(report.get("evaluation")),
              "## Stages", "",
              "| after | test accuracy | parameter bytes | vs fp32 |",
              "| --- | ---: | ---: | ---: |"]
@@ -135,6 +139,22 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _evaluation_md(ev) -> list[str]:
+    if not ev:
+        return []
+    lines = ["## Evaluation", "", "| metric | fp32 baseline | compressed (artifact) | target | met |",
+             "| --- | ---: | ---: | --- | --- |"]
+    targets = []
+    if ev["max_accuracy_drop"] is not None:
+        targets.append(f"accuracy drop <= {ev['max_accuracy_drop']:g} (measured {ev['accuracy_drop']:.4f})")
+    if ev["min_compression"] is not None:
+        targets.append(f"compression >= {ev['min_compression']:g}x (measured {ev['compression']:.1f}x)")
+    met = "-" if ev["met"] is None else "yes" if ev["met"] else "**NO**: " + "; ".join(ev["missed"])
+    lines.append(f"| {ev['metric']} | {ev['baseline']:.4f} | {ev['compressed']:.4f} | "
+                 f"{', '.join(targets) or 'none'} | {met} |")
+    return lines + [""]
 
 
 def _units(indices: list[int], shown: int = 12) -> str:

@@ -90,6 +90,12 @@ def _load_recipe(path: Path) -> Source:
 
     try:
         recipe = load_recipe(path)
+    except RecipeError as exc:
+        raise ExportError(str(exc)) from None
+    if recipe.model.export is not None:
+        raise ExportError(f"{path}: model.export names a torch.export file: export that file itself "
+                          f"(pyserve export {recipe.resolve(recipe.model.export)} ...)")
+    try:
         model = build_model(recipe)
     except RecipeError as exc:
         raise ExportError(str(exc)) from None

@@ -38,7 +38,7 @@ class Good(nn.Module):
 """
 
 
-def recipe(tmp_path, factory, *, stage="{method: prune, sparsity: 0.5}", shape="[-1, 784]"):
+def recipe(tmp_path, factory, *, stage="{method: prune, sparsity: 0.5}", shape="[-1, 784]", datatype="FP32"):
     (tmp_path / "models.py").write_text(MODELS)
     path = tmp_path / "recipe.yaml"
     path.write_text(textwrap.dedent(f"""
@@ -47,7 +47,7 @@ def recipe(tmp_path, factory, *, stage="{method: prune, sparsity: 0.5}", shape="
         model:
           factory: models.py:{factory}
           checkpoint: ckpt.pt
-          inputs: [{{name: images, datatype: FP32, shape: {shape}}}]
+          inputs: [{{name: images, datatype: {datatype}, shape: {shape}}}]
           outputs: [{{name: logits, datatype: FP32, shape: [-1, 10]}}]
         train: {{epochs: 50}}
         stages: [{stage}]
@@ -63,6 +63,7 @@ def recipe(tmp_path, factory, *, stage="{method: prune, sparsity: 0.5}", shape="
     ("Good", {"stage": "{method: prune, sparsity: {fc9: 0.5}}"}, "stages[0].sparsity: 'fc9' is not a Linear/Conv layer"),
     ("Good", {"stage": "{method: quantize, bits: {fc2: 4}}"}, "stages[0].bits: 'fc2' is not a Linear/Conv layer"),
     ("Good", {"stage": "{method: prune, sparsity: 0.5, index_bits: {fc0: 4}}"}, "stages[0].index_bits: 'fc0'"),
+    ("Good", {"datatype": "FP64"}, "model.inputs[0].datatype: images is declared FP64, the data gives FP32"),
 ])
 def test_refused_before_training(tmp_path, factory, kw, expect):
     path = recipe(tmp_path, factory, **kw)

@@ -305,6 +305,7 @@ async def _worker(boot: dict, rfd: int, wfd: int) -> None:
     repo = ModelRepository(boot["root"], control_mode="explicit")
     repo.loaded = True
     plane = DataPlane(repo)
+    tried: dict[tuple[str, str], tuple] = {}
 
     def send(obj) -> None:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
@@ -319,7 +320,7 @@ async def _worker(boot: dict, rfd: int, wfd: int) -> None:
         msg = pickle.loads(await reader.readexactly(n))
         t0 = time.perf_counter()
         try:
-            await _fresh(repo, msg["model"], msg["version"], msg["token"])
+            await _fresh(repo, msg["model"], msg["version"], msg["token"], tried)
             resp = await plane.infer_model(msg["request"])
             latency = time.perf_counter() - t0
             div = divergence(msg["primary"], {t.name: t.data for t in resp.outputs})
@@ -332,14 +333,25 @@ async def _worker(boot: dict, rfd: int, wfd: int) -> None:
         send((msg["job"], *result))  # plain values: this module runs as __main__ here
 
 
-async def _fresh(repo, model: str, version: str, token: tuple) -> None:
+async def _fresh(repo, model: str, version: str, token: tuple, tried: dict) -> None:
     """Load ``model`` if this worker has not, or reload it when the server's version changed
-    (``token`` = the server's ``(fingerprint, config)`` of the version)."""
+    (``token`` = the server's ``(fingerprint, config)`` of the version). A load that failed here is
+    not retried for the same token (``tried``: (model, version) -> token of the last attempt): the
+    job then fails fast in the data plane instead of every job paying a full load and warm-up."""
+    tok = tuple(token)
+
+    def current():
+        m = repo._models.get(model)  # noqa: SLF001 - the worker owns this repository
+        mv = m.versions.get(version) if m is not None else None
+        return None if mv is None else (mv.fingerprint, mv.config)
+
+    if current() == tok:
+        return
     repo.discover()
-    m = repo._models.get(model)  # noqa: SLF001 - the worker owns this repository
-    mv = m.versions.get(version) if m is not None else None
-    if mv is None or (mv.fingerprint, mv.config) != tuple(token):
-        await repo.load(model)
+    if current() == tok or tried.get((model, version)) == tok:
+        return
+    tried[(model, version)] = tok
+    await repo.load(model)
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_output"]
+__all__ = ["atomic_output", "read_pem"]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -58,3 +58,18 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         except FileNotFoundError:
             pass
         raise
+
+
+def read_pem(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of PEM file ``path`` (certificate, key or CA bundle) for gRPC TLS credentials.
+
+    Raises ValueError naming ``what`` (the argument or flag) when the file cannot be read or holds
+    no ``-----BEGIN`` line.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{what}: {str(path)!r} is not a PEM file (no '-----BEGIN' line)")
+    return data

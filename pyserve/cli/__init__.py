@@ -47,15 +47,12 @@ def tls_files(args) -> tuple[bytes, bytes | None, bytes | None] | None:
         if path is None:
             out.append(None)
             continue
-        from pathlib import Path
+        from pyserve._fileio import read_pem
 
         try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"{flag}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
-        if b"-----BEGIN " not in data:
-            raise UsageError(f"{flag}: {str(path)!r} is not a PEM file (no '-----BEGIN' line)")
-        out.append(data)
+            out.append(read_pem(path, flag))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     return out[0], out[1], out[2]
 
 

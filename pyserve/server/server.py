@@ -24,6 +24,7 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from pyserve._fileio import read_pem
 from pyserve.protocol import codec
 from pyserve.server.dataplane import EXTENSIONS, DataPlane
 from pyserve.server.interceptors import BearerTokenInterceptor, InflightInterceptor, wrap_servicer
@@ -359,13 +360,7 @@ def read_tls_files(cert, key, client_ca) -> tuple[bytes, bytes, bytes | None] | 
         if path is None:
             out.append(None)
             continue
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ValueError(f"{what}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
-        if b"-----BEGIN " not in data:
-            raise ValueError(f"{what}: {str(path)!r} is not a PEM file (no '-----BEGIN' line)")
-        out.append(data)
+        out.append(read_pem(path, what))
     return out[0], out[1], out[2]
 
 

@@ -55,6 +55,10 @@ def tls_files(args) -> tuple[bytes, bytes | None, bytes | None] | None:
             raise UsageError(f"{flag}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
         if b"-----BEGIN " not in data:
             raise UsageError(f"{flag}: {str(path)!r} is not a PEM file (no '-----BEGIN' line)")
+        wanted = b"PRIVATE KEY-----" if flag == "--tls-key" else b"CERTIFICATE-----"
+        if wanted not in data:  # e.g. --tls-cert and --tls-key swapped: gRPC only fails the handshake
+            kind = "a private key" if flag == "--tls-key" else "a certificate"
+            raise UsageError(f"{flag}: {str(path)!r} holds no {wanted.decode().rstrip('-')} block (expected {kind})")
         out.append(data)
     return out[0], out[1], out[2]
 

@@ -365,6 +365,10 @@ def read_tls_files(cert, key, client_ca) -> tuple[bytes, bytes, bytes | None] | 
             raise ValueError(f"{what}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
         if b"-----BEGIN " not in data:
             raise ValueError(f"{what}: {str(path)!r} is not a PEM file (no '-----BEGIN' line)")
+        wanted = b"PRIVATE KEY-----" if what == "tls_key" else b"CERTIFICATE-----"
+        if wanted not in data:  # e.g. --tls-cert and --tls-key swapped: gRPC says only "Failed to bind"
+            kind = "a private key" if what == "tls_key" else "a certificate"
+            raise ValueError(f"{what}: {str(path)!r} holds no {wanted.decode().rstrip('-')} block (expected {kind})")
         out.append(data)
     return out[0], out[1], out[2]
 

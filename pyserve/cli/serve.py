@@ -133,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
     if args.infer_threads is not None and args.infer_threads < 1:
         raise UsageError(f"--infer-threads must be >= 1, got {args.infer_threads}")
     if not 0 <= args.exit_timeout_s < math.inf:  # also refuses nan
-        raise UsageError(f"--exit-timeout-s must be a finite number >= 0, got {args.exit_timeout_s}")
+        raise UsageError(f"--exit-timeout-s must be >= 0 and finite, got {args.exit_timeout_s}")
     if not 0 < args.traffic_poll_s < math.inf:
-        raise UsageError(f"--traffic-poll-s must be a finite number > 0, got {args.traffic_poll_s}")
+        raise UsageError(f"--traffic-poll-s must be > 0 and finite, got {args.traffic_poll_s}")
     if args.traffic_shadow_priority is None:
         args.traffic_shadow_priority = "idle"
     elif args.traffic_shadow_isolation == "inline":

@@ -156,8 +156,8 @@ def test_serve_flag_ranges_named(tmp_path):
                           (["--inline-max-us", "-1"], "--inline-max-us must be >= 0 and below 1e9 (0 = never "
                                                       "inline), got -1.0"),
                           (["--inline-max-us", "inf"], "--inline-max-us must be >= 0 and below 1e9"),
-                          (["--traffic-poll-s", "nan"], "--traffic-poll-s must be a finite number > 0, got nan"),
-                          (["--exit-timeout-s", "nan"], "--exit-timeout-s must be a finite number >= 0, got nan"),
+                          (["--traffic-poll-s", "nan"], "--traffic-poll-s must be > 0 and finite, got nan"),
+                          (["--exit-timeout-s", "nan"], "--exit-timeout-s must be >= 0 and finite, got nan"),
                           (["--traffic-shadow-isolation", "inline", "--traffic-shadow-priority", "nice"],
                            "--traffic-shadow-isolation inline starts no worker")):
         proc = subprocess.run([sys.executable, "-m", "pyserve", "serve", "--model-repository", str(tmp_path),

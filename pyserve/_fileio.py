@@ -60,11 +60,13 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def read_pem(path: str | os.PathLike, what: str) -> bytes:
-    """The bytes of PEM file ``path`` (certificate, key or CA bundle) for gRPC TLS credentials.
+def read_pem(path: str | os.PathLike, what: str, *, key: bool = False) -> bytes:
+    """The bytes of PEM file ``path`` for gRPC TLS credentials: a private key (``key=True``) or
+    certificates (a certificate chain or CA bundle).
 
-    Raises ValueError naming ``what`` (the argument or flag) when the file cannot be read or holds
-    no ``-----BEGIN`` line.
+    Raises ValueError naming ``what`` (the argument or flag) when the file cannot be read, holds no
+    ``-----BEGIN`` line, or holds no block of the expected kind (e.g. certificate and key swapped,
+    which gRPC itself reports only as a failed bind or handshake).
     """
     try:
         data = Path(path).read_bytes()
@@ -72,4 +74,8 @@ def read_pem(path: str | os.PathLike, what: str) -> bytes:
         raise ValueError(f"{what}: cannot read {str(path)!r}: {exc.strerror or exc}") from None
     if b"-----BEGIN " not in data:
         raise ValueError(f"{what}: {str(path)!r} is not a PEM file (no '-----BEGIN' line)")
+    wanted = b"PRIVATE KEY-----" if key else b"CERTIFICATE-----"
+    if wanted not in data:
+        kind = "a private key" if key else "a certificate"
+        raise ValueError(f"{what}: {str(path)!r} holds no {wanted.decode().rstrip('-')} block (expected {kind})")
     return data

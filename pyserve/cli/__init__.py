@@ -50,7 +50,7 @@ def tls_files(args) -> tuple[bytes, bytes | None, bytes | None] | None:
         from pyserve._fileio import read_pem
 
         try:
-            out.append(read_pem(path, flag))
+            out.append(read_pem(path, flag, key=flag == "--tls-key"))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     return out[0], out[1], out[2]

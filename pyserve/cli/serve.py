@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 
@@ -67,7 +68,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--traffic-shadow-isolation", choices=("process", "inline"), default="process",
                    help="where traffic shadows run: 'process' (default: a worker process at the lowest CPU "
                    "priority, so a shadow uses only CPU time the primary does not) or 'inline' (this process)")
-    p.add_argument("--traffic-shadow-priority", choices=("idle", "nice", "normal"), default="idle",
+    p.add_argument("--traffic-shadow-priority", choices=("idle", "nice", "normal"), default=None,
                    help="CPU priority of the shadow worker process: 'idle' (SCHED_IDLE, default), 'nice' "
                    "(nice 19) or 'normal'")
     p.add_argument("--tls-cert", metavar="PEM", default=None, help="serve TLS with this certificate (chain)")
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_message_mb >= 2048:  # gRPC takes the limit as a signed 32-bit byte count
         raise UsageError(f"--max-message-mb must be below 2048 (gRPC's 2 GiB limit), got {args.max_message_mb}")
     if args.inline_max_us is not None and not 0 <= args.inline_max_us < 1e9:
-        raise UsageError(f"--inline-max-us must be >= 0, got {args.inline_max_us}")
+        raise UsageError(f"--inline-max-us must be >= 0 and below 1e9 (0 = never inline), got {args.inline_max_us}")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -131,10 +132,15 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--auth-token-file: {exc}") from None
     if args.infer_threads is not None and args.infer_threads < 1:
         raise UsageError(f"--infer-threads must be >= 1, got {args.infer_threads}")
-    if args.exit_timeout_s < 0:
-        raise UsageError(f"--exit-timeout-s must be >= 0, got {args.exit_timeout_s}")
-    if args.traffic_poll_s <= 0:
-        raise UsageError(f"--traffic-poll-s must be > 0, got {args.traffic_poll_s}")
+    if not 0 <= args.exit_timeout_s < math.inf:  # also refuses nan
+        raise UsageError(f"--exit-timeout-s must be >= 0 and finite, got {args.exit_timeout_s}")
+    if not 0 < args.traffic_poll_s < math.inf:
+        raise UsageError(f"--traffic-poll-s must be > 0 and finite, got {args.traffic_poll_s}")
+    if args.traffic_shadow_priority is None:
+        args.traffic_shadow_priority = "idle"
+    elif args.traffic_shadow_isolation == "inline":
+        raise UsageError("--traffic-shadow-priority is the shadow worker process's priority; "
+                         "--traffic-shadow-isolation inline starts no worker")
     if args.repository_poll_s is None:
         args.repository_poll_s = 15.0
     elif args.model_control_mode != "poll":

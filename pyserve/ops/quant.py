@@ -222,8 +222,10 @@ def pack_int8_weight(w_int8: Any) -> "_C.Int8PackedWeight":
     :func:`int8_linear` also packs CPU torch weight tensors by itself, from the second call with the
     same tensor on (a cache keyed by the tensor object, kept while it lives; an in-place torch
     operation, which bumps the tensor's version counter, invalidates the entry). Writes that torch
-    does not see (through a numpy array sharing the tensor's memory) are not detected: pack
-    explicitly, or pass a new tensor, when weights change that way. numpy weight arrays, inference
+    does not see (through a numpy array sharing the tensor's memory, or through ``w.data``, whose
+    version counter is its own: ``w.data.copy_(new)`` or ``w.data[0] = 1`` leave the old packed
+    weights in use) are not detected: pack explicitly, or pass a new tensor, when weights change
+    that way. numpy weight arrays, inference
     tensors (made under ``torch.inference_mode``, which keeps no version counter) and tensors that
     require grad are never packed implicitly.
     """

@@ -360,7 +360,7 @@ def read_tls_files(cert, key, client_ca) -> tuple[bytes, bytes, bytes | None] | 
         if path is None:
             out.append(None)
             continue
-        out.append(read_pem(path, what))
+        out.append(read_pem(path, what, key=what == "tls_key"))
     return out[0], out[1], out[2]
 
 

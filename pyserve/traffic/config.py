@@ -318,13 +318,41 @@ def parse_route(name: str, text: str, source: str = "set-route") -> RouteConfig:
 
     _name(source, f"routes.{name}", name)
     try:
-        raw = yaml.safe_load(text)
+        raw = _safe_load(text)
     except yaml.YAMLError as exc:
         raise TrafficConfigError(source, f"routes.{name}", yaml_error_line(exc)) from None
     return _route(source, name, raw)
 
 
 # --- parsing ---------------------------------------------------------------------------------------
+
+
+def _safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently: a route or variant pasted twice under the same name would replace the first)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def _mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may be overridden below it
+                continue
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the constructor below reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given above)", key_node.start_mark)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def yaml_error_line(exc: Exception) -> str:
@@ -356,7 +384,7 @@ def parse_traffic_config(text: str, source: str = "<string>") -> TrafficConfig:
     import yaml
 
     try:
-        raw = yaml.safe_load(text)
+        raw = _safe_load(text)
     except yaml.YAMLError as exc:
         raise TrafficConfigError(source, "", yaml_error_line(exc)) from None
     if not isinstance(raw, dict):

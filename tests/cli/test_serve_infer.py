@@ -153,7 +153,13 @@ def test_serve_flag_ranges_named(tmp_path):
 
     for flags, expect in ((["--infer-threads", "0"], "--infer-threads must be >= 1"),
                           (["--max-message-mb", "1e12"], "--max-message-mb must be below 2048"),
-                          (["--inline-max-us", "-1"], "--inline-max-us must be >= 0, got -1.0")):
+                          (["--inline-max-us", "-1"], "--inline-max-us must be >= 0 and below 1e9 (0 = never "
+                                                      "inline), got -1.0"),
+                          (["--inline-max-us", "inf"], "--inline-max-us must be >= 0 and below 1e9"),
+                          (["--traffic-poll-s", "nan"], "--traffic-poll-s must be > 0 and finite, got nan"),
+                          (["--exit-timeout-s", "nan"], "--exit-timeout-s must be >= 0 and finite, got nan"),
+                          (["--traffic-shadow-isolation", "inline", "--traffic-shadow-priority", "nice"],
+                           "--traffic-shadow-isolation inline starts no worker")):
         proc = subprocess.run([sys.executable, "-m", "pyserve", "serve", "--model-repository", str(tmp_path),
                                "--grpc-port", "0", *flags], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr

@@ -134,6 +134,11 @@ def test_tls_arguments_are_checked(repo, pki, tmp_path):
     (tmp_path / "junk.pem").write_text("not pem")
     with pytest.raises(ValueError, match="tls_cert: .* is not a PEM file"):
         ServerThread(repo, tls_cert=tmp_path / "junk.pem", tls_key=pki["server_key"])
+    # certificate and key swapped: gRPC itself only reported "Failed to bind to address"
+    with pytest.raises(ValueError, match="tls_cert: .* holds no CERTIFICATE block"):
+        ServerThread(repo, tls_cert=pki["server_key"], tls_key=pki["server_cert"])
+    with pytest.raises(ValueError, match="tls_client_ca: .* holds no CERTIFICATE block"):
+        ServerThread(repo, tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["server_key"])
 
 
 # --- bearer tokens -------------------------------------------------------------------------------------
@@ -355,6 +360,10 @@ def test_traffic_cli_over_tls(repo, pki, capsys):
         (["--tls-ca", "{d}/missing.pem"], "--tls-ca: cannot read"),
         (["--tls-ca", "{d}/junk.pem"], "--tls-ca: '{d}/junk.pem' is not a PEM file"),
         (["--tls-ca", "{ca}", "--tls-cert", "{d}/junk.pem", "--tls-key", "{client_key}"], "--tls-cert: '{d}/junk.pem' is not a PEM"),
+        # swapped: grpc only failed the handshake ("Failed to create security handshaker")
+        (["--tls-ca", "{ca}", "--tls-cert", "{client_key}", "--tls-key", "{client_cert}"],
+         "--tls-key: '{client_cert}' holds no PRIVATE KEY block (expected a private key)"),
+        (["--tls-ca", "{client_key}"], "--tls-ca: '{client_key}' holds no CERTIFICATE block"),
     ],
 )
 @pytest.mark.parametrize("command", ["infer", "traffic"])

@@ -242,6 +242,24 @@ def test_yaml_errors_are_one_line_with_the_place():
     assert msg.startswith("t.yaml: not valid YAML at line 4, column ")
 
 
+def test_a_key_given_twice_is_refused_not_silently_replaced():
+    # PyYAML keeps the last of two equal keys: a route pasted twice lost the first one silently
+    route = "{policy: canary, variants: {s: {model: m, weight_percent: 100}}}"
+    with pytest.raises(TrafficConfigError) as e:
+        parse_traffic_config(f"version: 1\nroutes:\n  a: {route}\n  a: {route}\n", source="t.yaml")
+    assert str(e.value) == "t.yaml: not valid YAML at line 4, column 3: duplicate key 'a' (first given above)"
+    with pytest.raises(TrafficConfigError, match="duplicate key 's'"):
+        parse_traffic_config("version: 1\nroutes:\n  a: {policy: canary, variants: {s: {model: m, weight_percent: 50},"
+                             " s: {model: n, weight_percent: 50}}}\n", source="t.yaml")
+    from pyserve.traffic.config import parse_route
+
+    with pytest.raises(TrafficConfigError, match="duplicate key 'policy'"):
+        parse_route("a", "policy: canary\npolicy: ab\nvariants: {s: {model: m, weight_percent: 100}}\n")
+    # merge keys stay usable, and may be overridden
+    cfg = parse_traffic_config(f"version: 1\nroutes:\n  a: &r {route}\n  b: {{<<: *r, policy: canary}}\n")
+    assert cfg.routes["b"].variants == cfg.routes["a"].variants
+
+
 def test_check_loaded_refuses_a_failed_variant_and_warns_for_a_shadow():
     cfg = parse_traffic_config(EXAMPLE, source="traffic.yaml")
     warnings = []

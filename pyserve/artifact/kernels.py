@@ -84,7 +84,11 @@ def _candidates(name: str, weight, meta: dict, int8_parts) -> dict:
 
     out = {}
     if int8_parts is not None and int8_parts.values.ndim == 2:
-        out["int8"] = (_int8_fn, [torch.from_numpy(int8_parts.values), torch.from_numpy(int8_parts.scale)])
+        from pyserve.ops.quant import _pin_packed
+
+        values = torch.from_numpy(int8_parts.values)
+        _pin_packed(values)  # owned by this module, never written: int8_linear takes the packed kernel
+        out["int8"] = (_int8_fn, [values, torch.from_numpy(int8_parts.scale)])
     if meta.get("encoding") == "sparse":
         w = weight.detach().numpy()
         nz = w != 0

@@ -139,8 +139,7 @@ def int8_linear(x: Any, w_int8: Any, w_scale: Any, bias: Any = None) -> Any:
         an all-zero row). ``B`` and ``K`` may be 0; ``K <= 131072`` (exact int32 accumulation).
     w_int8 : numpy.ndarray, torch.Tensor or pyserve._C.Int8PackedWeight
         ``[N, K]`` int8; any value -128..127 is accepted. Or the same weights from
-        :func:`pack_int8_weight` (CPU only; the same result, faster). CPU torch tensors are packed
-        and cached by this function from their second call on (see :func:`pack_int8_weight`).
+        :func:`pack_int8_weight` (CPU only; the same result, faster; see its notes).
     w_scale : numpy.ndarray or torch.Tensor
         ``[N]`` float32, the scale of each row of ``w_int8``.
     bias : numpy.ndarray or torch.Tensor, optional
@@ -219,15 +218,12 @@ def pack_int8_weight(w_int8: Any) -> "_C.Int8PackedWeight":
 
     Notes
     -----
-    :func:`int8_linear` also packs CPU torch weight tensors by itself, from the second call with the
-    same tensor on (a cache keyed by the tensor object, kept while it lives; an in-place torch
-    operation, which bumps the tensor's version counter, invalidates the entry). Writes that torch
-    does not see (through a numpy array sharing the tensor's memory, or through ``w.data``, whose
-    version counter is its own: ``w.data.copy_(new)`` or ``w.data[0] = 1`` leave the old packed
-    weights in use) are not detected: pack explicitly, or pass a new tensor, when weights change
-    that way. numpy weight arrays, inference
-    tensors (made under ``torch.inference_mode``, which keeps no version counter) and tensors that
-    require grad are never packed implicitly.
+    :func:`int8_linear` never packs a caller's weights behind its back: plain arrays and tensors
+    always take the row kernel, so a weight changed in any way (``w.data.copy_``, a numpy alias)
+    is always used as it is. Only tensors pyserve owns and never hands out for writing (the int8
+    weights of a loaded artifact, :mod:`pyserve.artifact.kernels`) are packed at load and cached by
+    the tensor object (``_pin_packed``); an in-place torch op on one (it bumps the version counter)
+    re-packs it.
     """
     return _C.pack_int8_weight(_to_numpy(w_int8, "pack_int8_weight", "w_int8", "int8"))
 
@@ -247,30 +243,38 @@ def _drop_packed(key: int, ref: Any) -> None:
             del _PACK_CACHE[key]
 
 
-def _cached_pack(w: Any) -> Any:
-    """The packed form of a CPU int8 torch weight tensor seen before (None on first sight or for
-    anything else); see :func:`pack_int8_weight`'s notes."""
-    if type(w) is np.ndarray or not _is_torch_tensor(w):
-        return None
+def _pin_packed(w: Any) -> bool:
+    """Pack CPU int8 torch weight tensor ``w`` now and let :func:`int8_linear` use the packed copy
+    whenever it is given ``w`` (while ``w`` lives; re-packed after an in-place torch op). For
+    weights pyserve owns (a loaded artifact's); returns False, and packs nothing, for anything the
+    packed kernel cannot take or whose changes torch cannot track (inference tensors)."""
     import torch
 
-    if (w.device.type != "cpu" or w.dtype != torch.int8 or w.dim() != 2 or not w.is_contiguous() or w.requires_grad
-            or w.is_inference()):  # inference tensors have no version counter
-        return None
-    key, version, ptr, shape = id(w), w._version, w.data_ptr(), tuple(w.shape)
-    entry = _PACK_CACHE.get(key)
-    if entry is not None and entry.ref() is w and entry.version == version and entry.ptr == ptr and entry.shape == shape:
-        if entry.packed is None:
-            entry.packed = _C.pack_int8_weight(w.numpy())
-        return entry.packed
-    if shape[1] > 131072:
-        return None  # int8_linear reports it
-    new = _PackEntry()
-    new.ref = weakref.ref(w, lambda ref, key=key: _drop_packed(key, ref))
-    new.version, new.ptr, new.shape, new.packed = version, ptr, shape, None
+    if (not isinstance(w, torch.Tensor) or w.device.type != "cpu" or w.dtype != torch.int8 or w.dim() != 2
+            or not w.is_contiguous() or w.requires_grad or w.is_inference() or w.shape[1] > 131072):
+        return False
+    key = id(w)
+    entry = _PackEntry()
+    entry.ref = weakref.ref(w, lambda ref, key=key: _drop_packed(key, ref))
+    entry.version, entry.ptr, entry.shape = w._version, w.data_ptr(), tuple(w.shape)
+    entry.packed = _C.pack_int8_weight(w.numpy())
     with _PACK_LOCK:
-        _PACK_CACHE[key] = new
-    return None
+        _PACK_CACHE[key] = entry
+    return True
+
+
+def _cached_pack(w: Any) -> Any:
+    """The packed form of a weight tensor pinned by :func:`_pin_packed` (None for anything else)."""
+    entry = _PACK_CACHE.get(id(w))
+    if entry is None or entry.ref() is not w:
+        return None
+    version, ptr, shape = w._version, w.data_ptr(), tuple(w.shape)
+    if (entry.version, entry.ptr, entry.shape) != (version, ptr, shape):
+        if not (w.is_contiguous() and w.dim() == 2):
+            return None
+        entry.packed = _C.pack_int8_weight(w.numpy())  # changed by an in-place torch op: re-pack
+        entry.version, entry.ptr, entry.shape = version, ptr, shape
+    return entry.packed
 
 
 def pack_indices(idx: Any, bits: int) -> Any:

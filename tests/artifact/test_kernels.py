@@ -54,6 +54,10 @@ def test_int8_layer_matches_numpy_reference(saved):
     art = artifact.load_artifact(path)
     module, choices = native_module(art, kernels="int8")
     assert choices == {"a.weight": "int8", "b.weight": "dense", "c.weight": "dense"}
+    from pyserve.ops import quant
+
+    pinned = [b for b in module.buffers() if b.dtype == torch.int8]
+    assert len(pinned) == 1 and quant._cached_pack(pinned[0]) is not None  # the packed kernel runs
     x = torch.randn(3, 7, 48)
     parts = art.int8["a.weight"]
     h = int8_linear_reference(x.reshape(-1, 48).numpy(), parts.values, parts.scale, net.a.bias.detach().numpy())

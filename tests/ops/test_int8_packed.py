@@ -1,4 +1,4 @@
-"""int8_linear on packed weights (pack_int8_weight, and the cache for torch weight tensors).
+"""int8_linear on packed weights (pack_int8_weight, and the pinned packed copies of weights pyserve owns).
 
 The packed kernel must return exactly what the row kernel returns (the same int32 sums, the same
 two fp32 roundings) and agree with the NumPy reference; both split activation paths (pairs cut to
@@ -187,21 +187,18 @@ def test_packed_torch_inputs():
 # --- the cache for torch weight tensors -------------------------------------------------------------
 
 
-def test_torch_weights_packed_from_second_call_and_invalidated_by_inplace_ops():
+def test_pinned_weights_use_the_packed_copy_and_are_repacked_after_inplace_ops():
     q, s = _weights(24, 40, 9)
     w = torch.from_numpy(q.copy())
     x = _x("gauss", 6, 40, 10)
     expected = int8_linear(x, q, s)
-    np.testing.assert_array_equal(int8_linear(x, w, s), expected)
-    entry = quant_module._PACK_CACHE[id(w)]
-    assert entry.packed is None  # first sight: registered, not packed
-    np.testing.assert_array_equal(int8_linear(x, w, s), expected)
+    assert quant_module._pin_packed(w)
     assert isinstance(quant_module._PACK_CACHE[id(w)].packed, _C.Int8PackedWeight)
+    assert quant_module._cached_pack(w) is quant_module._PACK_CACHE[id(w)].packed
     np.testing.assert_array_equal(int8_linear(x, w, s), expected)
 
     w.mul_(-1)  # an in-place op bumps the version: the packed copy is stale
     flipped = int8_linear(x, (-q.astype(np.int16)).clip(-128, 127).astype(np.int8), s)
-    np.testing.assert_array_equal(int8_linear(x, w, s), flipped)
     np.testing.assert_array_equal(int8_linear(x, w, s), flipped)  # re-packed from the new values
 
     key = id(w)
@@ -210,36 +207,46 @@ def test_torch_weights_packed_from_second_call_and_invalidated_by_inplace_ops():
     assert key not in quant_module._PACK_CACHE
 
 
-def test_numpy_and_noncontiguous_weights_are_not_cached():
-    q, s = _weights(8, 16, 11)
-    x = _x("gauss", 2, 16, 12)
+def test_a_callers_torch_weights_are_never_packed_behind_its_back():
+    """A write torch does not version (``w.data``) must be seen at once: nothing cached."""
+    q, s = _weights(24, 40, 17)
+    w = torch.from_numpy(q.copy())
+    x = _x("gauss", 6, 40, 18)
     before = len(quant_module._PACK_CACHE)
     for _ in range(3):
-        int8_linear(x, q, s)
-        int8_linear(x, torch.from_numpy(np.ascontiguousarray(q.T)).t(), s)
+        np.testing.assert_array_equal(int8_linear(x, w, s), int8_linear(x, q, s))
+    new = np.random.default_rng(19).integers(-128, 128, q.shape).astype(np.int8)
+    w.data.copy_(torch.from_numpy(new))
+    np.testing.assert_array_equal(int8_linear(x, w, s), int8_linear(x, new, s))
     assert len(quant_module._PACK_CACHE) == before
 
 
-def test_inference_tensors_are_not_cached():
-    q, s = _weights(8, 16, 13)
-    x = _x("gauss", 2, 16, 14)
-    with torch.inference_mode():
-        w = torch.from_numpy(q).clone()  # an inference tensor: no version counter
-        before = len(quant_module._PACK_CACHE)
-        for _ in range(3):
-            np.testing.assert_array_equal(int8_linear(x, w, s), int8_linear(x, q, s))
+@pytest.mark.parametrize("make", ["numpy", "noncontiguous", "inference", "grad"])
+def test_weights_the_packed_kernel_cannot_track_are_not_pinned(make):
+    q, _ = _weights(8, 16, 11)
+    if make == "numpy":
+        w = q
+    elif make == "noncontiguous":
+        w = torch.from_numpy(np.ascontiguousarray(q.T)).t()
+    elif make == "inference":
+        with torch.inference_mode():
+            w = torch.from_numpy(q).clone()  # an inference tensor: no version counter
+    else:
+        w = torch.from_numpy(q).float().requires_grad_()
+    before = len(quant_module._PACK_CACHE)
+    assert quant_module._pin_packed(w) is False
     assert len(quant_module._PACK_CACHE) == before
 
 
-def test_torch_weights_cached_under_inference_mode_calls():
-    """The server calls under inference_mode with weights made outside it (registered buffers)."""
+def test_pinned_weights_used_under_inference_mode_calls():
+    """The server calls under inference_mode with weights pinned outside it (registered buffers)."""
     q, s = _weights(8, 16, 15)
     w = torch.from_numpy(q.copy())
+    assert quant_module._pin_packed(w)
     x = torch.from_numpy(_x("gauss", 3, 16, 16))
     with torch.inference_mode():
         for _ in range(3):
             np.testing.assert_array_equal(int8_linear(x, w, s).numpy(), int8_linear(x.numpy(), q, s))
-    assert isinstance(quant_module._PACK_CACHE[id(w)].packed, _C.Int8PackedWeight)
 
 
 # --- bad input ------------------------------------------------------------------------------------

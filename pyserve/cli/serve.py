@@ -191,9 +191,6 @@ async def _serve(args: argparse.Namespace) -> int:
     refused = [m.name for m in server.repository.models if not m.ready and m.reason not in ("", "not loaded")]
     if refused:
         logging.getLogger("pyserve.server").warning("refused model(s): %s (reasons above)", ", ".join(refused))
-    if server.metrics_bound_port is not None:
-        logging.getLogger("pyserve.server").info(
-            "metrics on http://%s:%d/metrics", args.host, server.metrics_bound_port)
     print(f"pyserve: serving {ready} model(s) on {server.address}", flush=True)
     await stop.wait()
     logging.getLogger("pyserve.server").info("signal received; stopping (grace %.1f s)", args.exit_timeout_s)

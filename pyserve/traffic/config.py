@@ -187,17 +187,11 @@ class TrafficConfig:
         ``model_exists(model, version)`` returns None when the model (and version, "" = served) is
         known, else a reason. Raises TrafficConfigError naming the field.
         """
-        for route in self.routes.values():
-            for kind, items in (("variants", route.variants), ("shadows", route.shadows)):
-                for item in items:
-                    t = item.target
-                    if t.model is None:
-                        continue
-                    reason = model_exists(t.model, t.version)
-                    if reason:
-                        field_ = "version" if t.version and "version" in reason else "model"
-                        raise TrafficConfigError(self.source, f"routes.{route.name}.{kind}.{item.name}.{field_}",
-                                                 reason)
+        for route, kind, item, t in self._model_targets():
+            reason = model_exists(t.model, t.version)
+            if reason:
+                field_ = "version" if t.version and "version" in reason else "model"
+                raise TrafficConfigError(self.source, f"routes.{route.name}.{kind}.{item.name}.{field_}", reason)
 
     def check_loaded(self, load_failure: Callable[[str, str], str | None],
                      warn: Callable[[str], None] | None = None) -> None:
@@ -209,21 +203,16 @@ class TrafficConfig:
         naming ``routes.R.variants.V.model``); a shadow never affects an answer, so only ``warn``
         hears of it (its errors are counted).
         """
-        for route in self.routes.values():
-            for kind, items in (("variants", route.variants), ("shadows", route.shadows)):
-                for item in items:
-                    t = item.target
-                    if t.model is None:
-                        continue
-                    reason = load_failure(t.model, t.version)
-                    if not reason:
-                        continue
-                    where = f"routes.{route.name}.{kind}.{item.name}.model"
-                    msg = f"model {t.model!r} failed to load: {reason}"
-                    if kind == "variants":
-                        raise TrafficConfigError(self.source, where, msg + "; fix the model or route elsewhere")
-                    if warn is not None:
-                        warn(f"{self.source}: {where}: {msg}; every mirrored request to it fails (counted)")
+        for route, kind, item, t in self._model_targets():
+            reason = load_failure(t.model, t.version)
+            if not reason:
+                continue
+            where = f"routes.{route.name}.{kind}.{item.name}.model"
+            msg = f"model {t.model!r} failed to load: {reason}"
+            if kind == "variants":
+                raise TrafficConfigError(self.source, where, msg + "; fix the model or route elsewhere")
+            if warn is not None:
+                warn(f"{self.source}: {where}: {msg}; every mirrored request to it fails (counted)")
 
     def check_inputs(self, inputs_of: Callable[[str, str], Sequence[tuple[str, str, tuple]] | None],
                      warn: Callable[[str], None] | None = None) -> None:
@@ -235,30 +224,31 @@ class TrafficConfig:
         the same datatypes and shapes of the same rank whose fixed sizes agree. Raises
         TrafficConfigError naming ``routes.R.variants.V.model`` with both signatures.
         """
+        refs: dict[str, tuple] = {}  # route name -> (variant, model, inputs) of its first known model
+        for route, kind, item, t in self._model_targets():
+            sig = inputs_of(t.model, t.version)
+            if sig is None:
+                continue
+            ref = refs.setdefault(route.name, (item.name, t.model, tuple(sig)))
+            why = _inputs_mismatch(ref[2], tuple(sig))
+            if why is None:
+                continue
+            where = f"routes.{route.name}.{kind}.{item.name}.model"
+            msg = (f"model {t.model!r} takes {_fmt_inputs(sig)} but variant {ref[0]!r} (model {ref[1]!r}) "
+                   f"takes {_fmt_inputs(ref[2])}: {why}")
+            if kind == "variants":
+                raise TrafficConfigError(self.source, where, msg + "; a client of the route could not call both")
+            if warn is not None:
+                warn(f"{self.source}: {where}: {msg}; every mirrored request to it fails (counted)")
+
+    def _model_targets(self):
+        """``(route, "variants"|"shadows", item, target)`` for every variant and shadow that names a
+        model (not another route), routes in file order, variants before shadows."""
         for route in self.routes.values():
-            ref = None
             for kind, items in (("variants", route.variants), ("shadows", route.shadows)):
                 for item in items:
-                    t = item.target
-                    if t.model is None:
-                        continue
-                    sig = inputs_of(t.model, t.version)
-                    if sig is None:
-                        continue
-                    if ref is None:
-                        ref = (item.name, t.model, tuple(sig))
-                        continue
-                    why = _inputs_mismatch(ref[2], tuple(sig))
-                    if why is None:
-                        continue
-                    where = f"routes.{route.name}.{kind}.{item.name}.model"
-                    msg = (f"model {t.model!r} takes {_fmt_inputs(sig)} but variant {ref[0]!r} (model {ref[1]!r}) "
-                           f"takes {_fmt_inputs(ref[2])}: {why}")
-                    if kind == "variants":
-                        raise TrafficConfigError(self.source, where,
-                                                 msg + "; a client of the route could not call both")
-                    if warn is not None:
-                        warn(f"{self.source}: {where}: {msg}; every mirrored request to it fails (counted)")
+                    if item.target.model is not None:
+                        yield route, kind, item, item.target
 
 
 def _fmt_inputs(sig) -> str:

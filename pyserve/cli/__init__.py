@@ -64,3 +64,13 @@ def grpc_channel(url: str, tls, options=None):
         return grpc.insecure_channel(url, options=options)
     ca, key, cert = tls
     return grpc.secure_channel(url, grpc.ssl_channel_credentials(ca, key, cert), options=options)
+
+
+def rpc_error_line(code: str, details: str, tls) -> str:
+    """One CLI error line for a failed RPC. A plaintext call to a TLS port fails UNAVAILABLE with
+    gRPC's bare "Socket closed" (or similar); the line then says what to try."""
+    line = f"{code}: {details}"
+    if code == "UNAVAILABLE" and tls is None:
+        line += " (connected without TLS: if the server was started with --tls-cert, pass --tls-ca)"
+    return line
+

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyserve.cli import add_tls_arguments, auth_metadata, grpc_channel, tls_files
+from pyserve.cli import add_tls_arguments, auth_metadata, grpc_channel, rpc_error_line, tls_files
 from pyserve.cli.main import UsageError
 
 
@@ -116,7 +116,7 @@ def _infer_tritonclient(args, arrays: list[np.ndarray]) -> tuple[str, list[_Outp
                               request_id=args.id, headers=headers, client_timeout=args.timeout_s)
     except InferenceServerException as exc:
         status = str(exc.status() or "").removeprefix("StatusCode.")
-        raise UsageError(f"{status}: {exc.message()}" if status else str(exc.message())) from None
+        raise UsageError(rpc_error_line(status, exc.message(), args.tls) if status else str(exc.message())) from None
     response = result.get_response()
     params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.parameters.items()
               if v.WhichOneof("parameter_choice")}
@@ -152,7 +152,7 @@ def _infer_pyserve(args, arrays: list[np.ndarray]) -> tuple[str, list[_Output]]:
             response = codec.decode_infer_response(stub.ModelInfer(codec.encode_infer_request(request),
                                                                    timeout=args.timeout_s, metadata=args.metadata))
         except grpc.RpcError as exc:
-            raise UsageError(f"{exc.code().name}: {exc.details()}") from None
+            raise UsageError(rpc_error_line(exc.code().name, exc.details(), args.tls)) from None
     return (response.model_version, [_Output(t.name, t.datatype, t.data) for t in response.outputs],
             dict(response.parameters))
 

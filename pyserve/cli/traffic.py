@@ -20,7 +20,7 @@ import math
 import time
 from pathlib import Path
 
-from pyserve.cli import add_tls_arguments, auth_metadata, grpc_channel, tls_files
+from pyserve.cli import add_tls_arguments, auth_metadata, grpc_channel, rpc_error_line, tls_files
 from pyserve.cli.main import UsageError
 
 
@@ -110,13 +110,14 @@ def run(args: argparse.Namespace) -> int:
         if args.row < 0:
             raise UsageError(f"--row must be >= 0, got {args.row}")
         method, req = "Feedback", codec.feedback_request(args.request_id, args.metric, args.clicked or (), args.row)
-    with grpc_channel(args.url, tls_files(args)) as channel:
+    tls = tls_files(args)
+    with grpc_channel(args.url, tls) as channel:
         stub = codec.traffic_stub(channel)
         try:
             resp = getattr(stub, method)(req, timeout=args.timeout_s, metadata=auth_metadata(args.auth_token_file))
         except grpc.RpcError as exc:
             code = exc.code().name if exc.code() else "UNKNOWN"
-            raise UsageError(f"{code}: {exc.details()}") from None
+            raise UsageError(rpc_error_line(code, exc.details(), tls)) from None
     if method == "Status":
         data = json.loads(resp.json)
         print(json.dumps(data, indent=2) if args.json else format_status(data))

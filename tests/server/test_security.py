@@ -339,6 +339,7 @@ def test_infer_cli_over_mutual_tls(mtls, pki, tmp_path, capsys, client):
         assert main([*base, *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("pyserve infer: error: UNAVAILABLE"), err
+        assert ("pass --tls-ca" in err[0]) == (not flags), err  # the hint only for a plaintext call
 
 
 def test_traffic_cli_over_tls(repo, pki, capsys):
@@ -349,7 +350,8 @@ def test_traffic_cli_over_tls(repo, pki, capsys):
         assert main(["traffic", "status", "--json", "--url", url, "--tls-ca", pki["ca"]]) == 0
         assert '"routes"' in capsys.readouterr().out
         assert main(["traffic", "status", "--url", url, "--timeout-s", "10"]) == 2  # plaintext to a TLS port
-        assert "UNAVAILABLE" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "UNAVAILABLE" in err and "pass --tls-ca" in err
 
 
 @pytest.mark.parametrize(

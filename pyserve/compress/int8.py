@@ -22,14 +22,13 @@ activations with a fixed scale (Q/DQ graphs for TensorRT, ONNX):
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from pyserve.compress.methods import CompressionState, register
+from pyserve.compress.methods import CompressionState, register, select_by_name
 
 __all__ = ["Int8Config", "CALIBRATIONS", "select_linears", "calibrate_scale", "entropy_threshold"]
 
@@ -83,8 +82,7 @@ def select_linears(model: nn.Module, include=("*",), exclude=()) -> dict[str, nn
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     if not linears:
         raise ValueError(f"int8: the model ({type(model).__name__}) has no nn.Linear layer to quantize")
-    chosen = {n: m for n, m in linears.items()
-              if any(fnmatch.fnmatchcase(n, p) for p in include) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+    chosen = select_by_name(linears, include, exclude)
     if not chosen:
         raise ValueError(f"include/exclude: the patterns select none of the {len(linears)} Linear layers "
                          f"(first: {', '.join(list(linears)[:3])})")

@@ -31,14 +31,13 @@ factorized); ``include`` / ``exclude`` select convolutions and Linear layers by 
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pyserve.compress.distill import DistillConfig, distill_train, find_layer_stack
-from pyserve.compress.methods import CompressionState, register
+from pyserve.compress.methods import CompressionState, register, select_by_name
 
 __all__ = ["CONV_MODES", "LowRankConfig", "depthwise_separable", "factorize", "rank_for_energy"]
 
@@ -145,9 +144,8 @@ def depthwise_separable(conv: nn.Conv2d) -> nn.Sequential:
 
 
 def _selected_convs(model: nn.Module, cfg: LowRankConfig) -> dict[str, nn.Conv2d]:
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
-             and any(fnmatch.fnmatchcase(n, p) for p in cfg.include)
-             and not any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)}
+    convs = select_by_name({n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)},
+                           cfg.include, cfg.exclude)
     if not convs:
         raise ValueError("conv, include/exclude: no Conv2d layer of the model is selected")
     for n, m in convs.items():
@@ -158,9 +156,8 @@ def _selected_convs(model: nn.Module, cfg: LowRankConfig) -> dict[str, nn.Conv2d
 
 
 def _selected(model: nn.Module, cfg: LowRankConfig) -> dict[str, nn.Linear]:
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
-               and any(fnmatch.fnmatchcase(n, p) for p in cfg.include)
-               and not any(fnmatch.fnmatchcase(n, p) for p in cfg.exclude)}
+    linears = select_by_name({n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)},
+                             cfg.include, cfg.exclude)
     if not linears:
         raise ValueError("include/exclude: no Linear layer of the model is selected")
     if cfg.rank is not None:

@@ -9,10 +9,11 @@ ValueError; the pipeline calls it for every stage before any training or evaluat
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
-__all__ = ["CompressionState", "register", "config_class", "handler_for", "METHODS"]
+__all__ = ["CompressionState", "register", "config_class", "handler_for", "select_by_name", "METHODS"]
 
 # method name -> (config class, handler)
 METHODS: dict[str, tuple[type, Callable]] = {}
@@ -69,3 +70,13 @@ def handler_for(config) -> Callable:
         if type(config) is cfg_cls:
             return handler
     raise ValueError(f"no handler registered for config type {type(config).__name__}")
+
+
+def select_by_name(named: dict, include: Iterable[str], exclude: Iterable[str]) -> dict:
+    """The entries of ``named`` (name -> module) whose name matches an ``include`` pattern and no
+    ``exclude`` pattern (fnmatch, case-sensitive), in their order: the layer selection of the
+    ``int8`` and ``lowrank`` methods."""
+    include, exclude = tuple(include), tuple(exclude)
+    return {n: m for n, m in named.items()
+            if any(fnmatch.fnmatchcase(n, p) for p in include) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+

@@ -115,6 +115,70 @@ RuntimeError
     For a CUDA ``x`` when the CUDA kernels were not compiled, or on a CUDA error.
 )doc");
 
+  py::class_<pyserve::CsrPackedWeight>(m, "CsrPackedWeight",
+                                       R"doc(A CSR weight prepared once for csr_linear (see pyserve.ops.pack_csr_weight).
+
+An immutable, validated copy in SELL-8-sigma layout (csrc/sparse/csr_packed_kernel.h): rows in
+slices of 8, entries column-major within a slice, uint16 column indices when K <= 65536 (else
+int32). Created by ``pack_csr_weight``; not constructible from Python.
+)doc")
+      .def_property_readonly("shape", &pyserve::CsrPackedWeight::shape, "``(N, K)`` of the weight.")
+      .def_property_readonly("nnz", &pyserve::CsrPackedWeight::nnz, "Number of stored nonzeros.")
+      .def_property_readonly("nbytes", &pyserve::CsrPackedWeight::nbytes, "Bytes held by the packed copy.")
+      .def_property_readonly("index_bits", &pyserve::CsrPackedWeight::index_bits,
+                             "16 (K <= 65536) or 32: bits per stored column index.")
+      .def_property_readonly("sort_window", &pyserve::CsrPackedWeight::sort_window,
+                             "Rows were sorted by length within windows of this many rows (1: natural order).")
+      .def_property_readonly("padding_ratio", &pyserve::CsrPackedWeight::padding_ratio,
+                             "Stored entries (nonzeros plus slice padding) / nonzeros.");
+
+  m.def("pack_csr_weight", &pyserve::csr_pack_weight, py::arg("indptr"), py::arg("indices"), py::arg("values"),
+        py::arg("K"), py::arg("sort_window") = 0,
+        R"doc(Validate and pack a CSR weight once (see pyserve.ops.pack_csr_weight).
+
+Parameters
+----------
+indptr : numpy.ndarray
+    ``[N + 1]`` int32 or int64, C-contiguous; ``indptr[0] == 0``, non-decreasing, ``indptr[N] == nnz``.
+indices : numpy.ndarray
+    ``[nnz]`` int32 or int64 column indices in ``[0, K)``, strictly increasing within each row.
+values : numpy.ndarray
+    ``[nnz]`` float32.
+K : int
+    Columns of W, ``0 <= K < 2**31``.
+sort_window : int
+    0: automatic; 1: rows in natural order; n > 1: rows sorted by length within windows of n rows.
+
+Returns
+-------
+CsrPackedWeight
+
+Raises
+------
+ValueError
+    Naming the argument, on a wrong rank, dtype, contiguity, size or CSR structure, or K out of range.
+)doc");
+
+  m.def("csr_linear_packed", &pyserve::csr_linear_packed, py::arg("x"), py::arg("w"), py::arg("bias") = py::none(),
+        py::arg("force_portable") = false,
+        R"doc(csr_linear with a weight from pack_csr_weight: ``[B, N]`` float32 = x @ W.T + bias.
+
+Parameters
+----------
+x : numpy.ndarray
+    ``[B, K]`` float32, C-contiguous (CPU).
+w : CsrPackedWeight
+bias : numpy.ndarray or None
+    ``[N]`` float32.
+force_portable : bool
+    Run the portable C++ path even where AVX2+FMA is available (for tests).
+
+Raises
+------
+ValueError
+    Wrong rank, dtype or contiguity, ``x.shape[1] != K``, ``len(bias) != N``, or a CUDA ``x``.
+)doc");
+
   m.def("csr_linear_has_avx2", &pyserve::csr_linear_has_avx2,
         R"doc(True when csr_linear's AVX2+FMA path is compiled in and this CPU supports it.)doc");
 

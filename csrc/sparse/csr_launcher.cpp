@@ -97,37 +97,37 @@ View cuda_view(const py::object& obj, const char* arg) {
 }
 #endif
 
-void check_rank(const View& v, const char* arg, int64_t ndim, const char* shape_hint) {
-  PYSERVE_CHECK_ARG(v.ndim() == ndim, kOp, arg, "expected a ", ndim, "-D array ", shape_hint, ", got ndim=", v.ndim(),
+void check_rank(const View& v, const char* arg, int64_t ndim, const char* shape_hint, const char* op = kOp) {
+  PYSERVE_CHECK_ARG(v.ndim() == ndim, op, arg, "expected a ", ndim, "-D array ", shape_hint, ", got ndim=", v.ndim(),
                     " with shape ", v.shape_text());
 }
-void check_dtype(const View& v, const char* arg, bool ok, const char* expected) {
+void check_dtype(const View& v, const char* arg, bool ok, const char* expected, const char* op = kOp) {
   if (ok) return;
   const std::string got = v.dtype_obj ? py::str(v.dtype_obj.attr("str")).cast<std::string>() + " (" +
                                             py::str(v.dtype_obj).cast<std::string>() + ")"
                                       : v.dtype_text;
-  throw_argument_error(kOp, arg, str_cat("expected dtype ", expected, " (native byte order), got ", got));
+  throw_argument_error(op, arg, str_cat("expected dtype ", expected, " (native byte order), got ", got));
 }
-void check_contiguous(const View& v, const char* arg) {
-  PYSERVE_CHECK_ARG(v.contiguous, kOp, arg, "expected a C-contiguous array, got a non-contiguous one with shape ",
+void check_contiguous(const View& v, const char* arg, const char* op = kOp) {
+  PYSERVE_CHECK_ARG(v.contiguous, op, arg, "expected a C-contiguous array, got a non-contiguous one with shape ",
                     v.shape_text());
 }
 
 // indptr [N+1] int64: indptr[0] == 0, non-decreasing, indptr[N] == nnz.
-void check_indptr(const int64_t* p, int64_t N, int64_t nnz) {
-  PYSERVE_CHECK_ARG(p[0] == 0, kOp, "indptr", "expected indptr[0] == 0, got ", p[0]);
+void check_indptr(const int64_t* p, int64_t N, int64_t nnz, const char* op = kOp) {
+  PYSERVE_CHECK_ARG(p[0] == 0, op, "indptr", "expected indptr[0] == 0, got ", p[0]);
   int64_t descents = 0;
   for (int64_t i = 0; i < N; ++i) descents |= p[i + 1] < p[i];
   if (descents) {
     for (int64_t i = 0; i < N; ++i)
-      PYSERVE_CHECK_ARG(p[i + 1] >= p[i], kOp, "indptr", "expected non-decreasing values, got indptr[", i, "] = ", p[i],
+      PYSERVE_CHECK_ARG(p[i + 1] >= p[i], op, "indptr", "expected non-decreasing values, got indptr[", i, "] = ", p[i],
                         " > indptr[", i + 1, "] = ", p[i + 1]);
   }
-  PYSERVE_CHECK_ARG(p[N] == nnz, kOp, "indptr", "expected indptr[-1] == nnz == len(indices) == ", nnz, ", got ", p[N]);
+  PYSERVE_CHECK_ARG(p[N] == nnz, op, "indptr", "expected indptr[-1] == nnz == len(indices) == ", nnz, ", got ", p[N]);
 }
 
 // indptr [N+1] (int32 or int64, host) -> checked int64 copy.
-std::vector<int64_t> checked_indptr(const void* data, DType dtype, int64_t N, int64_t nnz) {
+std::vector<int64_t> checked_indptr(const void* data, DType dtype, int64_t N, int64_t nnz, const char* op = kOp) {
   std::vector<int64_t> p(static_cast<std::size_t>(N + 1));
   if (dtype == DType::kInt32) {
     const auto* s = static_cast<const int32_t*>(data);
@@ -135,21 +135,22 @@ std::vector<int64_t> checked_indptr(const void* data, DType dtype, int64_t N, in
   } else {
     std::memcpy(p.data(), data, p.size() * sizeof(int64_t));
   }
-  check_indptr(p.data(), N, nnz);
+  check_indptr(p.data(), N, nnz, op);
   return p;
 }
 
 // Raises the ValueError for the offending nonzero `bad` (a position found by the kernel or by
 // sparse::csr_first_bad_index).
 template <typename Index>
-[[noreturn]] void throw_bad_index(const int64_t* indptr, const Index* indices, int64_t K, int64_t bad) {
+[[noreturn]] void throw_bad_index(const int64_t* indptr, const Index* indices, int64_t K, int64_t bad,
+                                  const char* op = kOp, const char* k_name = "K = x.shape[1]") {
   int64_t row = 0;
   while (indptr[row + 1] <= bad) ++row;
   const int64_t value = indices[bad];
   if (value < 0 || value >= K)
-    throw_argument_error(kOp, "indices", str_cat("expected column indices in [0, K) = [0, ", K, ") with K = x.shape[1], got indices[", bad,
+    throw_argument_error(op, "indices", str_cat("expected column indices in [0, K) = [0, ", K, ") with ", k_name, ", got indices[", bad,
                                                  "] = ", value, " (row ", row, ")"));
-  throw_argument_error(kOp, "indices",
+  throw_argument_error(op, "indices",
                        str_cat("expected strictly increasing column indices within each row (canonical CSR; "
                                "scipy: sort_indices() and sum_duplicates()), got indices[", bad - 1, "] = ",
                                indices[bad - 1], " then indices[", bad, "] = ", value, " in row ", row));
@@ -328,6 +329,93 @@ py::object csr_linear(const py::object& x, const py::object& indptr, const py::o
   Checked c = check_all(host_view(x, "x"), host_view(indptr, "indptr"), host_view(indices, "indices"),
                         host_view(values, "values"), bias.is_none() ? nullptr : &b);
   return csr_linear_host(c, force_portable);
+}
+
+namespace {
+constexpr char kPackOp[] = "pack_csr_weight";
+
+template <typename Index>
+std::shared_ptr<const sparse::CsrPacked> pack_typed(const std::vector<int64_t>& indptr, int64_t N, const View& indices,
+                                                     const View& values, int64_t K, int64_t sort_window) {
+  const auto* ix = static_cast<const Index*>(indices.data);
+  int64_t bad;
+  std::shared_ptr<sparse::CsrPacked> w;
+  {
+    py::gil_scoped_release release;
+    bad = sparse::csr_first_bad_index(indptr.data(), N, ix, K);
+    if (bad < 0)
+      w = std::make_shared<sparse::CsrPacked>(
+          sparse::csr_pack(indptr.data(), N, ix, static_cast<const float*>(values.data), K, sort_window));
+  }
+  if (bad >= 0) throw_bad_index(indptr.data(), ix, K, bad, kPackOp, "K the number of columns");
+  return w;
+}
+}  // namespace
+
+CsrPackedWeight csr_pack_weight(const py::object& indptr_obj, const py::object& indices_obj,
+                                const py::object& values_obj, int64_t K, int64_t sort_window) {
+  View indptr = host_view(indptr_obj, "indptr"), indices = host_view(indices_obj, "indices"),
+       values = host_view(values_obj, "values");
+  check_rank(indptr, "indptr", 1, "[N + 1]", kPackOp);
+  check_dtype(indptr, "indptr", indptr.dtype == DType::kInt32 || indptr.dtype == DType::kInt64, "int32 or int64",
+              kPackOp);
+  check_rank(indices, "indices", 1, "[nnz]", kPackOp);
+  check_dtype(indices, "indices", indices.dtype == DType::kInt32 || indices.dtype == DType::kInt64, "int32 or int64",
+              kPackOp);
+  check_rank(values, "values", 1, "[nnz]", kPackOp);
+  check_dtype(values, "values", values.dtype == DType::kFloat32, "float32", kPackOp);
+  check_contiguous(indptr, "indptr", kPackOp);
+  check_contiguous(indices, "indices", kPackOp);
+  check_contiguous(values, "values", kPackOp);
+  PYSERVE_CHECK_ARG(K >= 0 && K < sparse::kPackedMaxK, kPackOp, "K", "expected 0 <= K < 2**31 (the number of columns of W), got ",
+                    K);
+  PYSERVE_CHECK_ARG(indptr.shape[0] >= 1, kPackOp, "indptr", "expected shape [N + 1] with at least 1 element, got shape ",
+                    indptr.shape_text());
+  const int64_t N = indptr.shape[0] - 1, nnz = indices.shape[0];
+  PYSERVE_CHECK_ARG(N <= INT32_MAX, kPackOp, "indptr", "expected at most 2**31 - 1 rows, got N = ", N);
+  PYSERVE_CHECK_ARG(values.shape[0] == nnz, kPackOp, "values", "expected shape [nnz] = (", nnz,
+                    ",) like indices, got shape ", values.shape_text());
+  const auto ip = checked_indptr(indptr.data, indptr.dtype, N, nnz, kPackOp);
+  auto w = indices.dtype == DType::kInt32 ? pack_typed<int32_t>(ip, N, indices, values, K, sort_window)
+                                          : pack_typed<int64_t>(ip, N, indices, values, K, sort_window);
+  return CsrPackedWeight(std::move(w));
+}
+
+py::object csr_linear_packed(const py::object& x_obj, const CsrPackedWeight& packed, const py::object& bias_obj,
+                             bool force_portable) {
+  if (has_cuda_interface(x_obj))
+    throw_argument_error(kOp, "x", "expected a CPU numpy array: a CsrPackedWeight (pack_csr_weight) runs on the CPU "
+                                   "only; pass indptr, indices and values on x's device instead");
+  const sparse::CsrPacked& w = packed.get();
+  View x = host_view(x_obj, "x");
+  check_rank(x, "x", 2, "[B, K]");
+  check_dtype(x, "x", x.dtype == DType::kFloat32, "float32");
+  check_contiguous(x, "x");
+  PYSERVE_CHECK_ARG(x.shape[1] == w.K, kOp, "x", "expected shape [B, K] with K = ", w.K,
+                    " (the packed weight's columns), got shape ", x.shape_text());
+  View bias;
+  const float* b = nullptr;
+  if (!bias_obj.is_none()) {
+    bias = host_view(bias_obj, "bias");
+    check_rank(bias, "bias", 1, "[N]");
+    check_dtype(bias, "bias", bias.dtype == DType::kFloat32, "float32");
+    PYSERVE_CHECK_ARG(bias.shape[0] == w.N, kOp, "bias", "expected shape [N] = (", w.N,
+                      ",) with N the packed weight's rows, got shape ", bias.shape_text());
+    check_contiguous(bias, "bias");
+    b = static_cast<const float*>(bias.data);
+  }
+  const int64_t B = x.shape[0];
+  py::array_t<float> y({B, w.N});
+  float* out = y.mutable_data();
+  const auto* xp = static_cast<const float*>(x.data);
+  const int threads = num_threads();
+  {
+    py::gil_scoped_release release;
+    const int64_t scratch_floats = sparse::csr_packed_scratch_floats(B, w.K);
+    std::unique_ptr<float[]> scratch(scratch_floats > 0 ? new float[static_cast<std::size_t>(scratch_floats)] : nullptr);
+    sparse::csr_packed_linear_cpu(xp, B, w, b, out, scratch.get(), threads, force_portable);
+  }
+  return std::move(y);
 }
 
 }  // namespace pyserve

@@ -6,7 +6,8 @@
 * ``dense``: torch's fp32 ``linear`` (always; the weight as decoded),
 * ``int8``: :func:`pyserve.ops.int8_linear` on the stored int8 values and per-channel scales,
   activations quantized per row at each call (``int8`` encoding),
-* ``csr``: :func:`pyserve.ops.csr_linear` on the nonzeros (``sparse`` encoding),
+* ``csr``: :func:`pyserve.ops.csr_linear` on the nonzeros (``sparse`` encoding), packed once at
+  load (:func:`pyserve.ops.pack_csr_weight`: validated, 16-bit column indices, SELL-8 slices),
 * ``codebook``: :func:`pyserve.ops.codebook_linear` on packed codebook indices (``sparse``
   encoding with a codebook: the pruned zeros are codebook entry 0) —
 
@@ -94,8 +95,12 @@ def _candidates(name: str, weight, meta: dict, int8_parts) -> dict:
         nz = w != 0
         indptr = np.concatenate([[0], np.cumsum(nz.sum(1))]).astype(np.int64)
         indices = np.nonzero(nz)[1].astype(np.int64)
-        out["csr"] = (_csr_fn, [torch.from_numpy(indptr), torch.from_numpy(indices),
-                                torch.from_numpy(np.ascontiguousarray(w[nz], dtype=np.float32))])
+        from pyserve.ops.sparse import _pin_csr
+
+        csr = [torch.from_numpy(indptr), torch.from_numpy(indices),
+               torch.from_numpy(np.ascontiguousarray(w[nz], dtype=np.float32))]
+        _pin_csr(*csr, w.shape[1])  # owned by this module, never written: csr_linear takes the packed kernel
+        out["csr"] = (_csr_fn, csr)
         if meta.get("values") == "codebook":
             from pyserve.ops import pack_indices
 

@@ -13,7 +13,7 @@ from pyserve.ops.huffman import (
     huffman_encode,
 )
 from pyserve.ops._threads import get_num_threads, set_num_threads
-from pyserve.ops.sparse import csr_linear
+from pyserve.ops.sparse import csr_linear, pack_csr_weight
 from pyserve.ops.quant import (
     codebook_linear,
     int8_linear,
@@ -32,6 +32,7 @@ __all__ = [
     "huffman_decode",
     "huffman_encode",
     "csr_linear",
+    "pack_csr_weight",
     "get_num_threads",
     "set_num_threads",
     # int8 and codebook linear (pyserve.ops.quant)

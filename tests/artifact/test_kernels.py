@@ -78,6 +78,11 @@ def test_sparse_kernels_match_the_dense_graph(saved, kernel, layers):
     art = artifact.load_artifact(path)
     module, choices = native_module(art, kernels=kernel)
     assert {k for k, v in choices.items() if v == kernel} == set(layers)
+    if kernel == "csr":  # the CSR layers were packed at load: the packed kernel runs
+        from pyserve.ops import sparse
+
+        packed = [b for b in module.buffers() if b.dtype == torch.float32 and sparse._CSR_CACHE.get(id(b))]
+        assert len(packed) == 2
     x = torch.randn(4, 3, 48)
     with torch.inference_mode():
         np.testing.assert_allclose(module(x).numpy(), net(x).numpy(), rtol=1e-5, atol=1e-5)

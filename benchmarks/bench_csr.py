@@ -2,13 +2,17 @@
 
 Shapes from issue 3: W [N, K] in {[3072, 768], [768, 3072]} (BERT-base FFN), sparsity in
 {70, 90, 95, 99}%, batch B in {1, 8, 64}; nonzeros placed uniformly at random per row.
+Ours, two ways: "raw" = csr_linear(x, indptr, indices, values, b) on the scipy arrays (validated
+at each call), "packed" = csr_linear(x, pack_csr_weight(...), bias=b) (validated and packed once,
+16-bit column indices, SELL-8 slices: what a loaded artifact runs).
 Peers, all with the bias and all in this run:
   dense   torch.nn.functional.linear(x, W, b)              (MKL/oneDNN sgemm)
   tsparse torch.sparse.mm(W.to_sparse_csr(), x.T).T + b    (MKL sparse where available)
   scipy   (scipy.sparse.csr_matrix(W) @ x.T).T + b          (single-threaded always)
 Each call is timed in a loop of at least --min-ms milliseconds, the four taking turns within each of
 --repeats rounds; the median per call is reported in microseconds. One thread first, then 2 (torch.set_num_threads and
-pyserve.ops.set_num_threads together). Ratios are peer time / pyserve time (> 1: pyserve faster).
+pyserve.ops.set_num_threads together). Ratios are peer time / pyserve packed time (> 1: pyserve
+faster); "raw/packed" is raw time / packed time.
 
     python benchmarks/bench_csr.py [--repeats 7] [--threads 1,2] [--quick] [--clock wall|cpu]
 
@@ -28,7 +32,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from pyserve.ops import build_info, csr_linear, set_num_threads
+from pyserve.ops import build_info, csr_linear, pack_csr_weight, set_num_threads
 from pyserve.ops.reference import csr_linear_reference
 
 
@@ -95,14 +99,17 @@ def main() -> None:
                 wt, bt = torch.from_numpy(w), torch.from_numpy(b)
                 wt_csr = wt.to_sparse_csr()
                 indptr, indices, values = csr.indptr, csr.indices, csr.data
+                packed = pack_csr_weight(indptr, indices, values, k)
                 for bsz in batches:
                     x = rng.standard_normal((bsz, k)).astype(np.float32)
                     xt = torch.from_numpy(x)
                     y = csr_linear(x, indptr, indices, values, b)
-                    np.testing.assert_allclose(y, csr_linear_reference(x, indptr, indices, values, b),
-                                               rtol=1e-4, atol=1e-4)
+                    ref = csr_linear_reference(x, indptr, indices, values, b)
+                    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+                    np.testing.assert_allclose(csr_linear(x, packed, bias=b), ref, rtol=1e-4, atol=1e-4)
                     t = time_interleaved({
-                        "pyserve": lambda: csr_linear(x, indptr, indices, values, b),
+                        "packed": lambda: csr_linear(x, packed, bias=b),
+                        "raw": lambda: csr_linear(x, indptr, indices, values, b),
                         "dense": lambda: F.linear(xt, wt, bt),
                         "tsparse": lambda: torch.sparse.mm(wt_csr, xt.T).T + bt,
                         "scipy": lambda: (csr @ x.T).T + b,
@@ -111,13 +118,14 @@ def main() -> None:
                     print(f"t={threads} W[{n},{k}] s={s:.0%} B={bsz}: " +
                           " ".join(f"{name} {us:.1f}us" for name, us in t.items()), flush=True)
     print()
-    print("| threads | W [N, K] | sparsity | B | pyserve us | dense us | torch sparse us | scipy us "
-          "| vs dense | vs torch sparse | vs scipy |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| threads | W [N, K] | sparsity | B | packed us | raw us | dense us | torch sparse us | scipy us "
+          "| vs dense | vs torch sparse | vs scipy | raw/packed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for threads, n, k, s, bsz, t in rows:
-        p = t["pyserve"]
-        print(f"| {threads} | [{n}, {k}] | {s:.0%} | {bsz} | {p:.1f} | {t['dense']:.1f} | {t['tsparse']:.1f} | "
-              f"{t['scipy']:.1f} | {t['dense'] / p:.2f}x | {t['tsparse'] / p:.2f}x | {t['scipy'] / p:.2f}x |")
+        p = t["packed"]
+        print(f"| {threads} | [{n}, {k}] | {s:.0%} | {bsz} | {p:.1f} | {t['raw']:.1f} | {t['dense']:.1f} | "
+              f"{t['tsparse']:.1f} | {t['scipy']:.1f} | {t['dense'] / p:.2f}x | {t['tsparse'] / p:.2f}x | "
+              f"{t['scipy'] / p:.2f}x | {t['raw'] / p:.2f}x |")
 
 
 if __name__ == "__main__":

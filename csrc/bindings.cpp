@@ -127,13 +127,13 @@ int32). Created by ``pack_csr_weight``; not constructible from Python.
       .def_property_readonly("nbytes", &pyserve::CsrPackedWeight::nbytes, "Bytes held by the packed copy.")
       .def_property_readonly("index_bits", &pyserve::CsrPackedWeight::index_bits,
                              "16 (K <= 65536) or 32: bits per stored column index.")
-      .def_property_readonly("sort_window", &pyserve::CsrPackedWeight::sort_window,
-                             "Rows were sorted by length within windows of this many rows (1: natural order).")
+      .def_property_readonly("sorted_rows", &pyserve::CsrPackedWeight::sorted_rows,
+                             "Whether rows were sorted by length within windows of 64 rows.")
       .def_property_readonly("padding_ratio", &pyserve::CsrPackedWeight::padding_ratio,
                              "Stored entries (nonzeros plus slice padding) / nonzeros.");
 
   m.def("pack_csr_weight", &pyserve::csr_pack_weight, py::arg("indptr"), py::arg("indices"), py::arg("values"),
-        py::arg("K"), py::arg("sort_window") = 0,
+        py::arg("K"), py::arg("sort_rows") = -1,
         R"doc(Validate and pack a CSR weight once (see pyserve.ops.pack_csr_weight).
 
 Parameters
@@ -146,8 +146,9 @@ values : numpy.ndarray
     ``[nnz]`` float32.
 K : int
     Columns of W, ``0 <= K < 2**31``.
-sort_window : int
-    0: automatic; 1: rows in natural order; n > 1: rows sorted by length within windows of n rows.
+sort_rows : int
+    -1: automatic (sort when natural slices of 8 rows would pad the entries by more than 25%);
+    0: natural row order; 1: rows sorted by length within windows of 64 rows.
 
 Returns
 -------

@@ -336,7 +336,7 @@ constexpr char kPackOp[] = "pack_csr_weight";
 
 template <typename Index>
 std::shared_ptr<const sparse::CsrPacked> pack_typed(const std::vector<int64_t>& indptr, int64_t N, const View& indices,
-                                                     const View& values, int64_t K, int64_t sort_window) {
+                                                     const View& values, int64_t K, int sort_rows) {
   const auto* ix = static_cast<const Index*>(indices.data);
   int64_t bad;
   std::shared_ptr<sparse::CsrPacked> w;
@@ -345,7 +345,7 @@ std::shared_ptr<const sparse::CsrPacked> pack_typed(const std::vector<int64_t>& 
     bad = sparse::csr_first_bad_index(indptr.data(), N, ix, K);
     if (bad < 0)
       w = std::make_shared<sparse::CsrPacked>(
-          sparse::csr_pack(indptr.data(), N, ix, static_cast<const float*>(values.data), K, sort_window));
+          sparse::csr_pack(indptr.data(), N, ix, static_cast<const float*>(values.data), K, sort_rows));
   }
   if (bad >= 0) throw_bad_index(indptr.data(), ix, K, bad, kPackOp, "K the number of columns");
   return w;
@@ -353,7 +353,7 @@ std::shared_ptr<const sparse::CsrPacked> pack_typed(const std::vector<int64_t>& 
 }  // namespace
 
 CsrPackedWeight csr_pack_weight(const py::object& indptr_obj, const py::object& indices_obj,
-                                const py::object& values_obj, int64_t K, int64_t sort_window) {
+                                const py::object& values_obj, int64_t K, int sort_rows) {
   View indptr = host_view(indptr_obj, "indptr"), indices = host_view(indices_obj, "indices"),
        values = host_view(values_obj, "values");
   check_rank(indptr, "indptr", 1, "[N + 1]", kPackOp);
@@ -376,8 +376,8 @@ CsrPackedWeight csr_pack_weight(const py::object& indptr_obj, const py::object& 
   PYSERVE_CHECK_ARG(values.shape[0] == nnz, kPackOp, "values", "expected shape [nnz] = (", nnz,
                     ",) like indices, got shape ", values.shape_text());
   const auto ip = checked_indptr(indptr.data, indptr.dtype, N, nnz, kPackOp);
-  auto w = indices.dtype == DType::kInt32 ? pack_typed<int32_t>(ip, N, indices, values, K, sort_window)
-                                          : pack_typed<int64_t>(ip, N, indices, values, K, sort_window);
+  auto w = indices.dtype == DType::kInt32 ? pack_typed<int32_t>(ip, N, indices, values, K, sort_rows)
+                                          : pack_typed<int64_t>(ip, N, indices, values, K, sort_rows);
   return CsrPackedWeight(std::move(w));
 }
 

@@ -31,7 +31,7 @@ class CsrPackedWeight {
   int64_t nnz() const { return w_->nnz; }
   int64_t nbytes() const { return static_cast<int64_t>(w_->nbytes()); }
   int index_bits() const { return w_->index_bits; }
-  int64_t sort_window() const { return w_->sort_window; }
+  bool sorted_rows() const { return w_->sorted_rows; }
   // Entries stored (nonzeros plus the padding of SELL slices) / nonzeros; 1.0 when nnz == 0.
   double padding_ratio() const {
     return w_->nnz ? static_cast<double>(w_->slice_ptr.back()) / static_cast<double>(w_->nnz) : 1.0;
@@ -45,7 +45,7 @@ class CsrPackedWeight {
 // indptr [N+1] int32/int64, indices [nnz] int32/int64, values [nnz] float32 (C-contiguous numpy),
 // K = number of columns: validated (ValueError naming the argument) and packed.
 CsrPackedWeight csr_pack_weight(const pybind11::object& indptr, const pybind11::object& indices,
-                                const pybind11::object& values, int64_t K, int64_t sort_window);
+                                const pybind11::object& values, int64_t K, int sort_rows);
 
 // y [B, N] = x [B, K] @ W.T + bias with a packed W; x [B, K] float32 C-contiguous numpy.
 pybind11::object csr_linear_packed(const pybind11::object& x, const CsrPackedWeight& w, const pybind11::object& bias,

@@ -30,7 +30,8 @@ constexpr int64_t C = kPackedLanes;
 constexpr int64_t kMaxVectors = 8;               // SpMM: batch columns per pass = 8 * 8 = 64
 constexpr int64_t kTileCols = C * kMaxVectors;
 constexpr int64_t kSpmvSlicesPerItem = 8;        // OpenMP work item: 64 rows (SpMV)
-constexpr int64_t kSpmmSlicesPerItem = 2;        // OpenMP work item: 16 rows (SpMM)
+constexpr int64_t kWindowRows = kPackedSortWindow;  // SpMM: rows per tile and OpenMP work item
+constexpr int64_t kSpmmSlicesPerItem = kWindowRows / C;  // rows are only sorted within such a window
 constexpr int64_t kMinParallelWork = int64_t{1} << 18;  // multiply-adds below which one thread runs
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -245,57 +246,115 @@ PYSERVE_PK_AVX2 inline void row_pass_avx2(const float* xt, int64_t Bp, int64_t c
   }
 }
 
+// G lanes of one slice at once (ix, v point at the first lane's entry 0; lane g's entry j at
+// C * j + g), batch columns [c0, c0 + 8V): G x V independent accumulators, and the G lanes' entries
+// of column j are read side by side (the slice's storage order). For small V, where a single lane
+// would leave the entries of the other 7 lanes of each cache line for later passes. The lanes'
+// ragged ends (j past the shortest of the G) are skipped lane by lane.
+template <int V, int G, typename Idx>
+PYSERVE_PK_AVX2 inline void group_pass_avx2(const float* xt, int64_t Bp, int64_t c0, const Idx* ix, const float* v,
+                                            const int32_t* lens, const float* bn, float (*out)[kTileCols]) {
+  __m256 acc[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int q = 0; q < V; ++q) acc[g][q] = _mm256_setzero_ps();
+  int64_t m = lens[0], L = lens[0];
+  for (int g = 1; g < G; ++g) {
+    m = std::min<int64_t>(m, lens[g]);
+    L = std::max<int64_t>(L, lens[g]);
+  }
+  const float* base = xt + c0;
+  int64_t j = 0;
+  for (; j < m; ++j) {
+    for (int g = 0; g < G; ++g) {
+      const __m256 wv = _mm256_broadcast_ss(v + C * j + g);
+      const float* row = base + static_cast<int64_t>(ix[C * j + g]) * Bp;
+      for (int q = 0; q < V; ++q) acc[g][q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row + C * q), acc[g][q]);
+    }
+  }
+  for (; j < L; ++j) {
+    for (int g = 0; g < G; ++g) {
+      if (j >= lens[g]) continue;
+      const __m256 wv = _mm256_broadcast_ss(v + C * j + g);
+      const float* row = base + static_cast<int64_t>(ix[C * j + g]) * Bp;
+      for (int q = 0; q < V; ++q) acc[g][q] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row + C * q), acc[g][q]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int q = 0; q < V; ++q) _mm256_store_ps(out[g] + C * q, _mm256_add_ps(acc[g][q], _mm256_set1_ps(bn[g])));
+}
+
+// Lanes processed together for V vectors of batch columns: G * V <= 8 accumulators.
+template <int V>
+constexpr int lane_group() { return V == 1 ? 8 : V == 2 ? 4 : V <= 4 ? 2 : 1; }
+
+// Window of slices [s0, s1) (at most kWindowRows rows), batch columns [c0, c0 + 8V): tile row
+// p - 8 s0 = lane p's output row.
 template <int V, typename Idx>
-PYSERVE_PK_AVX2 void slice_pass_avx2(const float* xt, int64_t Bp, int64_t c0, const CsrPacked& w, const float* bias,
-                                     int64_t s, int64_t real, float (*tile)[kTileCols]) {
-  const int64_t base = w.slice_ptr[s];
-  const Idx* ix = idx_data<Idx>(w) + base;
-  const float* v = w.val.data() + base;
-  for (int64_t r = 0; r < real; ++r) {
-    const int64_t n = w.row_of[s * C + r];
-    row_pass_avx2<V>(xt, Bp, c0, ix + r, v + r, w.row_len[s * C + r], bias ? bias[n] : 0.f, tile[r]);
+PYSERVE_PK_AVX2 void window_pass_avx2(const float* xt, int64_t Bp, int64_t c0, const CsrPacked& w, const float* bias,
+                                      int64_t s0, int64_t s1, float (*tile)[kTileCols]) {
+  const Idx* idx = idx_data<Idx>(w);
+  const float* val = w.val.data();
+  constexpr int G = lane_group<V>();
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t base = w.slice_ptr[s], real = real_lanes(w, s);
+    int64_t r = 0;
+    if (G > 1 && real == C) {
+      for (; r < C; r += G) {
+        const int64_t p = s * C + r;
+        float bn[G];
+        for (int g = 0; g < G; ++g) bn[g] = bias ? bias[w.row_of[p + g]] : 0.f;
+        group_pass_avx2<V, G>(xt, Bp, c0, idx + base + r, val + base + r, w.row_len.data() + p, bn,
+                              tile + (p - s0 * C));
+      }
+    }
+    for (; r < real; ++r) {
+      const int64_t p = s * C + r, n = w.row_of[p];
+      row_pass_avx2<V>(xt, Bp, c0, idx + base + r, val + base + r, w.row_len[p], bias ? bias[n] : 0.f,
+                       tile[p - s0 * C]);
+    }
   }
 }
 
-// tile [8 rows][cols] of slice s -> y [B, N] columns c0.., rows of the slice.
-PYSERVE_PK_AVX2 void store_tile_avx2(const CsrPacked& w, int64_t s, int64_t real, const float (*tile)[kTileCols],
-                                     int64_t c0, int64_t cols, float* y) {
+// The tile of the rows [n0, n1) (= lanes [n0, n1), in some order) -> y [B, N], columns
+// [c0, c0 + cols): 8 consecutive rows at a time through an 8 x 8 register transpose.
+PYSERVE_PK_AVX2 void store_window_avx2(const CsrPacked& w, int64_t n0, int64_t n1, const float (*tile)[kTileCols],
+                                       int64_t c0, int64_t cols, float* y) {
   const int64_t N = w.N;
-  if (w.natural_order && real == C) {
-    float* dst = y + s * C;
+  const int32_t* pos = w.pos_of.data();
+  int64_t n = n0;
+  for (; n + C <= n1; n += C) {
+    const float* src[C];
+    for (int64_t i = 0; i < C; ++i) src[i] = tile[pos[n + i] - n0];
     int64_t cb = 0;
     for (; cb + C <= cols; cb += C) {
       __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(tile[i] + cb);
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(src[i] + cb);
       transpose8(r);
-      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c0 + cb + i) * N, r[i]);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(y + (c0 + cb + i) * N + n, r[i]);
     }
     for (; cb < cols; ++cb)
-      for (int64_t q = 0; q < C; ++q) dst[(c0 + cb) * N + q] = tile[q][cb];
-    return;
+      for (int64_t i = 0; i < C; ++i) y[(c0 + cb) * N + n + i] = src[i][cb];
   }
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t q = 0; q < real; ++q) y[(c0 + c) * N + w.row_of[s * C + q]] = tile[q][c];
+  for (; n < n1; ++n)
+    for (int64_t c = 0; c < cols; ++c) y[(c0 + c) * N + n] = tile[pos[n] - n0][c];
 }
 
 template <typename Idx>
-PYSERVE_PK_AVX2 void spmm_slices_avx2(const float* xt, int64_t B, int64_t Bp, const CsrPacked& w, const float* bias,
+PYSERVE_PK_AVX2 void spmm_window_avx2(const float* xt, int64_t B, int64_t Bp, const CsrPacked& w, const float* bias,
                                       int64_t s0, int64_t s1, float* y) {
-  alignas(32) float tile[C][kTileCols];
-  for (int64_t s = s0; s < s1; ++s) {
-    const int64_t real = real_lanes(w, s);
-    for (int64_t c0 = 0; c0 < B; c0 += kTileCols) {
-      const int64_t vectors = std::min<int64_t>((Bp - c0) / C, kMaxVectors);
-      switch (vectors) {
+  alignas(32) float tile[kWindowRows][kTileCols];
+  const int64_t n0 = s0 * C, n1 = std::min(w.N, s1 * C);
+  for (int64_t c0 = 0; c0 < B; c0 += kTileCols) {
+    const int64_t vectors = std::min<int64_t>((Bp - c0) / C, kMaxVectors);
+    switch (vectors) {
 #define PYSERVE_PK_CASE(V) \
-  case V: slice_pass_avx2<V, Idx>(xt, Bp, c0, w, bias, s, real, tile); break;
-        PYSERVE_PK_CASE(1) PYSERVE_PK_CASE(2) PYSERVE_PK_CASE(3) PYSERVE_PK_CASE(4)
-        PYSERVE_PK_CASE(5) PYSERVE_PK_CASE(6) PYSERVE_PK_CASE(7) PYSERVE_PK_CASE(8)
+  case V: window_pass_avx2<V, Idx>(xt, Bp, c0, w, bias, s0, s1, tile); break;
+      PYSERVE_PK_CASE(1) PYSERVE_PK_CASE(2) PYSERVE_PK_CASE(3) PYSERVE_PK_CASE(4)
+      PYSERVE_PK_CASE(5) PYSERVE_PK_CASE(6) PYSERVE_PK_CASE(7) PYSERVE_PK_CASE(8)
 #undef PYSERVE_PK_CASE
-        default: break;
-      }
-      store_tile_avx2(w, s, real, tile, c0, std::min<int64_t>(B - c0, C * vectors), y);
+      default: break;
     }
+    store_window_avx2(w, n0, n1, tile, c0, std::min<int64_t>(B - c0, C * vectors), y);
   }
 }
 #endif  // PYSERVE_PK_AVX2_PATH
@@ -332,7 +391,7 @@ void run(const float* x, int64_t B, const CsrPacked& w, const float* bias, float
     const int64_t s1 = std::min(S, s0 + kSpmmSlicesPerItem);
 #if PYSERVE_PK_AVX2_PATH
     if (avx2) {
-      spmm_slices_avx2<Idx>(xt, B, Bp, w, bias, s0, s1, y);
+      spmm_window_avx2<Idx>(xt, B, Bp, w, bias, s0, s1, y);
       continue;
     }
 #endif
@@ -344,7 +403,7 @@ void run(const float* x, int64_t B, const CsrPacked& w, const float* bias, float
 
 template <typename Index>
 CsrPacked csr_pack(const int64_t* indptr, int64_t N, const Index* indices, const float* values, int64_t K,
-                   int64_t sort_window) {
+                   int sort_rows) {
   CsrPacked w;
   w.N = N;
   w.K = K;
@@ -352,31 +411,32 @@ CsrPacked csr_pack(const int64_t* indptr, int64_t N, const Index* indices, const
   w.slices = (N + C - 1) / C;
   w.index_bits = K <= kPackedMaxK16 ? 16 : 32;
   const int64_t S = w.slices;
-  // Lane p (slice p / 8, lane p % 8) holds row order[p]; p >= N are padding lanes.
-  std::vector<int64_t> order(static_cast<std::size_t>(N));
-  std::iota(order.begin(), order.end(), int64_t{0});
-  if (sort_window <= 0) {  // auto: sort all rows when slices of natural rows would pad by > 25%
+  auto len_of = [&](int64_t n) { return indptr[n + 1] - indptr[n]; };
+  if (sort_rows < 0) {  // auto: sort when slices of natural rows would pad the entries by > 25%
     int64_t padded = 0;
     for (int64_t s = 0; s < S; ++s) {
       int64_t longest = 0;
-      for (int64_t n = s * C; n < std::min(N, s * C + C); ++n) longest = std::max(longest, indptr[n + 1] - indptr[n]);
+      for (int64_t n = s * C; n < std::min(N, s * C + C); ++n) longest = std::max(longest, len_of(n));
       padded += C * longest;
     }
-    sort_window = 4 * padded > 5 * w.nnz ? std::max<int64_t>(N, 1) : 1;
+    sort_rows = 4 * padded > 5 * w.nnz ? 1 : 0;
   }
-  w.sort_window = sort_window;
-  if (w.sort_window > 1) {
-    for (int64_t w0 = 0; w0 < N; w0 += w.sort_window) {
-      const int64_t w1 = std::min(N, w0 + w.sort_window);
-      std::stable_sort(order.begin() + w0, order.begin() + w1, [&](int64_t a, int64_t b) {
-        return indptr[a + 1] - indptr[a] > indptr[b + 1] - indptr[b];
-      });
+  w.sorted_rows = sort_rows > 0;
+  // Lane p (slice p / 8, lane p % 8) holds row order[p]; p >= N are padding lanes.
+  std::vector<int64_t> order(static_cast<std::size_t>(N));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  if (w.sorted_rows) {
+    for (int64_t w0 = 0; w0 < N; w0 += kPackedSortWindow) {
+      const int64_t w1 = std::min(N, w0 + kPackedSortWindow);
+      std::stable_sort(order.begin() + w0, order.begin() + w1,
+                       [&](int64_t a, int64_t b) { return len_of(a) > len_of(b); });
     }
   }
   w.natural_order = true;
   for (int64_t p = 0; p < N; ++p) w.natural_order = w.natural_order && order[p] == p;
   w.row_len.assign(static_cast<std::size_t>(S * C), 0);
   w.row_of.assign(static_cast<std::size_t>(S * C), -1);
+  w.pos_of.assign(static_cast<std::size_t>(N), 0);
   w.slice_min.assign(static_cast<std::size_t>(S), 0);
   w.slice_ptr.assign(static_cast<std::size_t>(S + 1), 0);
   for (int64_t s = 0; s < S; ++s) {
@@ -385,8 +445,9 @@ CsrPacked csr_pack(const int64_t* indptr, int64_t N, const Index* indices, const
       const int64_t p = s * C + r;
       int64_t len = 0;
       if (p < N) {
-        len = indptr[order[p] + 1] - indptr[order[p]];
+        len = len_of(order[p]);
         w.row_of[p] = static_cast<int32_t>(order[p]);
+        w.pos_of[order[p]] = static_cast<int32_t>(p);
       }
       w.row_len[p] = static_cast<int32_t>(len);
       longest = std::max(longest, len);
@@ -401,7 +462,7 @@ CsrPacked csr_pack(const int64_t* indptr, int64_t N, const Index* indices, const
   else w.idx32.assign(total, 0);
   for (int64_t p = 0; p < N; ++p) {
     const int64_t s = p / C, r = p % C, row = order[p];
-    const int64_t b = indptr[row], len = indptr[row + 1] - b, base = w.slice_ptr[s];
+    const int64_t b = indptr[row], len = len_of(row), base = w.slice_ptr[s];
     for (int64_t j = 0; j < len; ++j) {
       const auto pos = static_cast<std::size_t>(base + C * j + r);
       w.val[pos] = values[b + j];
@@ -412,8 +473,8 @@ CsrPacked csr_pack(const int64_t* indptr, int64_t N, const Index* indices, const
   return w;
 }
 
-template CsrPacked csr_pack<int32_t>(const int64_t*, int64_t, const int32_t*, const float*, int64_t, int64_t);
-template CsrPacked csr_pack<int64_t>(const int64_t*, int64_t, const int64_t*, const float*, int64_t, int64_t);
+template CsrPacked csr_pack<int32_t>(const int64_t*, int64_t, const int32_t*, const float*, int64_t, int);
+template CsrPacked csr_pack<int64_t>(const int64_t*, int64_t, const int64_t*, const float*, int64_t, int);
 
 int64_t csr_packed_scratch_floats(int64_t B, int64_t K) { return B <= 1 ? 0 : K * round_up(B, C); }
 

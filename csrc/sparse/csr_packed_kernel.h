@@ -5,17 +5,18 @@
 // matrix data format for efficient general sparse matrix-vector multiplication on modern processors
 // with wide SIMD units", SIAM J. Sci. Comput. 36(5), 2014, section 2):
 //   * the N rows of W [N, K] are cut into slices of 8 consecutive rows (the last slice padded with
-//     empty lanes); sort_window > 1 first sorts rows by length (descending, stable) inside windows
-//     of sort_window rows, so that the rows of a slice have similar lengths (their section 2.2);
-//     sort_window <= 0 (auto) sorts all N rows only when natural slices would pad the entries by
-//     more than 25% (short, uneven rows: 99% sparsity at K = 768), else keeps the natural order;
+//     empty lanes). With sorted rows, rows are first sorted by length (descending, stable) inside
+//     windows of sigma = 64 rows, so that the rows of a slice have similar lengths (their section
+//     2.2); sort_rows < 0 (auto) sorts only when natural slices would pad the entries by more than
+//     25% (short, uneven rows: 99% sparsity at K = 768), else keeps the natural order;
 //   * slice s stores width[s] = (longest row of the slice) "columns" of 8 entries, column-major:
 //     entry j of lane r sits at slice_ptr[s] + 8 * j + r; a lane shorter than the width is padded
 //     with value 0 and column index 0 (padding is never read as data: see the kernels);
 //   * column indices are uint16 when K <= 65536 (index_bits = 16: 6 bytes per nonzero instead of
 //     CSR's 8), else int32 (index_bits = 32); values fp32;
 //   * row_len [8 S] and row_of [8 S] give each lane's true length and its output row (-1 for the
-//     padding lanes past N); slice_min [S] is the shortest lane of the slice.
+//     padding lanes past N); pos_of [N] is the inverse (the lane of each row); slice_min [S] is the
+//     shortest lane of the slice.
 // Packing validates nothing: the launcher has checked the CSR structure (indptr monotone, every
 // column index in [0, K) and strictly increasing within its row) before calling csr_pack, so the
 // kernels run without any per-call index check.
@@ -28,8 +29,9 @@
 //     ended (they add 0 * 0). The 8 sums go to y[row_of[r]] (one vector store in natural order).
 //   * B > 1 (SpMM): x is transposed once into xt [K, Bp] (Bp = B rounded up to 8; 8 x 8 AVX2
 //     register transposes), each lane's nonzeros become contiguous AXPYs over up to 64 batch
-//     columns held in registers, and a slice's [8 rows x 64 columns] tile goes to y [B, N] by
-//     8 x 8 register transposes (8-float stores) when its rows are consecutive, else scalar stores.
+//     columns held in registers, into a [64 rows x 64 columns] tile per window of 64 rows (16 KiB,
+//     in L1), which goes to y [B, N] by 8 x 8 register transposes of the tile rows of 8 consecutive
+//     output rows (found through pos_of): 8-float stores whatever the sorting.
 //   * portable scalar fallback for CPUs without AVX2+FMA (and for tests: force_portable).
 // Summation order: per row, products alternate between two partial sums (entries j even / odd;
 // B > 1: several accumulator sets), so results match the reference to fp32 rounding, not bitwise;
@@ -46,32 +48,36 @@ namespace sparse {
 struct CsrPacked {
   int64_t N = 0, K = 0, nnz = 0;
   int64_t slices = 0;        // S = ceil(N / 8)
-  int64_t sort_window = 1;   // rows sorted by length within windows of this many rows (1: natural order)
+  bool sorted_rows = false;  // rows sorted by length within windows of kPackedSortWindow rows
   int index_bits = 16;       // 16: idx16 holds the indices; 32: idx32
   bool natural_order = true; // row_of[p] == p for every real lane (no sorting happened)
   std::vector<int64_t> slice_ptr;  // [S + 1] offset of each slice's entries (multiple of 8)
   std::vector<int32_t> slice_min;  // [S]
   std::vector<int32_t> row_len;    // [8 S]
   std::vector<int32_t> row_of;     // [8 S], -1 for padding lanes
+  std::vector<int32_t> pos_of;     // [N] lane of row n (row_of[pos_of[n]] == n)
   std::vector<uint16_t> idx16;     // [slice_ptr[S]] when index_bits == 16
   std::vector<int32_t> idx32;      // [slice_ptr[S]] when index_bits == 32
   std::vector<float> val;          // [slice_ptr[S]]
 
   std::size_t nbytes() const {
-    return slice_ptr.size() * 8 + (slice_min.size() + row_len.size() + row_of.size()) * 4 + idx16.size() * 2 +
+    return slice_ptr.size() * 8 + (slice_min.size() + row_len.size() + row_of.size() + pos_of.size()) * 4 +
+           idx16.size() * 2 +
            idx32.size() * 4 + val.size() * 4;
   }
 };
 
 constexpr int64_t kPackedLanes = 8;               // C of SELL-C-sigma
 constexpr int64_t kPackedMaxK16 = int64_t{1} << 16;  // largest K with 16-bit column indices
-constexpr int64_t kPackedMaxK = int64_t{1} << 31;    // 32-bit indices: K up to 2**31 - 1 ... exclusive bound
+constexpr int64_t kPackedMaxK = int64_t{1} << 31;    // exclusive bound on K (32-bit indices)
+constexpr int64_t kPackedSortWindow = 64;            // sigma: rows sorted within aligned windows of 64
 
 // Builds the packed form of a valid CSR matrix (indptr [N + 1] int64, indices [nnz] of Index,
-// values [nnz]); K < kPackedMaxK; sort_window as above (<= 0: auto). 16-bit indices when K <= kPackedMaxK16.
+// values [nnz]); K < kPackedMaxK; sort_rows: < 0 auto, 0 natural order, > 0 sorted windows.
+// 16-bit indices when K <= kPackedMaxK16.
 template <typename Index>
 CsrPacked csr_pack(const int64_t* indptr, int64_t N, const Index* indices, const float* values, int64_t K,
-                   int64_t sort_window);
+                   int sort_rows);
 
 // Floats of scratch csr_packed_linear_cpu needs for a [B, K] input (0 when B <= 1).
 int64_t csr_packed_scratch_floats(int64_t B, int64_t K);

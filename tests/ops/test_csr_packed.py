@@ -16,12 +16,12 @@ from pyserve.ops.reference import csr_linear_reference
 
 from test_csr_linear import BAD, PATHS, make_csr  # noqa: E402  (tests/ops is on sys.path)
 
-# sort_window: 0 automatic (the default of pack_csr_weight), 1 natural row order, 5 sorted windows
-# that do not align with the 8-row slices, 1 << 20 all rows sorted.
-WINDOWS = [0, 1, 5, 1 << 20]
+# sort_rows: -1 automatic (the default of pack_csr_weight), 0 natural row order, 1 rows sorted by
+# length within windows of 64 rows.
+WINDOWS = [-1, 0, 1]
 
 
-def pack(indptr, indices, values, K, window=0):
+def pack(indptr, indices, values, K, window=-1):
     return _C.pack_csr_weight(indptr, indices, values, K, window)
 
 
@@ -107,7 +107,7 @@ def test_index_width_at_the_16_bit_boundary(K, bits, path):
 def test_thread_count_does_not_change_the_result(threads, path):
     # Big enough (>= 2**18 multiply-adds) for the kernels to use the threads at all.
     indptr, indices, values = make_csr(1500, 500, 0.6, seed=3, empty_rows=range(0, 1500, 13))
-    for window in (0, 1, 1 << 20):
+    for window in WINDOWS:
         w = pack(indptr, indices, values, 500, window)
         for B in (1, 3, 16, 70):
             x = np.random.default_rng(B).standard_normal((B, 500)).astype(np.float32)
@@ -178,7 +178,7 @@ def test_bert_shapes_store_6_bytes_per_nonzero_and_little_padding():
     for n, k, s in [(3072, 768, 0.9), (3072, 768, 0.99), (768, 3072, 0.95)]:
         indptr, indices, values = make_csr(n, k, s, seed=7)
         w = pack_csr_weight(indptr, indices, values, k)
-        assert w.index_bits == 16 and 1.0 <= w.padding_ratio < 1.2, (n, k, s, w.padding_ratio, w.sort_window)
+        assert w.index_bits == 16 and 1.0 <= w.padding_ratio < 1.2, (n, k, s, w.padding_ratio, w.sorted_rows)
         per_nnz = (w.nbytes - 16 * n) / w.nnz  # entries; the per-row tables are 16 bytes a row at most
         assert per_nnz < 6 * 1.2
 

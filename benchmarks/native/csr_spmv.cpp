@@ -1,10 +1,12 @@
-// B = 1 CSR SpMV, one thread, CPU time (10th percentile of 201 calls): pyserve's kernel as built from csrc/ (validation
-// fused, AVX2 gathers) against plain loops on the same arrays: scipy's csr_matvec loop (one
-// accumulator, sparsetools/csr.h), the same with 4 accumulators, and the gather loop without the
-// validation. Separates the kernel's cost from the Python/pybind call around it.
+// B = 1 CSR SpMV, one thread, CPU time (10th percentile of 201 calls): pyserve's kernels as built from csrc/ (raw
+// CSR: validation fused, AVX2 gathers; packed: SELL-8 slices, 16-bit indices, x read by scalar
+// loads) against plain loops on the same arrays: scipy's csr_matvec loop (one accumulator,
+// sparsetools/csr.h), the same with 4 accumulators, the gather loop without the validation, and
+// the packed layout read with vgatherdps instead of scalar loads. Separates the kernels' cost from
+// the Python/pybind call around them, and gives bytes moved per nonzero and the achieved GB/s.
 // Build and run from the repository root:
-//   g++ -std=c++17 -O3 -Wno-unknown-pragmas -Icsrc benchmarks/native/csr_spmv.cpp
-//       csrc/sparse/csr_kernel.cpp -o /tmp/csr_spmv && /tmp/csr_spmv   (one line)
+//   g++ -std=c++17 -O3 -Wno-unknown-pragmas -Icsrc benchmarks/native/csr_spmv.cpp csrc/sparse/csr_kernel.cpp
+//       csrc/sparse/csr_packed_kernel.cpp -o /tmp/csr_spmv && /tmp/csr_spmv   (one line)
 #include <immintrin.h>
 #include <time.h>
 
@@ -15,6 +17,7 @@
 #include <vector>
 
 #include "sparse/csr_kernel.h"
+#include "sparse/csr_packed_kernel.h"
 
 static double cpu_us() {
   timespec t;
@@ -84,6 +87,28 @@ __attribute__((target("avx2,fma"), noinline)) static void gather_only(const int6
   }
 }
 
+// The packed (SELL-8) layout with 16-bit indices, x read by vgatherdps (what the packed kernel
+// does with scalar loads), no ragged-end masking (finite x only), y in slice order.
+__attribute__((target("avx2,fma"), noinline)) static void sell_gather(const pyserve::sparse::CsrPacked& w,
+                                                                       const float* x, float* y) {
+  for (int64_t s = 0; s < w.slices; ++s) {
+    const int64_t base = w.slice_ptr[s], width = (w.slice_ptr[s + 1] - base) / 8;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t j = 0;
+    for (; j + 2 <= width; j += 2) {
+      const __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w.idx16.data() + base + 8 * j)));
+      const __m256i i1 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w.idx16.data() + base + 8 * j + 8)));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w.val.data() + base + 8 * j), _mm256_i32gather_ps(x, i0, 4), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w.val.data() + base + 8 * j + 8), _mm256_i32gather_ps(x, i1, 4), a1);
+    }
+    if (j < width) {
+      const __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w.idx16.data() + base + 8 * j)));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w.val.data() + base + 8 * j), _mm256_i32gather_ps(x, i0, 4), a0);
+    }
+    _mm256_storeu_ps(y + 8 * s, _mm256_add_ps(a0, a1));
+  }
+}
+
 int main() {
   std::mt19937 rng(1);
   std::normal_distribution<float> g;
@@ -111,9 +136,20 @@ int main() {
       });
       const double t_s4 = median_us([&] { scalar4(ip.data(), ix.data(), v.data(), x.data(), N, y.data()); });
       const double t_g = median_us([&] { gather_only(ip.data(), ix.data(), v.data(), x.data(), N, y.data()); });
-      std::printf("[%lld,%lld] %2.0f%% nnz=%zu: pyserve kernel %.1f us | scipy loop %.1f (kernel/scipy %.2fx) | "
-                  "scalar x4 %.1f | gather, no checks %.1f\n",
-                  (long long)N, (long long)K, sp * 100, ix.size(), t_py, t_sc, t_sc / t_py, t_s4, t_g);
+      const auto packed = pyserve::sparse::csr_pack<int32_t>(ip.data(), N, ix.data(), v.data(), K, -1);
+      std::vector<float> yp(((N + 7) / 8) * 8);
+      const double t_pk = median_us([&] {
+        pyserve::sparse::csr_packed_linear_cpu(x.data(), 1, packed, nullptr, yp.data(), nullptr, 1, false);
+      });
+      const double t_pg = median_us([&] { sell_gather(packed, x.data(), yp.data()); });
+      // Bytes the SpMV must read per call: CSR 8 per nonzero + 8 per row (indptr); packed: stored
+      // entries x 6 (uint16 + fp32) + 16 per row (slice tables); x and y are small and in L1.
+      const double csr_bytes = 8.0 * ix.size() + 8.0 * N, pk_bytes = 6.0 * packed.val.size() + 16.0 * N;
+      std::printf("[%lld,%lld] %2.0f%% nnz=%zu: raw kernel %.1f us | scipy loop %.1f (raw/scipy %.2fx) | "
+                  "scalar x4 %.1f | gather, no checks %.1f | packed %.1f (vs scipy loop %.2fx, %.1f B/nnz, "
+                  "%.1f GB/s; scipy loop %.1f GB/s) | packed layout with gathers %.1f\n",
+                  (long long)N, (long long)K, sp * 100, ix.size(), t_py, t_sc, t_sc / t_py, t_s4, t_g, t_pk,
+                  t_sc / t_pk, pk_bytes / ix.size(), pk_bytes / t_pk * 1e-3, csr_bytes / t_sc * 1e-3, t_pg);
     }
   }
 }

@@ -4,7 +4,45 @@ pyserve native kernels (C++/CUDA). Use the Python faces in pyserve.ops.
 from __future__ import annotations
 import numpy
 import typing
-__all__: list[str] = ['Int8PackedWeight', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'csr_linear', 'csr_linear_has_avx2', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_encode', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
+__all__: list[str] = ['CsrPackedWeight', 'Int8PackedWeight', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'csr_linear', 'csr_linear_has_avx2', 'csr_linear_packed', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_encode', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_csr_weight', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
+class CsrPackedWeight:
+    """
+    A CSR weight prepared once for csr_linear (see pyserve.ops.pack_csr_weight).
+    
+    An immutable, validated copy in SELL-8-sigma layout (csrc/sparse/csr_packed_kernel.h): rows in
+    slices of 8, entries column-major within a slice, uint16 column indices when K <= 65536 (else
+    int32). Created by ``pack_csr_weight``; not constructible from Python.
+    """
+    @property
+    def index_bits(self) -> int:
+        """
+        16 (K <= 65536) or 32: bits per stored column index.
+        """
+    @property
+    def nbytes(self) -> int:
+        """
+        Bytes held by the packed copy.
+        """
+    @property
+    def nnz(self) -> int:
+        """
+        Number of stored nonzeros.
+        """
+    @property
+    def padding_ratio(self) -> float:
+        """
+        Stored entries (nonzeros plus slice padding) / nonzeros.
+        """
+    @property
+    def shape(self) -> tuple:
+        """
+        ``(N, K)`` of the weight.
+        """
+    @property
+    def sorted_rows(self) -> bool:
+        """
+        Whether rows were sorted by length within windows of 64 rows.
+        """
 class Int8PackedWeight:
     """
     int8 weights packed once for int8_linear (see pyserve.ops.pack_int8_weight).
@@ -111,6 +149,25 @@ def csr_linear(x: typing.Any, indptr: typing.Any, indices: typing.Any, values: t
 def csr_linear_has_avx2() -> bool:
     """
     True when csr_linear's AVX2+FMA path is compiled in and this CPU supports it.
+    """
+def csr_linear_packed(x: typing.Any, w: CsrPackedWeight, bias: typing.Any = None, force_portable: bool = False) -> typing.Any:
+    """
+    csr_linear with a weight from pack_csr_weight: ``[B, N]`` float32 = x @ W.T + bias.
+    
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``[B, K]`` float32, C-contiguous (CPU).
+    w : CsrPackedWeight
+    bias : numpy.ndarray or None
+        ``[N]`` float32.
+    force_portable : bool
+        Run the portable C++ path even where AVX2+FMA is available (for tests).
+    
+    Raises
+    ------
+    ValueError
+        Wrong rank, dtype or contiguity, ``x.shape[1] != K``, ``len(bias) != N``, or a CUDA ``x``.
     """
 def cuda_device_count() -> int:
     """
@@ -220,6 +277,33 @@ def int8_linear_packed(x: numpy.ndarray, w: Int8PackedWeight, w_scale: numpy.nda
     ------
     ValueError
         As int8_linear (the K mismatch names ``w_int8``).
+    """
+def pack_csr_weight(indptr: typing.Any, indices: typing.Any, values: typing.Any, K: typing.SupportsInt | typing.SupportsIndex, sort_rows: typing.SupportsInt | typing.SupportsIndex = -1) -> CsrPackedWeight:
+    """
+    Validate and pack a CSR weight once (see pyserve.ops.pack_csr_weight).
+    
+    Parameters
+    ----------
+    indptr : numpy.ndarray
+        ``[N + 1]`` int32 or int64, C-contiguous; ``indptr[0] == 0``, non-decreasing, ``indptr[N] == nnz``.
+    indices : numpy.ndarray
+        ``[nnz]`` int32 or int64 column indices in ``[0, K)``, strictly increasing within each row.
+    values : numpy.ndarray
+        ``[nnz]`` float32.
+    K : int
+        Columns of W, ``0 <= K < 2**31``.
+    sort_rows : int
+        -1: automatic (sort when natural slices of 8 rows would pad the entries by more than 25%);
+        0: natural row order; 1: rows sorted by length within windows of 64 rows.
+    
+    Returns
+    -------
+    CsrPackedWeight
+    
+    Raises
+    ------
+    ValueError
+        Naming the argument, on a wrong rank, dtype, contiguity, size or CSR structure, or K out of range.
     """
 def pack_indices(idx: numpy.ndarray, bits: typing.SupportsInt | typing.SupportsIndex) -> numpy.ndarray:
     """

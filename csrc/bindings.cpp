@@ -147,7 +147,7 @@ values : numpy.ndarray
 K : int
     Columns of W, ``0 <= K < 2**31``.
 sort_rows : int
-    -1: automatic (sort when natural slices of 8 rows would pad the entries by more than 25%);
+    -1: automatic (sort when natural slices of 8 rows would pad the entries by more than 5%);
     0: natural row order; 1: rows sorted by length within windows of 64 rows.
 
 Returns

@@ -420,14 +420,14 @@ CsrPacked csr_pack(const int64_t* indptr, int64_t N, const Index* indices, const
   w.index_bits = K <= kPackedMaxK16 ? 16 : 32;
   const int64_t S = w.slices;
   auto len_of = [&](int64_t n) { return indptr[n + 1] - indptr[n]; };
-  if (sort_rows < 0) {  // auto: sort when slices of natural rows would pad the entries by > 25%
+  if (sort_rows < 0) {  // auto: sort when slices of natural rows would pad the entries by > 5%
     int64_t padded = 0;
     for (int64_t s = 0; s < S; ++s) {
       int64_t longest = 0;
       for (int64_t n = s * C; n < std::min(N, s * C + C); ++n) longest = std::max(longest, len_of(n));
       padded += C * longest;
     }
-    sort_rows = 4 * padded > 5 * w.nnz ? 1 : 0;
+    sort_rows = 20 * padded > 21 * w.nnz ? 1 : 0;
   }
   w.sorted_rows = sort_rows > 0;
   // Lane p (slice p / 8, lane p % 8) holds row order[p]; p >= N are padding lanes.

@@ -7,8 +7,8 @@
 //   * the N rows of W [N, K] are cut into slices of 8 consecutive rows (the last slice padded with
 //     empty lanes). With sorted rows, rows are first sorted by length (descending, stable) inside
 //     windows of sigma = 64 rows, so that the rows of a slice have similar lengths (their section
-//     2.2); sort_rows < 0 (auto) sorts only when natural slices would pad the entries by more than
-//     25% (short, uneven rows: 99% sparsity at K = 768), else keeps the natural order;
+//     2.2); sort_rows < 0 (auto) sorts when natural slices would pad the entries by more than 5%
+//     (every BERT-shaped layer at >= 90% sparsity), else keeps the natural order;
 //   * slice s stores width[s] = (longest row of the slice) "columns" of 8 entries, column-major:
 //     entry j of lane r sits at slice_ptr[s] + 8 * j + r; a lane shorter than the width is padded
 //     with value 0 and column index 0 (padding is never read as data: see the kernels);

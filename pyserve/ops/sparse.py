@@ -249,8 +249,7 @@ def pack_csr_weight(indptr: Any, indices: Any, values: Any, K: int) -> "_C.CsrPa
         column-major (entry ``j`` of its 8 rows side by side), padded to its longest row; column
         indices as uint16 when ``K <= 65536`` (6 bytes per nonzero instead of CSR's 8), else int32;
         rows sorted by length within windows of 64 rows when natural slices would pad by more
-        than 5%. Pass it to
-        :func:`csr_linear` as ``indptr`` (``csr_linear(x, packed, bias=b)``).
+        than 5%. Pass it to :func:`csr_linear` as ``indptr`` (``csr_linear(x, packed, bias=b)``).
 
     Raises
     ------

@@ -73,7 +73,7 @@ def test_int8_layer_matches_numpy_reference(saved):
 
 
 @pytest.mark.parametrize("kernel,layers", [("csr", ("b.weight", "c.weight")), ("codebook", ("b.weight",))])
-def test_sparse_kernels_match_the_dense_graph(saved, kernel, layers):
+def test_sparse_kernels_match_the_dense_graph(saved, kernel, layers, monkeypatch):
     path, net = saved
     art = artifact.load_artifact(path)
     module, choices = native_module(art, kernels=kernel)
@@ -83,9 +83,16 @@ def test_sparse_kernels_match_the_dense_graph(saved, kernel, layers):
 
         packed = [b for b in module.buffers() if b.dtype == torch.float32 and sparse._CSR_CACHE.get(id(b))]
         assert len(packed) == 2
+        from pyserve import _C
+
+        calls = []
+        real = _C.csr_linear_packed
+        monkeypatch.setattr(_C, "csr_linear_packed", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(4, 3, 48)
     with torch.inference_mode():
         np.testing.assert_allclose(module(x).numpy(), net(x).numpy(), rtol=1e-5, atol=1e-5)
+    if kernel == "csr":
+        assert len(calls) == 2
 
 
 def test_auto_measures_and_picks_an_allowed_kernel(saved):

@@ -208,7 +208,7 @@ __attribute__((target("avx2,fma"))) inline __m256i load_x4(const int8_t* p) {
 // residual corrections; otherwise the vpsignb path (on xa too, plus the residuals of rows that split).
 template <int MR, bool SPLIT>
 __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t b0, const Chunk& ch, const uint8_t* wub,
-                                                     const int8_t* wt, const float* sx, const float* sw,
+                                                     const float* sx, const float* sw,
                                                      const float* bias, int64_t N, int64_t n0, float* y) {
   __m256i acc[MR][2];
   for (int i = 0; i < MR; ++i) {
@@ -219,7 +219,6 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
       acc[i][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ch.part + (b0 + i) * NR + 8));
     }
   }
-  (void)wt;  // residuals now read the packed block (below)
   const int64_t kq0 = ch.kq0, kq1 = ch.kq1;
   const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* xr[MR];
@@ -300,8 +299,9 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
   // L1: a residual r at k is one more activation, r in byte k & 3 of a 4-byte group (the other three
   // 0), through the same vpmaddubsw on wu = w + 128. Exact: an aligned pair holds at most one
   // residual and |r| <= 126, so each int16 is wu * r with |wu * r| <= 255 * 126 < 2^15. Its 128 r
-  // comes off at the end with rsum. (Reading W^T from wt instead cost 15-40% of the whole call:
-  // scattered reads of a 12-48 KB slice outside L1, mostly from L3 at B <= 8.)
+  // comes off at the end with rsum. (Reading them from a per-block copy of W^T instead, as before,
+  // cost 15-40% of the whole call: scattered reads of a 12-48 KB slice outside L1, mostly from L3 at
+  // B <= 8; benchmarks/native/int8_gemm.cpp, 2026-11-30.)
   for (int i = 0; i < MR; ++i) {
     const int64_t b = b0 + i;
     const int32_t cnt = P.count[b];
@@ -361,26 +361,26 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
 
 template <int MR>
 __attribute__((target("avx2,fma"))) void tile_dispatch(const Prepared& P, int64_t b0, const Chunk& ch, const uint8_t* wub,
-                                                       const int8_t* wtb, const float* sx, const float* sw,
+                                                       const float* sx, const float* sw,
                                                        const float* bias, int64_t N, int64_t n0, float* y) {
   bool split = true;
   for (int i = 0; i < MR; ++i) split &= P.count[b0 + i] >= 0;
   if (split)
-    tile_packed<MR, true>(P, b0, ch, wub, wtb, sx, sw, bias, N, n0, y);
+    tile_packed<MR, true>(P, b0, ch, wub, sx, sw, bias, N, n0, y);
   else
-    tile_packed<MR, false>(P, b0, ch, wub, wtb, sx, sw, bias, N, n0, y);
+    tile_packed<MR, false>(P, b0, ch, wub, sx, sw, bias, N, n0, y);
 }
 
 __attribute__((target("avx2,fma"))) void block_avx2(const Prepared& P, int64_t r0, int64_t rows, const Chunk& ch,
-                                                    const uint8_t* wub, const int8_t* wtb, const float* sx,
+                                                    const uint8_t* wub, const float* sx,
                                                     const float* sw, const float* bias, int64_t N, int64_t n0, float* y) {
   int64_t b = r0;
   const int64_t end = r0 + rows;
-  for (; b + kTileRows <= end; b += kTileRows) tile_dispatch<kTileRows>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y);
+  for (; b + kTileRows <= end; b += kTileRows) tile_dispatch<kTileRows>(P, b, ch, wub, sx, sw, bias, N, n0, y);
   switch (end - b) {
-    case 3: tile_dispatch<3>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
-    case 2: tile_dispatch<2>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
-    case 1: tile_dispatch<1>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
+    case 3: tile_dispatch<3>(P, b, ch, wub, sx, sw, bias, N, n0, y); break;
+    case 2: tile_dispatch<2>(P, b, ch, wub, sx, sw, bias, N, n0, y); break;
+    case 1: tile_dispatch<1>(P, b, ch, wub, sx, sw, bias, N, n0, y); break;
     default: break;
   }
 }
@@ -388,7 +388,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Prepared& P, int64_t r
 
 }  // namespace
 
-void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu, int8_t* wt) {
+void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu) {
   const int64_t Kq = int8_pack_kq(K), Npad = int8_pack_npad(N), blocks = Npad / NR;
 #pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (N * K >= (int64_t{1} << 22))
   for (int64_t nb = 0; nb < blocks; ++nb) {
@@ -401,43 +401,35 @@ void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu, int8_t* wt) {
           dst[(kq * NR + c) * 4 + e] = static_cast<uint8_t>(v + 128);
         }
   }
-#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (N * K >= (int64_t{1} << 22))
-  for (int64_t nb = 0; nb < blocks; ++nb) {
-    int8_t* dst = wt + nb * K * NR;
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t c = 0; c < NR; ++c) {
-        const int64_t n = nb * NR + c;
-        dst[k * NR + c] = n < N ? w[n * K + k] : 0;
-      }
-  }
 }
 
 void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const uint8_t* wu,
-                      const int8_t* wt, const float* w_scale, const float* bias, int64_t N, float* y) {
+                      const float* w_scale, const float* bias, int64_t N, float* y) {
   if (B == 0 || N == 0) return;
   const bool avx2 = cpu_has_avx2_fma();
   const int64_t Kq = int8_pack_kq(K), blocks = int8_pack_npad(N) / NR;
   Prepared P;
   prepare(xq, B, K, avx2, &P);
-  // K in chunks of 256 steps of 4 (16 KB of a block's packed weights: they stay in the 32 KB L1
-  // while every 4-row tile of the call passes over them; the partial sums, B x 16 int32, too).
-  constexpr int64_t KC = 256;
+  // K in chunks of 1024 steps of 4 (64 KB of a block's packed weights, L2-resident while every 4-row
+  // tile of the call streams them). Chunks of 256 steps (16 KB, L1-resident) were 5-9% slower for
+  // [768, 3072] at B = 8-128 (benchmarks/native/int8_gemm.cpp, 2026-11-30): the hardware prefetcher
+  // streams a block from L2 as fast as the micro-kernel reads it, and chunking adds a store and a
+  // reload of the partial sums per tile and chunk. So K <= 4096 (BERT, MiniLM) runs unchunked.
+  constexpr int64_t KC = 1024;
   const int64_t chunks = std::max<int64_t>(1, (Kq + KC - 1) / KC);
 #pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
   for (int64_t nb = 0; nb < blocks; ++nb) {
     const uint8_t* wub = wu + nb * Kq * NR * 4;
-    const int8_t* wtb = wt + nb * K * NR;
 #if PYSERVE_AVX2
     if (avx2) {
       std::vector<int32_t> part(chunks > 1 ? static_cast<size_t>(B * NR) : 0);
       for (int64_t c = 0; c < chunks; ++c) {
         const Chunk ch{c * KC, std::min(Kq, (c + 1) * KC), c == 0, c == chunks - 1, part.data()};
-        block_avx2(P, 0, B, ch, wub, wtb, x_scale, w_scale, bias, N, nb * NR, y);
+        block_avx2(P, 0, B, ch, wub, x_scale, w_scale, bias, N, nb * NR, y);
       }
       continue;
     }
 #endif
-    (void)wtb;
     block_portable(P, 0, B, K, wub, x_scale, w_scale, bias, N, nb * NR, y);
   }
 }

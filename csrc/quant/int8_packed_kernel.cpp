@@ -130,43 +130,47 @@ __attribute__((target("avx2,fma"))) int32_t split_row_avx2(const int8_t* xo, int
 }
 #endif
 
-void prepare(const int8_t* xq, int64_t B, int64_t K, bool avx2, Prepared* P) {
+// Sizes P's buffers for B rows of K (rows are filled by prepare_row).
+void prepare_alloc(int64_t B, int64_t K, bool avx2, Prepared* P) {
   const int64_t Kp = 4 * int8_pack_kq(K);
   P->Kp = Kp;
   P->cap = std::max<int64_t>(1, Kp / 16);
-  P->xa.assign(static_cast<size_t>(B * Kp), 0);
-  P->xsum.assign(static_cast<size_t>(B), 0);
-  P->rsum.assign(static_cast<size_t>(B), 0);
-  P->count.assign(static_cast<size_t>(B), -1);
+  P->xa.resize(static_cast<size_t>(B * Kp));
+  P->xsum.resize(static_cast<size_t>(B));
+  P->rsum.resize(static_cast<size_t>(B));
+  P->count.resize(static_cast<size_t>(B));
   P->rk.resize(static_cast<size_t>(B * P->cap));
   P->rv.resize(static_cast<size_t>(B * P->cap));
   P->roff.resize(avx2 ? static_cast<size_t>(B * P->cap) : 0);
   P->rx4.resize(avx2 ? static_cast<size_t>(B * P->cap) : 0);
-  for (int64_t b = 0; b < B; ++b) {
-    int8_t* xa = P->xa.data() + b * Kp;
-    if (K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // xq may be null at K = 0
-    int32_t* rk = P->rk.data() + b * P->cap;
-    int32_t* rv = P->rv.data() + b * P->cap;
-    int32_t n;  // split in place (each pair is read before it is written)
+}
+
+// Splits row b of xq [B, K] into P (xa, residuals, sums); rows are independent.
+void prepare_row(const int8_t* xq, int64_t b, int64_t K, bool avx2, Prepared* P) {
+  const int64_t Kp = P->Kp;
+  int8_t* xa = P->xa.data() + b * Kp;
+  if (K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // xq may be null at K = 0
+  std::memset(xa + K, 0, static_cast<size_t>(Kp - K));
+  int32_t* rk = P->rk.data() + b * P->cap;
+  int32_t* rv = P->rv.data() + b * P->cap;
+  int32_t n;  // split in place (each pair is read before it is written)
 #if PYSERVE_AVX2
-    if (avx2)
-      n = split_row_avx2(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
-    else
+  if (avx2)
+    n = split_row_avx2(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
+  else
 #endif
-      n = split_row(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
-    (void)avx2;
-    P->count[b] = n;
-    if (n < 0 && K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // partly split: restore
-    uint32_t rs = 0;
-    for (int32_t t = 0; t < n; ++t) rs += static_cast<uint32_t>(rv[t]);
-    P->rsum[b] = static_cast<int32_t>(rs);
-    if (avx2) {
-      int32_t* roff = P->roff.data() + b * P->cap;
-      int32_t* rx4 = P->rx4.data() + b * P->cap;
-      for (int32_t t = 0; t < n; ++t) {
-        roff[t] = (rk[t] >> 2) * 64;
-        rx4[t] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint8_t>(rv[t])) << (8 * (rk[t] & 3)));
-      }
+    n = split_row(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
+  P->count[b] = n;
+  if (n < 0 && K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // partly split: restore
+  uint32_t rs = 0;
+  for (int32_t t = 0; t < n; ++t) rs += static_cast<uint32_t>(rv[t]);
+  P->rsum[b] = static_cast<int32_t>(rs);  // 0 when the row did not split
+  if (avx2) {
+    int32_t* roff = P->roff.data() + b * P->cap;
+    int32_t* rx4 = P->rx4.data() + b * P->cap;
+    for (int32_t t = 0; t < n; ++t) {
+      roff[t] = (rk[t] >> 2) * 64;
+      rx4[t] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint8_t>(rv[t])) << (8 * (rk[t] & 3)));
     }
   }
 }
@@ -409,28 +413,35 @@ void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t
   const bool avx2 = cpu_has_avx2_fma();
   const int64_t Kq = int8_pack_kq(K), blocks = int8_pack_npad(N) / NR;
   Prepared P;
-  prepare(xq, B, K, avx2, &P);
+  prepare_alloc(B, K, avx2, &P);
   // K in chunks of 1024 steps of 4 (64 KB of a block's packed weights, L2-resident while every 4-row
   // tile of the call streams them). Chunks of 256 steps (16 KB, L1-resident) were 5-9% slower for
-  // [768, 3072] at B = 8-128 (benchmarks/native/int8_gemm.cpp, 2026-11-30): the hardware prefetcher
+  // [768, 3072] at B = 8-128 (benchmarks/native/int8_ab.cpp, 2026-11-30): the hardware prefetcher
   // streams a block from L2 as fast as the micro-kernel reads it, and chunking adds a store and a
   // reload of the partial sums per tile and chunk. So K <= 4096 (BERT, MiniLM) runs unchunked.
   constexpr int64_t KC = 1024;
   const int64_t chunks = std::max<int64_t>(1, (Kq + KC - 1) / KC);
-#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
-  for (int64_t nb = 0; nb < blocks; ++nb) {
-    const uint8_t* wub = wu + nb * Kq * NR * 4;
+  // One parallel region: the rows are split in parallel (over rows), then the channel blocks are
+  // computed in parallel (over N, never over rows: every thread streams its own weights once).
+#pragma omp parallel num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
+  {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) prepare_row(xq, b, K, avx2, &P);
+#pragma omp for schedule(static)
+    for (int64_t nb = 0; nb < blocks; ++nb) {
+      const uint8_t* wub = wu + nb * Kq * NR * 4;
 #if PYSERVE_AVX2
-    if (avx2) {
-      std::vector<int32_t> part(chunks > 1 ? static_cast<size_t>(B * NR) : 0);
-      for (int64_t c = 0; c < chunks; ++c) {
-        const Chunk ch{c * KC, std::min(Kq, (c + 1) * KC), c == 0, c == chunks - 1, part.data()};
-        block_avx2(P, 0, B, ch, wub, x_scale, w_scale, bias, N, nb * NR, y);
+      if (avx2) {
+        std::vector<int32_t> part(chunks > 1 ? static_cast<size_t>(B * NR) : 0);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const Chunk ch{c * KC, std::min(Kq, (c + 1) * KC), c == 0, c == chunks - 1, part.data()};
+          block_avx2(P, 0, B, ch, wub, x_scale, w_scale, bias, N, nb * NR, y);
+        }
+        continue;
       }
-      continue;
-    }
 #endif
-    block_portable(P, 0, B, K, wub, x_scale, w_scale, bias, N, nb * NR, y);
+      block_portable(P, 0, B, K, wub, x_scale, w_scale, bias, N, nb * NR, y);
+    }
   }
 }
 

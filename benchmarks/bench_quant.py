@@ -37,8 +37,8 @@ import numpy as np
 
 INT8_SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # [N, K]
 INT8_BATCHES = [1, 8, 64, 128]
-# --int8-shapes minilm: all-MiniLM-L6-v2's Linear layers (hidden 384, FFN 1536), B = tokens
-MINILM_SHAPES = [(384, 384), (1536, 384), (384, 1536)]
+# --int8-shapes minilm: all-MiniLM-L6-v2's Linear layers (hidden 384, fused QKV 1152, FFN 1536), B = tokens
+MINILM_SHAPES = [(384, 384), (1152, 384), (1536, 384), (384, 1536)]
 MINILM_BATCHES = [16, 64, 128]
 CB_SHAPES = [(768, 768), (3072, 768), (768, 3072)]
 CB_BITS = [4, 5]

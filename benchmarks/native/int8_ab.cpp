@@ -5,7 +5,7 @@
 // is the better estimate of a kernel's cost; medians moved ±20% between runs at load 10) and B's
 // speed-up over A, and checks the outputs are equal bit for bit ("MISMATCH" otherwise: expected only
 // for variants that drop work on purpose). "res/row": mean residuals per row (aligned pairs of
-// quantized x with |x0| + |x1| > 128; int8_kernel.h), Gaussian x.
+// quantized x with |x0 + x1| > 128; int8_kernel.h), Gaussian x.
 // Build and run from the repository root (A = the committed kernel, B = a modified copy):
 //   S=csrc/quant/int8_packed_kernel.cpp; F="-std=c++17 -O3 -Wno-unknown-pragmas -DPYSERVE_AVX2=1 -Icsrc"
 //   g++ $F -Dpyserve=pyA -c $S -o /tmp/a.o && g++ $F -Dpyserve=pyA -c csrc/common/threads.cpp -o /tmp/ta.o
@@ -14,7 +14,10 @@
 //       /tmp/a.o /tmp/ta.o /tmp/b.o /tmp/tb.o -o /tmp/int8_ab && /tmp/int8_ab [rounds, default 15]
 // Measured with it (2026-11-30, load 10-13): residuals read from a per-block W^T copy vs through the
 // packed block 1.02-2.1x; K chunks of 256 vs 1024 steps 1.05-1.09x at K = 3072; activations
-// re-packed into 4-row panels 0.91-1.05x (not kept); 6-row tiles 0.88-1.09x (not kept).
+// re-packed into 4-row panels 0.91-1.05x (not kept); 6-row tiles 0.88-1.09x (not kept); residual
+// pairs sharing one vpmaddubsw (vpblendw) 0.98-1.10x (not kept); a tile's rows in one residual loop
+// 0.92-1.06x (not kept); splitting only pairs with |x0 + x1| > 128 (not |x0| + |x1|: opposite signs
+// never saturate) 0.98-1.19x, 1.10-1.13x on MiniLM's shapes.
 #include <time.h>
 
 #include <algorithm>
@@ -66,7 +69,7 @@ int main(int argc, char** argv) {
       quantize_rows(xf.data(), B, K, xq.data(), sx.data(), nullptr);
       long res = 0;
       for (int64_t b = 0; b < B; ++b)
-        for (int64_t k = 0; k + 1 < K; k += 2) res += std::abs(xq[b * K + k]) + std::abs(xq[b * K + k + 1]) > 128;
+        for (int64_t k = 0; k + 1 < K; k += 2) res += std::abs(xq[b * K + k] + xq[b * K + k + 1]) > 128;
       auto fa = [&] { pyA::quant::int8_gemm_packed(xq.data(), sx.data(), B, K, wu.data(), sw.data(), bias.data(), N, y0.data()); };
       auto fb = [&] { pyB::quant::int8_gemm_packed(xq.data(), sx.data(), B, K, wu.data(), sw.data(), bias.data(), N, y1.data()); };
       fa();

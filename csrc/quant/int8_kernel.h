@@ -47,16 +47,18 @@ bool int8_avx2_active();
 // AVX2, per 4 k and 8 channels, 3 vector ops per activation row (the count fbgemm needs, without its
 // 7-bit activations): p16 = vpmaddubsw(wu, x4) with wu = w + 128 unsigned and x4 = four signed
 // activations broadcast; p32 = vpmaddwd(p16, 1); acc += p32. Each int16 of p16 is
-// wu[k] * x[k] + wu[k+1] * x[k+1], exact (no saturation) when |x[k]| + |x[k+1]| <= 128, since
-// 0 <= wu <= 255 and 255 * 128 = 32640 < 32767. So each activation row is split per call:
-// x = xa + xr, xa keeping every aligned pair within that bound (the larger of a violating pair is
-// cut to 128 - |smaller|, sign kept) and xr the sparse remainder (residuals), and
+// wu[k] * x[k] + wu[k+1] * x[k+1], exact (no saturation) when |x[k] + x[k+1]| <= 128, since
+// 0 <= wu <= 255: with x[k], x[k+1] of one sign the int16 is at most 255 |x[k] + x[k+1]| <= 32640
+// in magnitude; with opposite signs (or a 0) its two products have opposite signs, so it is at most
+// 255 * 128 = 32640 < 32767. So each activation row is split per call: x = xa + xr, xa keeping
+// every aligned pair within that bound (a violating pair has one sign; its larger value is cut to
+// 128 - |smaller|, sign kept) and xr the sparse remainder (residuals), and
 //   acc = sum_k xa[k] * wu[k] + sum_{k in xr} xr[k] * wu[k] - 128 * (sum_k xa[k] + sum_k xr[k])
 // in wrapping int32 arithmetic (the exact result fits int32 for K <= kInt8MaxK, so the wrap of the
 // intermediate sum cancels). A residual r at k goes through the same vpmaddubsw as one more
 // activation: r in byte k % 4 of an otherwise zero 4-byte group, against the 4-k group of wu that
 // holds k (in L1 while its chunk is computed). Exact too: an aligned pair holds at most one residual,
-// and |r| = |x0| + |x1| - 128 <= 126, so each int16 is wu * r, |wu * r| <= 255 * 126 < 32767.
+// and |r| = |x0 + x1| - 128 <= 126, so each int16 is wu * r, |wu * r| <= 255 * 126 < 32767.
 // A row with more than K / 16 residuals (e.g. activations all near +-127) is left as given, and its
 // 4-row tile takes the vpsignb path: |w| x (x * sign(w)), 4 ops, as int8_gemm (the tile's rows that
 // did split add their residuals as above, less 128 * sum_k xr[k]). Without AVX2: scalar int32 sums

@@ -45,7 +45,7 @@ inline float dequant(int32_t acc, float sx, float sw, const float* bias, int64_t
 // a row that did not (count = -1) holds the activations as given.
 struct Prepared {
   int64_t Kp = 0, cap = 0;
-  std::vector<int8_t> xa;      // [B][Kp] split activations (aligned pairs with |x0| + |x1| <= 128) or as given
+  std::vector<int8_t> xa;      // [B][Kp] split activations (aligned pairs with |x0 + x1| <= 128) or as given
   std::vector<int32_t> xsum;   // [B] sum of xa (wrapping)
   std::vector<int32_t> rsum;   // [B] sum of the row's residuals (wrapping; 0 for a row that did not split)
   std::vector<int32_t> count;  // [B] residuals of the row, or -1: the row did not split (vpsignb path)
@@ -72,7 +72,7 @@ int32_t split_row(const int8_t* xo, int64_t Kp, int8_t* xa, int32_t* rk, int32_t
   for (int64_t k = 0; k < Kp; k += 2) {
     int32_t x0 = xo[k], x1 = xo[k + 1];
     const int32_t a0 = x0 < 0 ? -x0 : x0, a1 = x1 < 0 ? -x1 : x1;
-    if (a0 + a1 > 128) {
+    if (x0 + x1 > 128 || x0 + x1 < -128) {  // then x0 and x1 have the same sign: |x0 + x1| = a0 + a1
       if (n >= cap) return -1;
       const bool first = a0 >= a1;
       const int32_t big = first ? x0 : x1, keep = 128 - (first ? a1 : a0);
@@ -101,10 +101,10 @@ __attribute__((target("avx2,fma"))) int32_t split_row_avx2(const int8_t* xo, int
   int64_t k = 0;
   for (; k + 32 <= Kp; k += 32) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo + k));
-    const __m256i pair = _mm256_maddubs_epi16(_mm256_abs_epi8(x), ones8);  // |x0| + |x1| as int16
-    if (_mm256_movemask_epi8(_mm256_cmpgt_epi16(pair, lim)) == 0) {
+    const __m256i pair = _mm256_maddubs_epi16(ones8, x);  // x0 + x1 as int16 (exact: |x0 + x1| <= 256)
+    if (_mm256_movemask_epi8(_mm256_cmpgt_epi16(_mm256_abs_epi16(pair), lim)) == 0) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xa + k), x);
-      vsum = _mm256_add_epi32(vsum, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16));
+      vsum = _mm256_add_epi32(vsum, _mm256_madd_epi16(pair, ones16));
       continue;
     }
     int32_t part = 0;

@@ -29,13 +29,14 @@ EPS32 = float(np.finfo(np.float32).eps)
 def _x(kind: str, B: int, K: int, seed: int) -> np.ndarray:
     """Activations whose quantized rows exercise one path of the packed kernel.
 
-    gauss:   ~2% of aligned pairs exceed |x0| + |x1| = 128 (a few residuals per row)
-    uniform: about half the pairs exceed it (more than K / 16 residuals: the vpsignb path)
-    sign:    every value quantizes to +-127 (every pair exceeds it)
+    gauss:   ~1-3% of aligned pairs exceed |x0 + x1| = 128 (a few residuals per row)
+    uniform: about a quarter of the pairs exceed it (more than K / 16 residuals: the vpsignb path)
+    sign:    every value quantizes to +-127 (every pair of one sign exceeds it)
     edge:    pairs right at the bound: (127, 1), (-127, -1), (64, 64), (127, -2), (-1, 128 - 1)
     mixed:   rows alternate gauss / sign, so 4-row tiles mix the two paths
     zeros:   all-zero rows (scale 1, every xq 0)
-    atcap:   each row holds exactly K_pad / 16 violating pairs (the most a row may have and still
+    atcap:   each row holds exactly K_pad / 16 violating pairs (one sign; opposite-sign pairs
+             with |x0| + |x1| > 128, which never saturate, are mixed in and must not split) (the most a row may have and still
              split; K_pad = 4 ceil(K / 4)), at random positions, so every byte k % 4 of a 4-k group
              and, for K > 4096, both sides of the K chunk boundaries carry residuals
     overcap: one violating pair more than that: those rows take the vpsignb path
@@ -64,10 +65,11 @@ def _x(kind: str, B: int, K: int, seed: int) -> np.ndarray:
         for b in range(B):
             if K // 2 == 0:
                 x[b, 0] = 127
-            for i, p in enumerate(rng.choice(K // 2, size=min(n, K // 2), replace=False)):
+            for i, p in enumerate(rng.choice(K // 2, size=min(2 * n, K // 2), replace=False)):
                 big = 127 if i == 0 else rng.integers(65, 128)
-                small = rng.integers(129 - big, 128)  # |big| + |small| >= 129: one residual
-                pair = [rng.choice([-1, 1]) * big, rng.choice([-1, 1]) * small]
+                small = rng.integers(129 - big, 128)  # |big| + |small| >= 129
+                sign = rng.choice([-1, 1])  # the first n pairs one sign (a residual), the rest opposite
+                pair = [sign * big, (sign if i < n else -sign) * small]
                 if rng.random() < 0.5:
                     pair.reverse()
                 x[b, 2 * p: 2 * p + 2] = pair

@@ -300,8 +300,8 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
     }
   }
   // This chunk's residuals (rows that split, in either path), from the packed block the main loop
-  // just streamed (L1 for K <= 1024, else L2): a residual r at k is one more activation, r in byte k & 3 of a 4-byte group (the other three
-  // 0), through the same vpmaddubsw on wu = w + 128. Exact: an aligned pair holds at most one
+  // just streamed (L1 for K <= 1024, else L2): a residual r at k is one more activation, r in byte
+  // k & 3 of a 4-byte group (the other three 0), through the same vpmaddubsw on wu = w + 128. Exact: an aligned pair holds at most one
   // residual and |r| <= 126, so each int16 is wu * r with |wu * r| <= 255 * 126 < 2^15. Its 128 r
   // comes off at the end with rsum. (Reading them from a per-block copy of W^T instead, as before,
   // cost 15-40% of the whole call: scattered reads of a 12-48 KB slice outside L1, mostly from L3 at

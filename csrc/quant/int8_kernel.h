@@ -57,8 +57,9 @@ bool int8_avx2_active();
 // in wrapping int32 arithmetic (the exact result fits int32 for K <= kInt8MaxK, so the wrap of the
 // intermediate sum cancels). A residual r at k goes through the same vpmaddubsw as one more
 // activation: r in byte k % 4 of an otherwise zero 4-byte group, against the 4-k group of wu that
-// holds k (the chunk the main loop just streamed: L1 for K <= 1024, else L2). Exact too: an aligned pair holds at most one residual,
-// and |r| = |x0 + x1| - 128 <= 126, so each int16 is wu * r, |wu * r| <= 255 * 126 < 32767.
+// holds k (the chunk the main loop just streamed: L1 for K <= 1024, else L2). Exact too: an aligned
+// pair holds at most one residual, and |r| = |x0 + x1| - 128 <= 126, so each int16 is wu * r,
+// |wu * r| <= 255 * 126 < 32767.
 // A row with more than K / 16 residuals (e.g. activations all near +-127) is left as given, and its
 // 4-row tile takes the vpsignb path: |w| x (x * sign(w)), 4 ops, as int8_gemm (the tile's rows that
 // did split add their residuals as above, less 128 * sum_k xr[k]). Without AVX2: scalar int32 sums

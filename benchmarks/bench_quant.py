@@ -14,6 +14,12 @@ Ratios > 1 mean pyserve is faster. Goals (issue 3): int8 >= 1.0x fbgemm everywhe
 dense fp32 at B = 1.
 
     python benchmarks/bench_quant.py [--threads 1,2] [--repeats 7] [--clock wall|cpu] [--only int8|codebook]
+        [--int8-shapes bert|minilm] [--peak-gmacs G]
+
+The int8 table also gives each int8 kernel's rate, GMAC/s (B * N * K multiply-adds per call, the
+activation quantization and the Python call included), and with --peak-gmacs G (this CPU's peak for
+the vpmaddubsw + vpmaddwd + vpaddd sequence both kernels use, per thread: benchmarks/native/
+int8_roofline.cpp, "int8 reg") its fraction of the roof, G x threads.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ import numpy as np
 
 INT8_SHAPES = [(768, 768), (3072, 768), (768, 3072)]  # [N, K]
 INT8_BATCHES = [1, 8, 64, 128]
-# --int8-shapes minilm: all-MiniLM-L6-v2's Linear layers (hidden 384, FFN 1536), B = tokens
-MINILM_SHAPES = [(384, 384), (1536, 384), (384, 1536)]
+# --int8-shapes minilm: all-MiniLM-L6-v2's Linear layers (hidden 384, fused QKV 1152, FFN 1536), B = tokens
+MINILM_SHAPES = [(384, 384), (1152, 384), (1536, 384), (384, 1536)]
 MINILM_BATCHES = [16, 64, 128]
 CB_SHAPES = [(768, 768), (3072, 768), (768, 3072)]
 CB_BITS = [4, 5]
@@ -150,16 +156,21 @@ def child(threads: int, repeats: int, only: str = "", int8_shapes: str = "bert")
     return rows
 
 
-def print_tables(threads: int, rows: dict) -> None:
+def print_tables(threads: int, rows: dict, peak_gmacs: float = 0.0) -> None:
     print(f"\n### int8_linear, {threads} thread(s) (median us per call; ratio = peer time / pyserve time; "
           f"load average {rows.get('load', '?')})\n")
+    roof = peak_gmacs * threads
     print("| W [N, K] | B | torch fp32 µs | torch int8 (fbgemm) µs | pyserve int8 packed µs | pyserve int8 rows µs "
-          "| packed vs fbgemm | rows vs fbgemm | packed vs fp32 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| packed vs fbgemm | rows vs fbgemm | packed vs fp32 | fbgemm GMAC/s | packed GMAC/s |"
+          + (f" fbgemm % of {roof:.0f} | packed % of {roof:.0f} |" if roof else ""))
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if roof else ""))
     for r in rows["int8"]:
+        macs = r["B"] * r["N"] * r["K"] / 1e3  # per us -> GMAC/s
+        rates = (macs / r["fbgemm_us"], macs / r["packed_us"])
         print(f"| [{r['N']}, {r['K']}] | {r['B']} | {r['fp32_us']:.1f} | {r['fbgemm_us']:.1f} | {r['packed_us']:.1f} "
               f"| {r['pyserve_us']:.1f} | {r['fbgemm_us'] / r['packed_us']:.2f}x | {r['fbgemm_us'] / r['pyserve_us']:.2f}x "
-              f"| {r['fp32_us'] / r['packed_us']:.2f}x |")
+              f"| {r['fp32_us'] / r['packed_us']:.2f}x | {rates[0]:.1f} | {rates[1]:.1f} |"
+              + (f" {100 * rates[0] / roof:.0f}% | {100 * rates[1] / roof:.0f}% |" if roof else ""))
     print(f"\n### codebook_linear, {threads} thread(s) (median us per call; ratio = dense time / pyserve time)\n")
     print("| W [N, K] | bits | B | dense fp32 hot | pyserve hot | vs dense hot | dense fp32 cold | pyserve cold "
           "| vs dense cold |")
@@ -180,6 +191,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["int8", "codebook"], default="", help="run one of the two tables")
     parser.add_argument("--int8-shapes", choices=["bert", "minilm"], default="bert",
                         help="int8 layer shapes: BERT-base (B 1/8/64/128) or all-MiniLM-L6-v2 (B 16/64/128 tokens)")
+    parser.add_argument("--peak-gmacs", type=float, default=0.0,
+                        help="per-thread int8 peak, GMAC/s (benchmarks/native/int8_roofline.cpp): adds %% of roof columns")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global CLOCK
@@ -197,7 +210,7 @@ def main() -> None:
                               "--clock", args.clock, "--int8-shapes", args.int8_shapes]
                              + (["--only", args.only] if args.only else []),
                              env=env, capture_output=True, text=True, check=True)
-        print_tables(threads, json.loads(out.stdout.strip().splitlines()[-1]))
+        print_tables(threads, json.loads(out.stdout.strip().splitlines()[-1]), args.peak_gmacs)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,7 @@ int main(int argc, char** argv) {
     quantize_rows(wf.data(), N, K, w.data(), sw.data(), nullptr);
     for (auto& v : bias) v = g(rng);
     std::vector<uint8_t> wu(int8_pack_wu_bytes(N, K));
-    std::vector<int8_t> wt(int8_pack_wt_bytes(N, K));
-    int8_pack(w.data(), N, K, wu.data(), wt.data());
+    int8_pack(w.data(), N, K, wu.data());
     for (int64_t B : {1, 8, 16, 64, 128}) {
       std::vector<float> xf(B * K), sx(B), y0(B * N), y1(B * N);
       for (auto& v : xf) v = draw();
@@ -70,7 +69,7 @@ int main(int argc, char** argv) {
       quantize_rows(xf.data(), B, K, xq.data(), sx.data(), nullptr);
       const double t0 = median_us([&] { int8_gemm(xq.data(), sx.data(), B, K, w.data(), sw.data(), bias.data(), N, y0.data()); });
       const double t1 = median_us([&] {
-        int8_gemm_packed(xq.data(), sx.data(), B, K, wu.data(), wt.data(), sw.data(), bias.data(), N, y1.data());
+        int8_gemm_packed(xq.data(), sx.data(), B, K, wu.data(), sw.data(), bias.data(), N, y1.data());
       });
       const bool same = std::memcmp(y0.data(), y1.data(), y0.size() * sizeof(float)) == 0;
       const double macs = double(B) * N * K;

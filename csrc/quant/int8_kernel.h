@@ -43,37 +43,41 @@ bool int8_avx2_active();
 //
 //   wu[((nb * Kq + kq) * 16 + c) * 4 + e] = w[16 nb + c, 4 kq + e] + 128   (uint8; padding: 128,
 //                                            i.e. w = 0; Kq = ceil(K / 4), nb < ceil(N / 16))
-//   wt[(nb * K + k) * 16 + c] = w[16 nb + c, k]   (int8, W transposed per block, padding 0)
 //
 // AVX2, per 4 k and 8 channels, 3 vector ops per activation row (the count fbgemm needs, without its
 // 7-bit activations): p16 = vpmaddubsw(wu, x4) with wu = w + 128 unsigned and x4 = four signed
 // activations broadcast; p32 = vpmaddwd(p16, 1); acc += p32. Each int16 of p16 is
-// wu[k] * x[k] + wu[k+1] * x[k+1], exact (no saturation) when |x[k]| + |x[k+1]| <= 128, since
-// 0 <= wu <= 255 and 255 * 128 = 32640 < 32767. So each activation row is split per call:
-// x = xa + xr, xa keeping every aligned pair within that bound (the larger of a violating pair is
-// cut to 128 - |smaller|, sign kept) and xr the sparse remainder (residuals), and
-//   acc = sum_k xa[k] * wu[k] - 128 * sum_k xa[k] + sum_{k in xr} xr[k] * wt[k, n]
+// wu[k] * x[k] + wu[k+1] * x[k+1], exact (no saturation) when |x[k] + x[k+1]| <= 128, since
+// 0 <= wu <= 255: with x[k], x[k+1] of one sign the int16 is at most 255 |x[k] + x[k+1]| <= 32640
+// in magnitude; with opposite signs (or a 0) its two products have opposite signs, so it is at most
+// 255 * 128 = 32640 < 32767. So each activation row is split per call: x = xa + xr, xa keeping
+// every aligned pair within that bound (a violating pair has one sign; its larger value is cut to
+// 128 - |smaller|, sign kept) and xr the sparse remainder (residuals), and
+//   acc = sum_k xa[k] * wu[k] + sum_{k in xr} xr[k] * wu[k] - 128 * (sum_k xa[k] + sum_k xr[k])
 // in wrapping int32 arithmetic (the exact result fits int32 for K <= kInt8MaxK, so the wrap of the
-// intermediate sum cancels). A row with more than K / 16 residuals (e.g. activations all near
-// +-127) is left as given, and its 4-row tile takes the vpsignb path: |w| x (x * sign(w)), 4 ops,
-// as int8_gemm (the tile's rows that did split add their residuals there too). Without AVX2:
-// scalar int32 sums over the packed layout.
+// intermediate sum cancels). A residual r at k goes through the same vpmaddubsw as one more
+// activation: r in byte k % 4 of an otherwise zero 4-byte group, against the 4-k group of wu that
+// holds k (the chunk the main loop just streamed: L1 for K <= 1024, else L2). Exact too: an aligned
+// pair holds at most one residual, and |r| = |x0 + x1| - 128 <= 126, so each int16 is wu * r,
+// |wu * r| <= 255 * 126 < 32767.
+// A row with more than K / 16 residuals (e.g. activations all near +-127) is left as given, and its
+// 4-row tile takes the vpsignb path: |w| x (x * sign(w)), 4 ops, as int8_gemm (the tile's rows that
+// did split add their residuals as above, less 128 * sum_k xr[k]). Without AVX2: scalar int32 sums
+// over the packed layout.
 constexpr int64_t kInt8PackNR = 16;
 inline int64_t int8_pack_kq(int64_t K) { return (K + 3) / 4; }
 inline int64_t int8_pack_npad(int64_t N) { return (N + kInt8PackNR - 1) / kInt8PackNR * kInt8PackNR; }
-// Bytes of wu and of wt for [N, K] weights.
+// Bytes of wu for [N, K] weights (Npad = 16 ceil(N / 16)).
 inline int64_t int8_pack_wu_bytes(int64_t N, int64_t K) { return int8_pack_npad(N) * int8_pack_kq(K) * 4; }
-inline int64_t int8_pack_wt_bytes(int64_t N, int64_t K) { return int8_pack_npad(N) * K; }
-// (Npad = 16 ceil(N / 16).)
 
-// Pack w [N, K] int8 (row stride K) into wu and wt (sizes above). OpenMP over channel blocks.
-void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu, int8_t* wt);
+// Pack w [N, K] int8 (row stride K) into wu (size above). OpenMP over channel blocks.
+void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu);
 
 // y[B, N] = dequant(xq[B, K] . w[N, K]^T) + bias from packed weights: equal to int8_gemm's output
 // for the same arguments. OpenMP over blocks of 16 channels; within a block K runs in chunks of
-// 1024 (16 KB of packed weights, resident in L1 while all rows pass), partial sums kept in int32.
+// 4096 (64 KB of packed weights, resident in L2 while all rows pass), partial sums kept in int32.
 void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const uint8_t* wu,
-                      const int8_t* wt, const float* w_scale, const float* bias, int64_t N, float* y);
+                      const float* w_scale, const float* bias, int64_t N, float* y);
 
 }  // namespace quant
 }  // namespace pyserve

@@ -100,15 +100,13 @@ Int8PackedWeight int8_pack_weight(const py::array& w_int8) {
   PYSERVE_CHECK_ARG(K <= quant::kInt8MaxK, kPackOp, "w_int8", "expected K = w_int8.shape[1] <= ", quant::kInt8MaxK,
                     " (exact int32 accumulation), got K = ", K);
   py::array_t<uint8_t> wu(static_cast<py::ssize_t>(quant::int8_pack_wu_bytes(N, K)));
-  py::array_t<int8_t> wt(static_cast<py::ssize_t>(quant::int8_pack_wt_bytes(N, K)));
   const int8_t* wp = static_cast<const int8_t*>(w_int8.data());
   uint8_t* up = wu.mutable_data();
-  int8_t* tp = wt.mutable_data();
   {
     py::gil_scoped_release release;
-    quant::int8_pack(wp, N, K, up, tp);
+    quant::int8_pack(wp, N, K, up);
   }
-  return Int8PackedWeight(std::move(wu), std::move(wt), N, K);
+  return Int8PackedWeight(std::move(wu), N, K);
 }
 
 py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, const py::array& w_scale,
@@ -118,7 +116,7 @@ py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, cons
   const float* bias_ptr = check_linear_args(x, N, K, w_scale, bias, "w_int8");
   const float* sp = static_cast<const float*>(w_scale.data());
   return run_linear(x, N, [&](const int8_t* xq, const float* sx, float* yp) {
-    quant::int8_gemm_packed(xq, sx, B, K, w.wu(), w.wt(), sp, bias_ptr, N, yp);
+    quant::int8_gemm_packed(xq, sx, B, K, w.wu(), sp, bias_ptr, N, yp);
   });
 }
 

@@ -21,18 +21,15 @@ pybind11::array int8_linear(const pybind11::array& x, const pybind11::array& w_i
 // bytes are a copy, so later writes to the source array do not reach them.
 class Int8PackedWeight {
  public:
-  Int8PackedWeight(pybind11::array_t<uint8_t> wu, pybind11::array_t<int8_t> wt, int64_t N, int64_t K)
-      : wu_(std::move(wu)), wt_(std::move(wt)), N_(N), K_(K) {}
+  Int8PackedWeight(pybind11::array_t<uint8_t> wu, int64_t N, int64_t K) : wu_(std::move(wu)), N_(N), K_(K) {}
   int64_t rows() const { return N_; }
   int64_t cols() const { return K_; }
   pybind11::tuple shape() const { return pybind11::make_tuple(N_, K_); }
-  int64_t nbytes() const { return static_cast<int64_t>(wu_.nbytes() + wt_.nbytes()); }
+  int64_t nbytes() const { return static_cast<int64_t>(wu_.nbytes()); }
   const uint8_t* wu() const { return wu_.data(); }
-  const int8_t* wt() const { return wt_.data(); }
 
  private:
   pybind11::array_t<uint8_t> wu_;
-  pybind11::array_t<int8_t> wt_;
   int64_t N_, K_;
 };
 

@@ -45,11 +45,16 @@ inline float dequant(int32_t acc, float sx, float sw, const float* bias, int64_t
 // a row that did not (count = -1) holds the activations as given.
 struct Prepared {
   int64_t Kp = 0, cap = 0;
-  std::vector<int8_t> xa;      // [B][Kp] split activations (aligned pairs with |x0| + |x1| <= 128) or as given
+  std::vector<int8_t> xa;      // [B][Kp] split activations (aligned pairs with |x0 + x1| <= 128) or as given
   std::vector<int32_t> xsum;   // [B] sum of xa (wrapping)
+  std::vector<int32_t> rsum;   // [B] sum of the row's residuals (wrapping; 0 for a row that did not split)
   std::vector<int32_t> count;  // [B] residuals of the row, or -1: the row did not split (vpsignb path)
   std::vector<int32_t> rk;     // [B][cap] residual positions
   std::vector<int32_t> rv;     // [B][cap] residual values
+  // AVX2 path, per residual of rk/rv: the byte offset of its 4-k group in a channel block of wu
+  // (64 * (k / 4)) and its value placed in byte k % 4 of a 4-byte group (the other bytes 0).
+  std::vector<int32_t> roff;   // [B][cap]
+  std::vector<int32_t> rx4;    // [B][cap]
 };
 
 // A range of k / 4 steps of one channel block: the first starts the accumulators at zero, the
@@ -67,7 +72,7 @@ int32_t split_row(const int8_t* xo, int64_t Kp, int8_t* xa, int32_t* rk, int32_t
   for (int64_t k = 0; k < Kp; k += 2) {
     int32_t x0 = xo[k], x1 = xo[k + 1];
     const int32_t a0 = x0 < 0 ? -x0 : x0, a1 = x1 < 0 ? -x1 : x1;
-    if (a0 + a1 > 128) {
+    if (x0 + x1 > 128 || x0 + x1 < -128) {  // then x0 and x1 have the same sign: |x0 + x1| = a0 + a1
       if (n >= cap) return -1;
       const bool first = a0 >= a1;
       const int32_t big = first ? x0 : x1, keep = 128 - (first ? a1 : a0);
@@ -96,10 +101,10 @@ __attribute__((target("avx2,fma"))) int32_t split_row_avx2(const int8_t* xo, int
   int64_t k = 0;
   for (; k + 32 <= Kp; k += 32) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo + k));
-    const __m256i pair = _mm256_maddubs_epi16(_mm256_abs_epi8(x), ones8);  // |x0| + |x1| as int16
-    if (_mm256_movemask_epi8(_mm256_cmpgt_epi16(pair, lim)) == 0) {
+    const __m256i pair = _mm256_maddubs_epi16(ones8, x);  // x0 + x1 as int16 (exact: |x0 + x1| <= 256)
+    if (_mm256_movemask_epi8(_mm256_cmpgt_epi16(_mm256_abs_epi16(pair), lim)) == 0) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xa + k), x);
-      vsum = _mm256_add_epi32(vsum, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x), ones16));
+      vsum = _mm256_add_epi32(vsum, _mm256_madd_epi16(pair, ones16));
       continue;
     }
     int32_t part = 0;
@@ -125,30 +130,48 @@ __attribute__((target("avx2,fma"))) int32_t split_row_avx2(const int8_t* xo, int
 }
 #endif
 
-void prepare(const int8_t* xq, int64_t B, int64_t K, bool avx2, Prepared* P) {
+// Sizes P's buffers for B rows of K (rows are filled by prepare_row).
+void prepare_alloc(int64_t B, int64_t K, bool avx2, Prepared* P) {
   const int64_t Kp = 4 * int8_pack_kq(K);
   P->Kp = Kp;
   P->cap = std::max<int64_t>(1, Kp / 16);
-  P->xa.assign(static_cast<size_t>(B * Kp), 0);
-  P->xsum.assign(static_cast<size_t>(B), 0);
-  P->count.assign(static_cast<size_t>(B), -1);
+  P->xa.resize(static_cast<size_t>(B * Kp));
+  P->xsum.resize(static_cast<size_t>(B));
+  P->rsum.resize(static_cast<size_t>(B));
+  P->count.resize(static_cast<size_t>(B));
   P->rk.resize(static_cast<size_t>(B * P->cap));
   P->rv.resize(static_cast<size_t>(B * P->cap));
-  for (int64_t b = 0; b < B; ++b) {
-    int8_t* xa = P->xa.data() + b * Kp;
-    if (K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // xq may be null at K = 0
-    int32_t* rk = P->rk.data() + b * P->cap;
-    int32_t* rv = P->rv.data() + b * P->cap;
-    int32_t n;  // split in place (each pair is read before it is written)
+  P->roff.resize(avx2 ? static_cast<size_t>(B * P->cap) : 0);
+  P->rx4.resize(avx2 ? static_cast<size_t>(B * P->cap) : 0);
+}
+
+// Splits row b of xq [B, K] into P (xa, residuals, sums); rows are independent.
+void prepare_row(const int8_t* xq, int64_t b, int64_t K, bool avx2, Prepared* P) {
+  const int64_t Kp = P->Kp;
+  int8_t* xa = P->xa.data() + b * Kp;
+  if (K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // xq may be null at K = 0
+  std::memset(xa + K, 0, static_cast<size_t>(Kp - K));
+  int32_t* rk = P->rk.data() + b * P->cap;
+  int32_t* rv = P->rv.data() + b * P->cap;
+  int32_t n;  // split in place (each pair is read before it is written)
 #if PYSERVE_AVX2
-    if (avx2)
-      n = split_row_avx2(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
-    else
+  if (avx2)
+    n = split_row_avx2(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
+  else
 #endif
-      n = split_row(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
-    (void)avx2;
-    P->count[b] = n;
-    if (n < 0 && K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // partly split: restore
+    n = split_row(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
+  P->count[b] = n;
+  if (n < 0 && K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // partly split: restore
+  uint32_t rs = 0;
+  for (int32_t t = 0; t < n; ++t) rs += static_cast<uint32_t>(rv[t]);
+  P->rsum[b] = static_cast<int32_t>(rs);  // 0 when the row did not split
+  if (avx2) {
+    int32_t* roff = P->roff.data() + b * P->cap;
+    int32_t* rx4 = P->rx4.data() + b * P->cap;
+    for (int32_t t = 0; t < n; ++t) {
+      roff[t] = (rk[t] >> 2) * 64;
+      rx4[t] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint8_t>(rv[t])) << (8 * (rk[t] & 3)));
+    }
   }
 }
 
@@ -189,7 +212,7 @@ __attribute__((target("avx2,fma"))) inline __m256i load_x4(const int8_t* p) {
 // residual corrections; otherwise the vpsignb path (on xa too, plus the residuals of rows that split).
 template <int MR, bool SPLIT>
 __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t b0, const Chunk& ch, const uint8_t* wub,
-                                                     const int8_t* wt, const float* sx, const float* sw,
+                                                     const float* sx, const float* sw,
                                                      const float* bias, int64_t N, int64_t n0, float* y) {
   __m256i acc[MR][2];
   for (int i = 0; i < MR; ++i) {
@@ -276,6 +299,32 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
       }
     }
   }
+  // This chunk's residuals (rows that split, in either path), from the packed block the main loop
+  // just streamed (L1 for K <= 1024, else L2): a residual r at k is one more activation, r in byte
+  // k & 3 of a 4-byte group (the other three 0), through the same vpmaddubsw on wu = w + 128. Exact: an aligned pair holds at most one
+  // residual and |r| <= 126, so each int16 is wu * r with |wu * r| <= 255 * 126 < 2^15. Its 128 r
+  // comes off at the end with rsum. (Reading them from a per-block copy of W^T instead, as before,
+  // cost 15-40% of the whole call: scattered reads of a 12-48 KB slice outside L1, mostly from L3 at
+  // B <= 8; benchmarks/native/int8_gemm.cpp, 2026-11-30.)
+  for (int i = 0; i < MR; ++i) {
+    const int64_t b = b0 + i;
+    const int32_t cnt = P.count[b];
+    if (cnt <= 0) continue;
+    const int32_t* roff = P.roff.data() + b * P.cap;
+    const int32_t* rx4 = P.rx4.data() + b * P.cap;
+    const int64_t lo = ch.first ? 0 : std::lower_bound(roff, roff + cnt, static_cast<int32_t>(64 * kq0)) - roff;
+    const int64_t hi = ch.last ? cnt : std::lower_bound(roff + lo, roff + cnt, static_cast<int32_t>(64 * kq1)) - roff;
+    __m256i r0 = acc[i][0], r1 = acc[i][1];
+    for (int64_t t = lo; t < hi; ++t) {
+      const __m256i xb = _mm256_set1_epi32(rx4[t]);
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + roff[t]));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wub + roff[t] + 32));
+      r0 = _mm256_add_epi32(r0, _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xb), ones));
+      r1 = _mm256_add_epi32(r1, _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xb), ones));
+    }
+    acc[i][0] = r0;
+    acc[i][1] = r1;
+  }
   if (!ch.last) {
     for (int i = 0; i < MR; ++i) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(ch.part + (b0 + i) * NR), acc[i][0]);
@@ -286,20 +335,11 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
   for (int i = 0; i < MR; ++i) {
     const int64_t b = b0 + i;
     __m256i v0 = acc[i][0], v1 = acc[i][1];
-    if (SPLIT) {
-      const __m256i c = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(P.xsum[b]) * 128u));
+    {  // 128 * (everything that went through wu = w + 128): xa in the split path, residuals in both
+      const uint32_t through_wu = (SPLIT ? static_cast<uint32_t>(P.xsum[b]) : 0u) + static_cast<uint32_t>(P.rsum[b]);
+      const __m256i c = _mm256_set1_epi32(static_cast<int32_t>(through_wu * 128u));
       v0 = _mm256_sub_epi32(v0, c);
       v1 = _mm256_sub_epi32(v1, c);
-    }
-    {  // residuals (none for a row that did not split: count = -1)
-      const int32_t* rk = P.rk.data() + b * P.cap;
-      const int32_t* rv = P.rv.data() + b * P.cap;
-      for (int32_t t = 0; t < P.count[b]; ++t) {
-        const int8_t* col = wt + static_cast<int64_t>(rk[t]) * NR;
-        const __m256i r = _mm256_set1_epi32(rv[t]);
-        v0 = _mm256_add_epi32(v0, _mm256_mullo_epi32(r, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(col)))));
-        v1 = _mm256_add_epi32(v1, _mm256_mullo_epi32(r, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(col + 8)))));
-      }
     }
     float* yr = y + b * N;
     if (n0 + NR <= N) {
@@ -325,26 +365,26 @@ __attribute__((target("avx2,fma"))) void tile_packed(const Prepared& P, int64_t 
 
 template <int MR>
 __attribute__((target("avx2,fma"))) void tile_dispatch(const Prepared& P, int64_t b0, const Chunk& ch, const uint8_t* wub,
-                                                       const int8_t* wtb, const float* sx, const float* sw,
+                                                       const float* sx, const float* sw,
                                                        const float* bias, int64_t N, int64_t n0, float* y) {
   bool split = true;
   for (int i = 0; i < MR; ++i) split &= P.count[b0 + i] >= 0;
   if (split)
-    tile_packed<MR, true>(P, b0, ch, wub, wtb, sx, sw, bias, N, n0, y);
+    tile_packed<MR, true>(P, b0, ch, wub, sx, sw, bias, N, n0, y);
   else
-    tile_packed<MR, false>(P, b0, ch, wub, wtb, sx, sw, bias, N, n0, y);
+    tile_packed<MR, false>(P, b0, ch, wub, sx, sw, bias, N, n0, y);
 }
 
 __attribute__((target("avx2,fma"))) void block_avx2(const Prepared& P, int64_t r0, int64_t rows, const Chunk& ch,
-                                                    const uint8_t* wub, const int8_t* wtb, const float* sx,
+                                                    const uint8_t* wub, const float* sx,
                                                     const float* sw, const float* bias, int64_t N, int64_t n0, float* y) {
   int64_t b = r0;
   const int64_t end = r0 + rows;
-  for (; b + kTileRows <= end; b += kTileRows) tile_dispatch<kTileRows>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y);
+  for (; b + kTileRows <= end; b += kTileRows) tile_dispatch<kTileRows>(P, b, ch, wub, sx, sw, bias, N, n0, y);
   switch (end - b) {
-    case 3: tile_dispatch<3>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
-    case 2: tile_dispatch<2>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
-    case 1: tile_dispatch<1>(P, b, ch, wub, wtb, sx, sw, bias, N, n0, y); break;
+    case 3: tile_dispatch<3>(P, b, ch, wub, sx, sw, bias, N, n0, y); break;
+    case 2: tile_dispatch<2>(P, b, ch, wub, sx, sw, bias, N, n0, y); break;
+    case 1: tile_dispatch<1>(P, b, ch, wub, sx, sw, bias, N, n0, y); break;
     default: break;
   }
 }
@@ -352,7 +392,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Prepared& P, int64_t r
 
 }  // namespace
 
-void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu, int8_t* wt) {
+void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu) {
   const int64_t Kq = int8_pack_kq(K), Npad = int8_pack_npad(N), blocks = Npad / NR;
 #pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (N * K >= (int64_t{1} << 22))
   for (int64_t nb = 0; nb < blocks; ++nb) {
@@ -365,44 +405,43 @@ void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu, int8_t* wt) {
           dst[(kq * NR + c) * 4 + e] = static_cast<uint8_t>(v + 128);
         }
   }
-#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (N * K >= (int64_t{1} << 22))
-  for (int64_t nb = 0; nb < blocks; ++nb) {
-    int8_t* dst = wt + nb * K * NR;
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t c = 0; c < NR; ++c) {
-        const int64_t n = nb * NR + c;
-        dst[k * NR + c] = n < N ? w[n * K + k] : 0;
-      }
-  }
 }
 
 void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const uint8_t* wu,
-                      const int8_t* wt, const float* w_scale, const float* bias, int64_t N, float* y) {
+                      const float* w_scale, const float* bias, int64_t N, float* y) {
   if (B == 0 || N == 0) return;
   const bool avx2 = cpu_has_avx2_fma();
   const int64_t Kq = int8_pack_kq(K), blocks = int8_pack_npad(N) / NR;
   Prepared P;
-  prepare(xq, B, K, avx2, &P);
-  // K in chunks of 256 steps of 4 (16 KB of a block's packed weights: they stay in the 32 KB L1
-  // while every 4-row tile of the call passes over them; the partial sums, B x 16 int32, too).
-  constexpr int64_t KC = 256;
+  prepare_alloc(B, K, avx2, &P);
+  // K in chunks of 1024 steps of 4 (64 KB of a block's packed weights, L2-resident while every 4-row
+  // tile of the call streams them). Chunks of 256 steps (16 KB, L1-resident) were 5-9% slower for
+  // [768, 3072] at B = 8-128 (benchmarks/native/int8_ab.cpp, 2026-11-30): the hardware prefetcher
+  // streams a block from L2 as fast as the micro-kernel reads it, and chunking adds a store and a
+  // reload of the partial sums per tile and chunk. So K <= 4096 (BERT, MiniLM) runs unchunked.
+  constexpr int64_t KC = 1024;
   const int64_t chunks = std::max<int64_t>(1, (Kq + KC - 1) / KC);
-#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
-  for (int64_t nb = 0; nb < blocks; ++nb) {
-    const uint8_t* wub = wu + nb * Kq * NR * 4;
-    const int8_t* wtb = wt + nb * K * NR;
+  // One parallel region: the rows are split in parallel (over rows), then the channel blocks are
+  // computed in parallel (over N, never over rows: every thread streams its own weights once).
+#pragma omp parallel num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
+  {
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) prepare_row(xq, b, K, avx2, &P);
+#pragma omp for schedule(static)
+    for (int64_t nb = 0; nb < blocks; ++nb) {
+      const uint8_t* wub = wu + nb * Kq * NR * 4;
 #if PYSERVE_AVX2
-    if (avx2) {
-      std::vector<int32_t> part(chunks > 1 ? static_cast<size_t>(B * NR) : 0);
-      for (int64_t c = 0; c < chunks; ++c) {
-        const Chunk ch{c * KC, std::min(Kq, (c + 1) * KC), c == 0, c == chunks - 1, part.data()};
-        block_avx2(P, 0, B, ch, wub, wtb, x_scale, w_scale, bias, N, nb * NR, y);
+      if (avx2) {
+        std::vector<int32_t> part(chunks > 1 ? static_cast<size_t>(B * NR) : 0);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const Chunk ch{c * KC, std::min(Kq, (c + 1) * KC), c == 0, c == chunks - 1, part.data()};
+          block_avx2(P, 0, B, ch, wub, x_scale, w_scale, bias, N, nb * NR, y);
+        }
+        continue;
       }
-      continue;
-    }
 #endif
-    (void)wtb;
-    block_portable(P, 0, B, K, wub, x_scale, w_scale, bias, N, nb * NR, y);
+      block_portable(P, 0, B, K, wub, x_scale, w_scale, bias, N, nb * NR, y);
+    }
   }
 }
 

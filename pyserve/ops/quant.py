@@ -205,8 +205,8 @@ def pack_int8_weight(w_int8: Any) -> "_C.Int8PackedWeight":
     Returns
     -------
     pyserve._C.Int8PackedWeight
-        An immutable packed copy (``.shape`` is ``(N, K)``, ``.nbytes`` about ``2 * N * K``: the
-        weights plus 128 as uint8 in blocks of 16 channels x 4 k, and W transposed per block).
+        An immutable packed copy (``.shape`` is ``(N, K)``, ``.nbytes`` about ``N * K``: the
+        weights plus 128 as uint8 in blocks of 16 channels x 4 k).
         Pass it to :func:`int8_linear` as ``w_int8``: the result is bit for bit the one the plain
         array gives, from a faster kernel (4 activation rows x 16 channels register tile, 3 AVX2
         ops per 32 multiply-adds instead of 4; ``csrc/quant/int8_kernel.h``).

@@ -29,12 +29,17 @@ EPS32 = float(np.finfo(np.float32).eps)
 def _x(kind: str, B: int, K: int, seed: int) -> np.ndarray:
     """Activations whose quantized rows exercise one path of the packed kernel.
 
-    gauss:   ~2% of aligned pairs exceed |x0| + |x1| = 128 (a few residuals per row)
-    uniform: about half the pairs exceed it (more than K / 16 residuals: the vpsignb path)
-    sign:    every value quantizes to +-127 (every pair exceeds it)
+    gauss:   ~1-3% of aligned pairs exceed |x0 + x1| = 128 (a few residuals per row)
+    uniform: about a quarter of the pairs exceed it (more than K / 16 residuals: the vpsignb path)
+    sign:    every value quantizes to +-127 (every pair of one sign exceeds it)
     edge:    pairs right at the bound: (127, 1), (-127, -1), (64, 64), (127, -2), (-1, 128 - 1)
     mixed:   rows alternate gauss / sign, so 4-row tiles mix the two paths
     zeros:   all-zero rows (scale 1, every xq 0)
+    atcap:   each row holds exactly K_pad / 16 violating pairs (one sign; opposite-sign pairs
+             with |x0| + |x1| > 128, which never saturate, are mixed in and must not split) (the most a row may have and still
+             split; K_pad = 4 ceil(K / 4)), at random positions, so every byte k % 4 of a 4-k group
+             and, for K > 4096, both sides of the K chunk boundaries carry residuals
+    overcap: one violating pair more than that: those rows take the vpsignb path
     """
     rng = np.random.default_rng(seed)
     if kind == "gauss":
@@ -52,6 +57,23 @@ def _x(kind: str, B: int, K: int, seed: int) -> np.ndarray:
         return x
     if kind == "zeros":
         return np.zeros((B, K), np.float32)
+    if kind in ("atcap", "overcap"):
+        # values in quantized units: each row's largest |x| is 127 (the first violating pair's
+        # larger value), so x_scale = 1 and xq = x; other values |x| <= 30 never violate
+        x = rng.integers(-30, 31, (B, K)).astype(np.float32)
+        n = max(1, (4 * ((K + 3) // 4)) // 16) + (kind == "overcap")
+        for b in range(B):
+            if K // 2 == 0:
+                x[b, 0] = 127
+            for i, p in enumerate(rng.choice(K // 2, size=min(2 * n, K // 2), replace=False)):
+                big = 127 if i == 0 else rng.integers(65, 128)
+                small = rng.integers(129 - big, 128)  # |big| + |small| >= 129
+                sign = rng.choice([-1, 1])  # the first n pairs one sign (a residual), the rest opposite
+                pair = [sign * big, (sign if i < n else -sign) * small]
+                if rng.random() < 0.5:
+                    pair.reverse()
+                x[b, 2 * p: 2 * p + 2] = pair
+        return x
     raise ValueError(kind)
 
 
@@ -75,11 +97,12 @@ def _weights(N, K, seed, full_range=False):
     return quantize_per_channel(rng.standard_normal((N, K)).astype(np.float32))
 
 
-@pytest.mark.parametrize("kind", ["gauss", "uniform", "sign", "edge", "mixed", "zeros"])
+@pytest.mark.parametrize("kind", ["gauss", "uniform", "sign", "edge", "mixed", "zeros", "atcap", "overcap"])
 @pytest.mark.parametrize(
     "B,K,N",
     [(1, 1, 1), (3, 5, 17), (4, 16, 16), (5, 33, 31), (8, 768, 48), (13, 130, 33), (64, 257, 20),
-     (9, 1030, 20), (6, 2049, 17)],  # K > 1024: several K chunks of 1024, the last short
+     (9, 1030, 20), (6, 2049, 17),
+     (7, 4097, 18), (5, 9000, 33)],  # K > 4096: several K chunks of 4096, the last short
 )
 def test_packed_equals_row_kernel_and_reference(kind, B, K, N):
     x = _x(kind, B, K, seed=B * 1000 + K)
@@ -106,7 +129,7 @@ def test_packed_empty_shapes(B, K, N):
 
 
 def test_packed_split_arithmetic_by_hand():
-    """Pairs over the bound are cut and their residuals added back from W transposed: an int sum
+    """Pairs over the bound are cut and their residuals added back through the packed block: an int sum
     checked against integer arithmetic done here (x_scale = 1: amax 127; w_scale = 1)."""
     x = np.array([[127, 127, -127, -100, 3, 125, 0, 0, -1, 127, 64, 64]], np.float32)
     w = np.array([[127, -128, 5, -7, 100, -100, 9, 9, 127, 127, -128, -128],

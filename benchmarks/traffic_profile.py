@@ -137,6 +137,7 @@ def main(argv=None) -> int:
         fails_now.touch()
         pid = srv.proc.pid
         lat = {r: [] for r in routes}
+        block_p99 = {r: [] for r in routes}
         cpu = {r: [] for r in routes}
         main_cpu = {r: [] for r in routes}
         polls = {r: 0 for r in routes}
@@ -181,6 +182,7 @@ def main(argv=None) -> int:
                     cpu[r].append(c1[0] - c0[0])
                     main_cpu[r].append(c1[1] - c0[1])
                     lat[r].extend(blk)
+                    block_p99[r].append(np.percentile(blk, 99))
                     if not args.no_profile:
                         os.kill(pid, signal.SIGUSR2)
                         for _ in range(100):
@@ -206,12 +208,20 @@ def main(argv=None) -> int:
           f"shadows: {tb.ISOLATION_TEXT[args.isolation]}, load average {min(load):.1f}-{max(load):.1f}; "
           f"profiler {'off' if args.no_profile else 'on (slows the server)'}; the settle polls' Report RPCs "
           f"subtracted: {', '.join(f'{r} {polls[r]} x {1e3 * per_poll[r][0]:.1f} ms' for r in routes if r != 'none')})\n")
+    import pyserve
+
+    print(f"pyserve from {Path(pyserve.__file__).parent}")
+    base99 = np.percentile(lat["none"], 99)
     rows = []
     for r in routes:
-        rows.append([r, n[r], f"{1e3 * np.percentile(lat[r], 50):.3f}", f"{1e3 * np.percentile(lat[r], 99):.3f}",
+        p99 = np.percentile(lat[r], 99)
+        med = float(np.median([a / b - 1 for a, b in zip(block_p99[r], block_p99["none"])]))
+        rows.append([r, n[r], f"{1e3 * np.percentile(lat[r], 50):.3f}", f"{1e3 * p99:.3f}",
+                     "-" if r == "none" else f"{100 * (p99 / base99 - 1):+.1f}% ({100 * med:+.1f}%)",
                      f"{cpu_us[r]:.0f}", "-" if r == "none" else f"{cpu_us[r] - cpu_us['none']:+.0f}",
                      f"{main_us[r]:.0f}", "-" if r == "none" else f"{main_us[r] - main_us['none']:+.0f}"])
-    print(tb._table(["route", "requests", "p50 ms", "p99 ms", "server CPU µs/req", "vs none",
+    print(tb._table(["route", "requests", "p50 ms", "p99 ms", "p99 vs none (median of rounds)",
+                     "server CPU µs/req", "vs none",
                      "event-loop thread CPU µs/req", "vs none"], rows))
     if args.no_profile:
         return 0

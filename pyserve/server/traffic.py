@@ -5,8 +5,11 @@ name with no route is served as before. The router asks the pure controller
 (:class:`pyserve.traffic.TrafficController`) for a plan, runs the chosen variant through the data
 plane (:meth:`DataPlane.infer_model`), adds the response parameter ``pyserve_variant`` (and
 ``pyserve_request_id``, the id to send feedback for), and puts shadow work on a bounded per-route
-queue that workers drain off the request path: the primary answer never waits for a shadow, and
-when the queue is full the shadow copy is dropped and counted. With ``shadow_isolation="process"``
+queue drained off the request path: the primary answer never waits for a shadow, and when the
+queue is full the shadow copy is dropped and counted. The request path only counts and queues the
+copy; sending it on (to the worker process, or to the route's in-process shadow task) and handling
+results run in short slices of the event loop when no routed request is running (see "shadows"
+below: ``SHADOW_YIELDS``, ``SHADOW_SLICE_S``, ``SHADOW_MAX_DEFER_S``). With ``shadow_isolation="process"``
 (the default) a shadow on a repository model runs in a worker process at the lowest CPU priority
 (:mod:`pyserve.server._shadow_process`), so a CPU-heavy shadow takes only CPU time the primary does
 not want; ``"inline"`` runs shadows in the server process (as before; also used for shadows on

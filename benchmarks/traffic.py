@@ -223,6 +223,8 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
     per_round = {k: [] for k in lat}  # p99 of each block
     errors = {k: 0 for k in lat}
     load = []
+    polls = {k: 0 for k in lat}  # backlog polls (Report RPCs) per route
+    cpu = {k: 0.0 for k in lat}  # server process CPU seconds over each route's blocks and backlogs
     try:
         c = tc.InferenceServerClient(srv.url)
         x = [_input(images[i: i + 1]) for i in range(64)]
@@ -245,8 +247,7 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
                 c.infer(route, [x[i % 64]], parameters={"routing_key": f"w-{i}"})
             settled(route, warm, 120)
         waited = []
-        polls = {k: 0 for k in lat}
-        cpu = {k: 0.0 for k in lat}  # server process CPU seconds over each route's blocks and backlogs
+        polls = {k: 0 for k in lat}  # count the measured rounds' polls only
         for r in range(rounds):
             load.append(os.getloadavg()[0])
             for route in lat:

@@ -16,8 +16,8 @@
    most), so a change in machine load hits them alike; the table gives p50/p90/p99 over all blocks
    and the median over rounds of each block's p99 change against that round's no-shadow block, and
    the server process's CPU time per request over each route's blocks and shadow backlogs (the
-   worker process not counted; the backlog polls' cost subtracted), which the machine's load moves
-   much less than latency.
+   worker process not counted; the backlog polls' cost and the server's idle CPU rate over the waits
+   subtracted), which the machine's load moves much less than latency.
 3. Rollback: a guarded canary (steps 5 -> 25 -> 50 -> 100%, window --window-s) starts failing at a
    known time; the guard must roll it back within one window.
 
@@ -225,6 +225,7 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
     load = []
     polls = {k: 0 for k in lat}  # backlog polls (Report RPCs) per route
     cpu = {k: 0.0 for k in lat}  # server process CPU seconds over each route's blocks and backlogs
+    waits = {k: 0.0 for k in lat}  # seconds waited for the backlog after each route's blocks
     try:
         c = tc.InferenceServerClient(srv.url)
         x = [_input(images[i: i + 1]) for i in range(64)]
@@ -265,11 +266,16 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
                 time.sleep(0.5)  # let queued shadow work finish (or be dropped) before the next block
                 waited.append(settled(route, warm + (r + 1) * block, 120))
                 cpu[route] += _cpu_s(srv.proc.pid) - c0
+                waits[route] += waited[-1] + 0.5
         # what one settle poll (a Report RPC) costs the server, to subtract from the routes' CPU
         c0 = _cpu_s(srv.proc.pid)
         for _ in range(20):
             _report(srv.url, "slow")
         per_poll = (_cpu_s(srv.proc.pid) - c0) / 20
+        # and what the server burns per second doing nothing (timers, the guard tick), charged for the waits
+        c0, t0 = _cpu_s(srv.proc.pid), time.monotonic()
+        time.sleep(3.0)
+        idle_rate = (_cpu_s(srv.proc.pid) - c0) / (time.monotonic() - t0)
         reps = {r: _report(srv.url, r) for r in ("slow", "waiting", "failing")}
         c.close()
     finally:
@@ -279,7 +285,7 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
     base99 = p["none"][1]
     # per round: this route's block p99 against the no-shadow block of the same round; median over rounds
     med = {k: float(np.median([a / b - 1 for a, b in zip(per_round[k], per_round["none"])])) for k in lat}
-    cpu_us = {k: 1e6 * (cpu[k] - polls[k] * per_poll) / len(lat[k]) for k in lat}
+    cpu_us = {k: 1e6 * (cpu[k] - polls[k] * per_poll - idle_rate * waits[k]) / len(lat[k]) for k in lat}
     rows = []
     for route, label in (("none", "no shadow"), ("slow", "shadow 10x as expensive (CPU), 100%"),
                          ("waiting", "shadow 10x as slow (waiting), 100%"),

@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     print(f"Server process CPU per request and client latency ({args.rounds} rounds of {args.block} per route, "
           f"shadows: {tb.ISOLATION_TEXT[args.isolation]}, load average {min(load):.1f}-{max(load):.1f}; "
           f"profiler {'off' if args.no_profile else 'on (slows the server)'}; the settle polls' Report RPCs "
-          f"subtracted: {', '.join(f'{r} {polls[r]} x {1e3 * per_poll[r][0]:.1f} ms' for r in routes if r != 'none')})\n")
+          "subtracted: " + ", ".join(f"{r} {polls[r]} x {1e3 * per_poll[r][0]:.1f} ms" for r in routes if r != "none")
+          + ")\n")
     import pyserve
 
     print(f"pyserve from {Path(pyserve.__file__).parent}")

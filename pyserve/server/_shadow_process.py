@@ -135,7 +135,7 @@ class _Pipes(asyncio.SubprocessProtocol):
     """The worker's stdout and exit, reported to its :class:`ShadowProcess` (no reader task: the
     event loop calls :meth:`pipe_data_received` with whatever bytes arrived)."""
 
-    def __init__(self, owner: "ShadowProcess") -> None:
+    def __init__(self, owner: ShadowProcess) -> None:
         self.owner = owner
         self.transport: asyncio.SubprocessTransport | None = None
 

@@ -659,7 +659,7 @@ class TrafficRouter:
 class _ResultTo:
     """The done callback of one job in the shadow worker process (cheaper than a closure per job)."""
 
-    __slots__ = ("router", "route", "shadow")
+    __slots__ = ("route", "router", "shadow")
 
     def __init__(self, router: TrafficRouter, route: str, shadow: str) -> None:
         self.router, self.route, self.shadow = router, route, shadow

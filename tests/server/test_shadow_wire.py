@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 
 from pyserve.protocol.types import InferRequest, RequestedOutput, Tensor
-from pyserve.server._shadow_process import ShadowProcess, ShadowResult, decode_job, encode_job
+from pyserve.server._shadow_process import (
+    ShadowProcess,
+    ShadowResult,
+    decode_job,
+    encode_job,
+)
 from pyserve.traffic.shadow import Divergence
 
 

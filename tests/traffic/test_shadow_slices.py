@@ -56,7 +56,8 @@ def _router() -> tuple[TrafficRouter, Plane]:
 
 
 def _req(i: int) -> InferRequest:
-    return InferRequest("r", (Tensor("x", "FP32", np.full((1, 2), i, np.float32)),), parameters={"routing_key": f"k{i}"})
+    return InferRequest("r", (Tensor("x", "FP32", np.full((1, 2), i, np.float32)),),
+                        parameters={"routing_key": f"k{i}"})
 
 
 def test_the_request_path_only_queues_and_the_copy_runs_after_the_answer():

@@ -14,7 +14,10 @@
    (OMP_NUM_THREADS=1), so the primary and one shadow execution can each have a core of the two.
    The routes take turns in --rounds blocks (the shadow backlog is waited for between blocks, 120 s at
    most), so a change in machine load hits them alike; the table gives p50/p90/p99 over all blocks
-   and the median over rounds of each block's p99 change against that round's no-shadow block.
+   and the median over rounds of each block's p99 change against that round's no-shadow block, and
+   the server process's CPU time per request over each route's blocks and shadow backlogs (the
+   worker process not counted; the backlog polls' cost and the server's idle CPU rate over the waits
+   subtracted), which the machine's load moves much less than latency.
 3. Rollback: a guarded canary (steps 5 -> 25 -> 50 -> 100%, window --window-s) starts failing at a
    known time; the guard must roll it back within one window.
 
@@ -107,6 +110,14 @@ def _report(url: str, route: str) -> dict:
 
     with grpc.insecure_channel(url) as ch:
         return json.loads(codec.traffic_stub(ch).Report(codec.pb.ReportRequest(route=route)).json)[route]
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (its threads, not its children: the shadow
+    worker is not counted), from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _table(headers, rows) -> str:
@@ -212,6 +223,9 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
     per_round = {k: [] for k in lat}  # p99 of each block
     errors = {k: 0 for k in lat}
     load = []
+    polls = {k: 0 for k in lat}  # backlog polls (Report RPCs) per route
+    cpu = {k: 0.0 for k in lat}  # server process CPU seconds over each route's blocks and backlogs
+    waits = {k: 0.0 for k in lat}  # seconds waited for the backlog after each route's blocks
     try:
         c = tc.InferenceServerClient(srv.url)
         x = [_input(images[i: i + 1]) for i in range(64)]
@@ -219,6 +233,7 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
             """Wait until the route's shadow ran or dropped ``expected`` copies; seconds waited."""
             t0 = time.monotonic()
             while route != "none" and time.monotonic() - t0 < timeout_s:
+                polls[route] += 1
                 sh = next(iter(_report(srv.url, route)["shadows"].values()))
                 if sh["requests_count"] + sh["dropped"] >= expected:
                     break
@@ -233,10 +248,12 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
                 c.infer(route, [x[i % 64]], parameters={"routing_key": f"w-{i}"})
             settled(route, warm, 120)
         waited = []
+        polls = {k: 0 for k in lat}  # count the measured rounds' polls only
         for r in range(rounds):
             load.append(os.getloadavg()[0])
             for route in lat:
                 blk = []
+                c0 = _cpu_s(srv.proc.pid)
                 for i in range(block):
                     t0 = time.perf_counter()
                     try:
@@ -248,6 +265,17 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
                 per_round[route].append(np.percentile(blk, 99))
                 time.sleep(0.5)  # let queued shadow work finish (or be dropped) before the next block
                 waited.append(settled(route, warm + (r + 1) * block, 120))
+                cpu[route] += _cpu_s(srv.proc.pid) - c0
+                waits[route] += waited[-1] + 0.5
+        # what one settle poll (a Report RPC) costs the server, to subtract from the routes' CPU
+        c0 = _cpu_s(srv.proc.pid)
+        for _ in range(20):
+            _report(srv.url, "slow")
+        per_poll = (_cpu_s(srv.proc.pid) - c0) / 20
+        # and what the server burns per second doing nothing (timers, the guard tick), charged for the waits
+        c0, t0 = _cpu_s(srv.proc.pid), time.monotonic()
+        time.sleep(3.0)
+        idle_rate = (_cpu_s(srv.proc.pid) - c0) / (time.monotonic() - t0)
         reps = {r: _report(srv.url, r) for r in ("slow", "waiting", "failing")}
         c.close()
     finally:
@@ -257,6 +285,7 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
     base99 = p["none"][1]
     # per round: this route's block p99 against the no-shadow block of the same round; median over rounds
     med = {k: float(np.median([a / b - 1 for a, b in zip(per_round[k], per_round["none"])])) for k in lat}
+    cpu_us = {k: 1e6 * (cpu[k] - polls[k] * per_poll - idle_rate * waits[k]) / len(lat[k]) for k in lat}
     rows = []
     for route, label in (("none", "no shadow"), ("slow", "shadow 10x as expensive (CPU), 100%"),
                          ("waiting", "shadow 10x as slow (waiting), 100%"),
@@ -266,6 +295,7 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
                      f"{p[route][1]:.3f}",
                      f"{100 * (p[route][1] / base99 - 1):+.1f}%" if route != "none" else "-",
                      f"{100 * med[route]:+.1f}%" if route != "none" else "-",
+                     f"{cpu_us[route]:.0f}" + (f" ({cpu_us[route] - cpu_us['none']:+.0f})" if route != "none" else ""),
                      f"{sh['requests_count']:,} ok {sh['requests_count'] - sh['requests_errors']:,}" if sh else "-",
                      f"{sh['dropped']:,}" if sh else "-"])
     ok = all(e == 0 for e in errors.values()) and all(p[r][1] <= 1.05 * base99 for r in ("slow", "waiting", "failing"))
@@ -274,7 +304,8 @@ def goal_shadow(repo: Path, images: np.ndarray, rounds: int, block: int, tmp: Pa
             f"{min(load):.1f}-{max(load):.1f}; waiting for the shadow backlog after blocks took up to "
             f"{max(waited):.0f} s, 120 s at most)\n\n"
             + _table(["route", "requests", "primary errors", "p50 ms", "p90 ms", "p99 ms", "p99 vs no shadow",
-                      f"median of {rounds} rounds' p99 change", "shadow runs", "shadow dropped"], rows))
+                      f"median of {rounds} rounds' p99 change", "server CPU µs/req (vs none)", "shadow runs",
+                      "shadow dropped"], rows))
     return text, ok
 
 

@@ -19,13 +19,17 @@ as in the server -- and compares the answer with the primary's outputs
 (:func:`pyserve.traffic.divergence`) there, so only a small result crosses back.
 
 Costs: a second copy of each shadow model in memory (plus the worker's own Python, numpy, torch and
-grpc: 392 MB resident, 258 MB private, measured with three LeNet shadows), and per mirrored request
-one pickled copy of the request's inputs and of the primary's outputs through a pipe (the server
-does that encoding on its event loop, off the request path: a LeNet job is 3.6 kB, about 0.1 ms to
-encode measured on the 2-vCPU machine at load average 18). Under CPU pressure
-from anything at normal priority the worker waits; the server's bounded per-route queue then fills
-and further shadow copies are dropped and counted, which is the intended behaviour: shadows use
-only CPU time nobody else wants.
+grpc: 392 MB resident, 258 MB private, measured with three LeNet shadows). Per mirrored request the
+server's event loop pays little: the request's tensors go to the worker as their bytes (the
+received ``raw_input_contents`` buffers the request's arrays are views of, and the primary's
+output arrays), behind a small pickle of plain values (names, datatypes, shapes, parameters); jobs
+are buffered and written in one write per slice (:meth:`ShadowProcess.flush`), and the worker sends
+results back in batches (every :data:`RESULT_FLUSH_S` at most, one message for many jobs) that the
+pipe protocol only buffers until the owner handles them (:meth:`ShadowProcess.process_results`;
+the traffic router does it when no primary request is running). Under CPU pressure from anything at
+normal priority the worker waits; the server's bounded per-route queue then fills and further shadow
+copies are dropped and counted, which is the intended behaviour: shadows use only CPU time nobody
+else wants.
 
 Backends the worker cannot import are not run there: a backend registered as ``"module:attr"`` is
 imported by name, one registered as a class or function by its module's name when that is how the
@@ -33,10 +37,12 @@ server imported it, else from its module's file (plug-ins loaded with importlib 
 anything else (a class defined in a function, a lambda) runs in the server process as before
 (:meth:`ShadowProcess.portable`).
 
-Wire format on the worker's stdin/stdout: a 4-byte big-endian length, then a pickle. Both ends are
-the same program version started by the server; nothing else writes to these pipes (the worker
-moves its stdout to a private descriptor and points descriptor 1 at stderr, so a stray print
-cannot corrupt the stream).
+Wire format on the worker's stdin/stdout: each message is a 4-byte big-endian length, then its body.
+The first message to the worker is the boot pickle; then one message per job (:func:`encode_job`:
+a 4-byte meta length, a pickle of plain values, then the tensors' bytes); the worker answers with
+pickled lists of plain result tuples. Both ends are the same program version started by the server;
+nothing else writes to these pipes (the worker moves its stdout to a private descriptor and points
+descriptor 1 at stderr, so a stray print cannot corrupt the stream).
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ import pickle
 import struct
 import sys
 import time
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["ShadowProcess", "ShadowResult", "PRIORITIES"]
@@ -64,6 +71,11 @@ PRIORITIES = ("idle", "nice", "normal")
 #: Seconds the server waits before starting a worker again after one exited unexpectedly.
 RESTART_BACKOFF_S = 5.0
 _HEADER = struct.Struct(">I")
+_META = struct.Struct(">I")
+#: Seconds the worker gathers results before it sends them back in one message.
+RESULT_FLUSH_S = 0.02
+#: Results the worker sends at once at most.
+RESULT_BATCH_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,25 @@ def _source_file(f) -> str:
     return path if path and os.path.isfile(path) else ""
 
 
+class _Pipes(asyncio.SubprocessProtocol):
+    """The worker's stdout and exit, reported to its :class:`ShadowProcess` (no reader task: the
+    event loop calls :meth:`pipe_data_received` with whatever bytes arrived)."""
+
+    def __init__(self, owner: ShadowProcess) -> None:
+        self.owner = owner
+        self.transport: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.owner._received(self, data)
+
+    def connection_lost(self, exc) -> None:  # the process exited and every pipe is closed
+        self.owner._lost(self)
+
+
 class ShadowProcess:
     """The server side of the shadow worker (see the module docstring).
 
@@ -126,32 +157,59 @@ class ShadowProcess:
     ----------
     repository_root : the model repository directory the server serves.
     priority : one of :data:`PRIORITIES` (default ``idle``).
+    on_data : called (no arguments) when results arrived from the worker; the owner then calls
+        :meth:`process_results` when it suits it (the traffic router does it when no primary request
+        is running). None: results are handled as they arrive.
 
-    :meth:`run` sends one job and waits for its result; one worker process serves every route (jobs
-    run one at a time, in the order sent). The process starts on the first job and is started again
-    (after :data:`RESTART_BACKOFF_S`) if it exits; jobs in flight when it exits fail with the
-    reason. Only coroutines of the server's event loop call it.
+    :meth:`submit` encodes one job into a buffer and returns at once; :meth:`flush` writes every
+    buffered job to the worker in one write; each job's ``done`` callback gets its
+    :class:`ShadowResult` from :meth:`process_results` (results come back in batches, one read for
+    many jobs). One worker process serves every route (jobs run one at a time, in the order sent).
+    The process starts on the first job and is started again (after :data:`RESTART_BACKOFF_S`) if it
+    exits; jobs in flight when it exits fail with the reason. Only the server's event loop calls it.
     """
 
-    def __init__(self, repository_root: str | os.PathLike, *, priority: str = "idle") -> None:
+    def __init__(self, repository_root: str | os.PathLike, *, priority: str = "idle", on_data=None) -> None:
         if priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
         self.root = os.fspath(repository_root)
         self.priority = priority
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task | None = None
-        self._pending: dict[int, asyncio.Future] = {}
+        self.on_data = on_data
+        self._pipes: _Pipes | None = None
+        self._stdin: asyncio.WriteTransport | None = None
+        self._starting: asyncio.Task | None = None
+        self._pending: dict[int, Any] = {}  # job id -> done callback
         self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()
+        self._out: list = []  # encoded jobs not written yet
+        self._tokens: dict[tuple[str, str], tuple] = {}  # (model, version) -> the token this worker has
+        self._rbuf = bytearray()
+        self._results: deque = deque()  # decoded (job, ok, latency_s, divergence, error) not handled yet
         self._down_until = 0.0
         self._down_reason = ""
         self._refs: list[tuple[str, str, str, str, str]] | None = None
         #: worker processes started (tests, status)
         self.starts = 0
+        #: writes to the worker and result batches read back (tests, benchmarks)
+        self.writes = 0
+        self.batches = 0
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+        t = self._pipes.transport if self._pipes is not None else None
+        return t.get_pid() if t is not None and t.get_returncode() is None else None
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs submitted whose result has not been handled yet."""
+        return len(self._pending)
+
+    @property
+    def has_results(self) -> bool:
+        """Whether results wait for :meth:`process_results` (a whole message has arrived)."""
+        if self._results:
+            return True
+        buf = self._rbuf
+        return len(buf) >= _HEADER.size and len(buf) >= _HEADER.size + _HEADER.unpack_from(buf)[0]
 
     def portable(self, backend: str) -> bool:
         """True if the worker can import backend ``backend`` (else its shadows run in the server)."""
@@ -159,99 +217,249 @@ class ShadowProcess:
             self._refs = _backend_refs()
         return any(r[0] == backend for r in self._refs)
 
-    async def _ensure(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            return
-        async with self._lock:
-            if self._proc is not None and self._proc.returncode is None:
-                return
-            if time.monotonic() < self._down_until:
-                raise RuntimeError(self._down_reason)
+    # --- process lifecycle ---------------------------------------------------------------------------
+
+    def _up(self) -> bool:
+        return self._stdin is not None
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
             self._refs = _backend_refs()
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pyserve.server._shadow_process",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
-                limit=1 << 26)
-            self.starts += 1
-            boot = {"root": self.root, "priority": self.priority, "backends": self._refs,
-                    "log_level": logging.getLogger().getEffectiveLevel()}
-            self._write(boot)
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._proc),
-                                                                  name="pyserve-shadow-process-reader")
-            log.info("shadow worker process %d started (priority %s)", self._proc.pid, self.priority)
+            transport, pipes = await loop.subprocess_exec(
+                lambda: _Pipes(self), sys.executable, "-m", "pyserve.server._shadow_process",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None, env=env)
+        except Exception as exc:  # noqa: BLE001 - a worker that cannot start is a shadow failure
+            self._starting = None
+            self._fail_all(f"shadow worker process unavailable: {exc}")
+            self._down_until = time.monotonic() + RESTART_BACKOFF_S
+            self._down_reason = f"shadow worker process unavailable: {exc}"
+            log.error("%s", self._down_reason)
+            return
+        self.starts += 1
+        self._pipes = pipes
+        self._stdin = transport.get_pipe_transport(0)
+        self._tokens.clear()
+        boot = {"root": self.root, "priority": self.priority, "backends": self._refs,
+                "log_level": logging.getLogger().getEffectiveLevel()}
+        data = pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL)
+        self._stdin.write(_HEADER.pack(len(data)) + data)
+        self._starting = None
+        log.info("shadow worker process %d started (priority %s)", transport.get_pid(), self.priority)
+        # jobs submitted while it started were encoded without tokens this worker has not seen
+        queued, self._out = self._out, []
+        for job, model, version, token, request, primary in queued:
+            self._encode(job, model, version, token, request, primary)
+        self.flush()
 
-    def _write(self, obj) -> None:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        self._proc.stdin.write(_HEADER.pack(len(data)) + data)
+    def _received(self, pipes: _Pipes, data: bytes) -> None:
+        if pipes is not self._pipes:
+            return
+        self._rbuf += data
+        if self.on_data is not None:
+            self.on_data()
+        else:
+            self.process_results()
 
-    async def _read(self, proc: asyncio.subprocess.Process) -> None:
-        try:
-            while True:
-                head = await proc.stdout.readexactly(_HEADER.size)
-                (n,) = _HEADER.unpack(head)
-                job, ok, latency_s, div, error = pickle.loads(await proc.stdout.readexactly(n))
-                fut = self._pending.pop(job, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(ShadowResult(ok, latency_s, div, error))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("shadow worker process: bad message")
-            proc.kill()
-        code = await proc.wait()
+    def _lost(self, pipes: _Pipes) -> None:
+        if pipes is not self._pipes:
+            return
+        self.process_results()  # what arrived before the end still counts
+        code = pipes.transport.get_returncode() if pipes.transport is not None else None
+        self._pipes, self._stdin = None, None
+        self._out.clear()
+        self._rbuf.clear()
         reason = f"the shadow worker process exited (code {code})"
-        if self._proc is proc:
+        if not self._stopping:
             self._down_until = time.monotonic() + RESTART_BACKOFF_S
             self._down_reason = f"{reason}; restarting it in at most {RESTART_BACKOFF_S:g} s"
             log.error("%s; jobs in flight fail", reason)
-        for job, fut in list(self._pending.items()):
-            if not fut.done():
-                fut.set_result(ShadowResult(False, 0.0, None, reason))
-            self._pending.pop(job, None)
+        self._fail_all(reason)
+
+    _stopping = False
+
+    def _fail_all(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        self._out.clear()
+        for done in pending.values():
+            done(ShadowResult(False, 0.0, None, reason))
+
+    # --- jobs ----------------------------------------------------------------------------------------
+
+    def submit(self, model: str, version: str, token: tuple, request, primary: dict, done) -> None:
+        """Queue ``request`` (an :class:`~pyserve.protocol.types.InferRequest`) for ``model`` version
+        ``version`` in the worker, to be compared with ``primary`` (output name -> array).
+        ``token``: the server's ``(fingerprint, config)`` of that version (the worker reloads the
+        model when its own differs). ``done(result)`` is called once with the
+        :class:`ShadowResult` (at once when the worker is down). Never raises for a failure of the
+        shadow. Nothing is written until :meth:`flush`."""
+        if not self._up():
+            if self._starting is None:
+                if time.monotonic() < self._down_until:
+                    done(ShadowResult(False, 0.0, None, f"shadow worker process unavailable: {self._down_reason}"))
+                    return
+                self._starting = asyncio.get_running_loop().create_task(self._start(),
+                                                                        name="pyserve-shadow-process-start")
+            job = next(self._ids)
+            self._pending[job] = done
+            self._out.append((job, model, version, token, request, primary))  # encoded once it runs
+            return
+        job = next(self._ids)
+        self._pending[job] = done
+        self._encode(job, model, version, token, request, primary)
+
+    def _encode(self, job, model, version, token, request, primary) -> None:
+        key = (model, version)
+        if self._tokens.get(key) == token:
+            send_token = None
+        else:
+            self._tokens[key] = send_token = token
+        self._out.append(encode_job(job, model, version, send_token, request, primary))
+
+    def flush(self) -> None:
+        """Write every job submitted since the last flush to the worker (one write)."""
+        if not self._out or not self._up():
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        self.writes += 1
+        try:
+            self._stdin.write(data)
+        except (ConnectionError, RuntimeError) as exc:  # closing: _lost fails the jobs
+            log.debug("shadow worker process: write failed: %s", exc)
+
+    def process_results(self, deadline: float | None = None) -> int:
+        """Handle results that arrived (call their ``done`` callbacks), until ``time.perf_counter()``
+        passes ``deadline`` (None: all of them). Returns how many were handled."""
+        buf = self._rbuf
+        while len(buf) >= _HEADER.size:
+            (n,) = _HEADER.unpack_from(buf)
+            if len(buf) < _HEADER.size + n:
+                break
+            batch = pickle.loads(memoryview(buf)[_HEADER.size: _HEADER.size + n])
+            del buf[: _HEADER.size + n]
+            self.batches += 1
+            self._results.extend(batch)
+        from pyserve.traffic.shadow import Divergence
+
+        handled = 0
+        results = self._results
+        pending = self._pending
+        while results:
+            job, ok, latency_s, div, error = results.popleft()
+            done = pending.pop(job, None)
+            if done is not None:
+                done(ShadowResult(ok, latency_s, Divergence(*div) if div is not None else None, error))
+            handled += 1
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+        return handled
 
     async def run(self, model: str, version: str, token: tuple, request, primary: dict) -> ShadowResult:
-        """Run ``request`` (an :class:`~pyserve.protocol.types.InferRequest`) on ``model`` version
-        ``version`` in the worker and compare with ``primary`` (output name -> array). ``token``:
-        the server's ``(fingerprint, config)`` of that version; the worker reloads the model when
-        its own differs. Never raises for a failure of the shadow: the result says ``ok=False``
-        and why."""
-        try:
-            await self._ensure()
-        except Exception as exc:  # noqa: BLE001 - a worker that cannot start is a shadow failure
-            return ShadowResult(False, 0.0, None, f"shadow worker process unavailable: {exc}")
-        job = next(self._ids)
+        """:meth:`submit` one job, :meth:`flush` and wait for its result (tests, simple callers)."""
         fut = asyncio.get_running_loop().create_future()
-        self._pending[job] = fut
-        try:
-            self._write({"job": job, "model": model, "version": version, "token": token,
-                         "request": replace(request, model_name=model, model_version=version),
-                         "primary": primary})
-            await self._proc.stdin.drain()
-            return await fut
-        except (ConnectionError, BrokenPipeError) as exc:
-            return ShadowResult(False, 0.0, None, f"the shadow worker process is gone: {exc}")
-        finally:
-            self._pending.pop(job, None)
+        self.submit(model, version, token, request, primary,
+                    lambda r: fut.done() or fut.set_result(r))
+        self.flush()
+        while not fut.done():
+            await asyncio.sleep(0.005)
+            self.process_results()
+        return fut.result()
 
     async def stop(self, timeout_s: float = 1.0) -> None:
-        """End the worker (closes its input; kills it after ``timeout_s``)."""
-        proc, self._proc = self._proc, None
-        if proc is None:
+        """End the worker (closes its input; kills it after ``timeout_s``); jobs in flight fail."""
+        if self._starting is not None:
+            await asyncio.gather(self._starting, return_exceptions=True)
+        pipes = self._pipes
+        if pipes is None:
             return
-        if proc.returncode is None:
-            try:
-                proc.stdin.close()
-                await asyncio.wait_for(proc.wait(), timeout_s)
-            except (asyncio.TimeoutError, ConnectionError, ProcessLookupError):
-                proc.kill()
-                await proc.wait()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
+        self._stopping = True
+        try:
+            self.flush()
+            self._stdin.close()
+            for kill in (False, True):
+                if kill and self._pipes is pipes:
+                    try:
+                        pipes.transport.kill()
+                    except ProcessLookupError:
+                        pass
+                deadline = time.monotonic() + timeout_s
+                while self._pipes is pipes and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+        finally:
+            pipes.transport.close()
+            if self._pipes is pipes:
+                self._pipes, self._stdin = None, None
+            self._stopping = False
+            self._fail_all("the shadow worker process was stopped")
+
+
+def encode_job(job: int, model: str, version: str, token, request, primary: dict) -> bytes:
+    """One job frame: ``[4-byte length][4-byte meta length][meta][tensor bytes...]``. ``meta`` is a
+    pickle of plain values (no numpy, no pyserve types); each numeric tensor's bytes follow as they
+    are in memory (the request's received ``raw_input_contents`` buffers, the primary's outputs),
+    not re-encoded; only BYTES (object) tensors travel inside the meta pickle. ``token`` None: the
+    worker already has this version's token."""
+    raws: list = []
+    ins = []
+    for t in request.inputs:
+        ins.append((t.name, t.datatype, *_tensor_meta(t.data, raws), dict(t.parameters) or None))
+    outs = [(name, *_tensor_meta(a, raws)) for name, a in primary.items()]
+    meta = pickle.dumps((job, model, version, token, request.id, dict(request.parameters) or None,
+                         tuple((o.name, dict(o.parameters) or None) for o in request.outputs), ins, outs),
+                        protocol=pickle.HIGHEST_PROTOCOL)
+    n = _META.size + len(meta) + sum(r.nbytes for r in raws)
+    return b"".join((_HEADER.pack(n), _META.pack(len(meta)), meta, *raws))
+
+
+def _tensor_meta(a, raws: list) -> tuple:
+    """``(dtype str, shape, nbytes, None)`` with the bytes appended to ``raws``, or, for an object
+    array, ``(None, shape, 0, array)``."""
+    import numpy as np
+
+    if a.dtype.kind == "O" or a.dtype.fields is not None:
+        return (None, a.shape, 0, a)
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    try:
+        m = memoryview(a).cast("B") if a.size else memoryview(b"")
+    except (TypeError, ValueError, NotImplementedError):  # a format memoryview does not know
+        m = memoryview(a.tobytes())
+    raws.append(m)
+    return (a.dtype.str, a.shape, m.nbytes, None)
+
+
+def decode_job(body) -> dict:
+    """The inverse of :func:`encode_job` (``body`` without the length prefix): a dict with ``job``,
+    ``model``, ``version``, ``token`` (None: unchanged), ``request`` (an InferRequest whose
+    arrays are views of ``body``) and ``primary`` (output name -> array)."""
+    import numpy as np
+
+    from pyserve.protocol.types import InferRequest, RequestedOutput, Tensor
+
+    body = memoryview(body)
+    (m,) = _META.unpack_from(body)
+    job, model, version, token, rid, params, outputs, ins, outs = pickle.loads(body[_META.size: _META.size + m])
+    off = _META.size + m
+
+    def array(dt, shape, nbytes, obj):
+        nonlocal off
+        if dt is None:
+            return obj
+        a = np.frombuffer(body[off: off + nbytes], dtype=np.dtype(dt)).reshape(shape)
+        off += nbytes
+        return a
+
+    inputs = tuple(Tensor(name, datatype, array(dt, shape, nb, obj), tp or {})
+                   for name, datatype, dt, shape, nb, obj, tp in ins)
+    primary = {name: array(dt, shape, nb, obj) for name, dt, shape, nb, obj in outs}
+    request = InferRequest(model_name=model, inputs=inputs, model_version=version, id=rid,
+                           outputs=tuple(RequestedOutput(n, p or {}) for n, p in outputs),
+                           parameters=params or {})
+    return {"job": job, "model": model, "version": version, "token": token, "request": request,
+            "primary": primary}
 
 
 # --- the worker ----------------------------------------------------------------------------------------
@@ -306,31 +514,48 @@ async def _worker(boot: dict, rfd: int, wfd: int) -> None:
     repo.loaded = True
     plane = DataPlane(repo)
     tried: dict[tuple[str, str], tuple] = {}
+    tokens: dict[tuple[str, str], tuple] = {}
+    results: list = []
+    timer: list = [None]
 
-    def send(obj) -> None:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        out.write(_HEADER.pack(len(data)) + data)
+    def send() -> None:
+        # results go back in batches (one message, one read on the server for many jobs)
+        timer[0] = None
+        if results:
+            data = pickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL)
+            results.clear()
+            out.write(_HEADER.pack(len(data)) + data)
 
     while True:
         try:
             head = await reader.readexactly(_HEADER.size)
+            (n,) = _HEADER.unpack(head)
+            msg = decode_job(await reader.readexactly(n))
         except asyncio.IncompleteReadError:
+            send()
             return  # the server closed our input: stop
-        (n,) = _HEADER.unpack(head)
-        msg = pickle.loads(await reader.readexactly(n))
         t0 = time.perf_counter()
+        key = (msg["model"], msg["version"])
+        if msg["token"] is not None:
+            tokens[key] = msg["token"]
         try:
-            await _fresh(repo, msg["model"], msg["version"], msg["token"], tried)
+            await _fresh(repo, msg["model"], msg["version"], tokens.get(key, ()), tried)
             resp = await plane.infer_model(msg["request"])
             latency = time.perf_counter() - t0
-            div = divergence(msg["primary"], {t.name: t.data for t in resp.outputs})
-            result = (True, latency, div, "")
+            d = divergence(msg["primary"], {t.name: t.data for t in resp.outputs})
+            result = (True, latency, (d.rows, d.top1_agreement, d.max_abs_diff, d.cosine, d.comparable), "")
         except ServingError as exc:
             result = (False, time.perf_counter() - t0, None, f"{exc.code}: {exc}")
         except Exception as exc:  # noqa: BLE001 - reported to the server, which counts it
             logging.getLogger("pyserve.traffic.shadow").exception("shadow job on %r failed", msg["model"])
             result = (False, time.perf_counter() - t0, None, f"INTERNAL: {type(exc).__name__}: {exc}")
-        send((msg["job"], *result))  # plain values: this module runs as __main__ here
+        results.append((msg["job"], *result))  # plain values: this module runs as __main__ here
+        if len(results) >= RESULT_BATCH_MAX:
+            if timer[0] is not None:
+                timer[0].cancel()
+            send()
+        elif timer[0] is None:
+            timer[0] = loop.call_later(RESULT_FLUSH_S, send)
 
 
 async def _fresh(repo, model: str, version: str, token: tuple, tried: dict) -> None:

@@ -5,8 +5,11 @@ name with no route is served as before. The router asks the pure controller
 (:class:`pyserve.traffic.TrafficController`) for a plan, runs the chosen variant through the data
 plane (:meth:`DataPlane.infer_model`), adds the response parameter ``pyserve_variant`` (and
 ``pyserve_request_id``, the id to send feedback for), and puts shadow work on a bounded per-route
-queue that workers drain off the request path: the primary answer never waits for a shadow, and
-when the queue is full the shadow copy is dropped and counted. With ``shadow_isolation="process"``
+queue drained off the request path: the primary answer never waits for a shadow, and when the
+queue is full the shadow copy is dropped and counted. The request path only counts and queues the
+copy; sending it on (to the worker process, or to the route's in-process shadow task) and handling
+results run in short slices of the event loop when no routed request is running (see "shadows"
+below: ``SHADOW_YIELDS``, ``SHADOW_SLICE_S``, ``SHADOW_MAX_DEFER_S``). With ``shadow_isolation="process"``
 (the default) a shadow on a repository model runs in a worker process at the lowest CPU priority
 (:mod:`pyserve.server._shadow_process`), so a CPU-heavy shadow takes only CPU time the primary does
 not want; ``"inline"`` runs shadows in the server process (as before; also used for shadows on
@@ -34,6 +37,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
@@ -64,8 +68,13 @@ REQUEST_ID_PARAM = "pyserve_request_id"
 MAX_ROUTE_DEPTH = 8
 #: Concurrent shadow executions per route.
 SHADOW_WORKERS = 1
-#: Event-loop turns a shadow worker lets pass before running a job it took from the queue.
+#: Event-loop turns let pass after the last routed request finished before shadow work runs (its
+#: response is still being serialized and sent on this loop).
 SHADOW_YIELDS = 3
+#: Longest slice of shadow work on the event loop, seconds.
+SHADOW_SLICE_S = 0.0002
+#: Shadow work waits for a moment with no routed request running at most this long, seconds.
+SHADOW_MAX_DEFER_S = 0.02
 #: Where shadows run: ``process`` (a worker process at low CPU priority) or ``inline`` (this process).
 SHADOW_ISOLATIONS = ("process", "inline")
 
@@ -149,7 +158,8 @@ class TrafficRouter:
         if shadow_priority not in PRIORITIES:
             raise ValueError(f"shadow_priority must be one of {', '.join(PRIORITIES)}, got {shadow_priority!r}")
         self.shadow_isolation = shadow_isolation
-        self.shadow_process = (ShadowProcess(dataplane.repository.root, priority=shadow_priority)
+        self.shadow_process = (ShadowProcess(dataplane.repository.root, priority=shadow_priority,
+                                             on_data=self._on_shadow_data)
                                if shadow_isolation == "process" else None)
         self._inline_backends: set[str] = set()
         self._missing: dict[tuple[str, str, str], str] = {}
@@ -163,7 +173,13 @@ class TrafficRouter:
         self.reloads_refused = 0
         self.last_reload_error = ""
         self._file_sig: tuple | None = None
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._inflight = 0  # routed requests running now
+        self._mirrors: deque = deque()  # mirrored copies not dispatched yet
+        self._outstanding: dict[str, int] = {}  # route -> mirrored copies accepted and not finished
+        self._slice_handle: asyncio.Handle | None = None
+        self._overdue_handle: asyncio.TimerHandle | None = None
+        self._inline_queues: dict[str, asyncio.Queue] = {}
+        self._drained: asyncio.Event | None = None  # set when no copy is outstanding (drain_shadows)
         self._route_workers: dict[str, list[asyncio.Task]] = {}
         self._tasks: list[asyncio.Task] = []
         self._running = False
@@ -275,7 +291,11 @@ class TrafficRouter:
             t.cancel()
         await asyncio.gather(*self._tasks, *workers, return_exceptions=True)
         self._tasks, self._route_workers = [], {}
-        self._queues.clear()
+        self._inline_queues.clear()
+        for h in (self._slice_handle, self._overdue_handle):
+            if h is not None:
+                h.cancel()
+        self._slice_handle = self._overdue_handle = None
         if self.shadow_process is not None:
             await self.shadow_process.stop()
 
@@ -370,7 +390,13 @@ class TrafficRouter:
             raise InvalidArgument(f"{request.model_name!r} is a traffic route: it picks the model version itself; "
                                   f"send no model_version (got {request.model_version!r})")
         key = routing_key(request, metadata_key)
-        return await self._route(request.model_name, request, key, 0)
+        self._inflight += 1
+        try:
+            return await self._route(request.model_name, request, key, 0)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0 and (self._mirrors or self._overdue_handle is not None):
+                self._shadow_work()
 
     async def _route(self, route: str, request: InferRequest, key: str | None, depth: int) -> InferResponse:
         if depth > MAX_ROUTE_DEPTH:
@@ -409,49 +435,125 @@ class TrafficRouter:
             self.metrics.duration.labels(route, variant).observe(latency_s)
 
     # --- shadows -----------------------------------------------------------------------------------
+    #
+    # The request path only counts and appends: _mirror puts (route, shadow, request, primary outputs,
+    # key) on a deque (or drops and counts the copy when the route has shadow_queue_size +
+    # SHADOW_WORKERS copies outstanding). Everything else -- choosing where a shadow runs, encoding
+    # jobs for the worker process, writing them, handling the worker's batched results, statistics
+    # and metrics -- runs in short slices of the event loop (at most SHADOW_SLICE_S each) when no
+    # routed request is running and SHADOW_YIELDS loop turns have passed since the last one finished
+    # (its response is on its way), or at the latest SHADOW_MAX_DEFER_S after work arrived.
 
     def _mirror(self, plan: Plan, request: InferRequest, resp: InferResponse) -> None:
         route = plan.route
-        q = self._queues.get(route.name)
-        if q is None or q.maxsize != route.shadow_queue_size:
-            if q is not None:  # the queue size changed (a reload): the waiting copies are dropped
-                for w in self._route_workers.pop(route.name, []):
-                    w.cancel()
-                while not q.empty():
-                    job = q.get_nowait()
-                    q.task_done()
-                    self._drop(job[0], job[1].name)
-            q = asyncio.Queue(maxsize=route.shadow_queue_size)
-            self._queues[route.name] = q
-            loop = asyncio.get_running_loop()
-            workers = [loop.create_task(self._shadow_worker(q), name=f"pyserve-shadow-{route.name}")
-                       for _ in range(SHADOW_WORKERS)]
-            self._route_workers[route.name] = workers
-        primary = {t.name: t.data for t in resp.outputs}
+        name = route.name
+        n = self._outstanding.get(name, 0)
+        limit = route.shadow_queue_size + SHADOW_WORKERS
+        primary = None
         for s in plan.shadows:
-            try:
-                q.put_nowait((route.name, s, request, primary, plan.key))
-            except asyncio.QueueFull:
-                self._drop(route.name, s.name)
+            if n >= limit:
+                self._drop(name, s.name)
+                continue
+            if primary is None:
+                primary = {t.name: t.data for t in resp.outputs}
+            n += 1
+            self._mirrors.append((name, s, request, primary, plan.key))
+        self._outstanding[name] = n
+        if primary is not None:
+            self._shadow_work()
 
     def _drop(self, route: str, shadow: str) -> None:
         self.controller.drop_shadow(route, shadow)
         if self.metrics:
             self.metrics.shadow_dropped.labels(route, shadow).inc()
 
-    async def _shadow_worker(self, q: asyncio.Queue) -> None:
+    def _shadow_work(self) -> None:
+        """There is shadow work (mirrored copies or results): run a slice when the loop is quiet."""
+        if self._slice_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._inflight == 0:
+            self._slice_handle = loop.call_soon(self._slice, SHADOW_YIELDS)
+        elif self._overdue_handle is None:
+            self._overdue_handle = loop.call_later(SHADOW_MAX_DEFER_S, self._slice, 0, True)
+
+    def _slice(self, hops: int = 0, overdue: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        if hops and not overdue:
+            self._slice_handle = loop.call_soon(self._slice, hops - 1)
+            return
+        if overdue:
+            self._overdue_handle = None
+        else:
+            self._slice_handle = None
+        if self._inflight and not overdue:
+            # a routed request started meanwhile: wait for it (infer's end) or for the deadline
+            if self._overdue_handle is None:
+                self._overdue_handle = loop.call_later(SHADOW_MAX_DEFER_S, self._slice, 0, True)
+            return
+        deadline = time.perf_counter() + SHADOW_SLICE_S
+        proc = self.shadow_process
+        if proc is not None:
+            proc.process_results(deadline)
+        mirrors = self._mirrors
+        while mirrors and time.perf_counter() < deadline:
+            self._dispatch(*mirrors.popleft())
+        if proc is not None:
+            proc.flush()
+        if mirrors or (proc is not None and proc.has_results):
+            if self._slice_handle is None:
+                self._slice_handle = loop.call_soon(self._slice, 0 if self._inflight == 0 else SHADOW_YIELDS)
+        elif self._overdue_handle is not None:
+            self._overdue_handle.cancel()
+            self._overdue_handle = None
+
+    def _dispatch(self, route: str, shadow, request: InferRequest, primary: dict, key) -> None:
+        """Send one mirrored copy on its way: to the worker process, or to the route's in-process queue."""
+        try:
+            where = self._isolated(shadow.target)
+        except ServingError as exc:
+            log.debug("shadow %r of route %r: %s", shadow.name, route, exc)
+            self._shadow_done(route, shadow.name, False, 0.0, None)
+            return
+        except Exception:
+            log.exception("shadow %r of route %r: internal error", shadow.name, route)
+            self._shadow_done(route, shadow.name, False, 0.0, None)
+            return
+        if where is not None:
+            model, version, token = where
+            # the job names model and version itself; the request's own model_name is not sent
+            self.shadow_process.submit(model, version, token, request, primary, _ResultTo(self, route, shadow.name))
+            return
+        q = self._inline_queues.get(route)
+        if q is None:
+            q = self._inline_queues[route] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            self._route_workers[route] = [loop.create_task(self._inline_worker(q), name=f"pyserve-shadow-{route}")
+                                          for _ in range(SHADOW_WORKERS)]
+        q.put_nowait((route, shadow, request, primary, key))
+
+    async def _inline_worker(self, q: asyncio.Queue) -> None:
         while True:
             route, shadow, request, primary, key = await q.get()
-            # let the primary's response leave first: the RPC that queued this job is still
-            # finishing on this event loop (serializing and sending its answer)
+            # let the primary's response leave first
             for _ in range(SHADOW_YIELDS):
                 await asyncio.sleep(0)
+            t0 = time.perf_counter()
+            ok, div = False, None
             try:
-                await self._run_shadow(route, shadow, request, primary, key)
+                resp = await self._call(shadow.target, replace(request, model_name=shadow.target.route or
+                                                               shadow.target.model), key, 1)
+                ok = True
+                div = divergence(primary, {t.name: t.data for t in resp.outputs})
+            except ServingError as exc:
+                log.debug("shadow %r of route %r: %s", shadow.name, route, exc)
+            except asyncio.CancelledError:
+                raise
             except Exception:
-                log.exception("shadow %r of route %r failed unexpectedly", shadow.name, route)
+                log.exception("shadow %r of route %r: internal error", shadow.name, route)
             finally:
                 q.task_done()
+            self._shadow_done(route, shadow.name, ok, time.perf_counter() - t0, div)
 
     def _isolated(self, target: TargetConfig) -> tuple[str, str, tuple] | None:
         """``(model, version, token)`` when ``target`` runs in the shadow worker process, else None.
@@ -470,45 +572,51 @@ class TrafficRouter:
             return None
         return mv.name, mv.version, (mv.fingerprint, mv.config)
 
-    async def _run_shadow(self, route: str, shadow, request: InferRequest, primary: dict, key) -> None:
-        t0 = time.perf_counter()
-        ok, div, latency = False, None, None
-        try:
-            where = self._isolated(shadow.target)
-            if where is not None:
-                res = await self.shadow_process.run(*where, request, primary)
-                ok, div, latency = res.ok, res.divergence, res.latency_s
-                if not ok:
-                    log.debug("shadow %r of route %r: %s", shadow.name, route, res.error)
-            else:
-                resp = await self._call(shadow.target, replace(request, model_name=shadow.target.route or
-                                                               shadow.target.model), key, 1)
-                ok = True
-                div = divergence(primary, {t.name: t.data for t in resp.outputs})
-        except ServingError as exc:
-            log.debug("shadow %r of route %r: %s", shadow.name, route, exc)
-        except Exception:
-            log.exception("shadow %r of route %r: internal error", shadow.name, route)
-        if latency is None:
-            latency = time.perf_counter() - t0
-        self.controller.record_shadow(route, shadow.name, ok, latency, div)
+    def _shadow_done(self, route: str, shadow: str, ok: bool, latency_s: float, div) -> None:
+        """One mirrored copy finished: statistics, metrics, and its slot in the route's queue."""
+        n = self._outstanding.get(route, 0)
+        if n > 0:
+            self._outstanding[route] = n - 1
+        if self._drained is not None and not any(self._outstanding.values()):
+            self._drained.set()
+        self.controller.record_shadow(route, shadow, ok, latency_s, div)
         if self.metrics:
             m = self.metrics
-            m.shadow_requests.labels(route, shadow.name, "ok" if ok else "error").inc()
-            m.shadow_duration.labels(route, shadow.name).observe(latency)
+            m.shadow_requests.labels(route, shadow, "ok" if ok else "error").inc()
+            m.shadow_duration.labels(route, shadow).observe(latency_s)
             st = self.controller.routes.get(route)
-            if st is not None and shadow.name in st.shadows:
-                s = st.shadows[shadow.name].as_dict()
-                if s["top1_agreement"] is not None:
-                    m.shadow_top1.labels(route, shadow.name).set(s["top1_agreement"])
-                if s["compared"]:
-                    m.shadow_max_abs.labels(route, shadow.name).set(s["max_abs_diff"])
-                    m.shadow_cosine.labels(route, shadow.name).set(s["cosine_mean"])
+            s = st.shadows.get(shadow) if st is not None else None
+            if s is not None and ok and div is not None and div.comparable:
+                # from the running aggregates (ShadowStats.as_dict would sort the latency window)
+                top1 = s.top1_agreement
+                if top1 is not None:
+                    m.shadow_top1.labels(route, shadow).set(top1)
+                m.shadow_max_abs.labels(route, shadow).set(s.max_abs_diff)
+                m.shadow_cosine.labels(route, shadow).set(s.cosine_sum / s.compared)
 
-    async def drain_shadows(self) -> None:
-        """Wait until every queued shadow copy has run (tests, benchmarks)."""
-        for q in list(self._queues.values()):
-            await q.join()
+    def _on_shadow_data(self) -> None:
+        self._shadow_work()
+
+    @property
+    def shadows_outstanding(self) -> int:
+        """Mirrored copies accepted and not finished yet, over all routes."""
+        return sum(self._outstanding.values())
+
+    async def drain_shadows(self, timeout_s: float | None = None) -> None:
+        """Wait until every mirrored copy has run (tests, benchmarks); TimeoutError after ``timeout_s``.
+        Waits on an event that the last finishing copy sets (no polling: a benchmark that measures
+        the loop's CPU time over a shadow backlog is not charged for the wait)."""
+        loop = asyncio.get_running_loop()
+        end = None if timeout_s is None else loop.time() + timeout_s
+        while self.shadows_outstanding:
+            ev = self._drained = asyncio.Event()
+            self._shadow_work()
+            try:
+                await asyncio.wait_for(ev.wait(), None if end is None else max(0.0, end - loop.time()))
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"{self.shadows_outstanding} shadow copies still outstanding") from None
+            finally:
+                self._drained = None
 
     # --- interleaving ------------------------------------------------------------------------------
 
@@ -546,6 +654,20 @@ class TrafficRouter:
         return InferResponse(model_name=route.name, model_version="", id=request.id,
                              outputs=(Tensor("interleaved", "INT64", ids), Tensor("interleaved_team", "INT8", teams)),
                              parameters={VARIANT_PARAM: f"{a.name},{b.name}", REQUEST_ID_PARAM: rid})
+
+
+class _ResultTo:
+    """The done callback of one job in the shadow worker process (cheaper than a closure per job)."""
+
+    __slots__ = ("route", "router", "shadow")
+
+    def __init__(self, router: TrafficRouter, route: str, shadow: str) -> None:
+        self.router, self.route, self.shadow = router, route, shadow
+
+    def __call__(self, res) -> None:
+        if not res.ok:
+            log.debug("shadow %r of route %r: %s", self.shadow, self.route, res.error)
+        self.router._shadow_done(self.route, self.shadow, res.ok, res.latency_s, res.divergence)
 
 
 def _ranking(resp: InferResponse, variant: str) -> np.ndarray:

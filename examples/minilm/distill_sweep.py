@@ -31,6 +31,7 @@ RUNS = {
     "output": ({"weight_kl": 5.0, "weight_output": 30.0, "weight_cosine": 0.0}, None),  # embeddings only
     "everyday": ({}, ("everyday", "pydoc")),                                    # + in-domain sentences
     "everyday-output": ({"weight_kl": 5.0, "weight_output": 30.0, "weight_cosine": 0.0}, ("everyday", "pydoc")),
+    "everyday-only": ({"weight_kl": 5.0, "weight_output": 30.0, "weight_cosine": 0.0}, ("everyday",)),
 }
 RECIPE = {"from_layers": (0, 3, 5), "lr": 1e-4, "temperature": 2.0, "weight_kl": 5.0, "weight_cosine": 1.0,
           "weight_output": 10.0}

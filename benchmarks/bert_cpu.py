@@ -84,6 +84,25 @@ ENGINES = ("torch fp32", "torch dyn int8", "ort fp32", "ort int8", "pyserve int8
 DEFAULT_ENGINES = ENGINES[:-1]
 
 
+def onnx_models(workdir: Path, model, tok) -> tuple[Path, Path]:
+    """``(fp32, int8)`` ONNX files of ``model`` in ``workdir`` (made when missing): ``torch.onnx.export``
+    (opset 17, dynamic batch and sequence) and onnxruntime's own ``quantize_dynamic`` (QInt8 weights)."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx_fp32 = workdir / "minilm.onnx"
+    onnx_int8 = workdir / "minilm-int8.onnx"
+    if not onnx_fp32.exists():
+        ids = tok(["a sentence", "another one here"], padding=True, return_tensors="pt")
+        torch.onnx.export(model, (ids["input_ids"], ids["attention_mask"]), str(onnx_fp32), dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["embedding"], opset_version=17,
+                          dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"},
+                                        "embedding": {0: "b"}})
+    if not onnx_int8.exists():
+        quantize_dynamic(str(onnx_fp32), str(onnx_int8), weight_type=QuantType.QInt8)
+    return onnx_fp32, onnx_int8
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--int8", type=Path, help="artifact of examples/minilm/int8.yaml (built when omitted)")
@@ -105,7 +124,6 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     import onnxruntime as ort
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from pyserve import artifact, ops
     from pyserve.artifact.kernels import native_module
@@ -121,16 +139,7 @@ def main(argv=None) -> int:
     tok = ex.tokenizer()
     model = ex.MiniLM()
 
-    onnx_fp32 = args.workdir / "minilm.onnx"
-    onnx_int8 = args.workdir / "minilm-int8.onnx"
-    if not onnx_fp32.exists():
-        ids = tok(["a sentence", "another one here"], padding=True, return_tensors="pt")
-        torch.onnx.export(model, (ids["input_ids"], ids["attention_mask"]), str(onnx_fp32), dynamo=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["embedding"], opset_version=17,
-                          dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"},
-                                        "embedding": {0: "b"}})
-    if not onnx_int8.exists():
-        quantize_dynamic(str(onnx_fp32), str(onnx_int8), weight_type=QuantType.QInt8)
+    onnx_fp32, onnx_int8 = onnx_models(args.workdir, model, tok)
 
     def torch_size(m) -> int:
         buf = io.BytesIO()

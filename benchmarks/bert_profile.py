@@ -1,6 +1,6 @@
 """Where the time of pyserve's int8 MiniLM goes: per-op-kind shares of one forward pass.
 
-    python benchmarks/bert_profile.py --int8 int8.pyserve [--batch 1 --seq 128 --threads 1]
+    python benchmarks/bert_profile.py --int8 int8.pyserve [--batch 1 --seq 128 --threads 1] [--ort]
 
 The artifact is loaded the way the ``pyserve`` backend loads it (``native_module``: per-layer kernel
 choice measured at load; ``--kernels int8`` forces int8_linear everywhere, ``--no-fuse`` keeps Q, K
@@ -12,6 +12,13 @@ transpose, slice, expand, contiguous copies) and the rest (embedding lookups, po
 Python overhead" is the median time of a normal call of the module minus the sum of the per-node
 times: the FX interpreter's per-node dispatch from Python, argument packing, allocation.
 Output: a Markdown table (ms, share of the summed node times and of the best call).
+
+``--ort`` adds onnxruntime int8 (its own ``quantize_dynamic`` of the exported model, the file
+``benchmarks/bert_cpu.py`` uses, made when missing) profiled by onnxruntime's own profiler
+(``SessionOptions.enable_profiling``: per node, the best kernel time of ``--reps`` runs), and a
+side-by-side table of both engines by part: GEMMs (with their activation quantization; pyserve's
+``int8_linear`` quantizes inside), attention (scores, softmax, weighted sum), LayerNorm, GELU,
+elementwise, shape ops, embeddings (every node before the first GEMM) and pooling (after the last).
 
 The machine is shared: run with nothing else busy, and read shares, not absolute times.
 """
@@ -111,8 +118,125 @@ def profile(module, args: tuple, reps: int = 5) -> dict:
         counts[k] += 1
     total = min(calls)
     return {"by_kind": dict(by_kind), "counts": dict(counts), "total": total, "median": statistics.median(calls),
-            "calls": len(calls),
+            "calls": len(calls), "best": best,
             "overhead": total - sum(by_kind.values())}
+
+
+PARTS = ("GEMMs", "  of which activation quantization", "attention", "LayerNorm", "GELU", "elementwise",
+         "shape ops and copies", "embeddings (before the first GEMM)", "pooling (after the last GEMM)", "other")
+
+_PYSERVE_PART = {"int8_linear": "GEMMs", "fp32 linear": "GEMMs", "attention (matmul, softmax)": "attention",
+                 "layer_norm": "LayerNorm", "gelu": "GELU", "elementwise": "elementwise",
+                 "shape ops and copies": "shape ops and copies", "other (embedding, pooling, ...)": "other"}
+
+_ORT_PART = {"MatMulInteger": "GEMMs", "MatMulIntegerToFloat": "GEMMs", "DynamicQuantizeMatMul": "GEMMs",
+             "QGemm": "GEMMs", "Gemm": "GEMMs", "DynamicQuantizeLinear": "  of which activation quantization",
+             "MatMul": "attention", "FusedMatMul": "attention", "Softmax": "attention", "Attention": "attention",
+             "MultiHeadAttention": "attention", "LayerNormalization": "LayerNorm",
+             "SkipLayerNormalization": "LayerNorm", "SimplifiedLayerNormalization": "LayerNorm",
+             "Gelu": "GELU", "BiasGelu": "GELU", "FastGelu": "GELU", "Erf": "GELU",
+             "Add": "elementwise", "Mul": "elementwise", "Div": "elementwise", "Sub": "elementwise",
+             "Where": "elementwise", "Sqrt": "elementwise", "Pow": "elementwise", "Cast": "elementwise",
+             "Reshape": "shape ops and copies", "Transpose": "shape ops and copies", "Unsqueeze": "shape ops and copies",
+             "Squeeze": "shape ops and copies", "Shape": "shape ops and copies", "Concat": "shape ops and copies",
+             "Slice": "shape ops and copies", "Expand": "shape ops and copies", "Gather": "shape ops and copies",
+             "Identity": "shape ops and copies", "ConstantOfShape": "shape ops and copies"}
+
+
+def by_part(nodes: list[tuple[str, float]]) -> dict:
+    """``{part: [seconds, node count]}`` of ``nodes`` = ``[(part, seconds), ...]`` in execution order:
+    everything before the first GEMM is "embeddings", after the last one "pooling"."""
+    gemm_at = [i for i, (part, _) in enumerate(nodes) if part in ("GEMMs", "  of which activation quantization")]
+    out = {}
+    for i, (part, dt) in enumerate(nodes):
+        if gemm_at and i < gemm_at[0]:
+            part = "embeddings (before the first GEMM)"
+        elif gemm_at and i > gemm_at[-1]:
+            part = "pooling (after the last GEMM)"
+        acc = out.setdefault(part, [0.0, 0])
+        acc[0] += dt
+        acc[1] += 1
+    return out
+
+
+def ort_profile(onnx_path: Path, feeds: dict, threads: int, reps: int) -> dict:
+    """onnxruntime's own per-node kernel times of ``onnx_path`` on ``feeds`` (best of ``reps`` runs
+    per node, after 3 warm-up runs), grouped by :func:`by_part`; plus the best and median call."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    def session(profile: bool):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if profile:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort")
+        return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+
+    plain = session(False)
+    for _ in range(3):
+        plain.run(None, feeds)
+    calls = []
+    for _ in range(max(reps, 5) * 3):
+        t0 = time.perf_counter()
+        plain.run(None, feeds)
+        calls.append(time.perf_counter() - t0)
+    sess = session(True)
+    for _ in range(3 + reps):
+        sess.run(None, feeds)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    best: dict = {}
+    order: list = []
+    op_of: dict = {}
+    runs = 0
+    for ev in events:
+        if ev.get("cat") == "Session" and ev.get("name") == "model_run":
+            runs += 1
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time") or runs <= 3:
+            continue
+        name = ev["name"][: -len("_kernel_time")]
+        if name not in best:
+            order.append(name)
+            op_of[name] = ev.get("args", {}).get("op_name", "?")
+        best[name] = min(best.get(name, float("inf")), ev["dur"] * 1e-6)
+    nodes = [(_ORT_PART.get(op_of[n], "other"), best[n]) for n in order]
+    ops_seen: dict = {}
+    for n in order:
+        ops_seen[op_of[n]] = ops_seen.get(op_of[n], 0.0) + best[n]
+    return {"parts": by_part(nodes), "ops": ops_seen, "total": min(calls), "median": statistics.median(calls),
+            "nodes": len(order), "providers": sess.get_providers()}
+
+
+def pyserve_parts(module, args: tuple, reps: int) -> dict:
+    """:func:`profile`'s per-node best times of the FX graph, grouped by :func:`by_part`."""
+    res = profile(module, args, reps)
+    nodes = [(_PYSERVE_PART[kind_of(n) if n.op != "call_module" else "other (embedding, pooling, ...)"], dt)
+             for n, dt in res["best"].items()]
+    return {"parts": by_part(nodes), "total": res["total"], "median": res["median"], "nodes": len(nodes)}
+
+
+def compare_table(py: dict, ort_res: dict) -> str:
+    """Markdown: ms per part, pyserve int8 against onnxruntime int8, and their ratio."""
+    lines = ["| part | pyserve int8 nodes | ms | onnxruntime int8 nodes | ms | pyserve / ort |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for part in PARTS:
+        a, b = py["parts"].get(part), ort_res["parts"].get(part)
+        if a is None and b is None:
+            continue
+        a, b = a or [0.0, 0], b or [0.0, 0]
+        ratio = f"{a[0] / b[0]:.2f}x" if b[0] > 0 else "-"
+        lines.append(f"| {part} | {a[1]} | {a[0] * 1e3:.2f} | {b[1]} | {b[0] * 1e3:.2f} | {ratio} |")
+    sa = sum(v[0] for v in py["parts"].values())
+    sb = sum(v[0] for v in ort_res["parts"].values())
+    lines.append(f"| sum of the nodes | {py['nodes']} | {sa * 1e3:.2f} | {ort_res['nodes']} | {sb * 1e3:.2f} | "
+                 f"{sa / sb:.2f}x |")
+    lines.append(f"| one call: best (median) | | {py['total'] * 1e3:.2f} ({py['median'] * 1e3:.2f}) | | "
+                 f"{ort_res['total'] * 1e3:.2f} ({ort_res['median'] * 1e3:.2f}) | {py['total'] / ort_res['total']:.2f}x |")
+    return "\n".join(lines)
 
 
 def table(res: dict) -> str:
@@ -140,6 +264,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--no-fuse", action="store_true", help="keep Q, K and V as three Linear layers")
+    ap.add_argument("--ort", action="store_true", help="also profile onnxruntime int8 and compare by part")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-minilm",
+                    help="where the ONNX files are (made when missing)")
     args = ap.parse_args(argv)
 
     import torch
@@ -169,6 +296,20 @@ def main(argv=None) -> int:
     print(f"\nsequence 2 (dispatch floor): best call {floor['total'] * 1e3:.2f} ms, sum of the "
           f"{sum(floor['counts'].values())} nodes {sum(floor['by_kind'].values()) * 1e3:.2f} ms, "
           f"per-node dispatch {1e6 * floor['total'] / max(sum(floor['counts'].values()), 1):.1f} us")
+    if args.ort:
+        bench = importlib.util.spec_from_file_location("_bert_cpu", ROOT / "benchmarks" / "bert_cpu.py")
+        bmod = importlib.util.module_from_spec(bench)
+        bench.loader.exec_module(bmod)
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        _, onnx_int8 = bmod.onnx_models(args.workdir, mod.MiniLM(), tok)
+        feeds = {"input_ids": enc["input_ids"].numpy(), "attention_mask": enc["attention_mask"].numpy()}
+        ort_res = ort_profile(onnx_int8, feeds, args.threads, args.reps)
+        py = pyserve_parts(module, (enc["input_ids"], enc["attention_mask"]), args.reps)
+        print(f"\npyserve int8 against onnxruntime int8 ({ort_res['providers'][0]}, its profiler), best of "
+              f"{args.reps} per node; load average {os.getloadavg()[0]:.1f}")
+        print(compare_table(py, ort_res))
+        print("\nonnxruntime ops (ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in
+                                                    sorted(ort_res["ops"].items(), key=lambda kv: -kv[1])))
     return 0
 
 

@@ -63,6 +63,7 @@ class SentenceTask:
     seed: int = 0
     verbose: bool = True
     transfer: int | None = None          # how many transfer sentences (None = all)
+    transfer_sets: tuple = ("pydoc",)     # their sources (pyserve.datasets.TRANSFER_SETS), in order
     metric = "Spearman vs pair scores"
     dynamic_axes = ((0, 1), (0, 1))
     _reference: np.ndarray | None = field(default=None, repr=False)
@@ -76,7 +77,7 @@ class SentenceTask:
         index = {s: i for i, s in enumerate(sentences)}
         self._a = np.array([index[s] for s in self.pairs.first])
         self._b = np.array([index[s] for s in self.pairs.second])
-        self.train_sentences = transfer_sentences(self.transfer)
+        self.train_sentences = transfer_sentences(self.transfer, sets=tuple(self.transfer_sets))
         # distillation learns from the teacher only: no labels
         self.train_y = None
 

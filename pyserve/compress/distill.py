@@ -170,9 +170,12 @@ def _last_hidden(stack: nn.ModuleList, store: dict, key: str):
 
 def distill_train(student: nn.Module, teacher: nn.Module, task, cfg: DistillConfig, *, epochs: int | None = None,
                   lr: float | None = None, student_stack: nn.ModuleList | None = None,
-                  teacher_stack: nn.ModuleList | None = None, desc: str = "distill") -> list[float]:
+                  teacher_stack: nn.ModuleList | None = None, desc: str = "distill",
+                  on_epoch=None) -> list[float]:
     """Train ``student`` against the frozen ``teacher`` with the triple loss (module docstring) on
-    ``task.train_batches(epoch)``; returns the mean loss of each epoch."""
+    ``task.train_batches(epoch)``; returns the mean loss of each epoch. ``on_epoch(epoch, student)``
+    (optional) is called after each epoch (0-based) with the student in eval mode, e.g. to measure
+    it (``examples/minilm/distill_sweep.py``); it must not train it."""
     epochs = cfg.epochs if epochs is None else epochs
     lr = cfg.lr if lr is None else lr
     teacher.eval()
@@ -231,6 +234,9 @@ def distill_train(student: nn.Module, teacher: nn.Module, task, cfg: DistillConf
             bar.close()
             losses.append(total / max(count, 1))
             task.log(f"  {desc} epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}")
+            if on_epoch is not None:
+                student.eval()
+                on_epoch(epoch, student)
     finally:
         for h in hooks:
             h.remove()

@@ -117,7 +117,8 @@ def build_task(recipe: Recipe, *, verbose: bool = True):
         except Exception as exc:  # the user's code
             raise RecipeError(f"data.tokenizer: {d.tokenizer} raised {type(exc).__name__}: {exc}") from None
         return SentenceTask(tokenizer, max_length=d.max_length, batch_size=recipe.train.batch_size,
-                            lr=recipe.train.lr, seed=recipe.seed, verbose=verbose, transfer=d.transfer_sentences)
+                            lr=recipe.train.lr, seed=recipe.seed, verbose=verbose, transfer=d.transfer_sentences,
+                            transfer_sets=d.transfer_sets)
     kwargs = dict(batch_size=recipe.train.batch_size, eval_batch_size=recipe.train.eval_batch_size,
                   lr=recipe.train.lr, seed=recipe.seed, verbose=verbose)
     if d.loader is not None:

@@ -116,7 +116,9 @@ class DataSpec:
     ``dataset``: ``mnist`` (classification) or ``sentence-pairs`` (sentence embeddings; then
     ``tokenizer`` names a FILE.py:callable or module:callable returning a Hugging Face style
     tokenizer, ``max_length`` caps the tokens per sentence and ``transfer_sentences`` how many
-    unlabelled sentences calibration and distillation use, all when omitted).
+    unlabelled sentences calibration and distillation use, all when omitted, drawn from
+    ``transfer_sets`` in order: ``pydoc`` (default) and/or ``everyday``,
+    :func:`pyserve.datasets.transfer_sentences`).
 
     ``loader``: ``FILE.py:callable`` (relative to the recipe) or ``module:callable`` for a
     classification task. It is called with no arguments and returns ``(train, test)``; each is a
@@ -133,6 +135,7 @@ class DataSpec:
     tokenizer: str | None = None
     max_length: int = 128
     transfer_sentences: int | None = None
+    transfer_sets: tuple[str, ...] = ("pydoc",)
 
     def __post_init__(self):
         if self.dataset is not None and self.loader is not None:
@@ -143,6 +146,11 @@ class DataSpec:
             raise ValueError(f"max_length: must be >= 2, got {self.max_length}")
         if self.transfer_sentences is not None and self.transfer_sentences < 1:
             raise ValueError(f"transfer_sentences: must be >= 1, got {self.transfer_sentences}")
+        from pyserve.datasets.sentences import TRANSFER_SETS
+
+        sets = tuple(self.transfer_sets)
+        if not sets or len(set(sets)) != len(sets) or any(x not in TRANSFER_SETS for x in sets):
+            raise ValueError(f"transfer_sets: expected distinct names from {list(TRANSFER_SETS)}, got {list(sets)}")
 
     @property
     def where(self) -> str:

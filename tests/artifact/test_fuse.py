@@ -150,3 +150,59 @@ def test_eager_attention_becomes_one_sdpa_call(tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(fused(x2, mask2), net(x2, mask2), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(apart(x2, mask2), net(x2, mask2), atol=1e-5, rtol=1e-5)
+
+
+class Block(nn.Module):
+    """A feed-forward sublayer as BERT writes it: Linear, GELU, Linear, dropout, residual, LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 32)
+        self.drop = nn.Dropout(0.1)
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.norm(x + self.drop(self.b(torch.nn.functional.gelu(self.a(x)))))
+
+
+def test_inactive_dropout_dropped_and_int8_layers_bound_at_load(tmp_path, monkeypatch):
+    from pyserve.artifact import kernels
+
+    torch.manual_seed(0)
+    net = Block().eval()
+    enc = {}
+    with torch.no_grad():
+        for name in ("a", "b"):
+            lin = getattr(net, name)
+            q, s = quantize_per_channel(lin.weight.numpy())
+            lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+            enc[f"{name}.weight"] = artifact.encode_int8(q, s)
+    path = tmp_path / "block.pyserve"
+    artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="block", encodings=enc, dynamic_axes=((0, 1),))
+
+    def dropouts(gm):
+        return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.dropout.default]
+
+    bound, choices = native_module(artifact.load_artifact(path), kernels="int8")
+    assert choices == {"a.weight": "int8", "b.weight": "int8"}
+    assert not dropouts(bound)
+    assert dropouts(native_module(artifact.load_artifact(path), kernels="int8", fuse=False)[0])
+    calls = _linear_calls(bound)
+    # bound at load: the activation is the only argument; the weights stay buffers of the module
+    assert len(calls) == 2 and all(len(n.args) == 1 and not n.kwargs for n in calls)
+    assert sum(1 for b in bound.buffers() if b.dtype == torch.int8) == 2
+    monkeypatch.setattr(kernels, "_cached_pack_of", lambda values: None)
+    plain, _ = native_module(artifact.load_artifact(path), kernels="int8")
+    assert [n.target for n in _linear_calls(plain)] == [kernels._int8_fn] * 2
+    x = torch.randn(3, 7, 32)
+    with torch.inference_mode():
+        got = bound(x)
+        assert torch.equal(got, plain(x))  # the same kernel on the same operands: bit for bit
+    # against the NumPy int8 reference, layer by layer
+    pa, pb = (artifact.load_artifact(path).int8[f"{n}.weight"] for n in ("a", "b"))
+    h = int8_linear_reference(x.reshape(-1, 32).numpy(), pa.values, pa.scale, net.a.bias.detach().numpy())
+    h = torch.nn.functional.gelu(torch.from_numpy(np.asarray(h, np.float32))).numpy()
+    h = int8_linear_reference(h, pb.values, pb.scale, net.b.bias.detach().numpy())
+    with torch.no_grad():
+        expected = net.norm(x + torch.from_numpy(np.asarray(h, np.float32)).reshape(3, 7, 32)).numpy()
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@ Measures, on this machine, the CPU time per request (thread or process CPU, not 
 other load on a shared machine matters less) of each part of serving bench_server.py's model
 (LeNet-300-100, fp32, the pyserve backend, OMP_NUM_THREADS=1) at batch 1:
 
-- ``grpc_floor_us``: a synchronous ``grpc.server`` (16 threads, as pyserve's sync engine) whose
+- ``grpc_floor_us``: a synchronous ``grpc.server`` (8 threads, as pyserve's sync engine) whose
   ModelInfer handler returns canned bytes, loaded by grpc_load.py at concurrency 16: gRPC's own
   per-RPC cost (benchmarks/server/grpc_floor.py), process CPU per request.
 - ``protobuf_us``: parsing the ModelInferRequest and serializing the response (the generated
@@ -16,9 +16,10 @@ other load on a shared machine matters less) of each part of serving bench_serve
 - ``compute_b1_us``: the backend's ``infer_sync`` for one row; ``compute_b16_per_row_us``: for a
   16-row batch, divided by 16.
 - ``batcher_us``: what the dynamic batcher adds per request on the sync engine (the hand-over to the
-  event loop and back, queueing, concatenating and splitting): ``DataPlane.infer_model`` through the
-  DynamicBatcher run from 16 threads (``run_coroutine_threadsafe``), minus the direct path and the
-  compute per row.
+  event loop and back, queueing, concatenating and splitting): 16 threads each doing what a handler
+  thread does for a batched model (parse, decode, ``DataPlane.infer_model`` through the
+  DynamicBatcher via ``run_coroutine_threadsafe``, encode, serialize), process CPU per request, minus
+  protobuf, pyserve's own work and the compute per row at batch 16.
 
 From those: CPU per request unbatched = floor + protobuf + pyserve + compute_b1; with ideal batching
 (every batch full at 16 rows) = floor + protobuf + pyserve + batcher + compute_b16/16. On a CPU-bound
@@ -63,7 +64,7 @@ def grpc_floor_us(seconds: float) -> float:
 
     import grpc_floor
 
-    server = grpc.server(ThreadPoolExecutor(16))
+    server = grpc.server(ThreadPoolExecutor(8))
     server.add_generic_rpc_handlers((grpc_floor._handlers(lambda request, context: grpc_floor.RESPONSE),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -111,13 +112,17 @@ async def _measure(repo: Path, n: int) -> dict:
 
     # the batched path as the sync engine takes it: 16 handler threads, each waiting on the loop
     loop = asyncio.get_running_loop()
-    breq = InferRequest(model_name="batched", model_version="", id="", inputs=(Tensor("images", "FP32", x1),))
+    braw = codec.encode_infer_request(
+        InferRequest(model_name="batched", model_version="", id="", inputs=(Tensor("images", "FP32", x1),))
+    ).SerializeToString()
     per_thread = max(1, n // 16)
     done = threading.Barrier(17)
 
-    def client():
+    def client():  # what a sync-engine handler thread does for a batched model
         for _ in range(per_thread):
-            asyncio.run_coroutine_threadsafe(dp.infer_model(breq), loop).result()
+            req = codec.decode_infer_request(pb.ModelInferRequest.FromString(braw))
+            resp = asyncio.run_coroutine_threadsafe(dp.infer_model(req), loop).result()
+            codec.encode_infer_response(resp).SerializeToString()
         done.wait()
 
     cpu0 = time.process_time()
@@ -129,8 +134,8 @@ async def _measure(repo: Path, n: int) -> dict:
     await loop.run_in_executor(None, done.wait)
     cpu = (time.process_time() - cpu0) / (16 * per_thread) * 1e6
     out["batched_rows_per_execution"] = 16 * per_thread / max(1, mv.stats.execution_count - e0)
-    # the direct path's pyserve work is in both; the batcher's extra is what remains beyond it
-    out["batcher_us"] = cpu - (out["pyserve_us"] + out["compute_b16_per_row_us"])
+    # protobuf and pyserve's own work are in both paths; the batcher's extra is what remains
+    out["batcher_us"] = cpu - (out["protobuf_us"] + out["pyserve_us"] + out["compute_b16_per_row_us"])
     out["batched_path_process_cpu_us"] = cpu
     await repository.unload_all()
     return out

@@ -274,7 +274,7 @@ def success_count(url: str) -> int | None:
 
     try:
         with tc.InferenceServerClient(url) as c:
-            stats = c.get_model_statistics("lenet300", as_json=True)
+            stats = c.get_inference_statistics("lenet300", as_json=True)
         return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats["model_stats"])
     except Exception:  # noqa: BLE001 - a server without the statistics extension
         return None

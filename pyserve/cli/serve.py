@@ -47,7 +47,8 @@ def add_parser(subparsers) -> None:
                    "handler thread, about half of grpc.aio's CPU per request) or 'aio' (grpc.aio, everything on "
                    "the event loop); default: $PYSERVE_GRPC_ENGINE, else sync")
     p.add_argument("--grpc-threads", type=int, default=None, metavar="N",
-                   help="handler threads of the sync engine (default 16; every open stream holds one)")
+                   help="handler threads of the sync engine (default 8; every open stream, and every request waiting for "
+                   "a dynamic batch or a traffic route, holds one)")
     p.add_argument(
         "--model-control-mode",
         choices=["none", "poll", "explicit"],

@@ -407,6 +407,8 @@ class ModelVersion:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _loop_thread: int | None = field(default=None, repr=False)
+    #: :meth:`drained` calls waiting: only then does a release from another thread wake the loop
+    _watchers: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -424,7 +426,7 @@ class ModelVersion:
         with self._lock:
             self.inflight -= 1
             idle = self.inflight == 0
-        if idle:
+        if idle and self._watchers:  # a wake-up per request would cost the loop a turn each time
             if self._loop is None or threading.get_ident() == self._loop_thread:
                 self._idle.set()
             else:  # asyncio.Event wakes its waiters only on its own loop's thread
@@ -438,10 +440,14 @@ class ModelVersion:
             self._idle.set()
 
     async def drained(self) -> None:
-        while self.inflight:
-            self._idle.clear()  # set again by the release that brings inflight to 0
-            if self.inflight:
-                await self._idle.wait()
+        self._watchers += 1  # before reading inflight: a release that brings it to 0 then sets _idle
+        try:
+            while self.inflight:
+                self._idle.clear()  # set again by the release that brings inflight to 0
+                if self.inflight:
+                    await self._idle.wait()
+        finally:
+            self._watchers -= 1
 
 
 def _vkey(version: str) -> int:

@@ -18,8 +18,9 @@ benchmarks/server/grpc_load.py (one process, grpc.aio, C concurrent closed loops
 pre-serialized ModelInferRequest and not parsing the answers, so the client takes little of the
 2-core machine's CPU; ``--vs-client tritonclient`` uses a tritonclient.grpc.aio loop instead), and
 perf_analyzer measures pyserve batched vs unbatched. pyserve runs with each gRPC engine: ``sync``
-(the default: the synchronous ``grpc.server``, the unbatched model served in the handler thread)
-and ``aio`` (``--grpc-engine aio``: grpc.aio, inline execution of the tiny model on the event loop).
+(``--grpc-engine sync``: the synchronous ``grpc.server``, the unbatched model served in the handler
+thread; results under "pyserve") and ``aio`` (the default: grpc.aio, inline execution of the tiny
+model on the event loop; "pyserve_aio").
 The server overhead per request (server time minus queue and compute, from ModelStatistics deltas
 after each request at concurrency 1) is measured on both; batched vs unbatched on both too. Every point is measured ``--rounds`` times with the servers taking turns (all run
 at once, idle but for the one measured); the tables give medians.
@@ -358,13 +359,13 @@ def main() -> int:
         results["test_accuracy"] = acc
         print(f"  test accuracy {acc:.4f}", flush=True)
         try:
-            proc, plain = start_pyserve(write_repo(tmp, artifact, False))
+            proc, plain = start_pyserve(write_repo(tmp, artifact, False), "--grpc-engine", "sync")
             procs.append(proc)
             pids = {plain: proc.pid}
             proc, aio = start_pyserve(tmp / "repo_plain", "--grpc-engine", "aio")
             procs.append(proc)
             pids[aio] = proc.pid
-            proc, batched = start_pyserve(write_repo(tmp, artifact, True))
+            proc, batched = start_pyserve(write_repo(tmp, artifact, True), "--grpc-engine", "sync")
             procs.append(proc)
             pids[batched] = proc.pid
             proc, batched_aio = start_pyserve(tmp / "repo_batched", "--grpc-engine", "aio")
@@ -407,7 +408,7 @@ def main() -> int:
     print(table("pyserve vs KServe Python server, pyserve on grpc.aio (--grpc-engine aio)",
                 "pyserve aio", v["pyserve_aio"], "KServe", v["kserve"]))
     print()
-    print(table("pyserve engines: sync (default) vs aio", "sync", v["pyserve"], "aio", v["pyserve_aio"]))
+    print(table("pyserve engines: sync vs aio (default)", "sync", v["pyserve"], "aio", v["pyserve_aio"]))
     if "cpu_us_per_request" in v["pyserve"][1]:
         print()
         print(cpu_table("Server CPU time per request (process tree, user + system)", v))

@@ -104,15 +104,15 @@ def test_engine_selection_is_checked(tmp_path, monkeypatch):
     from pyserve.server import Server
 
     monkeypatch.delenv("PYSERVE_GRPC_ENGINE", raising=False)
-    assert Server(tmp_path).grpc_engine == "sync"
-    assert Server(tmp_path, grpc_engine="aio").grpc_engine == "aio"
+    assert Server(tmp_path).grpc_engine == "aio"
+    assert Server(tmp_path, grpc_engine="sync").grpc_engine == "sync"
     with pytest.raises(ValueError, match="grpc_engine must be one of sync, aio, got 'uvloop'"):
         Server(tmp_path, grpc_engine="uvloop")
     with pytest.raises(ValueError, match="grpc_threads must be an int >= 1, got 0"):
         Server(tmp_path, grpc_threads=0)
-    monkeypatch.setenv("PYSERVE_GRPC_ENGINE", "aio")
-    assert Server(tmp_path).grpc_engine == "aio"
-    assert Server(tmp_path, grpc_engine="sync").grpc_engine == "sync"  # the argument wins
+    monkeypatch.setenv("PYSERVE_GRPC_ENGINE", "sync")
+    assert Server(tmp_path).grpc_engine == "sync"
+    assert Server(tmp_path, grpc_engine="aio").grpc_engine == "aio"  # the argument wins
     monkeypatch.setenv("PYSERVE_GRPC_ENGINE", "fast")
     with pytest.raises(ValueError, match="PYSERVE_GRPC_ENGINE must be one of sync, aio, got 'fast'"):
         Server(tmp_path)

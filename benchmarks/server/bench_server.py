@@ -17,11 +17,12 @@ not found!"), so pyserve vs KServe is measured with one client for both: by defa
 benchmarks/server/grpc_load.py (one process, grpc.aio, C concurrent closed loops sending one
 pre-serialized ModelInferRequest and not parsing the answers, so the client takes little of the
 2-core machine's CPU; ``--vs-client tritonclient`` uses a tritonclient.grpc.aio loop instead), and
-perf_analyzer measures pyserve batched vs unbatched. pyserve runs twice: with its defaults (inline
-execution of the tiny model on the event loop) and with ``--inline-max-us 0`` (every execution in
-the thread pool, as before inline execution existed). The server overhead per request (server time
-minus queue and compute, from ModelStatistics deltas after each request at concurrency 1) is
-measured on both. Every point is measured ``--rounds`` times with the servers taking turns (all run
+perf_analyzer measures pyserve batched vs unbatched. pyserve runs with each gRPC engine: ``sync``
+(``--grpc-engine sync``: the synchronous ``grpc.server``, the unbatched model served in the handler
+thread; results under "pyserve") and ``aio`` (the default: grpc.aio, inline execution of the tiny
+model on the event loop; "pyserve_aio").
+The server overhead per request (server time minus queue and compute, from ModelStatistics deltas
+after each request at concurrency 1) is measured on both; batched vs unbatched on both too. Every point is measured ``--rounds`` times with the servers taking turns (all run
 at once, idle but for the one measured); the tables give medians.
 
 Prints one table per comparison (infer/s, p50 and p99 latency in microseconds, and ratios) and
@@ -268,6 +269,18 @@ def proc_cpu_s(pid: int) -> float:
     return total
 
 
+def success_count(url: str) -> int | None:
+    """Requests pyserve has answered successfully so far (ModelStatistics), or None (KServe has none)."""
+    import tritonclient.grpc as tc
+
+    try:
+        with tc.InferenceServerClient(url) as c:
+            stats = c.get_inference_statistics("lenet300", as_json=True)
+        return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats["model_stats"])
+    except Exception:  # noqa: BLE001 - a server without the statistics extension
+        return None
+
+
 def rounds(servers: dict[str, tuple[str, int]], concurrencies, seconds: float, client: str, n_rounds: int) -> dict:
     """Every (server, concurrency) point measured ``n_rounds`` times, the servers taking turns
     within each round so that the machine's load drifts over all of them alike; medians.
@@ -279,10 +292,16 @@ def rounds(servers: dict[str, tuple[str, int]], concurrencies, seconds: float, c
         for c in concurrencies:
             for name, (url, pid) in servers.items():
                 run = {"perf_analyzer": perf_analyzer, "grpc_load": grpc_load}.get(client, python_client)
+                n0 = success_count(url) if client == "perf_analyzer" else None
                 cpu0 = proc_cpu_s(pid)
                 res = run(url, c, seconds)
+                cpu1 = proc_cpu_s(pid)
                 if "requests" in res:
-                    res["cpu_us_per_request"] = (proc_cpu_s(pid) - cpu0) / (res["requests"] + 51) * 1e6
+                    res["cpu_us_per_request"] = (cpu1 - cpu0) / (res["requests"] + 51) * 1e6
+                elif n0 is not None:  # perf_analyzer: the requests it sent, from the server's statistics
+                    n1 = success_count(url)
+                    if n1 is not None and n1 > n0:
+                        res["cpu_us_per_request"] = (cpu1 - cpu0) / (n1 - n0) * 1e6
                 raw[name][c].append(res)
                 cpu = f", server CPU {res['cpu_us_per_request']:.0f} us/request" if "cpu_us_per_request" in res else ""
                 print(f"  round {r + 1} {name} c={c}: {res['infer_per_s']:.0f} infer/s, p50 {res['p50_us']:.0f} us, "
@@ -340,15 +359,18 @@ def main() -> int:
         results["test_accuracy"] = acc
         print(f"  test accuracy {acc:.4f}", flush=True)
         try:
-            proc, plain = start_pyserve(write_repo(tmp, artifact, False))
+            proc, plain = start_pyserve(write_repo(tmp, artifact, False), "--grpc-engine", "sync")
             procs.append(proc)
             pids = {plain: proc.pid}
-            proc, pool = start_pyserve(tmp / "repo_plain", "--inline-max-us", "0")  # every execution in the pool
+            proc, aio = start_pyserve(tmp / "repo_plain", "--grpc-engine", "aio")
             procs.append(proc)
-            pids[pool] = proc.pid
-            proc, batched = start_pyserve(write_repo(tmp, artifact, True))
+            pids[aio] = proc.pid
+            proc, batched = start_pyserve(write_repo(tmp, artifact, True), "--grpc-engine", "sync")
             procs.append(proc)
             pids[batched] = proc.pid
+            proc, batched_aio = start_pyserve(tmp / "repo_batched", "--grpc-engine", "aio")
+            procs.append(proc)
+            pids[batched_aio] = proc.pid
             proc, kserve = start_kserve(tmp / "lenet300.npz")
             procs.append(proc)
             pids[kserve] = proc.pid
@@ -361,15 +383,17 @@ def main() -> int:
                 print(f"  perf_analyzer cannot drive KServe: {results['kserve_perf_analyzer']}", flush=True)
             vs_client = "perf_analyzer" if results["kserve_perf_analyzer"] == "ok" else args.vs_client
             print(f"pyserve vs KServe ({vs_client} client) ...", flush=True)
-            results["vs_kserve"] = rounds({"pyserve": (plain, pids[plain]), "pyserve_pool": (pool, pids[pool]),
+            results["vs_kserve"] = rounds({"pyserve": (plain, pids[plain]), "pyserve_aio": (aio, pids[aio]),
                                            "kserve": (kserve, pids[kserve])}, CONCURRENCY, args.seconds, vs_client,
                                           args.rounds)
             print("server overhead per request at concurrency 1 (ModelStatistics) ...", flush=True)
-            results["overhead"] = {"inline": server_overhead(plain, args.overhead_requests),
-                                   "pool": server_overhead(pool, args.overhead_requests)}
+            results["overhead"] = {"sync": server_overhead(plain, args.overhead_requests),
+                                   "aio": server_overhead(aio, args.overhead_requests)}
             print(f"  {results['overhead']}", flush=True)
             print("pyserve dynamic batching vs unbatched (perf_analyzer) ...", flush=True)
-            results["batching"] = rounds({"batched": (batched, pids[batched]), "unbatched": (plain, pids[plain])},
+            results["batching"] = rounds({"batched": (batched, pids[batched]), "unbatched": (plain, pids[plain]),
+                                          "batched_aio": (batched_aio, pids[batched_aio]),
+                                          "unbatched_aio": (aio, pids[aio])},
                                          (1, 4, 16), args.seconds,
                                          "perf_analyzer", args.rounds)
         finally:
@@ -381,14 +405,21 @@ def main() -> int:
     print(table(f"pyserve vs KServe Python server, LeNet-300-100, batch 1, client {v['pyserve'][1]['client']}",
                 "pyserve", v["pyserve"], "KServe", v["kserve"]))
     print()
-    print(table("pyserve, inline execution (default) vs every execution in the thread pool (--inline-max-us 0)",
-                "inline", v["pyserve"], "pool", v["pyserve_pool"]))
+    print(table("pyserve vs KServe Python server, pyserve on grpc.aio (--grpc-engine aio)",
+                "pyserve aio", v["pyserve_aio"], "KServe", v["kserve"]))
+    print()
+    print(table("pyserve engines: sync vs aio (default)", "sync", v["pyserve"], "aio", v["pyserve_aio"]))
     if "cpu_us_per_request" in v["pyserve"][1]:
         print()
         print(cpu_table("Server CPU time per request (process tree, user + system)", v))
     print()
-    print(table("pyserve dynamic batching vs unbatched, perf_analyzer", "batched", bt["batched"], "unbatched",
-                bt["unbatched"]))
+    print(table("pyserve dynamic batching vs unbatched, sync engine, perf_analyzer", "batched", bt["batched"],
+                "unbatched", bt["unbatched"]))
+    print()
+    print(table("pyserve dynamic batching vs unbatched, aio engine, perf_analyzer", "batched", bt["batched_aio"],
+                "unbatched", bt["unbatched_aio"]))
+    print()
+    print(cpu_table("Batching: server CPU time per request (process tree, user + system)", bt))
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.out}; load average before {results['load_average_before']}, after "
           f"{results['load_average_after']}")

@@ -110,6 +110,10 @@ def main() -> int:
     p.add_argument("--batching", action="store_true", help="dynamic batching (1 ms, preferred 16)")
     p.add_argument("--inline-max-us", type=float, default=100.0)
     p.add_argument("--profile", action="store_true", help="cProfile the event-loop thread")
+    p.add_argument("--grpc-engine", choices=("sync", "aio"), default="aio",
+                   help="server engine (default aio: the event loop --profile looks at does all of aio's work; "
+                   "with sync it sees only batches and routes; benchmarks/server/engine_cpu.py splits sync's "
+                   "CPU by thread)")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--p50", type=int, default=0, metavar="N", help="p50 server overhead over N requests at c=1")
     args = p.parse_args()
@@ -117,7 +121,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = write_repo(Path(tmp), args.batching)
-        with ServerThread(repo, host="127.0.0.1", grpc_port=0, inline_max_us=args.inline_max_us) as srv:
+        with ServerThread(repo, host="127.0.0.1", grpc_port=0, inline_max_us=args.inline_max_us,
+                          grpc_engine=args.grpc_engine) as srv:
             if args.p50:
                 print(json.dumps(p50_overhead(srv.url, args.p50)))
                 return 0

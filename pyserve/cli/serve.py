@@ -42,6 +42,13 @@ def add_parser(subparsers) -> None:
                    help="run a model execution on the event loop, not the thread pool, when its measured CPU "
                    "time for that batch size is below US microseconds (saves two thread hand-overs per "
                    "request for tiny models; 0 = never; default 1000)")
+    p.add_argument("--grpc-engine", choices=("sync", "aio"), default=None,
+                   help="gRPC server: 'sync' (grpc.server with a thread pool; unbatched models served in the "
+                   "handler thread, about half of grpc.aio's CPU per request) or 'aio' (grpc.aio, everything on "
+                   "the event loop); default: $PYSERVE_GRPC_ENGINE, else aio")
+    p.add_argument("--grpc-threads", type=int, default=None, metavar="N",
+                   help="handler threads of the sync engine (default 8; every open stream, and every request waiting for "
+                   "a dynamic batch or a traffic route, holds one)")
     p.add_argument(
         "--model-control-mode",
         choices=["none", "poll", "explicit"],
@@ -110,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-message-mb must be below 2048 (gRPC's 2 GiB limit), got {args.max_message_mb}")
     if args.inline_max_us is not None and not 0 <= args.inline_max_us < 1e9:
         raise UsageError(f"--inline-max-us must be >= 0 and below 1e9 (0 = never inline), got {args.inline_max_us}")
+    if args.grpc_threads is not None and args.grpc_threads < 1:
+        raise UsageError(f"--grpc-threads must be >= 1, got {args.grpc_threads}")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -177,6 +186,8 @@ async def _serve(args: argparse.Namespace) -> int:
         auth_tokens=args.auth_tokens,
         reflection=not args.no_reflection,
         **({} if args.inline_max_us is None else {"inline_max_us": args.inline_max_us}),
+        grpc_engine=args.grpc_engine,
+        **({} if args.grpc_threads is None else {"grpc_threads": args.grpc_threads}),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

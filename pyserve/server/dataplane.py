@@ -182,22 +182,60 @@ class DataPlane:
         mv = model.pick(request.model_version).acquire()  # finishes on this version, even across a reload
         ok, rows = False, 1
         try:
-            sig = mv.backend.signature
-            inputs = self._check_inputs(model, sig, request.inputs, mv.config.max_batch_size)
-            wanted = self._check_outputs(model, sig, request)
-            if mv.config.max_batch_size > 0:
-                rows = int(next(iter(inputs.values())).shape[0]) if inputs else 1
+            inputs, wanted, rows = self._prepare(model, mv, request)
             result = await mv.scheduler.submit(inputs, rows)
-            outputs = []
-            for spec in wanted:
-                data = result.get(spec.name)
-                if data is None:
-                    raise Internal(f"model {model.name!r}: the backend returned no output {spec.name!r}")
-                outputs.append(Tensor(spec.name, spec.datatype, np.asarray(data)))
+            response = self._response(model, mv, request, wanted, result)
             ok = True
         finally:
             mv.stats.request_done(ok, time.perf_counter_ns() - t0, rows)
             mv.release()
+        return response
+
+    def infer_model_sync(self, request: InferRequest, arrival_ns: int | None = None,
+                         is_active=None) -> InferResponse | None:
+        """:meth:`infer_model` on the calling thread, for the synchronous gRPC engine's handler
+        threads: the model version's scheduler runs the execution here
+        (:meth:`~pyserve.server.scheduler.Scheduler.submit_sync`). Returns ``NotImplemented`` when
+        the version's scheduler cannot (a dynamic batcher, a backend without ``infer_sync``): the
+        caller then runs :meth:`infer_model` on the event loop. None when ``is_active()`` turned false
+        (client cancel, deadline) before the execution started; the request counts as failed.
+        Raises the ServingErrors of :meth:`infer_model`."""
+        t0 = time.perf_counter_ns() if arrival_ns is None else arrival_ns
+        model = self.repository.get_ready(request.model_name, request.model_version)
+        mv = model.pick(request.model_version)
+        if not mv.scheduler.runs_sync:
+            return NotImplemented
+        mv.acquire()
+        ok, rows, response = False, 1, None
+        try:
+            inputs, wanted, rows = self._prepare(model, mv, request)
+            result = mv.scheduler.submit_sync(inputs, rows, is_active)
+            if result is not None:
+                response = self._response(model, mv, request, wanted, result)
+                ok = True
+        finally:
+            mv.stats.request_done(ok, time.perf_counter_ns() - t0, rows)
+            mv.release()
+        return response
+
+    def _prepare(self, model: Model, mv, request: InferRequest):
+        """(inputs by name in signature order, wanted output specs, rows) of a valid request."""
+        sig = mv.backend.signature
+        inputs = self._check_inputs(model, sig, request.inputs, mv.config.max_batch_size)
+        wanted = self._check_outputs(model, sig, request)
+        rows = 1
+        if mv.config.max_batch_size > 0:
+            rows = int(next(iter(inputs.values())).shape[0]) if inputs else 1
+        return inputs, wanted, rows
+
+    @staticmethod
+    def _response(model: Model, mv, request: InferRequest, wanted, result) -> InferResponse:
+        outputs = []
+        for spec in wanted:
+            data = result.get(spec.name)
+            if data is None:
+                raise Internal(f"model {model.name!r}: the backend returned no output {spec.name!r}")
+            outputs.append(Tensor(spec.name, spec.datatype, np.asarray(data)))
         return InferResponse(
             model_name=mv.name,
             model_version=mv.version,

@@ -21,6 +21,7 @@ from pyserve.protocol.errors import ServingError
 __all__ = [
     "AUTH_EXEMPT_PREFIXES",
     "BearerTokenInterceptor",
+    "SyncBearerTokenInterceptor",
     "ErrorInterceptor",
     "InflightInterceptor",
     "read_token_file",
@@ -303,6 +304,38 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         log.info("refused %s: %s", method, why)
         deny = _deny(f"unauthenticated: {why}")
+        return handler._replace(
+            unary_unary=deny if handler.unary_unary else None,
+            unary_stream=deny if handler.unary_stream else None,
+            stream_unary=deny if handler.stream_unary else None,
+            stream_stream=deny if handler.stream_stream else None,
+        )
+
+
+def _deny_sync(message: str):
+    def deny(request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return deny
+
+
+class SyncBearerTokenInterceptor(grpc.ServerInterceptor):
+    """:class:`BearerTokenInterceptor` for the synchronous ``grpc.server`` (the ``sync`` engine):
+    the same tokens, exemptions and messages."""
+
+    def __init__(self, tokens) -> None:
+        self._check = BearerTokenInterceptor(tokens)
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method or ""
+        if method.startswith(AUTH_EXEMPT_PREFIXES):
+            return continuation(handler_call_details)
+        ok, why = self._check._authorized(handler_call_details.invocation_metadata)
+        handler = continuation(handler_call_details)
+        if ok or handler is None:
+            return handler
+        log.info("refused %s: %s", method, why)
+        deny = _deny_sync(f"unauthenticated: {why}")
         return handler._replace(
             unary_unary=deny if handler.unary_unary else None,
             unary_stream=deny if handler.unary_stream else None,

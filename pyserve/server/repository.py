@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -388,7 +389,9 @@ class ModelVersion:
     """One loaded version of a model: its config, backend, scheduler and statistics.
 
     ``inflight`` counts the requests holding it (see :meth:`acquire`); a retired version is unloaded
-    once it drops to zero.
+    once it drops to zero. :meth:`acquire` and :meth:`release` may be called from any thread (the
+    synchronous gRPC engine's handler threads); :meth:`drained` runs on the event loop that created
+    the version.
     """
 
     name: str
@@ -401,20 +404,50 @@ class ModelVersion:
     inflight: int = 0
     fingerprint: Fingerprint = ()
     _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+    _loop_thread: int | None = field(default=None, repr=False)
+    #: :meth:`drained` calls waiting: only then does a release from another thread wake the loop
+    _watchers: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+        except RuntimeError:  # built outside a loop (unit tests): every caller is on one thread
+            self._loop, self._loop_thread = None, None
 
     def acquire(self) -> "ModelVersion":
-        self.inflight += 1
-        self._idle.clear()
+        with self._lock:
+            self.inflight += 1
         return self
 
     def release(self) -> None:
-        self.inflight -= 1
+        with self._lock:
+            self.inflight -= 1
+            idle = self.inflight == 0
+        if idle and self._watchers:  # a wake-up per request would cost the loop a turn each time
+            if self._loop is None or threading.get_ident() == self._loop_thread:
+                self._idle.set()
+            else:  # asyncio.Event wakes its waiters only on its own loop's thread
+                try:
+                    self._loop.call_soon_threadsafe(self._set_if_idle)
+                except RuntimeError:  # the loop has closed: nobody waits any more
+                    pass
+
+    def _set_if_idle(self) -> None:
         if self.inflight == 0:
             self._idle.set()
 
     async def drained(self) -> None:
-        if self.inflight:
-            await self._idle.wait()
+        self._watchers += 1  # before reading inflight: a release that brings it to 0 then sets _idle
+        try:
+            while self.inflight:
+                self._idle.clear()  # set again by the release that brings inflight to 0
+                if self.inflight:
+                    await self._idle.wait()
+        finally:
+            self._watchers -= 1
 
 
 def _vkey(version: str) -> int:

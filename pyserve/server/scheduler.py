@@ -34,12 +34,19 @@ class (rows rounded up to a power of two); a class never measured runs in the po
 a large batch of a small one, never blocks the event loop for more than about ``inline_max_us``;
 ``inline_max_us=0`` turns inline execution off. Backends without ``infer_sync`` always use their
 own ``infer``.
+
+**Synchronous engine** (``Server(grpc_engine="sync")``). :meth:`DirectScheduler.submit_sync` runs
+a request's execution on the calling thread, a handler thread of the synchronous ``grpc.server``
+(already a pool thread, so the event loop is never involved and no thread hand-over is needed),
+holding one of the same ``instances`` slots the event-loop path takes (:class:`Slots`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -50,7 +57,7 @@ from pyserve.backends.base import Backend, InferOutputs
 from pyserve.protocol.errors import Internal, Unavailable
 from pyserve.server.stats import ExecutionTiming, StatsRecorder
 
-__all__ = ["Scheduler", "DirectScheduler", "DynamicBatcher", "ExecutionRunner", "DEFAULT_INLINE_MAX_US"]
+__all__ = ["Scheduler", "DirectScheduler", "DynamicBatcher", "ExecutionRunner", "Slots", "DEFAULT_INLINE_MAX_US"]
 
 log = logging.getLogger("pyserve.server.scheduler")
 
@@ -99,7 +106,9 @@ class ExecutionRunner:
         if inline_max_us < 0:
             raise ValueError(f"inline_max_us must be >= 0, got {inline_max_us}")
         self._backend, self._executor = backend, executor
-        self._sync = getattr(backend, "infer_sync", None) if inline_max_us > 0 else None
+        #: the backend's ``infer_sync``, or None (what :meth:`run_sync` calls)
+        self.backend_sync = getattr(backend, "infer_sync", None)
+        self._sync = self.backend_sync if inline_max_us > 0 else None
         self.inline_max_ns = int(inline_max_us * 1000)
         #: batch-size class (rows.bit_length()) -> moving average of the execution time in ns
         self.ema_ns: dict[int, float] = {}
@@ -137,8 +146,102 @@ class ExecutionRunner:
         return result
 
 
+    def run_sync(self, batch: list, rows: int) -> list:
+        """The backend's results for ``batch``, computed on the calling thread (not the event loop's;
+        the synchronous gRPC engine's handler threads). Needs :attr:`backend_sync`."""
+        self.inline_count += 1
+        t0 = _cpu_now()
+        try:
+            return self.backend_sync(batch)
+        finally:
+            self._observe(rows, _cpu_now() - t0)
+
+
+class Slots:
+    """A counting semaphore of ``n`` slots taken from the event loop (``await acquire()``) or from any
+    other thread (:meth:`acquire_sync`), so that executions started both ways share one bound.
+
+    ``release`` may be called from any thread. A waiter on the loop that is cancelled leaves the
+    queue (or gives back a slot handed to it meanwhile); a thread waiting gives up when its
+    ``is_active()`` turns false (checked every 50 ms).
+    """
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"Slots needs n >= 1, got {n}")
+        self._free = n
+        self._cond = threading.Condition(threading.Lock())
+        self._waiters: collections.deque = collections.deque()  # futures of waiters on event loops
+
+    @property
+    def free(self) -> int:
+        """Slots free now."""
+        return self._free
+
+    def acquire_sync(self, is_active=None) -> bool:
+        """Take a slot, blocking; False (no slot taken) once ``is_active()`` is false."""
+        with self._cond:
+            while self._free == 0:
+                self._cond.wait(0.05 if is_active is not None else None)
+                if self._free == 0 and is_active is not None and not is_active():
+                    return False
+            self._free -= 1
+            return True
+
+    async def acquire(self) -> None:
+        with self._cond:
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            with self._cond:
+                try:
+                    self._waiters.remove(future)
+                    queued = True
+                except ValueError:
+                    queued = False
+            if not queued and future.done() and not future.cancelled():
+                self.release()  # a slot was handed over just before the cancel: give it back
+            raise
+
+    def release(self) -> None:
+        with self._cond:
+            while self._waiters:
+                future = self._waiters.popleft()
+                if not future.done():
+                    future.get_loop().call_soon_threadsafe(self._grant, future)
+                    return
+            self._free += 1
+            self._cond.notify()
+
+    def _grant(self, future: asyncio.Future) -> None:
+        if future.done():  # cancelled after the hand-over was scheduled: pass the slot on
+            self.release()
+        else:
+            future.set_result(None)
+
+    async def __aenter__(self) -> "Slots":
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.release()
+
+
 class Scheduler:
     """Interface: :meth:`submit` one request, :meth:`close` when the version is retired."""
+
+    #: whether :meth:`submit_sync` may be called (synchronous gRPC engine; False: use :meth:`submit`)
+    runs_sync = False
+
+    def submit_sync(self, inputs: Mapping[str, np.ndarray], rows: int, is_active=None) -> InferOutputs | None:
+        """Like :meth:`submit`, on the calling thread (see :attr:`runs_sync`); None when the request was
+        cancelled (``is_active()`` false) before its execution started."""
+        raise NotImplementedError
 
     async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> InferOutputs:
         raise NotImplementedError
@@ -164,7 +267,8 @@ class DirectScheduler(Scheduler):
             raise ValueError(f"instances must be >= 1, got {instances}")
         self._backend, self._stats = backend, stats
         self.runner = ExecutionRunner(backend, executor, inline_max_us)
-        self._slots = asyncio.Semaphore(instances)
+        self._slots = Slots(instances)
+        self.runs_sync = self.runner.backend_sync is not None
 
     async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> InferOutputs:
         t0 = _now()
@@ -172,6 +276,21 @@ class DirectScheduler(Scheduler):
             t1 = _now()
             (result,) = await self.runner.run([inputs], rows)
             t2 = _now()
+        self._stats.execution(ExecutionTiming(rows, [t1 - t0], 0, t2 - t1, 0))
+        return _result(result)
+
+    def submit_sync(self, inputs: Mapping[str, np.ndarray], rows: int, is_active=None) -> InferOutputs | None:
+        t0 = _now()
+        if not self._slots.acquire_sync(is_active):
+            return None
+        try:
+            if is_active is not None and not is_active():  # cancelled or past its deadline meanwhile
+                return None
+            t1 = _now()
+            (result,) = self.runner.run_sync([inputs], rows)
+            t2 = _now()
+        finally:
+            self._slots.release()
         self._stats.execution(ExecutionTiming(rows, [t1 - t0], 0, t2 - t1, 0))
         return _result(result)
 

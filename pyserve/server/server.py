@@ -1,4 +1,5 @@
-"""The gRPC server: Open Inference Protocol v2 plus grpc.health.v1, on grpc.aio.
+"""The gRPC server: Open Inference Protocol v2 plus grpc.health.v1, on grpc.aio (engine ``aio``, the
+default) or on the synchronous ``grpc.server`` (engine ``sync``); see :data:`GRPC_ENGINES`.
 
 In-process use (tests, notebooks)::
 
@@ -32,12 +33,31 @@ from pyserve.server.repository import ModelRepository
 from pyserve.server.scheduler import DEFAULT_INLINE_MAX_US
 from pyserve.server.servicer import InferenceServicer
 
-__all__ = ["Server", "DEFAULT_MAX_MESSAGE_BYTES", "read_tls_files"]
+__all__ = ["Server", "DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_GRPC_ENGINE", "DEFAULT_GRPC_THREADS", "GRPC_ENGINES",
+           "read_tls_files"]
 
 log = logging.getLogger("pyserve.server")
 
 #: Default limit on request and response messages (issue 5: 64 MiB; gRPC's own default is 4 MiB).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+#: The gRPC engines: ``sync`` hosts the services on the synchronous ``grpc.server`` (a thread pool of
+#: ``grpc_threads``; ModelInfer of unbatched models runs entirely in the handler thread, see
+#: :mod:`pyserve.server._sync_engine`), ``aio`` on ``grpc.aio`` (every RPC on the event loop).
+GRPC_ENGINES = ("sync", "aio")
+
+#: The engine a Server uses when ``grpc_engine`` is not given: the ``PYSERVE_GRPC_ENGINE``
+#: environment variable when set (one of :data:`GRPC_ENGINES`), else this.
+DEFAULT_GRPC_ENGINE = "aio"  # sync measured slower on the quiet machine (README, "Server: the synchronous gRPC engine")
+
+#: Handler threads of the sync engine. An open stream (ModelStreamInfer, a health Watch) holds one
+#: for its lifetime, and so does a request waiting for the event loop (a batched model, a route);
+#: RPCs beyond the free threads wait in the pool's queue. Measured on the 2-vCPU CI machine
+#: (LeNet-300-100, concurrency 16, interleaved runs, process CPU per request): 4 threads about 760 µs,
+#: 8 about 885 µs, 16 about 1160 µs (GIL hand-overs between more runnable threads), grpc.aio about
+#: 1140 µs; 8 keeps most of the gain with more room for streams and slow requests.
+DEFAULT_GRPC_THREADS = 8
 
 
 #: A graceful stop ends the server once no RPC has started for this long (see Server._drained).
@@ -88,6 +108,13 @@ class Server:
     inline_max_us : model executions measured below this many microseconds run on the event loop
         instead of the thread pool (two thread hand-overs saved per request; see
         :class:`pyserve.server.scheduler.ExecutionRunner`); 0: always the pool. Default 1000.
+    grpc_engine : ``"sync"`` or ``"aio"`` (:data:`GRPC_ENGINES`); None: the ``PYSERVE_GRPC_ENGINE``
+        environment variable, else :data:`DEFAULT_GRPC_ENGINE`. With ``sync``, the direct (unbatched)
+        executions of a backend with ``infer_sync`` run in the gRPC handler thread whatever
+        ``inline_max_us`` says (the handler thread is a pool thread already); ``inline_max_us``
+        still governs executions on the event loop (dynamic batches, routes).
+    grpc_threads : handler threads of the ``sync`` engine (default :data:`DEFAULT_GRPC_THREADS`);
+        every open stream holds one.
     reflection : register gRPC server reflection (``grpc.reflection.v1alpha.ServerReflection``,
         what grpcio-reflection implements) for the inference and health services when
         grpcio-reflection is installed (the ``reflection`` extra); default True.
@@ -119,7 +146,21 @@ class Server:
         auth_tokens: Sequence[str] | None = None,
         reflection: bool = True,
         inline_max_us: float = DEFAULT_INLINE_MAX_US,
+        grpc_engine: str | None = None,
+        grpc_threads: int = DEFAULT_GRPC_THREADS,
     ) -> None:
+        if grpc_engine is None:
+            grpc_engine = os.environ.get("PYSERVE_GRPC_ENGINE") or DEFAULT_GRPC_ENGINE
+            what = "PYSERVE_GRPC_ENGINE" if os.environ.get("PYSERVE_GRPC_ENGINE") else "grpc_engine"
+        else:
+            what = "grpc_engine"
+        if grpc_engine not in GRPC_ENGINES:
+            raise ValueError(f"{what} must be one of {', '.join(GRPC_ENGINES)}, got {grpc_engine!r}")
+        if not isinstance(grpc_threads, int) or grpc_threads < 1:
+            raise ValueError(f"grpc_threads must be an int >= 1, got {grpc_threads!r}")
+        self.grpc_engine = grpc_engine
+        self.grpc_threads = grpc_threads
+        self._grpc_pool: ThreadPoolExecutor | None = None
         if max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be > 0, got {max_message_bytes}")
         if exit_timeout_s < 0:
@@ -158,8 +199,13 @@ class Server:
         self.auth_tokens = tuple(auth_tokens or ())
         self.reflection = bool(reflection)
         self.reflection_enabled = False
-        self._inflight = InflightInterceptor()
-        self._grpc: grpc.aio.Server | None = None
+        if grpc_engine == "sync":
+            from pyserve.server._sync_engine import SyncInflight
+
+            self._inflight = SyncInflight()
+        else:
+            self._inflight = InflightInterceptor()
+        self._grpc: grpc.aio.Server | grpc.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self.bound_port: int | None = None
         self._stopped: asyncio.Event | None = None
@@ -198,23 +244,10 @@ class Server:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        # error mapping and in-flight counting wrap pyserve's servicers once, here (wrap_servicer),
-        # not as interceptors that grpc.aio would run on every call; only auth is an interceptor
-        interceptors = []
-        if self.auth_tokens:
-            interceptors.append(BearerTokenInterceptor(self.auth_tokens))
-            if self._tls is None:
-                log.warning("bearer-token auth without TLS: tokens travel in plaintext")
-        server = grpc.aio.server(interceptors=interceptors, options=options)
-        codec.add_inference_servicer(
-            wrap_servicer(InferenceServicer(self.dataplane), codec.SERVICE_NAME, self._inflight), server)
-        from pyserve.protocol import traffic_codec
-        from pyserve.server.traffic_service import TrafficControlServicer
-
-        traffic_codec.add_traffic_servicer(
-            wrap_servicer(TrafficControlServicer(self.traffic), traffic_codec.SERVICE_NAME, self._inflight), server)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if self.grpc_engine == "sync":
+            server = self._sync_server(options)
+        else:
+            server = self._aio_server(options)
         if self.reflection:
             self.reflection_enabled = _enable_reflection(server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -234,10 +267,16 @@ class Server:
                 self.metrics.stop()
             self._executor.shutdown(wait=False)
             self._executor = None
+            if self._grpc_pool is not None:
+                self._grpc_pool.shutdown(wait=False)
+                self._grpc_pool = None
             self.bound_port = None
             raise RuntimeError(f"cannot listen on {_address(self.host, self.grpc_port)}{detail}")
         self._grpc = server
-        await server.start()
+        if self.grpc_engine == "sync":
+            server.start()
+        else:
+            await server.start()
         log.info("listening on %s; loading %s", self.address, self.model_repository)
         await self.repository.load_all()
         if traffic_cfg is not None:
@@ -254,6 +293,53 @@ class Server:
         if self.repository.control_mode == "poll":
             self._poller = asyncio.ensure_future(self._poll_loop())
 
+    def _auth_warning(self) -> None:
+        if self._tls is None:
+            log.warning("bearer-token auth without TLS: tokens travel in plaintext")
+
+    def _aio_server(self, options) -> grpc.aio.Server:
+        # error mapping and in-flight counting wrap pyserve's servicers once, here (wrap_servicer),
+        # not as interceptors that grpc.aio would run on every call; only auth is an interceptor
+        interceptors = []
+        if self.auth_tokens:
+            interceptors.append(BearerTokenInterceptor(self.auth_tokens))
+            self._auth_warning()
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        codec.add_inference_servicer(
+            wrap_servicer(InferenceServicer(self.dataplane), codec.SERVICE_NAME, self._inflight), server)
+        from pyserve.protocol import traffic_codec
+        from pyserve.server.traffic_service import TrafficControlServicer
+
+        traffic_codec.add_traffic_servicer(
+            wrap_servicer(TrafficControlServicer(self.traffic), traffic_codec.SERVICE_NAME, self._inflight), server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        return server
+
+    def _sync_server(self, options) -> grpc.Server:
+        """The synchronous ``grpc.server`` (engine ``sync``; :mod:`pyserve.server._sync_engine`) whose
+        handlers hand work that needs the event loop to this (the running) loop."""
+        from pyserve.protocol import traffic_codec
+        from pyserve.server._sync_engine import SyncInferenceServicer, sync_servicer
+        from pyserve.server.interceptors import SyncBearerTokenInterceptor
+        from pyserve.server.traffic_service import TrafficControlServicer
+
+        loop = asyncio.get_running_loop()
+        interceptors = []
+        if self.auth_tokens:
+            interceptors.append(SyncBearerTokenInterceptor(self.auth_tokens))
+            self._auth_warning()
+        self._grpc_pool = ThreadPoolExecutor(max_workers=self.grpc_threads, thread_name_prefix="pyserve-grpc")
+        server = grpc.server(self._grpc_pool, interceptors=interceptors, options=options)
+        codec.add_inference_servicer(
+            SyncInferenceServicer(self.dataplane, InferenceServicer(self.dataplane), loop, self._inflight), server)
+        traffic_codec.add_traffic_servicer(
+            sync_servicer(TrafficControlServicer(self.traffic), traffic_codec.SERVICE_NAME, loop, self._inflight),
+            server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        return server
+
     async def _poll_loop(self) -> None:
         """Poll mode: rescan the repository every ``repository_poll_s`` until :meth:`stop`."""
         while True:
@@ -269,7 +355,10 @@ class Server:
 
     async def _set_health(self, status) -> None:
         for service in ("", codec.SERVICE_NAME):
-            await self._health.set(service, status)
+            if self.grpc_engine == "sync":
+                self._health.set(service, status)
+            else:
+                await self._health.set(service, status)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING at once (pushed to Watch streams), new RPCs refused
@@ -282,11 +371,19 @@ class Server:
         grace = self.exit_timeout_s if grace_s is None else grace_s
         t0 = time.monotonic()
         self.dataplane.stopping = True
-        await self._health.enter_graceful_shutdown()  # NOT_SERVING at once, pushed to Watch streams
+        sync = self.grpc_engine == "sync"
+        if sync:
+            self._health.enter_graceful_shutdown()  # NOT_SERVING at once, pushed to Watch streams
+        else:
+            await self._health.enter_graceful_shutdown()
         self._stopping.set()
         # refuse new RPCs at once; the running ones get the grace period, timed by the wait below
         # (gRPC's own grace is only a backstop, a little longer, so that the warning below is logged)
-        grpc_stop = asyncio.ensure_future(self._grpc.stop(grace + 1.0))
+        if sync:
+            self._grpc.stop(grace + 1.0)  # returns at once (an Event); with a grace it does not block
+            grpc_stop = None
+        else:
+            grpc_stop = asyncio.ensure_future(self._grpc.stop(grace + 1.0))
         await asyncio.sleep(0)
         try:
             await asyncio.wait_for(self._drained(), grace)
@@ -297,8 +394,11 @@ class Server:
             await asyncio.sleep(0.1)
         # nothing with a single response is running any more: end the streams (health Watch, idle
         # ModelStreamInfer) now rather than waiting for them until the grace period is over
-        await self._grpc.stop(None)
-        await grpc_stop
+        if sync:  # stop(None) cancels what is left and blocks until gRPC has shut down: not on the loop
+            await asyncio.get_running_loop().run_in_executor(None, self._grpc.stop, None)
+        else:
+            await self._grpc.stop(None)
+            await grpc_stop
         await self.traffic.stop()
         if self._poller is not None:
             await asyncio.gather(self._poller, return_exceptions=True)
@@ -309,6 +409,8 @@ class Server:
             self.metrics.stop()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._grpc_pool is not None:
+            self._grpc_pool.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
         log.info("stopped")
 

@@ -1,8 +1,9 @@
 """Per model version statistics (the ``statistics`` extension) and the hook metrics subscribe to.
 
 :class:`StatsRecorder` accumulates counts and nanoseconds; :meth:`StatsRecorder.snapshot` gives the
-protocol-neutral :class:`~pyserve.protocol.types.ModelStats` the ModelStatistics RPC encodes. Every
-update happens on the server's event loop thread, so no lock is needed. An optional
+protocol-neutral :class:`~pyserve.protocol.types.ModelStats` the ModelStatistics RPC encodes. Updates
+come from the event loop and, with the synchronous gRPC engine, from its handler threads: a lock
+keeps the counters whole (uncontended, well under a microsecond per update). An optional
 :class:`StatsSink` (the Prometheus exporter, :mod:`pyserve.server.metrics`) sees the same events.
 
 Stages, per request (Triton's definitions): ``queue`` from the scheduler accepting the request to
@@ -16,6 +17,7 @@ included). Server overhead = that duration - queue - compute.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -70,33 +72,40 @@ class StatsRecorder:
         self._success, self._fail, self._queue = _Acc(), _Acc(), _Acc()
         self._input, self._infer, self._output = _Acc(), _Acc(), _Acc()
         self._batches: dict[int, tuple[_Acc, _Acc, _Acc]] = {}
+        self._lock = threading.Lock()
 
     def request_done(self, ok: bool, duration_ns: int, inferences: int = 1) -> None:
         """A request finished: ``ok`` with ``inferences`` rows (its batch size), or failed."""
-        (self._success if ok else self._fail).add(duration_ns)
-        if ok:
-            self.inference_count += inferences
-        self.last_inference_ms = int(time.time() * 1000)
+        with self._lock:
+            (self._success if ok else self._fail).add(duration_ns)
+            if ok:
+                self.inference_count += inferences
+            self.last_inference_ms = int(time.time() * 1000)
         if self._sink is not None:
             self._sink.request_done(self.name, self.version, ok, duration_ns)
 
     def execution(self, timing: ExecutionTiming) -> None:
         """One backend execution; each of its requests is charged the whole batch's compute time."""
         n = len(timing.queue_ns)
-        self.execution_count += 1
-        for q in timing.queue_ns:
-            self._queue.add(q)
-        self._input.add(timing.input_ns * n, n)
-        self._infer.add(timing.infer_ns * n, n)
-        self._output.add(timing.output_ns * n, n)
-        accs = self._batches.setdefault(timing.batch_size, (_Acc(), _Acc(), _Acc()))
-        for acc, ns in zip(accs, (timing.input_ns, timing.infer_ns, timing.output_ns), strict=True):
-            acc.add(ns)
+        with self._lock:
+            self.execution_count += 1
+            for q in timing.queue_ns:
+                self._queue.add(q)
+            self._input.add(timing.input_ns * n, n)
+            self._infer.add(timing.infer_ns * n, n)
+            self._output.add(timing.output_ns * n, n)
+            accs = self._batches.setdefault(timing.batch_size, (_Acc(), _Acc(), _Acc()))
+            for acc, ns in zip(accs, (timing.input_ns, timing.infer_ns, timing.output_ns), strict=True):
+                acc.add(ns)
         if self._sink is not None:
             compute = timing.input_ns + timing.infer_ns + timing.output_ns
             self._sink.execution(self.name, self.version, timing.batch_size, list(timing.queue_ns), compute)
 
     def snapshot(self) -> ModelStats:
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> ModelStats:
         return ModelStats(
             name=self.name,
             version=self.version,

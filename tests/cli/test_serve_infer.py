@@ -48,11 +48,11 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(model):
+def served(model, grpc_engine):
     repo, _ = model
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyserve.cli.main", "serve", "--model-repository", str(repo), "--grpc-port", "0",
-         "--host", "127.0.0.1", "--exit-timeout-s", "5"],
+         "--host", "127.0.0.1", "--exit-timeout-s", "5", "--grpc-engine", grpc_engine],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
     )
     lines: queue.Queue = queue.Queue()

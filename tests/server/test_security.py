@@ -145,8 +145,9 @@ def test_tls_arguments_are_checked(repo, pki, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def authed(repo):
-    s = ServerThread(repo, host="127.0.0.1", grpc_port=0, auth_tokens=["s3cret-token", "rotated-token"]).start()
+def authed(repo, grpc_engine):
+    s = ServerThread(repo, host="127.0.0.1", grpc_port=0, auth_tokens=["s3cret-token", "rotated-token"],
+                     grpc_engine=grpc_engine).start()
     yield s
     s.stop()
 
@@ -313,9 +314,9 @@ def test_traffic_cli_sends_the_token_of_auth_token_file(authed, tmp_path, capsys
 
 
 @pytest.fixture(scope="module")
-def mtls(repo, pki):
+def mtls(repo, pki, grpc_engine):
     s = ServerThread(repo, host="127.0.0.1", grpc_port=0, tls_cert=pki["server_cert"], tls_key=pki["server_key"],
-                     tls_client_ca=pki["ca"]).start()
+                     tls_client_ca=pki["ca"], grpc_engine=grpc_engine).start()
     yield s
     s.stop()
 

@@ -98,7 +98,7 @@ def test_warmup_inputs_are_zeros_of_the_signature():
 
 
 @pytest.fixture(scope="module")
-def versioned(tmp_path_factory, classifier_modules, write_model):
+def versioned(tmp_path_factory, classifier_modules, write_model, grpc_engine):
     """A server with: ``cls_all`` (classifier v1 + v2, policy all), ``latest2`` (echo 1..3, latest 2),
     ``specific`` (echo 1..3, specific [1, 3]), ``missing`` (specific [4]: refused)."""
     repo = tmp_path_factory.mktemp("versions")

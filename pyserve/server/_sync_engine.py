@@ -1,0 +1,227 @@
+"""The synchronous gRPC engine: pyserve's services on ``grpc.server`` with a thread pool.
+
+Why: a do-nothing ``grpc.aio`` handler costs 560-740 µs of server CPU per request on the 2-vCPU CI
+machine, the same handler on the synchronous ``grpc.server`` 290-320 µs
+(``benchmarks/server/grpc_floor.py``; README, "Server"). With ``Server(grpc_engine="sync")`` the
+gRPC layer is the synchronous server; pyserve's asyncio machinery (repository loads and polling,
+the dynamic batcher, traffic routes and shadows, drain) stays on the server's event loop, which
+runs in the thread that called :meth:`~pyserve.server.server.Server.start`.
+
+ModelInfer on a model whose scheduler runs on the calling thread (a
+:class:`~pyserve.server.scheduler.DirectScheduler` over a backend with ``infer_sync``: the pyserve,
+torch and onnxruntime backends without dynamic batching) is served entirely in the gRPC handler
+thread: decode, validate, execute (holding one of the model's instance slots), encode; the event
+loop is not involved. Everything else (routes, dynamically batched models, backends without
+``infer_sync``, the metadata, repository, statistics and traffic-admin RPCs) is handed to the event
+loop with :func:`asyncio.run_coroutine_threadsafe` and the handler thread waits for it.
+
+Errors are mapped as by :mod:`pyserve.server.interceptors` (ServingError -> its status code; anything
+else INTERNAL with a reference and the traceback logged). A client cancel or an expired deadline
+cancels the handed-over coroutine (``context.add_callback``), which frees the slot or the batcher
+queue entry; a direct execution checks ``context.is_active()`` before it starts. ModelStreamInfer
+answers every request in order with per-response errors; an open stream holds one handler thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import threading
+import time
+import types
+import uuid
+
+import grpc
+
+from pyserve.protocol import codec
+from pyserve.protocol.errors import ServingError
+from pyserve.server.dataplane import DataPlane
+from pyserve.server.interceptors import status_code
+from pyserve.server.servicer import _routing_key
+
+__all__ = ["SyncInflight", "SyncInferenceServicer", "sync_servicer"]
+
+log = logging.getLogger("pyserve.server")
+
+
+class _Cancelled(Exception):
+    """The RPC ended (client cancel, deadline) before its work was done."""
+
+
+class SyncInflight:
+    """Counts running RPCs of the synchronous engine, for a graceful drain (the attributes of
+    :class:`~pyserve.server.interceptors.InflightInterceptor`, updated from handler threads).
+
+    ``count``: unary RPCs from the handler's start until gRPC has finished the RPC (its termination
+    callback); ``streams``: open ModelStreamInfer streams; ``started``: unary RPCs started so far.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+        self.streams = 0
+        self.started = 0
+
+    def begin(self, context) -> None:
+        with self._lock:
+            self.count += 1
+            self.started += 1
+        if not context.add_callback(self._done):  # the RPC has already ended
+            self._done()
+
+    def _done(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+    def begin_stream(self, context) -> None:
+        with self._lock:
+            self.streams += 1
+        if not context.add_callback(self._stream_done):
+            self._stream_done()
+
+    def _stream_done(self) -> None:
+        with self._lock:
+            self.streams -= 1
+
+    async def idle(self) -> None:
+        """Return once no counted unary RPC is running (polled: the counter moves on other threads)."""
+        while self.count:
+            await asyncio.sleep(0.005)
+
+
+def _failure(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message an RPC that raised ``exc`` ends with (logged with a reference when
+    it is not a ServingError)."""
+    if isinstance(exc, ServingError):
+        return status_code(exc), str(exc)
+    if isinstance(exc, _Cancelled):
+        return grpc.StatusCode.CANCELLED, "the request was cancelled or passed its deadline before it ran"
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error in %s (ref %s)", method, ref, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log"
+
+
+class _LoopCaller:
+    """Runs coroutines on the server's event loop for a handler thread, cancelling them when the RPC
+    ends first."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def call(self, coro, context, holder: list | None = None):
+        """The coroutine's result; its exception re-raised; :class:`_Cancelled` when the RPC ended.
+        ``holder``: a stream's one-element list whose entry the stream's termination callback
+        cancels (instead of one callback per message)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        if holder is not None:
+            holder[0] = future
+            if not context.is_active():
+                future.cancel()
+        elif not context.add_callback(future.cancel):
+            future.cancel()
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise _Cancelled() from None
+        finally:
+            if holder is not None:
+                holder[0] = None
+
+
+class SyncInferenceServicer:
+    """``inference.GRPCInferenceService`` for the synchronous engine (see the module docstring).
+
+    ``aio_servicer``: the :class:`~pyserve.server.servicer.InferenceServicer` whose coroutines serve
+    every RPC but ModelInfer and ModelStreamInfer, on ``loop``."""
+
+    def __init__(self, dataplane: DataPlane, aio_servicer, loop: asyncio.AbstractEventLoop,
+                 inflight: SyncInflight) -> None:
+        self._dp = dataplane
+        self._loop = _LoopCaller(loop)
+        self._inflight = inflight
+        for name in dir(type(aio_servicer)):
+            if name.startswith("_") or name in ("ModelInfer", "ModelStreamInfer", "add_to_server"):
+                continue
+            behavior = getattr(aio_servicer, name)
+            if inspect.iscoroutinefunction(behavior):
+                setattr(self, name, _unary_on_loop(behavior, f"/{codec.SERVICE_NAME}/{name}", self._loop, inflight))
+
+    def _infer(self, request, context, holder: list | None = None):
+        """The InferResponse of one decoded request, on this thread when its model allows."""
+        arrival_ns = time.perf_counter_ns()
+        req = codec.decode_infer_request(request)
+        dp = self._dp
+        if dp.is_route(req.model_name):
+            return self._loop.call(dp.infer(req, _routing_key(context), arrival_ns), context, holder)
+        response = dp.infer_model_sync(req, arrival_ns, context.is_active)
+        if response is NotImplemented:
+            return self._loop.call(dp.infer_model(req, arrival_ns), context, holder)
+        if response is None:
+            raise _Cancelled()
+        return response
+
+    def ModelInfer(self, request, context):
+        self._inflight.begin(context)
+        try:
+            return codec.encode_infer_response(self._infer(request, context))
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            code, message = _failure(exc, f"/{codec.SERVICE_NAME}/ModelInfer")
+        context.abort(code, message)
+
+    def ModelStreamInfer(self, request_iterator, context):
+        self._inflight.begin_stream(context)
+        holder: list = [None]
+
+        def cancel_current() -> None:
+            future = holder[0]
+            if future is not None:
+                future.cancel()
+
+        context.add_callback(cancel_current)
+        for request in request_iterator:
+            try:
+                response = codec.encode_stream_response(self._infer(request, context, holder))
+            except _Cancelled:
+                return
+            except ServingError as exc:
+                response = codec.encode_stream_error(f"{exc.code}: {exc}", request.id)
+            except Exception:
+                ref = uuid.uuid4().hex[:12]
+                log.exception("internal error in ModelStreamInfer (ref %s)", ref)
+                response = codec.encode_stream_error(f"INTERNAL: internal error (ref {ref}); see the server log",
+                                                     request.id)
+            yield response
+
+
+def _unary_on_loop(behavior, method: str, loop: _LoopCaller, inflight: SyncInflight | None):
+    """A synchronous unary handler that runs the coroutine ``behavior(request, context)`` on the loop."""
+
+    def handler(request, context):
+        if inflight is not None:
+            inflight.begin(context)
+        try:
+            return loop.call(behavior(request, context), context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            code, message = _failure(exc, method)
+        context.abort(code, message)
+
+    return handler
+
+
+def sync_servicer(servicer, service: str, loop: asyncio.AbstractEventLoop, inflight: SyncInflight | None = None):
+    """``servicer`` (coroutine methods, as for grpc.aio) as synchronous handlers that run each
+    coroutine on ``loop``, with the error mapping and in-flight counting of the aio engine; pass the
+    result to the generated ``add_..._to_server``. Streaming methods are not supported (ValueError)."""
+    caller = _LoopCaller(loop)
+    ns = types.SimpleNamespace()
+    for name in dir(type(servicer)):
+        if name.startswith("_"):
+            continue
+        behavior = getattr(servicer, name)
+        if inspect.isasyncgenfunction(behavior):
+            raise ValueError(f"sync_servicer: {service}/{name} streams responses; not supported")
+        if inspect.iscoroutinefunction(behavior):
+            setattr(ns, name, _unary_on_loop(behavior, f"/{service}/{name}", caller, inflight))
+    return ns

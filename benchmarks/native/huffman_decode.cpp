@@ -3,7 +3,10 @@
 // side pays Python, allocation or page faults (both write into a pre-touched buffer). Reports the
 // 10th-percentile CPU time per call (on a shared VM the median moves by +-30% between runs, the
 // low percentiles much less), MB/s of symbols, and cycles per symbol from rdtsc (TSC cycles, not
-// core cycles: the TSC ticks at the nominal frequency whatever the boost clock).
+// core cycles: the TSC ticks at the nominal frequency whatever the boost clock; wall clock, so
+// preemption inflates them). Also: the core clock (a chain of dependent adds), and our decoder on
+// the same symbols written as ONE bitstream ("1 lane": no lanes to overlap, so its time per table
+// lookup is the latency of the lookup chain).
 //
 // Streams (uint8, the same shapes as benchmarks/bench_huffman.py, generated with std::mt19937_64):
 //   kmeans32  Laplacian(scale 2.5) rounded, clipped to [-16, 15], + 16
@@ -85,12 +88,41 @@ std::vector<uint8_t> make(const std::string& kind, std::size_t n) {
   return x;
 }
 
+// Core clock in GHz from a chain of dependent adds (one per cycle on any x86 core): the TSC ticks
+// at the nominal rate, the core may boost above it.
+double core_ghz() {
+  const uint64_t iters = 200000000;
+  const Timing t = time_it(
+      [&] {
+        uint64_t x = 0;
+        for (uint64_t i = 0; i < iters; ++i) __asm__ volatile("add $1, %0" : "+r"(x));
+      },
+      5);
+  return iters / t.s / 1e9;
+}
+
+// The same symbols in ONE bitstream: the decoder then runs a single lane, so its time per table
+// lookup is the latency of the lookup chain (shift -> table load -> shift), with nothing to overlap.
+std::vector<uint8_t> one_bitstream(const std::vector<uint8_t>& x, EncodePlan plan) {
+  uint64_t bits = 0;
+  for (uint64_t b : plan.stream_bits) bits += b;
+  plan.total_bytes += 8 * (1 - plan.num_streams);
+  for (uint64_t b : plan.stream_bits) plan.total_bytes -= (b + 7) / 8;
+  plan.total_bytes += (bits + 7) / 8;
+  plan.num_streams = 1;
+  plan.stream_bits = {bits};
+  std::vector<uint8_t> enc(plan.total_bytes);
+  if (!write_encoded(x.data(), plan, enc.data(), enc.size())) std::abort();
+  return enc;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::size_t n = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 10000000;
   const int reps = argc > 2 ? std::atoi(argv[2]) : 31;
   std::printf("%zu uint8 symbols, %d reps, 10th-percentile CPU time; cyc/sym in TSC cycles\n", n, reps);
+  std::printf("core clock (dependent adds): %.2f GHz\n", core_ghz());
   std::printf("%-9s %-10s %12s %9s %9s %9s\n", "stream", "codec", "bytes", "bits/sym", "dec MB/s", "cyc/sym");
   for (const std::string kind : {"kmeans32", "gaps90"}) {
     const std::vector<uint8_t> x = make(kind, n);
@@ -114,6 +146,17 @@ int main(int argc, char** argv) {
     }
     std::printf("%-9s %-10s %12zu %9.3f %9.0f %9.3f\n", kind.c_str(), "pyserve", enc.size(), 8.0 * enc.size() / n,
                 n / t.s / 1e6, t.cycles / n);
+    const std::vector<uint8_t> enc1 = one_bitstream(x, plan);
+    const Timing t1 = time_it(
+        [&] {
+          StreamInfo info;
+          ok &= parse_stream(enc1.data(), enc1.size(), &info, &err);
+          ok &= decode_symbols(enc1.data(), enc1.size(), info, out.data(), &err);
+        },
+        reps);
+    if (!ok || !std::equal(x.begin(), x.end(), out.begin())) return 1;
+    std::printf("%-9s %-10s %12zu %9.3f %9.0f %9.3f\n", kind.c_str(), "1 lane", enc1.size(), 8.0 * enc1.size() / n,
+                n / t1.s / 1e6, t1.cycles / n);
 #ifndef NO_ZSTD
     for (int level : {3, 19}) {
       std::vector<uint8_t> z(ZSTD_compressBound(n));

@@ -153,7 +153,8 @@ def huffman_decode(stream: BytesLike) -> np.ndarray:
 
     Notes
     -----
-    Table-driven decoding (a 2**11-entry primary table of multi-symbol entries plus a canonical
-    first-code walk for longer codes), up to four bitstreams in lock step, one thread, GIL released.
+    Table-driven decoding (a 2**11-entry primary table of multi-symbol entries plus a branch-free
+    canonical-limit lookup for longer codes), up to four bitstreams in lock step, one thread, GIL
+    released.
     """
     return _C.huffman_decode(stream)

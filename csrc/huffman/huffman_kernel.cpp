@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <numeric>
@@ -34,7 +35,7 @@ constexpr uint8_t kMagic[4] = {'P', 'S', 'H', 'F'};
 constexpr int kL = kMaxCodeLength;
 constexpr int kK = kTableBits;
 constexpr uint32_t kTableSize = 1u << kK;
-constexpr int kGroup = 4;  // table lookups per reload in the fast decode loop
+constexpr int kGroup = 5;  // table lookups per reload in the fast decode loop (5 x 11 = 55 <= 57 bits)
 constexpr int kLanes = 4;  // bitstreams decoded in lock step (2 is much slower; 6 and 8 measured no faster)
 constexpr uint64_t kLongCode = 0x80;  // flag in a primary-table entry (see DecodeTables::multi)
 
@@ -199,13 +200,18 @@ struct DecodeTables {
   // single[i]: symbol << 8 | length for the code that is a prefix of the kK-bit index i;
   // length 0 if that prefix starts a code longer than kK bits (or no code: incomplete code).
   std::array<uint32_t, kTableSize> single;
-  // multi[i]: bits 0-6 total bits, bit 7 kLongCode (no whole code within kK bits: the next
-  // code is longer, or no code at all), 8-15 number of whole symbols (0 with kLongCode), 16-63 the
-  // symbols packed little-endian (6 x uint8 or 3 x uint16).
+  // multi[i]: bits 0-5 total bits of the whole codes (0..kK), bit 7 kLongCode (no whole code
+  // within kK bits: the next code is longer, or no code at all), bits 8-55 the symbols packed
+  // little-endian (6 x uint8 or 3 x uint16), bits 56-63 the number of whole symbols (0 with
+  // kLongCode). The layout makes a lookup cheap: `buf << e` takes the bit count from the low six
+  // bits as x86's shift does, `e >> 8` is what gets stored, `e >> 56` advances the output.
   std::array<uint64_t, kTableSize> multi;
   uint32_t first_code[kL + 2];
   uint32_t count[kL + 2];
   uint32_t offset[kL + 2];
+  // limit[l]: one past the last code of length <= l, left-aligned to kL bits (codes of length l
+  // occupy [limit[l-1], limit[l]) in that alignment); limit[l] = limit[max_len] for l > max_len.
+  uint32_t limit[kL + 2];
   std::vector<uint16_t> sorted;  // symbols ordered by (length, symbol)
   int min_len = 0;
   int max_len = 0;
@@ -232,6 +238,10 @@ void build_tables(const std::vector<uint8_t>& lengths, uint32_t first, int symbo
     }
   }
   // first_code[1] must be 0 (RFC 1951 starts at code 0); the loop above yields 0 << 1 == 0.
+  for (int l = 0; l <= kL + 1; ++l) {
+    const int ll = std::min(std::max(l, 1), std::max(t->max_len, 1));
+    t->limit[l] = l == 0 ? 0u : (t->first_code[ll] + t->count[ll]) << (kL - ll);
+  }
   t->sorted.assign(total, 0);
   uint32_t fill[kL + 2];
   std::copy(std::begin(t->offset), std::end(t->offset), std::begin(fill));
@@ -258,25 +268,27 @@ void build_tables(const std::vector<uint8_t>& lengths, uint32_t first, int symbo
       const uint32_t e = t->single[(i << pos) & (kTableSize - 1)];
       const int len = static_cast<int>(e & 0xff);
       if (len == 0 || len > kK - pos) break;
-      syms |= static_cast<uint64_t>(e >> 8) << (16 + nsym * sym_bits);
+      syms |= static_cast<uint64_t>(e >> 8) << (8 + nsym * sym_bits);
       ++nsym;
       pos += len;
     }
-    t->multi[i] = nsym == 0 ? kLongCode : syms | (static_cast<uint64_t>(nsym) << 8) | static_cast<uint64_t>(pos);
+    t->multi[i] = nsym == 0 ? kLongCode : syms | (static_cast<uint64_t>(nsym) << 56) | static_cast<uint64_t>(pos);
   }
 }
 
-// Codes longer than kK bits: canonical walk. v = next kL bits, right-aligned. Returns the length
-// (0 if no code matches, which only an incomplete code or a corrupt stream can cause).
-PYSERVE_INLINE int slow_lookup(const DecodeTables& t, uint32_t v, uint32_t* sym) {
-  for (int l = kK + 1; l <= t.max_len; ++l) {
-    const uint32_t d = (v >> (kL - l)) - t.first_code[l];
-    if (d < t.count[l]) {
-      *sym = t.sorted[t.offset[l] + d];
-      return l;
-    }
-  }
-  return 0;
+// Codes longer than kK bits, without branches: v = the next kL bits, right-aligned, whose first kK
+// bits start no code of length <= kK. In a canonical code the lengths increase with v (left-aligned),
+// so the length is kK + 1 plus the number of limits v has passed (a data-dependent loop exit here
+// costs a branch mispredict per long code). Returns the length, or 0 if v is past the last code
+// (only the lone-symbol code "0" leaves such patterns: parse_stream demands a complete code
+// otherwise). *sym is always written from inside `sorted`, also for a v that is no long code.
+PYSERVE_INLINE int long_lookup(const DecodeTables& t, uint32_t v, uint32_t* sym) {
+  int len = kK + 1;
+  for (int l = kK + 1; l < kL; ++l) len += v >= t.limit[l];
+  const uint32_t idx = t.offset[len] + ((v >> (kL - len)) - t.first_code[len]);
+  const uint32_t last = static_cast<uint32_t>(t.sorted.size()) - 1;
+  *sym = t.sorted[idx < last ? idx : last];
+  return v < t.limit[kL] ? len : 0;
 }
 
 // ---- decoder bit reader -------------------------------------------------------------------------
@@ -346,10 +358,10 @@ PYSERVE_INLINE std::ptrdiff_t safe_groups(const Lane<T>& l, const LaneBounds<T>&
 template <typename T>
 PYSERVE_INLINE uint64_t step(Lane<T>& l, const DecodeTables& t) {
   const uint64_t e = t.multi[l.buf >> (64 - kK)];
-  const uint64_t syms = e >> 16;
+  const uint64_t syms = e >> 8;
   std::memcpy(l.out, &syms, 8);
-  l.out += (e >> 8) & 0xff;
-  l.buf <<= (e & 0x7f);
+  l.out += e >> 56;
+  l.buf <<= (e & 63);
   return e;
 }
 
@@ -360,12 +372,29 @@ PYSERVE_NOINLINE bool long_code(Lane<T>& l, const uint8_t* data, const DecodeTab
   l.pos += consumed_bits(l.buf);
   const uint64_t buf = load_bits(data, l.pos);
   uint32_t sym = 0;
-  const int len = slow_lookup(t, static_cast<uint32_t>(buf >> (64 - kL)), &sym);
+  const int len = long_lookup(t, static_cast<uint32_t>(buf >> (64 - kL)), &sym);
   if (len == 0) return false;
   *l.out++ = static_cast<T>(sym);
   l.pos += static_cast<uint64_t>(len);
   l.buf = uint64_t{0x40};  // consumed_bits == 0 until the next reload
   return true;
+}
+
+// The lock-step loop's group end when some lane stalled on a long code: every lane decodes a long
+// code without branches and keeps it only if it stalled (one unpredictable branch per such group
+// instead of one per lane plus the length walk's). The load and the one-symbol store stay inside
+// the bounds of safe_groups for any lane, stalled or not.
+template <typename T>
+PYSERVE_INLINE bool long_step(Lane<T>& l, uint64_t last_entry, const uint8_t* data, const DecodeTables& t) {
+  l.pos += consumed_bits(l.buf);
+  const uint64_t buf = load_bits(data, l.pos);
+  uint32_t sym = 0;
+  const int len = long_lookup(t, static_cast<uint32_t>(buf >> (64 - kL)), &sym);
+  const uint64_t take = (last_entry & kLongCode) >> 7;
+  *l.out = static_cast<T>(sym);
+  l.out += take;
+  l.pos += take * static_cast<uint64_t>(len);
+  return !(take & (len == 0));
 }
 
 template <typename T>
@@ -393,7 +422,7 @@ std::string invalid_code_message(int stream) {
 // Decodes what the lock-step loop left of one bitstream: a single-lane fast loop, then a
 // bounds-checked tail; finally checks that exactly `bits` bits were used.
 template <typename T>
-bool finish_stream(Lane<T> l, const LaneBounds<T>& b, const uint8_t* data, uint64_t offset, uint64_t bits,
+PYSERVE_INLINE bool finish_stream(Lane<T> l, const LaneBounds<T>& b, const uint8_t* data, uint64_t offset, uint64_t bits,
                    uint64_t count, const DecodeTables& t, int index, std::string* error) {
   for (std::ptrdiff_t groups; (groups = safe_groups(l, b)) > 0;) {
     bool ok = true;
@@ -419,7 +448,7 @@ bool finish_stream(Lane<T> l, const LaneBounds<T>& b, const uint8_t* data, uint6
     uint32_t sym = e >> 8;
     int len = static_cast<int>(e & 0xff);
     if (len == 0) {
-      len = slow_lookup(t, v >> (32 - kL), &sym);
+      len = long_lookup(t, v >> (32 - kL), &sym);
       if (len == 0) {
         *error = invalid_code_message(index);
         return false;
@@ -444,7 +473,7 @@ bool finish_stream(Lane<T> l, const LaneBounds<T>& b, const uint8_t* data, uint6
 // Decodes N lanes in lock step while every lane has room for whole groups; returns false on a bit
 // pattern that is no code. The lanes are copied into locals so that they live in registers.
 template <typename T, int N>
-bool lock_step(Lane<T>* lanes, const LaneBounds<T>* b, const uint8_t* data, const DecodeTables& t) {
+PYSERVE_INLINE bool lock_step(Lane<T>* lanes, const LaneBounds<T>* b, const uint8_t* data, const DecodeTables& t) {
   Lane<T> l[N];
   for (int j = 0; j < N; ++j) l[j] = lanes[j];
   bool ok = true;
@@ -462,7 +491,7 @@ bool lock_step(Lane<T>* lanes, const LaneBounds<T>* b, const uint8_t* data, cons
       if (PYSERVE_LIKELY(!(any & kLongCode))) {
         for (int j = 0; j < N; ++j) l[j].pos += consumed_bits(l[j].buf);
       } else {
-        for (int j = 0; j < N; ++j) ok &= end_group(l[j], e[j], data, t);
+        for (int j = 0; j < N; ++j) ok &= long_step(l[j], e[j], data, t);
       }
     }
   }
@@ -471,7 +500,8 @@ bool lock_step(Lane<T>* lanes, const LaneBounds<T>* b, const uint8_t* data, cons
 }
 
 template <typename T>
-bool decode_typed(const uint8_t* data, const StreamInfo& info, const DecodeTables& t, T* out, std::string* error) {
+PYSERVE_INLINE bool decode_typed(const uint8_t* data, const StreamInfo& info, const DecodeTables& t, T* out,
+                                 std::string* error) {
   const int S = info.num_streams;
   std::vector<Lane<T>> lanes(static_cast<std::size_t>(S));
   std::vector<LaneBounds<T>> bounds(static_cast<std::size_t>(S));
@@ -493,6 +523,39 @@ bool decode_typed(const uint8_t* data, const StreamInfo& info, const DecodeTable
                        s, error))
       return false;
   return true;
+}
+
+// The decoder compiled twice from the same source: once for any x86-64 (or other) CPU and once
+// with BMI2, whose shlx/shrx shift by a count in any register (the portable build funnels every
+// variable shift through %cl, one extra move per table lookup and fewer free registers for the
+// four lanes). Chosen at run time, like the AVX2 kernels.
+template <typename T>
+PYSERVE_NOINLINE bool decode_generic(const uint8_t* data, const StreamInfo& info, const DecodeTables& t, T* out,
+                                     std::string* error) {
+  return decode_typed(data, info, t, out, error);
+}
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define PYSERVE_HUFFMAN_BMI2 1
+template <typename T>
+__attribute__((target("bmi,bmi2"))) PYSERVE_NOINLINE bool decode_bmi2(const uint8_t* data, const StreamInfo& info,
+                                                                      const DecodeTables& t, T* out,
+                                                                      std::string* error) {
+  return decode_typed(data, info, t, out, error);
+}
+
+bool cpu_has_bmi2() {
+  static const bool has = __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  return has;
+}
+#endif
+
+template <typename T>
+bool decode_dispatch(const uint8_t* data, const StreamInfo& info, const DecodeTables& t, T* out, std::string* error) {
+#ifdef PYSERVE_HUFFMAN_BMI2
+  if (cpu_has_bmi2() && !std::getenv("PYSERVE_HUFFMAN_NO_BMI2")) return decode_bmi2(data, info, t, out, error);
+#endif
+  return decode_generic(data, info, t, out, error);
 }
 
 }  // namespace
@@ -839,8 +902,8 @@ bool decode_symbols(const uint8_t* data, std::size_t size, const StreamInfo& inf
   if (info.count == 0) return true;
   auto tables = std::make_unique<DecodeTables>();
   build_tables(info.lengths, info.first_symbol, symbol_bytes(info.type), tables.get());
-  if (info.type == SymbolType::kUint8) return decode_typed(data, info, *tables, static_cast<uint8_t*>(out), error);
-  return decode_typed(data, info, *tables, static_cast<uint16_t*>(out), error);
+  if (info.type == SymbolType::kUint8) return decode_dispatch(data, info, *tables, static_cast<uint8_t*>(out), error);
+  return decode_dispatch(data, info, *tables, static_cast<uint16_t*>(out), error);
 }
 
 }  // namespace huffman

@@ -7,10 +7,13 @@
 //   * Code assignment: canonical codes (Schwartz & Kallick 1964), assigned exactly as in RFC 1951
 //     section 3.2.2: shorter codes first, within one length in increasing symbol order.
 //   * Decoding: table driven. A primary table of 2^kTableBits entries indexed by the next
-//     kTableBits bits yields up to 6 (uint8) or 3 (uint16) whole symbols per lookup; codes longer
-//     than kTableBits take a slower canonical first-code/count walk. Four bitstreams (one per
-//     contiguous chunk of the symbols) are decoded in lock step for instruction-level parallelism,
-//     like zstd's 4-stream Huffman literals; a bounds-checked tail finishes each bitstream.
+//     kTableBits bits yields up to 6 (uint8) or 3 (uint16) whole symbols per lookup (the
+//     multi-symbol idea of huff0's "X2" tables, generalised); codes longer than kTableBits are
+//     decoded without branches from the canonical limits. Four bitstreams (one per contiguous
+//     chunk of the symbols) are decoded in lock step, 5 lookups per 64-bit reload, for
+//     instruction-level parallelism, like zstd's 4-stream Huffman literals; a bounds-checked tail
+//     finishes each bitstream. On x86-64 a BMI2 build of the loop is chosen at run time (the
+//     environment variable PYSERVE_HUFFMAN_NO_BMI2, set to anything, forces the portable one).
 //
 // Limits: code lengths are at most kMaxCodeLength = 20 bits (a 65536-symbol alphabet needs 16);
 // the limit costs nothing unless symbol counts are extremely skewed (Fibonacci-like), and keeps

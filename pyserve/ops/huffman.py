@@ -12,8 +12,11 @@ Algorithms
 * Codes: canonical (Schwartz & Kallick 1964), assigned as in RFC 1951 section 3.2.2: shorter codes
   first, within one length in increasing symbol order, so the stream stores lengths only.
 * Decoding: a primary table of 2**11 entries that yields up to 6 (uint8) or 3 (uint16) symbols per
-  lookup, a canonical first-code walk for longer codes, and up to four bitstreams decoded in lock
-  step (like the 4-stream literals of zstd).
+  lookup (huff0's multi-symbol "X2" idea), a branch-free canonical-limit lookup for longer codes,
+  and up to four bitstreams decoded in lock step, five lookups per 64-bit reload (like the
+  4-stream literals of zstd). On x86-64 CPUs with BMI2 a BMI2 build of the loop is used; setting
+  the environment variable ``PYSERVE_HUFFMAN_NO_BMI2`` forces the portable build. Decoding is
+  single-threaded (as is zstd's decompression).
 
 Stream layout (format version 1)
 --------------------------------
@@ -150,7 +153,8 @@ def huffman_decode(stream: BytesLike) -> np.ndarray:
 
     Notes
     -----
-    Table-driven decoding (a 2**11-entry primary table of multi-symbol entries plus a canonical
-    first-code walk for longer codes), up to four bitstreams in lock step, one thread, GIL released.
+    Table-driven decoding (a 2**11-entry primary table of multi-symbol entries plus a branch-free
+    canonical-limit lookup for longer codes), up to four bitstreams in lock step, one thread, GIL
+    released.
     """
     return _C.huffman_decode(stream)

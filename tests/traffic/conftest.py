@@ -45,26 +45,5 @@ def lenet_repo(lenet_built, tmp_path):
     return dst
 
 
-# --- both gRPC engines ---------------------------------------------------------------------------
-# Every test here runs once per engine (Server(grpc_engine=...)): servers built in tests read
-# PYSERVE_GRPC_ENGINE (set for the whole session group, so that module-scoped servers see it too, and
-# inherited by `pyserve serve` subprocesses); fixtures that start a server also take `grpc_engine`, so
-# they are rebuilt per engine.
-
-
-@pytest.fixture(scope="session", params=["sync", "aio"])
-def grpc_engine(request):
-    import os
-
-    old = os.environ.get("PYSERVE_GRPC_ENGINE")
-    os.environ["PYSERVE_GRPC_ENGINE"] = request.param
-    yield request.param
-    if old is None:
-        os.environ.pop("PYSERVE_GRPC_ENGINE", None)
-    else:
-        os.environ["PYSERVE_GRPC_ENGINE"] = old
-
-
-@pytest.fixture(autouse=True)
-def _grpc_engine_env(grpc_engine, monkeypatch):
-    monkeypatch.setenv("PYSERVE_GRPC_ENGINE", grpc_engine)
+# Every test here runs once per gRPC engine.
+from engine_fixtures import _grpc_engine_env, grpc_engine  # noqa: E402,F401  (tests/engine_fixtures.py)

@@ -1,5 +1,6 @@
 // CSR sparse linear kernel (CPU). Algorithms and contract: csr_kernel.h.
 #include "sparse/csr_kernel.h"
+#include "sparse/csr_packed_kernel.h"
 
 #include <algorithm>
 #include <atomic>
@@ -358,22 +359,6 @@ PYSERVE_AVX2_TARGET int64_t spmm_rows_avx2(const float* xt, int64_t K, int64_t B
 }
 #endif  // PYSERVE_HAVE_AVX2_PATH
 
-// x [B, K] -> xt [K, Bp], zero padded in columns B..Bp-1. Blocked for cache reuse.
-// Serial on purpose: it is K*B copies (microseconds), and a second parallel region per call would
-// add a second fork-join, which costs milliseconds when the machine is oversubscribed.
-void transpose_pad(const float* x, int64_t B, int64_t K, int64_t Bp, float* xt) {
-  constexpr int64_t kTile = 32;
-  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-    const int64_t k1 = std::min(K, k0 + kTile);
-    for (int64_t b0 = 0; b0 < B; b0 += kTile) {
-      const int64_t b1 = std::min(B, b0 + kTile);
-      for (int64_t k = k0; k < k1; ++k)
-        for (int64_t b = b0; b < b1; ++b) xt[k * Bp + b] = x[b * K + k];
-    }
-    if (Bp > B)
-      for (int64_t k = k0; k < k1; ++k) std::fill(xt + k * Bp + B, xt + k * Bp + Bp, 0.f);
-  }
-}
 
 void atomic_min(std::atomic<int64_t>& target, int64_t value) {
   int64_t cur = target.load(std::memory_order_relaxed);
@@ -448,7 +433,7 @@ int64_t csr_linear_cpu(const float* x, int64_t B, int64_t K, const int64_t* indp
   }
   if (B == 1) return spmv(x, K, indptr, indices, values, bias, N, y, threads, avx2);
   const int64_t Bp = round_up(B, kLanes);
-  if (B > 1) transpose_pad(x, B, K, Bp, xt_scratch);
+  if (B > 1) transpose_pad(x, B, K, Bp, xt_scratch, avx2);
   // Small products run on the calling thread: a fork-join costs ~5-10 us on an idle machine and
   // far more on a busy one, more than the work itself below ~kMinParallelWork multiply-adds.
   const int64_t work = (indptr[N] + N) * std::max<int64_t>(B, 1);

@@ -388,12 +388,7 @@ void run(const float* x, int64_t B, const CsrPacked& w, const float* bias, float
     return;
   }
   const int64_t Bp = round_up(B, C);
-#if PYSERVE_PK_AVX2_PATH
-  if (avx2)
-    transpose_pad_avx2(x, B, w.K, Bp, xt);
-  else
-#endif
-    transpose_pad_portable(x, B, w.K, Bp, xt);
+  transpose_pad(x, B, w.K, Bp, xt, avx2);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t s0 = 0; s0 < S; s0 += kSpmmSlicesPerItem) {
     const int64_t s1 = std::min(S, s0 + kSpmmSlicesPerItem);
@@ -408,6 +403,14 @@ void run(const float* x, int64_t B, const CsrPacked& w, const float* bias, float
 }
 
 }  // namespace
+
+void transpose_pad(const float* x, int64_t B, int64_t K, int64_t Bp, float* xt, bool avx2) {
+#if PYSERVE_PK_AVX2_PATH
+  if (avx2) return transpose_pad_avx2(x, B, K, Bp, xt);
+#endif
+  (void)avx2;
+  transpose_pad_portable(x, B, K, Bp, xt);
+}
 
 template <typename Index>
 CsrPacked csr_pack(const int64_t* indptr, int64_t N, const Index* indices, const float* values, int64_t K,

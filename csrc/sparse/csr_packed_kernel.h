@@ -87,5 +87,11 @@ int64_t csr_packed_scratch_floats(int64_t B, int64_t K);
 void csr_packed_linear_cpu(const float* x, int64_t B, const CsrPacked& w, const float* bias, float* y,
                            float* xt_scratch, int threads, bool force_portable);
 
+// x [B, K] -> xt [K, Bp] (Bp >= B; columns B..Bp-1 zero): the SpMM kernels' K-major copy of x, raw
+// and packed alike; 8 x 8 AVX2 register blocks when `avx2` (and the build has the AVX2 path),
+// scalar tiles otherwise. Serial on purpose: K*B copies take microseconds, and a second parallel
+// region per call would add a fork-join, which costs milliseconds on an oversubscribed machine.
+void transpose_pad(const float* x, int64_t B, int64_t K, int64_t Bp, float* xt, bool avx2);
+
 }  // namespace sparse
 }  // namespace pyserve

@@ -303,13 +303,18 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if ok or handler is None:
             return handler
         log.info("refused %s: %s", method, why)
-        deny = _deny(f"unauthenticated: {why}")
-        return handler._replace(
-            unary_unary=deny if handler.unary_unary else None,
-            unary_stream=deny if handler.unary_stream else None,
-            stream_unary=deny if handler.stream_unary else None,
-            stream_stream=deny if handler.stream_stream else None,
-        )
+        return _with_every_kind(handler, _deny(f"unauthenticated: {why}"))
+
+
+def _with_every_kind(handler, behaviour):
+    """``handler`` (a grpc.RpcMethodHandler) with its one kind of behaviour (unary/stream in and out)
+    replaced by ``behaviour``."""
+    return handler._replace(
+        unary_unary=behaviour if handler.unary_unary else None,
+        unary_stream=behaviour if handler.unary_stream else None,
+        stream_unary=behaviour if handler.stream_unary else None,
+        stream_stream=behaviour if handler.stream_stream else None,
+    )
 
 
 def _deny_sync(message: str):
@@ -335,10 +340,4 @@ class SyncBearerTokenInterceptor(grpc.ServerInterceptor):
         if ok or handler is None:
             return handler
         log.info("refused %s: %s", method, why)
-        deny = _deny_sync(f"unauthenticated: {why}")
-        return handler._replace(
-            unary_unary=deny if handler.unary_unary else None,
-            unary_stream=deny if handler.unary_stream else None,
-            stream_unary=deny if handler.stream_unary else None,
-            stream_stream=deny if handler.stream_stream else None,
-        )
+        return _with_every_kind(handler, _deny_sync(f"unauthenticated: {why}"))

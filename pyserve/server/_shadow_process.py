@@ -504,7 +504,7 @@ async def _worker(boot: dict, rfd: int, wfd: int) -> None:
     from pyserve.protocol.errors import ServingError
     from pyserve.server.dataplane import DataPlane
     from pyserve.server.repository import ModelRepository
-    from pyserve.traffic import divergence
+    from pyserve.traffic import divergence, output_arrays
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 26)
@@ -542,7 +542,7 @@ async def _worker(boot: dict, rfd: int, wfd: int) -> None:
             await _fresh(repo, msg["model"], msg["version"], tokens.get(key, ()), tried)
             resp = await plane.infer_model(msg["request"])
             latency = time.perf_counter() - t0
-            d = divergence(msg["primary"], {t.name: t.data for t in resp.outputs})
+            d = divergence(msg["primary"], output_arrays(resp.outputs))
             result = (True, latency, (d.rows, d.top1_agreement, d.max_abs_diff, d.cosine, d.comparable), "")
         except ServingError as exc:
             result = (False, time.perf_counter() - t0, None, f"{exc.code}: {exc}")

@@ -53,6 +53,7 @@ from pyserve.traffic import (
     TrafficController,
     divergence,
     load_traffic_config,
+    output_arrays,
     team_draft,
 )
 
@@ -455,7 +456,7 @@ class TrafficRouter:
                 self._drop(name, s.name)
                 continue
             if primary is None:
-                primary = {t.name: t.data for t in resp.outputs}
+                primary = output_arrays(resp.outputs)
             n += 1
             self._mirrors.append((name, s, request, primary, plan.key))
         self._outstanding[name] = n
@@ -544,7 +545,7 @@ class TrafficRouter:
                 resp = await self._call(shadow.target, replace(request, model_name=shadow.target.route or
                                                                shadow.target.model), key, 1)
                 ok = True
-                div = divergence(primary, {t.name: t.data for t in resp.outputs})
+                div = divergence(primary, output_arrays(resp.outputs))
             except ServingError as exc:
                 log.debug("shadow %r of route %r: %s", shadow.name, route, exc)
             except asyncio.CancelledError:

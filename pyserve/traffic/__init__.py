@@ -21,14 +21,14 @@ from pyserve.traffic.controller import FeedbackError, Plan, TrafficController, U
 from pyserve.traffic.guard import CanaryGuard, Decision
 from pyserve.traffic.hashing import bucket, bucket_percent
 from pyserve.traffic.interleave import InterleaveStats, Interleaving, credit, team_draft
-from pyserve.traffic.shadow import Divergence, ShadowStats, divergence, should_mirror
+from pyserve.traffic.shadow import Divergence, ShadowStats, divergence, output_arrays, should_mirror
 from pyserve.traffic.stats import sign_test, two_proportion_z_test, welch_t_test
 
 __all__ = [
     "FORMAT_VERSION", "POLICIES", "GuardConfig", "RouteConfig", "ShadowConfig", "TargetConfig", "TrafficConfig",
     "TrafficConfigError", "VariantConfig", "load_traffic_config", "parse_traffic_config",
     "WeightedSplit", "ABExperiment", "ArmReport", "CanaryGuard", "Decision", "bucket", "bucket_percent",
-    "InterleaveStats", "Interleaving", "credit", "team_draft", "Divergence", "ShadowStats", "divergence",
+    "InterleaveStats", "Interleaving", "credit", "team_draft", "Divergence", "ShadowStats", "divergence", "output_arrays",
     "should_mirror", "sign_test", "two_proportion_z_test", "welch_t_test",
     "FeedbackError", "Plan", "TrafficController", "UnknownRequest", "UnknownRoute",
 ]

@@ -60,7 +60,15 @@ def _rows(a: np.ndarray) -> np.ndarray:
         return a.reshape(1, 1)
     if a.ndim == 1:
         return a.reshape(1, -1)
-    return a.reshape(a.shape[0], -1)
+    return a.reshape(a.shape[0], int(np.prod(a.shape[1:])))  # not -1: a 0-row batch has no size to infer
+
+
+def output_arrays(tensors) -> dict[str, np.ndarray]:
+    """``{name: array}`` of response output tensors (``.name``, ``.datatype``, ``.data``) for
+    :func:`divergence`: BF16, carried as its uint16 bit patterns, is widened to float32 so that
+    differences and top-1 are of values, not of bits."""
+    return {t.name: (t.data.astype(np.uint32) << 16).view(np.float32) if t.datatype == "BF16" else t.data
+            for t in tensors}
 
 
 def divergence(primary: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray]) -> Divergence:
@@ -80,7 +88,7 @@ def divergence(primary: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarra
         pr, sr = _rows(p), _rows(s)
         rows = max(rows, pr.shape[0])
         if pr.size:
-            max_abs = max(max_abs, float(np.max(np.abs(pr - sr))))
+            max_abs = float(np.maximum(max_abs, np.max(np.abs(pr - sr))))  # NaN (a NaN or inf - inf) stays
         if p.ndim == 2 and p.shape[1] > 1 and p.dtype.kind == "f":
             agree_rows += int(np.sum(np.argmax(p, axis=1) == np.argmax(s, axis=1)))
             agree_n += p.shape[0]
@@ -120,7 +128,7 @@ class ShadowStats:
             if div.top1_agreement is not None:
                 self.agree_rows += round(div.top1_agreement * div.rows)
                 self.top1_rows += div.rows
-            self.max_abs_diff = max(self.max_abs_diff, div.max_abs_diff)
+            self.max_abs_diff = float(np.maximum(self.max_abs_diff, div.max_abs_diff))  # NaN stays NaN
             self.cosine_sum += div.cosine
             self.cosine_min = min(self.cosine_min, div.cosine)
 

@@ -13,7 +13,9 @@ from pyserve.traffic import (
     ABExperiment,
     WeightedSplit,
     bucket,
+    ShadowStats,
     divergence,
+    output_arrays,
     should_mirror,
     sign_test,
     two_proportion_z_test,
@@ -92,6 +94,40 @@ def test_divergence_against_numpy():
     e = divergence({"y": np.arange(6.0).reshape(6, 1)}, {"y": np.arange(6.0).reshape(6, 1)})
     assert e.top1_agreement is None and e.max_abs_diff == 0 and e.cosine == pytest.approx(1.0)
     assert not divergence({"y": np.ones((2, 3))}, {"y": np.ones((3, 3))}).comparable
+
+
+def test_divergence_of_bf16_outputs_is_of_values_not_bits():
+    from pyserve.protocol.types import Tensor
+
+    x = np.array([[1.5, -2.0, 0.25, 3.0], [0.0, 4.0, -0.5, 1.0]], dtype=np.float32)  # exact in bf16
+
+    def bf16(a):  # the protocol's BF16: the top 16 bits of each float32
+        return Tensor("y", "BF16", (np.ascontiguousarray(a).view(np.uint32) >> 16).astype(np.uint16))
+
+    p, s = output_arrays([bf16(x)]), output_arrays([bf16(-x)])
+    assert p["y"].dtype == np.float32 and np.array_equal(p["y"], x)
+    d = divergence(p, s)
+    assert d.max_abs_diff == pytest.approx(2 * float(np.abs(x).max()))  # 8.0; the bit patterns differ by 32768
+    assert d.cosine == pytest.approx(-1.0)
+    assert d.top1_agreement == pytest.approx(np.mean(x.argmax(1) == (-x).argmax(1)))
+    # other datatypes pass through unchanged
+    f = Tensor("z", "FP32", x)
+    assert output_arrays([f])["z"] is x
+
+
+def test_divergence_keeps_nan_and_takes_empty_batches():
+    p = np.ones((3, 4), dtype=np.float32)
+    s = p.copy()
+    s[1, 2] = np.nan
+    d = divergence({"y": p}, {"y": s})
+    assert math.isnan(d.max_abs_diff)  # not 0.0: max(0.0, nan) in Python would hide it
+    stats = ShadowStats()
+    stats.record(True, 0.001, divergence({"y": p}, {"y": p + 1}))
+    stats.record(True, 0.001, d)
+    assert math.isnan(stats.max_abs_diff)
+    # a batch of 0 rows: nothing to compare, no exception
+    e = divergence({"y": np.zeros((0, 4), np.float32)}, {"y": np.zeros((0, 4), np.float32)})
+    assert not e.comparable
 
 
 def test_welch_matches_scipy_on_samples():

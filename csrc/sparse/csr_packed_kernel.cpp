@@ -1,6 +1,7 @@
 // Packed (SELL-8-sigma) CSR linear kernels on the CPU. Layout, algorithms and contract:
 // csr_packed_kernel.h.
 #include "sparse/csr_packed_kernel.h"
+#include "sparse/csr_kernel.h"
 
 #include <algorithm>
 #include <cstring>
@@ -35,15 +36,6 @@ constexpr int64_t kSpmmSlicesPerItem = kWindowRows / C;  // rows are only sorted
 constexpr int64_t kMinParallelWork = int64_t{1} << 18;  // multiply-adds below which one thread runs
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
-bool has_avx2() {
-#if PYSERVE_PK_AVX2_PATH
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
 
 template <typename Idx>
 const Idx* idx_data(const CsrPacked& w);
@@ -492,7 +484,7 @@ int64_t csr_packed_scratch_floats(int64_t B, int64_t K) { return B <= 1 ? 0 : K 
 void csr_packed_linear_cpu(const float* x, int64_t B, const CsrPacked& w, const float* bias, float* y,
                            float* xt_scratch, int threads, bool force_portable) {
   if (B == 0 || w.N == 0) return;
-  const bool avx2 = !force_portable && has_avx2();
+  const bool avx2 = !force_portable && csr_has_avx2();  // the raw kernel's check (same build condition)
   if (w.index_bits == 16) run<uint16_t>(x, B, w, bias, y, xt_scratch, threads, avx2);
   else run<int32_t>(x, B, w, bias, y, xt_scratch, threads, avx2);
 }

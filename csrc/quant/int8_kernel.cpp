@@ -202,6 +202,13 @@ __attribute__((target("avx2,fma"))) void gemm_block_avx2(const int8_t* xq, const
 
 bool int8_avx2_active() { return cpu_has_avx2_fma(); }
 
+bool quantize_row(const float* src, int64_t K, int8_t* q, float* scale) {
+#if PYSERVE_AVX2
+  if (cpu_has_avx2_fma()) return quantize_row_avx2(src, K, q, scale);
+#endif
+  return quantize_row_portable(src, K, q, scale);
+}
+
 bool quantize_rows(const float* src, int64_t rows, int64_t K, int8_t* q, float* scale, int64_t* bad_row) {
   const bool avx2 = cpu_has_avx2_fma();
   int64_t first_bad = rows;

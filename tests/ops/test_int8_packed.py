@@ -172,6 +172,54 @@ def test_packed_threads(threads):
         set_num_threads(before)
 
 
+def test_packed_scratch_reused_across_calls_and_threads():
+    """The fused quantize + split keeps its per-call buffers per thread between calls: calls that grow
+    and shrink B and K, switch rows between the split and vpsignb paths, and run on several Python
+    threads at once must each equal the row kernel (nothing of an earlier call may leak into a later
+    one: padding, residual lists, row scales)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [("sign", 9, 1030, 20), ("gauss", 3, 5, 17), ("overcap", 64, 257, 20), ("gauss", 128, 384, 40),
+             ("atcap", 13, 130, 33), ("zeros", 2, 1030, 3), ("mixed", 70, 520, 48), ("edge", 1, 1, 1)]
+    prepared = []
+    for i, (kind, B, K, N) in enumerate(cases):
+        x = _x(kind, B, K, seed=100 + i)
+        q, s = _weights(N, K, seed=200 + i)
+        prepared.append((x, pack_int8_weight(q), s, int8_linear(x, q, s)))
+    for x, packed, s, expected in prepared + prepared[::-1]:
+        np.testing.assert_array_equal(int8_linear(x, packed, s), expected)
+
+    def run(order):
+        for j in order:
+            x, packed, s, expected = prepared[j]
+            np.testing.assert_array_equal(int8_linear(x, packed, s), expected)
+
+    rng = np.random.default_rng(3)
+    with ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(run, rng.permutation(len(prepared)).tolist() * 3) for _ in range(4)]:
+            f.result()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_non_finite_row_named_in_parallel_call(threads):
+    """A non-finite value found while the rows are quantized in parallel names the first bad row and
+    writes no output; the next call on the same thread is unaffected."""
+    before = get_num_threads()
+    set_num_threads(threads)
+    try:
+        q, s = _weights(300, 520, 6)
+        packed = pack_int8_weight(q)
+        x = _x("gauss", 70, 520, 5)  # above the 2**22-MAC threshold for going parallel
+        bad = x.copy()
+        bad[41, 7] = np.nan
+        bad[60, 0] = -np.inf
+        with pytest.raises(ValueError, match=r"int8_linear: argument 'x'.*finite.*row 41"):
+            int8_linear(bad, packed, s)
+        np.testing.assert_array_equal(int8_linear(x, packed, s), int8_linear(x, q, s))
+    finally:
+        set_num_threads(before)
+
+
 _PORTABLE_CHECK = textwrap.dedent(
     """
     import numpy as np

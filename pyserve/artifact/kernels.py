@@ -41,6 +41,13 @@ Vaswani et al. 2017, section 3.2.1, is the function both compute), and removes t
 An ``int8`` layer whose weights are packed at load (always, for a loaded artifact's) is called
 through a function bound to its packed weights, scale and bias (:func:`_int8_packed_layer`): only
 the activation is converted per call. The weights stay buffers of the module.
+
+Per-call Python cost outside the nodes, cut at load (the same outputs): the ``get_attr`` nodes the
+rewrites left without users (the replaced fp32 weights, fetched and dropped at every call) are
+erased, and torch.export's input check (a forward pre-hook that matches every input dimension
+against the export's symbolic ranges with sympy: ~0.6 ms per call, 4-5% of a 3-layer MiniLM call
+at sequence 128) is memoized by the inputs' shapes, dtypes and types (:func:`_memoize_input_check`):
+a shape seen before is not checked again; a new one is checked, with torch's own errors.
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ def _int8_packed_layer(values, w_scale, bias):
     conversions of all four arguments (README, "BERT on CPUs"). Same result bit for bit."""
     import torch
 
+    from pyserve import _C
     from pyserve.ops import int8_linear
     from pyserve.ops.quant import _cached_pack
 
@@ -84,11 +92,18 @@ def _int8_packed_layer(values, w_scale, bias):
     scale_np = w_scale.detach().contiguous().numpy()
     bias_np = None if bias is None else bias.detach().contiguous().numpy()
 
+    # int8_linear's own argument handling (isinstance checks, numpy views of all four arguments)
+    # cost 1-4 us a call; the weights, scale and bias are fixed here, so a call hands the activation
+    # straight to the native op, which still checks every shape and dtype.
+    native = _C.int8_linear_packed
+
     def int8_linear_packed(x):
+        if x.is_cuda:  # the packed weights are CPU-only: int8_linear raises its own error
+            return int8_linear(x, packed, scale_np, bias_np)
         rows = x.reshape(-1, x.shape[-1])
         if rows.dtype != torch.float32 or rows.requires_grad or not rows.is_contiguous():
             rows = rows.detach().float().contiguous()
-        y = torch.from_numpy(int8_linear(rows.numpy(), packed, scale_np, bias_np))
+        y = torch.from_numpy(native(rows.numpy(), packed, scale_np, bias_np))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     int8_linear_packed.__module__ = __name__
@@ -434,11 +449,69 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         choices[wname] = chosen
+    _erase_unused_get_attr(graph)
     gm.recompile()
+    _memoize_input_check(gm)
     for fname, originals in fused.items():
         kernel = choices.pop(fname, "dense")
         choices.update({w: kernel for w in originals})
     return gm, choices
+
+
+def _erase_unused_get_attr(graph) -> int:
+    """Erase ``get_attr`` nodes nothing reads (the fp32 weights of rewritten layers: the generated
+    code fetched each through a chain of ``Module.__getattr__`` calls and dropped it, at every
+    call). Returns how many went."""
+    dead = [n for n in graph.nodes if n.op == "get_attr" and not n.users]
+    for n in dead:
+        graph.erase_node(n)
+    return len(dead)
+
+
+def _input_key(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_input_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _input_key(v)) for k, v in value.items())))
+    hash(value)  # TypeError for anything unhashable: not memoized
+    return (type(value).__name__, value)
+
+
+def _memoize_input_check(gm, limit: int = 256) -> bool:
+    """Memoize torch.export's input check (``_check_input_constraints_pre_hook``) of ``gm`` by the
+    inputs' shapes, dtypes, devices and Python types: the check depends on nothing else (dimension
+    ranges and equalities, ranks, input count and structure), so a key that passed once passes
+    again; a new key runs the real check (its errors unchanged) and is remembered when it passes,
+    up to ``limit`` keys. Returns whether a hook was found and wrapped."""
+    try:
+        from torch.export._unlift import _check_input_constraints_pre_hook as original
+    except ImportError:  # another torch layout: leave the module as it is
+        return False
+    hooks = getattr(gm, "_forward_pre_hooks", {})
+    for hook_id, hook in list(hooks.items()):
+        if hook is not original:
+            continue
+        passed: set = set()
+
+        def check(module, args, kwargs, _hook=hook, _passed=passed):
+            try:
+                key = (_input_key(args), _input_key(kwargs))
+            except TypeError:
+                return _hook(module, args, kwargs)
+            if key in _passed:
+                return None
+            result = _hook(module, args, kwargs)
+            if len(_passed) < limit:
+                _passed.add(key)
+            return result
+
+        hooks[hook_id] = check
+        return True
+    return False
 
 
 def _cached_pack_of(values):

@@ -1,6 +1,8 @@
 """pyserve.artifact.kernels: an artifact's Linear layers on int8 / CSR / codebook kernels, checked
 against the NumPy references of pyserve.ops and against the fp32 graph."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,36 @@ def test_dynamic_axes_in_the_manifest(saved):
     m = artifact.read_manifest(path)
     assert m.inputs[0].shape == (-1, -1, 48)
     assert m.tensors["a.weight"]["encoding"] == "int8"
+
+
+def test_rewritten_graph_drops_dead_weight_fetches_and_checks_each_input_shape_once(saved, monkeypatch):
+    """native_module erases the get_attr nodes its rewrites left unread, and memoizes torch.export's
+    input check by shape: a shape seen before is not re-checked, a new one is, and a bad input still
+    gets torch's own error every time (never remembered)."""
+    import torch.export._unlift as unlift
+
+    path, net = saved
+    module, _ = native_module(artifact.load_artifact(path), kernels="int8")
+    assert not [n for n in module.graph.nodes if n.op == "get_attr" and not n.users]
+    assert "a.weight" not in {n.target for n in module.graph.nodes if n.op == "get_attr"}
+    hooks = list(module._forward_pre_hooks.values())
+    assert unlift._check_input_constraints_pre_hook not in hooks
+
+    calls = []
+    real = unlift._check_input_constraints_for_module
+    monkeypatch.setattr(unlift, "_check_input_constraints_for_module",
+                        lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    reference = artifact.load_artifact(path).module  # torch's own, unwrapped check
+    with torch.inference_mode():
+        for shape in [(3, 7, 48), (3, 7, 48), (2, 5, 48), (3, 7, 48), (2, 5, 48)]:
+            x = torch.randn(*shape)
+            np.testing.assert_allclose(module(x).numpy(), net(x).numpy(), rtol=0.05, atol=0.05)
+        checked = len(calls)
+        for bad in [torch.randn(3, 48), torch.randn(3, 7, 40)]:
+            with pytest.raises(Exception) as expected:
+                reference(bad)
+            for _ in range(2):
+                with pytest.raises(type(expected.value), match=re.escape(str(expected.value).splitlines()[0])):
+                    module(bad)
+    assert checked == 2  # one check per new valid shape: (3, 7, 48), (2, 5, 48)
+    assert len(calls) == checked + 2 * 3  # a bad input is checked every time (the reference once, the module twice)

@@ -266,5 +266,70 @@ void int8_gemm(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, con
   }
 }
 
+
+namespace {
+
+inline float gelu_scalar(float v) { return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f)); }
+
+#if PYSERVE_AVX2
+// erf(x) as Eigen's generic_fast_erf_float: x clamped to [-4, 4], p(x^2) x / q(x^2).
+__attribute__((target("avx2,fma"))) inline __m256 erf_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(4.0f), _mm256_max_ps(_mm256_set1_ps(-4.0f), x));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_fmadd_ps(x2, _mm256_set1_ps(-2.72614225801306e-10f), _mm256_set1_ps(2.77068142495902e-08f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-2.10102402082508e-06f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-5.69250639462346e-05f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-7.34990630326855e-04f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-2.95459980854025e-03f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-1.60960333262415e-02f));
+  p = _mm256_mul_ps(x, p);
+  __m256 q = _mm256_fmadd_ps(x2, _mm256_set1_ps(-1.45660718464996e-05f), _mm256_set1_ps(-2.13374055278905e-04f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-1.68282697438203e-03f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-7.37332916720468e-03f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-1.42647390514189e-02f));
+  return _mm256_div_ps(p, q);
+}
+
+__attribute__((target("avx2,fma"))) void gelu_range_avx2(float* y, int64_t n) {
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), rsqrt2 = _mm256_set1_ps(0.70710678118654752f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(y + i);
+    const __m256 e = erf_avx2(_mm256_mul_ps(v, rsqrt2));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, e)));
+  }
+  if (i < n) {  // the tail through the same vector code, so every element gets the same function
+    alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::copy(y + i, y + n, t);
+    const __m256 v = _mm256_load_ps(t);
+    const __m256 e = erf_avx2(_mm256_mul_ps(v, rsqrt2));
+    _mm256_store_ps(t, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, e)));
+    std::copy(t, t + (n - i), y + i);
+  }
+}
+#endif
+
+}  // namespace
+
+void gelu_erf_inplace(float* y, int64_t n) {
+  if (n <= 0) return;
+  const bool avx2 = cpu_has_avx2_fma();
+  constexpr int64_t kChunk = 4096;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (n >= (int64_t{1} << 18))
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* p = y + c * kChunk;
+    const int64_t m = std::min(kChunk, n - c * kChunk);
+#if PYSERVE_AVX2
+    if (avx2) {
+      gelu_range_avx2(p, m);
+      continue;
+    }
+#endif
+    (void)avx2;
+    for (int64_t i = 0; i < m; ++i) p[i] = gelu_scalar(p[i]);
+  }
+}
+
 }  // namespace quant
 }  // namespace pyserve

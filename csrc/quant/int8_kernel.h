@@ -92,5 +92,12 @@ bool int8_linear_packed_f32(const float* x, int64_t B, int64_t K, const uint8_t*
                             const float* bias, int64_t N, float* y, int64_t* bad_row);
 constexpr int64_t kInt8ScratchKeepBytes = int64_t{16} << 20;
 
+// y[i] = GELU(y[i]) = 0.5 y (1 + erf(y / sqrt(2))) in place (Hendrycks & Gimpel 2016, the exact erf
+// form), for n values; OpenMP for large n. erf: AVX2, the rational approximation of Eigen's
+// generic_fast_erf_float (odd polynomial of degree 13 over an even one of degree 8, argument clamped
+// to [-4, 4]); portable: std::erf. Within 2e-6 of the exact GELU (absolute; relative above |y| = 1),
+// not bit-identical to torch's gelu(approximate='none'). Used as the epilogue of int8_linear_packed.
+void gelu_erf_inplace(float* y, int64_t n);
+
 }  // namespace quant
 }  // namespace pyserve

@@ -110,7 +110,10 @@ Int8PackedWeight int8_pack_weight(const py::array& w_int8) {
 }
 
 py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, const py::array& w_scale,
-                             const std::optional<py::array>& bias) {
+                             const std::optional<py::array>& bias, const std::string& activation) {
+  PYSERVE_CHECK_ARG(activation == "none" || activation == "gelu", kLinearOp, "activation",
+                    "expected 'none' or 'gelu', got '", activation, "'");
+  const bool gelu = activation == "gelu";
   check_array<float>(x, kLinearOp, "x", 2, "float32");
   const int64_t B = x.shape(0), K = w.cols(), N = w.rows();
   const float* bias_ptr = check_linear_args(x, N, K, w_scale, bias, "w_int8");
@@ -123,6 +126,7 @@ py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, cons
   {
     py::gil_scoped_release release;  // quantization fused into the kernel's row preparation
     ok = quant::int8_linear_packed_f32(xp, B, K, w.wu(), sp, bias_ptr, N, yp, &bad_row);
+    if (ok && gelu) quant::gelu_erf_inplace(yp, B * N);
   }
   PYSERVE_CHECK_ARG(ok, kLinearOp, "x", "expected finite values, got inf or NaN in row ", bad_row);
   return y;

@@ -220,9 +220,37 @@ def test_packed_non_finite_row_named_in_parallel_call(threads):
         set_num_threads(before)
 
 
+@pytest.mark.parametrize("B,N", [(1, 1), (3, 7), (128, 1536), (5, 33)])
+def test_packed_gelu_epilogue_matches_torch_gelu(B, N):
+    """activation="gelu": GELU of the layer's output in the native call, within 2e-6 (absolute, and
+    relative for |y| > 1) of float64 GELU of the same y; the tail of a length not divisible by 8 goes
+    through the same function; y without activation unchanged bit for bit."""
+    K = 40
+    rng = np.random.default_rng(B * N)
+    q, s = _weights(N, K, seed=N)
+    bias = (rng.standard_normal(N) * 3).astype(np.float32)
+    x = (rng.standard_normal((B, K)) * 2).astype(np.float32)
+    packed = pack_int8_weight(q)
+    y = _C.int8_linear_packed(x, packed, s, bias)
+    np.testing.assert_array_equal(y, _C.int8_linear_packed(x, packed, s, bias, "none"))
+    np.testing.assert_array_equal(y, int8_linear(x, q, s, bias))
+    g = _C.int8_linear_packed(x, packed, s, bias, activation="gelu")
+    ref = torch.nn.functional.gelu(torch.from_numpy(y).double()).numpy()
+    assert g.dtype == np.float32 and g.shape == (B, N)
+    assert np.all(np.abs(g - ref) <= 2e-6 * np.maximum(1.0, np.abs(ref))), np.abs(g - ref).max()
+
+
+def test_packed_gelu_bad_activation():
+    q, s = _weights(3, 8, 13)
+    with pytest.raises(ValueError, match=r"int8_linear: argument 'activation'.*'none' or 'gelu'.*'relu'"):
+        _C.int8_linear_packed(_x("gauss", 2, 8, 14), pack_int8_weight(q), s, None, "relu")
+
+
 _PORTABLE_CHECK = textwrap.dedent(
     """
+    import math
     import numpy as np
+    from pyserve import _C
     from pyserve.ops import int8_linear, pack_int8_weight, quantize_per_channel
     from pyserve.ops.reference import int8_linear_reference
     rng = np.random.default_rng(11)
@@ -234,6 +262,9 @@ _PORTABLE_CHECK = textwrap.dedent(
         assert np.array_equal(y, int8_linear(x, q, s)), (B, K, N)
         ref = int8_linear_reference(x, q, s)
         assert np.all(np.abs(y - ref) <= 4 * np.finfo(np.float32).eps * np.abs(ref) + 1e-30), (B, K, N)
+        g = _C.int8_linear_packed(x, pack_int8_weight(q), s, None, "gelu")  # std::erf here
+        exact = 0.5 * y.astype(np.float64) * (1 + np.vectorize(math.erf)(y.astype(np.float64) / math.sqrt(2)))
+        assert np.all(np.abs(g - exact) <= 2e-6 * np.maximum(1.0, np.abs(exact))), (B, K, N)
     print("ok")
     """
 )

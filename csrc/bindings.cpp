@@ -261,7 +261,7 @@ ValueError
 )doc");
 
   m.def("int8_linear_packed", &pyserve::int8_linear_packed, py::arg("x"), py::arg("w"), py::arg("w_scale"),
-        py::arg("bias") = py::none(),
+        py::arg("bias") = py::none(), py::arg("activation") = "none",
         R"doc(int8_linear with weights from pack_int8_weight: the same ``[B, N]`` float32, bit for bit.
 
 Parameters
@@ -274,11 +274,16 @@ w_scale : numpy.ndarray
     ``[N]`` float32.
 bias : numpy.ndarray or None
     ``[N]`` float32.
+activation : str
+    ``"none"`` (default) or ``"gelu"``: ``y`` then goes through GELU, ``0.5 y (1 + erf(y / sqrt(2)))``
+    (Hendrycks & Gimpel 2016), erf by a rational approximation (AVX2; else std::erf): within 2e-6
+    of the exact GELU (absolute; relative above ``|y| = 1``), not bit-identical to
+    ``torch.nn.functional.gelu(y)``.
 
 Raises
 ------
 ValueError
-    As int8_linear (the K mismatch names ``w_int8``).
+    As int8_linear (the K mismatch names ``w_int8``); ``activation`` not ``"none"`` or ``"gelu"``.
 )doc");
 
   m.def("int8_linear_cuda", &pyserve::int8_linear_cuda, py::arg("x"), py::arg("w"), py::arg("w_scale"),

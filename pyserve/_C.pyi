@@ -258,7 +258,7 @@ def int8_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, w: typing.Sup
     RuntimeError
         Built without CUDA, or a CUDA error.
     """
-def int8_linear_packed(x: numpy.ndarray, w: Int8PackedWeight, w_scale: numpy.ndarray, bias: numpy.ndarray | None = None) -> numpy.ndarray:
+def int8_linear_packed(x: numpy.ndarray, w: Int8PackedWeight, w_scale: numpy.ndarray, bias: numpy.ndarray | None = None, activation: str = 'none') -> numpy.ndarray:
     """
     int8_linear with weights from pack_int8_weight: the same ``[B, N]`` float32, bit for bit.
     
@@ -272,11 +272,16 @@ def int8_linear_packed(x: numpy.ndarray, w: Int8PackedWeight, w_scale: numpy.nda
         ``[N]`` float32.
     bias : numpy.ndarray or None
         ``[N]`` float32.
+    activation : str
+        ``"none"`` (default) or ``"gelu"``: ``y`` then goes through GELU, ``0.5 y (1 + erf(y / sqrt(2)))``
+        (Hendrycks & Gimpel 2016), erf by a rational approximation (AVX2; else std::erf): within 2e-6
+        of the exact GELU (absolute; relative above ``|y| = 1``), not bit-identical to
+        ``torch.nn.functional.gelu(y)``.
     
     Raises
     ------
     ValueError
-        As int8_linear (the K mismatch names ``w_int8``).
+        As int8_linear (the K mismatch names ``w_int8``); ``activation`` not ``"none"`` or ``"gelu"``.
     """
 def pack_csr_weight(indptr: typing.Any, indices: typing.Any, values: typing.Any, K: typing.SupportsInt | typing.SupportsIndex, sort_rows: typing.SupportsInt | typing.SupportsIndex = -1) -> CsrPackedWeight:
     """

@@ -52,22 +52,35 @@ bool quantize_row_portable(const float* r, int64_t K, int8_t* q, float* scale_ou
 #if PYSERVE_AVX2
 __attribute__((target("avx2,fma"))) bool quantize_row_avx2(const float* r, int64_t K, int8_t* q, float* scale_out) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 vmax = _mm256_setzero_ps();
-  __m256 vzero_check = _mm256_setzero_ps();  // sum of r*0: NaN iff some r is inf or NaN
+  // Two chains of 1-cycle ops (max, or) instead of one chain of vaddps (3 cycles of latency per 8
+  // values): quantize_rows at B = 128, K = 1536 took 56.7 -> 43.9 us (2026-11-30). r * 0 is +-0 for a
+  // finite r and NaN otherwise, so the OR of those bit patterns has an all-ones exponent iff some r
+  // is inf or NaN.
+  __m256 vmax0 = _mm256_setzero_ps(), vmax1 = _mm256_setzero_ps();
+  __m256 vbad0 = _mm256_setzero_ps(), vbad1 = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
   int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m256 v0 = _mm256_loadu_ps(r + k), v1 = _mm256_loadu_ps(r + k + 8);
+    vmax0 = _mm256_max_ps(vmax0, _mm256_and_ps(v0, abs_mask));
+    vmax1 = _mm256_max_ps(vmax1, _mm256_and_ps(v1, abs_mask));
+    vbad0 = _mm256_or_ps(vbad0, _mm256_mul_ps(v0, zero));
+    vbad1 = _mm256_or_ps(vbad1, _mm256_mul_ps(v1, zero));
+  }
   for (; k + 8 <= K; k += 8) {
     const __m256 v = _mm256_loadu_ps(r + k);
-    vmax = _mm256_max_ps(vmax, _mm256_and_ps(v, abs_mask));
-    vzero_check = _mm256_add_ps(vzero_check, _mm256_mul_ps(v, _mm256_setzero_ps()));
+    vmax0 = _mm256_max_ps(vmax0, _mm256_and_ps(v, abs_mask));
+    vbad0 = _mm256_or_ps(vbad0, _mm256_mul_ps(v, zero));
   }
-  alignas(32) float lanes[8], checks[8];
-  _mm256_store_ps(lanes, vmax);
-  _mm256_store_ps(checks, vzero_check);
+  alignas(32) float lanes[8];
+  alignas(32) uint32_t checks[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(vmax0, vmax1));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(checks), _mm256_castps_si256(_mm256_or_ps(vbad0, vbad1)));
   float amax = 0.0f;
   bool finite = true;
   for (int i = 0; i < 8; ++i) {
     amax = std::max(amax, lanes[i]);
-    finite &= checks[i] == 0.0f;
+    finite &= (checks[i] & 0x7f800000u) != 0x7f800000u;
   }
   for (; k < K; ++k) {
     const float a = std::fabs(r[k]);
@@ -202,6 +215,13 @@ __attribute__((target("avx2,fma"))) void gemm_block_avx2(const int8_t* xq, const
 
 bool int8_avx2_active() { return cpu_has_avx2_fma(); }
 
+bool quantize_row(const float* src, int64_t K, int8_t* q, float* scale) {
+#if PYSERVE_AVX2
+  if (cpu_has_avx2_fma()) return quantize_row_avx2(src, K, q, scale);
+#endif
+  return quantize_row_portable(src, K, q, scale);
+}
+
 bool quantize_rows(const float* src, int64_t rows, int64_t K, int8_t* q, float* scale, int64_t* bad_row) {
   const bool avx2 = cpu_has_avx2_fma();
   int64_t first_bad = rows;
@@ -243,6 +263,71 @@ void int8_gemm(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, con
 #endif
     (void)avx2;
     gemm_block_portable(xq, x_scale, B, K, wq, w_scale, bias, N, n0, n1, y);
+  }
+}
+
+
+namespace {
+
+inline float gelu_scalar(float v) { return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f)); }
+
+#if PYSERVE_AVX2
+// erf(x) as Eigen's generic_fast_erf_float: x clamped to [-4, 4], p(x^2) x / q(x^2).
+__attribute__((target("avx2,fma"))) inline __m256 erf_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(4.0f), _mm256_max_ps(_mm256_set1_ps(-4.0f), x));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_fmadd_ps(x2, _mm256_set1_ps(-2.72614225801306e-10f), _mm256_set1_ps(2.77068142495902e-08f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-2.10102402082508e-06f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-5.69250639462346e-05f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-7.34990630326855e-04f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-2.95459980854025e-03f));
+  p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(-1.60960333262415e-02f));
+  p = _mm256_mul_ps(x, p);
+  __m256 q = _mm256_fmadd_ps(x2, _mm256_set1_ps(-1.45660718464996e-05f), _mm256_set1_ps(-2.13374055278905e-04f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-1.68282697438203e-03f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-7.37332916720468e-03f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-1.42647390514189e-02f));
+  return _mm256_div_ps(p, q);
+}
+
+__attribute__((target("avx2,fma"))) void gelu_range_avx2(float* y, int64_t n) {
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), rsqrt2 = _mm256_set1_ps(0.70710678118654752f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(y + i);
+    const __m256 e = erf_avx2(_mm256_mul_ps(v, rsqrt2));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, e)));
+  }
+  if (i < n) {  // the tail through the same vector code, so every element gets the same function
+    alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::copy(y + i, y + n, t);
+    const __m256 v = _mm256_load_ps(t);
+    const __m256 e = erf_avx2(_mm256_mul_ps(v, rsqrt2));
+    _mm256_store_ps(t, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, e)));
+    std::copy(t, t + (n - i), y + i);
+  }
+}
+#endif
+
+}  // namespace
+
+void gelu_erf_inplace(float* y, int64_t n) {
+  if (n <= 0) return;
+  const bool avx2 = cpu_has_avx2_fma();
+  constexpr int64_t kChunk = 4096;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (n >= (int64_t{1} << 18))
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* p = y + c * kChunk;
+    const int64_t m = std::min(kChunk, n - c * kChunk);
+#if PYSERVE_AVX2
+    if (avx2) {
+      gelu_range_avx2(p, m);
+      continue;
+    }
+#endif
+    (void)avx2;
+    for (int64_t i = 0; i < m; ++i) p[i] = gelu_scalar(p[i]);
   }
 }
 

@@ -29,6 +29,10 @@ constexpr int64_t kInt8MaxK = 131072;
 // *bad_row gets the first row holding one. OpenMP over rows.
 bool quantize_rows(const float* src, int64_t rows, int64_t K, int8_t* q, float* scale, int64_t* bad_row);
 
+// Quantize one row of K fp32 values exactly as quantize_rows does (the same bytes and scale);
+// false when it holds a non-finite value.
+bool quantize_row(const float* src, int64_t K, int8_t* q, float* scale);
+
 // y[B, N] = dequant(xq[B, K] . wq[N, K]^T) + bias (bias may be null). Row strides K and N.
 // OpenMP over blocks of output channels; AVX2 when the CPU has it, else portable C++.
 void int8_gemm(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const int8_t* wq, const float* w_scale,
@@ -78,6 +82,22 @@ void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu);
 // 4096 (64 KB of packed weights, resident in L2 while all rows pass), partial sums kept in int32.
 void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const uint8_t* wu,
                       const float* w_scale, const float* bias, int64_t N, float* y);
+
+// int8_linear on packed weights from fp32 x [B, K] (row stride K): quantize_rows then
+// int8_gemm_packed, the same y bit for bit, in one pass over x: each row is quantized straight into
+// the kernel's padded activation buffer and split there while it is in L1, and the per-call buffers
+// are kept per thread between calls (up to kInt8ScratchKeepBytes) instead of allocated and zeroed.
+// Returns false, writing no y, when x holds a non-finite value (*bad_row: the first such row).
+bool int8_linear_packed_f32(const float* x, int64_t B, int64_t K, const uint8_t* wu, const float* w_scale,
+                            const float* bias, int64_t N, float* y, int64_t* bad_row);
+constexpr int64_t kInt8ScratchKeepBytes = int64_t{16} << 20;
+
+// y[i] = GELU(y[i]) = 0.5 y (1 + erf(y / sqrt(2))) in place (Hendrycks & Gimpel 2016, the exact erf
+// form), for n values; OpenMP for large n. erf: AVX2, the rational approximation of Eigen's
+// generic_fast_erf_float (odd polynomial of degree 13 over an even one of degree 8, argument clamped
+// to [-4, 4]); portable: std::erf. Within 2e-6 of the exact GELU (absolute; relative above |y| = 1),
+// not bit-identical to torch's gelu(approximate='none'). Used as the epilogue of int8_linear_packed.
+void gelu_erf_inplace(float* y, int64_t n);
 
 }  // namespace quant
 }  // namespace pyserve

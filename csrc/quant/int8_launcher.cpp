@@ -110,14 +110,26 @@ Int8PackedWeight int8_pack_weight(const py::array& w_int8) {
 }
 
 py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, const py::array& w_scale,
-                             const std::optional<py::array>& bias) {
+                             const std::optional<py::array>& bias, const std::string& activation) {
+  PYSERVE_CHECK_ARG(activation == "none" || activation == "gelu", kLinearOp, "activation",
+                    "expected 'none' or 'gelu', got '", activation, "'");
+  const bool gelu = activation == "gelu";
   check_array<float>(x, kLinearOp, "x", 2, "float32");
   const int64_t B = x.shape(0), K = w.cols(), N = w.rows();
   const float* bias_ptr = check_linear_args(x, N, K, w_scale, bias, "w_int8");
   const float* sp = static_cast<const float*>(w_scale.data());
-  return run_linear(x, N, [&](const int8_t* xq, const float* sx, float* yp) {
-    quant::int8_gemm_packed(xq, sx, B, K, w.wu(), sp, bias_ptr, N, yp);
-  });
+  py::array_t<float> y({static_cast<py::ssize_t>(B), static_cast<py::ssize_t>(N)});
+  const float* xp = static_cast<const float*>(x.data());
+  float* yp = y.mutable_data();
+  int64_t bad_row = -1;
+  bool ok;
+  {
+    py::gil_scoped_release release;  // quantization fused into the kernel's row preparation
+    ok = quant::int8_linear_packed_f32(xp, B, K, w.wu(), sp, bias_ptr, N, yp, &bad_row);
+    if (ok && gelu) quant::gelu_erf_inplace(yp, B * N);
+  }
+  PYSERVE_CHECK_ARG(ok, kLinearOp, "x", "expected finite values, got inf or NaN in row ", bad_row);
+  return y;
 }
 
 void int8_linear_cuda(std::uintptr_t x, std::uintptr_t w, std::uintptr_t w_scale, std::uintptr_t bias,

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <utility>
 
 namespace pyserve {
@@ -36,9 +37,10 @@ class Int8PackedWeight {
 // w_int8 [N, K] int8 C-contiguous -> packed copy (K <= kInt8MaxK).
 Int8PackedWeight int8_pack_weight(const pybind11::array& w_int8);
 
-// As int8_linear, the weights given packed; the same output bit for bit.
+// As int8_linear, the weights given packed; the same output bit for bit. activation "gelu": GELU
+// (quant::gelu_erf_inplace) applied to y before it is returned ("none": y as is).
 pybind11::array int8_linear_packed(const pybind11::array& x, const Int8PackedWeight& w, const pybind11::array& w_scale,
-                                   const std::optional<pybind11::array>& bias);
+                                   const std::optional<pybind11::array>& bias, const std::string& activation = "none");
 
 // CUDA path on device pointers (the Python face checks the torch tensors): x [B, K] fp32,
 // w [N, K] int8, w_scale [N] fp32, bias [N] fp32 or 0, y [B, N] fp32, workspace xq [B, K] int8 and

@@ -55,7 +55,14 @@ struct Prepared {
   // (64 * (k / 4)) and its value placed in byte k % 4 of a 4-byte group (the other bytes 0).
   std::vector<int32_t> roff;   // [B][cap]
   std::vector<int32_t> rx4;    // [B][cap]
+  std::vector<float> sx;       // [B] row scales (int8_linear_packed_f32)
 };
+
+// Grows v to at least n elements (never shrinks; no element is read before it is written).
+template <class T>
+void grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+}
 
 // A range of k / 4 steps of one channel block: the first starts the accumulators at zero, the
 // others resume them from `part` ([B][16] int32); all but the last store them back there.
@@ -91,28 +98,41 @@ int32_t split_row(const int8_t* xo, int64_t Kp, int8_t* xa, int32_t* rk, int32_t
 }
 
 #if PYSERVE_AVX2
-// As split_row; 32 activations at a time, the scalar loop only for chunks holding a violating pair.
+// As split_row (the same xa, residuals in the same ascending order, the same sum); 32 activations at a
+// time, and only the violating pairs (typically 0-2 of a 32-byte chunk) cut one by one, in place, as
+// the movemask lists them. (Running split_row over every chunk that held a violating pair made the
+// split cost as much as the row's quantization: ~150 cycles per such chunk, 2026-11-30.)
 __attribute__((target("avx2,fma"))) int32_t split_row_avx2(const int8_t* xo, int64_t Kp, int8_t* xa, int32_t* rk,
                                                            int32_t* rv, int64_t cap, int32_t* xsum) {
   const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), lim = _mm256_set1_epi16(128);
   __m256i vsum = _mm256_setzero_si256();
   int32_t n = 0;
-  uint32_t tail_sum = 0;
+  uint32_t tail_sum = 0;  // the scalar tail's sum, less every residual cut off
   int64_t k = 0;
   for (; k + 32 <= Kp; k += 32) {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo + k));
     const __m256i pair = _mm256_maddubs_epi16(ones8, x);  // x0 + x1 as int16 (exact: |x0 + x1| <= 256)
-    if (_mm256_movemask_epi8(_mm256_cmpgt_epi16(_mm256_abs_epi16(pair), lim)) == 0) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xa + k), x);
-      vsum = _mm256_add_epi32(vsum, _mm256_madd_epi16(pair, ones16));
-      continue;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xa + k), x);
+    vsum = _mm256_add_epi32(vsum, _mm256_madd_epi16(pair, ones16));
+    // one bit per violating pair, at the byte index of its first activation
+    uint32_t m = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpgt_epi16(_mm256_abs_epi16(pair), lim))) &
+                 0x55555555u;
+    while (m != 0) {
+      const int64_t kk = k + __builtin_ctz(m);
+      m &= m - 1;
+      if (n >= cap) return -1;
+      const int32_t x0 = xa[kk], x1 = xa[kk + 1];  // one sign: |x0 + x1| > 128
+      const int32_t a0 = x0 < 0 ? -x0 : x0, a1 = x1 < 0 ? -x1 : x1;
+      const bool first = a0 >= a1;
+      const int32_t big = first ? x0 : x1, keep = 128 - (first ? a1 : a0);
+      const int32_t cut = big < 0 ? -keep : keep;
+      const int64_t at = first ? kk : kk + 1;
+      rk[n] = static_cast<int32_t>(at);
+      rv[n] = big - cut;
+      tail_sum -= static_cast<uint32_t>(big - cut);
+      xa[at] = static_cast<int8_t>(cut);
+      ++n;
     }
-    int32_t part = 0;
-    const int32_t m = split_row(xo + k, 32, xa + k, rk + n, rv + n, cap - n, &part);
-    if (m < 0) return -1;
-    for (int32_t t = 0; t < m; ++t) rk[n + t] += static_cast<int32_t>(k);
-    n += m;
-    tail_sum += static_cast<uint32_t>(part);
   }
   if (k < Kp) {
     int32_t part = 0;
@@ -130,26 +150,48 @@ __attribute__((target("avx2,fma"))) int32_t split_row_avx2(const int8_t* xo, int
 }
 #endif
 
-// Sizes P's buffers for B rows of K (rows are filled by prepare_row).
+// Sizes P's buffers for B rows of K (rows are filled by prepare_row); contents are not cleared.
 void prepare_alloc(int64_t B, int64_t K, bool avx2, Prepared* P) {
   const int64_t Kp = 4 * int8_pack_kq(K);
   P->Kp = Kp;
   P->cap = std::max<int64_t>(1, Kp / 16);
-  P->xa.resize(static_cast<size_t>(B * Kp));
-  P->xsum.resize(static_cast<size_t>(B));
-  P->rsum.resize(static_cast<size_t>(B));
-  P->count.resize(static_cast<size_t>(B));
-  P->rk.resize(static_cast<size_t>(B * P->cap));
-  P->rv.resize(static_cast<size_t>(B * P->cap));
-  P->roff.resize(avx2 ? static_cast<size_t>(B * P->cap) : 0);
-  P->rx4.resize(avx2 ? static_cast<size_t>(B * P->cap) : 0);
+  grow(P->xa, B * Kp);
+  grow(P->xsum, B);
+  grow(P->rsum, B);
+  grow(P->count, B);
+  grow(P->rk, B * P->cap);
+  grow(P->rv, B * P->cap);
+  grow(P->roff, avx2 ? B * P->cap : 0);
+  grow(P->rx4, avx2 ? B * P->cap : 0);
+  grow(P->sx, B);
 }
 
-// Splits row b of xq [B, K] into P (xa, residuals, sums); rows are independent.
-void prepare_row(const int8_t* xq, int64_t b, int64_t K, bool avx2, Prepared* P) {
+// The calling thread's buffers, kept between calls: allocating and zeroing them on every call cost
+// as much as splitting the rows (B = 128, K = 384-1536: about half of the 19-70 us per call spent
+// before the GEMM; benchmarks/native/int8_ab.cpp, 2026-11-30). A call needing more than
+// kInt8ScratchKeepBytes uses buffers of its own (`local`), freed when it returns.
+Prepared& scratch(int64_t B, int64_t K, bool avx2, Prepared* local) {
+  thread_local Prepared kept;
+  const int64_t Kp = 4 * int8_pack_kq(K);
+  const int64_t bytes = B * (Kp + 4 * 4 * std::max<int64_t>(1, Kp / 16) + 16);
+  Prepared& P = bytes <= kInt8ScratchKeepBytes ? kept : *local;
+  prepare_alloc(B, K, avx2, &P);
+  return P;
+}
+
+// Splits row b into P (xa, residuals, sums); rows are independent. The row comes from xq [B, K]
+// (int8, already quantized) or, when f32, from x [B, K] (fp32), quantized here into xa and its
+// scale into P->sx[b]. Returns false (f32 only) when the row holds a non-finite value. xq or x may
+// be null when K = 0.
+bool prepare_row(const int8_t* xq, const float* x, bool f32, int64_t b, int64_t K, bool avx2, Prepared* P) {
   const int64_t Kp = P->Kp;
   int8_t* xa = P->xa.data() + b * Kp;
-  if (K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // xq may be null at K = 0
+  const auto load = [&] {
+    if (f32) return K == 0 ? (P->sx[b] = 1.0f, true) : quantize_row(x + b * K, K, xa, &P->sx[b]);
+    if (K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));
+    return true;
+  };
+  if (!load()) return false;
   std::memset(xa + K, 0, static_cast<size_t>(Kp - K));
   int32_t* rk = P->rk.data() + b * P->cap;
   int32_t* rv = P->rv.data() + b * P->cap;
@@ -161,7 +203,7 @@ void prepare_row(const int8_t* xq, int64_t b, int64_t K, bool avx2, Prepared* P)
 #endif
     n = split_row(xa, Kp, xa, rk, rv, P->cap, &P->xsum[b]);
   P->count[b] = n;
-  if (n < 0 && K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // partly split: restore
+  if (n < 0 && K > 0) load();  // partly split: restore the row as given (quantizing is deterministic)
   uint32_t rs = 0;
   for (int32_t t = 0; t < n; ++t) rs += static_cast<uint32_t>(rv[t]);
   P->rsum[b] = static_cast<int32_t>(rs);  // 0 when the row did not split
@@ -173,6 +215,7 @@ void prepare_row(const int8_t* xq, int64_t b, int64_t K, bool avx2, Prepared* P)
       rx4[t] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint8_t>(rv[t])) << (8 * (rk[t] & 3)));
     }
   }
+  return true;
 }
 
 // acc += the residuals of row b (count >= 0) times column k of W, from the packed block.
@@ -407,13 +450,18 @@ void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu) {
   }
 }
 
-void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const uint8_t* wu,
-                      const float* w_scale, const float* bias, int64_t N, float* y) {
-  if (B == 0 || N == 0) return;
+namespace {
+
+// The packed GEMM of one call, from rows xq (int8, scales x_scale) or, when f32, x (fp32, quantized
+// per row here): returns the first row of x holding a non-finite value, or B.
+int64_t run_packed(const int8_t* xq, const float* x, bool f32, const float* x_scale, int64_t B, int64_t K,
+                   const uint8_t* wu, const float* w_scale, const float* bias, int64_t N, float* y) {
+  if (B == 0) return B;
   const bool avx2 = cpu_has_avx2_fma();
   const int64_t Kq = int8_pack_kq(K), blocks = int8_pack_npad(N) / NR;
-  Prepared P;
-  prepare_alloc(B, K, avx2, &P);
+  Prepared local;
+  Prepared& P = scratch(B, K, avx2, &local);
+  const float* sx = f32 ? P.sx.data() : x_scale;
   // K in chunks of 1024 steps of 4 (64 KB of a block's packed weights, L2-resident while every 4-row
   // tile of the call streams them). Chunks of 256 steps (16 KB, L1-resident) were 5-9% slower for
   // [768, 3072] at B = 8-128 (benchmarks/native/int8_ab.cpp, 2026-11-30): the hardware prefetcher
@@ -421,28 +469,49 @@ void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t
   // reload of the partial sums per tile and chunk. So K <= 4096 (BERT, MiniLM) runs unchunked.
   constexpr int64_t KC = 1024;
   const int64_t chunks = std::max<int64_t>(1, (Kq + KC - 1) / KC);
-  // One parallel region: the rows are split in parallel (over rows), then the channel blocks are
-  // computed in parallel (over N, never over rows: every thread streams its own weights once).
-#pragma omp parallel num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
+  int64_t first_bad = B;
+  // One parallel region: the rows are quantized and split in parallel (over rows), then, unless a
+  // row of x was not finite, the channel blocks are computed in parallel (over N, never over rows:
+  // every thread streams its own weights once).
+#pragma omp parallel num_threads(pyserve::num_threads()) if (B * std::max<int64_t>(N, 1) * K >= kParallelMinMacs)
   {
+#pragma omp for schedule(static) reduction(min : first_bad)
+    for (int64_t b = 0; b < B; ++b)
+      if (!prepare_row(xq, x, f32, b, K, avx2, &P) && b < first_bad) first_bad = b;
+    if (first_bad == B) {
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) prepare_row(xq, b, K, avx2, &P);
-#pragma omp for schedule(static)
-    for (int64_t nb = 0; nb < blocks; ++nb) {
-      const uint8_t* wub = wu + nb * Kq * NR * 4;
+      for (int64_t nb = 0; nb < blocks; ++nb) {
+        const uint8_t* wub = wu + nb * Kq * NR * 4;
 #if PYSERVE_AVX2
-      if (avx2) {
-        std::vector<int32_t> part(chunks > 1 ? static_cast<size_t>(B * NR) : 0);
-        for (int64_t c = 0; c < chunks; ++c) {
-          const Chunk ch{c * KC, std::min(Kq, (c + 1) * KC), c == 0, c == chunks - 1, part.data()};
-          block_avx2(P, 0, B, ch, wub, x_scale, w_scale, bias, N, nb * NR, y);
+        if (avx2) {
+          std::vector<int32_t> part(chunks > 1 ? static_cast<size_t>(B * NR) : 0);
+          for (int64_t c = 0; c < chunks; ++c) {
+            const Chunk ch{c * KC, std::min(Kq, (c + 1) * KC), c == 0, c == chunks - 1, part.data()};
+            block_avx2(P, 0, B, ch, wub, sx, w_scale, bias, N, nb * NR, y);
+          }
+          continue;
         }
-        continue;
-      }
 #endif
-      block_portable(P, 0, B, K, wub, x_scale, w_scale, bias, N, nb * NR, y);
+        block_portable(P, 0, B, K, wub, sx, w_scale, bias, N, nb * NR, y);
+      }
     }
   }
+  return first_bad;
+}
+
+}  // namespace
+
+void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const uint8_t* wu,
+                      const float* w_scale, const float* bias, int64_t N, float* y) {
+  run_packed(xq, nullptr, false, x_scale, B, K, wu, w_scale, bias, N, y);
+}
+
+bool int8_linear_packed_f32(const float* x, int64_t B, int64_t K, const uint8_t* wu, const float* w_scale,
+                            const float* bias, int64_t N, float* y, int64_t* bad_row) {
+  const int64_t bad = run_packed(nullptr, x, true, nullptr, B, K, wu, w_scale, bias, N, y);
+  if (bad == B) return true;
+  if (bad_row) *bad_row = bad;
+  return false;
 }
 
 }  // namespace quant

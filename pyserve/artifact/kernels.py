@@ -41,6 +41,18 @@ Vaswani et al. 2017, section 3.2.1, is the function both compute), and removes t
 An ``int8`` layer whose weights are packed at load (always, for a loaded artifact's) is called
 through a function bound to its packed weights, scale and bias (:func:`_int8_packed_layer`): only
 the activation is converted per call. The weights stay buffers of the module.
+
+``fuse=True`` also folds ``gelu(h)`` (the exact erf form) into the int8 layer computing ``h`` when
+nothing else reads ``h`` (:func:`_fold_gelu`; BERT's FFN input layer): GELU is applied inside the
+native call, within ~2e-6 of torch's ``gelu`` (not bit-identical: the erf is a rational
+approximation, ``csrc/quant/int8_kernel.h``).
+
+Per-call Python cost outside the nodes, cut at load (the same outputs): the ``get_attr`` nodes the
+rewrites left without users (the replaced fp32 weights, fetched and dropped at every call) are
+erased, and torch.export's input check (a forward pre-hook that matches every input dimension
+against the export's symbolic ranges with sympy: ~0.6 ms per call, 4-5% of a 3-layer MiniLM call
+at sequence 128) is memoized by the inputs' shapes, dtypes and types (:func:`_memoize_input_check`):
+a shape seen before is not checked again; a new one is checked, with torch's own errors.
 """
 
 from __future__ import annotations
@@ -66,7 +78,7 @@ def _int8_fn(x, w_int8, w_scale, bias):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _int8_packed_layer(values, w_scale, bias):
+def _int8_packed_layer(values, w_scale, bias, activation: str = "none"):
     """``fn(x)``: :func:`pyserve.ops.int8_linear` of one int8 layer, bound to its weights at load.
 
     ``values`` (int8 ``[N, K]`` torch tensor, pinned: packed once by ``_pin_packed``), ``w_scale``
@@ -74,9 +86,13 @@ def _int8_packed_layer(values, w_scale, bias):
     once, here — the packed weights and numpy views of the scale and bias — so a call converts only
     ``x`` (``[..., K]`` float32 -> ``[rows, K]`` numpy view, no copy when contiguous) and its output
     (``torch.from_numpy``, no copy): about 25 us less per call than :func:`_int8_fn`'s checks and
-    conversions of all four arguments (README, "BERT on CPUs"). Same result bit for bit."""
+    conversions of all four arguments (README, "BERT on CPUs"). Same result bit for bit.
+    ``activation="gelu"``: the layer's output goes through GELU inside the native call
+    (``pyserve._C.int8_linear_packed(..., activation="gelu")``; within ~2e-6 of torch's exact-erf
+    ``gelu``, not bit-identical); :func:`_fold_gelu` makes such layers."""
     import torch
 
+    from pyserve import _C
     from pyserve.ops import int8_linear
     from pyserve.ops.quant import _cached_pack
 
@@ -84,14 +100,24 @@ def _int8_packed_layer(values, w_scale, bias):
     scale_np = w_scale.detach().contiguous().numpy()
     bias_np = None if bias is None else bias.detach().contiguous().numpy()
 
+    # int8_linear's own argument handling (isinstance checks, numpy views of all four arguments)
+    # cost 1-4 us a call; the weights, scale and bias are fixed here, so a call hands the activation
+    # straight to the native op, which still checks every shape and dtype.
+    native = _C.int8_linear_packed
+
     def int8_linear_packed(x):
+        if x.is_cuda:  # the packed weights are CPU-only: int8_linear raises its own error
+            return int8_linear(x, packed, scale_np, bias_np)
         rows = x.reshape(-1, x.shape[-1])
         if rows.dtype != torch.float32 or rows.requires_grad or not rows.is_contiguous():
             rows = rows.detach().float().contiguous()
-        y = torch.from_numpy(int8_linear(rows.numpy(), packed, scale_np, bias_np))
+        y = torch.from_numpy(native(rows.numpy(), packed, scale_np, bias_np, activation))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     int8_linear_packed.__module__ = __name__
+    if activation != "none":
+        int8_linear_packed.__name__ = int8_linear_packed.__qualname__ = f"int8_linear_packed_{activation}"
+    int8_linear_packed._pyserve_int8 = (values, w_scale, bias, activation)  # what it is bound to
     return int8_linear_packed
 
 
@@ -340,7 +366,8 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
     sample_rows : activation row counts (batch x tokens) the measurement uses.
     repeats : timed runs per kernel and row count (the fastest counts).
     fuse : merge Linear layers that share their input (Q, K, V) into one first, run eager
-        attention as one scaled_dot_product_attention, and drop inactive dropout nodes (module
+        attention as one scaled_dot_product_attention, drop inactive dropout nodes, and fold a
+        GELU that only reads an int8 layer's output into that layer's native call (module
         docstring).
 
     Returns
@@ -434,11 +461,96 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         choices[wname] = chosen
+    if fuse:
+        _fold_gelu(graph)
+    _erase_unused_get_attr(graph)
     gm.recompile()
+    _memoize_input_check(gm)
     for fname, originals in fused.items():
         kernel = choices.pop(fname, "dense")
         choices.update({w: kernel for w in originals})
     return gm, choices
+
+
+def _fold_gelu(graph) -> int:
+    """Fold ``aten.gelu(h)`` (exact erf form) into the bound int8 layer that computes ``h`` when the
+    GELU is that layer's only reader: one native call (``activation="gelu"``) instead of a second
+    pass of torch's ``gelu`` over ``[rows, N]`` (BERT's FFN input layer: 0.2 -> 0.09 ms at 128 x
+    1536 on one thread, 2026-11-30). Returns how many were folded."""
+    import torch
+
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.gelu.default:
+            continue
+        if len(node.args) != 1 or node.kwargs.get("approximate", "none") != "none":
+            continue
+        src = node.args[0]
+        bound = getattr(getattr(src, "target", None), "_pyserve_int8", None)
+        if src.op != "call_function" or bound is None or bound[3] != "none" or len(src.users) != 1:
+            continue
+        values, w_scale, bias, _ = bound
+        src.target = _int8_packed_layer(values, w_scale, bias, activation="gelu")
+        node.replace_all_uses_with(src)
+        graph.erase_node(node)
+        folded += 1
+    return folded
+
+
+def _erase_unused_get_attr(graph) -> int:
+    """Erase ``get_attr`` nodes nothing reads (the fp32 weights of rewritten layers: the generated
+    code fetched each through a chain of ``Module.__getattr__`` calls and dropped it, at every
+    call). Returns how many went."""
+    dead = [n for n in graph.nodes if n.op == "get_attr" and not n.users]
+    for n in dead:
+        graph.erase_node(n)
+    return len(dead)
+
+
+def _input_key(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_input_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _input_key(v)) for k, v in value.items())))
+    hash(value)  # TypeError for anything unhashable: not memoized
+    return (type(value).__name__, value)
+
+
+def _memoize_input_check(gm, limit: int = 256) -> bool:
+    """Memoize torch.export's input check (``_check_input_constraints_pre_hook``) of ``gm`` by the
+    inputs' shapes, dtypes, devices and Python types: the check depends on nothing else (dimension
+    ranges and equalities, ranks, input count and structure), so a key that passed once passes
+    again; a new key runs the real check (its errors unchanged) and is remembered when it passes,
+    up to ``limit`` keys. Returns whether a hook was found and wrapped."""
+    try:
+        from torch.export._unlift import _check_input_constraints_pre_hook as original
+    except ImportError:  # another torch layout: leave the module as it is
+        return False
+    hooks = getattr(gm, "_forward_pre_hooks", {})
+    for hook_id, hook in list(hooks.items()):
+        if hook is not original:
+            continue
+        passed: set = set()
+
+        def check(module, args, kwargs, _hook=hook, _passed=passed):
+            try:
+                key = (_input_key(args), _input_key(kwargs))
+            except TypeError:
+                return _hook(module, args, kwargs)
+            if key in _passed:
+                return None
+            result = _hook(module, args, kwargs)
+            if len(_passed) < limit:
+                _passed.add(key)
+            return result
+
+        hooks[hook_id] = check
+        return True
+    return False
 
 
 def _cached_pack_of(values):

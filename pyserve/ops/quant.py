@@ -168,10 +168,11 @@ def int8_linear(x: Any, w_int8: Any, w_scale: Any, bias: Any = None) -> Any:
     rows x 2 output channels. Packed weights: ``vpmaddubsw`` on ``w + 128`` (unsigned) and four
     activations broadcast, ``vpmaddwd``, ``vpaddd`` (3 ops per 32 multiply-adds, as fbgemm without
     its 7-bit activations) in 4-row x 16-channel tiles; exact because each activation row is split
-    per call into pairs with ``|x[k]| + |x[k+1]| <= 128`` (no int16 saturation) plus a sparse
-    remainder added from W transposed, and ``128 * sum(x)`` subtracted (``csrc/quant/int8_kernel.h``
-    has the derivation). Both: OpenMP over blocks of 16 channels, portable C++ fallback, the GIL
-    released, and the same output bit for bit.
+    per call into aligned pairs with ``|x[k] + x[k+1]| <= 128`` (no int16 saturation) plus a sparse
+    remainder added back through the same instruction on the packed block, and ``128 * sum(x)``
+    subtracted (``csrc/quant/int8_kernel.h`` has the derivation); each row is quantized straight
+    into the kernel's split buffer, kept per thread between calls. Both: OpenMP over blocks of 16
+    channels, portable C++ fallback, the GIL released, and the same output bit for bit.
     CUDA: ``dp4a``, one warp per output element.
     """
     op = "int8_linear"

@@ -253,6 +253,26 @@ def test_quantize_bad_input(w, words):
         assert word in message, message
 
 
+@pytest.mark.parametrize("K", [1, 7, 8, 9, 15, 16, 17, 24, 31, 40, 385])
+def test_quantize_finds_a_non_finite_value_at_every_position(K):
+    """The AVX2 quantizer checks 16 values per step, then 8, then one at a time: an inf or NaN is
+    found wherever it sits, in whichever row, and a row of finite values (largest magnitude first or
+    last, signed zeros) quantizes as the reference does."""
+    rng = np.random.default_rng(K)
+    for bad in (np.inf, -np.inf, np.nan):
+        for k in sorted({0, K // 2, K - 1, min(K - 1, 15), min(K - 1, 16)}):
+            w = rng.standard_normal((3, K)).astype(np.float32)
+            w[2, k] = bad
+            with pytest.raises(ValueError, match=r"finite.*row 2"):
+                quantize_per_channel(w)
+    w = rng.standard_normal((4, K)).astype(np.float32)
+    w[0, 0], w[1, -1], w[2] = 1e30, -1e30, -0.0
+    q, s = quantize_per_channel(w)
+    qr, sr = quantize_rows_reference(w)
+    np.testing.assert_array_equal(q, qr)
+    np.testing.assert_array_equal(s, sr)
+
+
 def test_int8_linear_k_limit():
     x = np.zeros((1, 131073), np.float32)
     with pytest.raises(ValueError, match=r"argument 'x'.*K <= 131072.*131073"):

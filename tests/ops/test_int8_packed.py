@@ -172,9 +172,85 @@ def test_packed_threads(threads):
         set_num_threads(before)
 
 
+def test_packed_scratch_reused_across_calls_and_threads():
+    """The fused quantize + split keeps its per-call buffers per thread between calls: calls that grow
+    and shrink B and K, switch rows between the split and vpsignb paths, and run on several Python
+    threads at once must each equal the row kernel (nothing of an earlier call may leak into a later
+    one: padding, residual lists, row scales)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [("sign", 9, 1030, 20), ("gauss", 3, 5, 17), ("overcap", 64, 257, 20), ("gauss", 128, 384, 40),
+             ("atcap", 13, 130, 33), ("zeros", 2, 1030, 3), ("mixed", 70, 520, 48), ("edge", 1, 1, 1)]
+    prepared = []
+    for i, (kind, B, K, N) in enumerate(cases):
+        x = _x(kind, B, K, seed=100 + i)
+        q, s = _weights(N, K, seed=200 + i)
+        prepared.append((x, pack_int8_weight(q), s, int8_linear(x, q, s)))
+    for x, packed, s, expected in prepared + prepared[::-1]:
+        np.testing.assert_array_equal(int8_linear(x, packed, s), expected)
+
+    def run(order):
+        for j in order:
+            x, packed, s, expected = prepared[j]
+            np.testing.assert_array_equal(int8_linear(x, packed, s), expected)
+
+    rng = np.random.default_rng(3)
+    with ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(run, rng.permutation(len(prepared)).tolist() * 3) for _ in range(4)]:
+            f.result()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_non_finite_row_named_in_parallel_call(threads):
+    """A non-finite value found while the rows are quantized in parallel names the first bad row and
+    writes no output; the next call on the same thread is unaffected."""
+    before = get_num_threads()
+    set_num_threads(threads)
+    try:
+        q, s = _weights(300, 520, 6)
+        packed = pack_int8_weight(q)
+        x = _x("gauss", 70, 520, 5)  # above the 2**22-MAC threshold for going parallel
+        bad = x.copy()
+        bad[41, 7] = np.nan
+        bad[60, 0] = -np.inf
+        with pytest.raises(ValueError, match=r"int8_linear: argument 'x'.*finite.*row 41"):
+            int8_linear(bad, packed, s)
+        np.testing.assert_array_equal(int8_linear(x, packed, s), int8_linear(x, q, s))
+    finally:
+        set_num_threads(before)
+
+
+@pytest.mark.parametrize("B,N", [(1, 1), (3, 7), (128, 1536), (5, 33)])
+def test_packed_gelu_epilogue_matches_torch_gelu(B, N):
+    """activation="gelu": GELU of the layer's output in the native call, within 2e-6 (absolute, and
+    relative for |y| > 1) of float64 GELU of the same y; the tail of a length not divisible by 8 goes
+    through the same function; y without activation unchanged bit for bit."""
+    K = 40
+    rng = np.random.default_rng(B * N)
+    q, s = _weights(N, K, seed=N)
+    bias = (rng.standard_normal(N) * 3).astype(np.float32)
+    x = (rng.standard_normal((B, K)) * 2).astype(np.float32)
+    packed = pack_int8_weight(q)
+    y = _C.int8_linear_packed(x, packed, s, bias)
+    np.testing.assert_array_equal(y, _C.int8_linear_packed(x, packed, s, bias, "none"))
+    np.testing.assert_array_equal(y, int8_linear(x, q, s, bias))
+    g = _C.int8_linear_packed(x, packed, s, bias, activation="gelu")
+    ref = torch.nn.functional.gelu(torch.from_numpy(y).double()).numpy()
+    assert g.dtype == np.float32 and g.shape == (B, N)
+    assert np.all(np.abs(g - ref) <= 2e-6 * np.maximum(1.0, np.abs(ref))), np.abs(g - ref).max()
+
+
+def test_packed_gelu_bad_activation():
+    q, s = _weights(3, 8, 13)
+    with pytest.raises(ValueError, match=r"int8_linear: argument 'activation'.*'none' or 'gelu'.*'relu'"):
+        _C.int8_linear_packed(_x("gauss", 2, 8, 14), pack_int8_weight(q), s, None, "relu")
+
+
 _PORTABLE_CHECK = textwrap.dedent(
     """
+    import math
     import numpy as np
+    from pyserve import _C
     from pyserve.ops import int8_linear, pack_int8_weight, quantize_per_channel
     from pyserve.ops.reference import int8_linear_reference
     rng = np.random.default_rng(11)
@@ -186,6 +262,9 @@ _PORTABLE_CHECK = textwrap.dedent(
         assert np.array_equal(y, int8_linear(x, q, s)), (B, K, N)
         ref = int8_linear_reference(x, q, s)
         assert np.all(np.abs(y - ref) <= 4 * np.finfo(np.float32).eps * np.abs(ref) + 1e-30), (B, K, N)
+        g = _C.int8_linear_packed(x, pack_int8_weight(q), s, None, "gelu")  # std::erf here
+        exact = 0.5 * y.astype(np.float64) * (1 + np.vectorize(math.erf)(y.astype(np.float64) / math.sqrt(2)))
+        assert np.all(np.abs(g - exact) <= 2e-6 * np.maximum(1.0, np.abs(exact))), (B, K, N)
     print("ok")
     """
 )

@@ -1,0 +1,113 @@
+"""Interleaved A/B of all-MiniLM-L6-v2 engines at one shape: the fp32 teacher against pyserve artifacts.
+
+    python benchmarks/bert_ab.py --distilled distill.pyserve [--int8 int8.pyserve] [--batch 1 --seq 128]
+        [--threads 1] [--rounds 30] [--calls 3] [--kernels auto|int8]
+
+Issue 7's goal "distilled 3 layers + int8 >= 4x faster than the fp32 teacher" (batch 1, sequence 128,
+one thread) on a shared machine: ``benchmarks/bert_cpu.py`` times each engine in its own block of
+calls, so a burst of other load lands on one engine and not the other. Here every round calls each
+engine ``--calls`` times in turn (torch fp32 = the teacher in eager mode under ``inference_mode``,
+the ``examples/minilm`` model; pyserve artifacts loaded as the ``pyserve`` backend loads them,
+``native_module``), and each call is timed twice: thread CPU time (``time.thread_time``: what the
+call cost this thread, robust to being descheduled; with more than one thread it misses the other
+threads' work, so it is printed for 1 thread only) and wall time. Printed per engine: least and
+median per call, and the teacher's time over the engine's (the speed-up) from both, plus the load
+average before and after. The inputs are real sentences padded/truncated to ``--seq`` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("_minilm_model", ROOT / "examples" / "minilm" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--distilled", type=Path, help="artifact of examples/minilm/distill.yaml")
+    ap.add_argument("--int8", type=Path, help="artifact of examples/minilm/int8.yaml")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--calls", type=int, default=3, help="calls of each engine per round")
+    ap.add_argument("--kernels", default="auto", help="native_module's kernel choice (auto: measured at load)")
+    args = ap.parse_args(argv)
+    if args.distilled is None and args.int8 is None:
+        ap.error("give --distilled and/or --int8")
+    for name in ("batch", "seq", "threads", "rounds", "calls"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from pyserve import artifact, ops
+    from pyserve.artifact.kernels import native_module
+    from pyserve.datasets import transfer_sentences
+
+    torch.set_num_threads(args.threads)
+    ops.set_num_threads(args.threads)
+    ex = _example()
+    tok = ex.tokenizer()
+    teacher = ex.MiniLM().eval()
+    engines = {"torch fp32 (teacher)": teacher}
+    kernels = {}
+    for name, path in (("pyserve int8", args.int8), ("pyserve distill3+int8", args.distilled)):
+        if path is not None:
+            engines[name], choices = native_module(artifact.load_artifact(path), kernels=args.kernels)
+            kernels[name] = {k: sum(1 for v in choices.values() if v == k) for k in sorted(set(choices.values()))}
+
+    enc = tok(transfer_sentences(max(args.batch, 8))[: args.batch], padding="max_length", truncation=True,
+              max_length=args.seq, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    cpu = {n: [] for n in engines}
+    wall = {n: [] for n in engines}
+    load0 = os.getloadavg()[0]
+    with torch.inference_mode():
+        for fn in engines.values():
+            fn(ids, mask)
+            fn(ids, mask)
+        for _ in range(args.rounds):
+            for name, fn in engines.items():
+                for _ in range(args.calls):
+                    c0, w0 = time.thread_time(), time.perf_counter()
+                    fn(ids, mask)
+                    c1, w1 = time.thread_time(), time.perf_counter()
+                    cpu[name].append((c1 - c0) * 1e3)
+                    wall[name].append((w1 - w0) * 1e3)
+    load1 = os.getloadavg()[0]
+    ref = "torch fp32 (teacher)"
+    print(f"batch {args.batch}, seq {args.seq}, {args.threads} thread(s), {args.rounds} rounds x {args.calls} calls "
+          f"interleaved, load average {load0:.1f} -> {load1:.1f} on {os.cpu_count()} CPUs; kernels {kernels}\n")
+    clocks = [("thread CPU", cpu), ("wall", wall)] if args.threads == 1 else [("wall", wall)]
+    head = "| engine |" + "".join(f" {c} least ms | {c} median ms | speed-up (least) | speed-up (median) |"
+                                  for c, _ in clocks)
+    print(head)
+    print("| --- |" + " ---: |" * (4 * len(clocks)))
+    for name in engines:
+        row = f"| {name} |"
+        for _, t in clocks:
+            lo, med = min(t[name]), statistics.median(t[name])
+            row += (f" {lo:.2f} | {med:.2f} | {min(t[ref]) / lo:.2f}x | {statistics.median(t[ref]) / med:.2f}x |")
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -58,7 +58,7 @@ asan-test: base
 	$(BIN)/python -c "import sysconfig; print(sysconfig.get_path('purelib'))" \
 	  > "$$($(ASAN_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")/_pyserve_asan_base.pth"
 	PYSERVE_CUDA=OFF $(PIP) --python $(ASAN_VENV)/bin/python install -q --no-build-isolation --no-deps -e . \
-	  -C build-dir=build/asan -C cmake.define.PYSERVE_SANITIZE=ON
+	  -C build-dir=build/asan -C cmake.define.PYSERVE_SANITIZE=ON -C install.strip=false
 	@test -f "$(ASAN_LIB)" || { echo "asan-test: libasan.so not found ($(ASAN_LIB))" >&2; exit 2; }
 	@so=$$($(ASAN_VENV)/bin/python -c "import importlib.util as u; print(u.find_spec('pyserve._C').origin)"); \
 	  ldd "$$so" | grep -q libasan || { echo "asan-test: $$so is not built with ASan" >&2; exit 2; }; \

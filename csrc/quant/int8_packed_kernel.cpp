@@ -150,7 +150,7 @@ void prepare_row(const int8_t* xq, int64_t b, int64_t K, bool avx2, Prepared* P)
   const int64_t Kp = P->Kp;
   int8_t* xa = P->xa.data() + b * Kp;
   if (K > 0) std::memcpy(xa, xq + b * K, static_cast<size_t>(K));  // xq may be null at K = 0
-  std::memset(xa + K, 0, static_cast<size_t>(Kp - K));
+  if (Kp > K) std::memset(xa + K, 0, static_cast<size_t>(Kp - K));  // xa is null at Kp = 0 (UB for memset)
   int32_t* rk = P->rk.data() + b * P->cap;
   int32_t* rv = P->rv.data() + b * P->cap;
   int32_t n;  // split in place (each pair is read before it is written)

@@ -46,6 +46,9 @@ test: base
 # ASan's __cxa_throw interceptor finds no real __cxa_throw (python does not link libstdc++) and
 # the first C++ exception aborts. CPython leaks by design, hence detect_leaks=0. --capture=sys
 # keeps fd 2 free, so a sanitizer report reaches the terminal before the abort.
+# The sanitized build keeps its symbols, so that reports name the function and line: RelWithDebInfo
+# (-O2 -g; pybind11 strips Release modules after linking) and install.strip=false (scikit-build-core
+# strips on install); and it skips pybind11's LTO (a sanitized LTO link takes minutes, gains nothing).
 # ASAN_TEST_ARGS narrows the run, e.g. ASAN_TEST_ARGS='-m "not slow"'.
 ASAN_VENV      ?= .venv-asan
 ASAN_TEST_ARGS ?=
@@ -58,7 +61,8 @@ asan-test: base
 	$(BIN)/python -c "import sysconfig; print(sysconfig.get_path('purelib'))" \
 	  > "$$($(ASAN_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))")/_pyserve_asan_base.pth"
 	PYSERVE_CUDA=OFF $(PIP) --python $(ASAN_VENV)/bin/python install -q --no-build-isolation --no-deps -e . \
-	  -C build-dir=build/asan -C cmake.define.PYSERVE_SANITIZE=ON
+	  -C build-dir=build/asan -C cmake.define.PYSERVE_SANITIZE=ON -C cmake.build-type=RelWithDebInfo \
+	  -C install.strip=false -C cmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF
 	@test -f "$(ASAN_LIB)" || { echo "asan-test: libasan.so not found ($(ASAN_LIB))" >&2; exit 2; }
 	@so=$$($(ASAN_VENV)/bin/python -c "import importlib.util as u; print(u.find_spec('pyserve._C').origin)"); \
 	  ldd "$$so" | grep -q libasan || { echo "asan-test: $$so is not built with ASan" >&2; exit 2; }; \

@@ -192,7 +192,7 @@ bool prepare_row(const int8_t* xq, const float* x, bool f32, int64_t b, int64_t 
     return true;
   };
   if (!load()) return false;
-  std::memset(xa + K, 0, static_cast<size_t>(Kp - K));
+  if (Kp > K) std::memset(xa + K, 0, static_cast<size_t>(Kp - K));  // xa is null at Kp = 0 (UB for memset)
   int32_t* rk = P->rk.data() + b * P->cap;
   int32_t* rv = P->rv.data() + b * P->cap;
   int32_t n;  // split in place (each pair is read before it is written)

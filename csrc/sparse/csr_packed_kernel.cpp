@@ -133,22 +133,25 @@ PYSERVE_PK_AVX2 inline void transpose8(__m256 r[8]) {
 }
 
 // x [B, K] -> xt [K, Bp] (columns B..Bp-1 zero) in 8 x 8 register blocks; the edges scalar.
+// Rows of x in groups of 16 outside, K inside: x is read as 16 sequential streams and every xt
+// row gets one whole 64-byte line (two 8 x 8 blocks) per step. (K outside, the order before, read
+// 64 rows of x 8 floats at a time at a stride of 4 K bytes: for K = 3072 all of them fall in one
+// L1 set, and the copy of a [64, 3072] x took 1.5x as long; benchmarks/native/csr_spmm.cpp.)
 PYSERVE_PK_AVX2 void transpose_pad_avx2(const float* x, int64_t B, int64_t K, int64_t Bp, float* xt) {
   const int64_t B8 = B / C * C, K8 = K / C * C;
-  for (int64_t k0 = 0; k0 < K8; k0 += C) {
-    for (int64_t b0 = 0; b0 < B8; b0 += C) {
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + (b0 + i) * K + k0);
-      transpose8(r);
-      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(xt + (k0 + i) * Bp + b0, r[i]);
-    }
-    for (int64_t k = k0; k < k0 + C; ++k) {
-      for (int64_t b = B8; b < B; ++b) xt[k * Bp + b] = x[b * K + k];
-      for (int64_t b = B; b < Bp; ++b) xt[k * Bp + b] = 0.f;
+  for (int64_t b0 = 0; b0 < B8; b0 += 2 * C) {
+    const int64_t halves = std::min<int64_t>(2, (B8 - b0) / C);
+    for (int64_t k0 = 0; k0 < K8; k0 += C) {
+      for (int64_t h = 0; h < halves; ++h) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + (b0 + h * C + i) * K + k0);
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(xt + (k0 + i) * Bp + b0 + h * C, r[i]);
+      }
     }
   }
-  for (int64_t k = K8; k < K; ++k) {
-    for (int64_t b = 0; b < B; ++b) xt[k * Bp + b] = x[b * K + k];
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t b = k < K8 ? B8 : 0; b < B; ++b) xt[k * Bp + b] = x[b * K + k];
     for (int64_t b = B; b < Bp; ++b) xt[k * Bp + b] = 0.f;
   }
 }
@@ -316,27 +319,29 @@ PYSERVE_PK_AVX2 void window_pass_avx2(const float* xt, int64_t Bp, int64_t c0, c
 }
 
 // The tile of the rows [n0, n1) (= lanes [n0, n1), in some order) -> y [B, N], columns
-// [c0, c0 + cols): 8 consecutive rows at a time through an 8 x 8 register transpose.
+// [c0, c0 + cols): 8 consecutive rows x 8 batch columns at a time through an 8 x 8 register
+// transpose. Batch-column blocks outside, rows inside: each y row [c0 + cb + i] is then written
+// as one run of 32-byte stores, n0 .. n1, 8 runs at a time. (Rows outside, the order before,
+// left 64 y rows half-written at once: 1.2-1.4x slower at 99% sparsity, B = 64, where y is most
+// of the bytes a call moves; benchmarks/native/csr_spmm.cpp.)
 PYSERVE_PK_AVX2 void store_window_avx2(const CsrPacked& w, int64_t n0, int64_t n1, const float (*tile)[kTileCols],
                                        int64_t c0, int64_t cols, float* y) {
   const int64_t N = w.N;
   const int32_t* pos = w.pos_of.data();
-  int64_t n = n0;
-  for (; n + C <= n1; n += C) {
-    const float* src[C];
-    for (int64_t i = 0; i < C; ++i) src[i] = tile[pos[n + i] - n0];
-    int64_t cb = 0;
-    for (; cb + C <= cols; cb += C) {
+  const int64_t full = n0 + (n1 - n0) / C * C;  // rows [n0, full) in blocks of 8
+  int64_t cb = 0;
+  for (; cb + C <= cols; cb += C) {
+    for (int64_t n = n0; n < full; n += C) {
       __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(src[i] + cb);
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(tile[pos[n + i] - n0] + cb);
       transpose8(r);
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(y + (c0 + cb + i) * N + n, r[i]);
     }
-    for (; cb < cols; ++cb)
-      for (int64_t i = 0; i < C; ++i) y[(c0 + cb) * N + n + i] = src[i][cb];
   }
-  for (; n < n1; ++n)
-    for (int64_t c = 0; c < cols; ++c) y[(c0 + c) * N + n] = tile[pos[n] - n0][c];
+  for (int64_t c = cb; c < cols; ++c)
+    for (int64_t n = n0; n < full; ++n) y[(c0 + c) * N + n] = tile[pos[n] - n0][c];
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t n = full; n < n1; ++n) y[(c0 + c) * N + n] = tile[pos[n] - n0][c];
 }
 
 template <typename Idx>

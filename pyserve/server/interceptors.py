@@ -138,9 +138,10 @@ def wrap_servicer(servicer, service: str, inflight: "InflightInterceptor | None"
             if inflight is not None:
                 wrapped = inflight._wrap_stream(wrapped)
         elif inspect.iscoroutinefunction(behavior):
-            wrapped = _wrap_coroutine(behavior, method)
             if inflight is not None:
-                wrapped = inflight._wrap(wrapped)
+                wrapped = inflight._wrap_with_errors(behavior, method)
+            else:
+                wrapped = _wrap_coroutine(behavior, method)
         else:
             wrapped = behavior
         setattr(ns, name, wrapped)
@@ -197,6 +198,31 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
                 finally:
                     self._done()
             return await behavior(request, context)
+
+        return wrapper
+
+    def _wrap_with_errors(self, behavior, method: str):
+        """``self._wrap(_wrap_coroutine(behavior, method))`` as one coroutine instead of two (this is
+        every unary RPC's path): counted in flight, errors mapped."""
+        done = self._done
+
+        async def wrapper(request, context):
+            self.count += 1
+            self.started += 1
+            self._idle.clear()
+            try:
+                context.add_done_callback(done)
+            except Exception:  # pragma: no cover - a gRPC without done callbacks: count the handler
+                try:
+                    return await _wrap_coroutine(behavior, method)(request, context)
+                finally:
+                    done()
+            try:
+                return await behavior(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await _abort(exc, context, method)
 
         return wrapper
 

@@ -323,6 +323,15 @@ class DirectScheduler(Scheduler):
         return _result(result)
 
 
+class _Running:
+    """A batch being executed: its execution task and how many of its requests still want it."""
+
+    __slots__ = ("execution", "live")
+
+    def __init__(self, execution: asyncio.Future, live: int) -> None:
+        self.execution, self.live = execution, live
+
+
 @dataclass(eq=False)
 class _Pending:
     inputs: Mapping[str, np.ndarray]
@@ -330,6 +339,8 @@ class _Pending:
     key: tuple
     arrival_ns: int
     future: asyncio.Future = field(repr=False)
+    #: the batch it was taken into (None while it waits in the queue)
+    running: _Running | None = field(default=None, repr=False)
 
 
 def _key(inputs: Mapping[str, np.ndarray]) -> tuple:
@@ -394,8 +405,16 @@ class DynamicBatcher(Scheduler):
         finally:
             if not pending.future.done():  # cancelled while waiting: leave the queue
                 pending.future.cancel()
-            if pending in self._queue:
-                self._queue.remove(pending)
+            running = pending.running
+            if running is None:  # still queued (cancelled, or the version closed)
+                if pending in self._queue:
+                    self._queue.remove(pending)
+            elif pending.future.cancelled():
+                # cancelled while its batch runs: when no request of the batch wants it any more, the
+                # execution is cancelled too, freeing the instance
+                running.live -= 1
+                if running.live == 0 and not running.execution.done():
+                    running.execution.cancel()
 
     async def close(self) -> None:
         """Stop the workers; requests still waiting fail with UNAVAILABLE."""
@@ -459,13 +478,9 @@ class DynamicBatcher(Scheduler):
                 # the execution runs as its own task so that, if every request of the batch is
                 # cancelled (client cancel, deadline), it is cancelled too and this instance is free
                 execution = asyncio.ensure_future(self._execute(batch))
-
-                def abandon(_future, execution=execution, batch=batch) -> None:
-                    if not execution.done() and all(p.future.cancelled() for p in batch):
-                        execution.cancel()
-
+                running = _Running(execution, len(batch))  # no await since _form: all still live
                 for p in batch:
-                    p.future.add_done_callback(abandon)
+                    p.running = running
                 try:
                     await asyncio.wait({execution})
                 except asyncio.CancelledError:  # close(): the version is unloading

@@ -150,6 +150,9 @@ def wrap_servicer(servicer, service: str, inflight: "InflightInterceptor | None"
 
 # --- in-flight counting (graceful drain) ---------------------------------------------------------
 
+#: What an RPC arriving during a graceful stop is answered (UNAVAILABLE: clients retry elsewhere).
+SHUTTING_DOWN = "the server is shutting down; retry on another replica"
+
 
 class InflightInterceptor(grpc.aio.ServerInterceptor):
     """Counts running RPCs, so a graceful stop can wait for them and then end the long-lived
@@ -171,6 +174,10 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
         self._idle = asyncio.Event()
         self._idle.set()
         self._wrapped = _CachedWrap()
+        #: set by a graceful stop of the aio engine: pyserve answers new RPCs UNAVAILABLE itself (not
+        #: counted) while gRPC keeps accepting them, so that calls gRPC had received but not yet handed
+        #: to the event loop get UNAVAILABLE too, instead of CANCELLED when gRPC shuts down
+        self.refusing = False
 
     async def idle(self) -> None:
         """Return once no counted unary RPC is running."""
@@ -187,6 +194,8 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, behavior):
         async def wrapper(request, context):
+            if self.refusing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             self.count += 1
             self.started += 1
             self._idle.clear()
@@ -207,6 +216,8 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
         done = self._done
 
         async def wrapper(request, context):
+            if self.refusing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             self.count += 1
             self.started += 1
             self._idle.clear()
@@ -228,6 +239,8 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_stream(self, behavior):
         async def wrapper(request, context):
+            if self.refusing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             self.streams += 1
             context.add_done_callback(self._stream_done)
             async for response in behavior(request, context):

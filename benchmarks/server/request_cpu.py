@@ -19,6 +19,9 @@ event loop in this process, and measures the **calling thread's CPU time** per r
   (:func:`wrap_servicer` around :class:`InferenceServicer`: in-flight counting, error mapping,
   decode, routing check, data plane, inline execution, encode) on a parsed message, and
   ``pyserve_us`` = servicer_us - compute_us: pyserve's own work per request;
+- ``null_servicer_us`` / ``batched_null_servicer_us``: the same two handler paths with the model's
+  inline call replaced by one that returns zeros of the output's shape (``null_model_us``, about
+  1 µs): **pyserve's own CPU per request** with no model arithmetic and no cache effects of it;
 - ``batched_servicer_us``: the same handler on a dynamically batched copy of the model
   (``max_queue_delay_microseconds`` 1000, preferred batch 16), 16 requests in flight at once on the
   loop (what concurrency 16 gives the event loop); ``batched_pyserve_us`` = that minus the compute
@@ -54,7 +57,7 @@ if os.environ.get("REQUEST_CPU_SRC"):
 
 FIGURES = ("parse_us", "decode_us", "validate_us", "stats_us", "compute_us", "encode_us", "serialize_us",
            "servicer_us", "pyserve_us", "batched_servicer_us", "compute_b16_row_us", "batched_pyserve_us",
-           "batched_rows_per_execution")
+           "batched_rows_per_execution", "null_model_us", "null_servicer_us", "batched_null_servicer_us")
 
 
 def _write_repo(root: Path) -> Path:
@@ -161,9 +164,17 @@ async def measure(repo: Path, n: int, rounds: int, metrics: bool) -> dict:
     stats._sink = sink  # noqa: SLF001 - the same sink the served versions have
     timing = ExecutionTiming(1, [1000], 0, 50_000, 0)
 
+    one = getattr(stats, "execution_one", None)  # the direct scheduler's call where it exists
+
     def stats_once():
-        stats.execution(timing)
+        if one is not None:
+            one(1, 1000, 50_000)
+        else:
+            stats.execution(timing)
         stats.request_done(True, 100_000, 1)
+
+    def null_model(batch):  # the model's place taken by (almost) nothing: pyserve's work alone
+        return [{"logits": np.zeros((len(next(iter(b.values()))), 10), np.float32)} for b in batch]
 
     async def servicer_call(m):
         ctx = _Context()
@@ -189,6 +200,15 @@ async def measure(repo: Path, n: int, rounds: int, metrics: bool) -> dict:
         parts["batched_servicer_us"].append(await _ablock_us(batched, n, 16))
         parts["batched_rows_per_execution"].append(
             (bmv.stats.inference_count - c0) / max(1, bmv.stats.execution_count - e0))
+        parts["null_model_us"].append(_block_us(lambda: null_model([{"images": x1}]), n))
+        for version, key, make, conc in ((mv, "null_servicer_us", plain, 1), (bmv, "batched_null_servicer_us", batched, 16)):
+            runner = version.scheduler.runner
+            real = runner._sync  # noqa: SLF001 - swapped for the measurement only
+            runner._sync = null_model  # noqa: SLF001
+            try:
+                parts[key].append(await _ablock_us(make, n, conc))
+            finally:
+                runner._sync = real  # noqa: SLF001
     out = {k: statistics.median(v) for k, v in parts.items() if v}
     out["pyserve_us"] = out["servicer_us"] - out["compute_us"]
     out["batched_pyserve_us"] = out["batched_servicer_us"] - out["compute_b16_row_us"]

@@ -175,7 +175,9 @@ class Slots:
         if n < 1:
             raise ValueError(f"Slots needs n >= 1, got {n}")
         self._free = n
-        self._cond = threading.Condition(threading.Lock())
+        # one lock; the fast paths take it directly (Condition.__enter__ is a Python-level call)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._waiters: collections.deque = collections.deque()  # futures of waiters on event loops
         self._sync_waiting = 0  # threads in acquire_sync's wait: only then does release notify
 
@@ -201,14 +203,14 @@ class Slots:
     def try_acquire(self) -> bool:
         """Take a free slot if there is one and no waiter is queued before us (no await: the fast path
         of :meth:`acquire`); False otherwise."""
-        with self._cond:
+        with self._lock:
             if self._free > 0 and not self._waiters:
                 self._free -= 1
                 return True
             return False
 
     async def acquire(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._free > 0 and not self._waiters:
                 self._free -= 1
                 return
@@ -217,7 +219,7 @@ class Slots:
         try:
             await future
         except asyncio.CancelledError:
-            with self._cond:
+            with self._lock:
                 try:
                     self._waiters.remove(future)
                     queued = True
@@ -228,7 +230,7 @@ class Slots:
             raise
 
     def release(self) -> None:
-        with self._cond:
+        with self._lock:
             while self._waiters:
                 future = self._waiters.popleft()
                 if not future.done():

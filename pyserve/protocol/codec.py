@@ -323,42 +323,67 @@ def _params_from_pb(params) -> dict[str, ParamValue]:
 # --- inference --------------------------------------------------------------------------------
 
 
-def _decode_tensors(specs, raw: list[bytes], kind: str, raw_field: str) -> tuple[Tensor, ...]:
-    if raw and len(raw) != len(specs):
+def _raw_fixed(buf: bytes, t) -> Tensor | None:
+    """The fast path of :func:`tensor_from_raw` for a fixed-size datatype with a well-formed shape and
+    byte size (the common request): the tensor, or None to let the full path decode it or raise its
+    InvalidArgument. Builds no message text."""
+    datatype = t.datatype
+    wire = _WIRE_DTYPE.get(datatype)
+    if wire is None or not _LITTLE:
+        return None
+    shape = tuple(t.shape)
+    if shape and min(shape) < 0:
+        return None
+    count = 1
+    for d in shape:
+        count *= d
+    if len(buf) != count * wire.itemsize:
+        return None
+    return Tensor._checked(t.name, datatype, np.frombuffer(buf, dtype=wire).reshape(shape))
+
+
+def _decode_tensors(specs, raw, kind: str, raw_field: str) -> tuple[Tensor, ...]:
+    n = len(specs)
+    if raw and len(raw) != n:
         raise InvalidArgument(
-            f"{raw_field} has {len(raw)} entries for {len(specs)} {kind}(s); expected one per {kind} "
+            f"{raw_field} has {len(raw)} entries for {n} {kind}(s); expected one per {kind} "
             f"(a request sends either every {kind} raw or every {kind} in typed contents)"
         )
     tensors, seen = [], set()
     for i, t in enumerate(specs):
-        where = f"{kind} '{t.name}'"
-        if t.name in seen:
-            raise InvalidArgument(f"{where} appears more than once")
-        seen.add(t.name)
-        params = _params_from_pb(t.parameters)
+        name = t.name
+        if name in seen:
+            raise InvalidArgument(f"{kind} '{name}' appears more than once")
+        seen.add(name)
+        tensor = None
         if raw:
             if t.HasField("contents") and _populated_contents(t.contents):
-                raise InvalidArgument(f"{where} has both {raw_field} and typed contents; send one or the other")
-            tensor = tensor_from_raw(raw[i], t.name, t.datatype, t.shape, where)
+                raise InvalidArgument(f"{kind} '{name}' has both {raw_field} and typed contents; send one or the other")
+            tensor = _raw_fixed(raw[i], t)
+            if tensor is None:
+                tensor = tensor_from_raw(raw[i], name, t.datatype, t.shape, f"{kind} '{name}'")
         else:
-            tensor = _tensor_from_contents(t.contents, t.name, t.datatype, t.shape, where)
-        if params:
-            tensor = Tensor(tensor.name, tensor.datatype, tensor.data, params)
+            tensor = _tensor_from_contents(t.contents, name, t.datatype, t.shape, f"{kind} '{name}'")
+        if t.parameters:
+            params = _params_from_pb(t.parameters)
+            if params:
+                tensor = Tensor(tensor.name, tensor.datatype, tensor.data, params)
         tensors.append(tensor)
     return tuple(tensors)
 
 
 def decode_infer_request(msg: pb.ModelInferRequest) -> InferRequest:
     """``ModelInferRequest`` -> :class:`InferRequest`; raises InvalidArgument for malformed tensors."""
-    inputs = _decode_tensors(msg.inputs, list(msg.raw_input_contents), "input", "raw_input_contents")
-    outputs = tuple(RequestedOutput(o.name, _params_from_pb(o.parameters)) for o in msg.outputs)
+    inputs = _decode_tensors(msg.inputs, msg.raw_input_contents, "input", "raw_input_contents")
+    outputs = tuple(RequestedOutput(o.name, _params_from_pb(o.parameters)) for o in msg.outputs) \
+        if msg.outputs else ()
     return InferRequest(
         model_name=msg.model_name,
         model_version=msg.model_version,
         id=msg.id,
         inputs=inputs,
         outputs=outputs,
-        parameters=_params_from_pb(msg.parameters),
+        parameters=_params_from_pb(msg.parameters) if msg.parameters else {},
     )
 
 
@@ -379,17 +404,20 @@ def encode_infer_request(req: InferRequest) -> pb.ModelInferRequest:
 def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
     """:class:`InferResponse` -> ``ModelInferResponse``; outputs always in ``raw_output_contents``."""
     msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
-    _params_to_pb(resp.parameters, msg.parameters)
+    if resp.parameters:
+        _params_to_pb(resp.parameters, msg.parameters)
+    add, raw = msg.outputs.add, msg.raw_output_contents
     for t in resp.outputs:
-        entry = msg.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-        _params_to_pb(t.parameters, entry.parameters)
-        msg.raw_output_contents.append(tensor_to_raw(t))
+        entry = add(name=t.name, datatype=t.datatype, shape=t.data.shape)
+        if t.parameters:
+            _params_to_pb(t.parameters, entry.parameters)
+        raw.append(tensor_to_raw(t))
     return msg
 
 
 def decode_infer_response(msg: pb.ModelInferResponse) -> InferResponse:
     """``ModelInferResponse`` -> :class:`InferResponse` (raw or typed output contents)."""
-    outputs = _decode_tensors(msg.outputs, list(msg.raw_output_contents), "output", "raw_output_contents")
+    outputs = _decode_tensors(msg.outputs, msg.raw_output_contents, "output", "raw_output_contents")
     return InferResponse(
         model_name=msg.model_name,
         model_version=msg.model_version,

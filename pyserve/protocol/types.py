@@ -49,14 +49,28 @@ class Tensor:
         if not isinstance(self.data, np.ndarray):
             raise TypeError(f"tensor {self.name!r}: data must be a numpy array, got {type(self.data).__name__}")
         actual = self.data.dtype
-        if actual.newbyteorder("=") != expected and not (self.datatype == "BYTES" and actual.kind in "OSU"):
+        # the native-order comparison first: newbyteorder() builds a new dtype object on every call
+        if (actual != expected and actual.newbyteorder("=") != expected
+                and not (self.datatype == "BYTES" and actual.kind in "OSU")):
             raise ValueError(
                 f"tensor {self.name!r}: datatype {self.datatype} is held as numpy {expected}, got {actual}"
             )
 
+    @classmethod
+    def _checked(cls, name: str, datatype: str, data: np.ndarray,
+                 parameters: Mapping[str, ParamValue] | None = None) -> "Tensor":
+        """A Tensor without :meth:`__post_init__`'s checks, for the codec's decoder, which has already
+        made ``data`` with ``numpy_dtype(datatype)`` (in wire byte order) itself. Not for other callers:
+        a wrong pairing is not caught here."""
+        obj = object.__new__(cls)
+        obj.__dict__.update(name=name, datatype=datatype, data=data,
+                            parameters={} if parameters is None else parameters)
+        return obj
+
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.data.shape)
+        """``data.shape`` (numpy gives Python ints)."""
+        return self.data.shape
 
     @classmethod
     def from_numpy(cls, name: str, data: np.ndarray, datatype: str | None = None) -> "Tensor":

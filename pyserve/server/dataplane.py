@@ -53,6 +53,93 @@ def _fmt_spec(spec: TensorSpec) -> str:
     return f"'{spec.name}' ({spec.datatype} {_fmt_shape(spec.shape)})"
 
 
+class _RequestScope:
+    """One inference request's bookkeeping, shared by :meth:`DataPlane.infer_model` and
+    :meth:`DataPlane.infer_model_sync`: holds the model version (``acquire``) for the request, and
+    on exit records it in the version's statistics (success only when ``response`` was set; ``rows``
+    inferences, 1 until validation has counted them; duration from ``arrival_ns``, default the
+    scope's start) and lets the version go (``release``), whether the body returned or raised."""
+
+    __slots__ = ("mv", "t0", "rows", "response")
+
+    def __init__(self, mv, arrival_ns: int | None) -> None:
+        self.mv = mv
+        self.t0 = time.perf_counter_ns() if arrival_ns is None else arrival_ns
+        self.rows = 1
+        self.response = None
+
+    def __enter__(self) -> "_RequestScope":
+        self.mv.acquire()  # the request finishes on this version, even across a reload
+        return self
+
+    def __exit__(self, *exc) -> None:
+        mv = self.mv
+        try:
+            mv.stats.request_done(self.response is not None, time.perf_counter_ns() - self.t0, self.rows)
+        finally:
+            mv.release()
+
+
+class _Validation:
+    """A model version's signature prepared once for the per-request input check (built on the
+    version's first request, kept on :attr:`ModelVersion.validation`).
+
+    :meth:`inputs` accepts exactly what :meth:`DataPlane._check_inputs` accepts in the usual case
+    (every input once, native-order numpy dtype of its datatype, rank and fixed sizes as declared, one
+    batch size in 1..``max_batch_size``) and returns None for anything else, so that the full check
+    builds the error message. ``outputs``: every output spec, what a request naming none gets.
+    """
+
+    __slots__ = ("signature", "max_batch", "outputs", "_specs", "_names", "_single")
+
+    def __init__(self, signature: ModelSignature, max_batch: int) -> None:
+        self.signature = signature
+        self.max_batch = max_batch
+        self.outputs = list(signature.outputs)
+        # name -> (datatype, numpy dtype, rank, ((axis, size) fixed), batch axis 0 is -1)
+        self._specs = {
+            s.name: (s.datatype, dtypes.numpy_dtype(s.datatype), len(s.shape),
+                     tuple((i, d) for i, d in enumerate(s.shape) if d != -1), bool(s.shape) and s.shape[0] == -1)
+            for s in signature.inputs
+        }
+        self._names = tuple(s.name for s in signature.inputs)
+        self._single = len(self._names) == 1
+
+    def inputs(self, tensors: Sequence[Tensor]):
+        """``({name: array} in signature order, rows)`` of valid inputs, or None."""
+        if len(tensors) != len(self._names):
+            return None
+        specs, arrays, batch = self._specs, {}, -1
+        for t in tensors:
+            spec = specs.get(t.name)
+            if spec is None:
+                return None
+            datatype, dtype, rank, fixed, batched = spec
+            data = t.data
+            shape = data.shape
+            if t.datatype != datatype or data.dtype != dtype or len(shape) != rank:
+                return None
+            for axis, size in fixed:
+                if shape[axis] != size:
+                    return None
+            if batched:
+                if batch == -1:
+                    batch = shape[0]
+                elif shape[0] != batch:
+                    return None
+            arrays[t.name] = data
+        if len(arrays) != len(self._names):  # a name twice
+            return None
+        if self.max_batch and (batch > self.max_batch or batch == 0):
+            return None
+        if not self._single:
+            arrays = {name: arrays[name] for name in self._names}
+        rows = 1
+        if self.max_batch > 0 and arrays:
+            rows = int(next(iter(arrays.values())).shape[0])
+        return arrays, rows
+
+
 class DataPlane:
     def __init__(self, repository: ModelRepository, *, extensions: Sequence[str] = EXTENSIONS) -> None:
         self.repository = repository
@@ -177,19 +264,12 @@ class DataPlane:
         return await self.infer_model(request, arrival_ns)
 
     async def infer_model(self, request: InferRequest, arrival_ns: int | None = None) -> InferResponse:
-        t0 = time.perf_counter_ns() if arrival_ns is None else arrival_ns
-        model = self.repository.get_ready(request.model_name, request.model_version)
-        mv = model.pick(request.model_version).acquire()  # finishes on this version, even across a reload
-        ok, rows = False, 1
-        try:
-            inputs, wanted, rows = self._prepare(model, mv, request)
-            result = await mv.scheduler.submit(inputs, rows)
-            response = self._response(model, mv, request, wanted, result)
-            ok = True
-        finally:
-            mv.stats.request_done(ok, time.perf_counter_ns() - t0, rows)
-            mv.release()
-        return response
+        model, mv = self._serving(request)
+        with _RequestScope(mv, arrival_ns) as scope:
+            inputs, wanted, scope.rows = self._prepare(model, mv, request)
+            result = await mv.scheduler.submit(inputs, scope.rows)
+            scope.response = self._response(model, mv, request, wanted, result)
+        return scope.response
 
     def infer_model_sync(self, request: InferRequest, arrival_ns: int | None = None,
                          is_active=None) -> InferResponse | None:
@@ -200,32 +280,37 @@ class DataPlane:
         caller then runs :meth:`infer_model` on the event loop. None when ``is_active()`` turned false
         (client cancel, deadline) before the execution started; the request counts as failed.
         Raises the ServingErrors of :meth:`infer_model`."""
-        t0 = time.perf_counter_ns() if arrival_ns is None else arrival_ns
-        model = self.repository.get_ready(request.model_name, request.model_version)
-        mv = model.pick(request.model_version)
+        model, mv = self._serving(request)
         if not mv.scheduler.runs_sync:
             return NotImplemented
-        mv.acquire()
-        ok, rows, response = False, 1, None
-        try:
-            inputs, wanted, rows = self._prepare(model, mv, request)
-            result = mv.scheduler.submit_sync(inputs, rows, is_active)
+        with _RequestScope(mv, arrival_ns) as scope:
+            inputs, wanted, scope.rows = self._prepare(model, mv, request)
+            result = mv.scheduler.submit_sync(inputs, scope.rows, is_active)
             if result is not None:
-                response = self._response(model, mv, request, wanted, result)
-                ok = True
-        finally:
-            mv.stats.request_done(ok, time.perf_counter_ns() - t0, rows)
-            mv.release()
-        return response
+                scope.response = self._response(model, mv, request, wanted, result)
+        return scope.response
+
+    def _serving(self, request: InferRequest):
+        """(model, served version) a request runs on; NotFound/Unavailable as :meth:`ModelRepository.get_ready`."""
+        model = self.repository.get_ready(request.model_name, request.model_version)
+        return model, model.pick(request.model_version)
 
     def _prepare(self, model: Model, mv, request: InferRequest):
-        """(inputs by name in signature order, wanted output specs, rows) of a valid request."""
-        sig = mv.backend.signature
-        inputs = self._check_inputs(model, sig, request.inputs, mv.config.max_batch_size)
-        wanted = self._check_outputs(model, sig, request)
-        rows = 1
-        if mv.config.max_batch_size > 0:
-            rows = int(next(iter(inputs.values())).shape[0]) if inputs else 1
+        """(inputs by name in signature order, wanted output specs, rows) of a valid request;
+        InvalidArgument/Unimplemented naming what was expected and what came."""
+        plan = mv.validation
+        if plan is None:
+            plan = mv.validation = _Validation(mv.backend.signature, mv.config.max_batch_size)
+        checked = plan.inputs(request.inputs)
+        if checked is None:  # something is off: the full check names it (or, if not, accepts it)
+            sig = plan.signature
+            inputs = self._check_inputs(model, sig, request.inputs, plan.max_batch)
+            rows = 1
+            if plan.max_batch > 0:
+                rows = int(next(iter(inputs.values())).shape[0]) if inputs else 1
+        else:
+            inputs, rows = checked
+        wanted = plan.outputs if not request.outputs else self._check_outputs(model, plan.signature, request)
         return inputs, wanted, rows
 
     @staticmethod
@@ -264,6 +349,11 @@ class DataPlane:
                 )
             if spec.shape and spec.shape[0] == -1:
                 batch_sizes.add(shape[0])
+                if max_batch and shape[0] == 0:
+                    raise InvalidArgument(
+                        f"{_where(spec, model)}: empty batch: shape {_fmt_shape(shape)} has 0 rows; expected "
+                        f"1..{max_batch} (the model's max_batch_size)"
+                    )
                 if max_batch and shape[0] > max_batch:
                     raise InvalidArgument(
                         f"{_where(spec, model)}: batch size {shape[0]} exceeds the model's max_batch_size {max_batch}"

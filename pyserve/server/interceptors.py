@@ -138,9 +138,10 @@ def wrap_servicer(servicer, service: str, inflight: "InflightInterceptor | None"
             if inflight is not None:
                 wrapped = inflight._wrap_stream(wrapped)
         elif inspect.iscoroutinefunction(behavior):
-            wrapped = _wrap_coroutine(behavior, method)
             if inflight is not None:
-                wrapped = inflight._wrap(wrapped)
+                wrapped = inflight._wrap_with_errors(behavior, method)
+            else:
+                wrapped = _wrap_coroutine(behavior, method)
         else:
             wrapped = behavior
         setattr(ns, name, wrapped)
@@ -148,6 +149,9 @@ def wrap_servicer(servicer, service: str, inflight: "InflightInterceptor | None"
 
 
 # --- in-flight counting (graceful drain) ---------------------------------------------------------
+
+#: What an RPC arriving during a graceful stop is answered (UNAVAILABLE: clients retry elsewhere).
+SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 
 
 class InflightInterceptor(grpc.aio.ServerInterceptor):
@@ -170,6 +174,10 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
         self._idle = asyncio.Event()
         self._idle.set()
         self._wrapped = _CachedWrap()
+        #: set by a graceful stop of the aio engine: pyserve answers new RPCs UNAVAILABLE itself (not
+        #: counted) while gRPC keeps accepting them, so that calls gRPC had received but not yet handed
+        #: to the event loop get UNAVAILABLE too, instead of CANCELLED when gRPC shuts down
+        self.refusing = False
 
     async def idle(self) -> None:
         """Return once no counted unary RPC is running."""
@@ -186,6 +194,8 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, behavior):
         async def wrapper(request, context):
+            if self.refusing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             self.count += 1
             self.started += 1
             self._idle.clear()
@@ -200,8 +210,37 @@ class InflightInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapper
 
+    def _wrap_with_errors(self, behavior, method: str):
+        """``self._wrap(_wrap_coroutine(behavior, method))`` as one coroutine instead of two (this is
+        every unary RPC's path): counted in flight, errors mapped."""
+        done = self._done
+
+        async def wrapper(request, context):
+            if self.refusing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            self.count += 1
+            self.started += 1
+            self._idle.clear()
+            try:
+                context.add_done_callback(done)
+            except Exception:  # pragma: no cover - a gRPC without done callbacks: count the handler
+                try:
+                    return await _wrap_coroutine(behavior, method)(request, context)
+                finally:
+                    done()
+            try:
+                return await behavior(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await _abort(exc, context, method)
+
+        return wrapper
+
     def _wrap_stream(self, behavior):
         async def wrapper(request, context):
+            if self.refusing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             self.streams += 1
             context.add_done_callback(self._stream_done)
             async for response in behavior(request, context):

@@ -16,7 +16,9 @@ one gets the highest served version.
 
 Control modes (Triton's ``--model-control-mode``):
 
-- ``none``: every model is loaded at start-up; RepositoryModelLoad/Unload are refused.
+- ``none``: every model is loaded at start-up; RepositoryModelLoad/Unload are refused. A model
+  directory that appears later is listed (RepositoryIndex) but never loads: it answers UNAVAILABLE
+  saying so, and a traffic route refuses it as a variant (:data:`NEVER_LOADED_IN_MODE_NONE`).
 - ``poll``: every model is loaded at start-up; :meth:`ModelRepository.poll` (called every
   ``--repository-poll-s`` by the server) loads new model directories, reloads changed ones and
   unloads removed ones; the load/unload RPCs are refused (as in Triton).
@@ -75,6 +77,12 @@ log = logging.getLogger("pyserve.server.repository")
 CONFIG_FILENAME = "config.yaml"
 PBTXT_FILENAME = "config.pbtxt"
 CONTROL_MODES = ("none", "poll", "explicit")
+
+#: Why a model directory that appeared after start-up does not serve under control mode ``none``.
+NEVER_LOADED_IN_MODE_NONE = (
+    "its directory appeared after start-up and model control mode 'none' loads models only at start-up "
+    "(restart the server, or run it with --model-control-mode poll or explicit)"
+)
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
 
 
@@ -409,6 +417,8 @@ class ModelVersion:
     _loop_thread: int | None = field(default=None, repr=False)
     #: :meth:`drained` calls waiting: only then does a release from another thread wake the loop
     _watchers: int = field(default=0, repr=False)
+    #: the data plane's per-version cache of what it checks requests against (built on first use)
+    validation: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -474,12 +484,18 @@ class Model:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     #: poll mode: the directory fingerprint last acted on
     seen: Fingerprint = ()
+    #: (the ``versions`` dict it was computed from, its highest version): :attr:`current` is on every
+    #: request's path, and ``versions`` is only ever replaced by a new dict, never changed in place
+    _current: tuple = field(default=(None, None), repr=False)
 
     @property
     def current(self) -> ModelVersion | None:
-        if not self.versions:
-            return None
-        return self.versions[max(self.versions, key=_vkey)]
+        versions = self.versions
+        cached_for, mv = self._current
+        if cached_for is not versions:
+            mv = versions[max(versions, key=_vkey)] if versions else None
+            self._current = (versions, mv)
+        return mv
 
     @property
     def served_versions(self) -> list[str]:
@@ -500,7 +516,10 @@ class Model:
 
     @property
     def ready(self) -> bool:
-        return self.state is ModelState.READY and self.current is not None and self.current.backend.ready
+        if self.state is not ModelState.READY:
+            return False
+        mv = self.current
+        return mv is not None and mv.backend.ready
 
     def is_ready(self, version: str = "") -> bool:
         """Ready, and (when given) ``version`` is one of the served versions."""
@@ -585,7 +604,12 @@ class ModelRepository:
             raise ValueError(f"model repository {str(self.root)!r} is not a directory")
         for d in sorted(self.root.iterdir()):
             if d.is_dir() and not d.name.startswith(".") and d.name not in self._models:
-                self._models[d.name] = Model(name=d.name, directory=d)
+                model = Model(name=d.name, directory=d)
+                if self.loaded and self.control_mode == "none":
+                    # found after start-up (RepositoryIndex, a traffic config naming it): mode none
+                    # never loads it, so say so; a traffic route refuses it as a variant
+                    model.reason = NEVER_LOADED_IN_MODE_NONE
+                self._models[d.name] = model
         return self.models
 
     async def load_all(self) -> None:

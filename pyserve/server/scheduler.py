@@ -134,17 +134,22 @@ class ExecutionRunner:
             self.pool_count += 1
             return await self._backend.infer(batch)
         if self.runs_inline(rows):
-            self.inline_count += 1
-            t0 = _cpu_now()
-            try:
-                return self._sync(batch)
-            finally:
-                self._observe(rows, _cpu_now() - t0)
+            return self.run_inline(batch, rows)
         self.pool_count += 1
         result, ns = await asyncio.get_running_loop().run_in_executor(self._executor, _timed, self._sync, batch)
         self._observe(rows, ns)
         return result
 
+
+    def run_inline(self, batch: list, rows: int) -> list:
+        """:meth:`run` when :meth:`runs_inline` said so: the backend's ``infer_sync`` on the event loop,
+        measured (a caller that checked ``runs_inline`` first saves a coroutine)."""
+        self.inline_count += 1
+        t0 = _cpu_now()
+        try:
+            return self._sync(batch)
+        finally:
+            self._observe(rows, _cpu_now() - t0)
 
     def run_sync(self, batch: list, rows: int) -> list:
         """The backend's results for ``batch``, computed on the calling thread (not the event loop's;
@@ -170,8 +175,11 @@ class Slots:
         if n < 1:
             raise ValueError(f"Slots needs n >= 1, got {n}")
         self._free = n
-        self._cond = threading.Condition(threading.Lock())
+        # one lock; the fast paths take it directly (Condition.__enter__ is a Python-level call)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._waiters: collections.deque = collections.deque()  # futures of waiters on event loops
+        self._sync_waiting = 0  # threads in acquire_sync's wait: only then does release notify
 
     @property
     def free(self) -> int:
@@ -182,14 +190,27 @@ class Slots:
         """Take a slot, blocking; False (no slot taken) once ``is_active()`` is false."""
         with self._cond:
             while self._free == 0:
-                self._cond.wait(0.05 if is_active is not None else None)
+                self._sync_waiting += 1
+                try:
+                    self._cond.wait(0.05 if is_active is not None else None)
+                finally:
+                    self._sync_waiting -= 1
                 if self._free == 0 and is_active is not None and not is_active():
                     return False
             self._free -= 1
             return True
 
+    def try_acquire(self) -> bool:
+        """Take a free slot if there is one and no waiter is queued before us (no await: the fast path
+        of :meth:`acquire`); False otherwise."""
+        with self._lock:
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return True
+            return False
+
     async def acquire(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._free > 0 and not self._waiters:
                 self._free -= 1
                 return
@@ -198,7 +219,7 @@ class Slots:
         try:
             await future
         except asyncio.CancelledError:
-            with self._cond:
+            with self._lock:
                 try:
                     self._waiters.remove(future)
                     queued = True
@@ -209,14 +230,15 @@ class Slots:
             raise
 
     def release(self) -> None:
-        with self._cond:
+        with self._lock:
             while self._waiters:
                 future = self._waiters.popleft()
                 if not future.done():
                     future.get_loop().call_soon_threadsafe(self._grant, future)
                     return
             self._free += 1
-            self._cond.notify()
+            if self._sync_waiting:
+                self._cond.notify()
 
     def _grant(self, future: asyncio.Future) -> None:
         if future.done():  # cancelled after the hand-over was scheduled: pass the slot on
@@ -272,11 +294,19 @@ class DirectScheduler(Scheduler):
 
     async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> InferOutputs:
         t0 = _now()
-        async with self._slots:
+        slots, runner = self._slots, self.runner
+        if not slots.try_acquire():
+            await slots.acquire()
+        try:
             t1 = _now()
-            (result,) = await self.runner.run([inputs], rows)
+            if runner.runs_inline(rows):
+                (result,) = runner.run_inline([inputs], rows)
+            else:
+                (result,) = await runner.run([inputs], rows)
             t2 = _now()
-        self._stats.execution(ExecutionTiming(rows, [t1 - t0], 0, t2 - t1, 0))
+        finally:
+            slots.release()
+        self._stats.execution_one(rows, t1 - t0, t2 - t1)
         return _result(result)
 
     def submit_sync(self, inputs: Mapping[str, np.ndarray], rows: int, is_active=None) -> InferOutputs | None:
@@ -291,8 +321,17 @@ class DirectScheduler(Scheduler):
             t2 = _now()
         finally:
             self._slots.release()
-        self._stats.execution(ExecutionTiming(rows, [t1 - t0], 0, t2 - t1, 0))
+        self._stats.execution_one(rows, t1 - t0, t2 - t1)
         return _result(result)
+
+
+class _Running:
+    """A batch being executed: its execution task and how many of its requests still want it."""
+
+    __slots__ = ("execution", "live")
+
+    def __init__(self, execution: asyncio.Future, live: int) -> None:
+        self.execution, self.live = execution, live
 
 
 @dataclass(eq=False)
@@ -302,6 +341,8 @@ class _Pending:
     key: tuple
     arrival_ns: int
     future: asyncio.Future = field(repr=False)
+    #: the batch it was taken into (None while it waits in the queue)
+    running: _Running | None = field(default=None, repr=False)
 
 
 def _key(inputs: Mapping[str, np.ndarray]) -> tuple:
@@ -366,8 +407,16 @@ class DynamicBatcher(Scheduler):
         finally:
             if not pending.future.done():  # cancelled while waiting: leave the queue
                 pending.future.cancel()
-            if pending in self._queue:
-                self._queue.remove(pending)
+            running = pending.running
+            if running is None:  # still queued (cancelled, or the version closed)
+                if pending in self._queue:
+                    self._queue.remove(pending)
+            elif pending.future.cancelled():
+                # cancelled while its batch runs: when no request of the batch wants it any more, the
+                # execution is cancelled too, freeing the instance
+                running.live -= 1
+                if running.live == 0 and not running.execution.done():
+                    running.execution.cancel()
 
     async def close(self) -> None:
         """Stop the workers; requests still waiting fail with UNAVAILABLE."""
@@ -431,13 +480,9 @@ class DynamicBatcher(Scheduler):
                 # the execution runs as its own task so that, if every request of the batch is
                 # cancelled (client cancel, deadline), it is cancelled too and this instance is free
                 execution = asyncio.ensure_future(self._execute(batch))
-
-                def abandon(_future, execution=execution, batch=batch) -> None:
-                    if not execution.done() and all(p.future.cancelled() for p in batch):
-                        execution.cancel()
-
+                running = _Running(execution, len(batch))  # no await since _form: all still live
                 for p in batch:
-                    p.future.add_done_callback(abandon)
+                    p.running = running
                 try:
                     await asyncio.wait({execution})
                 except asyncio.CancelledError:  # close(): the version is unloading

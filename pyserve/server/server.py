@@ -381,9 +381,11 @@ class Server:
         # (gRPC's own grace is only a backstop, a little longer, so that the warning below is logged)
         if sync:
             self._grpc.stop(grace + 1.0)  # returns at once (an Event); with a grace it does not block
-            grpc_stop = None
         else:
-            grpc_stop = asyncio.ensure_future(self._grpc.stop(grace + 1.0))
+            # grpc.aio keeps accepting until the drain is over and pyserve answers the new RPCs
+            # UNAVAILABLE itself: stopping grpc.aio now would end calls it has received but not yet
+            # handed to this (busy) loop with CANCELLED (tests/server/test_shutdown.py, under load)
+            self._inflight.refusing = True
         await asyncio.sleep(0)
         try:
             await asyncio.wait_for(self._drained(), grace)
@@ -398,7 +400,6 @@ class Server:
             await asyncio.get_running_loop().run_in_executor(None, self._grpc.stop, None)
         else:
             await self._grpc.stop(None)
-            await grpc_stop
         await self.traffic.stop()
         if self._poller is not None:
             await asyncio.gather(self._poller, return_exceptions=True)

@@ -64,8 +64,12 @@ class InferenceServicer:
     async def ModelInfer(self, request, context):
         arrival_ns = time.perf_counter_ns()  # the request's server time starts before decoding
         req = codec.decode_infer_request(request)
-        key = _routing_key(context) if self._dp.is_route(req.model_name) else None
-        return codec.encode_infer_response(await self._dp.infer(req, key, arrival_ns))
+        dp = self._dp
+        if dp.is_route(req.model_name):
+            response = await dp.infer(req, _routing_key(context), arrival_ns)
+        else:  # a model: straight to it (DataPlane.infer would ask the router again)
+            response = await dp.infer_model(req, arrival_ns)
+        return codec.encode_infer_response(response)
 
     async def ModelStreamInfer(self, request_iterator, context):
         async for request in request_iterator:

@@ -101,6 +101,30 @@ class StatsRecorder:
             compute = timing.input_ns + timing.infer_ns + timing.output_ns
             self._sink.execution(self.name, self.version, timing.batch_size, list(timing.queue_ns), compute)
 
+    def execution_one(self, batch_size: int, queue_ns: int, infer_ns: int) -> None:
+        """:meth:`execution` of a single request with no input/output assembly time (the direct
+        scheduler's executions), without building an :class:`ExecutionTiming`: this is on every
+        request's path."""
+        queue_ns = max(0, int(queue_ns))
+        infer_ns = max(0, int(infer_ns))
+        with self._lock:
+            self.execution_count += 1
+            q, i, inp, out = self._queue, self._infer, self._input, self._output
+            q.count += 1
+            q.ns += queue_ns
+            i.count += 1
+            i.ns += infer_ns
+            inp.count += 1
+            out.count += 1
+            accs = self._batches.get(batch_size)
+            if accs is None:
+                accs = self._batches[batch_size] = (_Acc(), _Acc(), _Acc())
+            accs[0].count += 1
+            accs[1].add(infer_ns)
+            accs[2].count += 1
+        if self._sink is not None:
+            self._sink.execution(self.name, self.version, batch_size, [queue_ns], infer_ns)
+
     def snapshot(self) -> ModelStats:
         with self._lock:
             return self._snapshot()

@@ -99,3 +99,79 @@ def test_metrics_port_in_use_is_refused(tmp_path, write_model):
 
 def test_no_metrics_endpoint_by_default(server):
     assert server.server.metrics_bound_port is None
+
+
+def _reference_samples(events) -> dict:
+    """The same events through prometheus_client's own Counter/Histogram objects (what the exporter
+    used before it kept plain counters): the reference the exporter's collector must reproduce."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from pyserve.server.metrics import BATCH_BUCKETS, DURATION_BUCKETS_S
+
+    r = CollectorRegistry()
+    labels = ("model", "version")
+    success = Counter("pyserve_inference_request_success", "x", labels, registry=r)
+    failure = Counter("pyserve_inference_request_failure", "x", labels, registry=r)
+    executions = Counter("pyserve_inference_execution", "x", labels, registry=r)
+    request = Histogram("pyserve_request_duration_seconds", "x", labels, buckets=DURATION_BUCKETS_S, registry=r)
+    queue = Histogram("pyserve_queue_duration_seconds", "x", labels, buckets=DURATION_BUCKETS_S, registry=r)
+    compute = Histogram("pyserve_compute_duration_seconds", "x", labels, buckets=DURATION_BUCKETS_S, registry=r)
+    batch = Histogram("pyserve_batch_size", "x", labels, buckets=BATCH_BUCKETS, registry=r)
+    for kind, model, version, *args in events:
+        if kind == "request":
+            ok, ns = args
+            (success if ok else failure).labels(model, version).inc()
+            request.labels(model, version).observe(ns / 1e9)
+        else:
+            rows, queue_ns, compute_ns = args
+            executions.labels(model, version).inc()
+            for q in queue_ns:
+                queue.labels(model, version).observe(q / 1e9)
+            compute.labels(model, version).observe(compute_ns / 1e9)
+            batch.labels(model, version).observe(rows)
+    return _parse(generate_latest(r).decode())
+
+
+def _parse(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if not s.name.endswith("_created"):
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_exporter_matches_prometheus_client_objects():
+    """The exporter's plain counters + scrape-time collector give exactly the samples (names, labels,
+    cumulative buckets, sums, counts) that prometheus_client's Counter/Histogram give for the same
+    events, including values on bucket bounds, above every bound, and two model versions."""
+    from prometheus_client import generate_latest
+
+    from pyserve.server.metrics import PrometheusMetrics
+
+    rng = np.random.default_rng(0)
+    events = []
+    for ns in [100_000, 250_000, 99_999, 10**10, 2 * 10**10, 0, 1]:  # bounds exactly, +Inf, zero
+        events.append(("request", "m", "1", True, ns))
+    for _ in range(300):
+        model, version = ("m", "1") if rng.random() < 0.7 else ("n", "3")
+        if rng.random() < 0.5:
+            events.append(("request", model, version, bool(rng.random() < 0.9), int(rng.lognormal(13, 2))))
+        else:
+            rows = int(rng.choice([1, 2, 3, 16, 64, 1024, 2000]))
+            queue = [int(rng.lognormal(11, 2)) for _ in range(int(rng.integers(1, 5)))]
+            events.append(("execution", model, version, rows, queue, int(rng.lognormal(12, 2))))
+    m = PrometheusMetrics()
+    for kind, model, version, *args in events:
+        (m.request_done if kind == "request" else m.execution)(model, version, *args)
+    text = generate_latest(m.registry).decode()
+    ours, ref = _parse(text), _reference_samples(events)
+    assert set(ours) == set(ref)
+    for key, value in ref.items():
+        assert ours[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    # and both agree with a count by hand: 0, 1, 99,999 and 100,000 ns among the first events are <= 100 µs
+    low = sum(1 for kind, model, _, *a in events if kind == "request" and model == "m" and a[1] <= 100_000)
+    assert low >= 4 and _get(ours, "pyserve_request_duration_seconds_bucket", "m", le="0.0001") == low
+    # every series has its _created sample, as prometheus_client's objects expose
+    created = [line for line in text.splitlines() if line.startswith("pyserve_batch_size_created{")]
+    assert len(created) == 2

@@ -135,6 +135,51 @@ def test_cancelled_request_leaves_the_queue_and_close_fails_the_rest():
     assert _run(main()).executions == []
 
 
+def test_batch_cancelled_by_all_its_requests_frees_the_instance_and_partly_cancelled_one_runs_on():
+    """Every request of a running batch cancelled: its execution is cancelled at once, so the one
+    instance serves the next request without waiting out the 0.5 s backend call. One request of a
+    batch cancelled: the execution goes on and the other request gets its rows."""
+
+    class Slow(Recorder):
+        def __init__(self):
+            super().__init__(delay_s=0.5)
+            self.cancelled = 0
+
+        async def infer(self, batch):
+            try:
+                return await super().infer(batch)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+
+    async def main():
+        backend = Slow()
+        b = DynamicBatcher(backend, StatsRecorder("m", "1"), max_batch_size=2, max_queue_delay_us=1000)
+        first = [asyncio.ensure_future(b.submit(_x(1, v), 1)) for v in (1, 2)]
+        await asyncio.sleep(0.05)  # batched ([2]) and running
+        for t in first:
+            t.cancel()
+        await asyncio.sleep(0.01)
+        assert backend.cancelled == 1  # the execution was cancelled with its last request
+        t0 = asyncio.get_running_loop().time()
+        backend.delay_s = 0.0
+        out = await b.submit(_x(1, 5), 1)
+        waited = asyncio.get_running_loop().time() - t0
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), 6, np.float32))
+        backend.delay_s = 0.1
+        pair = [asyncio.ensure_future(b.submit(_x(1, v), 1)) for v in (7, 8)]
+        await asyncio.sleep(0.05)
+        pair[0].cancel()
+        kept = await pair[1]
+        np.testing.assert_array_equal(kept["y"], np.full((1, 3), 9, np.float32))
+        await b.close()
+        return backend, waited
+
+    backend, waited = _run(main())
+    assert waited < 0.3 and backend.cancelled == 1
+    assert backend.executions == [[2], [1], [2]]
+
+
 def test_direct_scheduler_limits_concurrency_to_the_instance_count():
     async def main():
         active, peak = 0, 0

@@ -245,7 +245,7 @@ def test_real_minilm_recipes(name, tmp_path):
         assert d["cosine_to_fp32_min"] >= 0.99 and d["spearman_teacher"] >= 0.99
     elif name == "distill":
         assert res.accuracy_loaded >= 0.9 * res.accuracy_before
-        # issue 7's similarity correlation: 0.9748 measured for the fp32 student (README, "BERT on CPUs")
+        # issue 7's similarity correlation: 0.9748 measured for the fp32 student (docs/performance.md, "BERT on CPUs")
         assert d["spearman_teacher"] >= 0.965
     else:
         assert res.accuracy_loaded >= 0.9 * res.accuracy_before

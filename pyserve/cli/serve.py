@@ -44,8 +44,8 @@ def add_parser(subparsers) -> None:
                    "request for tiny models; 0 = never; default 1000)")
     p.add_argument("--grpc-engine", choices=("sync", "aio"), default=None,
                    help="gRPC server: 'sync' (grpc.server with a thread pool; unbatched models served in the "
-                   "handler thread, about half of grpc.aio's CPU per request) or 'aio' (grpc.aio, everything on "
-                   "the event loop); default: $PYSERVE_GRPC_ENGINE, else aio")
+                   "handler thread; measured slower than aio on an idle 2-core machine, see docs/performance.md) or "
+                   "'aio' (grpc.aio, everything on the event loop); default: $PYSERVE_GRPC_ENGINE, else aio")
     p.add_argument("--grpc-threads", type=int, default=None, metavar="N",
                    help="handler threads of the sync engine (default 8; every open stream, and every request waiting for "
                    "a dynamic batch or a traffic route, holds one)")

@@ -49,7 +49,7 @@ GRPC_ENGINES = ("sync", "aio")
 
 #: The engine a Server uses when ``grpc_engine`` is not given: the ``PYSERVE_GRPC_ENGINE``
 #: environment variable when set (one of :data:`GRPC_ENGINES`), else this.
-DEFAULT_GRPC_ENGINE = "aio"  # sync measured slower on the quiet machine (README, "Server: the synchronous gRPC engine")
+DEFAULT_GRPC_ENGINE = "aio"  # sync measured slower on the quiet machine (docs/performance.md, "Server: the synchronous gRPC engine")
 
 #: Handler threads of the sync engine. An open stream (ModelStreamInfer, a health Watch) holds one
 #: for its lifetime, and so does a request waiting for the event loop (a batched model, a route);

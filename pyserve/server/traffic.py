@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 import uuid
@@ -105,10 +106,18 @@ class TrafficMetrics:
                                   ("route", "variant"), buckets=DURATION_BUCKETS_S, registry=r)
         self.weight = Gauge("pyserve_traffic_variant_weight_percent", "Current weight of a variant",
                             ("route", "variant"), registry=r)
-        self.shadow_requests = Counter("pyserve_traffic_shadow_requests", "Mirrored requests by outcome",
+        self.shadow_requests = Counter("pyserve_traffic_shadow_requests",
+                                       "Mirrored requests that ran, by outcome (ok, error, timeout)",
                                        ("route", "shadow", "outcome"), registry=r)
-        self.shadow_dropped = Counter("pyserve_traffic_shadow_dropped", "Shadow copies dropped (queue full)",
+        self.shadow_dropped = Counter("pyserve_traffic_shadow_dropped",
+                                      "Shadow copies not run (queue full, or the shadow worker process down)",
                                       ("route", "shadow"), registry=r)
+        self.shadow_lost = Counter("pyserve_traffic_shadow_lost",
+                                   "Shadow copies whose result was lost when the shadow worker process died",
+                                   ("route", "shadow"), registry=r)
+        self.shadow_stale = Counter("pyserve_traffic_shadow_stale",
+                                    "Shadow results discarded: mirrored under an earlier config of the route",
+                                    ("route",), registry=r)
         self.shadow_duration = Histogram("pyserve_traffic_shadow_duration_seconds", "Shadow request duration",
                                          ("route", "shadow"), buckets=DURATION_BUCKETS_S, registry=r)
         self.shadow_top1 = Gauge("pyserve_traffic_shadow_top1_agreement",
@@ -453,20 +462,28 @@ class TrafficRouter:
         primary = None
         for s in plan.shadows:
             if n >= limit:
-                self._drop(name, s.name)
+                self._drop(name, s.name, plan.generation)
                 continue
             if primary is None:
                 primary = output_arrays(resp.outputs)
             n += 1
-            self._mirrors.append((name, s, request, primary, plan.key))
+            self._mirrors.append((name, s, request, primary, plan.key, plan.generation))
         self._outstanding[name] = n
         if primary is not None:
             self._shadow_work()
 
-    def _drop(self, route: str, shadow: str) -> None:
-        self.controller.drop_shadow(route, shadow)
+    def _drop(self, route: str, shadow: str, generation: int | None = None) -> None:
+        if not self.controller.shadow_current(route, shadow, generation):
+            self._stale(route, shadow)
+            return
+        self.controller.drop_shadow(route, shadow, generation)
         if self.metrics:
             self.metrics.shadow_dropped.labels(route, shadow).inc()
+
+    def _stale(self, route: str, shadow: str) -> None:
+        self.controller.stale_shadow(route, shadow)
+        if self.metrics:
+            self.metrics.shadow_stale.labels(route).inc()
 
     def _shadow_work(self) -> None:
         """There is shadow work (mirrored copies or results): run a slice when the loop is quiet."""
@@ -492,10 +509,13 @@ class TrafficRouter:
             if self._overdue_handle is None:
                 self._overdue_handle = loop.call_later(SHADOW_MAX_DEFER_S, self._slice, 0, True)
             return
-        deadline = time.perf_counter() + SHADOW_SLICE_S
+        # An overdue slice (requests kept the loop busy for SHADOW_MAX_DEFER_S) does all the waiting
+        # work at once: under steady load it is the only slice, and a budget here would leave copies
+        # waiting (and then dropped) while the worker is idle. It costs ~10 us per copy (encoding).
+        deadline = math.inf if overdue else time.perf_counter() + SHADOW_SLICE_S
         proc = self.shadow_process
         if proc is not None:
-            proc.process_results(deadline)
+            proc.process_results(None if overdue else deadline)
         mirrors = self._mirrors
         while mirrors and time.perf_counter() < deadline:
             self._dispatch(*mirrors.popleft())
@@ -508,22 +528,27 @@ class TrafficRouter:
             self._overdue_handle.cancel()
             self._overdue_handle = None
 
-    def _dispatch(self, route: str, shadow, request: InferRequest, primary: dict, key) -> None:
-        """Send one mirrored copy on its way: to the worker process, or to the route's in-process queue."""
+    def _dispatch(self, route: str, shadow, request: InferRequest, primary: dict, key, generation: int) -> None:
+        """Send one mirrored copy on its way: to the worker process, or to the route's in-process queue.
+        A copy whose route config changed since it was mirrored is discarded (stale) instead."""
+        if not self.controller.shadow_current(route, shadow.name, generation):
+            self._shadow_done(route, shadow.name, generation, "stale", None, None)
+            return
         try:
             where = self._isolated(shadow.target)
         except ServingError as exc:
             log.debug("shadow %r of route %r: %s", shadow.name, route, exc)
-            self._shadow_done(route, shadow.name, False, 0.0, None)
+            self._shadow_done(route, shadow.name, generation, "error", None, None)
             return
         except Exception:
             log.exception("shadow %r of route %r: internal error", shadow.name, route)
-            self._shadow_done(route, shadow.name, False, 0.0, None)
+            self._shadow_done(route, shadow.name, generation, "error", None, None)
             return
         if where is not None:
             model, version, token = where
             # the job names model and version itself; the request's own model_name is not sent
-            self.shadow_process.submit(model, version, token, request, primary, _ResultTo(self, route, shadow.name))
+            self.shadow_process.submit(model, version, token, request, primary,
+                                       _ResultTo(self, route, shadow.name, generation), shadow.timeout_s)
             return
         q = self._inline_queues.get(route)
         if q is None:
@@ -531,30 +556,38 @@ class TrafficRouter:
             loop = asyncio.get_running_loop()
             self._route_workers[route] = [loop.create_task(self._inline_worker(q), name=f"pyserve-shadow-{route}")
                                           for _ in range(SHADOW_WORKERS)]
-        q.put_nowait((route, shadow, request, primary, key))
+        q.put_nowait((route, shadow, request, primary, key, generation))
 
     async def _inline_worker(self, q: asyncio.Queue) -> None:
         while True:
-            route, shadow, request, primary, key = await q.get()
+            route, shadow, request, primary, key, generation = await q.get()
+            if not self.controller.shadow_current(route, shadow.name, generation):
+                q.task_done()
+                self._shadow_done(route, shadow.name, generation, "stale", None, None)
+                continue
             # let the primary's response leave first
             for _ in range(SHADOW_YIELDS):
                 await asyncio.sleep(0)
             t0 = time.perf_counter()
-            ok, div = False, None
+            kind, div = "error", None
             try:
-                resp = await self._call(shadow.target, replace(request, model_name=shadow.target.route or
-                                                               shadow.target.model), key, 1)
-                ok = True
+                resp = await asyncio.wait_for(
+                    self._call(shadow.target, replace(request, model_name=shadow.target.route or shadow.target.model),
+                               key, 1), shadow.timeout_s)
+                kind = "ok"
                 div = divergence(primary, output_arrays(resp.outputs))
             except ServingError as exc:
                 log.debug("shadow %r of route %r: %s", shadow.name, route, exc)
+            except asyncio.TimeoutError:
+                kind = "timeout"
+                log.warning("shadow %r of route %r ran past its timeout_s %g", shadow.name, route, shadow.timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("shadow %r of route %r: internal error", shadow.name, route)
             finally:
                 q.task_done()
-            self._shadow_done(route, shadow.name, ok, time.perf_counter() - t0, div)
+            self._shadow_done(route, shadow.name, generation, kind, time.perf_counter() - t0, div)
 
     def _isolated(self, target: TargetConfig) -> tuple[str, str, tuple] | None:
         """``(model, version, token)`` when ``target`` runs in the shadow worker process, else None.
@@ -573,26 +606,46 @@ class TrafficRouter:
             return None
         return mv.name, mv.version, (mv.fingerprint, mv.config)
 
-    def _shadow_done(self, route: str, shadow: str, ok: bool, latency_s: float, div) -> None:
-        """One mirrored copy finished: statistics, metrics, and its slot in the route's queue."""
+    def _shadow_done(self, route: str, shadow: str, generation: int | None, kind: str, latency_s: float | None,
+                     div) -> None:
+        """One mirrored copy finished: statistics, metrics, and its slot in the route's queue.
+
+        ``kind``: ``ok``, ``error`` or ``timeout`` (it ran; ``latency_s`` None for an error before it
+        ran), ``lost`` (its result died with the worker process), ``unavailable`` (the worker could
+        not take it: counted as a drop), ``stale`` (mirrored under an earlier config of the route:
+        counted and discarded). A result for an earlier config is stale whatever its kind."""
         n = self._outstanding.get(route, 0)
         if n > 0:
             self._outstanding[route] = n - 1
         if self._drained is not None and not any(self._outstanding.values()):
             self._drained.set()
-        self.controller.record_shadow(route, shadow, ok, latency_s, div)
-        if self.metrics:
-            m = self.metrics
-            m.shadow_requests.labels(route, shadow, "ok" if ok else "error").inc()
-            m.shadow_duration.labels(route, shadow).observe(latency_s)
-            st = self.controller.routes.get(route)
+        ctl = self.controller
+        if kind == "stale" or not ctl.shadow_current(route, shadow, generation):
+            self._stale(route, shadow)
+            return
+        m = self.metrics
+        if kind == "unavailable":
+            self._drop(route, shadow, generation)
+            return
+        if kind == "lost":
+            ctl.lose_shadow(route, shadow, generation)
+            if m:
+                m.shadow_lost.labels(route, shadow).inc()
+            return
+        ok = kind == "ok"
+        ctl.record_shadow(route, shadow, ok, latency_s, div, generation, timeout=kind == "timeout")
+        if m:
+            m.shadow_requests.labels(route, shadow, kind).inc()
+            if latency_s is not None:
+                m.shadow_duration.labels(route, shadow).observe(latency_s)
+            st = ctl.routes.get(route)
             s = st.shadows.get(shadow) if st is not None else None
             if s is not None and ok and div is not None and div.comparable:
                 # from the running aggregates (ShadowStats.as_dict would sort the latency window)
                 top1 = s.top1_agreement
                 if top1 is not None:
                     m.shadow_top1.labels(route, shadow).set(top1)
-                m.shadow_max_abs.labels(route, shadow).set(s.max_abs_diff)
+                m.shadow_max_abs.labels(route, shadow).set(float(s.max_abs_diff))
                 m.shadow_cosine.labels(route, shadow).set(s.cosine_sum / s.compared)
 
     def _on_shadow_data(self) -> None:
@@ -658,17 +711,19 @@ class TrafficRouter:
 
 
 class _ResultTo:
-    """The done callback of one job in the shadow worker process (cheaper than a closure per job)."""
+    """The done callback of one job in the shadow worker process (cheaper than a closure per job).
+    Carries the route config generation the copy was mirrored under (a result for an earlier config
+    is stale: counted and discarded, never recorded under the new one)."""
 
-    __slots__ = ("route", "router", "shadow")
+    __slots__ = ("generation", "route", "router", "shadow")
 
-    def __init__(self, router: TrafficRouter, route: str, shadow: str) -> None:
-        self.router, self.route, self.shadow = router, route, shadow
+    def __init__(self, router: TrafficRouter, route: str, shadow: str, generation: int | None = None) -> None:
+        self.router, self.route, self.shadow, self.generation = router, route, shadow, generation
 
     def __call__(self, res) -> None:
         if not res.ok:
             log.debug("shadow %r of route %r: %s", self.shadow, self.route, res.error)
-        self.router._shadow_done(self.route, self.shadow, res.ok, res.latency_s, res.divergence)
+        self.router._shadow_done(self.route, self.shadow, self.generation, res.kind, res.latency_s, res.divergence)
 
 
 def _ranking(resp: InferResponse, variant: str) -> np.ndarray:

@@ -476,21 +476,31 @@ class ShadowProcess:
             return
         self._timed_out(head, ran)
 
+    def _jobs_key(self, job: int) -> tuple[str, str]:
+        return self._jobs[job][0], self._jobs[job][1]
+
     def _timed_out(self, job: int, ran_s: float) -> None:
         """Job ``job`` ran past its timeout: it fails (kind ``timeout``), the worker is killed and
-        started again at once, and the jobs behind it (none of which started) go to the new one."""
+        started again at once, and the jobs behind it (none of which started) go to the new one --
+        except those of the same model and version, which would hang too: they end as
+        ``unavailable`` (the router counts drops)."""
         model = self._jobs[job][0]
         timeout_s = self._allowed_s(job)
         what = "loading its model" if self._head_loading else "running"
+        key = self._jobs_key(job)
         done = self._pending.pop(job)
         self._jobs.pop(job)
         self.timeouts += 1
         pipes = self._pipes
+        # the same model's copies queued behind it would hang too: not run (drops), so that one hung
+        # model costs the other shadows one timeout per new copy of it, not one per queued copy
+        same = [j for j in self._pending if self._jobs_key(j) == key]
+        dropped = [(self._pending.pop(j), self._jobs.pop(j)) for j in same]
         log.warning("shadow job on model %r was %s for %.3f s, past its limit %g s: the worker process %s is killed "
-                    "and started again; %d job(s) queued behind it are sent to the new one", model, what, ran_s,
-                    timeout_s,
+                    "and started again; %d job(s) of other models queued behind it are sent to the new one, %d of "
+                    "the same model are dropped", model, what, ran_s, timeout_s,
                     pipes.transport.get_pid() if pipes is not None and pipes.transport is not None else "?",
-                    len(self._pending))
+                    len(self._pending), len(dropped))
         self._pipes, self._stdin = None, None  # its exit (_lost) is ignored: this is not a failure
         self._rbuf.clear()
         self._head, self._head_since = None, None
@@ -505,6 +515,9 @@ class ShadowProcess:
         self._head_loading = False
         done(ShadowResult(False, ran_s, None, f"DEADLINE_EXCEEDED: the shadow was {what} past its limit "
                                               f"{timeout_s:g} s", "timeout"))
+        for d, _ in dropped:
+            d(ShadowResult(False, None, None, f"not run: model {model!r} timed out on the copy before it",
+                           "unavailable"))
 
     async def run(self, model: str, version: str, token: tuple, request, primary: dict) -> ShadowResult:
         """:meth:`submit` one job, :meth:`flush` and wait for its result (tests, simple callers)."""

@@ -6,7 +6,9 @@ name with no route is served as before. The router asks the pure controller
 plane (:meth:`DataPlane.infer_model`), adds the response parameter ``pyserve_variant`` (and
 ``pyserve_request_id``, the id to send feedback for), and puts shadow work on a bounded per-route
 queue drained off the request path: the primary answer never waits for a shadow, and when the
-queue is full the shadow copy is dropped and counted. The request path only counts and queues the
+queue is full the shadow copy is dropped and counted (as is a copy the shadow worker process cannot
+take while it restarts); a copy mirrored under an earlier config of the route is discarded as stale
+(counted); a shadow running past its ``timeout_s`` is an error of kind timeout. The request path only counts and queues the
 copy; sending it on (to the worker process, or to the route's in-process shadow task) and handling
 results run in short slices of the event loop when no routed request is running (see "shadows"
 below: ``SHADOW_YIELDS``, ``SHADOW_SLICE_S``, ``SHADOW_MAX_DEFER_S``). With ``shadow_isolation="process"``
@@ -452,7 +454,15 @@ class TrafficRouter:
     # jobs for the worker process, writing them, handling the worker's batched results, statistics
     # and metrics -- runs in short slices of the event loop (at most SHADOW_SLICE_S each) when no
     # routed request is running and SHADOW_YIELDS loop turns have passed since the last one finished
-    # (its response is on its way), or at the latest SHADOW_MAX_DEFER_S after work arrived.
+    # (its response is on its way), or at the latest SHADOW_MAX_DEFER_S after work arrived; that
+    # overdue slice has no budget (it sends every waiting copy), so under steady load copies reach
+    # an idle worker and are dropped only when the route's queue is really full.
+    #
+    # Every copy carries the generation of the route config it was mirrored under
+    # (Plan.generation); a result for an earlier generation is stale: counted, discarded, never
+    # recorded under the new config nor shown to its guard. A copy ends in exactly one of: ran
+    # (ok / error / timeout), dropped (queue full, or the worker process down), lost (the worker
+    # died before its result came back), stale.
 
     def _mirror(self, plan: Plan, request: InferRequest, resp: InferResponse) -> None:
         route = plan.route

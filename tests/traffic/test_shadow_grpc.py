@@ -100,13 +100,14 @@ def test_a_hung_shadow_times_out_and_other_routes_shadows_go_on(lenet_repo, imag
         starts = proc.starts
         t0 = time.monotonic()
         _infer(c, "hung", images[:1], "h0")  # the worker takes this one and hangs
+        _infer(c, "hung", images[:1], "h0b")  # would hang too: dropped when the first times out
         for i in range(5):
             _infer(c, "healthy", images[i:i + 4], f"k{i}")  # queued behind the hung job
         _drain(srv, 60)  # before the fix: the hung job never ends, nor do the five behind it
         waited = time.monotonic() - t0
         hung = _report(srv.url, "hung")["shadows"]["stuck"]
         ok = _report(srv.url, "healthy")["shadows"]["compressed"]
-        assert (hung["requests_count"], hung["requests_errors"], hung["timeouts"]) == (2, 1, 1)
+        assert (hung["requests_count"], hung["requests_errors"], hung["timeouts"], hung["dropped"]) == (2, 1, 1, 1)
         assert hung["requests_p99_s"] >= 0.9  # it ran (at least) its timeout
         assert (ok["requests_count"], ok["requests_errors"], ok["lost"], ok["dropped"]) == (6, 0, 0, 0)
         assert ok["compared"] == 6

@@ -38,7 +38,9 @@ load first reports ``loading`` and ``loaded``: the load (warm-up included) may t
 :data:`LOAD_TIMEOUT_S`, and ``timeout_s`` applies from its end. A watchdog timer on the
 server's loop checks it; when it has run longer than its ``timeout_s`` the job fails with kind
 ``timeout``, the worker is killed and started again at once (no back-off), and the jobs queued
-behind the hung one -- which never started -- are sent to the new worker. So a hung shadow stalls
+behind the hung one -- which never started -- are sent to the new worker (those of the same model
+would hang too: they end as ``unavailable``, drops). A worker starved of CPU (runnable, but
+getting almost none) is not hung: see :meth:`ShadowProcess._starved`. So a hung shadow stalls
 the others for one timeout plus one worker start (measured: see docs/traffic.md), and costs nothing
 while no shadow hangs. (Chosen over one worker per shadow, which would keep a copy of the worker's
 Python, numpy and torch -- about 390 MB resident -- per shadow model.)
@@ -97,6 +99,10 @@ RESULT_FLUSH_S = 0.02
 #: Seconds a shadow job may spend loading (or reloading) its model in the worker, warm-up included,
 #: before it counts as a timeout (its ``timeout_s`` applies from the end of the load).
 LOAD_TIMEOUT_S = 120.0
+#: Seconds the watchdog watches a worker past a job's timeout before it decides it is starved of
+#: CPU (not hung), and the largest share of that time in CPU a starved worker gets.
+STARVED_PROBE_S = 0.5
+STARVED_CPU_SHARE = 0.1
 #: Results the worker sends at once at most.
 RESULT_BATCH_MAX = 256
 
@@ -237,6 +243,8 @@ class ShadowProcess:
         self.batches = 0
         #: jobs failed by their timeout (the worker was killed and restarted each time)
         self.timeouts = 0
+        #: timeouts not applied because the worker was waiting for CPU (its clock restarted)
+        self.starved = 0
 
     @property
     def pid(self) -> int | None:
@@ -470,11 +478,47 @@ class ShadowProcess:
             self._watch(self._last_rx)
             return
         timeout_s = self._allowed_s(head)
-        ran = time.monotonic() - self._head_since
+        now = time.monotonic()
+        ran = now - self._head_since
         if ran < timeout_s:
             self._watch(self._last_rx)
             return
+        if self._starved(head, now):
+            return  # re-armed by _starved
         self._timed_out(head, ran)
+
+    def _starved(self, head: int, now: float) -> bool:
+        """Whether the worker is waiting for CPU rather than hung: at the lowest priority on a busy
+        machine a job can wait longer than its timeout without running (the queue then fills and
+        copies are dropped, as intended), and killing the worker for it would only repeat its start.
+        A probe of STARVED_PROBE_S: the worker is runnable (state R) and got less than
+        STARVED_CPU_SHARE of that time in CPU. Then the job's clock restarts. Linux /proc; elsewhere
+        never starved."""
+        pid = self.pid
+        st = _proc_stat(pid) if pid is not None else None
+        if st is None:
+            return False
+        state, cpu_s = st
+        probe = self._probe
+        if probe is None or probe[0] != head:
+            if state != "R":
+                return False  # asleep (waiting on something that does not come) or stopped: hung
+            self._probe = (head, now, cpu_s)
+            self._watch_handle = asyncio.get_running_loop().call_later(STARVED_PROBE_S, self._watchdog)
+            return True
+        self._probe = None
+        _, t0, cpu0 = probe
+        if state == "R" and cpu_s - cpu0 < STARVED_CPU_SHARE * (now - t0):
+            self.starved += 1
+            log.info("shadow job on model %r is past its timeout but the worker process is waiting for CPU (%.0f ms "
+                     "of CPU in %.0f ms): its clock restarts", self._jobs[head][0], 1e3 * (cpu_s - cpu0),
+                     1e3 * (now - t0))
+            self._head_since = now
+            self._watch(now)
+            return True
+        return False
+
+    _probe: tuple | None = None
 
     def _jobs_key(self, job: int) -> tuple[str, str]:
         return self._jobs[job][0], self._jobs[job][1]
@@ -559,6 +603,28 @@ class ShadowProcess:
                 self._pipes, self._stdin = None, None
             self._stopping = False
             self._fail_all("the shadow worker process was stopped", "lost")
+
+
+def _proc_stat(pid: int) -> tuple[str, float] | None:
+    """``(state, user + system CPU seconds of all its threads)`` of process ``pid`` from /proc
+    (Linux), or None. ``state`` is ``"R"`` when any of its threads is running or runnable (the
+    model may run in an executor thread while the main one waits), else the main thread's letter."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        state = fields[0]
+        if state != "R":
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                            state = "R"
+                            break
+                except OSError:
+                    continue
+    except (OSError, IndexError):
+        return None
+    return state, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def encode_job(job: int, model: str, version: str, token, request, primary: dict) -> bytes:

@@ -377,3 +377,44 @@ def test_integer_outputs_compare_exactly_beyond_2_53():
     stats.record(True, 0.001, d)
     stats.record(True, 0.001, divergence({"ids": p}, {"ids": p}))
     assert stats.as_dict()["max_abs_diff"] == 1 and stats.as_dict()["outputs"]["ids"]["max_abs_diff"] == 1
+
+
+# --- (2) the watchdog tells a hung worker from one starved of CPU --------------------------------------
+
+
+@pytest.mark.parametrize("state, cpu_per_s, hung", [("S", 0.0, True), ("R", 0.9, True), ("R", 0.01, False)])
+def test_the_watchdog_times_out_a_hung_job_but_not_a_worker_waiting_for_cpu(monkeypatch, state, cpu_per_s, hung):
+    """Asleep (waiting on what never comes) or spinning on CPU past the timeout: hung, timed out.
+    Runnable but getting (almost) no CPU -- SCHED_IDLE on a busy machine: starved, its clock restarts."""
+    monkeypatch.setattr(_shadow_process, "STARVED_PROBE_S", 0.05)
+    t0 = [None]
+
+    def fake_stat(pid):
+        import time
+
+        if t0[0] is None:
+            t0[0] = time.monotonic()
+        return state, 100.0 + cpu_per_s * (time.monotonic() - t0[0])
+
+    monkeypatch.setattr(_shadow_process, "_proc_stat", fake_stat)
+
+    async def go():
+        proc = ShadowProcess("/nonexistent", on_data=lambda: None)
+        transport = SimpleNamespace(get_pid=lambda: 12345, get_returncode=lambda: None)
+        proc._pipes, proc._stdin, proc._ready = SimpleNamespace(transport=transport), object(), True
+        timed_out = []
+        monkeypatch.setattr(proc, "_timed_out", lambda job, ran: timed_out.append((job, ran)))
+        proc._pending[1] = lambda r: None
+        proc._jobs[1] = ("m", "1", None, None, None, 0.1)
+        import time
+
+        proc._watch(time.monotonic())  # job 1 runs from now, timeout 0.1 s
+        await asyncio.sleep(0.4)
+        if hung:
+            assert [j for j, _ in timed_out] == [1] and timed_out[0][1] >= 0.1 and proc.starved == 0
+        else:
+            assert timed_out == [] and proc.starved >= 1  # the clock restarted (each probe)
+        if proc._watch_handle is not None:
+            proc._watch_handle.cancel()
+
+    asyncio.run(go())

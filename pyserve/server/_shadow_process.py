@@ -103,6 +103,8 @@ LOAD_TIMEOUT_S = 120.0
 #: CPU (not hung), and the largest share of that time in CPU a starved worker gets.
 STARVED_PROBE_S = 0.5
 STARVED_CPU_SHARE = 0.1
+#: Added to a job's timeout before the watchdog acts (results wait up to RESULT_FLUSH_S in the worker).
+RESULT_GRACE_S = 2 * RESULT_FLUSH_S + 0.01
 #: Results the worker sends at once at most.
 RESULT_BATCH_MAX = 256
 
@@ -451,8 +453,11 @@ class ShadowProcess:
         self._watch(self._last_rx)
 
     def _allowed_s(self, job: int) -> float:
+        """Seconds job ``job`` may run before the watchdog acts: its ``timeout_s`` (or LOAD_TIMEOUT_S
+        while its model loads) plus RESULT_GRACE_S, since a finished job's result can wait up to
+        RESULT_FLUSH_S in the worker before it is sent."""
         timeout_s = self._jobs[job][5]
-        return max(timeout_s, LOAD_TIMEOUT_S) if self._head_loading else timeout_s
+        return (max(timeout_s, LOAD_TIMEOUT_S) if self._head_loading else timeout_s) + RESULT_GRACE_S
 
     def _watch(self, since: float) -> None:
         """Note which job runs now (the oldest sent without a result; its clock starts at ``since``

@@ -240,9 +240,13 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 def test_the_worker_exits_at_once_when_the_server_is_killed(lenet_repo, images, tmp_path, variants_module):
-    variants_module.write_faulty_model(lenet_repo, "slow", lenet_repo / "lenet300c/1/model.pyserve", "sleep", 200)
+    """The worker is busy in a job (hung here, so it would never write a result and find its pipe
+    broken) with a backlog behind it when the server is SIGKILLed: it must die with the server."""
+    flag = tmp_path / "hang"
+    variants_module.write_faulty_model(lenet_repo, "stuck", lenet_repo / "lenet300c/1/model.pyserve", "ok",
+                                       hang_if_exists=flag)
     cfg = tmp_path / "traffic.yaml"
-    cfg.write_text(SHADOWED.replace("model: lenet300c", "model: slow"))
+    cfg.write_text(SHADOWED.replace("model: lenet300c, fraction: 1.0}", "model: stuck, fraction: 1.0, timeout_s: 600}"))
     cmd = [sys.executable, "-c", SERVER_MAIN, str(ROOT / "examples/lenet300/variants.py"), "serve",
            "--model-repository", str(lenet_repo), "--grpc-port", "0", "--host", "127.0.0.1",
            "--traffic-config", str(cfg), "--traffic-shadow-priority", "normal", "--log-level", "WARNING"]
@@ -252,16 +256,20 @@ def test_the_worker_exits_at_once_when_the_server_is_killed(lenet_repo, images, 
     try:
         line = server.stdout.readline()
         assert "serving" in line, line
-        c = tc.InferenceServerClient(line.strip().rsplit(" on ", 1)[1])
-        for i in range(40):  # a backlog of 40 slow copies (seconds of work)
+        url = line.strip().rsplit(" on ", 1)[1]
+        c = tc.InferenceServerClient(url)
+        _infer(c, "mnist", images[:1], "warm")  # the worker starts and loads 'stuck' (not hung yet)
+        deadline = time.monotonic() + 120
+        while _report(url, "mnist")["shadows"]["compressed"]["requests_count"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        flag.touch()
+        for i in range(20):  # one hung job in the worker, a backlog behind it
             _infer(c, "mnist", images[:64], f"k{i}")
         c.close()
-        deadline = time.monotonic() + 30
-        while worker is None:
-            assert time.monotonic() < deadline
-            kids = _children(server.pid)
-            worker = kids[0] if kids else None
-            time.sleep(0.05)
+        kids = _children(server.pid)
+        assert len(kids) == 1
+        worker = kids[0]
         time.sleep(0.5)
         server.send_signal(signal.SIGKILL)
         server.wait(10)
@@ -269,8 +277,9 @@ def test_the_worker_exits_at_once_when_the_server_is_killed(lenet_repo, images, 
         while _alive(worker) and time.monotonic() - t0 < 10:
             time.sleep(0.01)
         gone_after = time.monotonic() - t0
+        # before the fix it ran on (here: for ever, hung; in the break-it pass ~7 s, draining its backlog)
         assert not _alive(worker), "the orphaned worker still runs 10 s after the server was killed"
-        assert gone_after < 1.0  # before the fix: ~7 s draining its backlog
+        assert gone_after < 1.0
     finally:
         server.kill()
         server.wait(10)

@@ -612,6 +612,10 @@ def _check_route_refs(source: str, routes: Mapping[str, RouteConfig]) -> None:
                     raise TrafficConfigError(source, f, f"unknown route {t.route!r}; routes: {', '.join(routes)}")
                 if t.route == r.name:
                     raise TrafficConfigError(source, f, f"route {r.name!r} cannot route to itself")
+                if kind == "shadows" and routes[t.route].policy == "interleave":
+                    raise TrafficConfigError(source, f, f"route {t.route!r} interleaves: its answer (a merged list "
+                                             "of two rankers) cannot be compared with this route's; shadow one of "
+                                             "its rankers instead")
                 out.append((t.route, f))
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 

@@ -285,6 +285,15 @@ def test_shadows_on_an_interleave_route_are_refused_with_the_field_named():
                             "shadows: {s: {model: m3}}\n")
     # an empty mapping is no shadow: still accepted
     parse_traffic_config(text.replace("shadows: {s: {model: m3}}", "shadows: {}"))
+    # nor can a shadow of another route be an interleave route (nothing to compare with)
+    other = text.replace("shadows: {s: {model: m3}}", "") + textwrap.indent(textwrap.dedent("""
+        r:
+          policy: canary
+          variants: {a: {model: m1}}
+          shadows: {s: {route: rank}}
+    """), "  ")
+    with pytest.raises(TrafficConfigError, match=r"routes\.r\.shadows\.s\.route: route 'rank' interleaves"):
+        parse_traffic_config(other)
 
 
 # --- (5) worker death: lost and dropped, not errors with 0 s -------------------------------------------

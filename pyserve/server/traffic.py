@@ -185,6 +185,7 @@ class TrafficRouter:
         self.reloads_refused = 0
         self.last_reload_error = ""
         self._file_sig: tuple | None = None
+        self._empty_sig: tuple | None = None  # an empty file seen once (maybe mid-write)
         self._inflight = 0  # routed requests running now
         self._mirrors: deque = deque()  # mirrored copies not dispatched yet
         self._outstanding: dict[str, int] = {}  # route -> mirrored copies accepted and not finished
@@ -265,15 +266,29 @@ class TrafficRouter:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def poll_once(self) -> bool | None:
-        """Reload if the file changed: True applied, False refused (previous kept), None unchanged."""
+        """Reload if the file changed: True applied, False refused (previous kept), None unchanged
+        (or caught in the middle of a write: see below).
+
+        A file being rewritten in place (truncated, then written) can be read half-written. So an
+        empty file is taken only when a second poll finds it still empty, and an invalid one is not
+        refused when the file changed while it was read: the next poll reads it again. (A
+        Kubernetes ConfigMap swaps a symlink: it is never seen half-written.)"""
         if self.config_path is None:
             return None
         sig = self._signature()
         if sig == self._file_sig:
             return None
+        if sig is not None and sig[1] == 0 and sig != self._empty_sig:
+            self._empty_sig = sig  # empty: maybe truncated by a writer; judged at the next poll
+            return None
+        self._empty_sig = None
         try:
             cfg = self.load_file()
         except TrafficConfigError as exc:
+            if self._signature() != self._file_sig:
+                self._file_sig = None  # changed while it was read: read it again at the next poll
+                log.info("traffic config changed while it was read; reading it again: %s", exc)
+                return None
             self.reloads_refused += 1
             self.last_reload_error = str(exc)
             if self.metrics:

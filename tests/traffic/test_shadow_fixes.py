@@ -427,3 +427,53 @@ def test_the_watchdog_times_out_a_hung_job_but_not_a_worker_waiting_for_cpu(monk
             proc._watch_handle.cancel()
 
     asyncio.run(go())
+
+
+def test_every_copy_is_accounted_for_once_under_load_and_reloads(monkeypatch):
+    """Adversarial: 300 overlapping requests while the config flips the shadow's target every few
+    requests; once drained, every mirrored copy was counted exactly once: ran, dropped or stale
+    (summed over every generation's statistics), and only copies of the generation in force ran
+    under it (the stand-in shadows answer with their own name's output, so a copy recorded under
+    the wrong target would show a divergence)."""
+    monkeypatch.setattr(traffic_mod, "SHADOW_MAX_DEFER_S", 0.005)
+
+    async def go():
+        router, plane = _router(SHADOW_CFG.replace("shadow_queue_size: 64", "shadow_queue_size: 8"))
+        plane.delay_s = 0.001
+        orig = plane.infer_model
+
+        async def infer_model(request):
+            resp = await orig(request)
+            if request.model_name == "sh2":  # the other target answers differently
+                return InferResponse(resp.model_name, "1", (Tensor("y", "FP32", np.roll(P_OUT, 1, axis=1)),))
+            return resp
+
+        plane.infer_model = infer_model
+        states = {}
+        tasks = []
+        for i in range(300):
+            if i % 25 == 0:
+                target = "sh2" if (i // 25) % 2 else "sh"
+                router.apply(parse_traffic_config(SHADOW_CFG.replace("shadow_queue_size: 64", "shadow_queue_size: 8")
+                                                  .replace("model: sh", f"model: {target}")))
+                st = router.controller.routes["r"]
+                states[st.generation] = (st, target)
+            tasks.append(asyncio.create_task(router.infer(_req(i))))
+            if i % 3 == 0:
+                await asyncio.sleep(0.0005)
+        await asyncio.gather(*tasks)
+        await router.drain_shadows(timeout_s=20)
+        ran = dropped = lost = 0
+        for st, target in states.values():
+            s = st.shadows["s"]
+            ran += s.requests.count
+            dropped += s.dropped
+            lost += s.lost
+            if s.compared:  # the target in force answered: sh agrees with P_OUT, sh2 does not
+                assert s.top1_agreement == (1.0 if target == "sh" else 0.0), (target, s.as_dict())
+        stale = router.controller.stale_shadow_results.get("r", 0)
+        assert ran + dropped + lost + stale == 300, (ran, dropped, lost, stale)
+        assert lost == 0 and ran > 0 and router.shadows_outstanding == 0
+        await router.stop()
+
+    asyncio.run(go())

@@ -99,6 +99,10 @@ RESULT_FLUSH_S = 0.02
 #: Seconds a shadow job may spend loading (or reloading) its model in the worker, warm-up included,
 #: before it counts as a timeout (its ``timeout_s`` applies from the end of the load).
 LOAD_TIMEOUT_S = 120.0
+#: Seconds after a timeout during which new copies to the same model and version are not run (they
+#: end as ``unavailable``: drops), so that a model that keeps hanging does not restart the worker,
+#: and stall every other shadow, once per copy.
+TIMEOUT_COOLOFF_S = 30.0
 #: Seconds the watchdog watches a worker past a job's timeout before it decides it is starved of
 #: CPU (not hung), and the largest share of that time in CPU a starved worker gets.
 STARVED_PROBE_S = 0.5
@@ -228,6 +232,7 @@ class ShadowProcess:
         self._head_since: float | None = None  # monotonic time its clock started (None: not yet)
         self._head_loading = False  # the worker said it is loading the head job's model
         self._watch_handle: asyncio.TimerHandle | None = None
+        self._cooloff: dict[tuple[str, str], float] = {}  # (model, version) -> monotonic end of its cool-off
         self._ready = False  # the worker said it is ready (its imports are done)
         self._last_rx = 0.0  # monotonic time bytes last arrived from the worker
         self._ids = itertools.count(1)
@@ -361,6 +366,13 @@ class ShadowProcess:
         :class:`ShadowResult` (at once, kind ``unavailable``, when the worker is down). ``timeout_s``:
         seconds the job may run in the worker (see the module docstring). Never raises for a failure
         of the shadow. Nothing is written until :meth:`flush`."""
+        until = self._cooloff.get((model, version))
+        if until is not None:
+            if time.monotonic() < until:
+                done(ShadowResult(False, None, None, f"not run: model {model!r} timed out less than "
+                                                     f"{TIMEOUT_COOLOFF_S:g} s ago", "unavailable"))
+                return
+            del self._cooloff[(model, version)]
         if not self._up():
             if self._starting is None:
                 if time.monotonic() < self._down_until:
@@ -532,7 +544,7 @@ class ShadowProcess:
         """Job ``job`` ran past its timeout: it fails (kind ``timeout``), the worker is killed and
         started again at once, and the jobs behind it (none of which started) go to the new one --
         except those of the same model and version, which would hang too: they end as
-        ``unavailable`` (the router counts drops)."""
+        ``unavailable`` (the router counts drops), as do its new copies for TIMEOUT_COOLOFF_S."""
         model = self._jobs[job][0]
         timeout_s = self._allowed_s(job)
         what = "loading its model" if self._head_loading else "running"
@@ -545,6 +557,7 @@ class ShadowProcess:
         # model costs the other shadows one timeout per new copy of it, not one per queued copy
         same = [j for j in self._pending if self._jobs_key(j) == key]
         dropped = [(self._pending.pop(j), self._jobs.pop(j)) for j in same]
+        self._cooloff[key] = time.monotonic() + TIMEOUT_COOLOFF_S  # and so would the next ones, for a while
         log.warning("shadow job on model %r was %s for %.3f s, past its limit %g s: the worker process %s is killed "
                     "and started again; %d job(s) of other models queued behind it are sent to the new one, %d of "
                     "the same model are dropped", model, what, ran_s, timeout_s,

@@ -83,6 +83,7 @@ def test_a_hung_shadow_times_out_and_other_routes_shadows_go_on(lenet_repo, imag
     from pyserve.server import _shadow_process
 
     monkeypatch.setattr(_shadow_process, "LOAD_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(_shadow_process, "TIMEOUT_COOLOFF_S", 60.0)
     # 'stuck' never answers once the flag exists: a hung shadow model
     flag = tmp_path / "hang"
     variants_module.write_faulty_model(lenet_repo, "stuck", lenet_repo / "lenet300c/1/model.pyserve", "ok",
@@ -115,10 +116,21 @@ def test_a_hung_shadow_times_out_and_other_routes_shadows_go_on(lenet_repo, imag
         # one timeout, plus one worker start and the reload of lenet300c in it
         print(f"hung shadow: the other route's 5 copies finished {waited:.2f} s after the hung one was sent")
         assert waited < 1.0 + 30.0
-        # the worker still serves the hung route's next copy -- and times out on it again
+        # during the cool-off after a timeout the hung model's new copies are drops, not new hangs
         _infer(c, "hung", images[:1], "h1")
         _drain(srv, 60)
-        assert _report(srv.url, "hung")["shadows"]["stuck"]["timeouts"] == 2  # (its load: LOAD_TIMEOUT_S)
+        hung = _report(srv.url, "hung")["shadows"]["stuck"]
+        assert (hung["timeouts"], hung["dropped"]) == (1, 2) and proc.starts == starts + 1
+        import asyncio
+
+        # the cool-off's end (without waiting 60 s): the next copy runs again
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), srv._loop).result(10)
+        srv._loop.call_soon_threadsafe(proc._cooloff.clear)
+        # after it, the next copy runs again -- and times out again (in its model's load here,
+        # since the new worker loads 'stuck' with the flag set: LOAD_TIMEOUT_S)
+        _infer(c, "hung", images[:1], "h2")
+        _drain(srv, 60)
+        assert _report(srv.url, "hung")["shadows"]["stuck"]["timeouts"] == 2
         c.close()
 
 

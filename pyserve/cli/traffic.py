@@ -162,6 +162,9 @@ def format_status(s: dict) -> str:
            f"unknown feedback ids: {s.get('unknown_feedback', 0)}"]
     if s.get("last_reload_error"):
         out.append(f"last refused config: {s['last_reload_error']}")
+    if s.get("stale_shadow_results"):
+        out.append("stale shadow results (mirrored under an earlier config, discarded): "
+                   + " ".join(f"{k}={v}" for k, v in s["stale_shadow_results"].items()))
     rows = []
     for name, r in s.get("routes", {}).items():
         g = r.get("guard")

@@ -145,7 +145,7 @@ SLOW_SHADOW = textwrap.dedent("""
 
 
 def test_results_mirrored_before_a_reload_that_retargets_the_shadow_are_stale(lenet_repo, images, tmp_path,
-                                                                               variants_module):
+                                                                               variants_module, capsys):
     variants_module.write_faulty_model(lenet_repo, "slow", lenet_repo / "lenet300c/1/model.pyserve", "sleep", 400)
     srv, path = _serve(lenet_repo, SLOW_SHADOW, tmp_path, traffic_poll_s=0.05)
     with srv:
@@ -168,6 +168,13 @@ def test_results_mirrored_before_a_reload_that_retargets_the_shadow_are_stale(le
         assert s["requests_count"] + s["stale"] == 11 - s["dropped"] and s["dropped"] == 0
         assert s["stale"] >= 5 and rep["shadow_stale"] == s["stale"]
         assert s["requests_errors"] == 0 and s["compared"] == s["requests_count"] >= 3
+        capsys.readouterr()
+        assert cli_main(["traffic", "status", "--url", srv.url]) == 0
+        assert f"stale shadow results (mirrored under an earlier config, discarded): mnist={s['stale']}" in \
+            capsys.readouterr().out
+        assert cli_main(["traffic", "report", "mnist", "--url", srv.url]) == 0
+        out = capsys.readouterr().out
+        assert "timeouts" in out and "lost" in out and "stale" in out
         c.close()
 
 

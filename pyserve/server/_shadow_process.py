@@ -489,6 +489,11 @@ class ShadowProcess:
 
     def _watchdog(self) -> None:
         self._watch_handle = None
+        head = self._head
+        if head is not None and head in self._pending and self._head_since is not None and \
+                time.monotonic() - self._head_since < self._allowed_s(head):
+            self._watch(self._last_rx)  # not overdue: re-arm, leave the results to the owner's slices
+            return
         self.process_results()  # results that arrived meanwhile move the head on
         head = self._head
         if head is None or head not in self._pending or self._head_since is None:

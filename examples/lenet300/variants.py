@@ -108,7 +108,9 @@ class FaultyBackend:
     model runs once, then the answer waits ``factor - 1`` times as long (``factor`` times as slow without
     using the CPU, like a remote or I/O-bound model); ``ok``: the
     wrapped model as it is. With ``fail_if_exists``, requests also fail while that file exists (a
-    variant that starts failing in the middle of a run).
+    variant that starts failing in the middle of a run). With ``hang_if_exists``, requests never
+    answer while that file exists (a hung model; its warm-up at load is not affected when the file is
+    created after the load).
     """
 
     platform = "pyserve-faulty"
@@ -120,6 +122,7 @@ class FaultyBackend:
         self.mode = "ok"
         self.factor = 1
         self.fail_flag = None
+        self.hang_flag = None
 
     @property
     def ready(self) -> bool:
@@ -138,6 +141,7 @@ class FaultyBackend:
         self.mode = spec.get("mode", "ok")
         self.factor = int(spec.get("factor", 1))
         self.fail_flag = Path(spec["fail_if_exists"]) if spec.get("fail_if_exists") else None
+        self.hang_flag = Path(spec["hang_if_exists"]) if spec.get("hang_if_exists") else None
         inner = create_backend("pyserve", Path(spec["artifact"]), executor=self.executor)
         await inner.load()
         self.inner = inner
@@ -150,6 +154,8 @@ class FaultyBackend:
         import asyncio
         import time
 
+        if self.hang_flag is not None and self.hang_flag.exists():
+            await asyncio.Event().wait()  # never set
         t0 = time.perf_counter()
         out = await self.inner.infer(batch)
         if self.mode == "sleep":
@@ -172,11 +178,12 @@ def register_faulty_backend() -> None:
 
 
 def write_faulty_model(repo: str | Path, name: str, artifact: str | Path, mode: str, factor: int = 1,
-                       fail_if_exists: str | Path | None = None) -> None:
+                       fail_if_exists: str | Path | None = None, hang_if_exists: str | Path | None = None) -> None:
     """``repo/name/1/model.faulty`` wrapping ``artifact`` (see :class:`FaultyBackend`)."""
     d = Path(repo) / name
     (d / "1").mkdir(parents=True, exist_ok=True)
     (d / "config.yaml").write_text("backend: faulty\nmax_batch_size: 64\n")
     flag = f"fail_if_exists: {Path(fail_if_exists).resolve()}\n" if fail_if_exists else ""
+    flag += f"hang_if_exists: {Path(hang_if_exists).resolve()}\n" if hang_if_exists else ""
     (d / "1" / "model.faulty").write_text(f"artifact: {Path(artifact).resolve()}\nmode: {mode}\nfactor: {factor}\n"
                                           + flag)

@@ -141,6 +141,11 @@ def _f(x, spec=".4f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _diff(x) -> str:
+    """A max |diff|: an integer output's exactly, a float's to 3 significant digits."""
+    return str(x) if isinstance(x, int) else _f(x, ".3g")
+
+
 def _ms(x) -> str:
     return "-" if x is None else f"{x * 1e3:.2f}"
 
@@ -157,6 +162,9 @@ def format_status(s: dict) -> str:
            f"unknown feedback ids: {s.get('unknown_feedback', 0)}"]
     if s.get("last_reload_error"):
         out.append(f"last refused config: {s['last_reload_error']}")
+    if s.get("stale_shadow_results"):
+        out.append("stale shadow results (mirrored under an earlier config, discarded): "
+                   + " ".join(f"{k}={v}" for k, v in s["stale_shadow_results"].items()))
     rows = []
     for name, r in s.get("routes", {}).items():
         g = r.get("guard")
@@ -191,10 +199,18 @@ def format_report(rep: dict) -> str:
             out.append(_table(["arm", "metric n", "mean", "95% CI", "test vs first arm", "statistic", "p"], rows))
         if "shadows" in r:
             rows = [[s, d["target"], f"{d['fraction']:g}", str(d["requests_count"]), str(d["requests_errors"]),
-                     str(d["dropped"]), _ms(d["requests_p99_s"]), _f(d["top1_agreement"]), _f(d["max_abs_diff"], ".3g"),
+                     str(d.get("timeouts", 0)), str(d["dropped"]), str(d.get("lost", 0)), str(d.get("stale", 0)),
+                     _ms(d["requests_p99_s"]), _f(d["top1_agreement"]), _diff(d["max_abs_diff"]),
                      _f(d["cosine_mean"])] for s, d in r["shadows"].items()]
-            out.append(_table(["shadow", "target", "fraction", "mirrored", "errors", "dropped", "p99 ms",
-                               "top-1 agree", "max |diff|", "cosine"], rows))
+            out.append(_table(["shadow", "target", "fraction", "ran", "errors", "timeouts", "dropped", "lost", "stale",
+                               "p99 ms", "top-1 agree", "max |diff|", "cosine"], rows))
+            rows = [[f"{s}.{o}", str(od["compared"]), _f(od["top1_agreement"]), _diff(od["max_abs_diff"]),
+                     _f(od["cosine_mean"]), _f(od["cosine_min"])]
+                    for s, d in r["shadows"].items() if len(d.get("outputs", {})) > 1
+                    for o, od in d["outputs"].items()]
+            if rows:  # several outputs: each on its own (the row above is the first output's)
+                out.append(_table(["shadow.output", "compared", "top-1 agree", "max |diff|", "cosine", "cosine min"],
+                                  rows))
         if "interleave" in r:
             i = r["interleave"]
             out.append(f"interleaving {i['a']} (A) vs {i['b']} (B): {i['impressions']} impressions, wins {i['wins']}, "

@@ -31,6 +31,27 @@ normal priority the worker waits; the server's bounded per-route queue then fill
 copies are dropped and counted, which is the intended behaviour: shadows use only CPU time nobody
 else wants.
 
+Timeouts: each job carries its shadow's ``timeout_s``. Jobs run one at a time in the order sent, so
+the server knows which job is running: the oldest one without a result. Its clock starts when the
+result before it arrived (or the worker reported itself ready). A job whose model the worker must
+load first reports ``loading`` and ``loaded``: the load (warm-up included) may take
+:data:`LOAD_TIMEOUT_S`, and ``timeout_s`` applies from its end. A watchdog timer on the
+server's loop checks it; when it has run longer than its ``timeout_s`` the job fails with kind
+``timeout``, the worker is killed and started again at once (no back-off), and the jobs queued
+behind the hung one -- which never started -- are sent to the new worker (those of the same model
+would hang too: they end as ``unavailable``, drops). A worker starved of CPU (runnable, but
+getting almost none) is not hung: see :meth:`ShadowProcess._starved`. So a hung shadow stalls
+the others for one timeout plus one worker start (measured: see docs/traffic.md), and costs nothing
+while no shadow hangs. (Chosen over one worker per shadow, which would keep a copy of the worker's
+Python, numpy and torch -- about 390 MB resident -- per shadow model.)
+
+Worker death: results the worker had finished but not sent when it died, and jobs it had not run,
+come back with kind ``lost`` (not an error of the shadow model); copies that find the worker down
+(it is restarting after an unexpected exit, or cannot start) come back with kind ``unavailable``
+at once and the router counts them as drops (no latency). The worker dies with the server: it asks
+the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``, Linux) and also checks its parent
+pid before each job.
+
 Backends the worker cannot import are not run there: a backend registered as ``"module:attr"`` is
 imported by name, one registered as a class or function by its module's name when that is how the
 server imported it, else from its module's file (plug-ins loaded with importlib from a path);
@@ -53,6 +74,7 @@ import importlib.util
 import inspect
 import itertools
 import logging
+import math
 import os
 import pickle
 import struct
@@ -62,7 +84,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ShadowProcess", "ShadowResult", "PRIORITIES"]
+__all__ = ["ShadowProcess", "ShadowResult", "PRIORITIES", "KINDS"]
 
 log = logging.getLogger("pyserve.traffic.shadow")
 
@@ -74,20 +96,46 @@ _HEADER = struct.Struct(">I")
 _META = struct.Struct(">I")
 #: Seconds the worker gathers results before it sends them back in one message.
 RESULT_FLUSH_S = 0.02
+#: Seconds a shadow job may spend loading (or reloading) its model in the worker, warm-up included,
+#: before it counts as a timeout (its ``timeout_s`` applies from the end of the load).
+LOAD_TIMEOUT_S = 120.0
+#: Seconds after a timeout during which new copies to the same model and version are not run (they
+#: end as ``unavailable``: drops), so that a model that keeps hanging does not restart the worker,
+#: and stall every other shadow, once per copy.
+TIMEOUT_COOLOFF_S = 30.0
+#: Seconds the watchdog watches a worker past a job's timeout before it decides it is starved of
+#: CPU (not hung), and the largest share of that time in CPU a starved worker gets.
+STARVED_PROBE_S = 0.5
+STARVED_CPU_SHARE = 0.1
+#: Added to a job's timeout before the watchdog acts (results wait up to RESULT_FLUSH_S in the worker).
+RESULT_GRACE_S = 2 * RESULT_FLUSH_S + 0.01
 #: Results the worker sends at once at most.
 RESULT_BATCH_MAX = 256
+
+
+#: :attr:`ShadowResult.kind` values: the job ran (``ok`` or ``error``), ran out of its ``timeout_s``
+#: (``timeout``), was lost when the worker died (``lost``), or was not taken because the worker was
+#: down or could not start (``unavailable``; the job never ran).
+KINDS = ("ok", "error", "timeout", "lost", "unavailable")
 
 
 @dataclass(frozen=True)
 class ShadowResult:
     """One shadow job's outcome: ``latency_s`` measured inside the worker (the shadow model's own
-    time, from the job's start there to its answer); ``divergence`` a
-    :class:`pyserve.traffic.Divergence` or None; ``error`` the failure message ("" when ok)."""
+    time, from the job's start there to its answer; for a timeout the time it ran before it was
+    stopped; None when it never ran or its result was lost); ``divergence`` a
+    :class:`pyserve.traffic.Divergence` or None; ``error`` the failure message ("" when ok);
+    ``kind`` one of :data:`KINDS` (default: ``ok`` or ``error`` by ``ok``)."""
 
     ok: bool
-    latency_s: float
+    latency_s: float | None
     divergence: Any = None
     error: str = ""
+    kind: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", "ok" if self.ok else "error")
 
 
 def _backend_refs() -> list[tuple[str, str, str, str, str]]:
@@ -178,7 +226,15 @@ class ShadowProcess:
         self._pipes: _Pipes | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._starting: asyncio.Task | None = None
-        self._pending: dict[int, Any] = {}  # job id -> done callback
+        self._pending: dict[int, Any] = {}  # job id -> done callback (in the order sent)
+        self._jobs: dict[int, tuple] = {}  # job id -> (model, version, token, request, primary, timeout_s)
+        self._head: int | None = None  # the job the worker runs now (the oldest sent without a result)
+        self._head_since: float | None = None  # monotonic time its clock started (None: not yet)
+        self._head_loading = False  # the worker said it is loading the head job's model
+        self._watch_handle: asyncio.TimerHandle | None = None
+        self._cooloff: dict[tuple[str, str], float] = {}  # (model, version) -> monotonic end of its cool-off
+        self._ready = False  # the worker said it is ready (its imports are done)
+        self._last_rx = 0.0  # monotonic time bytes last arrived from the worker
         self._ids = itertools.count(1)
         self._out: list = []  # encoded jobs not written yet
         self._tokens: dict[tuple[str, str], tuple] = {}  # (model, version) -> the token this worker has
@@ -192,6 +248,10 @@ class ShadowProcess:
         #: writes to the worker and result batches read back (tests, benchmarks)
         self.writes = 0
         self.batches = 0
+        #: jobs failed by their timeout (the worker was killed and restarted each time)
+        self.timeouts = 0
+        #: timeouts not applied because the worker was waiting for CPU (its clock restarted)
+        self.starved = 0
 
     @property
     def pid(self) -> int | None:
@@ -233,7 +293,7 @@ class ShadowProcess:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None, env=env)
         except Exception as exc:  # noqa: BLE001 - a worker that cannot start is a shadow failure
             self._starting = None
-            self._fail_all(f"shadow worker process unavailable: {exc}")
+            self._fail_all(f"shadow worker process unavailable: {exc}", "unavailable")
             self._down_until = time.monotonic() + RESTART_BACKOFF_S
             self._down_reason = f"shadow worker process unavailable: {exc}"
             log.error("%s", self._down_reason)
@@ -242,21 +302,25 @@ class ShadowProcess:
         self._pipes = pipes
         self._stdin = transport.get_pipe_transport(0)
         self._tokens.clear()
+        self._ready = False
+        self._head, self._head_since = None, None
         boot = {"root": self.root, "priority": self.priority, "backends": self._refs,
-                "log_level": logging.getLogger().getEffectiveLevel()}
+                "log_level": logging.getLogger().getEffectiveLevel(), "parent": os.getpid()}
         data = pickle.dumps(boot, protocol=pickle.HIGHEST_PROTOCOL)
         self._stdin.write(_HEADER.pack(len(data)) + data)
         self._starting = None
         log.info("shadow worker process %d started (priority %s)", transport.get_pid(), self.priority)
         # jobs submitted while it started were encoded without tokens this worker has not seen
         queued, self._out = self._out, []
-        for job, model, version, token, request, primary in queued:
-            self._encode(job, model, version, token, request, primary)
+        for job in queued:
+            if job in self._pending:
+                self._encode(job, *self._jobs[job][:5])
         self.flush()
 
     def _received(self, pipes: _Pipes, data: bytes) -> None:
         if pipes is not self._pipes:
             return
+        self._last_rx = time.monotonic()
         self._rbuf += data
         if self.on_data is not None:
             self.on_data()
@@ -269,45 +333,62 @@ class ShadowProcess:
         self.process_results()  # what arrived before the end still counts
         code = pipes.transport.get_returncode() if pipes.transport is not None else None
         self._pipes, self._stdin = None, None
-        self._out.clear()
         self._rbuf.clear()
         reason = f"the shadow worker process exited (code {code})"
         if not self._stopping:
             self._down_until = time.monotonic() + RESTART_BACKOFF_S
             self._down_reason = f"{reason}; restarting it in at most {RESTART_BACKOFF_S:g} s"
-            log.error("%s; jobs in flight fail", reason)
-        self._fail_all(reason)
+            log.error("%s; the results of %d job(s) sent to it are lost", reason, len(self._pending))
+        self._fail_all(reason, "lost")
 
     _stopping = False
 
-    def _fail_all(self, reason: str) -> None:
+    def _fail_all(self, reason: str, kind: str) -> None:
+        """Every pending job ends with ``kind`` (``lost`` or ``unavailable``), without a latency."""
         pending, self._pending = self._pending, {}
+        self._jobs.clear()
         self._out.clear()
+        self._head, self._head_since = None, None
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+            self._watch_handle = None
         for done in pending.values():
-            done(ShadowResult(False, 0.0, None, reason))
+            done(ShadowResult(False, None, None, reason, kind))
 
     # --- jobs ----------------------------------------------------------------------------------------
 
-    def submit(self, model: str, version: str, token: tuple, request, primary: dict, done) -> None:
+    def submit(self, model: str, version: str, token: tuple, request, primary: dict, done,
+               timeout_s: float = math.inf) -> None:
         """Queue ``request`` (an :class:`~pyserve.protocol.types.InferRequest`) for ``model`` version
         ``version`` in the worker, to be compared with ``primary`` (output name -> array).
         ``token``: the server's ``(fingerprint, config)`` of that version (the worker reloads the
         model when its own differs). ``done(result)`` is called once with the
-        :class:`ShadowResult` (at once when the worker is down). Never raises for a failure of the
-        shadow. Nothing is written until :meth:`flush`."""
+        :class:`ShadowResult` (at once, kind ``unavailable``, when the worker is down). ``timeout_s``:
+        seconds the job may run in the worker (see the module docstring). Never raises for a failure
+        of the shadow. Nothing is written until :meth:`flush`."""
+        until = self._cooloff.get((model, version))
+        if until is not None:
+            if time.monotonic() < until:
+                done(ShadowResult(False, None, None, f"not run: model {model!r} timed out less than "
+                                                     f"{TIMEOUT_COOLOFF_S:g} s ago", "unavailable"))
+                return
+            del self._cooloff[(model, version)]
         if not self._up():
             if self._starting is None:
                 if time.monotonic() < self._down_until:
-                    done(ShadowResult(False, 0.0, None, f"shadow worker process unavailable: {self._down_reason}"))
+                    done(ShadowResult(False, None, None, f"shadow worker process unavailable: {self._down_reason}",
+                                      "unavailable"))
                     return
                 self._starting = asyncio.get_running_loop().create_task(self._start(),
                                                                         name="pyserve-shadow-process-start")
             job = next(self._ids)
             self._pending[job] = done
-            self._out.append((job, model, version, token, request, primary))  # encoded once it runs
+            self._jobs[job] = (model, version, token, request, primary, timeout_s)
+            self._out.append(job)  # encoded once the worker runs
             return
         job = next(self._ids)
         self._pending[job] = done
+        self._jobs[job] = (model, version, token, request, primary, timeout_s)
         self._encode(job, model, version, token, request, primary)
 
     def _encode(self, job, model, version, token, request, primary) -> None:
@@ -329,6 +410,7 @@ class ShadowProcess:
             self._stdin.write(data)
         except (ConnectionError, RuntimeError) as exc:  # closing: _lost fails the jobs
             log.debug("shadow worker process: write failed: %s", exc)
+        self._watch(time.monotonic())
 
     def process_results(self, deadline: float | None = None) -> int:
         """Handle results that arrived (call their ``done`` callbacks), until ``time.perf_counter()``
@@ -347,15 +429,162 @@ class ShadowProcess:
         handled = 0
         results = self._results
         pending = self._pending
+        jobs = self._jobs
         while results:
-            job, ok, latency_s, div, error = results.popleft()
+            r = results.popleft()
+            if len(r) == 2:  # a marker: ("ready", 0) once the worker's imports are done, ("loaded", job)
+                self._marker(*r)
+                continue
+            job, ok, latency_s, div, error = r
             done = pending.pop(job, None)
+            jobs.pop(job, None)
             if done is not None:
                 done(ShadowResult(ok, latency_s, Divergence(*div) if div is not None else None, error))
             handled += 1
             if deadline is not None and time.perf_counter() > deadline:
                 break
+        if handled:
+            self._watch(self._last_rx)
         return handled
+
+    # --- timeouts ------------------------------------------------------------------------------------
+
+    def _marker(self, what: str, job: int) -> None:
+        if what == "ready":
+            self._ready = True
+            self._head, self._head_since = None, None
+        elif what in ("loading", "loaded"):
+            self._watch(self._last_rx)  # the head is this job now (the results before it came first)
+            if job == self._head:
+                # a model's (re)load is not timed by the shadow's timeout_s but by LOAD_TIMEOUT_S
+                self._head_since = self._last_rx
+                self._head_loading = what == "loading"
+                if self._watch_handle is not None:
+                    self._watch_handle.cancel()
+                    self._watch_handle = None
+        self._watch(self._last_rx)
+
+    def _allowed_s(self, job: int) -> float:
+        """Seconds job ``job`` may run before the watchdog acts: its ``timeout_s`` (or LOAD_TIMEOUT_S
+        while its model loads) plus RESULT_GRACE_S, since a finished job's result can wait up to
+        RESULT_FLUSH_S in the worker before it is sent."""
+        timeout_s = self._jobs[job][5]
+        return (max(timeout_s, LOAD_TIMEOUT_S) if self._head_loading else timeout_s) + RESULT_GRACE_S
+
+    def _watch(self, since: float) -> None:
+        """Note which job runs now (the oldest sent without a result; its clock starts at ``since``
+        when it changed) and arm the watchdog for it."""
+        if not self._up() or not self._ready:
+            return
+        head = next(iter(self._pending), None)
+        if head != self._head:
+            self._head, self._head_since = head, (since if head is not None else None)
+            self._head_loading = False
+        if head is None:
+            return
+        timeout_s = self._allowed_s(head)
+        if self._watch_handle is None and math.isfinite(timeout_s):
+            left = self._head_since + timeout_s - time.monotonic()
+            self._watch_handle = asyncio.get_running_loop().call_later(max(0.0, left) + 0.001, self._watchdog)
+
+    def _watchdog(self) -> None:
+        self._watch_handle = None
+        head = self._head
+        if head is not None and head in self._pending and self._head_since is not None and \
+                time.monotonic() - self._head_since < self._allowed_s(head):
+            self._watch(self._last_rx)  # not overdue: re-arm, leave the results to the owner's slices
+            return
+        self.process_results()  # results that arrived meanwhile move the head on
+        head = self._head
+        if head is None or head not in self._pending or self._head_since is None:
+            self._watch(self._last_rx)
+            return
+        timeout_s = self._allowed_s(head)
+        now = time.monotonic()
+        ran = now - self._head_since
+        if ran < timeout_s:
+            self._watch(self._last_rx)
+            return
+        if self._starved(head, now):
+            return  # re-armed by _starved
+        self._timed_out(head, ran)
+
+    def _starved(self, head: int, now: float) -> bool:
+        """Whether the worker is waiting for CPU rather than hung: at the lowest priority on a busy
+        machine a job can wait longer than its timeout without running (the queue then fills and
+        copies are dropped, as intended), and killing the worker for it would only repeat its start.
+        A probe of STARVED_PROBE_S: the worker is runnable (state R) and got less than
+        STARVED_CPU_SHARE of that time in CPU. Then the job's clock restarts. Linux /proc; elsewhere
+        never starved."""
+        pid = self.pid
+        st = _proc_stat(pid) if pid is not None else None
+        if st is None:
+            return False
+        state, cpu_s = st
+        probe = self._probe
+        if probe is None or probe[0] != head:
+            if state != "R":
+                return False  # asleep (waiting on something that does not come) or stopped: hung
+            self._probe = (head, now, cpu_s)
+            self._watch_handle = asyncio.get_running_loop().call_later(STARVED_PROBE_S, self._watchdog)
+            return True
+        self._probe = None
+        _, t0, cpu0 = probe
+        if state == "R" and cpu_s - cpu0 < STARVED_CPU_SHARE * (now - t0):
+            self.starved += 1
+            log.info("shadow job on model %r is past its timeout but the worker process is waiting for CPU (%.0f ms "
+                     "of CPU in %.0f ms): its clock restarts", self._jobs[head][0], 1e3 * (cpu_s - cpu0),
+                     1e3 * (now - t0))
+            self._head_since = now
+            self._watch(now)
+            return True
+        return False
+
+    _probe: tuple | None = None
+
+    def _jobs_key(self, job: int) -> tuple[str, str]:
+        return self._jobs[job][0], self._jobs[job][1]
+
+    def _timed_out(self, job: int, ran_s: float) -> None:
+        """Job ``job`` ran past its timeout: it fails (kind ``timeout``), the worker is killed and
+        started again at once, and the jobs behind it (none of which started) go to the new one --
+        except those of the same model and version, which would hang too: they end as
+        ``unavailable`` (the router counts drops), as do its new copies for TIMEOUT_COOLOFF_S."""
+        model = self._jobs[job][0]
+        timeout_s = self._allowed_s(job)
+        what = "loading its model" if self._head_loading else "running"
+        key = self._jobs_key(job)
+        done = self._pending.pop(job)
+        self._jobs.pop(job)
+        self.timeouts += 1
+        pipes = self._pipes
+        # the same model's copies queued behind it would hang too: not run (drops), so that one hung
+        # model costs the other shadows one timeout per new copy of it, not one per queued copy
+        same = [j for j in self._pending if self._jobs_key(j) == key]
+        dropped = [(self._pending.pop(j), self._jobs.pop(j)) for j in same]
+        self._cooloff[key] = time.monotonic() + TIMEOUT_COOLOFF_S  # and so would the next ones, for a while
+        log.warning("shadow job on model %r was %s for %.3f s, past its limit %g s: the worker process %s is killed "
+                    "and started again; %d job(s) of other models queued behind it are sent to the new one, %d of "
+                    "the same model are dropped", model, what, ran_s, timeout_s,
+                    pipes.transport.get_pid() if pipes is not None and pipes.transport is not None else "?",
+                    len(self._pending), len(dropped))
+        self._pipes, self._stdin = None, None  # its exit (_lost) is ignored: this is not a failure
+        self._rbuf.clear()
+        self._head, self._head_since = None, None
+        if pipes is not None and pipes.transport is not None:
+            try:
+                pipes.transport.kill()
+            except ProcessLookupError:
+                pass
+            pipes.transport.close()
+        self._out = list(self._pending)  # resent (re-encoded) by _start
+        self._starting = asyncio.get_running_loop().create_task(self._start(), name="pyserve-shadow-process-start")
+        self._head_loading = False
+        done(ShadowResult(False, ran_s, None, f"DEADLINE_EXCEEDED: the shadow was {what} past its limit "
+                                              f"{timeout_s:g} s", "timeout"))
+        for d, _ in dropped:
+            d(ShadowResult(False, None, None, f"not run: model {model!r} timed out on the copy before it",
+                           "unavailable"))
 
     async def run(self, model: str, version: str, token: tuple, request, primary: dict) -> ShadowResult:
         """:meth:`submit` one job, :meth:`flush` and wait for its result (tests, simple callers)."""
@@ -369,7 +598,10 @@ class ShadowProcess:
         return fut.result()
 
     async def stop(self, timeout_s: float = 1.0) -> None:
-        """End the worker (closes its input; kills it after ``timeout_s``); jobs in flight fail."""
+        """End the worker (closes its input; kills it after ``timeout_s``); jobs in flight end as ``lost``."""
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+            self._watch_handle = None
         if self._starting is not None:
             await asyncio.gather(self._starting, return_exceptions=True)
         pipes = self._pipes
@@ -393,7 +625,29 @@ class ShadowProcess:
             if self._pipes is pipes:
                 self._pipes, self._stdin = None, None
             self._stopping = False
-            self._fail_all("the shadow worker process was stopped")
+            self._fail_all("the shadow worker process was stopped", "lost")
+
+
+def _proc_stat(pid: int) -> tuple[str, float] | None:
+    """``(state, user + system CPU seconds of all its threads)`` of process ``pid`` from /proc
+    (Linux), or None. ``state`` is ``"R"`` when any of its threads is running or runnable (the
+    model may run in an executor thread while the main one waits), else the main thread's letter."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        state = fields[0]
+        if state != "R":
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                            state = "R"
+                            break
+                except OSError:
+                    continue
+    except (OSError, IndexError):
+        return None
+    return state, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def encode_job(job: int, model: str, version: str, token, request, primary: dict) -> bytes:
@@ -517,6 +771,7 @@ async def _worker(boot: dict, rfd: int, wfd: int) -> None:
     tokens: dict[tuple[str, str], tuple] = {}
     results: list = []
     timer: list = [None]
+    parent = boot.get("parent")
 
     def send() -> None:
         # results go back in batches (one message, one read on the server for many jobs)
@@ -526,6 +781,12 @@ async def _worker(boot: dict, rfd: int, wfd: int) -> None:
             results.clear()
             out.write(_HEADER.pack(len(data)) + data)
 
+    def mark(*marker) -> None:
+        # sent at once: the server's watchdog starts the running job's clock from it
+        data = pickle.dumps([marker], protocol=pickle.HIGHEST_PROTOCOL)
+        out.write(_HEADER.pack(len(data)) + data)
+
+    mark("ready", 0)
     while True:
         try:
             head = await reader.readexactly(_HEADER.size)
@@ -534,16 +795,27 @@ async def _worker(boot: dict, rfd: int, wfd: int) -> None:
         except asyncio.IncompleteReadError:
             send()
             return  # the server closed our input: stop
+        if parent is not None and os.getppid() != parent:
+            return  # the server is gone (where PR_SET_PDEATHSIG is not available): stop, do not drain
         t0 = time.perf_counter()
         key = (msg["model"], msg["version"])
         if msg["token"] is not None:
             tokens[key] = msg["token"]
         try:
-            await _fresh(repo, msg["model"], msg["version"], tokens.get(key, ()), tried)
+            def loading(job=msg["job"]) -> None:
+                if timer[0] is not None:
+                    timer[0].cancel()
+                send()  # the results before this job first, then the marker
+                mark("loading", job)
+
+            if await _fresh(repo, msg["model"], msg["version"], tokens.get(key, ()), tried, loading):
+                mark("loaded", msg["job"])
+                t0 = time.perf_counter()
             resp = await plane.infer_model(msg["request"])
             latency = time.perf_counter() - t0
             d = divergence(msg["primary"], output_arrays(resp.outputs))
-            result = (True, latency, (d.rows, d.top1_agreement, d.max_abs_diff, d.cosine, d.comparable), "")
+            result = (True, latency, (d.rows, d.top1_agreement, d.max_abs_diff, d.cosine, d.comparable, d.outputs),
+                      "")
         except ServingError as exc:
             result = (False, time.perf_counter() - t0, None, f"{exc.code}: {exc}")
         except Exception as exc:  # noqa: BLE001 - reported to the server, which counts it
@@ -558,11 +830,12 @@ async def _worker(boot: dict, rfd: int, wfd: int) -> None:
             timer[0] = loop.call_later(RESULT_FLUSH_S, send)
 
 
-async def _fresh(repo, model: str, version: str, token: tuple, tried: dict) -> None:
+async def _fresh(repo, model: str, version: str, token: tuple, tried: dict, loading=None) -> bool:
     """Load ``model`` if this worker has not, or reload it when the server's version changed
     (``token`` = the server's ``(fingerprint, config)`` of the version). A load that failed here is
     not retried for the same token (``tried``: (model, version) -> token of the last attempt): the
-    job then fails fast in the data plane instead of every job paying a full load and warm-up."""
+    job then fails fast in the data plane instead of every job paying a full load and warm-up.
+    ``loading()`` is called just before a load. Returns True when it (re)loaded or tried to."""
     tok = tuple(token)
 
     def current():
@@ -571,12 +844,34 @@ async def _fresh(repo, model: str, version: str, token: tuple, tried: dict) -> N
         return None if mv is None else (mv.fingerprint, mv.config)
 
     if current() == tok:
-        return
+        return False
     repo.discover()
     if current() == tok or tried.get((model, version)) == tok:
-        return
+        return False
     tried[(model, version)] = tok
+    if loading is not None:
+        loading()
     await repo.load(model)
+    return True
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``), so
+    a worker whose server was killed does not run on; exit now if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+                logging.getLogger("pyserve.traffic.shadow").warning(
+                    "PR_SET_PDEATHSIG failed (errno %d)", ctypes.get_errno())
+        except (OSError, AttributeError):  # no libc / no prctl: the per-job parent check remains
+            pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(0)
 
 
 def main() -> int:
@@ -595,6 +890,7 @@ def main() -> int:
             return 0
         buf += chunk
     boot = pickle.loads(buf)
+    _die_with_parent(boot.get("parent"))
     applied = _lower_priority(boot["priority"])  # before torch starts any thread
     logging.basicConfig(level=boot.get("log_level", logging.WARNING), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s shadow-worker %(name)s: %(message)s")

@@ -6,7 +6,9 @@ name with no route is served as before. The router asks the pure controller
 plane (:meth:`DataPlane.infer_model`), adds the response parameter ``pyserve_variant`` (and
 ``pyserve_request_id``, the id to send feedback for), and puts shadow work on a bounded per-route
 queue drained off the request path: the primary answer never waits for a shadow, and when the
-queue is full the shadow copy is dropped and counted. The request path only counts and queues the
+queue is full the shadow copy is dropped and counted (as is a copy the shadow worker process cannot
+take while it restarts); a copy mirrored under an earlier config of the route is discarded as stale
+(counted); a shadow running past its ``timeout_s`` is an error of kind timeout. The request path only counts and queues the
 copy; sending it on (to the worker process, or to the route's in-process shadow task) and handling
 results run in short slices of the event loop when no routed request is running (see "shadows"
 below: ``SHADOW_YIELDS``, ``SHADOW_SLICE_S``, ``SHADOW_MAX_DEFER_S``). With ``shadow_isolation="process"``
@@ -74,6 +76,8 @@ SHADOW_WORKERS = 1
 SHADOW_YIELDS = 3
 #: Longest slice of shadow work on the event loop, seconds.
 SHADOW_SLICE_S = 0.0002
+#: Longest slice of an overdue slice (one that runs while routed requests do), seconds.
+SHADOW_OVERDUE_SLICE_S = 0.002
 #: Shadow work waits for a moment with no routed request running at most this long, seconds.
 SHADOW_MAX_DEFER_S = 0.02
 #: Where shadows run: ``process`` (a worker process at low CPU priority) or ``inline`` (this process).
@@ -105,10 +109,18 @@ class TrafficMetrics:
                                   ("route", "variant"), buckets=DURATION_BUCKETS_S, registry=r)
         self.weight = Gauge("pyserve_traffic_variant_weight_percent", "Current weight of a variant",
                             ("route", "variant"), registry=r)
-        self.shadow_requests = Counter("pyserve_traffic_shadow_requests", "Mirrored requests by outcome",
+        self.shadow_requests = Counter("pyserve_traffic_shadow_requests",
+                                       "Mirrored requests that ran, by outcome (ok, error, timeout)",
                                        ("route", "shadow", "outcome"), registry=r)
-        self.shadow_dropped = Counter("pyserve_traffic_shadow_dropped", "Shadow copies dropped (queue full)",
+        self.shadow_dropped = Counter("pyserve_traffic_shadow_dropped",
+                                      "Shadow copies not run (queue full, or the shadow worker process down)",
                                       ("route", "shadow"), registry=r)
+        self.shadow_lost = Counter("pyserve_traffic_shadow_lost",
+                                   "Shadow copies whose result was lost when the shadow worker process died",
+                                   ("route", "shadow"), registry=r)
+        self.shadow_stale = Counter("pyserve_traffic_shadow_stale",
+                                    "Shadow results discarded: mirrored under an earlier config of the route",
+                                    ("route",), registry=r)
         self.shadow_duration = Histogram("pyserve_traffic_shadow_duration_seconds", "Shadow request duration",
                                          ("route", "shadow"), buckets=DURATION_BUCKETS_S, registry=r)
         self.shadow_top1 = Gauge("pyserve_traffic_shadow_top1_agreement",
@@ -174,6 +186,7 @@ class TrafficRouter:
         self.reloads_refused = 0
         self.last_reload_error = ""
         self._file_sig: tuple | None = None
+        self._empty_sig: tuple | None = None  # an empty file seen once (maybe mid-write)
         self._inflight = 0  # routed requests running now
         self._mirrors: deque = deque()  # mirrored copies not dispatched yet
         self._outstanding: dict[str, int] = {}  # route -> mirrored copies accepted and not finished
@@ -254,15 +267,29 @@ class TrafficRouter:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def poll_once(self) -> bool | None:
-        """Reload if the file changed: True applied, False refused (previous kept), None unchanged."""
+        """Reload if the file changed: True applied, False refused (previous kept), None unchanged
+        (or caught in the middle of a write: see below).
+
+        A file being rewritten in place (truncated, then written) can be read half-written. So an
+        empty file is taken only when a second poll finds it still empty, and an invalid one is not
+        refused when the file changed while it was read: the next poll reads it again. (A
+        Kubernetes ConfigMap swaps a symlink: it is never seen half-written.)"""
         if self.config_path is None:
             return None
         sig = self._signature()
         if sig == self._file_sig:
             return None
+        if sig is not None and sig[1] == 0 and sig != self._empty_sig:
+            self._empty_sig = sig  # empty: maybe truncated by a writer; judged at the next poll
+            return None
+        self._empty_sig = None
         try:
             cfg = self.load_file()
         except TrafficConfigError as exc:
+            if self._signature() != self._file_sig:
+                self._file_sig = None  # changed while it was read: read it again at the next poll
+                log.info("traffic config changed while it was read; reading it again: %s", exc)
+                return None
             self.reloads_refused += 1
             self.last_reload_error = str(exc)
             if self.metrics:
@@ -443,7 +470,15 @@ class TrafficRouter:
     # jobs for the worker process, writing them, handling the worker's batched results, statistics
     # and metrics -- runs in short slices of the event loop (at most SHADOW_SLICE_S each) when no
     # routed request is running and SHADOW_YIELDS loop turns have passed since the last one finished
-    # (its response is on its way), or at the latest SHADOW_MAX_DEFER_S after work arrived.
+    # (its response is on its way), or at the latest SHADOW_MAX_DEFER_S after work arrived; that
+    # overdue slice has a larger budget (SHADOW_OVERDUE_SLICE_S, ~200 copies), so under steady load
+    # copies reach an idle worker instead of waiting for quiet moments that do not come.
+    #
+    # Every copy carries the generation of the route config it was mirrored under
+    # (Plan.generation); a result for an earlier generation is stale: counted, discarded, never
+    # recorded under the new config nor shown to its guard. A copy ends in exactly one of: ran
+    # (ok / error / timeout), dropped (queue full, or the worker process down), lost (the worker
+    # died before its result came back), stale.
 
     def _mirror(self, plan: Plan, request: InferRequest, resp: InferResponse) -> None:
         route = plan.route
@@ -453,20 +488,28 @@ class TrafficRouter:
         primary = None
         for s in plan.shadows:
             if n >= limit:
-                self._drop(name, s.name)
+                self._drop(name, s.name, plan.generation)
                 continue
             if primary is None:
                 primary = output_arrays(resp.outputs)
             n += 1
-            self._mirrors.append((name, s, request, primary, plan.key))
+            self._mirrors.append((name, s, request, primary, plan.key, plan.generation))
         self._outstanding[name] = n
         if primary is not None:
             self._shadow_work()
 
-    def _drop(self, route: str, shadow: str) -> None:
-        self.controller.drop_shadow(route, shadow)
+    def _drop(self, route: str, shadow: str, generation: int | None = None) -> None:
+        if not self.controller.shadow_current(route, shadow, generation):
+            self._stale(route, shadow)
+            return
+        self.controller.drop_shadow(route, shadow, generation)
         if self.metrics:
             self.metrics.shadow_dropped.labels(route, shadow).inc()
+
+    def _stale(self, route: str, shadow: str) -> None:
+        self.controller.stale_shadow(route, shadow)
+        if self.metrics:
+            self.metrics.shadow_stale.labels(route).inc()
 
     def _shadow_work(self) -> None:
         """There is shadow work (mirrored copies or results): run a slice when the loop is quiet."""
@@ -492,7 +535,10 @@ class TrafficRouter:
             if self._overdue_handle is None:
                 self._overdue_handle = loop.call_later(SHADOW_MAX_DEFER_S, self._slice, 0, True)
             return
-        deadline = time.perf_counter() + SHADOW_SLICE_S
+        # An overdue slice (requests kept the loop busy for SHADOW_MAX_DEFER_S) gets a larger budget
+        # (SHADOW_OVERDUE_SLICE_S): under steady load it is the only slice, and the idle slices'
+        # 0.2 ms left copies waiting (and then dropped) while the worker was idle. ~10 us per copy.
+        deadline = time.perf_counter() + (SHADOW_OVERDUE_SLICE_S if overdue else SHADOW_SLICE_S)
         proc = self.shadow_process
         if proc is not None:
             proc.process_results(deadline)
@@ -508,22 +554,27 @@ class TrafficRouter:
             self._overdue_handle.cancel()
             self._overdue_handle = None
 
-    def _dispatch(self, route: str, shadow, request: InferRequest, primary: dict, key) -> None:
-        """Send one mirrored copy on its way: to the worker process, or to the route's in-process queue."""
+    def _dispatch(self, route: str, shadow, request: InferRequest, primary: dict, key, generation: int) -> None:
+        """Send one mirrored copy on its way: to the worker process, or to the route's in-process queue.
+        A copy whose route config changed since it was mirrored is discarded (stale) instead."""
+        if not self.controller.shadow_current(route, shadow.name, generation):
+            self._shadow_done(route, shadow.name, generation, "stale", None, None)
+            return
         try:
             where = self._isolated(shadow.target)
         except ServingError as exc:
             log.debug("shadow %r of route %r: %s", shadow.name, route, exc)
-            self._shadow_done(route, shadow.name, False, 0.0, None)
+            self._shadow_done(route, shadow.name, generation, "error", None, None)
             return
         except Exception:
             log.exception("shadow %r of route %r: internal error", shadow.name, route)
-            self._shadow_done(route, shadow.name, False, 0.0, None)
+            self._shadow_done(route, shadow.name, generation, "error", None, None)
             return
         if where is not None:
             model, version, token = where
             # the job names model and version itself; the request's own model_name is not sent
-            self.shadow_process.submit(model, version, token, request, primary, _ResultTo(self, route, shadow.name))
+            self.shadow_process.submit(model, version, token, request, primary,
+                                       _ResultTo(self, route, shadow.name, generation), shadow.timeout_s)
             return
         q = self._inline_queues.get(route)
         if q is None:
@@ -531,30 +582,38 @@ class TrafficRouter:
             loop = asyncio.get_running_loop()
             self._route_workers[route] = [loop.create_task(self._inline_worker(q), name=f"pyserve-shadow-{route}")
                                           for _ in range(SHADOW_WORKERS)]
-        q.put_nowait((route, shadow, request, primary, key))
+        q.put_nowait((route, shadow, request, primary, key, generation))
 
     async def _inline_worker(self, q: asyncio.Queue) -> None:
         while True:
-            route, shadow, request, primary, key = await q.get()
+            route, shadow, request, primary, key, generation = await q.get()
+            if not self.controller.shadow_current(route, shadow.name, generation):
+                q.task_done()
+                self._shadow_done(route, shadow.name, generation, "stale", None, None)
+                continue
             # let the primary's response leave first
             for _ in range(SHADOW_YIELDS):
                 await asyncio.sleep(0)
             t0 = time.perf_counter()
-            ok, div = False, None
+            kind, div = "error", None
             try:
-                resp = await self._call(shadow.target, replace(request, model_name=shadow.target.route or
-                                                               shadow.target.model), key, 1)
-                ok = True
+                resp = await asyncio.wait_for(
+                    self._call(shadow.target, replace(request, model_name=shadow.target.route or shadow.target.model),
+                               key, 1), shadow.timeout_s)
+                kind = "ok"
                 div = divergence(primary, output_arrays(resp.outputs))
             except ServingError as exc:
                 log.debug("shadow %r of route %r: %s", shadow.name, route, exc)
+            except asyncio.TimeoutError:
+                kind = "timeout"
+                log.warning("shadow %r of route %r ran past its timeout_s %g", shadow.name, route, shadow.timeout_s)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("shadow %r of route %r: internal error", shadow.name, route)
             finally:
                 q.task_done()
-            self._shadow_done(route, shadow.name, ok, time.perf_counter() - t0, div)
+            self._shadow_done(route, shadow.name, generation, kind, time.perf_counter() - t0, div)
 
     def _isolated(self, target: TargetConfig) -> tuple[str, str, tuple] | None:
         """``(model, version, token)`` when ``target`` runs in the shadow worker process, else None.
@@ -573,26 +632,46 @@ class TrafficRouter:
             return None
         return mv.name, mv.version, (mv.fingerprint, mv.config)
 
-    def _shadow_done(self, route: str, shadow: str, ok: bool, latency_s: float, div) -> None:
-        """One mirrored copy finished: statistics, metrics, and its slot in the route's queue."""
+    def _shadow_done(self, route: str, shadow: str, generation: int | None, kind: str, latency_s: float | None,
+                     div) -> None:
+        """One mirrored copy finished: statistics, metrics, and its slot in the route's queue.
+
+        ``kind``: ``ok``, ``error`` or ``timeout`` (it ran; ``latency_s`` None for an error before it
+        ran), ``lost`` (its result died with the worker process), ``unavailable`` (the worker could
+        not take it: counted as a drop), ``stale`` (mirrored under an earlier config of the route:
+        counted and discarded). A result for an earlier config is stale whatever its kind."""
         n = self._outstanding.get(route, 0)
         if n > 0:
             self._outstanding[route] = n - 1
         if self._drained is not None and not any(self._outstanding.values()):
             self._drained.set()
-        self.controller.record_shadow(route, shadow, ok, latency_s, div)
-        if self.metrics:
-            m = self.metrics
-            m.shadow_requests.labels(route, shadow, "ok" if ok else "error").inc()
-            m.shadow_duration.labels(route, shadow).observe(latency_s)
-            st = self.controller.routes.get(route)
+        ctl = self.controller
+        if kind == "stale" or not ctl.shadow_current(route, shadow, generation):
+            self._stale(route, shadow)
+            return
+        m = self.metrics
+        if kind == "unavailable":
+            self._drop(route, shadow, generation)
+            return
+        if kind == "lost":
+            ctl.lose_shadow(route, shadow, generation)
+            if m:
+                m.shadow_lost.labels(route, shadow).inc()
+            return
+        ok = kind == "ok"
+        ctl.record_shadow(route, shadow, ok, latency_s, div, generation, timeout=kind == "timeout")
+        if m:
+            m.shadow_requests.labels(route, shadow, kind).inc()
+            if latency_s is not None:
+                m.shadow_duration.labels(route, shadow).observe(latency_s)
+            st = ctl.routes.get(route)
             s = st.shadows.get(shadow) if st is not None else None
             if s is not None and ok and div is not None and div.comparable:
                 # from the running aggregates (ShadowStats.as_dict would sort the latency window)
                 top1 = s.top1_agreement
                 if top1 is not None:
                     m.shadow_top1.labels(route, shadow).set(top1)
-                m.shadow_max_abs.labels(route, shadow).set(s.max_abs_diff)
+                m.shadow_max_abs.labels(route, shadow).set(float(s.max_abs_diff))
                 m.shadow_cosine.labels(route, shadow).set(s.cosine_sum / s.compared)
 
     def _on_shadow_data(self) -> None:
@@ -658,17 +737,19 @@ class TrafficRouter:
 
 
 class _ResultTo:
-    """The done callback of one job in the shadow worker process (cheaper than a closure per job)."""
+    """The done callback of one job in the shadow worker process (cheaper than a closure per job).
+    Carries the route config generation the copy was mirrored under (a result for an earlier config
+    is stale: counted and discarded, never recorded under the new one)."""
 
-    __slots__ = ("route", "router", "shadow")
+    __slots__ = ("generation", "route", "router", "shadow")
 
-    def __init__(self, router: TrafficRouter, route: str, shadow: str) -> None:
-        self.router, self.route, self.shadow = router, route, shadow
+    def __init__(self, router: TrafficRouter, route: str, shadow: str, generation: int | None = None) -> None:
+        self.router, self.route, self.shadow, self.generation = router, route, shadow, generation
 
     def __call__(self, res) -> None:
         if not res.ok:
             log.debug("shadow %r of route %r: %s", self.shadow, self.route, res.error)
-        self.router._shadow_done(self.route, self.shadow, res.ok, res.latency_s, res.divergence)
+        self.router._shadow_done(self.route, self.shadow, self.generation, res.kind, res.latency_s, res.divergence)
 
 
 def _ranking(resp: InferResponse, variant: str) -> np.ndarray:

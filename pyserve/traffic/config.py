@@ -10,8 +10,8 @@ Format (docs/traffic.md has the full reference)::
         variants:                   # ordered: variant name -> model of the repository
           stable:    {model: lenet300, version: 1, weight_percent: 95}
           candidate: {model: lenet300, version: 2, weight_percent: 5}
-        shadows:                    # optional, any policy: mirrored off the request path
-          compressed: {model: lenet300c, version: 1, fraction: 0.25}
+        shadows:                    # optional, any policy but interleave: mirrored off the request path
+          compressed: {model: lenet300c, version: 1, fraction: 0.25, timeout_s: 10}
         shadow_queue_size: 1024     # optional
         guard: {...}                # optional SLO guard for a progressive canary (GuardConfig)
 
@@ -54,6 +54,8 @@ __all__ = [
 FORMAT_VERSION = 1
 POLICIES = ("canary", "ab", "shadow", "interleave")
 DEFAULT_SHADOW_QUEUE_SIZE = 1024
+#: Seconds one shadow copy may run before it counts as an error of kind timeout (ShadowConfig.timeout_s).
+DEFAULT_SHADOW_TIMEOUT_S = 10.0
 #: Tolerance on the sum of the weights (percent), for float weights such as 33.3/33.3/33.4.
 WEIGHT_SUM_TOLERANCE = 1e-6
 
@@ -97,11 +99,17 @@ class VariantConfig:
 
 @dataclass(frozen=True)
 class ShadowConfig:
-    """A shadow: requests mirrored to ``target`` with probability ``fraction`` in [0, 1]."""
+    """A shadow: requests mirrored to ``target`` with probability ``fraction`` in [0, 1].
+
+    ``timeout_s`` (> 0, seconds): how long one mirrored copy may run; after that it counts as a
+    shadow error of kind timeout and the shadows behind it go on (in the worker process: the worker
+    is killed and started again, see :mod:`pyserve.server._shadow_process`).
+    """
 
     name: str
     target: TargetConfig
     fraction: float = 1.0
+    timeout_s: float = DEFAULT_SHADOW_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -286,7 +294,9 @@ def route_to_dict(route: RouteConfig) -> dict:
         if route.policy != "interleave":
             out["variants"][v.name]["weight_percent"] = v.weight_percent
     if route.shadows:
-        out["shadows"] = {s.name: {**target(s.target), "fraction": s.fraction} for s in route.shadows}
+        out["shadows"] = {s.name: {**target(s.target), "fraction": s.fraction,
+                                   **({"timeout_s": s.timeout_s} if s.timeout_s != DEFAULT_SHADOW_TIMEOUT_S else {})}
+                          for s in route.shadows}
     if route.shadow_queue_size != DEFAULT_SHADOW_QUEUE_SIZE:
         out["shadow_queue_size"] = route.shadow_queue_size
     if route.guard is not None:
@@ -498,6 +508,10 @@ def _route(source: str, name: str, r: Any) -> RouteConfig:
     sraw = r.get("shadows") or {}
     if not isinstance(sraw, dict):
         raise TrafficConfigError(source, f"{where}.shadows", f"must be a mapping, got {type(sraw).__name__}")
+    if policy == "interleave" and sraw:
+        raise TrafficConfigError(source, f"{where}.shadows", "an interleave route cannot have shadows (its answer is "
+                                 "a merged list of two rankers, with nothing single to compare a shadow with); "
+                                 "shadow a route or model that serves one ranker instead")
     for sname, s in sraw.items():
         sw = f"{where}.shadows.{sname}"
         _name(source, sw, sname)
@@ -505,14 +519,17 @@ def _route(source: str, name: str, r: Any) -> RouteConfig:
             raise TrafficConfigError(source, sw, "a shadow cannot have the name of a variant of the same route")
         if not isinstance(s, dict):
             raise TrafficConfigError(source, sw, f"must be a mapping, got {type(s).__name__}")
-        _known(source, sw, s, ("model", "version", "route", "fraction"))
+        _known(source, sw, s, ("model", "version", "route", "fraction", "timeout_s"))
         target = _target(source, sw, s)
         fraction = _number(source, f"{sw}.fraction", s.get("fraction", 1.0))
         if not 0.0 <= fraction <= 1.0:
             raise TrafficConfigError(source, f"{sw}.fraction", f"must be in [0, 1], got {s.get('fraction')!r}")
         if target.route == name:
             raise TrafficConfigError(source, f"{sw}.route", f"route {name!r} cannot shadow itself")
-        shadows.append(ShadowConfig(sname, target, fraction))
+        timeout_s = _number(source, f"{sw}.timeout_s", s.get("timeout_s", DEFAULT_SHADOW_TIMEOUT_S))
+        if timeout_s <= 0:
+            raise TrafficConfigError(source, f"{sw}.timeout_s", f"must be > 0 (seconds), got {s.get('timeout_s')!r}")
+        shadows.append(ShadowConfig(sname, target, fraction, timeout_s))
     if policy == "shadow" and not shadows:
         raise TrafficConfigError(source, f"{where}.shadows", "policy 'shadow' needs at least one shadow")
 
@@ -595,6 +612,10 @@ def _check_route_refs(source: str, routes: Mapping[str, RouteConfig]) -> None:
                     raise TrafficConfigError(source, f, f"unknown route {t.route!r}; routes: {', '.join(routes)}")
                 if t.route == r.name:
                     raise TrafficConfigError(source, f, f"route {r.name!r} cannot route to itself")
+                if kind == "shadows" and routes[t.route].policy == "interleave":
+                    raise TrafficConfigError(source, f, f"route {t.route!r} interleaves: its answer (a merged list "
+                                             "of two rankers) cannot be compared with this route's; shadow one of "
+                                             "its rankers instead")
                 out.append((t.route, f))
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 

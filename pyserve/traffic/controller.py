@@ -55,12 +55,15 @@ class Plan:
     """How to serve one request: the variant(s) and the shadows that get a copy.
 
     For an interleave route ``variants`` holds both rankers (A, B); otherwise the one variant.
+    ``generation`` identifies the route's config in force when the plan was made (see
+    :attr:`RouteState.generation`); shadow results are reported back with it.
     """
 
     route: RouteConfig
     variants: tuple[VariantConfig, ...]
     shadows: tuple[ShadowConfig, ...]
     key: str | None
+    generation: int = 0
 
     @property
     def variant(self) -> VariantConfig:
@@ -77,7 +80,9 @@ class _Pending:
 @dataclass
 class RouteState:
     """A route in force: the config as the file gave it, the current config (weights after
-    set-weights / the guard) with its split, and its statistics."""
+    set-weights / the guard) with its split, and its statistics. ``generation``: a number unique
+    within the controller, new each time the route's config is put in force afresh (a reload or
+    set-route that changed it); weight changes keep it (they change no shadow)."""
 
     file_config: RouteConfig
     config: RouteConfig
@@ -88,6 +93,7 @@ class RouteState:
     interleave: InterleaveStats | None = None
     guard: CanaryGuard | None = None
     weight_changes: int = 0
+    generation: int = 0
 
 
 def _split(cfg: RouteConfig) -> WeightedSplit | None:
@@ -123,6 +129,10 @@ class TrafficController:
         self.routes: dict[str, RouteState] = {}
         self.config = TrafficConfig()
         self.unknown_feedback = 0
+        #: shadow results discarded because the route's config changed after they were mirrored
+        #: (per route name; also counted in the new config's ShadowStats.stale when it has the shadow)
+        self.stale_shadow_results: dict[str, int] = {}
+        self._generations = 0
         self.decisions: list[Decision] = []
         if config is not None:
             self.apply(config)
@@ -140,7 +150,8 @@ class TrafficController:
         self.config = config
 
     def _new_state(self, rc: RouteConfig) -> RouteState:
-        st = RouteState(rc, rc, _split(rc))
+        self._generations += 1
+        st = RouteState(rc, rc, _split(rc), generation=self._generations)
         st.variants = {v.name: RequestStats() for v in rc.variants}
         st.shadows = {s.name: ShadowStats() for s in rc.shadows}
         if rc.policy == "ab":
@@ -184,7 +195,7 @@ class TrafficController:
         else:
             variants = (cfg.variant(split.choose(key, self.rng)),)
         shadows = tuple(s for s in cfg.shadows if should_mirror(cfg.name, s.name, s.fraction, key, self.rng))
-        return Plan(cfg, variants, shadows, key)
+        return Plan(cfg, variants, shadows, key, st.generation)
 
     def record(self, route: str, variant: str, ok: bool, latency_s: float) -> Decision | None:
         """A routed request finished on ``variant``; returns a guard decision it triggered, if any."""
@@ -198,11 +209,34 @@ class TrafficController:
             return self._guarded(st, st.guard.observe(variant == st.guard.config.canary, ok, latency_s))
         return None
 
-    def record_shadow(self, route: str, shadow: str, ok: bool, latency_s: float, div: Divergence | None) -> Decision | None:
+    def shadow_current(self, route: str, shadow: str, generation: int | None) -> bool:
+        """Whether a copy mirrored under ``generation`` of ``route`` to ``shadow`` still belongs to the
+        config in force (None: not checked, always True while the route has the shadow)."""
         st = self.routes.get(route)
         if st is None or shadow not in st.shadows:
+            return False
+        return generation is None or generation == st.generation
+
+    def stale_shadow(self, route: str, shadow: str) -> None:
+        """Count one shadow result discarded because the route's config changed since it was mirrored."""
+        self.stale_shadow_results[route] = self.stale_shadow_results.get(route, 0) + 1
+        st = self.routes.get(route)
+        if st is not None and shadow in st.shadows:
+            st.shadows[shadow].stale += 1
+
+    def record_shadow(self, route: str, shadow: str, ok: bool, latency_s: float | None, div: Divergence | None,
+                      generation: int | None = None, *, timeout: bool = False) -> Decision | None:
+        """A mirrored copy finished. ``generation``: the :attr:`Plan.generation` it was mirrored under;
+        when the route's config has changed since (a reload or set-route that retargeted, removed or
+        re-added the shadow, or changed the route otherwise), the result is stale: it is counted
+        (:meth:`stale_shadow`) and discarded -- never recorded under the new config, never shown to
+        its guard. ``latency_s`` None: failed before it ran. ``timeout``: the error was the shadow's
+        ``timeout_s`` running out. Returns a guard decision it triggered, if any."""
+        st = self.routes.get(route)
+        if not self.shadow_current(route, shadow, generation):
+            self.stale_shadow(route, shadow)
             return None
-        st.shadows[shadow].record(ok, latency_s, div)
+        st.shadows[shadow].record(ok, latency_s, div, timeout=timeout)
         g = st.guard
         if g is not None and ok and div is not None and div.top1_agreement is not None:
             canary_target = st.config.variant(g.config.canary).target
@@ -212,10 +246,19 @@ class TrafficController:
                 return self._guarded(st, g.observe_shadow(agree, div.rows))
         return None
 
-    def drop_shadow(self, route: str, shadow: str) -> None:
-        st = self.routes.get(route)
-        if st is not None and shadow in st.shadows:
-            st.shadows[shadow].drop()
+    def lose_shadow(self, route: str, shadow: str, generation: int | None = None) -> None:
+        """A copy sent to the shadow worker process whose result was lost (the worker died)."""
+        if not self.shadow_current(route, shadow, generation):
+            self.stale_shadow(route, shadow)
+            return
+        self.routes[route].shadows[shadow].lost += 1
+
+    def drop_shadow(self, route: str, shadow: str, generation: int | None = None) -> None:
+        """A copy not run (queue full, or the shadow worker could not take it)."""
+        if not self.shadow_current(route, shadow, generation):
+            self.stale_shadow(route, shadow)
+            return
+        self.routes[route].shadows[shadow].drop()
 
     def record_interleaving(self, route: str) -> None:
         st = self.routes.get(route)
@@ -363,8 +406,9 @@ class TrafficController:
             if st.ab is not None:
                 r["ab"] = [a.as_dict() for a in st.ab.report()]
             if st.shadows:
-                r["shadows"] = {s.name: {"target": s.target.label, "fraction": s.fraction,
+                r["shadows"] = {s.name: {"target": s.target.label, "fraction": s.fraction, "timeout_s": s.timeout_s,
                                          **st.shadows[s.name].as_dict()} for s in cfg.shadows}
+                r["shadow_stale"] = self.stale_shadow_results.get(name, 0)
             if st.interleave is not None:
                 r["interleave"] = {"a": cfg.variants[0].name, "b": cfg.variants[1].name, **st.interleave.as_dict()}
             if st.guard is not None:
@@ -378,6 +422,7 @@ class TrafficController:
             "revision": self.config.revision,
             "source": self.config.source,
             "unknown_feedback": self.unknown_feedback,
+            "stale_shadow_results": dict(self.stale_shadow_results),
             "routes": {n: {"policy": st.config.policy, "weights": st.config.weights,
                            "shadows": {s.name: s.fraction for s in st.config.shadows},
                            "guard": st.guard.as_dict() if st.guard is not None else None}

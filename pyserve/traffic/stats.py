@@ -41,18 +41,24 @@ def percentile(values, q: float) -> float:
 class RequestStats:
     """Requests, errors and the latencies (seconds) of the last ``window`` requests."""
 
-    __slots__ = ("count", "errors", "latencies_s", "latency_sum_s")
+    __slots__ = ("count", "errors", "latencies_s", "latency_sum_s", "timed")
 
     def __init__(self, window: int = LATENCY_WINDOW) -> None:
         self.count = 0
         self.errors = 0
         self.latency_sum_s = 0.0
+        self.timed = 0  # requests with a latency (in latency_sum_s)
         self.latencies_s: deque[float] = deque(maxlen=window)
 
-    def add(self, ok: bool, latency_s: float) -> None:
+    def add(self, ok: bool, latency_s: float | None) -> None:
+        """One request. ``latency_s`` None: a request that failed before it ran (counted, but no
+        latency enters the window or the mean)."""
         self.count += 1
         if not ok:
             self.errors += 1
+        if latency_s is None:
+            return
+        self.timed += 1
         self.latency_sum_s += latency_s
         self.latencies_s.append(latency_s)
 
@@ -67,7 +73,7 @@ class RequestStats:
     def as_dict(self) -> dict:
         return {"count": self.count, "errors": self.errors, "error_rate": self.error_rate,
                 "p50_s": self.p(50), "p99_s": self.p(99),
-                "mean_s": self.latency_sum_s / self.count if self.count else math.nan}
+                "mean_s": self.latency_sum_s / self.timed if self.timed else math.nan}
 
 
 class Moments:

@@ -313,7 +313,7 @@ class ShadowProcess:
         # jobs submitted while it started were encoded without tokens this worker has not seen
         queued, self._out = self._out, []
         for job in queued:
-            if job in self._pending:
+            if job in self._pending and not self._end_if_stale(job):
                 self._encode(job, *self._jobs[job][:5])
         self.flush()
 
@@ -541,6 +541,55 @@ class ShadowProcess:
         return False
 
     _probe: tuple | None = None
+
+    def _end_if_stale(self, job: int) -> bool:
+        """End job ``job`` now, not run, when its ``done`` callback says its copy is stale (it has a
+        ``current()`` method returning False: the route's config changed since it was mirrored)."""
+        current = getattr(self._pending.get(job), "current", None)
+        if current is None or current():
+            return False
+        done = self._pending.pop(job)
+        self._jobs.pop(job, None)
+        done(ShadowResult(False, None, None, "not run: stale (the route's config changed)", "unavailable"))
+        return True
+
+    def drop_stale(self) -> int:
+        """After a config change: end every job whose copy is now stale without running it (see
+        :meth:`_end_if_stale`), and when the job the worker runs now is one of them, kill the worker and
+        start it again with the current jobs only (a stale copy, e.g. of a hung shadow that a reload
+        removed, must not keep the other shadows waiting). Returns how many jobs ended."""
+        head = self._head if self._up() else None
+        head_stale = head is not None and head in self._pending and \
+            getattr(self._pending[head], "current", lambda: True)() is False
+        n = sum(self._end_if_stale(j) for j in list(self._pending))
+        if head_stale:
+            self._restart(f"the job it ran (model {self._jobs_key(head)[0] if head in self._jobs else '?'!r}) became "
+                          "stale")
+        return n
+
+    def _restart(self, why: str) -> None:
+        """Kill the worker and start it again at once; pending jobs are resent to the new one."""
+        pipes = self._pipes
+        log.warning("shadow worker process %s is killed and started again: %s; %d job(s) are sent to the new one",
+                    pipes.transport.get_pid() if pipes is not None and pipes.transport is not None else "?", why,
+                    len(self._pending))
+        self._pipes, self._stdin = None, None  # its exit (_lost) is ignored: this is not a failure
+        self._rbuf.clear()
+        self._head, self._head_since = None, None
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+            self._watch_handle = None
+        if pipes is not None and pipes.transport is not None:
+            try:
+                pipes.transport.kill()
+            except ProcessLookupError:
+                pass
+            pipes.transport.close()
+        self._out = list(self._pending)  # resent (re-encoded) by _start, stale ones ended there
+        self._head_loading = False
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(self._start(),
+                                                                    name="pyserve-shadow-process-start")
 
     def _jobs_key(self, job: int) -> tuple[str, str]:
         return self._jobs[job][0], self._jobs[job][1]

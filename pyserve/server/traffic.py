@@ -257,7 +257,15 @@ class TrafficRouter:
     def apply(self, cfg: TrafficConfig) -> None:
         self.controller.apply(cfg)
         self._publish_weights()
+        self.drop_stale_shadows()
         log.info("traffic config %s revision %r in force: %d route(s)", cfg.source, cfg.revision, len(cfg.routes))
+
+    def drop_stale_shadows(self) -> None:
+        """After a config change (reload or SetRoute): copies queued for the shadow worker whose route
+        config changed end unrun, counted stale; a stale copy the worker is running is cut short (the
+        worker restarts), so that a removed or retargeted shadow -- a hung one, say -- frees it at once."""
+        if self.shadow_process is not None:
+            self.shadow_process.drop_stale()
 
     def _signature(self) -> tuple | None:
         try:
@@ -750,6 +758,10 @@ class _ResultTo:
         if not res.ok:
             log.debug("shadow %r of route %r: %s", self.shadow, self.route, res.error)
         self.router._shadow_done(self.route, self.shadow, self.generation, res.kind, res.latency_s, res.divergence)
+
+    def current(self) -> bool:
+        """Whether the copy still belongs to the route's config in force (else the worker drops it unrun)."""
+        return self.router.controller.shadow_current(self.route, self.shadow, self.generation)
 
 
 def _ranking(resp: InferResponse, variant: str) -> np.ndarray:

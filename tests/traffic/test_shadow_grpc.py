@@ -341,3 +341,63 @@ def test_shadows_on_an_interleave_route_are_refused_and_the_previous_config_kept
         assert "INVALID_ARGUMENT" in err and "routes.rank2.shadows: an interleave route cannot have shadows" in err
         assert not router.has_route("rank2")
         c.close()
+
+
+RETARGET = textwrap.dedent("""
+    version: 1
+    routes:
+      r:
+        policy: shadow
+        variants: {primary: {model: lenet300}}
+        shadows: {s: {model: stuck, fraction: 1.0, timeout_s: 600}}
+      healthy:
+        policy: shadow
+        variants: {primary: {model: lenet300}}
+        shadows: {compressed: {model: lenet300c, fraction: 1.0}}
+""")
+
+
+def test_a_reload_that_removes_a_hung_shadow_frees_the_worker_and_its_copies_are_not_resent(
+        lenet_repo, images, tmp_path, variants_module):
+    """Break-it finding 2: a hung shadow's copies (in the worker, queued behind it) become stale when
+    a reload retargets its route; they end unrun and counted stale, the worker running one is
+    restarted, and the other route's shadows run again at once -- not after timeout_s (600 s here)."""
+    flag = tmp_path / "hang"
+    variants_module.write_faulty_model(lenet_repo, "stuck", lenet_repo / "lenet300c/1/model.pyserve", "ok",
+                                       hang_if_exists=flag)
+    srv, path = _serve(lenet_repo, RETARGET, tmp_path, traffic_poll_s=0.05)
+    with srv:
+        c = tc.InferenceServerClient(srv.url)
+        router = srv.server.traffic
+        _infer(c, "r", images[:1], "w")  # loads 'stuck' (not hung yet) and lenet300c in the worker
+        _infer(c, "healthy", images[:1], "w")
+        _drain(srv)
+        proc = router.shadow_process
+        starts = proc.starts
+        flag.touch()
+        for i in range(3):
+            _infer(c, "r", images[:1], f"h{i}")  # the first hangs in the worker, two wait behind it
+        for i in range(4):
+            _infer(c, "healthy", images[i:i + 2], f"k{i}")  # queued behind the hung one
+        time.sleep(0.5)
+        path.write_text(RETARGET.replace("model: stuck, fraction: 1.0, timeout_s: 600", "model: lenet300c"))
+        deadline = time.monotonic() + 30
+        while router.reloads_applied < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        _drain(srv, 60)  # before the fix: the hung stale job held the worker for timeout_s (600 s)
+        waited = time.monotonic() - t0
+        ok = _report(srv.url, "healthy")["shadows"]["compressed"]
+        rep = _report(srv.url, "r")
+        assert (ok["requests_count"], ok["requests_errors"], ok["compared"]) == (5, 0, 5)
+        assert rep["shadow_stale"] == 3  # the hung one and the two behind it: discarded, never resent
+        assert rep["shadows"]["s"]["requests_count"] == 0 and rep["shadows"]["s"]["target"] == "lenet300c"
+        assert proc.timeouts == 0 and proc.starts == starts + 1  # cut short by the reload, not by timeout_s
+        print(f"reload freed the worker: drained {waited:.2f} s after the reload")
+        assert waited < 30.0
+        # the new target runs
+        _infer(c, "r", images[:1], "after")
+        _drain(srv, 60)
+        assert _report(srv.url, "r")["shadows"]["s"]["requests_count"] == 1
+        c.close()

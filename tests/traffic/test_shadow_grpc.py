@@ -131,6 +131,11 @@ def test_a_hung_shadow_times_out_and_other_routes_shadows_go_on(lenet_repo, imag
         _infer(c, "hung", images[:1], "h2")
         _drain(srv, 60)
         assert _report(srv.url, "hung")["shadows"]["stuck"]["timeouts"] == 2
+        # a second timeout in a row doubles the suspension (break-it finding 1: a model that keeps
+        # hanging costs the other shadows one timeout per back-off period, ever rarer), and its next
+        # load is bounded by STRUCK_LOAD_TIMEOUT_S, not LOAD_TIMEOUT_S
+        (left,) = [u - time.monotonic() for k, u in dict(proc._cooloff).items() if k[0] == "stuck"]
+        assert 60.0 * 2 - 10 < left <= 60.0 * 2 and proc._strikes[("stuck", "1")] == 2
         c.close()
 
 

@@ -406,3 +406,56 @@ def test_a_reload_that_removes_a_hung_shadow_frees_the_worker_and_its_copies_are
         _drain(srv, 60)
         assert _report(srv.url, "r")["shadows"]["s"]["requests_count"] == 1
         c.close()
+
+
+def _two_output_repo(root: Path) -> Path:
+    """mo_a, mo_b: output__0 logits [N, 10] (mo_b's negated: top-1 always differs), output__1 an
+    embedding [N, 16] (identical)."""
+    import torch
+
+    class M(torch.nn.Module):
+        def __init__(self, sign):
+            super().__init__()
+            torch.manual_seed(0)
+            self.l, self.e, self.sign = torch.nn.Linear(4, 10), torch.nn.Linear(4, 16), sign
+
+        def forward(self, x):
+            return self.sign * self.l(x), self.e(x)
+
+    for name, sign in (("mo_a", 1.0), ("mo_b", -1.0)):
+        d = root / name / "1"
+        d.mkdir(parents=True)
+        ep = torch.export.export(M(sign).eval(), (torch.randn(2, 4),),
+                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+        torch.export.save(ep, d / "model.pt2")
+        (root / name / "config.yaml").write_text("backend: torch\nmax_batch_size: 64\n")
+    return root
+
+
+def test_the_top_level_divergence_is_the_models_first_outputs_whatever_order_clients_ask(tmp_path):
+    """Break-it finding 4: two clients ask for the same two outputs in opposite orders; the top-level
+    figures are those of output__0 (the primary model's first output) for both, not a mix."""
+    repo = _two_output_repo(tmp_path / "repo")
+    srv, _ = _serve(repo, textwrap.dedent("""
+        version: 1
+        routes:
+          r:
+            policy: shadow
+            variants: {primary: {model: mo_a}}
+            shadows: {b: {model: mo_b, fraction: 1.0}}
+    """), tmp_path)
+    x = np.random.default_rng(1).normal(size=(4, 4)).astype(np.float32)
+    with srv:
+        c = tc.InferenceServerClient(srv.url)
+        for order in (["output__0", "output__1"], ["output__1", "output__0"]):
+            md = c.get_model_metadata("mo_a")
+            t = tc.InferInput(md.inputs[0].name, list(x.shape), "FP32")
+            t.set_data_from_numpy(x)
+            c.infer("r", [t], outputs=[tc.InferRequestedOutput(n) for n in order], parameters={"routing_key": "k"})
+        _drain(srv, 60)
+        s = _report(srv.url, "r")["shadows"]["b"]
+        assert s["compared"] == 2
+        # before the fix: top1 0.5, cosine_min -1 / mean 0 (logits for one client, embedding for the other)
+        assert s["top1_agreement"] == 0.0
+        assert s["cosine_mean"] == pytest.approx(-1.0) and s["cosine_min"] == pytest.approx(-1.0)
+        c.close()

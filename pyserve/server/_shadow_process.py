@@ -566,16 +566,15 @@ class ShadowProcess:
 
     def drop_stale(self) -> int:
         """After a config change: end every job whose copy is now stale without running it (see
-        :meth:`_end_if_stale`), and when the job the worker runs now is one of them, kill the worker and
-        start it again with the current jobs only (a stale copy, e.g. of a hung shadow that a reload
-        removed, must not keep the other shadows waiting). Returns how many jobs ended."""
-        head = self._head if self._up() else None
-        head_stale = head is not None and head in self._pending and \
-            getattr(self._pending[head], "current", lambda: True)() is False
+        :meth:`_end_if_stale`; the router counts them stale). When any of them had been sent to the
+        running worker, that worker is killed and started again with the current jobs only: a stale
+        copy there -- a hung shadow that a reload removed, or a backlog of a retargeted slow one --
+        must not keep the other shadows waiting (nor run ahead of a current job whose clock the
+        watchdog would then start too early). Returns how many jobs ended."""
+        sent = self._up()
         n = sum(self._end_if_stale(j) for j in list(self._pending))
-        if head_stale:
-            self._restart(f"the job it ran (model {self._jobs_key(head)[0] if head in self._jobs else '?'!r}) became "
-                          "stale")
+        if n and sent:
+            self._restart(f"{n} job(s) it had became stale (the route's config changed)")
         return n
 
     def _restart(self, why: str) -> None:

@@ -103,6 +103,11 @@ LOAD_TIMEOUT_S = 120.0
 #: end as ``unavailable``: drops), so that a model that keeps hanging does not restart the worker,
 #: and stall every other shadow, once per copy.
 TIMEOUT_COOLOFF_S = 30.0
+#: Each further timeout of the same model (with no good result between) doubles its cool-off, up to this.
+TIMEOUT_COOLOFF_MAX_S = 600.0
+#: Seconds a model that has timed out (no good result since) may spend (re)loading in a new worker:
+#: a model that hangs usually hangs in its warm-up too, and LOAD_TIMEOUT_S would stall every shadow.
+STRUCK_LOAD_TIMEOUT_S = 10.0
 #: Seconds the watchdog watches a worker past a job's timeout before it decides it is starved of
 #: CPU (not hung), and the largest share of that time in CPU a starved worker gets.
 STARVED_PROBE_S = 0.5
@@ -233,6 +238,7 @@ class ShadowProcess:
         self._head_loading = False  # the worker said it is loading the head job's model
         self._watch_handle: asyncio.TimerHandle | None = None
         self._cooloff: dict[tuple[str, str], float] = {}  # (model, version) -> monotonic end of its cool-off
+        self._strikes: dict[tuple[str, str], int] = {}  # (model, version) -> timeouts since its last good result
         self._ready = False  # the worker said it is ready (its imports are done)
         self._last_rx = 0.0  # monotonic time bytes last arrived from the worker
         self._ids = itertools.count(1)
@@ -313,7 +319,7 @@ class ShadowProcess:
         # jobs submitted while it started were encoded without tokens this worker has not seen
         queued, self._out = self._out, []
         for job in queued:
-            if job in self._pending:
+            if job in self._pending and not self._end_if_stale(job):
                 self._encode(job, *self._jobs[job][:5])
         self.flush()
 
@@ -369,8 +375,8 @@ class ShadowProcess:
         until = self._cooloff.get((model, version))
         if until is not None:
             if time.monotonic() < until:
-                done(ShadowResult(False, None, None, f"not run: model {model!r} timed out less than "
-                                                     f"{TIMEOUT_COOLOFF_S:g} s ago", "unavailable"))
+                done(ShadowResult(False, None, None, f"not run: model {model!r} timed out and is suspended for "
+                                                     f"{until - time.monotonic():.0f} s more", "unavailable"))
                 return
             del self._cooloff[(model, version)]
         if not self._up():
@@ -437,7 +443,9 @@ class ShadowProcess:
                 continue
             job, ok, latency_s, div, error = r
             done = pending.pop(job, None)
-            jobs.pop(job, None)
+            spec = jobs.pop(job, None)
+            if ok and spec is not None and self._strikes:
+                self._strikes.pop((spec[0], spec[1]), None)
             if done is not None:
                 done(ShadowResult(ok, latency_s, Divergence(*div) if div is not None else None, error))
             handled += 1
@@ -469,7 +477,10 @@ class ShadowProcess:
         while its model loads) plus RESULT_GRACE_S, since a finished job's result can wait up to
         RESULT_FLUSH_S in the worker before it is sent."""
         timeout_s = self._jobs[job][5]
-        return (max(timeout_s, LOAD_TIMEOUT_S) if self._head_loading else timeout_s) + RESULT_GRACE_S
+        if self._head_loading:
+            load_s = STRUCK_LOAD_TIMEOUT_S if self._jobs_key(job) in self._strikes else LOAD_TIMEOUT_S
+            return max(timeout_s, min(load_s, LOAD_TIMEOUT_S)) + RESULT_GRACE_S
+        return timeout_s + RESULT_GRACE_S
 
     def _watch(self, since: float) -> None:
         """Note which job runs now (the oldest sent without a result; its clock starts at ``since``
@@ -542,6 +553,54 @@ class ShadowProcess:
 
     _probe: tuple | None = None
 
+    def _end_if_stale(self, job: int) -> bool:
+        """End job ``job`` now, not run, when its ``done`` callback says its copy is stale (it has a
+        ``current()`` method returning False: the route's config changed since it was mirrored)."""
+        current = getattr(self._pending.get(job), "current", None)
+        if current is None or current():
+            return False
+        done = self._pending.pop(job)
+        self._jobs.pop(job, None)
+        done(ShadowResult(False, None, None, "not run: stale (the route's config changed)", "unavailable"))
+        return True
+
+    def drop_stale(self) -> int:
+        """After a config change: end every job whose copy is now stale without running it (see
+        :meth:`_end_if_stale`; the router counts them stale). When any of them had been sent to the
+        running worker, that worker is killed and started again with the current jobs only: a stale
+        copy there -- a hung shadow that a reload removed, or a backlog of a retargeted slow one --
+        must not keep the other shadows waiting (nor run ahead of a current job whose clock the
+        watchdog would then start too early). Returns how many jobs ended."""
+        sent = self._up()
+        n = sum(self._end_if_stale(j) for j in list(self._pending))
+        if n and sent:
+            self._restart(f"{n} job(s) it had became stale (the route's config changed)")
+        return n
+
+    def _restart(self, why: str) -> None:
+        """Kill the worker and start it again at once; pending jobs are resent to the new one."""
+        pipes = self._pipes
+        log.warning("shadow worker process %s is killed and started again: %s; %d job(s) are sent to the new one",
+                    pipes.transport.get_pid() if pipes is not None and pipes.transport is not None else "?", why,
+                    len(self._pending))
+        self._pipes, self._stdin = None, None  # its exit (_lost) is ignored: this is not a failure
+        self._rbuf.clear()
+        self._head, self._head_since = None, None
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+            self._watch_handle = None
+        if pipes is not None and pipes.transport is not None:
+            try:
+                pipes.transport.kill()
+            except ProcessLookupError:
+                pass
+            pipes.transport.close()
+        self._out = list(self._pending)  # resent (re-encoded) by _start, stale ones ended there
+        self._head_loading = False
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(self._start(),
+                                                                    name="pyserve-shadow-process-start")
+
     def _jobs_key(self, job: int) -> tuple[str, str]:
         return self._jobs[job][0], self._jobs[job][1]
 
@@ -562,12 +621,16 @@ class ShadowProcess:
         # model costs the other shadows one timeout per new copy of it, not one per queued copy
         same = [j for j in self._pending if self._jobs_key(j) == key]
         dropped = [(self._pending.pop(j), self._jobs.pop(j)) for j in same]
-        self._cooloff[key] = time.monotonic() + TIMEOUT_COOLOFF_S  # and so would the next ones, for a while
+        # and so would the next ones, for a while: a back-off that doubles with each timeout in a row
+        strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
+        cooloff_s = min(TIMEOUT_COOLOFF_S * 2 ** (strikes - 1), TIMEOUT_COOLOFF_MAX_S)
+        self._cooloff[key] = time.monotonic() + cooloff_s
         log.warning("shadow job on model %r was %s for %.3f s, past its limit %g s: the worker process %s is killed "
                     "and started again; %d job(s) of other models queued behind it are sent to the new one, %d of "
-                    "the same model are dropped", model, what, ran_s, timeout_s,
+                    "the same model are dropped, as are its new copies for %g s (timeout %d in a row)", model, what,
+                    ran_s, timeout_s,
                     pipes.transport.get_pid() if pipes is not None and pipes.transport is not None else "?",
-                    len(self._pending), len(dropped))
+                    len(self._pending), len(dropped), cooloff_s, strikes)
         self._pipes, self._stdin = None, None  # its exit (_lost) is ignored: this is not a failure
         self._rbuf.clear()
         self._head, self._head_since = None, None

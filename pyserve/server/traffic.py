@@ -257,7 +257,15 @@ class TrafficRouter:
     def apply(self, cfg: TrafficConfig) -> None:
         self.controller.apply(cfg)
         self._publish_weights()
+        self.drop_stale_shadows()
         log.info("traffic config %s revision %r in force: %d route(s)", cfg.source, cfg.revision, len(cfg.routes))
+
+    def drop_stale_shadows(self) -> None:
+        """After a config change (reload or SetRoute): copies queued for the shadow worker whose route
+        config changed end unrun, counted stale; a stale copy the worker is running is cut short (the
+        worker restarts), so that a removed or retargeted shadow -- a hung one, say -- frees it at once."""
+        if self.shadow_process is not None:
+            self.shadow_process.drop_stale()
 
     def _signature(self) -> tuple | None:
         try:
@@ -491,7 +499,7 @@ class TrafficRouter:
                 self._drop(name, s.name, plan.generation)
                 continue
             if primary is None:
-                primary = output_arrays(resp.outputs)
+                primary = output_arrays(self._signature_order(resp))
             n += 1
             self._mirrors.append((name, s, request, primary, plan.key, plan.generation))
         self._outstanding[name] = n
@@ -553,6 +561,21 @@ class TrafficRouter:
         elif self._overdue_handle is not None:
             self._overdue_handle.cancel()
             self._overdue_handle = None
+
+    def _signature_order(self, resp: InferResponse):
+        """The primary's output tensors in its model's signature order (the dataplane answers them in
+        the order the client asked for): the top-level divergence is the first compared output's, so
+        it must not depend on that order (break-it finding 4)."""
+        outs = resp.outputs
+        if len(outs) < 2:
+            return outs
+        try:
+            sig = self.dataplane.repository.get_ready(resp.model_name, resp.model_version) \
+                .pick(resp.model_version).backend.signature
+        except Exception:  # noqa: BLE001 - unloaded meanwhile: keep the response's order
+            return outs
+        rank = {spec.name: i for i, spec in enumerate(sig.outputs)}
+        return sorted(outs, key=lambda t: rank.get(t.name, len(rank)))
 
     def _dispatch(self, route: str, shadow, request: InferRequest, primary: dict, key, generation: int) -> None:
         """Send one mirrored copy on its way: to the worker process, or to the route's in-process queue.
@@ -750,6 +773,10 @@ class _ResultTo:
         if not res.ok:
             log.debug("shadow %r of route %r: %s", self.shadow, self.route, res.error)
         self.router._shadow_done(self.route, self.shadow, self.generation, res.kind, res.latency_s, res.divergence)
+
+    def current(self) -> bool:
+        """Whether the copy still belongs to the route's config in force (else the worker drops it unrun)."""
+        return self.router.controller.shadow_current(self.route, self.shadow, self.generation)
 
 
 def _ranking(resp: InferResponse, variant: str) -> np.ndarray:

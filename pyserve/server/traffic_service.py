@@ -48,6 +48,7 @@ class TrafficControlServicer:
         except TrafficConfigError as exc:
             raise InvalidArgument(str(exc)) from None
         self._router._publish_weights()
+        self._router.drop_stale_shadows()
         return self._route_response(request.route)
 
     async def SetWeights(self, request, context):

@@ -428,7 +428,15 @@ def _name(source: str, where: str, name: Any) -> None:
 
 def _number(source: str, where: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TrafficConfigError(source, where, f"must be a number, got {value!r}")
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = (" (YAML read it as text: an exponent needs a dot and a sign there, e.g. 1.0e-9, "
+                        "not 1e-9)")
+            except ValueError:
+                pass
+        raise TrafficConfigError(source, where, f"must be a number, got {value!r}{hint}")
     return float(value)
 
 
@@ -526,6 +534,12 @@ def _route(source: str, name: str, r: Any) -> RouteConfig:
             raise TrafficConfigError(source, f"{sw}.fraction", f"must be in [0, 1], got {s.get('fraction')!r}")
         if target.route == name:
             raise TrafficConfigError(source, f"{sw}.route", f"route {name!r} cannot shadow itself")
+        if target.route is not None:
+            # a copy sent through another route would be that route's live traffic: its split, guard
+            # (rollback), counts, impressions and feedback records (see docs/traffic.md)
+            raise TrafficConfigError(source, f"{sw}.route", f"a shadow must name a model, not a route ({target.route!r}):"
+                                     " a copy sent through a route would act as that route's live traffic (its "
+                                     "guard, counts and feedback records); shadow the model of the variant to test")
         timeout_s = _number(source, f"{sw}.timeout_s", s.get("timeout_s", DEFAULT_SHADOW_TIMEOUT_S))
         if timeout_s <= 0:
             raise TrafficConfigError(source, f"{sw}.timeout_s", f"must be > 0 (seconds), got {s.get('timeout_s')!r}")

@@ -98,10 +98,26 @@ BAD = [
           policy: canary
           variants: {b: {route: t}}
         t:
+          policy: canary
+          variants: {c: {route: r}}
+        """), "routes.t.variants.c.route", "cycle: r -> s -> t -> r"),
+    # a shadow through another route would be that route's live traffic (break-it finding 3)
+    (_routes("""
+        r:
           policy: shadow
+          variants: {a: {model: m}}
+          shadows: {s: {route: t}}
+        t:
+          policy: canary
           variants: {c: {model: m}}
-          shadows: {back: {route: r}}
-        """), "routes.t.shadows.back.route", "cycle: r -> s -> t -> r"),
+        """), "routes.r.shadows.s.route", "a shadow must name a model, not a route ('t')"),
+    # YAML 1.1 reads 1e-9 as text: the message says so
+    (_routes("""
+        r:
+          policy: shadow
+          variants: {a: {model: m}}
+          shadows: {s: {model: n, timeout_s: 1e-9}}
+        """), "routes.r.shadows.s.timeout_s", "an exponent needs a dot"),
     (_routes("""
         r:
           policy: canary

@@ -285,14 +285,14 @@ def test_shadows_on_an_interleave_route_are_refused_with_the_field_named():
                             "shadows: {s: {model: m3}}\n")
     # an empty mapping is no shadow: still accepted
     parse_traffic_config(text.replace("shadows: {s: {model: m3}}", "shadows: {}"))
-    # nor can a shadow of another route be an interleave route (nothing to compare with)
+    # nor can a shadow target another route, an interleave one included (break-it finding 3)
     other = text.replace("shadows: {s: {model: m3}}", "") + textwrap.indent(textwrap.dedent("""
         r:
           policy: canary
           variants: {a: {model: m1}}
           shadows: {s: {route: rank}}
     """), "  ")
-    with pytest.raises(TrafficConfigError, match=r"routes\.r\.shadows\.s\.route: route 'rank' interleaves"):
+    with pytest.raises(TrafficConfigError, match=r"routes\.r\.shadows\.s\.route: a shadow must name a model, not a route"):
         parse_traffic_config(other)
 
 

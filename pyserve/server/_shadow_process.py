@@ -577,26 +577,32 @@ class ShadowProcess:
             self._restart(f"{n} job(s) it had became stale (the route's config changed)")
         return n
 
-    def _restart(self, why: str) -> None:
-        """Kill the worker and start it again at once; pending jobs are resent to the new one."""
-        pipes = self._pipes
-        log.warning("shadow worker process %s is killed and started again: %s; %d job(s) are sent to the new one",
-                    pipes.transport.get_pid() if pipes is not None and pipes.transport is not None else "?", why,
-                    len(self._pending))
-        self._pipes, self._stdin = None, None  # its exit (_lost) is ignored: this is not a failure
+    def _kill(self, pipes) -> None:
+        """Forget the worker process behind ``pipes`` and kill it (its exit, seen by _lost, is then
+        ignored: this is not a failure); the pending jobs are queued again for the next worker
+        (re-encoded by _start, which ends the stale ones)."""
+        self._pipes, self._stdin = None, None
         self._rbuf.clear()
         self._head, self._head_since = None, None
-        if self._watch_handle is not None:
-            self._watch_handle.cancel()
-            self._watch_handle = None
         if pipes is not None and pipes.transport is not None:
             try:
                 pipes.transport.kill()
             except ProcessLookupError:
                 pass
             pipes.transport.close()
-        self._out = list(self._pending)  # resent (re-encoded) by _start, stale ones ended there
+        self._out = list(self._pending)
         self._head_loading = False
+
+    def _restart(self, why: str) -> None:
+        """Kill the worker and start it again at once; pending jobs are resent to the new one."""
+        pipes = self._pipes
+        log.warning("shadow worker process %s is killed and started again: %s; %d job(s) are sent to the new one",
+                    pipes.transport.get_pid() if pipes is not None and pipes.transport is not None else "?", why,
+                    len(self._pending))
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+            self._watch_handle = None
+        self._kill(pipes)
         if self._starting is None:
             self._starting = asyncio.get_running_loop().create_task(self._start(),
                                                                     name="pyserve-shadow-process-start")
@@ -631,18 +637,8 @@ class ShadowProcess:
                     ran_s, timeout_s,
                     pipes.transport.get_pid() if pipes is not None and pipes.transport is not None else "?",
                     len(self._pending), len(dropped), cooloff_s, strikes)
-        self._pipes, self._stdin = None, None  # its exit (_lost) is ignored: this is not a failure
-        self._rbuf.clear()
-        self._head, self._head_since = None, None
-        if pipes is not None and pipes.transport is not None:
-            try:
-                pipes.transport.kill()
-            except ProcessLookupError:
-                pass
-            pipes.transport.close()
-        self._out = list(self._pending)  # resent (re-encoded) by _start
+        self._kill(pipes)
         self._starting = asyncio.get_running_loop().create_task(self._start(), name="pyserve-shadow-process-start")
-        self._head_loading = False
         done(ShadowResult(False, ran_s, None, f"DEADLINE_EXCEEDED: the shadow was {what} past its limit "
                                               f"{timeout_s:g} s", "timeout"))
         for d, _ in dropped:

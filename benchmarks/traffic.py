@@ -315,6 +315,11 @@ def goal_rollback(repo: Path, images: np.ndarray, window_s: float, tmp: Path) ->
     v = _variants()
     flag = tmp / "canary-fails-now"
     v.write_faulty_model(repo, "flaky", repo / "lenet300c/1/model.pyserve", "ok", fail_if_exists=flag)
+    # the baseline through the same wrapper, so both variants take the same execution path (a
+    # wrapper has no infer_sync, so it always runs in the thread pool, while a bare pyserve model
+    # runs inline on the event loop): otherwise the guard's p99 ratio compares pool hand-overs
+    # with inline runs and, under load, rolls back before the canary fails
+    v.write_faulty_model(repo, "steady", repo / "lenet300/1/model.pyserve", "ok")
     cfg = tmp / "guard.yaml"
     cfg.write_text(textwrap.dedent(f"""
         version: 1
@@ -322,7 +327,7 @@ def goal_rollback(repo: Path, images: np.ndarray, window_s: float, tmp: Path) ->
           mnist:
             policy: canary
             variants:
-              stable: {{model: lenet300, weight_percent: 95}}
+              stable: {{model: steady, weight_percent: 95}}
               candidate: {{model: flaky, weight_percent: 5}}
             guard:
               canary: candidate

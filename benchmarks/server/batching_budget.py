@@ -51,6 +51,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def write_repo(repo: Path, artifact: Path) -> Path:
+    """``repo/plain`` and ``repo/batched``: ``artifact`` unbatched, and with dynamic batching (1 ms
+    queue delay, preferred batch 16); returns ``repo``."""
+    for name, config in (("plain", "max_batch_size: 64\n"),
+                         ("batched", "max_batch_size: 64\ndynamic_batching:\n  max_queue_delay_microseconds: 1000\n"
+                                     "  preferred_batch_size: [16]\n")):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "model.pyserve").write_bytes(artifact.read_bytes())
+        (repo / name / "config.yaml").write_text(config)
+    return repo
+
 def _cpu_us(fn, n: int) -> float:
     """Median over 5 blocks of the calling thread's CPU µs per call of ``fn()``."""
     per = []
@@ -157,13 +168,7 @@ def main() -> int:
         tmp = Path(tmp)
         artifact, acc = bench_server.build_model(tmp)
         result["test_accuracy"] = acc
-        repo = tmp / "repo"
-        for name, config in (("plain", "max_batch_size: 64\n"),
-                             ("batched", "max_batch_size: 64\ndynamic_batching:\n  max_queue_delay_microseconds: 1000\n"
-                                         "  preferred_batch_size: [16]\n")):
-            (repo / name / "1").mkdir(parents=True)
-            (repo / name / "1" / "model.pyserve").write_bytes(artifact.read_bytes())
-            (repo / name / "config.yaml").write_text(config)
+        repo = write_repo(tmp / "repo", artifact)
         result.update(asyncio.run(_measure(repo, args.n)))
     result["grpc_floor_us"] = grpc_floor_us(args.seconds)
     base = result["grpc_floor_us"] + result["protobuf_us"] + result["pyserve_us"]

@@ -70,14 +70,9 @@ def _write_repo(root: Path) -> Path:
                               torch.nn.Linear(100, 10)).eval()
     art = root / "lenet300.pyserve"
     save(art, net, (torch.randn(2, 784),), model_name="lenet300", input_names=["images"], output_names=["logits"])
-    repo = root / "repo"
-    for name, config in (("plain", "max_batch_size: 64\n"),
-                         ("batched", "max_batch_size: 64\ndynamic_batching:\n  max_queue_delay_microseconds: 1000\n"
-                                     "  preferred_batch_size: [16]\n")):
-        (repo / name / "1").mkdir(parents=True)
-        (repo / name / "1" / "model.pyserve").write_bytes(art.read_bytes())
-        (repo / name / "config.yaml").write_text(config)
-    return repo
+    from batching_budget import write_repo  # the same two models the per-request budget measures
+
+    return write_repo(root / "repo", art)
 
 
 class _Context:

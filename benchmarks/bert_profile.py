@@ -49,7 +49,7 @@ def kind_of(node) -> str:
         return "int8_linear"
     if "linear" in name:
         return "fp32 linear"
-    if any(k in name for k in ("matmul", "bmm", "softmax", "scaled_dot_product", "sdpa", "baddbmm")):
+    if any(k in name for k in ("matmul", "bmm", "softmax", "scaled_dot_product", "sdpa", "baddbmm", "attention")):
         return "attention (matmul, softmax)"
     if "layer_norm" in name:
         return "layer_norm"

@@ -10,6 +10,7 @@
 #include "sparse/csr_launcher.h"
 #include "quant/codebook_launcher.h"
 #include "quant/int8_launcher.h"
+#include "quant/attention_launcher.h"
 
 namespace py = pybind11;
 
@@ -285,6 +286,37 @@ Raises
 ValueError
     As int8_linear (the K mismatch names ``w_int8``); ``activation`` not ``"none"`` or ``"gelu"``.
 )doc");
+
+  m.def("attention_qkv", &pyserve::attention_qkv, py::arg("qkv"), py::arg("heads"), py::arg("mask") = py::none(),
+        py::arg("scale"),
+        R"doc(Multi-head attention from a fused Q|K|V projection (see pyserve.ops.attention_qkv).
+
+Parameters
+----------
+qkv : numpy.ndarray
+    ``[B, S, 3 E]`` float32, C-contiguous: per row the queries, keys and values side by side, each
+    ``E = heads * head_size`` wide.
+heads : int
+    Number of heads, >= 1, dividing ``E``.
+mask : numpy.ndarray or None
+    Additive ``[B or 1, S or 1, S]`` float32, C-contiguous (a size-1 dim broadcasts).
+scale : float
+    Factor on ``q . k`` before the mask is added (finite).
+
+Returns
+-------
+numpy.ndarray
+    ``[B, S, E]`` float32: softmax(scale q k^T + mask) v per head, heads side by side.
+
+Raises
+------
+ValueError
+    Wrong dtype, rank, layout or shape of ``qkv`` or ``mask``; ``heads`` < 1 or not dividing; a
+    non-finite ``scale``.
+)doc");
+
+  m.def("attention_qkv_fast", &pyserve::attention_qkv_fast, py::arg("head_size"),
+        "Whether attention_qkv runs its AVX2 kernel for this head size on this CPU (head_size % 8 == 0, <= 32).");
 
   m.def("int8_linear_cuda", &pyserve::int8_linear_cuda, py::arg("x"), py::arg("w"), py::arg("w_scale"),
         py::arg("bias"), py::arg("y"), py::arg("xq"), py::arg("x_scale"), py::arg("B"), py::arg("K"), py::arg("N"),

@@ -4,7 +4,7 @@ pyserve native kernels (C++/CUDA). Use the Python faces in pyserve.ops.
 from __future__ import annotations
 import numpy
 import typing
-__all__: list[str] = ['CsrPackedWeight', 'Int8PackedWeight', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'csr_linear', 'csr_linear_has_avx2', 'csr_linear_packed', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_encode', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_csr_weight', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
+__all__: list[str] = ['CsrPackedWeight', 'Int8PackedWeight', 'attention_qkv', 'attention_qkv_fast', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'csr_linear', 'csr_linear_has_avx2', 'csr_linear_packed', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_encode', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_csr_weight', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
 class CsrPackedWeight:
     """
     A CSR weight prepared once for csr_linear (see pyserve.ops.pack_csr_weight).
@@ -61,6 +61,37 @@ class Int8PackedWeight:
         """
         ``(N, K)`` of the packed weights.
         """
+def attention_qkv(qkv: numpy.ndarray, heads: typing.SupportsInt | typing.SupportsIndex, mask: numpy.ndarray | None = None, scale: typing.SupportsFloat | typing.SupportsIndex) -> numpy.ndarray:
+    """
+    Multi-head attention from a fused Q|K|V projection (see pyserve.ops.attention_qkv).
+    
+    Parameters
+    ----------
+    qkv : numpy.ndarray
+        ``[B, S, 3 E]`` float32, C-contiguous: per row the queries, keys and values side by side, each
+        ``E = heads * head_size`` wide.
+    heads : int
+        Number of heads, >= 1, dividing ``E``.
+    mask : numpy.ndarray or None
+        Additive ``[B or 1, S or 1, S]`` float32, C-contiguous (a size-1 dim broadcasts).
+    scale : float
+        Factor on ``q . k`` before the mask is added (finite).
+    
+    Returns
+    -------
+    numpy.ndarray
+        ``[B, S, E]`` float32: softmax(scale q k^T + mask) v per head, heads side by side.
+    
+    Raises
+    ------
+    ValueError
+        Wrong dtype, rank, layout or shape of ``qkv`` or ``mask``; ``heads`` < 1 or not dividing; a
+        non-finite ``scale``.
+    """
+def attention_qkv_fast(head_size: typing.SupportsInt | typing.SupportsIndex) -> bool:
+    """
+    Whether attention_qkv runs its AVX2 kernel for this head size on this CPU (head_size % 8 == 0, <= 32).
+    """
 def build_info() -> dict[str, typing.Any]:
     """
     What this build compiled in.

@@ -176,16 +176,40 @@ def test_artifact_tokenizer_equals_the_models(tiny_int8):
 
 def test_fused_qkv_and_attention_equal_the_graph(tiny_int8):
     """native_module's rewrites on the BERT graph: Q, K, V as one Linear per layer and attention as
-    one scaled_dot_product_attention; on fp32 weights the result equals the stored graph's."""
+    one scaled_dot_product_attention (attention=False) or one native attention_qkv call per layer
+    (the default, where the CPU has the AVX2 kernel); on fp32 weights the result equals the stored
+    graph's within float rounding."""
+    from pyserve.ops import attention_qkv_fast
+
     _, out = tiny_int8
-    fused, choices = native_module(artifact.load_artifact(out), kernels="dense")
+    fused, choices = native_module(artifact.load_artifact(out), kernels="dense", attention=False)
     targets = [str(n.target) for n in fused.graph.nodes if n.op == "call_function"]
     assert sum("_sdpa" in t for t in targets) == 2 and not any("softmax" in t for t in targets)
     assert sum("aten.linear" in t for t in targets) == 2 * 4  # qkv, attention out, intermediate, output
+    native, _ = native_module(artifact.load_artifact(out), kernels="dense")
+    targets = [str(n.target) for n in native.graph.nodes if n.op == "call_function"]
+    fast = attention_qkv_fast(16)  # TinyMiniLM: hidden 64, 4 heads
+    assert sum("_attention_qkv" in t for t in targets) == (2 if fast else 0)
+    assert sum("_sdpa" in t for t in targets) == (0 if fast else 2)
     graph = artifact.load_module(out)
     ids, mask = pyserve.load(out).token_inputs(SENTENCES)
     with torch.inference_mode():
-        torch.testing.assert_close(fused(ids, mask), graph(ids, mask), atol=1e-5, rtol=1e-5)
+        expected = graph(ids, mask)
+        torch.testing.assert_close(fused(ids, mask), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(native(ids, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_native_attention_on_int8_minilm_within_rounding(tiny_int8):
+    """The int8 artifact with the native attention against the same kernels with torch's SDPA: the
+    same int8 GEMMs, attention within float rounding (embedding cosine 1 - 1e-6, max abs 1e-5)."""
+    _, out = tiny_int8
+    native, _ = native_module(artifact.load_artifact(out), kernels="int8")
+    sdpa, _ = native_module(artifact.load_artifact(out), kernels="int8", attention=False)
+    ids, mask = pyserve.load(out).token_inputs(SENTENCES)
+    with torch.inference_mode():
+        a, b = native(ids, mask), sdpa(ids, mask)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 1 - 1e-6
+    assert (a - b).abs().max() < 1e-5
 
 
 def test_served_sentences_equal_offline(tiny_int8, tmp_path, monkeypatch):

@@ -338,6 +338,107 @@ def _fuse_attention(gm) -> int:
     return count
 
 
+def _attention_qkv(qkv, mask, heads: int, head_size: int, scale: float):
+    """``[B, S, E]`` attention of the fused projection ``qkv`` (``[B, S, 3 E]``: Q, K, V side by side)
+    under the additive ``mask`` (``[B, 1, S or 1, S]``): :func:`pyserve.ops.attention_qkv`'s native
+    kernel, called with the least conversion; anything it does not take (a CUDA or non-float32
+    tensor, gradients, another mask shape, a width other than ``3 * heads * head_size``) runs the
+    graph's original ops instead (views, :func:`_sdpa`, transpose, reshape)."""
+    import torch
+
+    from pyserve import _C
+
+    E = heads * head_size
+    B, S = qkv.shape[0], qkv.shape[1]
+    native = (qkv.dim() == 3 and qkv.shape[2] == 3 * E and qkv.dtype == torch.float32 and not qkv.is_cuda
+              and not qkv.requires_grad and isinstance(mask, torch.Tensor) and mask.dtype == torch.float32
+              and not mask.requires_grad and mask.dim() == 4 and mask.shape[1] == 1
+              and mask.shape[0] in (1, B) and mask.shape[2] in (1, S) and mask.shape[3] == S and not mask.is_cuda)
+    if native:
+        m = mask[:, 0, :1] if (mask.shape[2] == 1 or mask.stride(2) == 0) else mask[:, 0]
+        out = _C.attention_qkv(qkv.contiguous().numpy(), heads, m.contiguous().numpy(), scale)
+        return torch.from_numpy(out)
+    q, k, v = (qkv[..., i * E:(i + 1) * E].reshape(B, S, heads, head_size).transpose(1, 2) for i in range(3))
+    return _sdpa(q, k, v, mask, scale).transpose(1, 2).reshape(B, S, E)
+
+
+def _fuse_qkv_attention(gm) -> int:
+    """Replace ``slice -> view -> transpose`` of Q, K and V from one fused projection, :func:`_sdpa` on
+    them and ``transpose -> contiguous -> reshape`` of its output (13 nodes per layer) by one
+    :func:`_attention_qkv` node; returns how many were replaced. Only the exact pattern is rewritten
+    (Q, K, V the consecutive thirds ``[0, E)``, ``[E, 2E)``, ``[2E, 3E)`` of the last dim of one node
+    that nothing else reads, heads split as ``[B, S, H or -1, D]``, transposed (1, 2))."""
+    import torch
+
+    from pyserve import _C
+
+    aten = torch.ops.aten
+    graph = gm.graph
+
+    def only_user(node):
+        return len(node.users) == 1
+
+    def head_view(t):
+        """(slice node, view node, D) of ``transpose(view(slice(src), [b, s, h, D]), 1, 2)`` or None."""
+        if getattr(t, "target", None) is not aten.transpose.int or not only_user(t) \
+                or sorted(d % 4 for d in t.args[1:3]) != [1, 2]:
+            return None
+        view = t.args[0]
+        if getattr(view, "target", None) not in (aten.view.default, aten.reshape.default) or not only_user(view):
+            return None
+        shape = view.args[1]
+        if not isinstance(shape, (list, tuple)) or len(shape) != 4 or not isinstance(shape[3], int) or shape[3] < 1:
+            return None
+        sl = view.args[0]
+        if getattr(sl, "target", None) is not aten.slice.Tensor or not only_user(sl) or len(sl.args) != 4 \
+                or sl.args[1] not in (-1, 2) or sl.kwargs:
+            return None
+        return sl, view, shape[3], shape[2]
+
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not _sdpa or len(node.args) != 5:
+            continue
+        q, k, v, mask, scale = node.args
+        parts = [head_view(t) for t in (q, k, v)]
+        if any(p is None for p in parts) or not isinstance(scale, float):
+            continue
+        src = parts[0][0].args[0]
+        D = parts[0][2]
+        bounds = [(p[0].args[2], p[0].args[3]) for p in parts]
+        E = bounds[0][1] - bounds[0][0] if all(isinstance(b, int) for bb in bounds for b in bb) else None
+        if (E is None or E <= 0 or E % D or bounds != [(0, E), (E, 2 * E), (2 * E, 3 * E)]
+                or any(p[0].args[0] is not src for p in parts) or any(p[2] != D for p in parts)
+                or any(p[3] not in (-1, E // D) for p in parts) or set(src.users) != {p[0] for p in parts}
+                or not _C.attention_qkv_fast(D)):  # the scalar fallback is slower than torch's SDPA
+            continue
+        post = next(iter(node.users)) if only_user(node) else None
+        if getattr(post, "target", None) is not aten.transpose.int or not only_user(post) \
+                or sorted(d % 4 for d in post.args[1:3]) != [1, 2]:
+            continue
+        cont = next(iter(post.users))
+        if getattr(cont, "target", None) is not aten.contiguous.default or not only_user(cont):
+            continue
+        out = next(iter(cont.users))
+        shape = out.args[1] if len(out.args) > 1 else None
+        if getattr(out, "target", None) not in (aten.view.default, aten.reshape.default) \
+                or not isinstance(shape, (list, tuple)) or len(shape) != 3 or shape[2] not in (-1, E):
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(_attention_qkv, (src, mask, E // D, D, scale))
+        new.meta = dict(out.meta)
+        out.replace_all_uses_with(new)
+        for n in (out, cont, post, node):
+            graph.erase_node(n)
+        for t, p in zip((q, k, v), parts):
+            for n in (t, p[1], p[0]):
+                graph.erase_node(n)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
 def _drop_inactive_dropout(gm) -> int:
     """Remove ``aten.dropout(x, p, train=False)`` nodes (the identity: ATen returns ``x`` itself),
     which an exported eval-mode transformer keeps after every block's sublayers; returns how many."""
@@ -355,7 +456,8 @@ def _drop_inactive_dropout(gm) -> int:
     return count
 
 
-def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: int = 5, fuse: bool = True):
+def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: int = 5, fuse: bool = True,
+                  attention: bool = True):
     """The artifact's module with its Linear layers on the chosen kernels.
 
     Parameters
@@ -369,6 +471,10 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         attention as one scaled_dot_product_attention, drop inactive dropout nodes, and fold a
         GELU that only reads an int8 layer's output into that layer's native call (module
         docstring).
+    attention : with ``fuse``, run the attention of a fused Q|K|V projection as one native
+        :func:`pyserve.ops.attention_qkv` call (:func:`_fuse_qkv_attention`: no head views,
+        transposes and copies; within float rounding of torch's SDPA, not bit-identical).
+        ``False`` keeps torch's ``scaled_dot_product_attention``.
 
     Returns
     -------
@@ -393,6 +499,8 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
     if fuse:
         _fuse_attention(gm)
         _drop_inactive_dropout(gm)
+        if attention:
+            _fuse_qkv_attention(gm)
     if kernels == "dense":
         for fname, originals in fused.items():
             choices.update({w: "dense" for w in originals})

@@ -13,6 +13,7 @@ from pyserve.ops.huffman import (
     huffman_encode,
 )
 from pyserve.ops._threads import get_num_threads, set_num_threads
+from pyserve.ops.attention import attention_qkv, attention_qkv_fast
 from pyserve.ops.sparse import csr_linear, pack_csr_weight
 from pyserve.ops.quant import (
     codebook_linear,
@@ -35,6 +36,9 @@ __all__ = [
     "pack_csr_weight",
     "get_num_threads",
     "set_num_threads",
+    # attention from a fused Q|K|V projection (pyserve.ops.attention)
+    "attention_qkv",
+    "attention_qkv_fast",
     # int8 and codebook linear (pyserve.ops.quant)
     "codebook_linear",
     "int8_linear",

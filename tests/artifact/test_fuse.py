@@ -209,3 +209,77 @@ def test_inactive_dropout_dropped_and_int8_layers_bound_at_load(tmp_path, monkey
     with torch.no_grad():
         expected = net.norm(x + torch.from_numpy(np.asarray(h, np.float32)).reshape(3, 7, 32)).numpy()
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+class HeadsAttention(nn.Module):
+    """BERT's self-attention as transformers writes it (separate Q, K, V Linear layers, heads of 16),
+    with its output projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+        self.o = nn.Linear(64, 64)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q, k, v = (lin(x).view(b, s, -1, 16).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        add = torch.where(mask[:, None, None, :].bool(), 0.0, torch.finfo(torch.float32).min)
+        w = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * 16 ** -0.5 + add, dim=-1)
+        return self.o(torch.matmul(w, v).transpose(1, 2).contiguous().reshape(b, s, -1))
+
+
+@pytest.mark.parametrize("int8", [True, False])
+def test_fused_qkv_attention_is_one_native_call(tmp_path, int8):
+    from pyserve import ops
+    from pyserve.artifact import kernels
+
+    if not ops.attention_qkv_fast(16):
+        pytest.skip("no AVX2 attention kernel on this CPU: the graph keeps torch's SDPA")
+    torch.manual_seed(0)
+    net = HeadsAttention().eval()
+    enc = {}
+    if int8:
+        with torch.no_grad():
+            for name in ("q", "k", "v", "o"):
+                lin = getattr(net, name)
+                q, s = quantize_per_channel(lin.weight.numpy())
+                lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+                enc[f"{name}.weight"] = artifact.encode_int8(q, s)
+    x, mask = torch.randn(2, 6, 64), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    path = tmp_path / "heads.pyserve"
+    artifact.save(path, net, (x, mask), model_name="heads", encodings=enc, dynamic_axes=((0, 1), (0, 1)))
+    mode = "int8" if int8 else "dense"
+    native, _ = native_module(artifact.load_artifact(path), kernels=mode)
+    sdpa, _ = native_module(artifact.load_artifact(path), kernels=mode, attention=False)
+
+    def targets(gm):
+        return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+    assert targets(native).count(kernels._attention_qkv) == 1 and kernels._sdpa not in targets(native)
+    assert targets(sdpa).count(kernels._sdpa) == 1 and kernels._attention_qkv not in targets(sdpa)
+    # no head views, transposes or copies left around the native call
+    assert not any(t in (torch.ops.aten.transpose.int, torch.ops.aten.contiguous.default) for t in targets(native))
+    x2, mask2 = torch.randn(3, 9, 64), (torch.arange(9)[None] < torch.tensor([[9], [4], [1]])).long()
+    with torch.inference_mode():
+        got, ref = native(x2, mask2), sdpa(x2, mask2)
+        # the same int8 (or fp32) projections; attention within float rounding of torch's SDPA
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        if not int8:
+            torch.testing.assert_close(got, net(x2, mask2), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_node_falls_back_to_torch_for_what_the_kernel_does_not_take():
+    from pyserve.artifact import kernels
+
+    torch.manual_seed(0)
+    B, S, H, D = 2, 5, 2, 16
+    qkv = torch.randn(B, S, 3 * H * D)
+    q, k, v = (qkv[..., i * H * D:(i + 1) * H * D].reshape(B, S, H, D).transpose(1, 2) for i in range(3))
+    mask = torch.randn(B, H, S, S)  # one mask per head: not the kernel's layout
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    got = kernels._attention_qkv(qkv, mask, H, D, 0.3)
+    torch.testing.assert_close(got, expected.transpose(1, 2).reshape(B, S, H * D), rtol=0, atol=0)
+    bool_mask = torch.ones(B, 1, S, S, dtype=torch.bool)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, scale=0.3)
+    torch.testing.assert_close(kernels._attention_qkv(qkv, bool_mask, H, D, 0.3),
+                               expected.transpose(1, 2).reshape(B, S, H * D), rtol=0, atol=0)

@@ -1,0 +1,270 @@
+// Multi-head attention from a fused Q|K|V projection (CPU, fp32): attention_kernel.h.
+//
+// Per (batch, head): K^T of the head is packed once ([D][Sp], Sp = S rounded up to 16, zero columns
+// after S), then each tile of 4 query rows computes its 4 x Sp scores with a 4 x 16 FMA micro-kernel
+// (the scores of a tile stay in L1), adds the mask, takes the softmax row by row (maximum, exp, sum)
+// and the weighted sum of the value rows (copied together once per head), two query rows at a time with D / 8
+// accumulators each; the sum is divided out at the end. Measured against torch's
+// scaled_dot_product_attention at MiniLM's shape (B = 1, S = 128, H = 12, D = 32, one thread):
+// benchmarks/bert_attention.py.
+#include "quant/attention_kernel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/cpu_features.h"
+#include "common/threads.h"
+
+#if PYSERVE_AVX2
+#include <immintrin.h>
+#endif
+
+namespace pyserve {
+namespace quant {
+
+namespace {
+
+constexpr int64_t kParallelMinMacs = int64_t{1} << 21;
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+void fill_nan(float* o, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) o[d] = kNaN;
+}
+
+// One head of one batch row, scalar. qkv_b, out_b: the batch row's [S, 3E] and [S, E]; mask_b: its
+// mask rows (or null).
+void head_portable(const float* qkv_b, int64_t S, int64_t H, int64_t D, int64_t h, const float* mask_b, int64_t mq,
+                   float scale, float* out_b, std::vector<float>& s) {
+  const int64_t E = H * D, row = 3 * E;
+  if (static_cast<int64_t>(s.size()) < S) s.resize(static_cast<size_t>(S));
+  for (int64_t i = 0; i < S; ++i) {
+    const float* q = qkv_b + i * row + h * D;
+    const float* m = mask_b ? mask_b + i * mq : nullptr;
+    float* o = out_b + i * E + h * D;
+    float mx = -std::numeric_limits<float>::infinity();
+    bool nan = false;
+    for (int64_t j = 0; j < S; ++j) {
+      const float* k = qkv_b + j * row + E + h * D;
+      float acc = 0.0f;
+      for (int64_t d = 0; d < D; ++d) acc += q[d] * k[d];
+      const float v = acc * scale + (m ? m[j] : 0.0f);
+      s[j] = v;
+      nan |= std::isnan(v);
+      mx = v > mx ? v : mx;
+    }
+    if (nan || !(mx > -std::numeric_limits<float>::infinity())) {
+      fill_nan(o, D);
+      continue;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < S; ++j) {
+      s[j] = std::exp(s[j] - mx);
+      sum += s[j];
+    }
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+    for (int64_t j = 0; j < S; ++j) {
+      const float* v = qkv_b + j * row + 2 * E + h * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += s[j] * v[d];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+  }
+}
+
+#if PYSERVE_AVX2
+// exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-5 polynomial for
+// (e^r - 1 - r) / r^2, times 2^n). x is clamped to [-88.38, 88.38]: exp of a masked score (-inf or
+// about -3.4e38 after the maximum is subtracted) is 2^-127 scaled through an exponent field of 0,
+// i.e. exactly 0. NaN does not reach here (rows with a NaN score are filled with NaN first).
+__attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+  x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_fmadd_ps(p, x2, x);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  const __m256i n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Softmax of one score row in place (unnormalized: the exponentials), after adding the mask row m
+// (null: none) to its first S scores; the row is padded to Sp (a multiple of 16) with -inf. Returns
+// the sum of the exponentials, or NaN when the row holds a NaN or no score above -inf.
+__attribute__((target("avx2,fma"))) float softmax_row(float* s, const float* m, int64_t S, int64_t Sp) {
+  for (int64_t j = S; j < Sp; ++j) s[j] = -std::numeric_limits<float>::infinity();
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 unord = _mm256_setzero_ps();
+  int64_t j = 0;
+  if (m) {
+    for (; j + 8 <= S; j += 8) {
+      const __m256 v = _mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(m + j));
+      _mm256_storeu_ps(s + j, v);
+      vmax = _mm256_max_ps(vmax, v);
+      unord = _mm256_or_ps(unord, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    for (int64_t t = j; t < S; ++t) s[t] += m[t];
+  }
+  for (; j < Sp; j += 8) {
+    const __m256 v = _mm256_loadu_ps(s + j);
+    vmax = _mm256_max_ps(vmax, v);
+    unord = _mm256_or_ps(unord, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  const float mx = hmax(vmax);
+  if (_mm256_movemask_ps(unord) != 0 || !(mx > -std::numeric_limits<float>::infinity())) return kNaN;
+  const __m256 mv = _mm256_set1_ps(mx);
+  __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+  for (j = 0; j + 16 <= Sp; j += 16) {
+    const __m256 e0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    const __m256 e1 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j + 8), mv));
+    _mm256_storeu_ps(s + j, e0);
+    _mm256_storeu_ps(s + j + 8, e1);
+    sum0 = _mm256_add_ps(sum0, e0);
+    sum1 = _mm256_add_ps(sum1, e1);
+  }
+  return hsum(_mm256_add_ps(sum0, sum1));
+}
+
+// C[r][0..16) = rs[r] * sum_k A[r][k] B[k][0..16) for the first `rows` (1..6) of 6 rows: 12
+// accumulators, so the FMA latency (4 cycles on Zen 3, 2 per cycle) is covered; with 8 (4 rows) the
+// loop ran at ~55% of the FMA rate. Rows past `rows` repeat the last one (computed, not stored).
+// Named accumulators: in an array GCC 12 kept them on the stack (a store per FMA). QK^T (A = query
+// rows, B = K^T) and PV (A = softmax rows, B = V) both run on it.
+__attribute__((target("avx2,fma"))) void micro_rows(int rows, const float* a, int64_t lda, const float* b,
+                                                    int64_t ldb, int64_t kn, float* c, int64_t ldc, const float* rs) {
+  const float* a0 = a;
+  const float* a1 = a + std::min(1, rows - 1) * lda;
+  const float* a2 = a + std::min(2, rows - 1) * lda;
+  const float* a3 = a + std::min(3, rows - 1) * lda;
+  const float* a4 = a + std::min(4, rows - 1) * lda;
+  const float* a5 = a + std::min(5, rows - 1) * lda;
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < kn; ++k, b += ldb) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 ab = _mm256_broadcast_ss(a0 + k);
+    c00 = _mm256_fmadd_ps(ab, b0, c00);
+    c01 = _mm256_fmadd_ps(ab, b1, c01);
+    ab = _mm256_broadcast_ss(a1 + k);
+    c10 = _mm256_fmadd_ps(ab, b0, c10);
+    c11 = _mm256_fmadd_ps(ab, b1, c11);
+    ab = _mm256_broadcast_ss(a2 + k);
+    c20 = _mm256_fmadd_ps(ab, b0, c20);
+    c21 = _mm256_fmadd_ps(ab, b1, c21);
+    ab = _mm256_broadcast_ss(a3 + k);
+    c30 = _mm256_fmadd_ps(ab, b0, c30);
+    c31 = _mm256_fmadd_ps(ab, b1, c31);
+    ab = _mm256_broadcast_ss(a4 + k);
+    c40 = _mm256_fmadd_ps(ab, b0, c40);
+    c41 = _mm256_fmadd_ps(ab, b1, c41);
+    ab = _mm256_broadcast_ss(a5 + k);
+    c50 = _mm256_fmadd_ps(ab, b0, c50);
+    c51 = _mm256_fmadd_ps(ab, b1, c51);
+  }
+  const __m256 out[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < rows; ++r) {
+    const __m256 s = _mm256_set1_ps(rs[r]);
+    _mm256_storeu_ps(c + r * ldc, _mm256_mul_ps(out[r][0], s));
+    _mm256_storeu_ps(c + r * ldc + 8, _mm256_mul_ps(out[r][1], s));
+  }
+}
+
+constexpr int kRows = 6;  // query rows per tile
+
+// One head of one batch row (D % 16 == 0). kt: [D][Sp] scratch; vc: [S][D] scratch; sc: [6][Sp] scratch.
+__attribute__((target("avx2,fma"))) void head_avx2(const float* qkv_b, int64_t S, int64_t H, int64_t D, int64_t h,
+                                                   const float* mask_b, int64_t mq, float scale, float* out_b,
+                                                   float* kt, float* vc, float* sc) {
+  const int64_t E = H * D, row = 3 * E, Sp = (S + 15) / 16 * 16;
+  // K^T and a contiguous copy of V: the value rows in place sit 3 E floats apart, which maps them to
+  // a few L1 sets (at E = 384: 8 of 64), so the passes over them below would come from L2.
+  for (int64_t j = 0; j < S; ++j) {
+    const float* k = qkv_b + j * row + E + h * D;
+    for (int64_t d = 0; d < D; ++d) kt[d * Sp + j] = k[d];
+    std::memcpy(vc + j * D, k + E, sizeof(float) * static_cast<size_t>(D));
+  }
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = S; j < Sp; ++j) kt[d * Sp + j] = 0.0f;
+  float scales[kRows];
+  for (int r = 0; r < kRows; ++r) scales[r] = scale;
+  for (int64_t i0 = 0; i0 < S; i0 += kRows) {
+    const int R = static_cast<int>(std::min<int64_t>(kRows, S - i0));
+    const float* q = qkv_b + i0 * row + h * D;
+    for (int64_t j = 0; j < Sp; j += 16) micro_rows(R, q, row, kt + j, Sp, D, sc + j, Sp, scales);
+    float inv[kRows];
+    for (int r = 0; r < R; ++r) {
+      const float sum = softmax_row(sc + r * Sp, mask_b ? mask_b + (i0 + r) * mq : nullptr, S, Sp);
+      inv[r] = std::isnan(sum) ? kNaN : 1.0f / sum;  // a NaN row: every output NaN
+    }
+    float* o = out_b + i0 * E + h * D;
+    for (int64_t c = 0; c < D; c += 16) micro_rows(R, sc, Sp, vc + c, D, S, o + c, E, inv);
+  }
+}
+#endif
+
+}  // namespace
+
+bool attention_qkv_fast(int64_t D) {
+#if PYSERVE_AVX2
+  return cpu_has_avx2_fma() && D % 16 == 0 && D >= 16 && D <= 256;
+#else
+  (void)D;
+  return false;
+#endif
+}
+
+void attention_qkv(const float* qkv, int64_t B, int64_t S, int64_t H, int64_t D, const float* mask,
+                   int64_t mask_b_stride, int64_t mask_q_stride, float scale, float* out) {
+  if (B == 0 || S == 0 || H == 0 || D == 0) return;
+  const bool fast = attention_qkv_fast(D);
+  const int64_t E = H * D, Sp = (S + 15) / 16 * 16;
+  const int64_t pairs = B * H;
+#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (pairs * S * S * D >= kParallelMinMacs)
+  for (int64_t bh = 0; bh < pairs; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    const float* qkv_b = qkv + b * S * 3 * E;
+    const float* mask_b = mask ? mask + b * mask_b_stride : nullptr;
+    float* out_b = out + b * S * E;
+    thread_local std::vector<float> buf;
+#if PYSERVE_AVX2
+    if (fast) {
+      const size_t need = static_cast<size_t>((2 * D + kRows) * Sp);
+      if (buf.size() < need) buf.resize(need);
+      float* kt = buf.data();
+      float* vc = kt + D * Sp;
+      float* sc = vc + D * Sp;
+      head_avx2(qkv_b, S, H, D, h, mask_b, mask_q_stride, scale, out_b, kt, vc, sc);
+      continue;
+    }
+#endif
+    head_portable(qkv_b, S, H, D, h, mask_b, mask_q_stride, scale, out_b, buf);
+  }
+}
+
+}  // namespace quant
+}  // namespace pyserve

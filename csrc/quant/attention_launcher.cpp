@@ -1,0 +1,53 @@
+// Fused-QKV attention launcher: every argument check happens here, once; the kernel trusts its inputs.
+#include "quant/attention_launcher.h"
+
+#include <cmath>
+
+#include "common/checks.h"
+#include "quant/array_checks.h"
+#include "quant/attention_kernel.h"
+
+namespace py = pybind11;
+
+namespace pyserve {
+
+namespace {
+constexpr char kOp[] = "attention_qkv";
+using quant_checks::check_array;
+using quant_checks::shape_text;
+}  // namespace
+
+py::array attention_qkv(const py::array& qkv, int64_t heads, const std::optional<py::array>& mask, double scale) {
+  check_array<float>(qkv, kOp, "qkv", 3, "float32");
+  const int64_t B = qkv.shape(0), S = qkv.shape(1), C = qkv.shape(2);
+  PYSERVE_CHECK_ARG(heads >= 1, kOp, "heads", "expected >= 1, got ", heads);
+  PYSERVE_CHECK_ARG(C % (3 * heads) == 0 && C > 0, kOp, "qkv",
+                    "expected a last dim of 3 * heads * head_size (Q, K, V side by side) with heads = ", heads,
+                    ", got shape ", shape_text(qkv));
+  PYSERVE_CHECK_ARG(std::isfinite(scale), kOp, "scale", "expected a finite number, got ", scale);
+  const int64_t D = C / (3 * heads), E = heads * D;
+  const float* mp = nullptr;
+  int64_t mb = 0, mq = 0;
+  if (mask) {
+    check_array<float>(*mask, kOp, "mask", 3, "float32");
+    const int64_t Bm = mask->shape(0), Sq = mask->shape(1), Sk = mask->shape(2);
+    PYSERVE_CHECK_ARG((Bm == 1 || Bm == B) && (Sq == 1 || Sq == S) && Sk == S, kOp, "mask",
+                      "expected shape (B or 1, S or 1, S) = (", B, " or 1, ", S, " or 1, ", S, "), got shape ",
+                      shape_text(*mask));
+    mp = static_cast<const float*>(mask->data());
+    mq = Sq == 1 ? 0 : S;
+    mb = Bm == 1 ? 0 : Sq * S;
+  }
+  py::array_t<float> out({static_cast<py::ssize_t>(B), static_cast<py::ssize_t>(S), static_cast<py::ssize_t>(E)});
+  const float* xp = static_cast<const float*>(qkv.data());
+  float* yp = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    quant::attention_qkv(xp, B, S, heads, D, mp, mb, mq, static_cast<float>(scale), yp);
+  }
+  return out;
+}
+
+bool attention_qkv_fast(int64_t head_size) { return quant::attention_qkv_fast(head_size); }
+
+}  // namespace pyserve

@@ -1,0 +1,20 @@
+// Entry point of the fused-QKV attention (quant/attention_kernel.h): argument checks, GIL handling.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace pyserve {
+
+// qkv [B, S, 3 H D] float32, heads H, mask [Bm, Sq, S] float32 (Bm in {1, B}, Sq in {1, S}) or None,
+// scale -> [B, S, H D] float32.
+pybind11::array attention_qkv(const pybind11::array& qkv, int64_t heads, const std::optional<pybind11::array>& mask,
+                              double scale);
+
+// Whether attention_qkv runs its AVX2 kernel for head size D on this CPU (else a scalar loop).
+bool attention_qkv_fast(int64_t head_size);
+
+}  // namespace pyserve

@@ -1,0 +1,103 @@
+"""Multi-head attention straight from a fused query/key/value projection (``csrc/quant/attention_kernel.cpp``).
+
+A transformer layer whose Q, K and V Linear layers were merged into one (``[B, S, 3 E]``: queries,
+keys, values side by side, ``E = heads * head_size``; ``pyserve.artifact.kernels`` does this at load)
+needs, per head ``h`` and batch row ``b`` (Vaswani et al. 2017, "Attention Is All You Need",
+sections 3.2.1-3.2.2)::
+
+    out[b, :, h] = softmax(scale * Q_h K_h^T + mask[b]) V_h          # [S, head_size]
+
+with the heads side by side in the output, ``[B, S, E]``: what
+``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2).reshape(B, S, E)``
+of the ``[B, H, S, D]`` views computes, in one native call without the views, the transposes and the
+copy. fp32 throughout; within float rounding of torch (a different summation order and a polynomial
+exp, not bit-identical). The AVX2 kernel covers head sizes 8, 16, 24 and 32 (MiniLM: 32); others
+take a scalar loop (correct, slow: :func:`attention_qkv_fast` says which).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from pyserve import _C
+from pyserve.ops.quant import _check_int, _is_torch_tensor, _like, _to_numpy
+
+__all__ = ["attention_qkv", "attention_qkv_fast"]
+
+_OP = "attention_qkv"
+
+
+def attention_qkv_fast(head_size: int) -> bool:
+    """Whether :func:`attention_qkv` runs its AVX2 kernel for ``head_size`` on this CPU."""
+    return bool(_C.attention_qkv_fast(_check_int(head_size, "attention_qkv_fast", "head_size")))
+
+
+def _mask3(mask: Any, B: int, S: int) -> np.ndarray:
+    """``mask`` as a C-contiguous float32 ``[B or 1, S or 1, S]`` array (size-1 dims kept: the kernel
+    broadcasts them). Accepted: ``[S]``, ``[B, S]`` (a key mask per batch row), ``[B, Sq, S]`` and
+    ``[B, 1, Sq, S]`` (one mask for every head, as HF transformers builds it)."""
+    if _is_torch_tensor(mask) and mask.dim() == 4:
+        if mask.shape[1] != 1:
+            raise ValueError(f"{_OP}: argument 'mask': expected one mask for all heads (shape [B, 1, S or 1, S]), "
+                             f"got shape {tuple(mask.shape)}")
+        if mask.shape[2] > 1 and mask.stride(2) == 0:  # an expanded key mask: pass one row, not S copies
+            mask = mask[:, :, :1]
+        mask = mask[:, 0]
+    m = _to_numpy(mask, _OP, "mask", "float32")
+    if m.ndim == 4:
+        if m.shape[1] != 1:
+            raise ValueError(f"{_OP}: argument 'mask': expected one mask for all heads (shape [B, 1, S or 1, S]), "
+                             f"got shape {m.shape}")
+        m = m[:, 0]
+    elif m.ndim == 2:
+        m = m[:, None, :]
+    elif m.ndim == 1:
+        m = m[None, None, :]
+    elif m.ndim != 3:
+        raise ValueError(f"{_OP}: argument 'mask': expected 1 to 4 dims, got shape {m.shape}")
+    return np.ascontiguousarray(m)
+
+
+def attention_qkv(qkv: Any, heads: int, mask: Any = None, scale: float | None = None) -> Any:
+    """Multi-head attention of a fused Q|K|V projection (module docstring).
+
+    Parameters
+    ----------
+    qkv : numpy.ndarray or CPU torch.Tensor
+        ``[B, S, 3 E]`` float32 (any layout: copied when not C-contiguous).
+    heads : int
+        Number of heads ``H`` >= 1; ``E`` must be a multiple of it (``head_size = E / H``).
+    mask : array or tensor, optional
+        Additive float32 mask on the scores, broadcast over heads: ``[S]``, ``[B, S]`` (per key),
+        ``[B, S, S]`` or ``[B, 1, S, S]`` (size-1 dims broadcast; HF transformers' extended mask with
+        the most negative float at excluded keys is the usual one). A query whose every key is
+        excluded that way gets the mean of the values, as in torch; with ``-inf`` everywhere, NaN.
+    scale : float, optional
+        Factor on the scores before the mask; default ``1 / sqrt(head_size)``.
+
+    Returns
+    -------
+    ``[B, S, E]`` float32, the same kind (numpy or torch) as ``qkv``.
+
+    Raises
+    ------
+    ValueError
+        A wrong dtype, rank or shape of ``qkv`` or ``mask`` (the message names the argument), ``heads``
+        not an int >= 1 or not dividing ``E``, a non-finite ``scale``, a CUDA tensor.
+    """
+    heads = _check_int(heads, _OP, "heads")
+    x = _to_numpy(qkv, _OP, "qkv", "float32")
+    if x.ndim != 3:
+        raise ValueError(f"{_OP}: argument 'qkv': expected [B, S, 3 E] (3 dims), got shape {x.shape}")
+    if heads < 1 or x.shape[2] % (3 * heads) != 0:
+        raise ValueError(f"{_OP}: argument 'heads': expected >= 1 and 3 * heads dividing qkv.shape[2] = "
+                         f"{x.shape[2]}, got {heads}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(max(x.shape[2] // (3 * heads), 1))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{_OP}: argument 'scale': expected a float, got {type(scale).__name__}")
+    m = None if mask is None else _mask3(mask, x.shape[0], x.shape[1])
+    return _like(_C.attention_qkv(x, heads, m, float(scale)), qkv)

@@ -1,0 +1,140 @@
+"""pyserve.ops.attention_qkv: multi-head attention from a fused Q|K|V projection, against a float64
+NumPy reference and torch's scaled_dot_product_attention."""
+
+import numpy as np
+import pytest
+
+from pyserve import ops
+from pyserve.ops import attention_qkv, attention_qkv_fast
+
+FMIN = np.finfo(np.float32).min
+
+
+def reference(qkv, heads, mask=None, scale=None):
+    """float64 softmax(scale q k^T + mask) v per head, heads side by side: [B, S, E]."""
+    x = np.asarray(qkv, np.float64)
+    B, S, C = x.shape
+    E = C // 3
+    D = E // heads
+    scale = 1 / np.sqrt(D) if scale is None else scale
+    q, k, v = (x[..., i * E:(i + 1) * E].reshape(B, S, heads, D).transpose(0, 2, 1, 3) for i in range(3))
+    s = scale * q @ k.transpose(0, 1, 3, 2)
+    if mask is not None:
+        m = np.asarray(mask, np.float64)
+        s = s + (m if m.ndim == 4 else m.reshape(m.shape[0], 1, -1, S) if m.ndim == 3 else m[:, None, None, :])
+    with np.errstate(invalid="ignore"):  # a row of -inf: NaN, as in torch
+        s = s - s.max(-1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(-1, keepdims=True)
+    return (p @ v).transpose(0, 2, 1, 3).reshape(B, S, E)
+
+
+def key_mask(B, S, rng):
+    lengths = rng.integers(1, S + 1, B)
+    return np.where(np.arange(S)[None] < lengths[:, None], 0.0, FMIN).astype(np.float32)
+
+
+@pytest.mark.parametrize("B,S,H,D", [(1, 128, 12, 32), (2, 17, 4, 16), (3, 5, 2, 64), (1, 1, 1, 32), (2, 9, 3, 8),
+                                     (1, 33, 2, 24)])
+@pytest.mark.parametrize("mask_kind", ["none", "key", "full"])
+def test_matches_float64_reference(B, S, H, D, mask_kind):
+    rng = np.random.default_rng(B * 1000 + S * 10 + D)
+    qkv = rng.standard_normal((B, S, 3 * H * D)).astype(np.float32) * 2
+    mask = None
+    if mask_kind == "key":
+        mask = key_mask(B, S, rng)  # [B, S]
+    elif mask_kind == "full":
+        mask = rng.standard_normal((B, S, S)).astype(np.float32)
+    got = attention_qkv(qkv, H, mask)
+    assert got.dtype == np.float32 and got.shape == (B, S, H * D)
+    # fp32 rounding of scores up to ~30 in size moves the softmax by a few 1e-6
+    np.testing.assert_allclose(got, reference(qkv, H, mask), rtol=1e-4, atol=2e-5)
+
+
+def test_fast_path_covers_minilm_and_bert_base():
+    if not ops.build_info()["avx2"]:
+        pytest.skip("no AVX2 build")
+    assert attention_qkv_fast(32) and attention_qkv_fast(64) and attention_qkv_fast(16)
+    assert not attention_qkv_fast(8) and not attention_qkv_fast(24)
+
+
+def test_matches_torch_sdpa_at_minilm_shape_with_hf_mask():
+    torch = pytest.importorskip("torch")
+    B, S, H, D = 2, 128, 12, 32
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, S, 3 * H * D, generator=g)
+    lengths = torch.tensor([[33], [128]])
+    # HF transformers' extended mask: [B, 1, S, S] floats, 0 where a key is kept, the most negative float elsewhere
+    mask = torch.where((torch.arange(S)[None] < lengths)[:, None, None, :].expand(B, 1, S, S), 0.0, float(FMIN))
+    q, k, v = (qkv[..., i * H * D:(i + 1) * H * D].view(B, S, H, D).transpose(1, 2) for i in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D ** -0.5)
+    expected = expected.transpose(1, 2).reshape(B, S, H * D)
+    got = attention_qkv(qkv, H, mask, D ** -0.5)
+    assert isinstance(got, torch.Tensor)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-6)
+    # the same through the key mask broadcast over queries ([B, 1, 1, S] expanded: one row passed)
+    km = torch.where(torch.arange(S)[None] < lengths, 0.0, float(FMIN))[:, None, None, :].expand(B, 1, S, S)
+    torch.testing.assert_close(attention_qkv(qkv, H, km, D ** -0.5), got, rtol=0, atol=0)
+
+
+def test_threads_do_not_change_the_result():
+    rng = np.random.default_rng(3)
+    qkv = rng.standard_normal((2, 64, 3 * 8 * 32)).astype(np.float32)
+    mask = key_mask(2, 64, rng)
+    before = ops.get_num_threads()
+    try:
+        ops.set_num_threads(1)
+        one = attention_qkv(qkv, 8, mask)
+        ops.set_num_threads(2)
+        two = attention_qkv(qkv, 8, mask)
+    finally:
+        ops.set_num_threads(before)
+    np.testing.assert_array_equal(one, two)  # each (batch, head) is computed alone, the same way
+
+
+def test_fully_masked_query_rows_follow_torch():
+    rng = np.random.default_rng(4)
+    B, S, H, D = 1, 6, 2, 16
+    qkv = rng.standard_normal((B, S, 3 * H * D)).astype(np.float32)
+    v = qkv[..., 2 * H * D:]
+    mask = np.zeros((1, S, S), np.float32)
+    mask[0, 2, :] = FMIN  # every key excluded the HF way: the softmax is uniform, the mean of V
+    mask[0, 4, :] = -np.inf  # with -inf: NaN, as torch's softmax gives
+    got = attention_qkv(qkv, H, mask)
+    np.testing.assert_allclose(got[0, 2], v[0].mean(0), rtol=1e-5, atol=1e-6)
+    assert np.isnan(got[0, 4]).all()
+    keep = [0, 1, 3, 5]
+    np.testing.assert_allclose(got[0, keep], reference(qkv, H, mask)[0, keep], rtol=2e-5, atol=2e-6)
+
+
+def test_nan_input_gives_nan_rows_not_garbage():
+    qkv = np.ones((1, 4, 3 * 32), np.float32)
+    qkv[0, 1, 0] = np.nan  # query 1, head 0
+    got = attention_qkv(qkv, 1)
+    assert np.isnan(got[0, 1]).all() and np.isfinite(got[0, [0, 2, 3]]).all()
+
+
+def test_scale_default_is_inverse_sqrt_head_size():
+    rng = np.random.default_rng(5)
+    qkv = rng.standard_normal((1, 10, 3 * 2 * 16)).astype(np.float32)
+    np.testing.assert_array_equal(attention_qkv(qkv, 2), attention_qkv(qkv, 2, None, 0.25))
+    np.testing.assert_allclose(attention_qkv(qkv, 2, None, 1.3), reference(qkv, 2, None, 1.3), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("call,arg", [
+    (lambda x: attention_qkv(x, 5), "heads"),
+    (lambda x: attention_qkv(x, 0), "heads"),
+    (lambda x: attention_qkv(x, True), "heads"),
+    (lambda x: attention_qkv(x.astype(np.float64), 2), "qkv"),
+    (lambda x: attention_qkv(x[0], 2), "qkv"),
+    (lambda x: attention_qkv(x, 2, np.zeros((1, 3, 7), np.float32)), "mask"),
+    (lambda x: attention_qkv(x, 2, np.zeros((2, 1, 7), np.float32)), "mask"),
+    (lambda x: attention_qkv(x, 2, np.zeros((1, 2, 7, 7), np.float32)), "mask"),
+    (lambda x: attention_qkv(x, 2, np.zeros((1, 7), np.int64)), "mask"),
+    (lambda x: attention_qkv(x, 2, None, float("nan")), "scale"),
+    (lambda x: attention_qkv(x, 2, None, "1"), "scale"),
+])
+def test_bad_arguments_name_the_argument(call, arg):
+    x = np.zeros((1, 7, 3 * 2 * 16), np.float32)
+    with pytest.raises(ValueError, match=f"attention_qkv: argument '{arg}'"):
+        call(x)

@@ -262,7 +262,8 @@ ValueError
 )doc");
 
   m.def("int8_linear_packed", &pyserve::int8_linear_packed, py::arg("x"), py::arg("w"), py::arg("w_scale"),
-        py::arg("bias") = py::none(), py::arg("activation") = "none",
+        py::arg("bias") = py::none(), py::arg("activation") = "none", py::arg("residual") = py::none(),
+        py::arg("norm_weight") = py::none(), py::arg("norm_bias") = py::none(), py::arg("eps") = 1e-5,
         R"doc(int8_linear with weights from pack_int8_weight: the same ``[B, N]`` float32, bit for bit.
 
 Parameters
@@ -280,11 +281,21 @@ activation : str
     (Hendrycks & Gimpel 2016), erf by a rational approximation (AVX2; else std::erf): within 2e-6
     of the exact GELU (absolute; relative above ``|y| = 1``), not bit-identical to
     ``torch.nn.functional.gelu(y)``.
+residual : numpy.ndarray or None
+    ``[B, N]`` float32, C-contiguous: added to ``y`` before the LayerNorm (needs ``norm_weight``).
+norm_weight, norm_bias : numpy.ndarray or None
+    ``[N]`` float32, together: ``y = LayerNorm(y + residual) * norm_weight + norm_bias`` (BERT's
+    add & norm; Ba et al. 2016), row mean and biased variance accumulated in double; within float
+    rounding of ``torch.nn.functional.layer_norm``, not bit-identical.
+eps : float
+    Added to the variance (finite, >= 0).
 
 Raises
 ------
 ValueError
-    As int8_linear (the K mismatch names ``w_int8``); ``activation`` not ``"none"`` or ``"gelu"``.
+    As int8_linear (the K mismatch names ``w_int8``); ``activation`` not ``"none"`` or ``"gelu"``;
+    a wrong dtype, layout or shape of ``residual``, ``norm_weight``, ``norm_bias``; one of the two
+    norm arguments without the other; a residual without them; a bad ``eps``.
 )doc");
 
   m.def("attention_qkv", &pyserve::attention_qkv, py::arg("qkv"), py::arg("heads"), py::arg("mask") = py::none(),

@@ -289,7 +289,7 @@ def int8_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, w: typing.Sup
     RuntimeError
         Built without CUDA, or a CUDA error.
     """
-def int8_linear_packed(x: numpy.ndarray, w: Int8PackedWeight, w_scale: numpy.ndarray, bias: numpy.ndarray | None = None, activation: str = 'none') -> numpy.ndarray:
+def int8_linear_packed(x: numpy.ndarray, w: Int8PackedWeight, w_scale: numpy.ndarray, bias: numpy.ndarray | None = None, activation: str = 'none', residual: numpy.ndarray | None = None, norm_weight: numpy.ndarray | None = None, norm_bias: numpy.ndarray | None = None, eps: typing.SupportsFloat | typing.SupportsIndex = 1e-05) -> numpy.ndarray:
     """
     int8_linear with weights from pack_int8_weight: the same ``[B, N]`` float32, bit for bit.
     
@@ -308,11 +308,21 @@ def int8_linear_packed(x: numpy.ndarray, w: Int8PackedWeight, w_scale: numpy.nda
         (Hendrycks & Gimpel 2016), erf by a rational approximation (AVX2; else std::erf): within 2e-6
         of the exact GELU (absolute; relative above ``|y| = 1``), not bit-identical to
         ``torch.nn.functional.gelu(y)``.
+    residual : numpy.ndarray or None
+        ``[B, N]`` float32, C-contiguous: added to ``y`` before the LayerNorm (needs ``norm_weight``).
+    norm_weight, norm_bias : numpy.ndarray or None
+        ``[N]`` float32, together: ``y = LayerNorm(y + residual) * norm_weight + norm_bias`` (BERT's
+        add & norm; Ba et al. 2016), row mean and biased variance accumulated in double; within float
+        rounding of ``torch.nn.functional.layer_norm``, not bit-identical.
+    eps : float
+        Added to the variance (finite, >= 0).
     
     Raises
     ------
     ValueError
-        As int8_linear (the K mismatch names ``w_int8``); ``activation`` not ``"none"`` or ``"gelu"``.
+        As int8_linear (the K mismatch names ``w_int8``); ``activation`` not ``"none"`` or ``"gelu"``;
+        a wrong dtype, layout or shape of ``residual``, ``norm_weight``, ``norm_bias``; one of the two
+        norm arguments without the other; a residual without them; a bad ``eps``.
     """
 def pack_csr_weight(indptr: typing.Any, indices: typing.Any, values: typing.Any, K: typing.SupportsInt | typing.SupportsIndex, sort_rows: typing.SupportsInt | typing.SupportsIndex = -1) -> CsrPackedWeight:
     """

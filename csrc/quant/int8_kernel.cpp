@@ -331,5 +331,90 @@ void gelu_erf_inplace(float* y, int64_t n) {
   }
 }
 
+namespace {
+
+// One row: y += r (when r), then y = (y - mean) * rstd * g + b; mean and variance (biased, two
+// passes) accumulated in double.
+void add_layer_norm_row_portable(float* y, const float* r, const float* g, const float* b, int64_t N, float eps) {
+  double sum = 0.0;
+  for (int64_t n = 0; n < N; ++n) {
+    if (r) y[n] += r[n];
+    sum += y[n];
+  }
+  const double mean = sum / static_cast<double>(N);
+  double sq = 0.0;
+  for (int64_t n = 0; n < N; ++n) sq += (y[n] - mean) * (y[n] - mean);
+  const float rstd = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(N) + static_cast<double>(eps)));
+  const float shift = static_cast<float>(-mean) * rstd;
+  for (int64_t n = 0; n < N; ++n) y[n] = (y[n] * rstd + shift) * g[n] + b[n];
+}
+
+#if PYSERVE_AVX2
+__attribute__((target("avx2,fma"))) inline double hsum_pd(__m256d v) {
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+__attribute__((target("avx2,fma"))) void add_layer_norm_row_avx2(float* y, const float* r, const float* g,
+                                                                 const float* b, int64_t N, float eps) {
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) {
+    __m256 v = _mm256_loadu_ps(y + n);
+    if (r) {
+      v = _mm256_add_ps(v, _mm256_loadu_ps(r + n));
+      _mm256_storeu_ps(y + n, v);
+    }
+    s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+  double sum = hsum_pd(_mm256_add_pd(s0, s1));
+  for (int64_t t = n; t < N; ++t) {
+    if (r) y[t] += r[t];
+    sum += y[t];
+  }
+  const double mean = sum / static_cast<double>(N);
+  const __m256d vm = _mm256_set1_pd(mean);
+  s0 = s1 = _mm256_setzero_pd();
+  for (n = 0; n + 8 <= N; n += 8) {
+    const __m256 v = _mm256_loadu_ps(y + n);
+    const __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), vm);
+    const __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), vm);
+    s0 = _mm256_fmadd_pd(d0, d0, s0);
+    s1 = _mm256_fmadd_pd(d1, d1, s1);
+  }
+  double sq = hsum_pd(_mm256_add_pd(s0, s1));
+  for (int64_t t = n; t < N; ++t) sq += (y[t] - mean) * (y[t] - mean);
+  const float rstd = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(N) + static_cast<double>(eps)));
+  const float shift = static_cast<float>(-mean) * rstd;
+  const __m256 vr = _mm256_set1_ps(rstd), vs = _mm256_set1_ps(shift);
+  for (n = 0; n + 8 <= N; n += 8) {
+    const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(y + n), vr, vs);
+    _mm256_storeu_ps(y + n, _mm256_fmadd_ps(v, _mm256_loadu_ps(g + n), _mm256_loadu_ps(b + n)));
+  }
+  for (int64_t t = n; t < N; ++t) y[t] = (y[t] * rstd + shift) * g[t] + b[t];
+}
+#endif
+
+}  // namespace
+
+void add_layer_norm_inplace(float* y, const float* residual, const float* g, const float* b, int64_t rows, int64_t N,
+                            float eps) {
+  if (rows <= 0 || N <= 0) return;
+  const bool avx2 = cpu_has_avx2_fma();
+#pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (rows * N >= (int64_t{1} << 18))
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* r = residual ? residual + i * N : nullptr;
+#if PYSERVE_AVX2
+    if (avx2) {
+      add_layer_norm_row_avx2(y + i * N, r, g, b, N, eps);
+      continue;
+    }
+#endif
+    (void)avx2;
+    add_layer_norm_row_portable(y + i * N, r, g, b, N, eps);
+  }
+}
+
 }  // namespace quant
 }  // namespace pyserve

@@ -1,6 +1,7 @@
 // int8 launchers: every argument check happens here, once; the kernels trust their inputs.
 #include "quant/int8_launcher.h"
 
+#include <cmath>
 #include <vector>
 
 #include "common/checks.h"
@@ -110,7 +111,9 @@ Int8PackedWeight int8_pack_weight(const py::array& w_int8) {
 }
 
 py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, const py::array& w_scale,
-                             const std::optional<py::array>& bias, const std::string& activation) {
+                             const std::optional<py::array>& bias, const std::string& activation,
+                             const std::optional<py::array>& residual, const std::optional<py::array>& norm_weight,
+                             const std::optional<py::array>& norm_bias, double eps) {
   PYSERVE_CHECK_ARG(activation == "none" || activation == "gelu", kLinearOp, "activation",
                     "expected 'none' or 'gelu', got '", activation, "'");
   const bool gelu = activation == "gelu";
@@ -118,6 +121,28 @@ py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, cons
   const int64_t B = x.shape(0), K = w.cols(), N = w.rows();
   const float* bias_ptr = check_linear_args(x, N, K, w_scale, bias, "w_int8");
   const float* sp = static_cast<const float*>(w_scale.data());
+  PYSERVE_CHECK_ARG(norm_weight.has_value() == norm_bias.has_value(), kLinearOp, norm_weight ? "norm_bias" : "norm_weight",
+                    "expected norm_weight and norm_bias together (the LayerNorm epilogue), got one of them");
+  PYSERVE_CHECK_ARG(!residual || norm_weight, kLinearOp, "residual",
+                    "expected norm_weight and norm_bias with a residual (the add & LayerNorm epilogue)");
+  const float *res_ptr = nullptr, *g_ptr = nullptr, *b_ptr = nullptr;
+  if (norm_weight) {
+    for (const auto* arg : {&*norm_weight, &*norm_bias}) {
+      const char* name = arg == &*norm_weight ? "norm_weight" : "norm_bias";
+      check_array<float>(*arg, kLinearOp, name, 1, "float32");
+      PYSERVE_CHECK_ARG(arg->shape(0) == N, kLinearOp, name, "expected shape (", N, ",) (N = w.shape[0]), got shape ",
+                        shape_text(*arg));
+    }
+    g_ptr = static_cast<const float*>(norm_weight->data());
+    b_ptr = static_cast<const float*>(norm_bias->data());
+    PYSERVE_CHECK_ARG(std::isfinite(eps) && eps >= 0, kLinearOp, "eps", "expected a finite number >= 0, got ", eps);
+  }
+  if (residual) {
+    check_array<float>(*residual, kLinearOp, "residual", 2, "float32");
+    PYSERVE_CHECK_ARG(residual->shape(0) == B && residual->shape(1) == N, kLinearOp, "residual", "expected shape (", B,
+                      ", ", N, ") (the output's), got shape ", shape_text(*residual));
+    res_ptr = static_cast<const float*>(residual->data());
+  }
   py::array_t<float> y({static_cast<py::ssize_t>(B), static_cast<py::ssize_t>(N)});
   const float* xp = static_cast<const float*>(x.data());
   float* yp = y.mutable_data();
@@ -127,6 +152,7 @@ py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, cons
     py::gil_scoped_release release;  // quantization fused into the kernel's row preparation
     ok = quant::int8_linear_packed_f32(xp, B, K, w.wu(), sp, bias_ptr, N, yp, &bad_row);
     if (ok && gelu) quant::gelu_erf_inplace(yp, B * N);
+    if (ok && g_ptr) quant::add_layer_norm_inplace(yp, res_ptr, g_ptr, b_ptr, B, N, static_cast<float>(eps));
   }
   PYSERVE_CHECK_ARG(ok, kLinearOp, "x", "expected finite values, got inf or NaN in row ", bad_row);
   return y;

@@ -38,9 +38,14 @@ class Int8PackedWeight {
 Int8PackedWeight int8_pack_weight(const pybind11::array& w_int8);
 
 // As int8_linear, the weights given packed; the same output bit for bit. activation "gelu": GELU
-// (quant::gelu_erf_inplace) applied to y before it is returned ("none": y as is).
+// (quant::gelu_erf_inplace) applied to y before it is returned ("none": y as is). norm_weight and
+// norm_bias [N] (together): then y = LayerNorm(y + residual) * norm_weight + norm_bias
+// (quant::add_layer_norm_inplace; residual [B, N] float32 or None: no add; eps in the variance).
 pybind11::array int8_linear_packed(const pybind11::array& x, const Int8PackedWeight& w, const pybind11::array& w_scale,
-                                   const std::optional<pybind11::array>& bias, const std::string& activation = "none");
+                                   const std::optional<pybind11::array>& bias, const std::string& activation = "none",
+                                   const std::optional<pybind11::array>& residual = std::nullopt,
+                                   const std::optional<pybind11::array>& norm_weight = std::nullopt,
+                                   const std::optional<pybind11::array>& norm_bias = std::nullopt, double eps = 1e-5);
 
 // CUDA path on device pointers (the Python face checks the torch tensors): x [B, K] fp32,
 // w [N, K] int8, w_scale [N] fp32, bias [N] fp32 or 0, y [B, N] fp32, workspace xq [B, K] int8 and

@@ -78,7 +78,7 @@ def _int8_fn(x, w_int8, w_scale, bias):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _int8_packed_layer(values, w_scale, bias, activation: str = "none"):
+def _int8_packed_layer(values, w_scale, bias, activation: str = "none", norm=None):
     """``fn(x)``: :func:`pyserve.ops.int8_linear` of one int8 layer, bound to its weights at load.
 
     ``values`` (int8 ``[N, K]`` torch tensor, pinned: packed once by ``_pin_packed``), ``w_scale``
@@ -89,7 +89,11 @@ def _int8_packed_layer(values, w_scale, bias, activation: str = "none"):
     conversions of all four arguments (README, "BERT on CPUs"). Same result bit for bit.
     ``activation="gelu"``: the layer's output goes through GELU inside the native call
     (``pyserve._C.int8_linear_packed(..., activation="gelu")``; within ~2e-6 of torch's exact-erf
-    ``gelu``, not bit-identical); :func:`_fold_gelu` makes such layers."""
+    ``gelu``, not bit-identical); :func:`_fold_gelu` makes such layers.
+    ``norm=(weight, bias, eps)`` (float32 ``[N]`` tensors and a float): ``fn(x, residual)`` returns
+    ``layer_norm(linear(x) + residual, [N], weight, bias, eps)`` from the same native call (the add &
+    LayerNorm epilogue, within float rounding of torch's; :func:`_fold_add_layer_norm` makes such
+    layers); a residual of another shape or kind takes torch's add and layer_norm instead."""
     import torch
 
     from pyserve import _C
@@ -114,11 +118,34 @@ def _int8_packed_layer(values, w_scale, bias, activation: str = "none"):
         y = torch.from_numpy(native(rows.numpy(), packed, scale_np, bias_np, activation))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    int8_linear_packed.__module__ = __name__
-    if activation != "none":
-        int8_linear_packed.__name__ = int8_linear_packed.__qualname__ = f"int8_linear_packed_{activation}"
-    int8_linear_packed._pyserve_int8 = (values, w_scale, bias, activation)  # what it is bound to
-    return int8_linear_packed
+    fn = int8_linear_packed
+    suffix = "" if activation == "none" else f"_{activation}"
+    if norm is not None:
+        n_weight, n_bias, eps = norm
+        g_np = n_weight.detach().float().contiguous().numpy()
+        b_np = n_bias.detach().float().contiguous().numpy()
+        eps = float(eps)
+        N = int(values.shape[0])
+
+        def int8_linear_packed_add_norm(x, residual):
+            if (x.is_cuda or not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32
+                    or residual.is_cuda or residual.requires_grad or tuple(residual.shape) != (*x.shape[:-1], N)):
+                y = int8_linear_packed(x) + residual
+                return torch.nn.functional.layer_norm(y, [N], n_weight, n_bias, eps)
+            rows = x.reshape(-1, x.shape[-1])
+            if rows.dtype != torch.float32 or rows.requires_grad or not rows.is_contiguous():
+                rows = rows.detach().float().contiguous()
+            res = residual.reshape(-1, N).contiguous()
+            y = torch.from_numpy(native(rows.numpy(), packed, scale_np, bias_np, activation, res.numpy(), g_np, b_np,
+                                        eps))
+            return y.reshape(*x.shape[:-1], N)
+
+        fn = int8_linear_packed_add_norm
+        suffix += "_add_norm"
+    fn.__module__ = __name__
+    fn.__name__ = fn.__qualname__ = f"int8_linear_packed{suffix}"
+    fn._pyserve_int8 = (values, w_scale, bias, activation, norm)  # what it is bound to
+    return fn
 
 
 def _csr_fn(x, indptr, indices, values, bias):
@@ -457,7 +484,7 @@ def _drop_inactive_dropout(gm) -> int:
 
 
 def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: int = 5, fuse: bool = True,
-                  attention: bool = True):
+                  attention: bool = True, fold_norm: bool = True):
     """The artifact's module with its Linear layers on the chosen kernels.
 
     Parameters
@@ -475,6 +502,8 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         :func:`pyserve.ops.attention_qkv` call (:func:`_fuse_qkv_attention`: no head views,
         transposes and copies; within float rounding of torch's SDPA, not bit-identical).
         ``False`` keeps torch's ``scaled_dot_product_attention``.
+    fold_norm : with ``fuse``, fold ``layer_norm(int8 layer + residual)`` into the layer's native
+        call (:func:`_fold_add_layer_norm`; within float rounding of torch's ``layer_norm``).
 
     Returns
     -------
@@ -571,6 +600,8 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         choices[wname] = chosen
     if fuse:
         _fold_gelu(graph)
+        if fold_norm:
+            _fold_add_layer_norm(gm)
     _erase_unused_get_attr(graph)
     gm.recompile()
     _memoize_input_check(gm)
@@ -595,12 +626,58 @@ def _fold_gelu(graph) -> int:
             continue
         src = node.args[0]
         bound = getattr(getattr(src, "target", None), "_pyserve_int8", None)
-        if src.op != "call_function" or bound is None or bound[3] != "none" or len(src.users) != 1:
+        if src.op != "call_function" or bound is None or bound[3] != "none" or bound[4] is not None \
+                or len(src.users) != 1:
             continue
-        values, w_scale, bias, _ = bound
+        values, w_scale, bias, _, _ = bound
         src.target = _int8_packed_layer(values, w_scale, bias, activation="gelu")
         node.replace_all_uses_with(src)
         graph.erase_node(node)
+        folded += 1
+    return folded
+
+
+def _fold_add_layer_norm(gm) -> int:
+    """Fold ``layer_norm(add(h, r), [N], weight, bias, eps)`` into the bound int8 layer computing ``h``
+    when the add is that layer's only reader and the LayerNorm the add's (BERT's "add & norm" after
+    the attention output and the FFN output layers): one native call (the add & LayerNorm epilogue,
+    :func:`_int8_packed_layer` with ``norm``) instead of the layer, torch's ``add`` and torch's
+    ``layer_norm`` — two fewer nodes and two fewer passes over ``[rows, N]``. ``weight`` and ``bias``
+    must be tensors of the module (``get_attr``). Returns how many were folded."""
+    import torch
+
+    aten = torch.ops.aten
+    graph = gm.graph
+    folded = 0
+    for ln in list(graph.nodes):
+        if ln.op != "call_function" or ln.target is not aten.layer_norm.default or ln.kwargs or len(ln.args) < 4:
+            continue
+        add, shape, w_node, b_node = ln.args[:4]
+        eps = ln.args[4] if len(ln.args) > 4 else 1e-5
+        if getattr(add, "target", None) is not aten.add.Tensor or add.kwargs or len(add.args) != 2 \
+                or len(add.users) != 1 or not isinstance(eps, float):
+            continue
+        if getattr(w_node, "op", None) != "get_attr" or getattr(b_node, "op", None) != "get_attr":
+            continue
+        for src, residual in (add.args, add.args[::-1]):
+            bound = getattr(getattr(src, "target", None), "_pyserve_int8", None)
+            if getattr(src, "op", None) == "call_function" and bound is not None and bound[4] is None \
+                    and len(src.users) == 1 and isinstance(residual, torch.fx.Node):
+                break
+        else:
+            continue
+        values, w_scale, bias, activation, _ = bound
+        N = int(values.shape[0])
+        if list(shape) != [N]:
+            continue
+        weight, nbias = getattr_path(gm, w_node.target).detach(), getattr_path(gm, b_node.target).detach()
+        if tuple(weight.shape) != (N,) or tuple(nbias.shape) != (N,):
+            continue
+        src.target = _int8_packed_layer(values, w_scale, bias, activation, norm=(weight, nbias, eps))
+        src.args = (src.args[0], residual)
+        ln.replace_all_uses_with(src)
+        graph.erase_node(ln)
+        graph.erase_node(add)
         folded += 1
     return folded
 

@@ -183,7 +183,7 @@ def test_inactive_dropout_dropped_and_int8_layers_bound_at_load(tmp_path, monkey
     def dropouts(gm):
         return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.dropout.default]
 
-    bound, choices = native_module(artifact.load_artifact(path), kernels="int8")
+    bound, choices = native_module(artifact.load_artifact(path), kernels="int8", fold_norm=False)
     assert choices == {"a.weight": "int8", "b.weight": "int8"}
     assert not dropouts(bound)
     assert dropouts(native_module(artifact.load_artifact(path), kernels="int8", fuse=False)[0])
@@ -192,7 +192,7 @@ def test_inactive_dropout_dropped_and_int8_layers_bound_at_load(tmp_path, monkey
     assert len(calls) == 2 and all(len(n.args) == 1 and not n.kwargs for n in calls)
     assert sum(1 for b in bound.buffers() if b.dtype == torch.int8) == 2
     monkeypatch.setattr(kernels, "_cached_pack_of", lambda values: None)
-    plain, _ = native_module(artifact.load_artifact(path), kernels="int8")
+    plain, _ = native_module(artifact.load_artifact(path), kernels="int8", fold_norm=False)
     assert [n.target for n in _linear_calls(plain)] == [kernels._int8_fn] * 2
     x = torch.randn(3, 7, 32)
     assert [n.target.__name__ for n in calls] == ["int8_linear_packed_gelu", "int8_linear_packed"]
@@ -283,3 +283,62 @@ def test_attention_node_falls_back_to_torch_for_what_the_kernel_does_not_take():
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, scale=0.3)
     torch.testing.assert_close(kernels._attention_qkv(qkv, bool_mask, H, D, 0.3),
                                expected.transpose(1, 2).reshape(B, S, H * D), rtol=0, atol=0)
+
+
+def test_add_and_layer_norm_folded_into_the_int8_layer(tmp_path):
+    """BERT's add & norm after an int8 layer: one native call with the epilogue, within float
+    rounding of the layer followed by torch's add and layer_norm (same int8 GEMM)."""
+    torch.manual_seed(0)
+    net = Block().eval()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.uniform_(-0.5, 0.5)
+    enc = {}
+    with torch.no_grad():
+        for name in ("a", "b"):
+            lin = getattr(net, name)
+            q, s = quantize_per_channel(lin.weight.numpy())
+            lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+            enc[f"{name}.weight"] = artifact.encode_int8(q, s)
+    path = tmp_path / "block.pyserve"
+    artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="block", encodings=enc, dynamic_axes=((0, 1),))
+    folded, _ = native_module(artifact.load_artifact(path), kernels="int8")
+    apart, _ = native_module(artifact.load_artifact(path), kernels="int8", fold_norm=False)
+
+    def targets(gm):
+        return [getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op == "call_function"]
+
+    assert targets(folded) == ["int8_linear_packed_gelu", "int8_linear_packed_add_norm"]
+    assert "layer_norm.default" in targets(apart) and "add.Tensor" in targets(apart)
+    x = torch.randn(3, 7, 32) * 3
+    with torch.inference_mode():
+        got, ref = folded(x), apart(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # against a float64 LayerNorm of the layer-by-layer NumPy int8 reference
+    pa, pb = (artifact.load_artifact(path).int8[f"{n}.weight"] for n in ("a", "b"))
+    hid = int8_linear_reference(x.reshape(-1, 32).numpy(), pa.values, pa.scale, net.a.bias.detach().numpy())
+    hid = torch.nn.functional.gelu(torch.from_numpy(np.asarray(hid, np.float32))).numpy()
+    pre = np.asarray(int8_linear_reference(hid, pb.values, pb.scale, net.b.bias.detach().numpy()), np.float64)
+    pre = pre + x.reshape(-1, 32).numpy().astype(np.float64)
+    mean, var = pre.mean(1, keepdims=True), pre.var(1, keepdims=True)
+    expected = (pre - mean) / np.sqrt(var + net.norm.eps) * net.norm.weight.detach().numpy() + net.norm.bias.detach().numpy()
+    np.testing.assert_allclose(got.reshape(-1, 32).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_add_norm_layer_falls_back_for_a_broadcast_residual():
+    from pyserve.artifact import kernels
+    from pyserve.ops.quant import _pin_packed
+
+    torch.manual_seed(0)
+    q, s = quantize_per_channel(torch.randn(16, 8).numpy())
+    values = torch.from_numpy(q)
+    _pin_packed(values)
+    w, b = torch.rand(16) + 0.5, torch.randn(16)
+    fn = kernels._int8_packed_layer(values, torch.from_numpy(s), None, norm=(w, b, 1e-6))
+    plain = kernels._int8_packed_layer(values, torch.from_numpy(s), None)
+    x, r = torch.randn(2, 3, 8), torch.randn(2, 3, 16)
+    expected = torch.nn.functional.layer_norm(plain(x) + r, [16], w, b, 1e-6)
+    torch.testing.assert_close(fn(x, r), expected, rtol=1e-5, atol=1e-5)
+    r1 = torch.randn(16)  # broadcast over rows: torch's add and layer_norm, exactly
+    torch.testing.assert_close(fn(x, r1), torch.nn.functional.layer_norm(plain(x) + r1, [16], w, b, 1e-6),
+                               rtol=0, atol=0)

@@ -1,0 +1,69 @@
+"""pyserve._C.int8_linear_packed's add & LayerNorm epilogue (residual, norm_weight, norm_bias, eps)
+against the plain packed call followed by a float64 LayerNorm, and its argument errors."""
+
+import numpy as np
+import pytest
+
+from pyserve import _C, ops
+
+
+def _layer(N, K, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-127, 128, (N, K), dtype=np.int8)
+    return _C.pack_int8_weight(w), (rng.random(N, dtype=np.float32) * 0.01).astype(np.float32), \
+        rng.standard_normal(N).astype(np.float32)
+
+
+@pytest.mark.parametrize("B,N,K", [(1, 384, 384), (128, 384, 1536), (5, 37, 20), (3, 8, 16)])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_epilogue_is_layer_norm_of_output_plus_residual(B, N, K, with_residual, activation):
+    rng = np.random.default_rng(B + N + K)
+    w, sw, bias = _layer(N, K)
+    x = rng.standard_normal((B, K)).astype(np.float32)
+    res = (rng.standard_normal((B, N)) * 3).astype(np.float32) if with_residual else None
+    g = rng.uniform(0.5, 1.5, N).astype(np.float32)
+    beta = rng.standard_normal(N).astype(np.float32)
+    plain = _C.int8_linear_packed(x, w, sw, bias, activation).astype(np.float64)
+    pre = plain + (res if with_residual else 0.0)
+    mean, var = pre.mean(1, keepdims=True), pre.var(1, keepdims=True)
+    expected = (pre - mean) / np.sqrt(var + 1e-12) * g + beta
+    got = _C.int8_linear_packed(x, w, sw, bias, activation, res, g, beta, 1e-12)
+    assert got.dtype == np.float32 and got.shape == (B, N)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5)
+
+
+def test_epilogue_threads_do_not_change_the_result():
+    rng = np.random.default_rng(1)
+    w, sw, bias = _layer(384, 384)
+    x = rng.standard_normal((700, 384)).astype(np.float32)
+    res = rng.standard_normal((700, 384)).astype(np.float32)
+    g, beta = np.ones(384, np.float32), np.zeros(384, np.float32)
+    before = ops.get_num_threads()
+    try:
+        ops.set_num_threads(1)
+        one = _C.int8_linear_packed(x, w, sw, bias, "none", res, g, beta)
+        ops.set_num_threads(2)
+        two = _C.int8_linear_packed(x, w, sw, bias, "none", res, g, beta)
+    finally:
+        ops.set_num_threads(before)
+    np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("kwargs,arg", [
+    ({"norm_weight": np.ones(8, np.float32)}, "norm_bias"),
+    ({"norm_bias": np.ones(8, np.float32)}, "norm_weight"),
+    ({"residual": np.ones((2, 8), np.float32)}, "residual"),
+    ({"residual": np.ones((2, 9), np.float32), "norm_weight": np.ones(8, np.float32),
+      "norm_bias": np.ones(8, np.float32)}, "residual"),
+    ({"residual": np.ones((2, 8), np.float64), "norm_weight": np.ones(8, np.float32),
+      "norm_bias": np.ones(8, np.float32)}, "residual"),
+    ({"norm_weight": np.ones(7, np.float32), "norm_bias": np.ones(8, np.float32)}, "norm_weight"),
+    ({"norm_weight": np.ones(8, np.float32), "norm_bias": np.ones(8, np.int32)}, "norm_bias"),
+    ({"norm_weight": np.ones(8, np.float32), "norm_bias": np.ones(8, np.float32), "eps": float("nan")}, "eps"),
+    ({"norm_weight": np.ones(8, np.float32), "norm_bias": np.ones(8, np.float32), "eps": -1.0}, "eps"),
+])
+def test_bad_epilogue_arguments_name_the_argument(kwargs, arg):
+    w, sw, bias = _layer(8, 16)
+    with pytest.raises(ValueError, match=f"argument '{arg}'"):
+        _C.int8_linear_packed(np.zeros((2, 16), np.float32), w, sw, bias, **kwargs)

@@ -1,7 +1,7 @@
 """Interleaved A/B of all-MiniLM-L6-v2 engines at one shape: the fp32 teacher against pyserve artifacts.
 
     python benchmarks/bert_ab.py --distilled distill.pyserve [--int8 int8.pyserve] [--batch 1 --seq 128]
-        [--threads 1] [--rounds 30] [--calls 3] [--kernels auto|int8]
+        [--threads 1] [--rounds 30] [--calls 3] [--kernels auto|int8] [--baseline]
 
 Issue 7's goal "distilled 3 layers + int8 >= 4x faster than the fp32 teacher" (batch 1, sequence 128,
 one thread) on a shared machine: ``benchmarks/bert_cpu.py`` times each engine in its own block of
@@ -13,6 +13,11 @@ call cost this thread, robust to being descheduled; with more than one thread it
 threads' work, so it is printed for 1 thread only) and wall time. Printed per engine: least and
 median per call, and the teacher's time over the engine's (the speed-up) from both, plus the load
 average before and after. The inputs are real sentences padded/truncated to ``--seq`` tokens.
+
+``--baseline`` adds, for each artifact, the same artifact loaded with ``native_module(attention=False,
+fold_norm=False)``: the graph rewrites of before the native attention and the add & LayerNorm
+epilogue (torch's SDPA with its head views and copies, torch's add and layer_norm), timed in the same
+rounds: an A/B of those two rewrites on the same int8 kernels.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--calls", type=int, default=3, help="calls of each engine per round")
     ap.add_argument("--kernels", default="auto", help="native_module's kernel choice (auto: measured at load)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also time each artifact without the native attention and add & LayerNorm epilogue")
     args = ap.parse_args(argv)
     if args.distilled is None and args.int8 is None:
         ap.error("give --distilled and/or --int8")
@@ -72,6 +79,9 @@ def main(argv=None) -> int:
         if path is not None:
             engines[name], choices = native_module(artifact.load_artifact(path), kernels=args.kernels)
             kernels[name] = {k: sum(1 for v in choices.values() if v == k) for k in sorted(set(choices.values()))}
+            if args.baseline:
+                engines[f"{name} (SDPA, torch add+LN)"], _ = native_module(
+                    artifact.load_artifact(path), kernels=args.kernels, attention=False, fold_norm=False)
 
     enc = tok(transfer_sentences(max(args.batch, 8))[: args.batch], padding="max_length", truncation=True,
               max_length=args.seq, return_tensors="pt")

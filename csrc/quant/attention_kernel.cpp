@@ -75,28 +75,34 @@ void head_portable(const float* qkv_b, int64_t S, int64_t H, int64_t D, int64_t 
 }
 
 #if PYSERVE_AVX2
-// exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, degree-5 polynomial for
-// (e^r - 1 - r) / r^2, times 2^n). x is clamped to [-88.38, 88.38]: exp of a masked score (-inf or
-// about -3.4e38 after the maximum is subtracted) is 2^-127 scaled through an exponent field of 0,
-// i.e. exactly 0. NaN does not reach here (rows with a NaN score are filled with NaN first).
+// exp(x) for 8 floats, x <= 0 (scores minus their row maximum): x = n ln2 + r with n = round(x / ln2)
+// by the 1.5 * 2^23 addition (n in the low mantissa bits, no round or convert instruction),
+// |r| <= ln2 / 2, e^r by Cephes' expf polynomial (degree 5 for (e^r - 1 - r) / r^2), and 2^n added
+// into the exponent field. Within 2 ulp of std::exp down to x = -87; below (masked scores: about
+// -3.4e38 after the maximum is subtracted, or -inf) exactly 0, as expf underflows. NaN does not
+// reach here (rows with a NaN score are filled with NaN first).
 __attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-  x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  __m256 y = _mm256_fmadd_ps(p, x2, x);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
   y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
-  const __m256i n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+  // 2^n: n (|n| <= 126) sits in the low bits of t as n + 2^22 + 2^23 mantissa offset; shifting it
+  // into the exponent field and adding multiplies y in [0.7, 1.5) by 2^n (normal results only).
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
+  y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), e));
+  return _mm256_and_ps(y, keep);
 }
 
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
@@ -148,6 +154,36 @@ __attribute__((target("avx2,fma"))) float softmax_row(float* s, const float* m, 
     sum1 = _mm256_add_ps(sum1, e1);
   }
   return hsum(_mm256_add_ps(sum0, sum1));
+}
+
+// dst[c * lds + r] = src[r * ls + c] for an 8 x 8 block.
+__attribute__((target("avx2,fma"))) inline void transpose8(const float* src, int64_t ls, float* dst, int64_t lds) {
+  __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ls), r2 = _mm256_loadu_ps(src + 2 * ls),
+         r3 = _mm256_loadu_ps(src + 3 * ls), r4 = _mm256_loadu_ps(src + 4 * ls), r5 = _mm256_loadu_ps(src + 5 * ls),
+         r6 = _mm256_loadu_ps(src + 6 * ls), r7 = _mm256_loadu_ps(src + 7 * ls);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+               t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+               t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r0 = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r2 = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r3 = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r4 = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r5 = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r6 = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+  _mm256_storeu_ps(dst, r0);
+  _mm256_storeu_ps(dst + lds, r1);
+  _mm256_storeu_ps(dst + 2 * lds, r2);
+  _mm256_storeu_ps(dst + 3 * lds, r3);
+  _mm256_storeu_ps(dst + 4 * lds, r4);
+  _mm256_storeu_ps(dst + 5 * lds, r5);
+  _mm256_storeu_ps(dst + 6 * lds, r6);
+  _mm256_storeu_ps(dst + 7 * lds, r7);
 }
 
 // C[r][0..16) = rs[r] * sum_k A[r][k] B[k][0..16) for the first `rows` (1..6) of 6 rows: 12
@@ -203,11 +239,16 @@ __attribute__((target("avx2,fma"))) void head_avx2(const float* qkv_b, int64_t S
   const int64_t E = H * D, row = 3 * E, Sp = (S + 15) / 16 * 16;
   // K^T and a contiguous copy of V: the value rows in place sit 3 E floats apart, which maps them to
   // a few L1 sets (at E = 384: 8 of 64), so the passes over them below would come from L2.
-  for (int64_t j = 0; j < S; ++j) {
+  int64_t j = 0;
+  for (; j + 8 <= S; j += 8) {  // 8 x 8 blocks of K transposed in registers
+    const float* k = qkv_b + j * row + E + h * D;
+    for (int64_t d = 0; d < D; d += 8) transpose8(k + d, row, kt + d * Sp + j, Sp);
+  }
+  for (; j < S; ++j) {
     const float* k = qkv_b + j * row + E + h * D;
     for (int64_t d = 0; d < D; ++d) kt[d * Sp + j] = k[d];
-    std::memcpy(vc + j * D, k + E, sizeof(float) * static_cast<size_t>(D));
   }
+  for (int64_t t = 0; t < S; ++t) std::memcpy(vc + t * D, qkv_b + t * row + 2 * E + h * D, sizeof(float) * static_cast<size_t>(D));
   for (int64_t d = 0; d < D; ++d)
     for (int64_t j = S; j < Sp; ++j) kt[d * Sp + j] = 0.0f;
   float scales[kRows];

@@ -9,7 +9,7 @@
 //
 // Numerics: fp32 throughout, the softmax by its maximum-subtracted form, the weighted sum divided by
 // the exponentials' sum at the end (as torch's CPU flash-attention kernel does); exp: AVX2, a
-// Cephes-style polynomial (within 2 ulp of std::exp on [-87, 88]; below -87.3 it gives 0, as
+// Cephes-style polynomial (within 2 ulp of std::exp on [-87, 0]; below -87 it gives 0, as
 // expf underflows); portable: std::exp. Within float rounding of torch's scaled_dot_product_attention,
 // not bit-identical to it (a different summation order). A query whose mask excludes every key the way
 // HF transformers do (adding the most negative float) gets the mean of the values, as in torch; a mask of -inf

@@ -303,6 +303,7 @@ void attention_qkv(const float* qkv, int64_t B, int64_t S, int64_t H, int64_t D,
       continue;
     }
 #endif
+    (void)fast, (void)Sp;
     head_portable(qkv_b, S, H, D, h, mask_b, mask_q_stride, scale, out_b, buf);
   }
 }

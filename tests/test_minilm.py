@@ -191,6 +191,9 @@ def test_fused_qkv_and_attention_equal_the_graph(tiny_int8):
     fast = attention_qkv_fast(16)  # TinyMiniLM: hidden 64, 4 heads
     assert sum("_attention_qkv" in t for t in targets) == (2 if fast else 0)
     assert sum("_sdpa" in t for t in targets) == (0 if fast else 2)
+    # mean pooling + L2 normalisation: one node instead of 12
+    assert sum("_mean_pool_normalize" in t for t in targets) == 1
+    assert not any("linalg_vector_norm" in t or "sum.dim_IntList" in t for t in targets)
     graph = artifact.load_module(out)
     ids, mask = pyserve.load(out).token_inputs(SENTENCES)
     with torch.inference_mode():

@@ -342,3 +342,39 @@ def test_add_norm_layer_falls_back_for_a_broadcast_residual():
     r1 = torch.randn(16)  # broadcast over rows: torch's add and layer_norm, exactly
     torch.testing.assert_close(fn(x, r1), torch.nn.functional.layer_norm(plain(x) + r1, [16], w, b, 1e-6),
                                rtol=0, atol=0)
+
+
+class Pool(nn.Module):
+    """sentence-transformers' mean pooling and normalisation after one Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x, mask):
+        h = self.lin(x)
+        m = mask.unsqueeze(-1).to(torch.float32)
+        d = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        return torch.nn.functional.normalize(d, p=2, dim=1)
+
+
+def test_mean_pooling_and_normalisation_become_one_node(tmp_path):
+    from pyserve.artifact import kernels
+
+    torch.manual_seed(0)
+    net = Pool().eval()
+    x, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    path = tmp_path / "pool.pyserve"
+    artifact.save(path, net, (x, mask), model_name="pool", dynamic_axes=((0, 1), (0, 1)))
+    gm, _ = native_module(artifact.load_artifact(path), kernels="dense")
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(kernels._mean_pool_normalize) == 1 and torch.ops.aten.mul.Tensor not in targets
+    x2, mask2 = torch.randn(3, 7, 16), (torch.arange(7)[None] < torch.tensor([[7], [3], [1]])).long()
+    with torch.inference_mode():
+        torch.testing.assert_close(gm(x2, mask2), net(x2, mask2), rtol=1e-6, atol=1e-6)
+    # the torch fallback (gradients) computes the graph's ops
+    h = torch.randn(3, 7, 16, requires_grad=True)
+    f = mask2.unsqueeze(-1).float()
+    d = (h * f).sum(1) / f.sum(1).clamp_min(1e-9)
+    torch.testing.assert_close(kernels._mean_pool_normalize(h, mask2, 1e-9, 1e-12),
+                               torch.nn.functional.normalize(d, p=2, dim=1), rtol=0, atol=0)

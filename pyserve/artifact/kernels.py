@@ -597,7 +597,7 @@ def _drop_inactive_dropout(gm) -> int:
 
 
 def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: int = 5, fuse: bool = True,
-                  attention: bool = True, fold_norm: bool = True):
+                  attention: bool = True, fold_norm: bool = True, pool: bool = True):
     """The artifact's module with its Linear layers on the chosen kernels.
 
     Parameters
@@ -617,6 +617,8 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         ``False`` keeps torch's ``scaled_dot_product_attention``.
     fold_norm : with ``fuse``, fold ``layer_norm(int8 layer + residual)`` into the layer's native
         call (:func:`_fold_add_layer_norm`; within float rounding of torch's ``layer_norm``).
+    pool : with ``fuse``, run a sentence-transformers mean pooling + L2 normalisation as one NumPy
+        node (:func:`_fuse_mean_pool`; within float rounding).
 
     Returns
     -------
@@ -643,7 +645,8 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         _drop_inactive_dropout(gm)
         if attention:
             _fuse_qkv_attention(gm)
-        _fuse_mean_pool(gm)
+        if pool:
+            _fuse_mean_pool(gm)
     if kernels == "dense":
         for fname, originals in fused.items():
             choices.update({w: "dense" for w in originals})

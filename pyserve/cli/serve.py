@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import signal
 import sys
 
@@ -157,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--repository-poll-s needs --model-control-mode poll (other modes never rescan)")
     if not args.repository_poll_s > 0:
         raise UsageError(f"--repository-poll-s must be > 0, got {args.repository_poll_s}")
+    if (args.grpc_engine or os.environ.get("PYSERVE_GRPC_ENGINE")) == "native":
+        from pyserve.server._native_engine import native_available
+
+        if not native_available():
+            raise UsageError("--grpc-engine native: this pyserve was built without its grpc++ transport "
+                             "(pyserve._grpc_native); install libgrpc++-dev and rebuild pyserve")
     if args.load_model and args.model_control_mode != "explicit":
         raise UsageError("--load-model needs --model-control-mode explicit (mode none loads every model)")
     return asyncio.run(_serve(args))

@@ -9,6 +9,8 @@
 #include <stdexcept>
 #include <thread>
 
+#include <pthread.h>
+
 #include "grpc_native/transport.h"
 
 namespace py = pybind11;
@@ -96,8 +98,9 @@ class Engine {
       if (!t[2].is_none()) cfg.client_ca = t[2].cast<std::string>();
     }
     started_ = true;
-    for (int i = 0; i < n_workers_; ++i) threads_.emplace_back([this] { Work(&transport_.calls, dispatch_); });
-    threads_.emplace_back([this] { Work(&transport_.ends, ended_); });
+    for (int i = 0; i < n_workers_; ++i)
+      threads_.emplace_back([this] { Work(&transport_.calls, dispatch_, "pyserve-nworker"); });
+    threads_.emplace_back([this] { Work(&transport_.ends, ended_, "pyserve-nended"); });
     int port;
     {
       py::gil_scoped_release release;
@@ -129,7 +132,12 @@ class Engine {
   const std::string& Error() const { return transport_.error(); }
 
  private:
-  void Work(TaskQueue* queue, const py::function& fn) {
+  void Work(TaskQueue* queue, const py::function& fn, const char* name) {
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), name);  // shown in /proc/<pid>/task/<tid>/comm (engine_cpu.py)
+#else
+    (void)name;
+#endif
     py::gil_scoped_acquire gil;  // one thread state for the thread's lifetime
     for (;;) {
       Task task;

@@ -60,14 +60,14 @@ Metadata ToMetadata(const py::object& seq, const char* what) {
 }
 
 void SetUser(Call& call, py::object obj) {
-  PyObject* old = static_cast<PyObject*>(call.user);
-  call.user = obj.is_none() ? nullptr : obj.release().ptr();
-  Py_XDECREF(old);
+  void* old = call.ExchangeUser(obj.is_none() ? nullptr : obj.release().ptr());
+  Py_XDECREF(static_cast<PyObject*>(old));
 }
 
-py::object GetUser(const Call& call) {
-  if (call.user == nullptr) return py::none();
-  return py::reinterpret_borrow<py::object>(static_cast<PyObject*>(call.user));
+py::object GetUser(Call& call) {
+  void* user = call.User();
+  if (user == nullptr) return py::none();
+  return py::reinterpret_borrow<py::object>(static_cast<PyObject*>(user));
 }
 
 // The transport plus its worker threads.
@@ -129,6 +129,7 @@ class Engine {
   }
 
   int Active() const { return transport_.Active(); }
+  int Counted() const { return transport_.Counted(); }
   const std::string& Error() const { return transport_.error(); }
 
  private:
@@ -193,7 +194,11 @@ PYBIND11_MODULE(_grpc_native, m) {
       .def_property_readonly(
           "first", [](const Call& c) -> py::object { return c.has_first ? py::object(ToBytes(c.first)) : py::none(); },
           "The first request message (bytes), or None when the client sent none.")
-      .def_property("context", &GetUser, &SetUser, "The dispatcher's per-call object (released when the RPC is done).")
+      .def_property("context", &GetUser, &SetUser,
+                    "The dispatcher's per-call object, or None. Only a call that has one gets the ``ended`` "
+                    "callbacks (cancelled, done); it is released when the RPC is done.")
+      .def("count_until_done", &Call::CountUntilDone,
+           "Count this RPC in ``Engine.counted()`` until grpc++ has finished it (idempotent).")
       .def("is_active", &Call::IsActive, "False once the RPC was cancelled (client, deadline, shutdown) or finished.")
       .def("cancelled", &Call::Cancelled, "True once grpc++ reported the RPC cancelled.")
       .def(
@@ -260,5 +265,6 @@ workers : int
            "Stop the server: RPCs still running after ``grace_s`` seconds are cancelled; blocks until all ended.")
       .def("stop", &Engine::Stop, "Shut down at once (if running) and join the worker threads.")
       .def("active", &Engine::Active, "RPCs whose reactor is alive.")
+      .def("counted", &Engine::Counted, "RPCs marked with ``Call.count_until_done`` that are not done yet.")
       .def_property_readonly("error", &Engine::Error);
 }

@@ -29,6 +29,7 @@ class Reactor final : public grpc::ServerGenericBidiReactor {
     }
     c.reactor_ = this;
     c.ctx_ = ctx;
+    c.transport_ = transport_;
     if (transport_->refusing_.load()) {
       c.finished_.store(true);
       Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
@@ -63,27 +64,28 @@ class Reactor final : public grpc::ServerGenericBidiReactor {
   void OnCancel() override {
     Call& c = *call_;
     c.cancelled_.store(true);
-    bool started;
+    bool notify;
     {
       std::lock_guard<std::mutex> lk(c.mu_);
-      started = c.started_;
+      notify = c.started_ && c.user_ != nullptr;
       c.cv_.notify_all();
     }
-    if (started) transport_->ends.Push(Task{TaskKind::kCancel, call_});
+    if (notify) transport_->ends.Push(Task{TaskKind::kCancel, call_});
   }
 
   void OnDone() override {
     Call& c = *call_;
-    bool started;
+    bool notify;
     {
       std::lock_guard<std::mutex> lk(c.mu_);
       c.done_ = true;
       c.reactor_ = nullptr;
       c.ctx_ = nullptr;
-      started = c.started_;
+      notify = c.started_ && c.user_ != nullptr;
       c.cv_.notify_all();
     }
-    if (started) transport_->ends.Push(Task{TaskKind::kDone, std::move(call_)});
+    if (c.counted_.load()) transport_->counted_.fetch_sub(1);
+    if (notify) transport_->ends.Push(Task{TaskKind::kDone, std::move(call_)});
     transport_->active_.fetch_sub(1);
     delete this;
   }
@@ -158,6 +160,19 @@ bool Call::Finish(int code, const std::string& details, const char* response, si
     reactor->Finish(status);
   }
   return true;
+}
+
+void* Call::ExchangeUser(void* user) {
+  std::lock_guard<std::mutex> lk(mu_);
+  void* old = user_;
+  user_ = user;
+  return old;
+}
+
+void Call::CountUntilDone() {
+  std::lock_guard<std::mutex> lk(mu_);  // against OnDone: counted only while not done
+  if (done_ || counted_.exchange(true)) return;
+  transport_->counted_.fetch_add(1);
 }
 
 void Call::Cancel() {

@@ -39,8 +39,16 @@ class Call {
   bool has_first = false;   // false: the client half-closed before sending a message
   grpc::ByteBuffer first;   // the first request message (when has_first)
 
-  // Opaque per-call object of the binding layer (a PyObject*, owned by module.cpp).
-  void* user = nullptr;
+  // The binding layer's per-call object (a PyObject*, owned by module.cpp), or nullptr. Only calls
+  // that have one get kCancel/kDone tasks: an RPC nobody asked to hear the end of costs no task.
+  // Returns the previous one.
+  void* ExchangeUser(void* user);
+  void* User() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return user_;
+  }
+  // Count this RPC in Transport::Counted() until it is done (idempotent).
+  void CountUntilDone();
 
   bool IsActive() const { return !cancelled_.load() && !finished_.load(); }
   bool Cancelled() const { return cancelled_.load(); }
@@ -63,6 +71,9 @@ class Call {
   std::mutex mu_;
   std::condition_variable cv_;
   Reactor* reactor_ = nullptr;  // valid until OnDone (which needs Finish first)
+  class Transport* transport_ = nullptr;
+  void* user_ = nullptr;
+  std::atomic<bool> counted_{false};
   grpc::CallbackServerContext* ctx_ = nullptr;
   std::atomic<bool> cancelled_{false};
   std::atomic<bool> finished_{false};
@@ -116,6 +127,8 @@ class Transport : public grpc::CallbackGenericService {
   // RPC has finished. Idempotent (later calls wait for the first to end).
   void Shutdown(double grace_s);
   int Active() const { return active_.load(); }
+  // RPCs marked with Call::CountUntilDone that are not done yet.
+  int Counted() const { return counted_.load(); }
   const std::string& error() const { return error_; }
 
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override;
@@ -125,6 +138,8 @@ class Transport : public grpc::CallbackGenericService {
   std::unique_ptr<grpc::Server> server_;
   std::atomic<bool> refusing_{false};
   std::atomic<int> active_{0};
+  std::atomic<int> counted_{0};
+  friend class Call;
   std::mutex shutdown_mu_;
   bool shut_down_ = false;
   std::string error_;

@@ -40,7 +40,9 @@ import weakref
 
 import grpc
 
-__all__ = ["NativeServer", "native_available", "require_native"]
+from pyserve.server._sync_engine import SyncInflight
+
+__all__ = ["NativeInflight", "NativeServer", "native_available", "require_native"]
 
 log = logging.getLogger("pyserve.server")
 
@@ -127,12 +129,20 @@ class _Context(grpc.ServicerContext):
         self._call.cancel()
 
     def add_callback(self, callback) -> bool:
-        """Run ``callback()`` when the RPC ends (cancelled or done); False if it already has."""
+        """Run ``callback()`` when the RPC ends (cancelled or done); False if it already has.
+
+        The first callback registers this context with the call, so that the transport reports the
+        end (an RPC without callbacks costs no end-of-RPC task)."""
         with self._lock:
             if self._ended:
                 return False
             self._callbacks.append(callback)
-            return True
+            first = len(self._callbacks) == 1
+        if first:
+            self._call.context = self
+            if self._call.cancelled():  # cancelled before the transport knew of this context
+                self._end()
+        return True
 
     def _end(self) -> None:
         with self._lock:
@@ -199,6 +209,30 @@ def _request_iterator(call, first, deserializer):
         if data is None:
             return
         yield deserializer(data) if deserializer else data
+
+
+class NativeInflight(SyncInflight):
+    """:class:`~pyserve.server._sync_engine.SyncInflight` for the native engine: a unary RPC is counted
+    by the transport from ``begin`` until grpc++ has finished it (no end-of-RPC callback into Python);
+    streams are counted as by the sync engine. :meth:`attach` the :class:`NativeServer` first."""
+
+    def __init__(self) -> None:  # SyncInflight's, but ``count`` is the property below
+        self._lock = threading.Lock()
+        self.streams = 0
+        self.started = 0
+        self._engine = None
+
+    def attach(self, server: "NativeServer") -> None:
+        self._engine = server._engine
+
+    @property
+    def count(self) -> int:
+        return self._engine.counted() if self._engine is not None else 0
+
+    def begin(self, context) -> None:
+        with self._lock:
+            self.started += 1
+        context._call.count_until_done()
 
 
 _live: weakref.WeakSet = weakref.WeakSet()
@@ -327,9 +361,6 @@ class NativeServer:
 
     def _dispatch(self, call, kind: int) -> None:
         context = _Context(call)
-        call.context = context
-        if not call.is_active():  # cancelled while queued; the control thread may have missed the context
-            context._end()
         try:
             handler = self._lookup(call, context)
         except Exception:

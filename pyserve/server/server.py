@@ -207,7 +207,11 @@ class Server:
         self.auth_tokens = tuple(auth_tokens or ())
         self.reflection = bool(reflection)
         self.reflection_enabled = False
-        if grpc_engine in ("sync", "native"):
+        if grpc_engine == "native":
+            from pyserve.server._native_engine import NativeInflight
+
+            self._inflight = NativeInflight()
+        elif grpc_engine == "sync":
             from pyserve.server._sync_engine import SyncInflight
 
             self._inflight = SyncInflight()
@@ -342,6 +346,7 @@ class Server:
             from pyserve.server._native_engine import NativeServer
 
             server = NativeServer(self.grpc_threads, interceptors=interceptors, options=options)
+            self._inflight.attach(server)
         else:
             self._grpc_pool = ThreadPoolExecutor(max_workers=self.grpc_threads, thread_name_prefix="pyserve-grpc")
             server = grpc.server(self._grpc_pool, interceptors=interceptors, options=options)

@@ -7,7 +7,9 @@ ModelInferResponse (LeNet's [1, 10] FP32 logits) without looking at the request,
 ``grpc.aio`` (what pyserve and the KServe Python server use) and by the synchronous ``grpc.server``
 (a 4-thread pool) and, where pyserve was built with grpc++, by pyserve's native engine (grpc++ with
 4 worker threads that take the GIL; ``pyserve.server._native_engine.NativeServer``), each loaded by
-benchmarks/server/grpc_load.py at concurrency 1 and 16. Prints
+benchmarks/server/grpc_load.py at concurrency 1 and 16. For native, the CPU µs per request is also
+split by thread (kernel thread names: ``pyserve-nworker`` = the GIL-taking workers, the rest grpc++'s
+own threads, e.g. ``nexting_thread`` and ``default-executo``). Prints
 infer/s and the server process's CPU time per request (user + system, all threads; the client runs
 in its own process). No pyserve code runs in the handler: this is what gRPC's Python layer costs
 per request before any decoding, validation, inference or encoding.
@@ -83,11 +85,26 @@ def _native(concurrencies, seconds) -> list:
     the GIL and runs NativeServer's dispatch (handler lookup, context, finish) as for every RPC."""
     from pyserve.server._native_engine import NativeServer
 
+    import collections
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from engine_cpu import thread_comm, thread_cpu_s
+
     server = NativeServer(4)
     server.add_generic_rpc_handlers((_handlers(lambda request, context: RESPONSE),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    out = [(c, *_load(port, c, seconds)) for c in concurrencies]
+    out = []
+    for c in concurrencies:
+        before = thread_cpu_s()
+        d, cpu = _load(port, c, seconds)
+        after = thread_cpu_s()
+        parts: collections.Counter = collections.Counter()
+        for tid, t in after.items():  # every thread but the main one is grpc++'s or the engine's
+            parts[thread_comm(tid).removeprefix("native:")] += t - before.get(tid, 0.0)
+        n = d["requests"] + 51
+        d["parts"] = ", ".join(f"{k} {v / n * 1e6:.0f}" for k, v in parts.most_common() if v / n * 1e6 >= 1)
+        out.append((c, d, cpu))
     server.stop(None)
     return out
 
@@ -104,7 +121,8 @@ def main() -> int:
             engines.append(("native", lambda: _native((1, 16), args.seconds)))
         for name, run in engines:
             rows = run()
-            text = ", ".join(f"c={c}: {d['infer_per_s']:.0f} infer/s, {cpu:.0f} µs CPU/request" for c, d, cpu in rows)
+            text = ", ".join(f"c={c}: {d['infer_per_s']:.0f} infer/s, {cpu:.0f} µs CPU/request"
+                             + (f" ({d['parts']})" if "parts" in d else "") for c, d, cpu in rows)
             print(f"{name:9s} {text} (load average {os.getloadavg()[0]:.1f})", flush=True)
     return 0
 

@@ -3,6 +3,7 @@ pyserve's dynamic batching vs unbatched at concurrency 16.
 
     benchmarks/server/setup.sh                    # once: .venv-pa (perf_analyzer), .venv-kserve
     .venv/bin/python benchmarks/server/bench_server.py [--seconds 3] [--rounds 3] [--out results.json]
+        [--engines sync,aio,native]
 
 Model: LeNet-300-100 (784-300-100-10, ReLU) trained two epochs on MNIST (pyserve.datasets, offline),
 fp32. pyserve serves it as a dense ``.pyserve`` artifact (``pyserve serve``, the pyserve backend);
@@ -20,7 +21,8 @@ pre-serialized ModelInferRequest and not parsing the answers, so the client take
 perf_analyzer measures pyserve batched vs unbatched. pyserve runs with each gRPC engine: ``sync``
 (``--grpc-engine sync``: the synchronous ``grpc.server``, the unbatched model served in the handler
 thread; results under "pyserve") and ``aio`` (the default: grpc.aio, inline execution of the tiny
-model on the event loop; "pyserve_aio").
+model on the event loop; "pyserve_aio") and, where pyserve was built with grpc++, ``native`` (the sync
+engine's handlers on the grpc++ transport; "pyserve_native"); ``--engines`` picks a subset.
 The server overhead per request (server time minus queue and compute, from ModelStatistics deltas
 after each request at concurrency 1) is measured on both; batched vs unbatched on both too. Every point is measured ``--rounds`` times with the servers taking turns (all run
 at once, idle but for the one measured); the tables give medians.
@@ -335,6 +337,26 @@ def table(title: str, a_name: str, a: dict, b_name: str, b: dict) -> str:
     return "\n".join(lines)
 
 
+def _name(kind: str, engine: str) -> str:
+    """Result key: "pyserve" / "batched" / "unbatched" for the sync engine (as before), else kind_engine."""
+    return kind if engine == "sync" else f"{kind}_{engine}"
+
+
+def _engines(spec: str | None) -> list[str]:
+    from pyserve.server._native_engine import native_available
+
+    if spec is None:
+        return ["sync", "aio"] + (["native"] if native_available() else [])
+    engines = [e.strip() for e in spec.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ("sync", "aio", "native")]
+    if bad or not engines:
+        raise SystemExit(f"bench_server.py: error: --engines takes sync, aio, native; got {spec!r}")
+    if "native" in engines and not native_available():
+        raise SystemExit("bench_server.py: error: --engines native: pyserve._grpc_native is not built "
+                         "(install libgrpc++-dev and rebuild)")
+    return engines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=3.0, help="measurement window per point (default 3)")
@@ -345,7 +367,11 @@ def main() -> int:
                    "(pre-serialized requests; default) or a tritonclient.grpc.aio loop")
     p.add_argument("--overhead-requests", type=int, default=500,
                    help="requests for the p50 server overhead (concurrency 1; default 500)")
+    p.add_argument("--engines", default=None,
+                   help="pyserve gRPC engines to measure, comma-separated (sync, aio, native; default: all three, "
+                   "native only where pyserve._grpc_native is built)")
     args = p.parse_args()
+    engines = _engines(args.engines)
     if not (PA_VENV / "bin" / "perf_analyzer").exists() or not (KS_VENV / "bin" / "python").exists():
         print("no .venv-pa or .venv-kserve: run benchmarks/server/setup.sh first", file=sys.stderr)
         return 2
@@ -359,18 +385,14 @@ def main() -> int:
         results["test_accuracy"] = acc
         print(f"  test accuracy {acc:.4f}", flush=True)
         try:
-            proc, plain = start_pyserve(write_repo(tmp, artifact, False), "--grpc-engine", "sync")
-            procs.append(proc)
-            pids = {plain: proc.pid}
-            proc, aio = start_pyserve(tmp / "repo_plain", "--grpc-engine", "aio")
-            procs.append(proc)
-            pids[aio] = proc.pid
-            proc, batched = start_pyserve(write_repo(tmp, artifact, True), "--grpc-engine", "sync")
-            procs.append(proc)
-            pids[batched] = proc.pid
-            proc, batched_aio = start_pyserve(tmp / "repo_batched", "--grpc-engine", "aio")
-            procs.append(proc)
-            pids[batched_aio] = proc.pid
+            plain_repo, batched_repo = write_repo(tmp, artifact, False), write_repo(tmp, artifact, True)
+            plain, batched, pids = {}, {}, {}
+            for engine in engines:  # one unbatched and one batched server per engine
+                for repo, urls in ((plain_repo, plain), (batched_repo, batched)):
+                    proc, url = start_pyserve(repo, "--grpc-engine", engine)
+                    procs.append(proc)
+                    urls[engine] = url
+                    pids[url] = proc.pid
             proc, kserve = start_kserve(tmp / "lenet300.npz")
             procs.append(proc)
             pids[kserve] = proc.pid
@@ -383,41 +405,38 @@ def main() -> int:
                 print(f"  perf_analyzer cannot drive KServe: {results['kserve_perf_analyzer']}", flush=True)
             vs_client = "perf_analyzer" if results["kserve_perf_analyzer"] == "ok" else args.vs_client
             print(f"pyserve vs KServe ({vs_client} client) ...", flush=True)
-            results["vs_kserve"] = rounds({"pyserve": (plain, pids[plain]), "pyserve_aio": (aio, pids[aio]),
-                                           "kserve": (kserve, pids[kserve])}, CONCURRENCY, args.seconds, vs_client,
-                                          args.rounds)
+            servers = {_name("pyserve", e): (plain[e], pids[plain[e]]) for e in engines}
+            servers["kserve"] = (kserve, pids[kserve])
+            results["vs_kserve"] = rounds(servers, CONCURRENCY, args.seconds, vs_client, args.rounds)
             print("server overhead per request at concurrency 1 (ModelStatistics) ...", flush=True)
-            results["overhead"] = {"sync": server_overhead(plain, args.overhead_requests),
-                                   "aio": server_overhead(aio, args.overhead_requests)}
+            results["overhead"] = {e: server_overhead(plain[e], args.overhead_requests) for e in engines}
             print(f"  {results['overhead']}", flush=True)
             print("pyserve dynamic batching vs unbatched (perf_analyzer) ...", flush=True)
-            results["batching"] = rounds({"batched": (batched, pids[batched]), "unbatched": (plain, pids[plain]),
-                                          "batched_aio": (batched_aio, pids[batched_aio]),
-                                          "unbatched_aio": (aio, pids[aio])},
-                                         (1, 4, 16), args.seconds,
-                                         "perf_analyzer", args.rounds)
+            servers = {}
+            for e in engines:
+                servers[_name("batched", e)] = (batched[e], pids[batched[e]])
+                servers[_name("unbatched", e)] = (plain[e], pids[plain[e]])
+            results["batching"] = rounds(servers, (1, 4, 16), args.seconds, "perf_analyzer", args.rounds)
         finally:
             for proc in procs:
                 stop(proc)
     results["load_average_after"] = os.getloadavg()
     v, bt = results["vs_kserve"], results["batching"]
-    print()
-    print(table(f"pyserve vs KServe Python server, LeNet-300-100, batch 1, client {v['pyserve'][1]['client']}",
-                "pyserve", v["pyserve"], "KServe", v["kserve"]))
-    print()
-    print(table("pyserve vs KServe Python server, pyserve on grpc.aio (--grpc-engine aio)",
-                "pyserve aio", v["pyserve_aio"], "KServe", v["kserve"]))
-    print()
-    print(table("pyserve engines: sync vs aio (default)", "sync", v["pyserve"], "aio", v["pyserve_aio"]))
-    if "cpu_us_per_request" in v["pyserve"][1]:
+    first = _name("pyserve", engines[0])
+    for e in engines:
+        print()
+        print(table(f"pyserve ({e} engine) vs KServe Python server, LeNet-300-100, batch 1, client "
+                    f"{v[first][1]['client']}", f"pyserve {e}", v[_name("pyserve", e)], "KServe", v["kserve"]))
+    for e in engines[1:]:
+        print()
+        print(table(f"pyserve engines: {engines[0]} vs {e}", engines[0], v[first], e, v[_name("pyserve", e)]))
+    if "cpu_us_per_request" in v[first][1]:
         print()
         print(cpu_table("Server CPU time per request (process tree, user + system)", v))
-    print()
-    print(table("pyserve dynamic batching vs unbatched, sync engine, perf_analyzer", "batched", bt["batched"],
-                "unbatched", bt["unbatched"]))
-    print()
-    print(table("pyserve dynamic batching vs unbatched, aio engine, perf_analyzer", "batched", bt["batched_aio"],
-                "unbatched", bt["unbatched_aio"]))
+    for e in engines:
+        print()
+        print(table(f"pyserve dynamic batching vs unbatched, {e} engine, perf_analyzer", "batched",
+                    bt[_name("batched", e)], "unbatched", bt[_name("unbatched", e)]))
     print()
     print(cpu_table("Batching: server CPU time per request (process tree, user + system)", bt))
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))

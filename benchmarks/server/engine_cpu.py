@@ -9,7 +9,9 @@ from an in-process :class:`pyserve.server.ServerThread` with each ``engine:threa
 closed loops, pre-serialized requests) and reads every thread's CPU time (user + system, /proc) before
 and after the window. Prints infer/s and CPU µs per request in all and by thread group: the gRPC
 handler threads (``pyserve-grpc``), grpc's own Python threads (sync: ``_serve``, the completion-queue
-poller; aio: ``_poll_wrapper``), native threads, and the event loop (``pyserve-server``). The
+poller; aio: ``_poll_wrapper``), native threads by their kernel name (``native:pyserve-nworker``: the
+native engine's workers running Python; ``native:grpcpp_sync_ser``/``native:default-executo`` etc.:
+grpc++'s own), and the event loop (``pyserve-server``). The
 medians over the rounds come last. Client and server share the machine: CPU per request is the
 figure to compare, throughput is only indicative.
 """
@@ -32,6 +34,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+def native_available() -> bool:
+    from pyserve.server._native_engine import native_available as available
+
+    return available()
+
+
+def thread_comm(tid: int) -> str:
+    """The kernel's name of thread ``tid`` of this process (grpc++ and pyserve._grpc_native name theirs)."""
+    try:
+        return "native:" + (Path("/proc/self/task") / str(tid) / "comm").read_text().strip()
+    except OSError:
+        return "native"
 
 
 def thread_cpu_s() -> dict[int, float]:
@@ -63,7 +79,8 @@ def group(name: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="sync:4,sync:8,sync:16,aio:16", help="engine:threads,...")
+    p.add_argument("--configs", default="sync:8,aio:16,native:8" if native_available() else "sync:4,sync:8,sync:16,aio:16",
+                   help="engine:threads,... (engines sync, aio, native)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=4.0)
@@ -97,7 +114,7 @@ def main() -> int:
                 names = {t.native_id: t.name for t in threading.enumerate()}
                 groups: collections.Counter = collections.Counter()
                 for tid, cpu in after.items():
-                    groups[group(names.get(tid, "native"))] += cpu - before.get(tid, 0.0)
+                    groups[group(names.get(tid) or thread_comm(tid))] += cpu - before.get(tid, 0.0)
                 n = r["requests"]
                 total = sum(groups.values()) / n * 1e6
                 totals[(engine, threads)].append(total)

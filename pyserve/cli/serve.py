@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import signal
 import sys
 
@@ -42,12 +43,13 @@ def add_parser(subparsers) -> None:
                    help="run a model execution on the event loop, not the thread pool, when its measured CPU "
                    "time for that batch size is below US microseconds (saves two thread hand-overs per "
                    "request for tiny models; 0 = never; default 1000)")
-    p.add_argument("--grpc-engine", choices=("sync", "aio"), default=None,
+    p.add_argument("--grpc-engine", choices=("sync", "aio", "native"), default=None,
                    help="gRPC server: 'sync' (grpc.server with a thread pool; unbatched models served in the "
                    "handler thread; measured slower than aio on an idle 2-core machine, see docs/performance.md) or "
-                   "'aio' (grpc.aio, everything on the event loop); default: $PYSERVE_GRPC_ENGINE, else aio")
+                   "'aio' (grpc.aio, everything on the event loop) or 'native' (the sync engine's handlers on a grpc++ "
+                   "transport; needs pyserve built with libgrpc++-dev); default: $PYSERVE_GRPC_ENGINE, else aio")
     p.add_argument("--grpc-threads", type=int, default=None, metavar="N",
-                   help="handler threads of the sync engine (default 8; every open stream, and every request waiting for "
+                   help="handler threads of the sync and native engines (default 8; every open stream, and every request waiting for "
                    "a dynamic batch or a traffic route, holds one)")
     p.add_argument(
         "--model-control-mode",
@@ -156,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--repository-poll-s needs --model-control-mode poll (other modes never rescan)")
     if not args.repository_poll_s > 0:
         raise UsageError(f"--repository-poll-s must be > 0, got {args.repository_poll_s}")
+    if (args.grpc_engine or os.environ.get("PYSERVE_GRPC_ENGINE")) == "native":
+        from pyserve.server._native_engine import native_available
+
+        if not native_available():
+            raise UsageError("--grpc-engine native: this pyserve was built without its grpc++ transport "
+                             "(pyserve._grpc_native); install libgrpc++-dev and rebuild pyserve")
     if args.load_model and args.model_control_mode != "explicit":
         raise UsageError("--load-model needs --model-control-mode explicit (mode none loads every model)")
     return asyncio.run(_serve(args))

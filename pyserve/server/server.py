@@ -44,8 +44,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 #: The gRPC engines: ``sync`` hosts the services on the synchronous ``grpc.server`` (a thread pool of
 #: ``grpc_threads``; ModelInfer of unbatched models runs entirely in the handler thread, see
-#: :mod:`pyserve.server._sync_engine`), ``aio`` on ``grpc.aio`` (every RPC on the event loop).
-GRPC_ENGINES = ("sync", "aio")
+#: :mod:`pyserve.server._sync_engine`), ``aio`` on ``grpc.aio`` (every RPC on the event loop),
+#: ``native`` the sync engine's handlers on a grpc++ transport (``pyserve._grpc_native``, built when
+#: libgrpc++-dev is installed; :mod:`pyserve.server._native_engine`).
+GRPC_ENGINES = ("sync", "aio", "native")
 
 #: The engine a Server uses when ``grpc_engine`` is not given: the ``PYSERVE_GRPC_ENGINE``
 #: environment variable when set (one of :data:`GRPC_ENGINES`), else this.
@@ -108,13 +110,15 @@ class Server:
     inline_max_us : model executions measured below this many microseconds run on the event loop
         instead of the thread pool (two thread hand-overs saved per request; see
         :class:`pyserve.server.scheduler.ExecutionRunner`); 0: always the pool. Default 1000.
-    grpc_engine : ``"sync"`` or ``"aio"`` (:data:`GRPC_ENGINES`); None: the ``PYSERVE_GRPC_ENGINE``
+    grpc_engine : ``"sync"``, ``"aio"`` or ``"native"`` (:data:`GRPC_ENGINES`); None: the ``PYSERVE_GRPC_ENGINE``
         environment variable, else :data:`DEFAULT_GRPC_ENGINE`. With ``sync``, the direct (unbatched)
         executions of a backend with ``infer_sync`` run in the gRPC handler thread whatever
         ``inline_max_us`` says (the handler thread is a pool thread already); ``inline_max_us``
-        still governs executions on the event loop (dynamic batches, routes).
-    grpc_threads : handler threads of the ``sync`` engine (default :data:`DEFAULT_GRPC_THREADS`);
-        every open stream holds one.
+        still governs executions on the event loop (dynamic batches, routes). ``"native"``: the
+        sync engine's handlers on grpc++ (:mod:`pyserve.server._native_engine`); ValueError when
+        pyserve was built without libgrpc++-dev.
+    grpc_threads : handler threads of the ``sync`` and ``native`` engines (default
+        :data:`DEFAULT_GRPC_THREADS`); every open stream holds one.
     reflection : register gRPC server reflection (``grpc.reflection.v1alpha.ServerReflection``,
         what grpcio-reflection implements) for the inference and health services when
         grpcio-reflection is installed (the ``reflection`` extra); default True.
@@ -156,6 +160,10 @@ class Server:
             what = "grpc_engine"
         if grpc_engine not in GRPC_ENGINES:
             raise ValueError(f"{what} must be one of {', '.join(GRPC_ENGINES)}, got {grpc_engine!r}")
+        if grpc_engine == "native":
+            from pyserve.server._native_engine import require_native
+
+            require_native()  # ValueError saying to install libgrpc++-dev and rebuild
         if not isinstance(grpc_threads, int) or grpc_threads < 1:
             raise ValueError(f"grpc_threads must be an int >= 1, got {grpc_threads!r}")
         self.grpc_engine = grpc_engine
@@ -199,7 +207,11 @@ class Server:
         self.auth_tokens = tuple(auth_tokens or ())
         self.reflection = bool(reflection)
         self.reflection_enabled = False
-        if grpc_engine == "sync":
+        if grpc_engine == "native":
+            from pyserve.server._native_engine import NativeInflight
+
+            self._inflight = NativeInflight()
+        elif grpc_engine == "sync":
             from pyserve.server._sync_engine import SyncInflight
 
             self._inflight = SyncInflight()
@@ -244,7 +256,7 @@ class Server:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        if self.grpc_engine == "sync":
+        if self.grpc_engine in ("sync", "native"):
             server = self._sync_server(options)
         else:
             server = self._aio_server(options)
@@ -256,7 +268,8 @@ class Server:
             if self._tls is None:
                 self.bound_port = server.add_insecure_port(address)
             else:
-                self.bound_port = server.add_secure_port(address, _server_credentials(*self._tls))
+                creds = self._tls if self.grpc_engine == "native" else _server_credentials(*self._tls)
+                self.bound_port = server.add_secure_port(address, creds)
         except RuntimeError as exc:
             self.bound_port = 0
             detail = f": {exc}"
@@ -273,7 +286,7 @@ class Server:
             self.bound_port = None
             raise RuntimeError(f"cannot listen on {_address(self.host, self.grpc_port)}{detail}")
         self._grpc = server
-        if self.grpc_engine == "sync":
+        if self.grpc_engine in ("sync", "native"):
             server.start()
         else:
             await server.start()
@@ -329,8 +342,14 @@ class Server:
         if self.auth_tokens:
             interceptors.append(SyncBearerTokenInterceptor(self.auth_tokens))
             self._auth_warning()
-        self._grpc_pool = ThreadPoolExecutor(max_workers=self.grpc_threads, thread_name_prefix="pyserve-grpc")
-        server = grpc.server(self._grpc_pool, interceptors=interceptors, options=options)
+        if self.grpc_engine == "native":  # the same handlers on the grpc++ transport and its worker threads
+            from pyserve.server._native_engine import NativeServer
+
+            server = NativeServer(self.grpc_threads, interceptors=interceptors, options=options)
+            self._inflight.attach(server)
+        else:
+            self._grpc_pool = ThreadPoolExecutor(max_workers=self.grpc_threads, thread_name_prefix="pyserve-grpc")
+            server = grpc.server(self._grpc_pool, interceptors=interceptors, options=options)
         codec.add_inference_servicer(
             SyncInferenceServicer(self.dataplane, InferenceServicer(self.dataplane), loop, self._inflight), server)
         traffic_codec.add_traffic_servicer(
@@ -355,7 +374,7 @@ class Server:
 
     async def _set_health(self, status) -> None:
         for service in ("", codec.SERVICE_NAME):
-            if self.grpc_engine == "sync":
+            if self.grpc_engine in ("sync", "native"):
                 self._health.set(service, status)
             else:
                 await self._health.set(service, status)
@@ -371,7 +390,7 @@ class Server:
         grace = self.exit_timeout_s if grace_s is None else grace_s
         t0 = time.monotonic()
         self.dataplane.stopping = True
-        sync = self.grpc_engine == "sync"
+        sync = self.grpc_engine in ("sync", "native")
         if sync:
             self._health.enter_graceful_shutdown()  # NOT_SERVING at once, pushed to Watch streams
         else:

@@ -106,7 +106,7 @@ def test_engine_selection_is_checked(tmp_path, monkeypatch):
     monkeypatch.delenv("PYSERVE_GRPC_ENGINE", raising=False)
     assert Server(tmp_path).grpc_engine == "aio"
     assert Server(tmp_path, grpc_engine="sync").grpc_engine == "sync"
-    with pytest.raises(ValueError, match="grpc_engine must be one of sync, aio, got 'uvloop'"):
+    with pytest.raises(ValueError, match="grpc_engine must be one of sync, aio, native, got 'uvloop'"):
         Server(tmp_path, grpc_engine="uvloop")
     with pytest.raises(ValueError, match="grpc_threads must be an int >= 1, got 0"):
         Server(tmp_path, grpc_threads=0)
@@ -114,7 +114,7 @@ def test_engine_selection_is_checked(tmp_path, monkeypatch):
     assert Server(tmp_path).grpc_engine == "sync"
     assert Server(tmp_path, grpc_engine="aio").grpc_engine == "aio"  # the argument wins
     monkeypatch.setenv("PYSERVE_GRPC_ENGINE", "fast")
-    with pytest.raises(ValueError, match="PYSERVE_GRPC_ENGINE must be one of sync, aio, got 'fast'"):
+    with pytest.raises(ValueError, match="PYSERVE_GRPC_ENGINE must be one of sync, aio, native, got 'fast'"):
         Server(tmp_path)
 
 

@@ -1,0 +1,270 @@
+// pyserve._grpc_native: the binding layer. Worker threads that hold the GIL run the transport's
+// tasks by calling Python (pyserve.server._native_engine), and a thin Call object for Python.
+// Every blocking wait (queue, read, write, shutdown) releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <optional>
+#include <stdexcept>
+#include <thread>
+
+#include <pthread.h>
+
+#include "grpc_native/transport.h"
+
+namespace py = pybind11;
+using pyserve::grpc_native::Call;
+using pyserve::grpc_native::Metadata;
+using pyserve::grpc_native::Task;
+using pyserve::grpc_native::TaskKind;
+using pyserve::grpc_native::TaskQueue;
+using pyserve::grpc_native::TlsConfig;
+using pyserve::grpc_native::Transport;
+
+namespace {
+
+py::bytes ToBytes(const grpc::ByteBuffer& buf) {
+  std::vector<grpc::Slice> slices;
+  if (!buf.Valid()) return py::bytes("", 0);
+  (void)buf.Dump(&slices);
+  size_t n = 0;
+  for (const auto& s : slices) n += s.size();
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(n));
+  if (out == nullptr) throw py::error_already_set();
+  char* dst = PyBytes_AS_STRING(out);
+  for (const auto& s : slices) {
+    std::memcpy(dst, s.begin(), s.size());
+    dst += s.size();
+  }
+  return py::reinterpret_steal<py::bytes>(out);
+}
+
+py::object MetadataValue(const std::string& key, const std::string& value) {
+  if (key.size() >= 4 && key.compare(key.size() - 4, 4, "-bin") == 0) return py::bytes(value);
+  return py::str(PyUnicode_DecodeUTF8(value.data(), static_cast<Py_ssize_t>(value.size()), "replace"));
+}
+
+Metadata ToMetadata(const py::object& seq, const char* what) {
+  Metadata md;
+  if (seq.is_none()) return md;
+  for (const auto& item : seq) {
+    auto pair = py::reinterpret_borrow<py::sequence>(item);
+    if (py::len(pair) != 2) throw py::value_error(std::string(what) + ": each item must be a (key, value) pair");
+    std::string key = py::str(pair[0]);
+    py::object v = pair[1];
+    std::string value = py::isinstance<py::bytes>(v) ? std::string(py::bytes(v)) : std::string(py::str(v));
+    md.emplace_back(std::move(key), std::move(value));
+  }
+  return md;
+}
+
+void SetUser(Call& call, py::object obj) {
+  void* old = call.ExchangeUser(obj.is_none() ? nullptr : obj.release().ptr());
+  Py_XDECREF(static_cast<PyObject*>(old));
+}
+
+py::object GetUser(Call& call) {
+  void* user = call.User();
+  if (user == nullptr) return py::none();
+  return py::reinterpret_borrow<py::object>(static_cast<PyObject*>(user));
+}
+
+// The transport plus its worker threads.
+class Engine {
+ public:
+  Engine(py::function dispatch, py::function ended, int workers)
+      : dispatch_(std::move(dispatch)), ended_(std::move(ended)), n_workers_(workers) {
+    if (workers < 1) throw py::value_error("Engine: workers must be >= 1, got " + std::to_string(workers));
+  }
+  ~Engine() {
+    try {
+      Stop();
+    } catch (...) {
+    }
+  }
+
+  int Start(const std::string& address, int max_receive_bytes, int max_send_bytes, py::object tls) {
+    if (started_) throw std::runtime_error("Engine.start: already started");
+    if (max_receive_bytes <= 0 || max_send_bytes <= 0)
+      throw py::value_error("Engine.start: max message sizes must be > 0");
+    TlsConfig cfg;
+    if (!tls.is_none()) {
+      auto t = tls.cast<py::tuple>();
+      if (py::len(t) != 3) throw py::value_error("Engine.start: tls must be (cert_chain, private_key, client_ca or None)");
+      cfg.enabled = true;
+      cfg.cert_chain = t[0].cast<std::string>();
+      cfg.private_key = t[1].cast<std::string>();
+      if (!t[2].is_none()) cfg.client_ca = t[2].cast<std::string>();
+    }
+    started_ = true;
+    for (int i = 0; i < n_workers_; ++i)
+      threads_.emplace_back([this] { Work(&transport_.calls, dispatch_, "pyserve-nworker"); });
+    threads_.emplace_back([this] { Work(&transport_.ends, ended_, "pyserve-nended"); });
+    int port;
+    {
+      py::gil_scoped_release release;
+      port = transport_.Start(address, max_receive_bytes, max_send_bytes, cfg);
+    }
+    return port;
+  }
+
+  void Refuse() { transport_.Refuse(); }
+
+  void Shutdown(double grace_s) {
+    py::gil_scoped_release release;
+    transport_.Shutdown(grace_s);
+  }
+
+  // Shuts the server down at once (if still running) and joins the worker threads.
+  void Stop() {
+    if (!started_ || stopped_) return;
+    stopped_ = true;
+    py::gil_scoped_release release;
+    transport_.Shutdown(0.0);
+    transport_.calls.Close();
+    transport_.ends.Close();
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+  }
+
+  int Active() const { return transport_.Active(); }
+  int Counted() const { return transport_.Counted(); }
+  const std::string& Error() const { return transport_.error(); }
+
+ private:
+  void Work(TaskQueue* queue, const py::function& fn, const char* name) {
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), name);  // shown in /proc/<pid>/task/<tid>/comm (engine_cpu.py)
+#else
+    (void)name;
+#endif
+    py::gil_scoped_acquire gil;  // one thread state for the thread's lifetime
+    for (;;) {
+      Task task;
+      bool ok;
+      {
+        py::gil_scoped_release release;
+        ok = queue->Pop(&task);
+      }
+      if (!ok) break;
+      try {
+        fn(task.call, task.kind == TaskKind::kStart ? 0 : (task.kind == TaskKind::kCancel ? 1 : 2));
+      } catch (py::error_already_set& e) {
+        e.discard_as_unraisable("pyserve._grpc_native worker");
+      } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+        PyErr_WriteUnraisable(nullptr);
+      }
+      if (task.kind == TaskKind::kStart) {  // a handler that forgot to finish must not hang the RPC
+        task.call->Finish(13, "internal error: the handler did not finish the RPC", nullptr, 0, false, {});
+      } else if (task.kind == TaskKind::kDone) {
+        SetUser(*task.call, py::none());
+      }
+      task.call.reset();  // may drop the last reference, with the GIL held
+    }
+  }
+
+  Transport transport_;
+  py::function dispatch_, ended_;
+  int n_workers_;
+  std::vector<std::thread> threads_;
+  bool started_ = false, stopped_ = false;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_grpc_native, m) {
+  m.doc() = "pyserve's native gRPC transport (grpc++ callback API). Use pyserve.server._native_engine.";
+
+  py::class_<Call, std::shared_ptr<Call>>(m, "Call", "One RPC, as the Python dispatcher sees it.")
+      .def_readonly("method", &Call::method, "``/package.Service/Method`` (str).")
+      .def_readonly("peer", &Call::peer, "The client's address, e.g. ``ipv4:127.0.0.1:53412`` (str).")
+      .def_readonly("deadline", &Call::deadline_s,
+                    "The deadline in ``time.time()`` seconds (float); ``inf`` without one.")
+      .def_property_readonly(
+          "metadata",
+          [](const Call& c) {
+            py::tuple out(c.metadata.size());
+            for (size_t i = 0; i < c.metadata.size(); ++i)
+              out[i] = py::make_tuple(c.metadata[i].first, MetadataValue(c.metadata[i].first, c.metadata[i].second));
+            return out;
+          },
+          "The client's metadata: tuple of (key: str, value: str, or bytes for ``-bin`` keys).")
+      .def_property_readonly(
+          "first", [](const Call& c) -> py::object { return c.has_first ? py::object(ToBytes(c.first)) : py::none(); },
+          "The first request message (bytes), or None when the client sent none.")
+      .def_property("context", &GetUser, &SetUser,
+                    "The dispatcher's per-call object, or None. Only a call that has one gets the ``ended`` "
+                    "callbacks (cancelled, done); it is released when the RPC is done.")
+      .def("count_until_done", &Call::CountUntilDone,
+           "Count this RPC in ``Engine.counted()`` until grpc++ has finished it (idempotent).")
+      .def("is_active", &Call::IsActive, "False once the RPC was cancelled (client, deadline, shutdown) or finished.")
+      .def("cancelled", &Call::Cancelled, "True once grpc++ reported the RPC cancelled.")
+      .def(
+          "read",
+          [](Call& c) -> py::object {
+            grpc::ByteBuffer buf;
+            bool ok;
+            {
+              py::gil_scoped_release release;
+              ok = c.Read(&buf);
+            }
+            if (!ok) return py::none();
+            return ToBytes(buf);
+          },
+          "The next request message (bytes); None at the end of the stream or when the RPC ended. Blocks (GIL released).")
+      .def(
+          "write",
+          [](Call& c, const py::bytes& data) {
+            char* ptr;
+            Py_ssize_t n;
+            PyBytes_AsStringAndSize(data.ptr(), &ptr, &n);
+            py::gil_scoped_release release;  // `data` stays referenced by the caller
+            return c.Write(ptr, static_cast<size_t>(n));
+          },
+          py::arg("data"), "Write one response message; True once written, False if the RPC ended. Blocks (GIL released).")
+      .def(
+          "send_initial_metadata",
+          [](Call& c, const py::object& md) { c.SendInitialMetadata(ToMetadata(md, "send_initial_metadata"), true); },
+          py::arg("metadata"))
+      .def(
+          "finish",
+          [](Call& c, int code, const std::string& details, const py::object& response, const py::object& trailing) {
+            if (code < 0 || code > 16) throw py::value_error("finish: code must be a gRPC status code 0..16, got " + std::to_string(code));
+            Metadata md = ToMetadata(trailing, "finish trailing metadata");
+            if (response.is_none()) return c.Finish(code, details, nullptr, 0, false, md);
+            char* ptr;
+            Py_ssize_t n;
+            if (PyBytes_AsStringAndSize(response.ptr(), &ptr, &n) != 0) throw py::error_already_set();
+            return c.Finish(code, details, ptr, static_cast<size_t>(n), true, md);
+          },
+          py::arg("code"), py::arg("details"), py::arg("response") = py::none(), py::arg("trailing_metadata") = py::none(),
+          "End the RPC: status ``code`` (int 0..16), ``details`` (str), optional last message (bytes; sent only "
+          "with code 0) and trailing metadata. False when it had already ended.")
+      .def("cancel", &Call::Cancel, "Cancel the RPC from the server side.");
+
+  py::class_<Engine>(m, "Engine", R"doc(A grpc++ server whose every RPC goes to Python.
+
+Parameters
+----------
+dispatch : callable(call: Call, kind: int)
+    Runs on one of ``workers`` threads for each new RPC (kind 0); must end it with ``call.finish``.
+ended : callable(call: Call, kind: int)
+    Runs on one control thread when an RPC is cancelled (kind 1) and when it is done (kind 2).
+workers : int
+    Threads that run ``dispatch`` (an open stream holds one for its lifetime).
+)doc")
+      .def(py::init<py::function, py::function, int>(), py::arg("dispatch"), py::arg("ended"), py::arg("workers"))
+      .def("start", &Engine::Start, py::arg("address"), py::arg("max_receive_bytes"), py::arg("max_send_bytes"),
+           py::arg("tls") = py::none(),
+           "Bind ``address`` (``host:port``, port 0: any) and serve; the bound port, or 0 if it cannot bind. "
+           "``tls``: (cert_chain PEM, private_key PEM, client CA PEM or None) or None.")
+      .def("refuse", &Engine::Refuse, "Answer new RPCs UNAVAILABLE from now on.")
+      .def("shutdown", &Engine::Shutdown, py::arg("grace_s"),
+           "Stop the server: RPCs still running after ``grace_s`` seconds are cancelled; blocks until all ended.")
+      .def("stop", &Engine::Stop, "Shut down at once (if running) and join the worker threads.")
+      .def("active", &Engine::Active, "RPCs whose reactor is alive.")
+      .def("counted", &Engine::Counted, "RPCs marked with ``Call.count_until_done`` that are not done yet.")
+      .def_property_readonly("error", &Engine::Error);
+}

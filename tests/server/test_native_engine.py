@@ -1,0 +1,309 @@
+"""The native gRPC engine's transport (pyserve._grpc_native through NativeServer) on its own.
+
+Every behaviour is checked against the reference, ``grpc.server`` running the same handlers
+(``serve`` is parametrized over both), with a plain grpcio client: statuses, messages, metadata,
+streams, cancellation, deadlines, message size limits. The whole server on the native engine runs
+every other test of tests/{server,cli,traffic} through tests/engine_fixtures.py. The
+engine-unavailable errors are tested by hiding the module.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from engine_fixtures import NATIVE_AVAILABLE
+
+needs_native = pytest.mark.skipif(not NATIVE_AVAILABLE,
+                                  reason="pyserve._grpc_native not built (needs libgrpc++-dev at build time)")
+
+SVC = "test.Echo"
+
+
+@pytest.fixture(scope="module")
+def grpc_engine():
+    """These tests pick their servers themselves: not once per engine (tests/engine_fixtures.py)."""
+    return "native"
+
+
+class _Handlers:
+    """Handlers of ``test.Echo``: plain bytes in and out (no (de)serializers, as the raw path)."""
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        self.saw_inactive = threading.Event()
+        self.remaining: list = []
+
+    def echo(self, request, context):
+        md = dict(context.invocation_metadata())
+        context.set_trailing_metadata((("x-echo", md.get("x-in", "")),))
+        return b"echo:" + request
+
+    def fail(self, request, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "failed on purpose: " + request.decode())
+
+    def boom(self, request, context):
+        raise RuntimeError("kaboom")
+
+    def code(self, request, context):
+        context.set_code(grpc.StatusCode.NOT_FOUND)
+        context.set_details("no such thing")
+        return b"ignored"
+
+    def block(self, request, context):
+        """Waits (up to 10 s) until the RPC ends; records what the context said."""
+        self.remaining.append(context.time_remaining())
+        context.add_callback(self.ended.set)
+        t0 = time.monotonic()
+        while context.is_active() and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        if not context.is_active():
+            self.saw_inactive.set()
+        return b"late"
+
+    def split(self, request, context):  # unary -> stream
+        for part in request.split(b","):
+            yield part
+
+    def total(self, request_iterator, context):  # stream -> unary
+        return str(sum(int(r) for r in request_iterator)).encode()
+
+    def bidi(self, request_iterator, context):  # stream -> stream, answering each in turn
+        for r in request_iterator:
+            yield r.upper()
+
+    def big(self, request, context):
+        return b"x" * int(request)
+
+    def generic(self):
+        u = grpc.unary_unary_rpc_method_handler
+        return {
+            "Echo": u(self.echo), "Fail": u(self.fail), "Boom": u(self.boom), "Code": u(self.code),
+            "Block": u(self.block), "Big": u(self.big),
+            "Split": grpc.unary_stream_rpc_method_handler(self.split),
+            "Total": grpc.stream_unary_rpc_method_handler(self.total),
+            "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
+        }
+
+
+class _TagInterceptor(grpc.ServerInterceptor):
+    """Refuses Echo calls that carry ``x-deny`` metadata (as the token interceptor refuses)."""
+
+    def intercept_service(self, continuation, details):
+        if dict(details.invocation_metadata).get("x-deny"):
+            def deny(request, context):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "denied by the interceptor")
+            return grpc.unary_unary_rpc_method_handler(deny)
+        return continuation(details)
+
+
+def _start(kind: str, handlers: _Handlers, max_bytes: int = 1 << 20, threads: int = 4):
+    options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
+    interceptors = [_TagInterceptor()]
+    if kind == "native":
+        from pyserve.server._native_engine import NativeServer
+
+        server = NativeServer(threads, interceptors=interceptors, options=options)
+    else:
+        server = grpc.server(ThreadPoolExecutor(threads), interceptors=interceptors, options=options)
+    generic = grpc.method_handlers_generic_handler(SVC, handlers.generic())
+    server.add_generic_rpc_handlers((generic,))
+    if kind == "native":  # as the generated add_*_to_server do; grpc.server's needs a registered-method channel
+        server.add_registered_method_handlers(SVC, handlers.generic())
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+@pytest.fixture(params=["grpc.server", pytest.param("native", marks=needs_native)])
+def serve(request):
+    handlers = _Handlers()
+    servers = []
+
+    def make(**kw):
+        server, port = _start(request.param, handlers, **kw)
+        servers.append(server)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 1 << 24),
+                                                                       ("grpc.max_send_message_length", 1 << 24)])
+        return channel, handlers
+
+    yield make
+    for s in servers:
+        s.stop(None)
+
+
+def _uu(channel, name):
+    return channel.unary_unary(f"/{SVC}/{name}")
+
+
+def test_unary_metadata_and_trailing_metadata(serve):
+    channel, _ = serve()
+    response, call = _uu(channel, "Echo").with_call(b"hi", metadata=(("x-in", "abc"),), timeout=10)
+    assert response == b"echo:hi"
+    assert ("x-echo", "abc") in tuple(call.trailing_metadata())
+    assert call.code() == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("method, code, details", [
+    ("Fail", grpc.StatusCode.FAILED_PRECONDITION, "failed on purpose: q"),
+    ("Boom", grpc.StatusCode.UNKNOWN, "Exception calling application: kaboom"),
+    ("Code", grpc.StatusCode.NOT_FOUND, "no such thing"),
+    ("Nope", grpc.StatusCode.UNIMPLEMENTED, "Method not found!"),
+])
+def test_error_statuses_match_grpc_server(serve, method, code, details):
+    channel, _ = serve()
+    with pytest.raises(grpc.RpcError) as err:
+        _uu(channel, method)(b"q", timeout=10)
+    assert err.value.code() == code and err.value.details() == details
+    assert _uu(channel, "Echo")(b"again", timeout=10) == b"echo:again"  # still serving
+
+
+def test_interceptor_applies(serve):
+    channel, _ = serve()
+    with pytest.raises(grpc.RpcError) as err:
+        _uu(channel, "Echo")(b"x", metadata=(("x-deny", "1"),), timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and err.value.details() == "denied by the interceptor"
+
+
+def test_streams_of_every_kind(serve):
+    channel, _ = serve()
+    assert list(channel.unary_stream(f"/{SVC}/Split")(b"a,bb,ccc", timeout=10)) == [b"a", b"bb", b"ccc"]
+    assert channel.stream_unary(f"/{SVC}/Total")(iter([b"1", b"20", b"300"]), timeout=10) == b"321"
+    assert channel.stream_unary(f"/{SVC}/Total")(iter([]), timeout=10) == b"0"
+    # bidi: each answer arrives before the next request is sent (the stream is interactive)
+    requests: list = []
+    got = threading.Event()
+    answers = []
+
+    def gen():
+        for word in (b"one", b"two", b"three"):
+            requests.append(word)
+            yield word
+            assert got.wait(10)
+            got.clear()
+
+    for answer in channel.stream_stream(f"/{SVC}/Bidi")(gen(), timeout=10):
+        answers.append(answer)
+        assert len(answers) == len(requests)
+        got.set()
+    assert answers == [b"ONE", b"TWO", b"THREE"]
+
+
+def _wait_started(handlers, n=1):
+    t0 = time.monotonic()
+    while len(handlers.remaining) < n and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert len(handlers.remaining) >= n
+
+
+def test_client_cancel_ends_the_rpc_for_the_handler(serve):
+    channel, handlers = serve()
+    future = _uu(channel, "Block").future(b"", timeout=30)
+    _wait_started(handlers)
+    t0 = time.monotonic()
+    future.cancel()
+    assert handlers.ended.wait(5) and handlers.saw_inactive.wait(5)
+    assert time.monotonic() - t0 < 3.0  # noticed at once, not after the handler's own 10 s
+    assert 25 < handlers.remaining[0] <= 30  # time_remaining() from the client's deadline
+    assert _uu(channel, "Echo")(b"ok", timeout=10) == b"echo:ok"
+
+
+def test_deadline_ends_the_rpc_for_the_handler(serve):
+    channel, handlers = serve()
+    with pytest.raises(grpc.RpcError) as err:
+        _uu(channel, "Block")(b"", timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert handlers.ended.wait(5) and handlers.saw_inactive.wait(5)
+    assert handlers.remaining[0] <= 0.3
+
+
+def test_oversize_messages_are_resource_exhausted_and_the_server_lives(serve):
+    channel, _ = serve(max_bytes=4096)
+    with pytest.raises(grpc.RpcError) as err:
+        _uu(channel, "Echo")(b"x" * 8192, timeout=10)  # request over the server's receive limit
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as err:
+        _uu(channel, "Big")(b"8192", timeout=10)  # response over its send limit
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _uu(channel, "Big")(b"4000", timeout=10) == b"x" * 4000
+    assert _uu(channel, "Echo")(b"x" * 4000, timeout=10) == b"echo:" + b"x" * 4000
+
+
+@needs_native
+def test_cancellation_reaches_handlers_when_streams_hold_every_worker():
+    """Two workers, both held by blocked unary calls: their cancel callbacks still run (the control
+    thread), and freeing them lets a third call through."""
+    handlers = _Handlers()
+    server, port = _start("native", handlers, threads=2)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        futures = [_uu(channel, "Block").future(b"", timeout=30) for _ in range(2)]
+        _wait_started(handlers, 2)
+        queued = _uu(channel, "Echo").future(b"queued", timeout=30)
+        time.sleep(0.2)
+        assert not queued.done()  # both workers are busy
+        for f in futures:
+            f.cancel()
+        assert queued.result(timeout=5) == b"echo:queued"
+    finally:
+        server.stop(None)
+
+
+@needs_native
+def test_stop_refuses_new_rpcs_and_lets_running_ones_finish():
+    handlers = _Handlers()
+    server, port = _start("native", handlers)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    assert _uu(channel, "Echo")(b"a", timeout=10) == b"echo:a"
+    running = _uu(channel, "Block").future(b"", timeout=1.0)  # ends itself at its deadline
+    _wait_started(handlers)
+    done = server.stop(5.0)
+    with pytest.raises(grpc.RpcError) as err:
+        _uu(channel, "Echo")(b"b", timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError):
+        running.result(timeout=10)  # DEADLINE_EXCEEDED on its own, not cut by the stop
+    assert handlers.saw_inactive.wait(5)
+    t0 = time.monotonic()
+    server.stop(None)  # does not wait for the 5 s grace
+    assert done.is_set() and time.monotonic() - t0 < 2.0
+
+
+@needs_native
+def test_native_server_argument_errors():
+    from pyserve.server._native_engine import NativeServer
+
+    with pytest.raises(ValueError, match="threads must be an int >= 1, got 0"):
+        NativeServer(0)
+    server = NativeServer(1)
+    with pytest.raises(ValueError, match="credentials must be"):
+        server.add_secure_port("127.0.0.1:0", object())
+    server.stop(None)
+    a = NativeServer(1)
+    port = a.add_insecure_port("127.0.0.1:0")
+    b = NativeServer(1)
+    with pytest.raises(RuntimeError, match="could not bind 127.0.0.1:"):
+        b.add_insecure_port(f"127.0.0.1:{port}")
+    with pytest.raises(ValueError, match="one listening port per server"):
+        a.add_insecure_port("127.0.0.1:0")
+    a.stop(None)
+    b.stop(None)
+
+
+def test_engine_unavailable_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from pyserve.cli.main import main
+    from pyserve.server import Server
+
+    monkeypatch.setitem(sys.modules, "pyserve._grpc_native", None)  # import -> ImportError, as without libgrpc++
+    with pytest.raises(ValueError, match=r"grpc_engine 'native' needs the pyserve._grpc_native extension.*"
+                                         r"install libgrpc\+\+-dev"):
+        Server(tmp_path, grpc_engine="native")
+    assert main(["serve", "--model-repository", str(tmp_path), "--grpc-port", "0", "--grpc-engine", "native"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pyserve serve: error: --grpc-engine native:")
+    assert "install libgrpc++-dev and rebuild" in err[0]

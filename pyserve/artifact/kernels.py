@@ -627,7 +627,8 @@ def _fuse_additive_mask(gm, samples=((1, 1), (1, 6), (2, 5), (3, 9))) -> int:
     count = 0
     attn_fns = (_attention_qkv, _sdpa)
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (torch.ops.aten.where.ScalarOther, torch.ops.aten.where.self):
+        if node.op != "call_function" or node.target not in (torch.ops.aten.where.ScalarOther,
+                                                             torch.ops.aten.where.self):
             continue
         if not node.users or any(u.op != "call_function" or u.target not in attn_fns for u in node.users):
             continue

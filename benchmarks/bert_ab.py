@@ -15,10 +15,10 @@ median per call, and the teacher's time over the engine's (the speed-up) from bo
 average before and after. The inputs are real sentences padded/truncated to ``--seq`` tokens.
 
 ``--baseline`` adds, for each artifact, the same artifact loaded with ``native_module(attention=False,
-fold_norm=False, pool=False)``: the graph rewrites of before the native attention, the add & LayerNorm
-epilogue and the pooling node (torch's SDPA with its head views and copies, torch's add and
-layer_norm, the exported pooling ops), timed in the same rounds: an A/B of those rewrites on the same
-int8 kernels.
+fold_norm=False, pool=False, mask=False)``: the graph rewrites of before the native attention, the add &
+LayerNorm epilogue, the pooling node and the additive-mask node (torch's SDPA with its head views and
+copies, torch's add and layer_norm, the exported pooling and mask ops), timed in the same rounds: an A/B
+of those rewrites on the same int8 kernels.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def main(argv=None) -> int:
             kernels[name] = {k: sum(1 for v in choices.values() if v == k) for k in sorted(set(choices.values()))}
             if args.baseline:
                 engines[f"{name} (main's rewrites)"], _ = native_module(
-                    artifact.load_artifact(path), kernels=args.kernels, attention=False, fold_norm=False, pool=False)
+                    artifact.load_artifact(path), kernels=args.kernels, attention=False, fold_norm=False, pool=False,
+                    mask=False)
 
     enc = tok(transfer_sentences(max(args.batch, 8))[: args.batch], padding="max_length", truncation=True,
               max_length=args.seq, return_tensors="pt")

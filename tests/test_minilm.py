@@ -276,3 +276,28 @@ def test_real_minilm_recipes(name, tmp_path):
         assert d["spearman_teacher"] >= 0.965
     else:
         assert res.accuracy_loaded >= 0.9 * res.accuracy_before
+
+
+def test_additive_mask_node_equals_the_exported_mask_ops(tiny_int8):
+    """The exported additive-mask construction (~20 nodes from the key mask to ``where(m, 0, min)``)
+    becomes one :func:`_additive_key_mask` node; embeddings equal the unfused graph's bit for bit
+    on the same int8 kernels and agree with the stored graph within rounding, batch 8 with padding."""
+    from pyserve.artifact import kernels
+
+    _, out = tiny_int8
+    fused, _ = native_module(artifact.load_artifact(out), kernels="int8")
+    plain, _ = native_module(artifact.load_artifact(out), kernels="int8", mask=False)
+    targets = [n.target for n in fused.graph.nodes if n.op == "call_function"]
+    assert targets.count(kernels._additive_key_mask) == 1
+    assert torch.ops.aten.where.ScalarOther not in targets and torch.ops.aten.index.Tensor not in targets
+    assert kernels._additive_key_mask not in [n.target for n in plain.graph.nodes]
+    sentences = (SENTENCES + ["Two dogs run.", "It rains."])[:8]
+    ids, mask = pyserve.load(out).token_inputs(sentences)
+    assert ids.shape[0] == 8 and 0 < int(mask.sum()) < mask.numel()  # padding in the batch
+    dense, _ = native_module(artifact.load_artifact(out), kernels="dense")
+    graph = artifact.load_module(out)
+    with torch.inference_mode():
+        assert torch.equal(fused(ids, mask), plain(ids, mask))
+        torch.testing.assert_close(dense(ids, mask), graph(ids, mask), atol=1e-5, rtol=1e-5)
+        one = fused(ids[2:3, :9], mask[2:3, :9])  # another shape after the first
+        torch.testing.assert_close(one, plain(ids[2:3, :9], mask[2:3, :9]), atol=0, rtol=0)

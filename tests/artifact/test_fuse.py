@@ -378,3 +378,45 @@ def test_mean_pooling_and_normalisation_become_one_node(tmp_path):
     d = (h * f).sum(1) / f.sum(1).clamp_min(1e-9)
     torch.testing.assert_close(kernels._mean_pool_normalize(h, mask2, 1e-9, 1e-12),
                                torch.nn.functional.normalize(d, p=2, dim=1), rtol=0, atol=0)
+
+
+class MaskedAttention(nn.Module):
+    """Eager attention under transformers' additive key mask, ``where(m[:, None, None, :], 0, min)``."""
+
+    def __init__(self, fill=None):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.fill = fill
+
+    def forward(self, x, mask):
+        B, S = mask.shape  # as transformers does: the mask's sizes, so the mask ops read one input
+        q, k, v = (t.reshape(B, S, 2, 8).transpose(1, 2) for t in self.qkv(x).split(16, -1))
+        m = mask.to(torch.bool)[:, None, None, :].expand(B, 1, S, S)
+        fill = torch.finfo(torch.float32).min if self.fill is None else self.fill
+        add = torch.where(m, torch.zeros(()), fill)
+        a = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5 + add, -1) @ v
+        return a.transpose(1, 2).reshape(B, S, 16)
+
+
+def test_additive_mask_becomes_one_node_only_where_it_matches(tmp_path):
+    from pyserve.artifact import kernels
+
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    x2, mask2 = torch.randn(8, 7, 16), (torch.arange(7)[None] < torch.arange(1, 9)[:, None]).long()
+    for fill, folded in ((None, True), (-1e4, True), (float("nan"), False)):
+        net = MaskedAttention(fill).eval()
+        path = tmp_path / f"mask{fill}.pyserve"
+        artifact.save(path, net, (x, mask), model_name="mask", dynamic_axes=((0, 1), (0, 1)))
+        gm, _ = native_module(artifact.load_artifact(path), kernels="dense")
+        plain, _ = native_module(artifact.load_artifact(path), kernels="dense", mask=False)
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert (kernels._additive_key_mask in targets) is folded
+        with torch.inference_mode():
+            if folded:
+                torch.testing.assert_close(gm(x2, mask2), net(x2, mask2), rtol=1e-5, atol=1e-5)
+                assert torch.equal(gm(x2, mask2), plain(x2, mask2))
+    m = mask2.clone()
+    got = kernels._additive_key_mask(m, -5.0)
+    assert got.shape == (8, 1, 7, 7) and got.dtype == torch.float32
+    assert torch.equal(got, torch.where(m.bool(), 0.0, -5.0)[:, None, None, :].expand(8, 1, 7, 7))

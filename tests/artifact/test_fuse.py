@@ -26,17 +26,23 @@ class QKV(nn.Module):
         return self.o(att.flatten(-2)) + self.v(x).sum(-1, keepdim=True)
 
 
+def _int8_encode(net, names):
+    """Quantize ``net``'s Linear layers ``names`` per output channel in place (weights become their
+    dequantized int8 values) and return the artifact encodings for them."""
+    enc = {}
+    with torch.no_grad():
+        for name in names:
+            lin = getattr(net, name)
+            q, s = quantize_per_channel(lin.weight.numpy())
+            lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+            enc[f"{name}.weight"] = artifact.encode_int8(q, s)
+    return enc
+
+
 def _save(tmp_path, bias=True, int8=True):
     torch.manual_seed(0)
     net = QKV(bias).eval()
-    enc = {}
-    if int8:
-        with torch.no_grad():
-            for name in ("q", "k", "v"):
-                lin = getattr(net, name)
-                q, s = quantize_per_channel(lin.weight.numpy())
-                lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
-                enc[f"{name}.weight"] = artifact.encode_int8(q, s)
+    enc = _int8_encode(net, ("q", "k", "v")) if int8 else {}
     path = tmp_path / "qkv.pyserve"
     artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="qkv", encodings=enc, dynamic_axes=((0, 1),))
     return path, net
@@ -72,13 +78,7 @@ class Three(nn.Module):
 def test_each_slice_of_the_fused_layer_is_its_layers_int8_linear(tmp_path):
     torch.manual_seed(1)
     net = Three().eval()
-    enc = {}
-    with torch.no_grad():
-        for name in ("q", "k", "v"):
-            lin = getattr(net, name)
-            q, s = quantize_per_channel(lin.weight.numpy())
-            lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
-            enc[f"{name}.weight"] = artifact.encode_int8(q, s)
+    enc = _int8_encode(net, ("q", "k", "v"))
     path = tmp_path / "three.pyserve"
     artifact.save(path, net, (torch.randn(2, 32),), model_name="three", encodings=enc)
     art = artifact.load_artifact(path)
@@ -170,13 +170,7 @@ def test_inactive_dropout_dropped_and_int8_layers_bound_at_load(tmp_path, monkey
 
     torch.manual_seed(0)
     net = Block().eval()
-    enc = {}
-    with torch.no_grad():
-        for name in ("a", "b"):
-            lin = getattr(net, name)
-            q, s = quantize_per_channel(lin.weight.numpy())
-            lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
-            enc[f"{name}.weight"] = artifact.encode_int8(q, s)
+    enc = _int8_encode(net, ("a", "b"))
     path = tmp_path / "block.pyserve"
     artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="block", encodings=enc, dynamic_axes=((0, 1),))
 
@@ -237,14 +231,7 @@ def test_fused_qkv_attention_is_one_native_call(tmp_path, int8):
         pytest.skip("no AVX2 attention kernel on this CPU: the graph keeps torch's SDPA")
     torch.manual_seed(0)
     net = HeadsAttention().eval()
-    enc = {}
-    if int8:
-        with torch.no_grad():
-            for name in ("q", "k", "v", "o"):
-                lin = getattr(net, name)
-                q, s = quantize_per_channel(lin.weight.numpy())
-                lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
-                enc[f"{name}.weight"] = artifact.encode_int8(q, s)
+    enc = _int8_encode(net, ("q", "k", "v", "o")) if int8 else {}
     x, mask = torch.randn(2, 6, 64), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     path = tmp_path / "heads.pyserve"
     artifact.save(path, net, (x, mask), model_name="heads", encodings=enc, dynamic_axes=((0, 1), (0, 1)))
@@ -293,13 +280,7 @@ def test_add_and_layer_norm_folded_into_the_int8_layer(tmp_path):
     with torch.no_grad():
         net.norm.weight.uniform_(0.5, 1.5)
         net.norm.bias.uniform_(-0.5, 0.5)
-    enc = {}
-    with torch.no_grad():
-        for name in ("a", "b"):
-            lin = getattr(net, name)
-            q, s = quantize_per_channel(lin.weight.numpy())
-            lin.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
-            enc[f"{name}.weight"] = artifact.encode_int8(q, s)
+    enc = _int8_encode(net, ("a", "b"))
     path = tmp_path / "block.pyserve"
     artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="block", encodings=enc, dynamic_axes=((0, 1),))
     folded, _ = native_module(artifact.load_artifact(path), kernels="int8")

@@ -34,6 +34,7 @@ import atexit
 import collections
 import logging
 import math
+import re
 import threading
 import time
 import weakref
@@ -82,6 +83,28 @@ _OK = grpc.StatusCode.OK.value[0]
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
+_METADATA_KEY = re.compile(r"[0-9a-z_.\-]+\Z")
+
+
+def _metadata_problem(metadata) -> str | None:
+    """Why grpc++ would refuse ``metadata`` (pairs of key, value), or None if it is valid: keys are
+    lowercase ``[0-9a-z_.-]``; values of keys ending in ``-bin`` are bytes or str, others printable
+    ASCII str (0x20-0x7E)."""
+    try:
+        pairs = list(metadata or ())
+        for key, value in pairs:
+            if not isinstance(key, str) or not _METADATA_KEY.match(key):
+                return f"key {key!r} is not lowercase [0-9a-z_.-]"
+            if key.endswith("-bin"):
+                if not isinstance(value, (bytes, str)):
+                    return f"value of {key!r} is {type(value).__name__}, not bytes or str"
+            elif not isinstance(value, str) or not all(" " <= ch <= "~" for ch in value):
+                return f"value of {key!r} is not printable ASCII text (binary values need a '-bin' key)"
+    except (TypeError, ValueError):
+        return "metadata must be pairs of (key, value)"
+    return None
+
+
 class _Context(grpc.ServicerContext):
     """``grpc.ServicerContext`` over one native call (only the handler thread uses it, but for
     ``add_callback``, ``is_active`` and ``cancel``)."""
@@ -97,6 +120,8 @@ class _Context(grpc.ServicerContext):
         self._details: str | None = None
         self._trailing = None
         self._metadata = None
+        self._initial_sent = False
+        self._invalid_metadata: str | None = None
 
     # --- the RPC -------------------------------------------------------------------------------
     def invocation_metadata(self):
@@ -181,12 +206,25 @@ class _Context(grpc.ServicerContext):
         return self._details
 
     def set_trailing_metadata(self, trailing_metadata) -> None:
+        # grpc++ aborts the whole process on metadata it cannot send: refuse it here instead, and
+        # end the call INTERNAL as grpc.server does
+        problem = _metadata_problem(trailing_metadata)
+        if problem:
+            self._invalid_metadata = problem
+            self._trailing = None
+            return
         self._trailing = trailing_metadata
 
     def trailing_metadata(self):
         return self._trailing
 
     def send_initial_metadata(self, initial_metadata) -> None:
+        if self._initial_sent:  # a second send is an API misuse that grpc++ answers by aborting
+            raise ValueError("Initial metadata no longer allowed!")
+        problem = _metadata_problem(initial_metadata)
+        if problem:
+            raise ValueError(f"Invalid metadata: {problem}")
+        self._initial_sent = True
         self._call.send_initial_metadata(initial_metadata)
 
     def set_compression(self, compression) -> None:
@@ -196,6 +234,8 @@ class _Context(grpc.ServicerContext):
         pass
 
     def _status(self) -> tuple[int, str]:
+        if self._invalid_metadata:
+            return grpc.StatusCode.INTERNAL.value[0], f"Invalid metadata: {self._invalid_metadata}"
         code = self._code
         return (_OK if code is None else code.value[0]), (self._details or "")
 
@@ -370,6 +410,9 @@ class NativeServer:
         if handler is None:
             call.finish(grpc.StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
             return
+        if not call.is_active():  # cancelled or past its deadline while it waited for a worker
+            call.finish(grpc.StatusCode.CANCELLED.value[0], "the RPC ended before a worker took it")
+            return
         if handler.request_streaming:
             first = call.first
             request = _request_iterator(call, first, handler.request_deserializer)
@@ -389,6 +432,7 @@ class NativeServer:
             if handler.response_streaming:
                 behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
                 for response in behavior(request, context):
+                    context._initial_sent = True  # the first write sends the initial metadata
                     if not call.write(serializer(response) if serializer else response):
                         break
                 response = None

@@ -38,8 +38,23 @@ class _Handlers:
         self.ended = threading.Event()
         self.saw_inactive = threading.Event()
         self.remaining: list = []
+        self.echoed = 0
+
+    def bad_trailer(self, request, context):
+        key, value = {b"key": ("Bad Key", "v"), b"text": ("x-t", "line\nbreak"), b"bytes": ("x-t", b"\xff")}[request]
+        context.set_trailing_metadata(((key, value),))
+        return b"unreachable"
+
+    def bad_initial(self, request, context):
+        if request == b"twice":
+            context.send_initial_metadata((("x-a", "1"),))
+            context.send_initial_metadata((("x-a", "2"),))
+        else:
+            context.send_initial_metadata((("x-a", "caf\u00e9"),))
+        return b"unreachable"
 
     def echo(self, request, context):
+        self.echoed += 1
         md = dict(context.invocation_metadata())
         context.set_trailing_metadata((("x-echo", md.get("x-in", "")),))
         return b"echo:" + request
@@ -85,6 +100,7 @@ class _Handlers:
         return {
             "Echo": u(self.echo), "Fail": u(self.fail), "Boom": u(self.boom), "Code": u(self.code),
             "Block": u(self.block), "Big": u(self.big),
+            "BadTrailer": u(self.bad_trailer), "BadInitial": u(self.bad_initial),
             "Split": grpc.unary_stream_rpc_method_handler(self.split),
             "Total": grpc.stream_unary_rpc_method_handler(self.total),
             "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
@@ -309,3 +325,39 @@ def test_engine_unavailable_is_a_clear_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pyserve serve: error: --grpc-engine native:")
     assert "install libgrpc++-dev and rebuild" in err[0]
+
+
+@pytest.mark.parametrize("what", [b"key", b"text", b"bytes"])
+def test_invalid_trailing_metadata_fails_the_call_not_the_server(serve, what):
+    """grpc++ aborts the process on metadata it cannot send; the context refuses it first and the
+    call ends INTERNAL, as on grpc.server."""
+    channel, _ = serve()
+    with pytest.raises(grpc.RpcError) as err:
+        _uu(channel, "BadTrailer")(what, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert _uu(channel, "Echo")(b"ok", timeout=10) == b"echo:ok"  # the server is still up
+
+
+@pytest.mark.parametrize("what", [b"twice", b"non-ascii"])
+def test_invalid_initial_metadata_fails_the_call_not_the_server(serve, what):
+    channel, _ = serve()
+    with pytest.raises(grpc.RpcError) as err:
+        _uu(channel, "BadInitial")(what, timeout=10)
+    assert err.value.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+    assert _uu(channel, "Echo")(b"ok", timeout=10) == b"echo:ok"
+
+
+def test_calls_that_expire_while_queued_do_not_run(serve):
+    """One worker, held by a blocked call: Echo calls whose deadline passes while they wait are not
+    handed to the handler once the worker frees up (grpc.server skips them too)."""
+    channel, handlers = serve(threads=1)
+    blocker = _uu(channel, "Block").future(b"", timeout=1.5)
+    _wait_started(handlers)
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as err:
+            _uu(channel, "Echo")(b"late", timeout=0.2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.RpcError):
+        blocker.result()
+    assert _uu(channel, "Echo")(b"ok", timeout=10) == b"echo:ok"
+    assert handlers.echoed == 1  # only the last one ran

@@ -230,6 +230,9 @@ int Transport::Start(const std::string& address, int max_receive_bytes, int max_
   builder.SetMaxReceiveMessageSize(max_receive_bytes);
   builder.SetMaxSendMessageSize(max_send_bytes);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  // grpc++ 1.51's 8 KiB default for a request's metadata is easy to pass with a long bearer or
+  // tracing header, and passing it fails every call on that connection, not just the one: 64 KiB
+  builder.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE, 64 * 1024);
   builder.RegisterCallbackGenericService(this);
   server_ = builder.BuildAndStart();
   if (!server_ || port == 0) {

@@ -159,11 +159,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.repository_poll_s > 0:
         raise UsageError(f"--repository-poll-s must be > 0, got {args.repository_poll_s}")
     if (args.grpc_engine or os.environ.get("PYSERVE_GRPC_ENGINE")) == "native":
-        from pyserve.server._native_engine import native_available
+        from pyserve.server._native_engine import require_native
 
-        if not native_available():
-            raise UsageError("--grpc-engine native: this pyserve was built without its grpc++ transport "
-                             "(pyserve._grpc_native); install libgrpc++-dev and rebuild pyserve")
+        try:
+            require_native()
+        except ValueError as exc:  # one message, the Server's own
+            raise UsageError(f"--grpc-engine native: {exc}") from None
     if args.load_model and args.model_control_mode != "explicit":
         raise UsageError("--load-model needs --model-control-mode explicit (mode none loads every model)")
     return asyncio.run(_serve(args))

@@ -48,8 +48,8 @@ __all__ = ["NativeInflight", "NativeServer", "native_available", "require_native
 log = logging.getLogger("pyserve.server")
 
 _UNAVAILABLE_HELP = ("grpc_engine 'native' needs the pyserve._grpc_native extension, which this build of "
-                     "pyserve does not have: install libgrpc++-dev (pkg-config grpc++) and rebuild pyserve "
-                     "(pip install --no-build-isolation -e .)")
+                     "pyserve does not have: install libgrpc++-dev and rebuild pyserve (pkg-config must find "
+                     "grpc++; pip install --no-build-isolation -e .)")
 
 
 def native_available() -> bool:

@@ -326,6 +326,11 @@ def _sdpa(q, k, v, mask, scale):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _only_user(node) -> bool:
+    """True when ``node``'s value is used by exactly one node (so a rewrite may consume it)."""
+    return len(node.users) == 1
+
+
 def _fuse_attention(gm) -> int:
     """Replace ``matmul(softmax(matmul(q, k^T) * scale + mask, -1) [-> dropout(p, False)], v)`` by
     :func:`_sdpa`; returns how many were replaced. Patterns that differ in any node are left alone."""
@@ -335,33 +340,30 @@ def _fuse_attention(gm) -> int:
     graph = gm.graph
     count = 0
 
-    def only_user(node):
-        return len(node.users) == 1
-
     for sm in list(graph.nodes):
         if sm.op != "call_function" or sm.target is not aten.softmax.int or len(sm.args) < 2 or sm.args[1] not in (-1, 3):
             continue
         if (len(sm.args) > 2 and sm.args[2]) or sm.kwargs:
             continue  # half_to_float
         add = sm.args[0]
-        if getattr(add, "target", None) is not aten.add.Tensor or not only_user(add) or len(add.args) != 2:
+        if getattr(add, "target", None) is not aten.add.Tensor or not _only_user(add) or len(add.args) != 2:
             continue
         mul, mask = add.args
-        if getattr(mul, "target", None) is not aten.mul.Tensor or not only_user(mul):
+        if getattr(mul, "target", None) is not aten.mul.Tensor or not _only_user(mul):
             continue
         scores, scale = mul.args
         if not isinstance(scale, float) or getattr(scores, "target", None) is not aten.matmul.default \
-                or not only_user(scores):
+                or not _only_user(scores):
             continue
         q, kt = scores.args
-        if getattr(kt, "target", None) is not aten.transpose.int or not only_user(kt) \
+        if getattr(kt, "target", None) is not aten.transpose.int or not _only_user(kt) \
                 or sorted(d % 4 for d in kt.args[1:3]) != [2, 3]:
             continue
         k = kt.args[0]
-        out = next(iter(sm.users)) if only_user(sm) else None
+        out = next(iter(sm.users)) if _only_user(sm) else None
         drop = None
         if getattr(out, "target", None) is aten.dropout.default:
-            if len(out.args) < 3 or out.args[2] is not False or not only_user(out):
+            if len(out.args) < 3 or out.args[2] is not False or not _only_user(out):
                 continue
             drop, out = out, next(iter(out.users))
         if getattr(out, "target", None) is not aten.matmul.default or out.args[0] is not (drop or sm):
@@ -432,22 +434,19 @@ def _fuse_qkv_attention(gm) -> int:
     aten = torch.ops.aten
     graph = gm.graph
 
-    def only_user(node):
-        return len(node.users) == 1
-
     def head_view(t):
         """(slice node, view node, D) of ``transpose(view(slice(src), [b, s, h, D]), 1, 2)`` or None."""
-        if getattr(t, "target", None) is not aten.transpose.int or not only_user(t) \
+        if getattr(t, "target", None) is not aten.transpose.int or not _only_user(t) \
                 or sorted(d % 4 for d in t.args[1:3]) != [1, 2]:
             return None
         view = t.args[0]
-        if getattr(view, "target", None) not in (aten.view.default, aten.reshape.default) or not only_user(view):
+        if getattr(view, "target", None) not in (aten.view.default, aten.reshape.default) or not _only_user(view):
             return None
         shape = view.args[1]
         if not isinstance(shape, (list, tuple)) or len(shape) != 4 or not isinstance(shape[3], int) or shape[3] < 1:
             return None
         sl = view.args[0]
-        if getattr(sl, "target", None) is not aten.slice.Tensor or not only_user(sl) or len(sl.args) != 4 \
+        if getattr(sl, "target", None) is not aten.slice.Tensor or not _only_user(sl) or len(sl.args) != 4 \
                 or sl.args[1] not in (-1, 2) or sl.kwargs:
             return None
         return sl, view, shape[3], shape[2]
@@ -469,12 +468,12 @@ def _fuse_qkv_attention(gm) -> int:
                 or any(p[3] not in (-1, E // D) for p in parts) or set(src.users) != {p[0] for p in parts}
                 or not _C.attention_qkv_fast(D)):  # the scalar fallback is slower than torch's SDPA
             continue
-        post = next(iter(node.users)) if only_user(node) else None
-        if getattr(post, "target", None) is not aten.transpose.int or not only_user(post) \
+        post = next(iter(node.users)) if _only_user(node) else None
+        if getattr(post, "target", None) is not aten.transpose.int or not _only_user(post) \
                 or sorted(d % 4 for d in post.args[1:3]) != [1, 2]:
             continue
         cont = next(iter(post.users))
-        if getattr(cont, "target", None) is not aten.contiguous.default or not only_user(cont):
+        if getattr(cont, "target", None) is not aten.contiguous.default or not _only_user(cont):
             continue
         out = next(iter(cont.users))
         shape = out.args[1] if len(out.args) > 1 else None

@@ -10,6 +10,9 @@ calls (CUDA events, after warm-up):
                    [768, 768], [3072, 768], [768, 3072], B {1, 8, 64, 128}.
   codebook_linear  4 and 5 bits, per-layer codebook, vs fp32 and fp16 ``F.linear`` of the decoded
                    weights, the same shapes, B {1, 8}.
+  huffman_decode   chunked streams (16384 symbols per chunk) of 5- and 8-bit quantized indices, 1, 16
+                   and 64 MiB decoded, vs the host decoder, the host decoder + copy to the GPU, and
+                   the copy alone of the decoded symbols ("err" is the count of wrong symbols).
 Each pyserve call goes through its Python face with CUDA tensors (including its argument checks;
 csr_linear copies indptr/indices to the host to validate them, int8/codebook synchronize), as a
 user would call it. Every pyserve result is also checked against the fp32 torch peer (max relative
@@ -40,6 +43,8 @@ INT8_SHAPES = [(768, 768), (3072, 768), (768, 3072)]
 INT8_BATCHES = [1, 8, 64, 128]
 CB_BITS = [4, 5]
 CB_BATCHES = [1, 8]
+HUFFMAN_MB = [1, 16, 64]  # decoded size, MiB of uint8 symbols
+HUFFMAN_CHUNK = 16384
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ms", type=float, default=20.0, help="GPU time per timing loop, ms")
     p.add_argument("--device", default="cuda:0", help="torch device string; default %(default)s")
     p.add_argument("--quick", action="store_true", help="one shape per op, 3 repeats (smoke run)")
-    p.add_argument("--ops", default="csr,int8,codebook",
-                   help="comma-separated subset of csr,int8,codebook; default %(default)s")
+    p.add_argument("--ops", default="csr,int8,codebook,huffman",
+                   help="comma-separated subset of csr,int8,codebook,huffman; default %(default)s")
     return p
 
 
@@ -65,9 +70,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    unknown = sorted(set(ops) - {"csr", "int8", "codebook"})
+    unknown = sorted(set(ops) - {"csr", "int8", "codebook", "huffman"})
     if unknown or not ops:
-        p.error(f"--ops: expected a subset of csr,int8,codebook, got {args.ops!r}")
+        p.error(f"--ops: expected a subset of csr,int8,codebook,huffman, got {args.ops!r}")
     args.ops = ops
     if args.quick:
         args.repeats = min(args.repeats, 3)
@@ -225,6 +230,41 @@ def bench_codebook(args, dev, rows: list) -> None:
                 rows.append(_row("codebook_linear", {"N": n, "K": k, "bits": bits, "B": batch}, fns, err, args))
 
 
+def bench_huffman(args, dev, rows: list) -> None:
+    """GPU Huffman decode of chunked (format version 2) streams of quantized indices.
+
+    Peers, in the same run: the host decoder (one thread) into a numpy array; the host decoder
+    followed by the copy of its output to the GPU (what a user without a GPU decoder does); and
+    the copy alone of the already-decoded symbols (pageable memory), the floor of that route.
+    The pyserve call includes the copy of the compressed stream to the GPU and its checks."""
+    import torch
+
+    from pyserve.ops import huffman_decode, huffman_encode
+
+    rng = np.random.default_rng(3)
+    sizes = HUFFMAN_MB[1:2] if args.quick else HUFFMAN_MB
+    for bits, scale in ((5, 3.0), (8, 24.0)):
+        half = 1 << (bits - 1)
+        for mb in sizes:
+            n = mb << 20
+            x = (np.clip(np.round(rng.laplace(0.0, scale, n)), -half, half - 1) + half).astype(np.uint8)
+            stream = huffman_encode(x, chunk_symbols=HUFFMAN_CHUNK)
+            y = huffman_decode(stream, device=dev)
+            mismatches = float(np.count_nonzero(y.cpu().numpy() != x))
+            fns = {
+                "pyserve": lambda: huffman_decode(stream, device=dev),
+                "host_decode": lambda: huffman_decode(stream),
+                "host_decode+h2d": lambda: torch.from_numpy(huffman_decode(stream)).to(dev),
+                "h2d_decoded": lambda: torch.from_numpy(x).to(dev),
+            }
+            case = {"bits": bits, "MB": mb, "stream_MB": round(len(stream) / 2**20, 2), "chunk": HUFFMAN_CHUNK}
+            row = _row("huffman_decode", case, fns, mismatches, args)
+            row["decoded_GB_per_s"] = {k: n / (v * 1e-6) / 1e9 for k, v in row["us"].items()}
+            print(f"{'':16s} decoded GB/s: " + " ".join(f"{k}={v:.2f}" for k, v in row["decoded_GB_per_s"].items()),
+                  flush=True)
+            rows.append(row)
+
+
 def _row(op: str, case: dict, fns: dict, rel_err: float, args) -> dict:
     us = {name: time_gpu(fn, args.repeats, args.min_ms) for name, fn in fns.items()}
     ratios = {f"{name}/pyserve": us[name] / us["pyserve"] for name in us if name != "pyserve"}
@@ -250,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: list = []
     t0 = time.perf_counter()
     for op in args.ops:
-        {"csr": bench_csr, "int8": bench_int8, "codebook": bench_codebook}[op](args, dev, rows)
+        {"csr": bench_csr, "int8": bench_int8, "codebook": bench_codebook, "huffman": bench_huffman}[op](args, dev, rows)
     result = {
         "device": torch.cuda.get_device_name(dev),
         "capability": list(torch.cuda.get_device_capability(dev)),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU (issue 3): build pyserve._C with CUDA in a fresh
-# build dir, run the `gpu` tests of tests/ops, run the GPU benchmarks (benchmarks/bench_gpu.py:
+# build dir, run the `gpu` tests of tests/ops, run the GPU benchmarks (benchmarks/bench_gpu.py: Huffman decode,
 # csr_linear / int8_linear / codebook_linear vs cuBLAS fp32/fp16, cuSPARSE via torch.sparse and
 # torch._int_mm), and write everything to one results file. Designed to finish in under 8 minutes
 # (build ~2-4 min, tests < 1 min, benchmarks ~2 min).
@@ -48,7 +48,7 @@ log() { echo "$*" | tee -a "$RESULTS"; }
 # ---- 1. fresh CUDA build (its own build dir; the CPU build in build/ is left alone) ------------
 log "## build (PYSERVE_CUDA=ON, $BUILD_DIR)"
 rm -rf "$BUILD_DIR"
-if ! PYSERVE_CUDA=ON "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
+if ! PYSERVE_CUDA=ON "$PY" -m pip install -q --no-index --no-build-isolation --no-deps -e . \
     -C build-dir="$BUILD_DIR" -C cmake.define.CMAKE_CUDA_ARCHITECTURES="$CUDA_ARCHS" 2>&1 | tee -a "$RESULTS"; then
   echo "gpu_check: the CUDA build failed (see $RESULTS)" >&2; exit 1
 fi

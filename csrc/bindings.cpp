@@ -34,23 +34,61 @@ Returns 0 when pyserve was built without CUDA and on any runtime error (no drive
 Never raises.
 )doc");
 
-  m.def("huffman_encode", &pyserve::huffman_encode, py::arg("symbols"),
+  m.def("huffman_encode", &pyserve::huffman_encode, py::arg("symbols"), py::arg("chunk_symbols") = py::none(),
         R"doc(Canonical Huffman encode of a 1-D uint8 or uint16 array (see pyserve.ops.huffman_encode).
 
 Parameters
 ----------
 symbols : numpy.ndarray
     ``[n]`` uint8 or uint16, C-contiguous, native byte order.
+chunk_symbols : int, optional
+    None: format version 1 (1 or 4 bitstreams). 1..2**24: format version 2, independently
+    decodable chunks of that many symbols (layout in csrc/huffman/huffman_kernel.h).
 
 Returns
 -------
 bytes
-    Self-describing stream (format version 1; layout in csrc/huffman/huffman_kernel.h).
+    Self-describing stream.
 
 Raises
 ------
 ValueError
-    If ``symbols`` is not 1-D, not uint8/uint16 or not contiguous.
+    If ``symbols`` is not 1-D, not uint8/uint16 or not contiguous, or ``chunk_symbols`` is out of range.
+)doc");
+
+  m.def("huffman_stream_info", &pyserve::huffman_stream_info, py::arg("stream"),
+        R"doc(Validate a stream's header, code lengths and bitstream sizes and describe it.
+
+Returns
+-------
+dict
+    ``dtype`` ("uint8" or "uint16"), ``count`` (symbols), ``format_version`` (1 or 2),
+    ``num_chunks`` (bitstreams or chunks), ``chunk_symbols`` (symbols per chunk; the last may hold fewer).
+
+Raises
+------
+ValueError
+    If ``stream`` is not bytes-like or its structure is malformed.
+)doc");
+
+  m.def("huffman_decode_cuda", &pyserve::huffman_decode_cuda, py::arg("stream"), py::arg("out"), py::arg("out_nbytes"),
+        R"doc(Decode a stream on the GPU into the device buffer at address ``out`` (see pyserve.ops.huffman_decode).
+
+Parameters
+----------
+stream : bytes-like
+    Exactly one stream, in host memory.
+out : int
+    Device address of ``count`` contiguous uint8 or uint16 elements (``data_ptr()`` of a CUDA tensor).
+out_nbytes : int
+    Size of that buffer in bytes; must equal ``count * itemsize``.
+
+Raises
+------
+ValueError
+    Malformed or corrupt stream (the same message as the CPU decoder), or a wrong ``out_nbytes``.
+RuntimeError
+    A build without CUDA, or a CUDA error.
 )doc");
 
   m.def("huffman_decode", &pyserve::huffman_decode, py::arg("stream"),

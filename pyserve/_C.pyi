@@ -4,7 +4,7 @@ pyserve native kernels (C++/CUDA). Use the Python faces in pyserve.ops.
 from __future__ import annotations
 import numpy
 import typing
-__all__: list[str] = ['CsrPackedWeight', 'Int8PackedWeight', 'attention_qkv', 'attention_qkv_fast', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'csr_linear', 'csr_linear_has_avx2', 'csr_linear_packed', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_encode', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_csr_weight', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
+__all__: list[str] = ['CsrPackedWeight', 'Int8PackedWeight', 'attention_qkv', 'attention_qkv_fast', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'csr_linear', 'csr_linear_has_avx2', 'csr_linear_packed', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_decode_cuda', 'huffman_encode', 'huffman_stream_info', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_csr_weight', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
 class CsrPackedWeight:
     """
     A CSR weight prepared once for csr_linear (see pyserve.ops.pack_csr_weight).
@@ -230,7 +230,27 @@ def huffman_decode(stream: bytes | bytearray | memoryview) -> numpy.ndarray:
     ValueError
         If ``stream`` is not bytes-like, or is malformed, truncated, corrupt or has trailing bytes.
     """
-def huffman_encode(symbols: numpy.ndarray) -> bytes:
+def huffman_decode_cuda(stream: bytes | bytearray | memoryview, out: typing.SupportsInt | typing.SupportsIndex, out_nbytes: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    Decode a stream on the GPU into the device buffer at address ``out`` (see pyserve.ops.huffman_decode).
+    
+    Parameters
+    ----------
+    stream : bytes-like
+        Exactly one stream, in host memory.
+    out : int
+        Device address of ``count`` contiguous uint8 or uint16 elements (``data_ptr()`` of a CUDA tensor).
+    out_nbytes : int
+        Size of that buffer in bytes; must equal ``count * itemsize``.
+    
+    Raises
+    ------
+    ValueError
+        Malformed or corrupt stream (the same message as the CPU decoder), or a wrong ``out_nbytes``.
+    RuntimeError
+        A build without CUDA, or a CUDA error.
+    """
+def huffman_encode(symbols: numpy.ndarray, chunk_symbols: typing.Any = None) -> bytes:
     """
     Canonical Huffman encode of a 1-D uint8 or uint16 array (see pyserve.ops.huffman_encode).
     
@@ -238,16 +258,34 @@ def huffman_encode(symbols: numpy.ndarray) -> bytes:
     ----------
     symbols : numpy.ndarray
         ``[n]`` uint8 or uint16, C-contiguous, native byte order.
+    chunk_symbols : int, optional
+        None: format version 1 (1 or 4 bitstreams). 1..2**24: format version 2, independently
+        decodable chunks of that many symbols (layout in csrc/huffman/huffman_kernel.h).
     
     Returns
     -------
     bytes
-        Self-describing stream (format version 1; layout in csrc/huffman/huffman_kernel.h).
+        Self-describing stream.
     
     Raises
     ------
     ValueError
-        If ``symbols`` is not 1-D, not uint8/uint16 or not contiguous.
+        If ``symbols`` is not 1-D, not uint8/uint16 or not contiguous, or ``chunk_symbols`` is out of range.
+    """
+def huffman_stream_info(stream: bytes | bytearray | memoryview) -> dict:
+    """
+    Validate a stream's header, code lengths and bitstream sizes and describe it.
+    
+    Returns
+    -------
+    dict
+        ``dtype`` ("uint8" or "uint16"), ``count`` (symbols), ``format_version`` (1 or 2),
+        ``num_chunks`` (bitstreams or chunks), ``chunk_symbols`` (symbols per chunk; the last may hold fewer).
+    
+    Raises
+    ------
+    ValueError
+        If ``stream`` is not bytes-like or its structure is malformed.
     """
 def int8_linear(x: numpy.ndarray, w_int8: numpy.ndarray, w_scale: numpy.ndarray, bias: numpy.ndarray | None = None) -> numpy.ndarray:
     """

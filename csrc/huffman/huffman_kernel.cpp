@@ -506,8 +506,7 @@ PYSERVE_INLINE bool decode_typed(const uint8_t* data, const StreamInfo& info, co
   std::vector<Lane<T>> lanes(static_cast<std::size_t>(S));
   std::vector<LaneBounds<T>> bounds(static_cast<std::size_t>(S));
   for (int s = 0; s < S; ++s) {
-    uint64_t begin = 0, count = 0;
-    stream_range(info.count, S, s, &begin, &count);
+    const uint64_t begin = info.stream_begin[s], count = info.stream_count[s];
     lanes[s] = Lane<T>{8 * info.stream_offset[s], 0, out + begin};
     bounds[s] = LaneBounds<T>{info.stream_offset[s] + (info.stream_bits[s] + 7) / 8, out + begin + count};
   }
@@ -625,9 +624,11 @@ bool canonical_codes(const uint8_t* lengths, int n, uint32_t* codes_out) {
 }
 
 // ---- encoding -----------------------------------------------------------------------------------
-void plan_encode(const void* symbols, uint64_t count, SymbolType type, EncodePlan* plan) {
+void plan_encode(const void* symbols, uint64_t count, SymbolType type, EncodePlan* plan, uint64_t chunk_symbols) {
+  PYSERVE_CHECK_INTERNAL(chunk_symbols <= kMaxChunkSymbols, kOp, "chunk_symbols ", chunk_symbols);
   plan->type = type;
   plan->count = count;
+  plan->chunk_symbols = chunk_symbols;
   plan->lo = 0;
   plan->lengths.clear();
   plan->codes.clear();
@@ -649,7 +650,8 @@ void plan_encode(const void* symbols, uint64_t count, SymbolType type, EncodePla
     min_max(s16, count, &lo, &hi);
   // Every per-symbol array covers only [lo, hi]: small streams of wide dtypes stay cheap.
   const uint32_t R = hi - lo + 1;
-  const int S = count >= kMultiStreamThreshold ? kEncoderStreams : 1;
+  // Version 2 counts the whole stream once (one histogram row) and each chunk's bits afterwards.
+  const int S = chunk_symbols ? 1 : count >= kMultiStreamThreshold ? kEncoderStreams : 1;
   plan->num_streams = S;
   plan->lo = lo;
   // Rows 0..S-1: per-bitstream histograms; with S > 1 row S holds the total.
@@ -687,13 +689,34 @@ void plan_encode(const void* symbols, uint64_t count, SymbolType type, EncodePla
   PYSERVE_CHECK_INTERNAL(canonical_codes(plan->lengths.data(), static_cast<int>(R), plan->codes.data()), kOp,
                          "code assignment");
 
-  plan->stream_bits.assign(S, 0);
   std::size_t payload = 0;
-  for (int s = 0; s < S; ++s) {
-    uint64_t bits = 0;
-    for (uint32_t i : present) bits += hist[static_cast<std::size_t>(s) * R + i] * plan->lengths[i];
-    plan->stream_bits[s] = bits;
-    payload += static_cast<std::size_t>((bits + 7) / 8);
+  std::size_t sizes_bytes = 0;
+  if (chunk_symbols) {
+    const uint64_t chunks = count / chunk_symbols + (count % chunk_symbols != 0);
+    PYSERVE_CHECK_INTERNAL(chunks < (uint64_t{1} << 31), kOp, "too many chunks: ", chunks);
+    plan->num_streams = static_cast<int>(chunks);
+    plan->stream_bits.assign(chunks, 0);
+    const uint8_t* len = plan->lengths.data();
+    for (uint64_t c = 0; c < chunks; ++c) {
+      const uint64_t b = c * chunk_symbols, e = std::min(count, b + chunk_symbols);
+      uint64_t bits = 0;
+      if (type == SymbolType::kUint8)
+        for (uint64_t i = b; i < e; ++i) bits += len[s8[i] - lo];
+      else
+        for (uint64_t i = b; i < e; ++i) bits += len[s16[i] - lo];
+      plan->stream_bits[c] = bits;
+      payload += static_cast<std::size_t>((bits + 7) / 8);
+    }
+    sizes_bytes = 4 + 4 * static_cast<std::size_t>(chunks);
+  } else {
+    plan->stream_bits.assign(S, 0);
+    for (int s = 0; s < S; ++s) {
+      uint64_t bits = 0;
+      for (uint32_t i : present) bits += hist[static_cast<std::size_t>(s) * R + i] * plan->lengths[i];
+      plan->stream_bits[s] = bits;
+      payload += static_cast<std::size_t>((bits + 7) / 8);
+    }
+    sizes_bytes = 8 * static_cast<std::size_t>(S);
   }
   // lo and hi are both present, so the dense range is exactly [lo, hi].
   const std::size_t dense = R;
@@ -710,16 +733,17 @@ void plan_encode(const void* symbols, uint64_t count, SymbolType type, EncodePla
     plan->first_symbol = 0;
     table_bytes = sparse;
   }
-  plan->total_bytes = kHeaderBytes + table_bytes + 8 * static_cast<std::size_t>(S) + payload;
+  plan->total_bytes = kHeaderBytes + table_bytes + sizes_bytes + payload;
 }
 
 bool write_encoded(const void* symbols, const EncodePlan& plan, uint8_t* out, std::size_t out_size) {
   if (out_size < plan.total_bytes) return false;
   uint8_t* const buf_end = out + plan.total_bytes;
   std::memcpy(out, kMagic, 4);
-  out[4] = kFormatVersion;
+  const bool chunked = plan.chunk_symbols != 0;
+  out[4] = chunked ? kFormatVersionChunked : kFormatVersion;
   out[5] = static_cast<uint8_t>(plan.type);
-  out[6] = static_cast<uint8_t>(plan.num_streams);
+  out[6] = chunked ? 0 : static_cast<uint8_t>(plan.num_streams);
   out[7] = static_cast<uint8_t>(plan.table_mode);
   write_le(out + 8, plan.count, 8);
   write_le(out + 16, plan.table_entries, 4);
@@ -738,9 +762,13 @@ bool write_encoded(const void* symbols, const EncodePlan& plan, uint8_t* out, st
       p += 3;
     }
   }
+  if (chunked) {
+    write_le(p, plan.chunk_symbols, 4);
+    p += 4;
+  }
   for (int s = 0; s < plan.num_streams; ++s) {
-    write_le(p, plan.stream_bits[s], 8);
-    p += 8;
+    write_le(p, plan.stream_bits[s], chunked ? 4 : 8);
+    p += chunked ? 4 : 8;
   }
   uint32_t tab_size = 1;
   while (tab_size < R) tab_size <<= 1;
@@ -752,7 +780,12 @@ bool write_encoded(const void* symbols, const EncodePlan& plan, uint8_t* out, st
   }
   for (int s = 0; s < plan.num_streams; ++s) {
     uint64_t begin = 0, n = 0;
-    stream_range(plan.count, plan.num_streams, s, &begin, &n);
+    if (chunked) {
+      begin = static_cast<uint64_t>(s) * plan.chunk_symbols;
+      n = std::min(plan.count - begin, plan.chunk_symbols);
+    } else {
+      stream_range(plan.count, plan.num_streams, s, &begin, &n);
+    }
     uint8_t* stream_end;
     if (plan.type == SymbolType::kUint8)
       stream_end = encode_chunk_dispatch(static_cast<const uint8_t*>(symbols) + begin, n, plan.lo, tab_size - 1,
@@ -778,25 +811,30 @@ bool parse_stream(const uint8_t* data, std::size_t size, StreamInfo* info, std::
   if (size < kHeaderBytes)
     return fail(str_cat("truncated stream: ", size, " bytes, but the header alone takes ", kHeaderBytes));
   if (std::memcmp(data, kMagic, 4) != 0) return fail("bad magic: not a pyserve Huffman stream (expected \"PSHF\")");
-  if (data[4] != kFormatVersion)
-    return fail(str_cat("unsupported format version ", int(data[4]), " (this build reads version ", int(kFormatVersion), ")"));
+  if (data[4] != kFormatVersion && data[4] != kFormatVersionChunked)
+    return fail(str_cat("unsupported format version ", int(data[4]), " (this build reads versions ", int(kFormatVersion),
+                        " and ", int(kFormatVersionChunked), ")"));
+  const int version = data[4];
   if (data[5] != 1 && data[5] != 2)
     return fail(str_cat("bad symbol dtype code ", int(data[5]), " (expected 1 = uint8 or 2 = uint16)"));
   const SymbolType type = static_cast<SymbolType>(data[5]);
-  const int S = data[6];
+  int S = data[6];
   const int T = data[7];
   const uint64_t N = read_le(data + 8, 8);
   const uint64_t A = read_le(data + 16, 4);
   const uint64_t F = read_le(data + 20, 2);
   const int alphabet = alphabet_size(type);
   info->type = type;
+  info->version = version;
   info->count = N;
+  info->chunk_symbols = 0;
   info->num_streams = 0;
   info->first_symbol = 0;
   info->lengths.clear();
   info->stream_bits.clear();
   info->stream_offset.clear();
   info->stream_count.clear();
+  info->stream_begin.clear();
   if (N == 0) {
     if (S != 0 || T != 0 || A != 0 || F != 0)
       return fail(str_cat("inconsistent header: symbol count 0 needs 0 bitstreams and an empty table, got ", S,
@@ -805,7 +843,11 @@ bool parse_stream(const uint8_t* data, std::size_t size, StreamInfo* info, std::
       return fail(str_cat("trailing data: an empty stream is ", kHeaderBytes, " bytes, got ", size));
     return true;
   }
-  if (S < 1 || S > kMaxStreams) return fail(str_cat("bad bitstream count ", S, " (expected 1..", kMaxStreams, ")"));
+  if (version == kFormatVersionChunked) {
+    if (S != 0) return fail(str_cat("bad bitstream count field ", S, " (version 2 streams store 0 there)"));
+  } else if (S < 1 || S > kMaxStreams) {
+    return fail(str_cat("bad bitstream count ", S, " (expected 1..", kMaxStreams, ")"));
+  }
   // Every symbol takes at least one bit: a cheap bound before any arithmetic on N.
   if (N / 8 > size) return fail(str_cat("symbol count ", N, " cannot fit in a stream of ", size, " bytes"));
   if (T != 0 && T != 1) return fail(str_cat("bad code-length table mode ", T, " (expected 0 = dense, 1 = sparse)"));
@@ -865,15 +907,38 @@ bool parse_stream(const uint8_t* data, std::size_t size, StreamInfo* info, std::
   if (present >= 2 && kraft != (uint64_t{1} << kMaxCodeLength))
     return fail(str_cat("code lengths violate the Kraft equality: sum 2^-len = ", kraft, "/", (uint64_t{1} << kMaxCodeLength),
                         kraft > (uint64_t{1} << kMaxCodeLength) ? " > 1 (oversubscribed)" : " < 1 (incomplete)"));
-  if ((size - pos) / 8 < static_cast<std::size_t>(S))
-    return fail(str_cat("truncated stream: ", S, " bitstream sizes need ", 8 * S, " bytes, ", size - pos, " remain"));
-  std::vector<uint64_t> bits(S);
-  for (int s = 0; s < S; ++s) bits[s] = read_le(data + pos + 8 * s, 8);
-  pos += 8 * static_cast<std::size_t>(S);
+  uint64_t C;  // symbols per bitstream (the last may hold fewer)
+  std::vector<uint64_t> bits;
+  if (version == kFormatVersionChunked) {
+    if (size - pos < 4) return fail(str_cat("truncated stream: the chunk size needs 4 bytes, ", size - pos, " remain"));
+    C = read_le(data + pos, 4);
+    pos += 4;
+    if (C < 1 || C > kMaxChunkSymbols)
+      return fail(str_cat("bad chunk size ", C, " symbols (expected 1..", kMaxChunkSymbols, ")"));
+    const uint64_t chunks = N / C + (N % C != 0);
+    if ((size - pos) / 4 < chunks)
+      return fail(str_cat("truncated stream: ", chunks, " chunk sizes need ", 4 * chunks, " bytes, ", size - pos,
+                          " remain"));
+    // chunks <= (size - pos) / 4: below 2^31 for any buffer under 8 GiB; checked for larger ones.
+    if (chunks >= (uint64_t{1} << 31)) return fail(str_cat("too many chunks: ", chunks));
+    S = static_cast<int>(chunks);
+    bits.resize(S);
+    for (int s = 0; s < S; ++s) bits[s] = read_le(data + pos + 4 * static_cast<std::size_t>(s), 4);
+    pos += 4 * static_cast<std::size_t>(S);
+  } else {
+    if ((size - pos) / 8 < static_cast<std::size_t>(S))
+      return fail(str_cat("truncated stream: ", S, " bitstream sizes need ", 8 * S, " bytes, ", size - pos, " remain"));
+    C = N / S + (N % S != 0);
+    bits.resize(S);
+    for (int s = 0; s < S; ++s) bits[s] = read_le(data + pos + 8 * s, 8);
+    pos += 8 * static_cast<std::size_t>(S);
+  }
+  info->chunk_symbols = C;
   info->num_streams = S;
   info->stream_bits = bits;
   info->stream_offset.resize(S);
   info->stream_count.resize(S);
+  info->stream_begin.resize(S);
   for (int s = 0; s < S; ++s) {
     const uint64_t remain = size - pos;
     if (bits[s] / 8 > remain || (bits[s] + 7) / 8 > remain)
@@ -883,18 +948,30 @@ bool parse_stream(const uint8_t* data, std::size_t size, StreamInfo* info, std::
       const uint8_t pad_mask = static_cast<uint8_t>((1u << (8 - bits[s] % 8)) - 1);
       if (data[pos + nbytes - 1] & pad_mask) return fail(str_cat("bitstream ", s, " has nonzero padding bits"));
     }
-    uint64_t begin = 0, n = 0;
-    stream_range(N, S, s, &begin, &n);
+    const uint64_t begin = std::min(N, C * static_cast<uint64_t>(s));
+    const uint64_t n = std::min(N, begin + C) - begin;
     // n <= N <= 8 * size here, so n * max_len cannot overflow.
     if (bits[s] < n * static_cast<uint64_t>(min_len) || bits[s] > n * static_cast<uint64_t>(max_len))
       return fail(str_cat("bitstream ", s, ": ", bits[s], " bits cannot hold its ", n, " symbols with codes of ", min_len,
                           "..", max_len, " bits"));
     info->stream_offset[s] = pos;
     info->stream_count[s] = n;
+    info->stream_begin[s] = begin;
     pos += nbytes;
   }
   if (pos != size) return fail(str_cat("trailing data: the stream ends at byte ", pos, " but the buffer has ", size));
   return true;
+}
+
+void build_canonical_tables(const StreamInfo& info, CanonicalTables* out) {
+  auto t = std::make_unique<DecodeTables>();
+  build_tables(info.lengths, info.first_symbol, symbol_bytes(info.type), t.get());
+  out->single.assign(t->single.begin(), t->single.end());
+  std::copy(std::begin(t->first_code), std::end(t->first_code), std::begin(out->first_code));
+  std::copy(std::begin(t->count), std::end(t->count), std::begin(out->count));
+  std::copy(std::begin(t->offset), std::end(t->offset), std::begin(out->offset));
+  out->sorted = t->sorted;
+  out->max_len = t->max_len;
 }
 
 bool decode_symbols(const uint8_t* data, std::size_t size, const StreamInfo& info, void* out, std::string* error) {

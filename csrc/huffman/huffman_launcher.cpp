@@ -5,6 +5,9 @@
 
 #include "common/checks.h"
 #include "huffman/huffman_kernel.h"
+#if PYSERVE_WITH_CUDA
+#include "huffman/huffman_kernel_cuda.h"
+#endif
 
 namespace py = pybind11;
 
@@ -45,7 +48,18 @@ class BufferView {
 
 }  // namespace
 
-py::bytes huffman_encode(const py::array& symbols) {
+py::bytes huffman_encode(const py::array& symbols, const py::object& chunk_symbols) {
+  uint64_t chunk = 0;
+  if (!chunk_symbols.is_none()) {
+    PYSERVE_CHECK_ARG(py::isinstance<py::int_>(chunk_symbols) && !py::isinstance<py::bool_>(chunk_symbols), kEncodeOp,
+                      "chunk_symbols", "expected None or an int in 1..", huffman::kMaxChunkSymbols, ", got ",
+                      py::str(py::type::handle_of(chunk_symbols).attr("__name__")).cast<std::string>());
+    const auto v = chunk_symbols.cast<py::int_>();
+    const bool in_range = py::int_(1) <= v && v <= py::int_(huffman::kMaxChunkSymbols);
+    PYSERVE_CHECK_ARG(in_range, kEncodeOp, "chunk_symbols", "expected None or an int in 1..",
+                      huffman::kMaxChunkSymbols, ", got ", py::str(v).cast<std::string>());
+    chunk = v.cast<uint64_t>();
+  }
   PYSERVE_CHECK_ARG(symbols.ndim() == 1, kEncodeOp, "symbols", "expected a 1-D array, got ndim=", symbols.ndim(),
                     " with shape ", shape_text(symbols));
   huffman::SymbolType type;
@@ -67,7 +81,7 @@ py::bytes huffman_encode(const py::array& symbols) {
   huffman::EncodePlan plan;
   {
     py::gil_scoped_release release;
-    huffman::plan_encode(data, count, type, &plan);
+    huffman::plan_encode(data, count, type, &plan, chunk);
   }
   py::bytes out(nullptr, plan.total_bytes);  // uninitialised, filled below
   auto* dst = reinterpret_cast<uint8_t*>(PyBytes_AsString(out.ptr()));
@@ -79,6 +93,66 @@ py::bytes huffman_encode(const py::array& symbols) {
   }
   PYSERVE_CHECK_INTERNAL(ok, kEncodeOp, "output buffer smaller than planned");
   return out;
+}
+
+py::dict huffman_stream_info(const py::typing::Union<py::bytes, py::bytearray, py::memoryview>& stream) {
+  BufferView view(stream, kDecodeOp, "stream");
+  huffman::StreamInfo info;
+  std::string error;
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = huffman::parse_stream(view.data(), view.size(), &info, &error);
+  }
+  if (!ok) throw_argument_error(kDecodeOp, "stream", error);
+  py::dict d;
+  d["dtype"] = info.type == huffman::SymbolType::kUint8 ? "uint8" : "uint16";
+  d["count"] = info.count;
+  d["format_version"] = info.version;
+  d["num_chunks"] = info.num_streams;
+  d["chunk_symbols"] = info.chunk_symbols;
+  return d;
+}
+
+void huffman_decode_cuda(const py::typing::Union<py::bytes, py::bytearray, py::memoryview>& stream, uintptr_t out,
+                         uint64_t out_nbytes) {
+#if PYSERVE_WITH_CUDA
+  BufferView view(stream, kDecodeOp, "stream");
+  huffman::StreamInfo info;
+  std::string error;
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = huffman::parse_stream(view.data(), view.size(), &info, &error);
+  }
+  if (!ok) throw_argument_error(kDecodeOp, "stream", error);
+  const uint64_t need = info.count * static_cast<uint64_t>(huffman::symbol_bytes(info.type));
+  PYSERVE_CHECK_ARG(out_nbytes == need, kDecodeOp, "out", "expected ", need, " bytes for ", info.count, " ",
+                    info.type == huffman::SymbolType::kUint8 ? "uint8" : "uint16", " symbols, got ", out_nbytes);
+  if (info.count == 0) return;
+  PYSERVE_CHECK_ARG(out != 0, kDecodeOp, "out", "expected a device pointer, got 0");
+  bool corrupt = false;
+  {
+    py::gil_scoped_release release;
+    ok = huffman::decode_symbols_cuda(view.data(), view.size(), info, reinterpret_cast<void*>(out), &corrupt, &error);
+  }
+  PYSERVE_CHECK_INTERNAL(ok, kDecodeOp, "CUDA decode failed: ", error);
+  if (!corrupt) return;
+  // Name the problem exactly as the host decoder does.
+  std::vector<uint8_t> scratch(static_cast<std::size_t>(need));
+  {
+    py::gil_scoped_release release;
+    ok = huffman::decode_symbols(view.data(), view.size(), info, scratch.data(), &error);
+  }
+  if (!ok) throw_argument_error(kDecodeOp, "stream", error);
+  throw_internal_error(kDecodeOp, "the CUDA decoder rejected a stream that the host decoder accepts");
+#else
+  (void)stream;
+  (void)out;
+  (void)out_nbytes;
+  throw InternalError(str_cat(kDecodeOp, ": this build of pyserve._C has no CUDA kernels (build_info()['cuda'] is "
+                                         "False); rebuild with nvcc and PYSERVE_CUDA=ON, or decode on the CPU"));
+#endif
 }
 
 py::array huffman_decode(const py::typing::Union<py::bytes, py::bytearray, py::memoryview>& stream) {

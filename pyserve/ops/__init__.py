@@ -7,10 +7,13 @@ re-exported here.
 from pyserve.ops._build import build_info, cuda_device_count
 from pyserve.ops.huffman import (
     HUFFMAN_FORMAT_VERSION,
+    HUFFMAN_FORMAT_VERSION_CHUNKED,
+    HUFFMAN_MAX_CHUNK_SYMBOLS,
     HUFFMAN_MAX_CODE_LENGTH,
     HUFFMAN_TABLE_BITS,
     huffman_decode,
     huffman_encode,
+    huffman_stream_info,
 )
 from pyserve.ops._threads import get_num_threads, set_num_threads
 from pyserve.ops.attention import attention_qkv, attention_qkv_fast
@@ -26,12 +29,15 @@ from pyserve.ops.quant import (
 
 __all__ = [
     "HUFFMAN_FORMAT_VERSION",
+    "HUFFMAN_FORMAT_VERSION_CHUNKED",
+    "HUFFMAN_MAX_CHUNK_SYMBOLS",
     "HUFFMAN_MAX_CODE_LENGTH",
     "HUFFMAN_TABLE_BITS",
     "build_info",
     "cuda_device_count",
     "huffman_decode",
     "huffman_encode",
+    "huffman_stream_info",
     "csr_linear",
     "pack_csr_weight",
     "get_num_threads",

@@ -31,6 +31,7 @@ __all__ = [
 
 MAGIC = b"PSHF"
 VERSION = 1
+CHUNKED_VERSION = 2
 MAX_CODE_LENGTH = 20
 MULTI_STREAM_THRESHOLD = 32768
 ENCODER_STREAMS = 4
@@ -164,6 +165,15 @@ class ParsedHuffmanStream:
     lengths: np.ndarray  # [alphabet] int64, 0 = absent
     stream_bits: tuple[int, ...]
     bitstreams: tuple[bytes, ...]
+    version: int = 1
+    chunk_symbols: int = 0  # version 2: symbols per chunk (num_streams = ceil(count / chunk_symbols))
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """``[(begin, end)]`` of each bitstream's (version 1) or chunk's (version 2) symbols."""
+        if self.version == CHUNKED_VERSION:
+            c = self.chunk_symbols
+            return [(s * c, min(self.count, (s + 1) * c)) for s in range(self.num_streams)]
+        return stream_ranges(self.count, self.num_streams)
 
 
 def parse_huffman_stream(stream: bytes) -> ParsedHuffmanStream:
@@ -178,8 +188,10 @@ def parse_huffman_stream(stream: bytes) -> ParsedHuffmanStream:
     if len(data) < 22:
         raise ValueError("truncated header")
     magic, version, dtype_code, num_streams, mode, count, entries, first = struct.unpack_from("<4sBBBBQIH", data, 0)
-    if magic != MAGIC or version != VERSION or dtype_code not in _DTYPES:
+    if magic != MAGIC or version not in (VERSION, CHUNKED_VERSION) or dtype_code not in _DTYPES:
         raise ValueError("bad magic, version or dtype")
+    if version == CHUNKED_VERSION and num_streams != 0:
+        raise ValueError("version 2 stores 0 in the bitstream count field")
     dtype = _DTYPES[dtype_code]
     alphabet = 1 << (8 * dtype.itemsize)
     lengths = np.zeros(alphabet, dtype=np.int64)
@@ -187,7 +199,7 @@ def parse_huffman_stream(stream: bytes) -> ParsedHuffmanStream:
     if count == 0:
         if (num_streams, mode, entries, first) != (0, 0, 0, 0) or len(data) != 22:
             raise ValueError("bad empty stream")
-        return ParsedHuffmanStream(dtype, 0, 0, 0, lengths, (), ())
+        return ParsedHuffmanStream(dtype, 0, 0, 0, lengths, (), (), version)
     if mode == 0:
         if first + entries > alphabet or pos + entries > len(data):
             raise ValueError("bad dense table")
@@ -202,10 +214,24 @@ def parse_huffman_stream(stream: bytes) -> ParsedHuffmanStream:
         pos += 3 * entries
     else:
         raise ValueError("bad table mode")
-    if pos + 8 * num_streams > len(data):
-        raise ValueError("truncated bitstream sizes")
-    stream_bits = struct.unpack_from(f"<{num_streams}Q", data, pos)
-    pos += 8 * num_streams
+    chunk_symbols = 0
+    if version == CHUNKED_VERSION:
+        if pos + 4 > len(data):
+            raise ValueError("truncated chunk size")
+        (chunk_symbols,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if not 1 <= chunk_symbols <= 2**24:
+            raise ValueError("bad chunk size")
+        num_streams = -(-count // chunk_symbols)
+        if pos + 4 * num_streams > len(data):
+            raise ValueError("truncated chunk sizes")
+        stream_bits = struct.unpack_from(f"<{num_streams}I", data, pos)
+        pos += 4 * num_streams
+    else:
+        if pos + 8 * num_streams > len(data):
+            raise ValueError("truncated bitstream sizes")
+        stream_bits = struct.unpack_from(f"<{num_streams}Q", data, pos)
+        pos += 8 * num_streams
     bitstreams = []
     for bits in stream_bits:
         nbytes = -(-bits // 8)
@@ -215,10 +241,12 @@ def parse_huffman_stream(stream: bytes) -> ParsedHuffmanStream:
         pos += nbytes
     if pos != len(data):
         raise ValueError("trailing bytes")
-    return ParsedHuffmanStream(dtype, count, num_streams, mode, lengths, tuple(stream_bits), tuple(bitstreams))
+    return ParsedHuffmanStream(dtype, count, num_streams, mode, lengths, tuple(stream_bits), tuple(bitstreams),
+                               version, chunk_symbols)
 
 
-def huffman_encode_reference(symbols: np.ndarray, lengths: np.ndarray | None = None, num_streams: int | None = None) -> bytes:
+def huffman_encode_reference(symbols: np.ndarray, lengths: np.ndarray | None = None, num_streams: int | None = None,
+                             chunk_symbols: int | None = None) -> bytes:
     """Encode ``symbols`` into the documented layout, one code string at a time.
 
     Parameters
@@ -230,6 +258,8 @@ def huffman_encode_reference(symbols: np.ndarray, lengths: np.ndarray | None = N
         (which must then not exceed 20 bits).
     num_streams : int, optional
         Bitstream count; default the native encoder's rule (1 below 32768 symbols, else 4).
+    chunk_symbols : int, optional
+        Write format version 2 with chunks of this many symbols (``num_streams`` is then ignored).
 
     Returns
     -------
@@ -244,10 +274,16 @@ def huffman_encode_reference(symbols: np.ndarray, lengths: np.ndarray | None = N
     if lengths is None:
         lengths = huffman_code_lengths(counts)
     lengths = np.asarray(lengths, dtype=np.int64)
+    version = VERSION if chunk_symbols is None else CHUNKED_VERSION
     if n == 0:
-        return struct.pack("<4sBBBBQIH", MAGIC, VERSION, _CODES[dtype], 0, 0, 0, 0, 0)
-    if num_streams is None:
-        num_streams = 1 if n < MULTI_STREAM_THRESHOLD else ENCODER_STREAMS
+        return struct.pack("<4sBBBBQIH", MAGIC, version, _CODES[dtype], 0, 0, 0, 0, 0)
+    if chunk_symbols is not None:
+        num_streams = -(-n // chunk_symbols)
+        ranges = [(s * chunk_symbols, min(n, (s + 1) * chunk_symbols)) for s in range(num_streams)]
+    else:
+        if num_streams is None:
+            num_streams = 1 if n < MULTI_STREAM_THRESHOLD else ENCODER_STREAMS
+        ranges = stream_ranges(n, num_streams)
     present = np.flatnonzero(lengths)
     lo, hi = int(present[0]), int(present[-1])
     if hi - lo + 1 <= 3 * present.size:
@@ -259,13 +295,18 @@ def huffman_encode_reference(symbols: np.ndarray, lengths: np.ndarray | None = N
     codes = canonical_codes(lengths)
     code_str = {int(s): format(int(codes[s]), f"0{int(lengths[s])}b") for s in present}
     streams, bit_counts = [], []
-    for begin, end in stream_ranges(n, num_streams):
+    for begin, end in ranges:
         bits = "".join(code_str[int(s)] for s in symbols[begin:end])
         bit_counts.append(len(bits))
         bits += "0" * (-len(bits) % 8)
         streams.append(int(bits, 2).to_bytes(len(bits) // 8, "big") if bits else b"")
-    header = struct.pack("<4sBBBBQIH", MAGIC, VERSION, _CODES[dtype], num_streams, mode, n, entries, first)
-    return header + table + struct.pack(f"<{num_streams}Q", *bit_counts) + b"".join(streams)
+    if chunk_symbols is not None:
+        header = struct.pack("<4sBBBBQIH", MAGIC, version, _CODES[dtype], 0, mode, n, entries, first)
+        sizes = struct.pack("<I", chunk_symbols) + struct.pack(f"<{num_streams}I", *bit_counts)
+    else:
+        header = struct.pack("<4sBBBBQIH", MAGIC, version, _CODES[dtype], num_streams, mode, n, entries, first)
+        sizes = struct.pack(f"<{num_streams}Q", *bit_counts)
+    return header + table + sizes + b"".join(streams)
 
 
 def huffman_decode_reference(stream: bytes) -> np.ndarray:
@@ -284,7 +325,7 @@ def huffman_decode_reference(stream: bytes) -> np.ndarray:
     codes = canonical_codes(lengths)
     table = {(int(lengths[s]), int(codes[s])): int(s) for s in np.flatnonzero(lengths)}
     max_len = int(lengths.max())
-    for (begin, end), bits, payload in zip(stream_ranges(parsed.count, parsed.num_streams), parsed.stream_bits, parsed.bitstreams):
+    for (begin, end), bits, payload in zip(parsed.ranges(), parsed.stream_bits, parsed.bitstreams):
         bitarray = np.unpackbits(np.frombuffer(payload, np.uint8))[:bits].tolist()
         pos = 0
         for i in range(begin, end):

@@ -28,7 +28,7 @@ def bench():
 def test_defaults(bench):
     args = bench.parse_args([])
     assert (args.out, args.repeats, args.device, args.quick) == ("gpu_results.json", 7, "cuda:0", False)
-    assert args.ops == ["csr", "int8", "codebook"]
+    assert args.ops == ["csr", "int8", "codebook", "huffman"]
 
 
 def test_options(bench):

@@ -68,7 +68,7 @@ def test_header_errors(small_u8):
     expect_error(b"", "truncated stream")
     expect_error(s[:21], "truncated stream")
     expect_error(b"XXXX" + s[4:], "bad magic")
-    expect_error(patch_header(s, version=2), "unsupported format version 2")
+    expect_error(patch_header(s, version=3), "unsupported format version 3")
     expect_error(patch_header(s, dtype=3), "bad symbol dtype code 3")
     expect_error(patch_header(s, streams=0), "bad bitstream count 0")
     expect_error(patch_header(s, streams=17), "bad bitstream count 17")

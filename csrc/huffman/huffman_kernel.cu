@@ -1,0 +1,171 @@
+// CUDA Huffman decoding: one thread per independently decodable chunk (format version 2, or the
+// bitstreams of version 1), with the canonical tables in shared memory. Layout: huffman_kernel.h.
+//
+// Each thread reads its chunk through 32-bit word loads of the whole buffer (byte-swapped, since
+// bitstreams are MSB-first, and joined with a funnel shift), so any bit offset costs two cached
+// loads; codes of up to kTableBits bits resolve with one shared-memory lookup, longer ones by the
+// canonical first-code test per length (Moffat & Turpin, "On the implementation of minimum
+// redundancy prefix codes", IEEE Trans. Commun. 1997). A chunk must decode to exactly its symbol
+// count in exactly its bit length; the first offending chunk is recorded and reported to the host.
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <vector>
+
+#include "huffman/huffman_kernel_cuda.h"
+
+namespace pyserve {
+namespace huffman {
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTable = 1 << kTableBits;
+constexpr int kLens = kMaxCodeLength + 2;
+constexpr unsigned long long kNoBad = ~0ull;
+
+struct Chunk {
+  unsigned long long bit0;   // absolute bit offset of the chunk in the buffer
+  unsigned long long bits;   // its bit length
+  unsigned long long begin;  // index of its first symbol
+  unsigned long long count;  // its symbol count
+};
+
+__device__ __forceinline__ uint32_t load_be32(const uint32_t* words, unsigned long long i) {
+  return __byte_perm(__ldg(words + i), 0, 0x0123);
+}
+
+template <typename T>
+__global__ void decode_kernel(const uint32_t* __restrict__ words, const Chunk* __restrict__ chunks, long long num_chunks,
+                              const uint32_t* __restrict__ table, const uint32_t* __restrict__ canon,
+                              const uint16_t* __restrict__ sorted, int max_len, T* __restrict__ out,
+                              unsigned long long* __restrict__ first_bad) {
+  __shared__ uint32_t single[kTable];
+  __shared__ uint32_t first_code[kLens], count[kLens], offset[kLens];
+  for (int i = threadIdx.x; i < kTable; i += blockDim.x) single[i] = table[i];
+  for (int i = threadIdx.x; i < kLens; i += blockDim.x) {
+    first_code[i] = canon[i];
+    count[i] = canon[kLens + i];
+    offset[i] = canon[2 * kLens + i];
+  }
+  __syncthreads();
+  const long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= num_chunks) return;
+  const Chunk ch = chunks[c];
+  unsigned long long pos = ch.bit0;
+  const unsigned long long end = ch.bit0 + ch.bits;
+  T* o = out + ch.begin;
+  for (unsigned long long i = 0; i < ch.count; ++i) {
+    // The 32 bits at `pos`: pos < end <= 8 * size, and the buffer has 16 zero bytes past size.
+    const unsigned long long w = pos >> 5;
+    const uint32_t window = __funnelshift_l(load_be32(words, w + 1), load_be32(words, w), static_cast<uint32_t>(pos & 31));
+    const uint32_t e = single[window >> (32 - kTableBits)];
+    uint32_t len = e & 0xffu;
+    uint32_t sym = e >> 8;
+    if (len == 0) {
+      for (int l = kTableBits + 1; l <= max_len; ++l) {
+        const uint32_t d = (window >> (32 - l)) - first_code[l];
+        if (d < count[l]) {
+          len = static_cast<uint32_t>(l);
+          sym = sorted[offset[l] + d];
+          break;
+        }
+      }
+      if (len == 0) {  // no code (only possible with the lone-symbol code "0")
+        atomicMin(first_bad, static_cast<unsigned long long>(c));
+        return;
+      }
+    }
+    pos += len;
+    if (pos > end) {
+      atomicMin(first_bad, static_cast<unsigned long long>(c));
+      return;
+    }
+    o[i] = static_cast<T>(sym);
+  }
+  if (pos != end) atomicMin(first_bad, static_cast<unsigned long long>(c));
+}
+
+bool check(cudaError_t err, const char* what, std::string* error) {
+  if (err == cudaSuccess) return true;
+  *error = std::string(what) + ": " + cudaGetErrorString(err);
+  return false;
+}
+
+std::size_t round_up(std::size_t v, std::size_t m) { return (v + m - 1) / m * m; }
+
+// The CUDA device that owns `ptr`, or -1 with *error set.
+int pointer_device(const void* ptr, std::string* error) {
+  cudaPointerAttributes attr{};
+  if (!check(cudaPointerGetAttributes(&attr, ptr), "cudaPointerGetAttributes", error)) return -1;
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+    *error = "not a CUDA device pointer";
+    return -1;
+  }
+  return attr.device;
+}
+
+}  // namespace
+
+bool decode_symbols_cuda(const uint8_t* data, std::size_t size, const StreamInfo& info, void* out, bool* corrupt,
+                         std::string* error) {
+  *corrupt = false;
+  if (info.count == 0) return true;
+  const int device = pointer_device(out, error);
+  if (device < 0 || !check(cudaSetDevice(device), "cudaSetDevice", error)) return false;
+  CanonicalTables t;
+  build_canonical_tables(info, &t);
+  const std::size_t S = static_cast<std::size_t>(info.num_streams);
+
+  // One staging buffer, one upload: [stream + 16 zero bytes][chunks][table][canon][sorted][flag].
+  const std::size_t off_chunks = round_up(size + 16, 16);
+  const std::size_t off_table = off_chunks + S * sizeof(Chunk);
+  const std::size_t off_canon = off_table + kTable * sizeof(uint32_t);
+  const std::size_t off_sorted = off_canon + 3 * kLens * sizeof(uint32_t);
+  const std::size_t off_flag = round_up(off_sorted + std::max<std::size_t>(t.sorted.size(), 1) * sizeof(uint16_t), 16);
+  const std::size_t total = off_flag + sizeof(unsigned long long);
+  std::vector<uint8_t> host(total, 0);
+  std::memcpy(host.data(), data, size);
+  auto* chunks = reinterpret_cast<Chunk*>(host.data() + off_chunks);
+  for (std::size_t s = 0; s < S; ++s)
+    chunks[s] = Chunk{8ull * info.stream_offset[s], info.stream_bits[s], info.stream_begin[s], info.stream_count[s]};
+  std::memcpy(host.data() + off_table, t.single.data(), kTable * sizeof(uint32_t));
+  auto* canon = reinterpret_cast<uint32_t*>(host.data() + off_canon);
+  for (int l = 0; l < kLens; ++l) {
+    canon[l] = t.first_code[l];
+    canon[kLens + l] = t.count[l];
+    canon[2 * kLens + l] = t.offset[l];
+  }
+  if (!t.sorted.empty()) std::memcpy(host.data() + off_sorted, t.sorted.data(), t.sorted.size() * sizeof(uint16_t));
+  const unsigned long long no_bad = kNoBad;
+  std::memcpy(host.data() + off_flag, &no_bad, sizeof no_bad);
+
+  uint8_t* dev = nullptr;
+  if (!check(cudaMalloc(&dev, total), "cudaMalloc", error)) return false;
+  bool ok = check(cudaMemcpy(dev, host.data(), total, cudaMemcpyHostToDevice), "cudaMemcpy (upload)", error);
+  if (ok) {
+    const auto* words = reinterpret_cast<const uint32_t*>(dev);
+    const auto* dchunks = reinterpret_cast<const Chunk*>(dev + off_chunks);
+    const auto* dtable = reinterpret_cast<const uint32_t*>(dev + off_table);
+    const auto* dcanon = reinterpret_cast<const uint32_t*>(dev + off_canon);
+    const auto* dsorted = reinterpret_cast<const uint16_t*>(dev + off_sorted);
+    auto* dflag = reinterpret_cast<unsigned long long*>(dev + off_flag);
+    const unsigned blocks = static_cast<unsigned>((S + kThreads - 1) / kThreads);
+    const long long n = static_cast<long long>(S);
+    if (info.type == SymbolType::kUint8)
+      decode_kernel<uint8_t><<<blocks, kThreads>>>(words, dchunks, n, dtable, dcanon, dsorted, t.max_len,
+                                                   static_cast<uint8_t*>(out), dflag);
+    else
+      decode_kernel<uint16_t><<<blocks, kThreads>>>(words, dchunks, n, dtable, dcanon, dsorted, t.max_len,
+                                                    static_cast<uint16_t*>(out), dflag);
+    ok = check(cudaGetLastError(), "huffman decode_kernel launch", error);
+    unsigned long long bad = kNoBad;
+    if (ok) ok = check(cudaMemcpy(&bad, dflag, sizeof bad, cudaMemcpyDeviceToHost), "cudaMemcpy (result)", error);
+    if (ok) *corrupt = bad != kNoBad;
+  }
+  cudaFree(dev);
+  return ok;
+}
+
+}  // namespace huffman
+}  // namespace pyserve

@@ -57,6 +57,28 @@ def test_round_trip_arbitrary(dtype, data):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @PROPERTY_SETTINGS
+@given(data=st.data())
+def test_round_trip_chunked(dtype, data):
+    x = data.draw(_symbols(dtype), label="symbols")
+    chunk = data.draw(st.integers(1, max(1, 2 * x.size)), label="chunk_symbols")
+    stream = huffman_encode(x, chunk_symbols=chunk)
+    _assert_same(huffman_decode(stream), x)
+    if x.size <= 1500:
+        _assert_same(ref.huffman_decode_reference(stream), x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_chunked_stream_is_value_error_or_array(dtype, data):
+    x = data.draw(_symbols(dtype, max_size=5000), label="symbols")
+    stream = huffman_encode(x, chunk_symbols=data.draw(st.integers(1, 700), label="chunk_symbols"))
+    mutated = data.draw(_mutation(stream), label="mutated")
+    _decode_or_value_error(mutated)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@PROPERTY_SETTINGS
 @given(size=st.integers(1, 100_000), data=st.data())
 def test_round_trip_one_symbol_alphabet(dtype, size, data):
     value = data.draw(st.integers(0, int(np.iinfo(dtype).max)), label="value")

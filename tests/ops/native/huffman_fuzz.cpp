@@ -86,7 +86,9 @@ std::vector<uint8_t> encode(const std::vector<uint16_t>& x, SymbolType type) {
       std::memcpy(&packed[2 * i], &x[i], 2);
   }
   EncodePlan plan;
-  plan_encode(packed.data(), x.size(), type, &plan);
+  // Half of the streams in format version 2 (chunks of 1..3000 symbols), half in version 1.
+  const uint64_t chunk = uniform(0, 1) ? uniform(1, 3000) : 0;
+  plan_encode(packed.data(), x.size(), type, &plan, chunk);
   std::unique_ptr<uint8_t[]> out(new uint8_t[plan.total_bytes]);
   if (!write_encoded(packed.data(), plan, out.get(), plan.total_bytes)) {
     std::fprintf(stderr, "write_encoded refused its own plan\n");

@@ -1,9 +1,9 @@
 // CUDA Huffman decoding: one thread per independently decodable chunk (format version 2, or the
 // bitstreams of version 1), with the canonical tables in shared memory. Layout: huffman_kernel.h.
 //
-// Each thread reads its chunk through 32-bit word loads of the whole buffer (byte-swapped, since
-// bitstreams are MSB-first, and joined with a funnel shift), so any bit offset costs two cached
-// loads; codes of up to kTableBits bits resolve with one shared-memory lookup, longer ones by the
+// Each thread reads its chunk into a 64-bit register buffer, one byte-swapped 32-bit word at a time
+// (bitstreams are MSB-first) whenever fewer than 32 bits remain in it, and writes its symbols four
+// bytes at a time; codes of up to kTableBits bits resolve with one shared-memory lookup, longer ones by the
 // canonical first-code test per length (Moffat & Turpin, "On the implementation of minimum
 // redundancy prefix codes", IEEE Trans. Commun. 1997). A chunk must decode to exactly its symbol
 // count in exactly its bit length; the first offending chunk is recorded and reported to the host.
@@ -35,6 +35,25 @@ __device__ __forceinline__ uint32_t load_be32(const uint32_t* words, unsigned lo
   return __byte_perm(__ldg(words + i), 0, 0x0123);
 }
 
+// Decodes one symbol from the bit buffer (MSB-aligned, at least 32 valid bits). Returns its length,
+// 0 for a bit pattern that is no code.
+__device__ __forceinline__ uint32_t decode_one(uint64_t buf, const uint32_t* single, const uint32_t* first_code,
+                                               const uint32_t* count, const uint32_t* offset,
+                                               const uint16_t* __restrict__ sorted, int max_len, uint32_t* sym) {
+  const uint32_t window = static_cast<uint32_t>(buf >> 32);
+  const uint32_t e = single[window >> (32 - kTableBits)];
+  *sym = e >> 8;
+  if (e & 0xffu) return e & 0xffu;
+  for (int l = kTableBits + 1; l <= max_len; ++l) {
+    const uint32_t d = (window >> (32 - l)) - first_code[l];
+    if (d < count[l]) {
+      *sym = sorted[offset[l] + d];
+      return static_cast<uint32_t>(l);
+    }
+  }
+  return 0;  // no code (only possible with the lone-symbol code "0")
+}
+
 template <typename T>
 __global__ void decode_kernel(const uint32_t* __restrict__ words, const Chunk* __restrict__ chunks, long long num_chunks,
                               const uint32_t* __restrict__ table, const uint32_t* __restrict__ canon,
@@ -52,38 +71,53 @@ __global__ void decode_kernel(const uint32_t* __restrict__ words, const Chunk* _
   const long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= num_chunks) return;
   const Chunk ch = chunks[c];
-  unsigned long long pos = ch.bit0;
-  const unsigned long long end = ch.bit0 + ch.bits;
+  // Bits consumed so far count up to `bits`; the buffer holds the next `avail` bits, MSB-aligned,
+  // refilled one 32-bit word at a time. Reads stay within the chunk plus 8 bytes, and the buffer
+  // has 32 zero bytes past the stream.
+  const unsigned long long bits = ch.bits;
+  unsigned long long used = 0;
+  unsigned long long w = ch.bit0 >> 5;
+  const uint32_t skip = static_cast<uint32_t>(ch.bit0 & 31);
+  uint64_t buf = ((static_cast<uint64_t>(load_be32(words, w)) << 32) | load_be32(words, w + 1)) << skip;
+  uint32_t avail = 64 - skip;
+  w += 2;
   T* o = out + ch.begin;
-  for (unsigned long long i = 0; i < ch.count; ++i) {
-    // The 32 bits at `pos`: pos < end <= 8 * size, and the buffer has 16 zero bytes past size.
-    const unsigned long long w = pos >> 5;
-    const uint32_t window = __funnelshift_l(load_be32(words, w + 1), load_be32(words, w), static_cast<uint32_t>(pos & 31));
-    const uint32_t e = single[window >> (32 - kTableBits)];
-    uint32_t len = e & 0xffu;
-    uint32_t sym = e >> 8;
-    if (len == 0) {
-      for (int l = kTableBits + 1; l <= max_len; ++l) {
-        const uint32_t d = (window >> (32 - l)) - first_code[l];
-        if (d < count[l]) {
-          len = static_cast<uint32_t>(l);
-          sym = sorted[offset[l] + d];
-          break;
-        }
-      }
-      if (len == 0) {  // no code (only possible with the lone-symbol code "0")
-        atomicMin(first_bad, static_cast<unsigned long long>(c));
-        return;
-      }
+  const unsigned long long n = ch.count;
+  // Packed stores (4 bytes at a time) when this chunk's output is 4-byte aligned.
+  constexpr unsigned kPer = 4 / sizeof(T);
+  const bool packed = (reinterpret_cast<uintptr_t>(o) & 3u) == 0;
+  uint32_t acc = 0;
+  unsigned long long i = 0;
+  for (; i < n; ++i) {
+    if (avail < 32) {
+      buf |= static_cast<uint64_t>(load_be32(words, w)) << (32 - avail);
+      avail += 32;
+      ++w;
     }
-    pos += len;
-    if (pos > end) {
-      atomicMin(first_bad, static_cast<unsigned long long>(c));
-      return;
+    uint32_t sym;
+    const uint32_t len = decode_one(buf, single, first_code, count, offset, sorted, max_len, &sym);
+    used += len;
+    if (len == 0 || used > bits) break;
+    buf <<= len;
+    avail -= len;
+    if (packed) {
+      const unsigned slot = static_cast<unsigned>(i % kPer);
+      acc |= static_cast<uint32_t>(sym) << (8 * sizeof(T) * slot);
+      if (slot == kPer - 1) {
+        *reinterpret_cast<uint32_t*>(o + (i - slot)) = acc;
+        acc = 0;
+      }
+    } else {
+      o[i] = static_cast<T>(sym);
     }
-    o[i] = static_cast<T>(sym);
   }
-  if (pos != end) atomicMin(first_bad, static_cast<unsigned long long>(c));
+  if (i < n || used != bits) {
+    atomicMin(first_bad, static_cast<unsigned long long>(c));
+    return;
+  }
+  if (packed)  // the last, partial word: element by element
+    for (unsigned long long j = n - n % kPer; j < n; ++j)
+      o[j] = static_cast<T>(acc >> (8 * sizeof(T) * (j % kPer)));
 }
 
 bool check(cudaError_t err, const char* what, std::string* error) {
@@ -117,8 +151,8 @@ bool decode_symbols_cuda(const uint8_t* data, std::size_t size, const StreamInfo
   build_canonical_tables(info, &t);
   const std::size_t S = static_cast<std::size_t>(info.num_streams);
 
-  // One staging buffer, one upload: [stream + 16 zero bytes][chunks][table][canon][sorted][flag].
-  const std::size_t off_chunks = round_up(size + 16, 16);
+  // One staging buffer, one upload: [stream + 32 zero bytes][chunks][table][canon][sorted][flag].
+  const std::size_t off_chunks = round_up(size + 32, 16);
   const std::size_t off_table = off_chunks + S * sizeof(Chunk);
   const std::size_t off_canon = off_table + kTable * sizeof(uint32_t);
   const std::size_t off_sorted = off_canon + 3 * kLens * sizeof(uint32_t);

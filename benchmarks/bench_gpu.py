@@ -10,7 +10,7 @@ calls (CUDA events, after warm-up):
                    [768, 768], [3072, 768], [768, 3072], B {1, 8, 64, 128}.
   codebook_linear  4 and 5 bits, per-layer codebook, vs fp32 and fp16 ``F.linear`` of the decoded
                    weights, the same shapes, B {1, 8}.
-  huffman_decode   chunked streams (16384 symbols per chunk) of 5- and 8-bit quantized indices, 1, 16
+  huffman_decode   chunked streams (4096 and 16384 symbols per chunk) of 5- and 8-bit quantized indices, 1, 16
                    and 64 MiB decoded, vs the host decoder, the host decoder + copy to the GPU, and
                    the copy alone of the decoded symbols ("err" is the count of wrong symbols).
 Each pyserve call goes through its Python face with CUDA tensors (including its argument checks;
@@ -44,7 +44,7 @@ INT8_BATCHES = [1, 8, 64, 128]
 CB_BITS = [4, 5]
 CB_BATCHES = [1, 8]
 HUFFMAN_MB = [1, 16, 64]  # decoded size, MiB of uint8 symbols
-HUFFMAN_CHUNK = 16384
+HUFFMAN_CHUNKS = [4096, 16384]  # symbols per chunk (format version 2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,10 +237,6 @@ def bench_huffman(args, dev, rows: list) -> None:
     followed by the copy of its output to the GPU (what a user without a GPU decoder does); and
     the copy alone of the already-decoded symbols (pageable memory), the floor of that route.
     The pyserve call includes the copy of the compressed stream to the GPU and its checks."""
-    import torch
-
-    from pyserve.ops import huffman_decode, huffman_encode
-
     rng = np.random.default_rng(3)
     sizes = HUFFMAN_MB[1:2] if args.quick else HUFFMAN_MB
     for bits, scale in ((5, 3.0), (8, 24.0)):
@@ -248,21 +244,28 @@ def bench_huffman(args, dev, rows: list) -> None:
         for mb in sizes:
             n = mb << 20
             x = (np.clip(np.round(rng.laplace(0.0, scale, n)), -half, half - 1) + half).astype(np.uint8)
-            stream = huffman_encode(x, chunk_symbols=HUFFMAN_CHUNK)
-            y = huffman_decode(stream, device=dev)
-            mismatches = float(np.count_nonzero(y.cpu().numpy() != x))
-            fns = {
-                "pyserve": lambda: huffman_decode(stream, device=dev),
-                "host_decode": lambda: huffman_decode(stream),
-                "host_decode+h2d": lambda: torch.from_numpy(huffman_decode(stream)).to(dev),
-                "h2d_decoded": lambda: torch.from_numpy(x).to(dev),
-            }
-            case = {"bits": bits, "MB": mb, "stream_MB": round(len(stream) / 2**20, 2), "chunk": HUFFMAN_CHUNK}
-            row = _row("huffman_decode", case, fns, mismatches, args)
-            row["decoded_GB_per_s"] = {k: n / (v * 1e-6) / 1e9 for k, v in row["us"].items()}
-            print(f"{'':16s} decoded GB/s: " + " ".join(f"{k}={v:.2f}" for k, v in row["decoded_GB_per_s"].items()),
-                  flush=True)
-            rows.append(row)
+            for chunk in HUFFMAN_CHUNKS:
+                _bench_huffman_case(args, dev, rows, x, bits, mb, chunk)
+
+
+def _bench_huffman_case(args, dev, rows: list, x: np.ndarray, bits: int, mb: int, chunk: int) -> None:
+    import torch
+
+    from pyserve.ops import huffman_decode, huffman_encode
+
+    stream = huffman_encode(x, chunk_symbols=chunk)
+    mismatches = float(np.count_nonzero(huffman_decode(stream, device=dev).cpu().numpy() != x))
+    fns = {
+        "pyserve": lambda: huffman_decode(stream, device=dev),
+        "host_decode": lambda: huffman_decode(stream),
+        "host_decode+h2d": lambda: torch.from_numpy(huffman_decode(stream)).to(dev),
+        "h2d_decoded": lambda: torch.from_numpy(x).to(dev),
+    }
+    case = {"bits": bits, "MB": mb, "stream_MB": round(len(stream) / 2**20, 2), "chunk": chunk}
+    row = _row("huffman_decode", case, fns, mismatches, args)
+    row["decoded_GB_per_s"] = {k: x.size / (v * 1e-6) / 1e9 for k, v in row["us"].items()}
+    print(f"{'':16s} decoded GB/s: " + " ".join(f"{k}={v:.2f}" for k, v in row["decoded_GB_per_s"].items()), flush=True)
+    rows.append(row)
 
 
 def _row(op: str, case: dict, fns: dict, rel_err: float, args) -> dict:

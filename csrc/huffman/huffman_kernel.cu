@@ -151,32 +151,42 @@ bool decode_symbols_cuda(const uint8_t* data, std::size_t size, const StreamInfo
   build_canonical_tables(info, &t);
   const std::size_t S = static_cast<std::size_t>(info.num_streams);
 
-  // One staging buffer, one upload: [stream + 32 zero bytes][chunks][table][canon][sorted][flag].
+  // One device buffer: [stream + 32 zero bytes][chunks][table][canon][sorted][flag]. The stream is
+  // copied straight from the caller's buffer; the rest is staged here (O(chunks + alphabet)).
   const std::size_t off_chunks = round_up(size + 32, 16);
   const std::size_t off_table = off_chunks + S * sizeof(Chunk);
   const std::size_t off_canon = off_table + kTable * sizeof(uint32_t);
   const std::size_t off_sorted = off_canon + 3 * kLens * sizeof(uint32_t);
   const std::size_t off_flag = round_up(off_sorted + std::max<std::size_t>(t.sorted.size(), 1) * sizeof(uint16_t), 16);
   const std::size_t total = off_flag + sizeof(unsigned long long);
-  std::vector<uint8_t> host(total, 0);
-  std::memcpy(host.data(), data, size);
-  auto* chunks = reinterpret_cast<Chunk*>(host.data() + off_chunks);
+  std::vector<uint8_t> host(total - off_chunks, 0);
+  auto* chunks = reinterpret_cast<Chunk*>(host.data());
   for (std::size_t s = 0; s < S; ++s)
     chunks[s] = Chunk{8ull * info.stream_offset[s], info.stream_bits[s], info.stream_begin[s], info.stream_count[s]};
-  std::memcpy(host.data() + off_table, t.single.data(), kTable * sizeof(uint32_t));
-  auto* canon = reinterpret_cast<uint32_t*>(host.data() + off_canon);
+  std::memcpy(host.data() + (off_table - off_chunks), t.single.data(), kTable * sizeof(uint32_t));
+  auto* canon = reinterpret_cast<uint32_t*>(host.data() + (off_canon - off_chunks));
   for (int l = 0; l < kLens; ++l) {
     canon[l] = t.first_code[l];
     canon[kLens + l] = t.count[l];
     canon[2 * kLens + l] = t.offset[l];
   }
-  if (!t.sorted.empty()) std::memcpy(host.data() + off_sorted, t.sorted.data(), t.sorted.size() * sizeof(uint16_t));
+  if (!t.sorted.empty())
+    std::memcpy(host.data() + (off_sorted - off_chunks), t.sorted.data(), t.sorted.size() * sizeof(uint16_t));
   const unsigned long long no_bad = kNoBad;
-  std::memcpy(host.data() + off_flag, &no_bad, sizeof no_bad);
+  std::memcpy(host.data() + (off_flag - off_chunks), &no_bad, sizeof no_bad);
 
+  // Stream-ordered allocation (no device-wide synchronisation on free); plain cudaMalloc where
+  // the device has no memory pools.
   uint8_t* dev = nullptr;
-  if (!check(cudaMalloc(&dev, total), "cudaMalloc", error)) return false;
-  bool ok = check(cudaMemcpy(dev, host.data(), total, cudaMemcpyHostToDevice), "cudaMemcpy (upload)", error);
+  bool pooled = cudaMallocAsync(reinterpret_cast<void**>(&dev), total, 0) == cudaSuccess;
+  if (!pooled) {
+    (void)cudaGetLastError();
+    if (!check(cudaMalloc(&dev, total), "cudaMalloc", error)) return false;
+  }
+  bool ok = check(cudaMemcpy(dev, data, size, cudaMemcpyHostToDevice), "cudaMemcpy (stream)", error) &&
+            check(cudaMemset(dev + size, 0, off_chunks - size), "cudaMemset", error) &&
+            check(cudaMemcpy(dev + off_chunks, host.data(), host.size(), cudaMemcpyHostToDevice), "cudaMemcpy (tables)",
+                  error);
   if (ok) {
     const auto* words = reinterpret_cast<const uint32_t*>(dev);
     const auto* dchunks = reinterpret_cast<const Chunk*>(dev + off_chunks);
@@ -197,7 +207,10 @@ bool decode_symbols_cuda(const uint8_t* data, std::size_t size, const StreamInfo
     if (ok) ok = check(cudaMemcpy(&bad, dflag, sizeof bad, cudaMemcpyDeviceToHost), "cudaMemcpy (result)", error);
     if (ok) *corrupt = bad != kNoBad;
   }
-  cudaFree(dev);
+  if (pooled)
+    cudaFreeAsync(dev, 0);
+  else
+    cudaFree(dev);
   return ok;
 }
 

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -499,28 +500,64 @@ PYSERVE_INLINE bool lock_step(Lane<T>* lanes, const LaneBounds<T>* b, const uint
   return ok;
 }
 
+// Decodes bitstreams / chunks [s0, s1) of the stream.
 template <typename T>
-PYSERVE_INLINE bool decode_typed(const uint8_t* data, const StreamInfo& info, const DecodeTables& t, T* out,
-                                 std::string* error) {
-  const int S = info.num_streams;
+PYSERVE_INLINE bool decode_range(const uint8_t* data, const StreamInfo& info, const DecodeTables& t, T* out, int s0,
+                                 int s1, std::string* error) {
+  const int S = s1 - s0;
   std::vector<Lane<T>> lanes(static_cast<std::size_t>(S));
   std::vector<LaneBounds<T>> bounds(static_cast<std::size_t>(S));
-  for (int s = 0; s < S; ++s) {
+  for (int i = 0; i < S; ++i) {
+    const int s = s0 + i;
     const uint64_t begin = info.stream_begin[s], count = info.stream_count[s];
-    lanes[s] = Lane<T>{8 * info.stream_offset[s], 0, out + begin};
-    bounds[s] = LaneBounds<T>{info.stream_offset[s] + (info.stream_bits[s] + 7) / 8, out + begin + count};
+    lanes[i] = Lane<T>{8 * info.stream_offset[s], 0, out + begin};
+    bounds[i] = LaneBounds<T>{info.stream_offset[s] + (info.stream_bits[s] + 7) / 8, out + begin + count};
   }
   // Bitstreams in lock step, kLanes at a time: independent dependency chains overlap in the CPU.
   for (int g = 0; g + kLanes <= S; g += kLanes)
     if (!lock_step<T, kLanes>(&lanes[g], &bounds[g], data, t)) {
-      *error = str_cat("a bitstream among ", g, "..", g + kLanes - 1,
+      *error = str_cat("a bitstream among ", s0 + g, "..", s0 + g + kLanes - 1,
                        " contains a bit pattern that is no code of the table (corrupt stream)");
       return false;
     }
-  for (int s = 0; s < S; ++s)
-    if (!finish_stream(lanes[s], bounds[s], data, info.stream_offset[s], info.stream_bits[s], info.stream_count[s], t,
+  for (int i = 0; i < S; ++i) {
+    const int s = s0 + i;
+    if (!finish_stream(lanes[i], bounds[i], data, info.stream_offset[s], info.stream_bits[s], info.stream_count[s], t,
                        s, error))
       return false;
+  }
+  return true;
+}
+
+// Version 1: all bitstreams as one range. Version 2: blocks of kBlockChunks chunks, spread over
+// `threads` OpenMP threads; the error reported is the first failing block's, whatever the thread
+// count, so messages do not depend on it.
+constexpr int kBlockChunks = 16;
+
+template <typename T>
+PYSERVE_INLINE bool decode_typed(const uint8_t* data, const StreamInfo& info, const DecodeTables& t, T* out,
+                                 int threads, std::string* error) {
+  const int S = info.num_streams;
+  if (info.version != kFormatVersionChunked || S <= kBlockChunks) return decode_range(data, info, t, out, 0, S, error);
+  const int blocks = S / kBlockChunks + (S % kBlockChunks != 0);
+  std::vector<std::string> errors(static_cast<std::size_t>(blocks));
+  std::atomic<int> first_bad{blocks};
+  threads = std::max(1, std::min(threads, blocks));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int b = 0; b < blocks; ++b) {
+    if (b > first_bad.load(std::memory_order_relaxed)) continue;  // a lower block already failed
+    const int s0 = b * kBlockChunks, s1 = std::min(S, s0 + kBlockChunks);
+    if (!decode_range(data, info, t, out, s0, s1, &errors[b])) {
+      int cur = first_bad.load();
+      while (b < cur && !first_bad.compare_exchange_weak(cur, b)) {
+      }
+    }
+  }
+  const int bad = first_bad.load();
+  if (bad < blocks) {
+    *error = errors[bad];
+    return false;
+  }
   return true;
 }
 
@@ -530,17 +567,17 @@ PYSERVE_INLINE bool decode_typed(const uint8_t* data, const StreamInfo& info, co
 // four lanes). Chosen at run time, like the AVX2 kernels.
 template <typename T>
 PYSERVE_NOINLINE bool decode_generic(const uint8_t* data, const StreamInfo& info, const DecodeTables& t, T* out,
-                                     std::string* error) {
-  return decode_typed(data, info, t, out, error);
+                                     int threads, std::string* error) {
+  return decode_typed(data, info, t, out, threads, error);
 }
 
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 #define PYSERVE_HUFFMAN_BMI2 1
 template <typename T>
 __attribute__((target("bmi,bmi2"))) PYSERVE_NOINLINE bool decode_bmi2(const uint8_t* data, const StreamInfo& info,
-                                                                      const DecodeTables& t, T* out,
+                                                                      const DecodeTables& t, T* out, int threads,
                                                                       std::string* error) {
-  return decode_typed(data, info, t, out, error);
+  return decode_typed(data, info, t, out, threads, error);
 }
 
 bool cpu_has_bmi2() {
@@ -550,11 +587,12 @@ bool cpu_has_bmi2() {
 #endif
 
 template <typename T>
-bool decode_dispatch(const uint8_t* data, const StreamInfo& info, const DecodeTables& t, T* out, std::string* error) {
+bool decode_dispatch(const uint8_t* data, const StreamInfo& info, const DecodeTables& t, T* out, int threads,
+                     std::string* error) {
 #ifdef PYSERVE_HUFFMAN_BMI2
-  if (cpu_has_bmi2() && !std::getenv("PYSERVE_HUFFMAN_NO_BMI2")) return decode_bmi2(data, info, t, out, error);
+  if (cpu_has_bmi2() && !std::getenv("PYSERVE_HUFFMAN_NO_BMI2")) return decode_bmi2(data, info, t, out, threads, error);
 #endif
-  return decode_generic(data, info, t, out, error);
+  return decode_generic(data, info, t, out, threads, error);
 }
 
 }  // namespace
@@ -974,13 +1012,15 @@ void build_canonical_tables(const StreamInfo& info, CanonicalTables* out) {
   out->max_len = t->max_len;
 }
 
-bool decode_symbols(const uint8_t* data, std::size_t size, const StreamInfo& info, void* out, std::string* error) {
+bool decode_symbols(const uint8_t* data, std::size_t size, const StreamInfo& info, void* out, std::string* error,
+                    int threads) {
   (void)size;  // parse_stream already bounded every bitstream by `size`
   if (info.count == 0) return true;
   auto tables = std::make_unique<DecodeTables>();
   build_tables(info.lengths, info.first_symbol, symbol_bytes(info.type), tables.get());
-  if (info.type == SymbolType::kUint8) return decode_dispatch(data, info, *tables, static_cast<uint8_t*>(out), error);
-  return decode_dispatch(data, info, *tables, static_cast<uint16_t*>(out), error);
+  if (info.type == SymbolType::kUint8)
+    return decode_dispatch(data, info, *tables, static_cast<uint8_t*>(out), threads, error);
+  return decode_dispatch(data, info, *tables, static_cast<uint16_t*>(out), threads, error);
 }
 
 }  // namespace huffman

@@ -152,9 +152,11 @@ bool parse_stream(const uint8_t* data, std::size_t size, StreamInfo* info, std::
 
 // Decodes the bitstreams described by `info` (from parse_stream on the same buffer) into
 // out[0 .. info.count) of info.type. Returns false and sets *error if a bitstream is inconsistent;
-// never reads outside data[0 .. size) nor writes outside out[0 .. info.count).
+// never reads outside data[0 .. size) nor writes outside out[0 .. info.count). Version 2 streams
+// with more than 16 chunks are decoded in blocks of 16 chunks over up to `threads` OpenMP threads
+// (the message names the first failing block's problem whatever the thread count).
 bool decode_symbols(const uint8_t* data, std::size_t size, const StreamInfo& info, void* out,
-                    std::string* error);
+                    std::string* error, int threads = 1);
 
 }  // namespace huffman
 }  // namespace pyserve

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/threads.h"
 #include "huffman/huffman_kernel.h"
 #if PYSERVE_WITH_CUDA
 #include "huffman/huffman_kernel_cuda.h"
@@ -170,9 +171,10 @@ py::array huffman_decode(const py::typing::Union<py::bytes, py::bytearray, py::m
   py::array out = info.type == huffman::SymbolType::kUint8 ? py::array(py::array_t<uint8_t>(n))
                                                            : py::array(py::array_t<uint16_t>(n));
   void* dst = out.mutable_data();
+  const int threads = num_threads();
   {
     py::gil_scoped_release release;
-    ok = huffman::decode_symbols(view.data(), view.size(), info, dst, &error);
+    ok = huffman::decode_symbols(view.data(), view.size(), info, dst, &error, threads);
   }
   if (!ok) throw_argument_error(kDecodeOp, "stream", error);
   return out;

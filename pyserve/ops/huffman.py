@@ -15,8 +15,9 @@ Algorithms
   lookup (huff0's multi-symbol "X2" idea), a branch-free canonical-limit lookup for longer codes,
   and up to four bitstreams decoded in lock step, five lookups per 64-bit reload (like the
   4-stream literals of zstd). On x86-64 CPUs with BMI2 a BMI2 build of the loop is used; setting
-  the environment variable ``PYSERVE_HUFFMAN_NO_BMI2`` forces the portable build. Decoding is
-  single-threaded (as is zstd's decompression).
+  the environment variable ``PYSERVE_HUFFMAN_NO_BMI2`` forces the portable build. Version 1 streams
+  decode on one thread (as zstd decompresses); version 2 streams with more than 16 chunks decode
+  in blocks of 16 chunks over :func:`pyserve.ops.get_num_threads` OpenMP threads.
 
 Stream layout (format version 1)
 --------------------------------
@@ -232,7 +233,8 @@ def huffman_decode(stream: BytesLike, device: Any = None) -> Any:
     -----
     Host: table-driven decoding (a 2**11-entry primary table of multi-symbol entries plus a
     branch-free canonical-limit lookup for longer codes), bitstreams or chunks four at a time in
-    lock step, one thread, GIL released. GPU (csrc/huffman/huffman_kernel.cu): one thread per
+    lock step, GIL released; one thread for version 1, up to ``get_num_threads()`` for version 2
+    (blocks of 16 chunks; an error names the first failing block's problem whatever the count). GPU (csrc/huffman/huffman_kernel.cu): one thread per
     chunk, the 2**11-entry single-symbol table in shared memory, codes longer than 11 bits by the
     canonical first-code test per length (Moffat & Turpin, IEEE Trans. Commun. 1997); the call
     returns when the decode has finished.

@@ -15,8 +15,10 @@ from pyserve.ops import (
     HUFFMAN_FORMAT_VERSION_CHUNKED,
     HUFFMAN_MAX_CHUNK_SYMBOLS,
     huffman_decode,
+    get_num_threads,
     huffman_encode,
     huffman_stream_info,
+    set_num_threads,
 )
 from pyserve.ops import reference as ref
 
@@ -141,6 +143,48 @@ def test_every_chunk_size_byte_value_is_safe(make_symbols):
                 assert str(exc).startswith("huffman_decode: argument 'stream': ")
             else:
                 assert y.size <= 8 * len(bad)
+
+
+@pytest.fixture
+def threads():
+    """threads(n) sets pyserve's thread count for one test and restores it afterwards."""
+    before = get_num_threads()
+    yield set_num_threads
+    set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_threads_give_the_same_symbols_and_messages(make_symbols, dtype, threads):
+    # 63 chunks = 4 blocks of 16 chunks decoded on different threads
+    x = make_symbols(dtype, "geometric", 63 * 1000 - 5, seed=8)
+    s = huffman_encode(x, chunk_symbols=1000)
+    bits_pos, chunks = chunk_bits_offset(s)
+    assert chunks == 63
+    corrupt = []
+    for chunk in (0, 17, 40, 62):  # move one bit between chunk `chunk` and its neighbour
+        a = chunk if chunk < 62 else 61
+        b0, b1 = struct.unpack_from("<2I", s, bits_pos + 4 + 4 * a)
+        corrupt.append(s[:bits_pos + 4 + 4 * a] + struct.pack("<2I", b0 + 1, b1 - 1) + s[bits_pos + 12 + 4 * a:])
+    payload0 = len(s) - sum(len(b) for b in ref.parse_huffman_stream(s).bitstreams)
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        bad = bytearray(s)
+        for i in rng.integers(payload0, len(s), 3):
+            bad[int(i)] ^= 0xFF
+        corrupt.append(bytes(bad))
+    results = {}
+    for n in (1, 2, 3):
+        threads(n)
+        np.testing.assert_array_equal(huffman_decode(s), x)
+        outcome = []
+        for stream in corrupt:
+            try:
+                outcome.append(huffman_decode(stream).tobytes())
+            except ValueError as exc:
+                outcome.append(str(exc))
+        results[n] = outcome
+    assert results[1] == results[2] == results[3]
+    assert sum(isinstance(o, str) for o in results[1]) >= 4
 
 
 def test_device_argument_errors():

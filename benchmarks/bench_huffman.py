@@ -21,10 +21,13 @@ decode speed. Decode times are thread-CPU-time medians of --repeats interleaved 
 decodes once with every codec, so load changes hit all codecs alike), MB/s of symbols (10^6
 symbols/s); encode speed is one call's thread CPU time; "dec vs peer" is peer time / our time
 (> 1: we are faster). Every decode allocates its output (numpy array / bytes), as a user's call
-does. The decoder is single-threaded (so is zstd's decompression): there is no 2-thread row.
+does. Format version 1 decodes on one thread (so does zstd's decompression). With
+--chunked-threads N two more rows: format version 2 (independently decodable chunks of 16384
+symbols) on one thread, and on N threads, timed by the wall clock (thread CPU time would miss the
+other threads; on a loaded machine a descheduled thread stalls the whole call).
 
     python benchmarks/bench_huffman.py [--sizes 1,16,64] [--streams kmeans5,kmeans8,gaps8,kmeans32,gaps90]
-                                       [--repeats 9]
+                                       [--repeats 9] [--chunked-threads 2]
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import numpy as np
 
 from pyserve.artifact.encoding import relative_indices
 from pyserve.compress.quantize import kmeans_1d
-from pyserve.ops import HUFFMAN_TABLE_BITS, build_info, huffman_decode, huffman_encode
+from pyserve.ops import HUFFMAN_TABLE_BITS, build_info, huffman_decode, huffman_encode, set_num_threads
 from pyserve.ops import reference as ref
 
 try:
@@ -91,17 +94,33 @@ def gaps90(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.minimum(rng.geometric(0.1, n), 255).astype(np.uint8)
 
 
+CHUNK_SYMBOLS = 16384  # format version 2 rows (--chunked-threads)
+
 STREAMS = {"kmeans5": kmeans5, "kmeans8": kmeans8, "gaps8": gaps8, "kmeans32": kmeans32, "gaps90": gaps90}
 
 
-def codecs():
-    yield "pyserve", huffman_encode, huffman_decode
+def _decode_threads(n: int):
+    def dec(blob):
+        set_num_threads(n)
+        return huffman_decode(blob)
+    return dec
+
+
+def codecs(chunked_threads: int = 0):
+    """(name, encode, decode, clock) of each codec; `clock` times one decode call."""
+    yield "pyserve", huffman_encode, _decode_threads(1), time.thread_time
+    if chunked_threads:
+        def enc(x):
+            return huffman_encode(x, chunk_symbols=CHUNK_SYMBOLS)
+        yield "pyserve v2", enc, _decode_threads(1), time.thread_time
+        # several threads: wall-clock time of the call (thread time would miss the other threads)
+        yield f"pyserve v2 x{chunked_threads}", enc, _decode_threads(chunked_threads), time.perf_counter
     if zstandard is not None:
         for level in (3, 19):
             cctx = zstandard.ZstdCompressor(level=level, threads=0)
             dctx = zstandard.ZstdDecompressor()
-            yield f"zstd -{level}", (lambda b, c=cctx: c.compress(b)), dctx.decompress
-    yield "zlib -9", (lambda b: zlib.compress(b, 9)), zlib.decompress
+            yield f"zstd -{level}", (lambda b, c=cctx: c.compress(b)), dctx.decompress, time.thread_time
+    yield "zlib -9", (lambda b: zlib.compress(b, 9)), zlib.decompress, time.thread_time
 
 
 def optimal_huffman_bytes(x: np.ndarray, stream: bytes) -> tuple[int, int, float]:
@@ -141,7 +160,7 @@ def symbols_per_lookup(x: np.ndarray, stream: bytes, limit: int = 1_000_000) -> 
     return n / max(lookups, 1)
 
 
-def run(sizes_mb: list[float], names: list[str], repeats: int) -> None:
+def run(sizes_mb: list[float], names: list[str], repeats: int, chunked_threads: int = 0) -> None:
     info = build_info()
     load = os.getloadavg()
     print(f"pyserve {info['version']} ({info['compiler']}), numpy {np.__version__}, "
@@ -156,8 +175,8 @@ def run(sizes_mb: list[float], names: list[str], repeats: int) -> None:
             p = np.bincount(x, minlength=256) / n
             entropy = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
             rows = []
-            for codec, enc, dec in codecs():
-                payload = x if codec == "pyserve" else raw
+            for codec, enc, dec, clock in codecs(chunked_threads):
+                payload = x if codec.startswith("pyserve") else raw
                 t0 = time.thread_time()
                 blob = enc(payload)
                 t_enc = time.thread_time() - t0  # one call, CPU time (zstd -19 of 64 MB takes minutes)
@@ -165,12 +184,13 @@ def run(sizes_mb: list[float], names: list[str], repeats: int) -> None:
                 got = np.frombuffer(out, np.uint8) if isinstance(out, bytes) else out
                 if not np.array_equal(got, x):
                     raise AssertionError(f"{codec} did not round-trip {name}")
-                rows.append([codec, blob, dec, t_enc, []])
+                rows.append([codec, blob, dec, t_enc, [], clock])
             for _ in range(repeats):  # interleaved rounds
                 for row in rows:
-                    t0 = time.thread_time()
+                    clock = row[5]
+                    t0 = clock()
                     row[2](row[1])
-                    row[4].append(time.thread_time() - t0)
+                    row[4].append(clock() - t0)
             ours = rows[0][1]
             optimal, header, long_share = optimal_huffman_bytes(x, ours)
             t_ours = statistics.median(rows[0][4])
@@ -184,7 +204,7 @@ def run(sizes_mb: list[float], names: list[str], repeats: int) -> None:
                            f"{'size vs ours':>13} {'dec vs peer':>12}")
             print(header_line)
             print("-" * len(header_line))
-            for codec, blob, _, t_enc, times in rows:
+            for codec, blob, _, t_enc, times, _clock in rows:
                 t = statistics.median(times)
                 print(f"{codec:<10} {len(blob):>12,} {8 * len(blob) / n:>9.3f} {n / t_enc / 1e6:>9.0f} "
                       f"{n / t / 1e6:>9.0f} {len(blob) / len(ours):>12.3f}x {t / t_ours:>11.2f}x")
@@ -195,6 +215,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,16,64", help="comma-separated stream sizes in MB (10^6 symbols)")
     parser.add_argument("--streams", default=",".join(STREAMS), help=f"comma-separated, of {','.join(STREAMS)}")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--chunked-threads", type=int, default=0, metavar="N",
+                        help="also time format version 2 (chunks of 16384 symbols) on 1 thread and on N threads "
+                             "(wall clock); 0 (default) leaves them out")
     args = parser.parse_args()
     names = [s for s in args.streams.split(",") if s]
     unknown = sorted(set(names) - set(STREAMS))
@@ -202,7 +225,9 @@ def main() -> None:
         parser.error(f"--streams: unknown stream(s) {unknown}; expected some of {list(STREAMS)}")
     if args.repeats < 1:
         parser.error(f"--repeats: expected >= 1, got {args.repeats}")
-    run([float(s) for s in args.sizes.split(",")], names, args.repeats)
+    if args.chunked_threads < 0:
+        parser.error(f"--chunked-threads: expected >= 0, got {args.chunked_threads}")
+    run([float(s) for s in args.sizes.split(",")], names, args.repeats, args.chunked_threads)
 
 
 if __name__ == "__main__":

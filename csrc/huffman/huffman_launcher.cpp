@@ -47,6 +47,19 @@ class BufferView {
   Py_buffer view_{};
 };
 
+// parse_stream with the GIL released; ValueError naming `stream` on a malformed one.
+huffman::StreamInfo parse_or_throw(const BufferView& view) {
+  huffman::StreamInfo info;
+  std::string error;
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = huffman::parse_stream(view.data(), view.size(), &info, &error);
+  }
+  if (!ok) throw_argument_error(kDecodeOp, "stream", error);
+  return info;
+}
+
 }  // namespace
 
 py::bytes huffman_encode(const py::array& symbols, const py::object& chunk_symbols) {
@@ -98,14 +111,7 @@ py::bytes huffman_encode(const py::array& symbols, const py::object& chunk_symbo
 
 py::dict huffman_stream_info(const py::typing::Union<py::bytes, py::bytearray, py::memoryview>& stream) {
   BufferView view(stream, kDecodeOp, "stream");
-  huffman::StreamInfo info;
-  std::string error;
-  bool ok;
-  {
-    py::gil_scoped_release release;
-    ok = huffman::parse_stream(view.data(), view.size(), &info, &error);
-  }
-  if (!ok) throw_argument_error(kDecodeOp, "stream", error);
+  const huffman::StreamInfo info = parse_or_throw(view);
   py::dict d;
   d["dtype"] = info.type == huffman::SymbolType::kUint8 ? "uint8" : "uint16";
   d["count"] = info.count;
@@ -119,14 +125,9 @@ void huffman_decode_cuda(const py::typing::Union<py::bytes, py::bytearray, py::m
                          uint64_t out_nbytes) {
 #if PYSERVE_WITH_CUDA
   BufferView view(stream, kDecodeOp, "stream");
-  huffman::StreamInfo info;
+  const huffman::StreamInfo info = parse_or_throw(view);
   std::string error;
   bool ok;
-  {
-    py::gil_scoped_release release;
-    ok = huffman::parse_stream(view.data(), view.size(), &info, &error);
-  }
-  if (!ok) throw_argument_error(kDecodeOp, "stream", error);
   const uint64_t need = info.count * static_cast<uint64_t>(huffman::symbol_bytes(info.type));
   PYSERVE_CHECK_ARG(out_nbytes == need, kDecodeOp, "out", "expected ", need, " bytes for ", info.count, " ",
                     info.type == huffman::SymbolType::kUint8 ? "uint8" : "uint16", " symbols, got ", out_nbytes);
@@ -158,14 +159,9 @@ void huffman_decode_cuda(const py::typing::Union<py::bytes, py::bytearray, py::m
 
 py::array huffman_decode(const py::typing::Union<py::bytes, py::bytearray, py::memoryview>& stream) {
   BufferView view(stream, kDecodeOp, "stream");
-  huffman::StreamInfo info;
+  const huffman::StreamInfo info = parse_or_throw(view);
   std::string error;
   bool ok;
-  {
-    py::gil_scoped_release release;
-    ok = huffman::parse_stream(view.data(), view.size(), &info, &error);
-  }
-  if (!ok) throw_argument_error(kDecodeOp, "stream", error);
   // parse_stream guarantees count <= 8 * stream size: the allocation is bounded by the input.
   const auto n = static_cast<py::ssize_t>(info.count);
   py::array out = info.type == huffman::SymbolType::kUint8 ? py::array(py::array_t<uint8_t>(n))

@@ -1005,6 +1005,7 @@ void build_canonical_tables(const StreamInfo& info, CanonicalTables* out) {
   auto t = std::make_unique<DecodeTables>();
   build_tables(info.lengths, info.first_symbol, symbol_bytes(info.type), t.get());
   out->single.assign(t->single.begin(), t->single.end());
+  out->multi.assign(t->multi.begin(), t->multi.end());
   std::copy(std::begin(t->first_code), std::end(t->first_code), std::begin(out->first_code));
   std::copy(std::begin(t->count), std::end(t->count), std::begin(out->count));
   std::copy(std::begin(t->offset), std::end(t->offset), std::begin(out->offset));

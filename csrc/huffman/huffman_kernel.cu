@@ -56,12 +56,17 @@ __device__ __forceinline__ uint32_t decode_one(uint64_t buf, const uint32_t* sin
 
 template <typename T>
 __global__ void decode_kernel(const uint32_t* __restrict__ words, const Chunk* __restrict__ chunks, long long num_chunks,
-                              const uint32_t* __restrict__ table, const uint32_t* __restrict__ canon,
+                              const uint32_t* __restrict__ table, const uint64_t* __restrict__ multi_table,
+                              const uint32_t* __restrict__ canon,
                               const uint16_t* __restrict__ sorted, int max_len, T* __restrict__ out,
                               unsigned long long* __restrict__ first_bad) {
   __shared__ uint32_t single[kTable];
+  __shared__ uint64_t multi[kTable];
   __shared__ uint32_t first_code[kLens], count[kLens], offset[kLens];
-  for (int i = threadIdx.x; i < kTable; i += blockDim.x) single[i] = table[i];
+  for (int i = threadIdx.x; i < kTable; i += blockDim.x) {
+    single[i] = table[i];
+    multi[i] = multi_table[i];
+  }
   for (int i = threadIdx.x; i < kLens; i += blockDim.x) {
     first_code[i] = canon[i];
     count[i] = canon[kLens + i];
@@ -88,21 +93,10 @@ __global__ void decode_kernel(const uint32_t* __restrict__ words, const Chunk* _
   const bool packed = (reinterpret_cast<uintptr_t>(o) & 3u) == 0;
   uint32_t acc = 0;
   unsigned long long i = 0;
-  for (; i < n; ++i) {
-    if (avail < 32) {
-      buf |= static_cast<uint64_t>(load_be32(words, w)) << (32 - avail);
-      avail += 32;
-      ++w;
-    }
-    uint32_t sym;
-    const uint32_t len = decode_one(buf, single, first_code, count, offset, sorted, max_len, &sym);
-    used += len;
-    if (len == 0 || used > bits) break;
-    buf <<= len;
-    avail -= len;
+  auto emit = [&](uint32_t sym) {
     if (packed) {
       const unsigned slot = static_cast<unsigned>(i % kPer);
-      acc |= static_cast<uint32_t>(sym) << (8 * sizeof(T) * slot);
+      acc |= sym << (8 * sizeof(T) * slot);
       if (slot == kPer - 1) {
         *reinterpret_cast<uint32_t*>(o + (i - slot)) = acc;
         acc = 0;
@@ -110,8 +104,66 @@ __global__ void decode_kernel(const uint32_t* __restrict__ words, const Chunk* _
     } else {
       o[i] = static_cast<T>(sym);
     }
+    ++i;
+  };
+  auto refill = [&]() {
+    if (avail < 32) {
+      buf |= static_cast<uint64_t>(load_be32(words, w)) << (32 - avail);
+      avail += 32;
+      ++w;
+    }
+  };
+  bool bad = false;
+  // Whole multi-symbol lookups (the host decoder's table: up to 6 uint8 or 3 uint16 codes that fit
+  // in kTableBits bits per lookup) while that many symbols remain, so no lookup overshoots the chunk.
+  constexpr unsigned kMaxSyms = sizeof(T) == 1 ? 6 : 3;
+  constexpr uint32_t kSymMask = sizeof(T) == 1 ? 0xffu : 0xffffu;
+  while (n - i >= kMaxSyms) {
+    refill();
+    const uint64_t e = multi[buf >> (64 - kTableBits)];
+    const uint32_t k = static_cast<uint32_t>(e >> 56);
+    uint32_t len, sym = 0;
+    if (k == 0) {  // the next code is longer than kTableBits bits (or is no code)
+      len = decode_one(buf, single, first_code, count, offset, sorted, max_len, &sym);
+      if (len == 0) {
+        bad = true;
+        break;
+      }
+    } else {
+      len = static_cast<uint32_t>(e & 63u);
+    }
+    used += len;
+    if (used > bits) {
+      bad = true;
+      break;
+    }
+    buf <<= len;
+    avail -= len;
+    if (k == 0) {
+      emit(sym);
+    } else {
+      uint64_t syms = e >> 8;
+      for (uint32_t j = 0; j < k; ++j) {
+        emit(static_cast<uint32_t>(syms) & kSymMask);
+        syms >>= 8 * sizeof(T);
+      }
+    }
   }
-  if (i < n || used != bits) {
+  // The last symbols one at a time.
+  while (!bad && i < n) {
+    refill();
+    uint32_t sym;
+    const uint32_t len = decode_one(buf, single, first_code, count, offset, sorted, max_len, &sym);
+    used += len;
+    if (len == 0 || used > bits) {
+      bad = true;
+      break;
+    }
+    buf <<= len;
+    avail -= len;
+    emit(sym);
+  }
+  if (bad || i < n || used != bits) {
     atomicMin(first_bad, static_cast<unsigned long long>(c));
     return;
   }
@@ -151,11 +203,12 @@ bool decode_symbols_cuda(const uint8_t* data, std::size_t size, const StreamInfo
   build_canonical_tables(info, &t);
   const std::size_t S = static_cast<std::size_t>(info.num_streams);
 
-  // One device buffer: [stream + 32 zero bytes][chunks][table][canon][sorted][flag]. The stream is
+  // One device buffer: [stream + 32 zero bytes][chunks][single][multi][canon][sorted][flag]. The stream is
   // copied straight from the caller's buffer; the rest is staged here (O(chunks + alphabet)).
   const std::size_t off_chunks = round_up(size + 32, 16);
   const std::size_t off_table = off_chunks + S * sizeof(Chunk);
-  const std::size_t off_canon = off_table + kTable * sizeof(uint32_t);
+  const std::size_t off_multi = off_table + kTable * sizeof(uint32_t);
+  const std::size_t off_canon = off_multi + kTable * sizeof(uint64_t);
   const std::size_t off_sorted = off_canon + 3 * kLens * sizeof(uint32_t);
   const std::size_t off_flag = round_up(off_sorted + std::max<std::size_t>(t.sorted.size(), 1) * sizeof(uint16_t), 16);
   const std::size_t total = off_flag + sizeof(unsigned long long);
@@ -164,6 +217,7 @@ bool decode_symbols_cuda(const uint8_t* data, std::size_t size, const StreamInfo
   for (std::size_t s = 0; s < S; ++s)
     chunks[s] = Chunk{8ull * info.stream_offset[s], info.stream_bits[s], info.stream_begin[s], info.stream_count[s]};
   std::memcpy(host.data() + (off_table - off_chunks), t.single.data(), kTable * sizeof(uint32_t));
+  std::memcpy(host.data() + (off_multi - off_chunks), t.multi.data(), kTable * sizeof(uint64_t));
   auto* canon = reinterpret_cast<uint32_t*>(host.data() + (off_canon - off_chunks));
   for (int l = 0; l < kLens; ++l) {
     canon[l] = t.first_code[l];
@@ -191,16 +245,17 @@ bool decode_symbols_cuda(const uint8_t* data, std::size_t size, const StreamInfo
     const auto* words = reinterpret_cast<const uint32_t*>(dev);
     const auto* dchunks = reinterpret_cast<const Chunk*>(dev + off_chunks);
     const auto* dtable = reinterpret_cast<const uint32_t*>(dev + off_table);
+    const auto* dmulti = reinterpret_cast<const uint64_t*>(dev + off_multi);
     const auto* dcanon = reinterpret_cast<const uint32_t*>(dev + off_canon);
     const auto* dsorted = reinterpret_cast<const uint16_t*>(dev + off_sorted);
     auto* dflag = reinterpret_cast<unsigned long long*>(dev + off_flag);
     const unsigned blocks = static_cast<unsigned>((S + kThreads - 1) / kThreads);
     const long long n = static_cast<long long>(S);
     if (info.type == SymbolType::kUint8)
-      decode_kernel<uint8_t><<<blocks, kThreads>>>(words, dchunks, n, dtable, dcanon, dsorted, t.max_len,
+      decode_kernel<uint8_t><<<blocks, kThreads>>>(words, dchunks, n, dtable, dmulti, dcanon, dsorted, t.max_len,
                                                    static_cast<uint8_t*>(out), dflag);
     else
-      decode_kernel<uint16_t><<<blocks, kThreads>>>(words, dchunks, n, dtable, dcanon, dsorted, t.max_len,
+      decode_kernel<uint16_t><<<blocks, kThreads>>>(words, dchunks, n, dtable, dmulti, dcanon, dsorted, t.max_len,
                                                     static_cast<uint16_t*>(out), dflag);
     ok = check(cudaGetLastError(), "huffman decode_kernel launch", error);
     unsigned long long bad = kNoBad;

@@ -138,6 +138,10 @@ struct StreamInfo {
 // (symbols ordered by (length, symbol)).
 struct CanonicalTables {
   std::vector<uint32_t> single;                       // [2^kTableBits]
+  // [2^kTableBits] the host decoder's multi-symbol entries: bits 0-5 the bits of the whole codes
+  // that fit in the index, bits 8-55 their symbols packed little-endian (up to 6 uint8 or 3
+  // uint16), bits 56-63 their number (0: the next code is longer than kTableBits bits, or none).
+  std::vector<uint64_t> multi;
   uint32_t first_code[kMaxCodeLength + 2] = {};
   uint32_t count[kMaxCodeLength + 2] = {};
   uint32_t offset[kMaxCodeLength + 2] = {};

@@ -10,7 +10,7 @@ calls (CUDA events, after warm-up):
                    [768, 768], [3072, 768], [768, 3072], B {1, 8, 64, 128}.
   codebook_linear  4 and 5 bits, per-layer codebook, vs fp32 and fp16 ``F.linear`` of the decoded
                    weights, the same shapes, B {1, 8}.
-  huffman_decode   chunked streams (4096 and 16384 symbols per chunk) of 5- and 8-bit quantized indices, 1, 16
+  huffman_decode   chunked streams (1024, 4096 and 16384 symbols per chunk) of 5- and 8-bit quantized indices, 1, 16
                    and 64 MiB decoded, vs the host decoder, the host decoder + copy to the GPU, and
                    the copy alone of the decoded symbols ("err" is the count of wrong symbols).
 Each pyserve call goes through its Python face with CUDA tensors (including its argument checks;
@@ -44,7 +44,7 @@ INT8_BATCHES = [1, 8, 64, 128]
 CB_BITS = [4, 5]
 CB_BATCHES = [1, 8]
 HUFFMAN_MB = [1, 16, 64]  # decoded size, MiB of uint8 symbols
-HUFFMAN_CHUNKS = [4096, 16384]  # symbols per chunk (format version 2)
+HUFFMAN_CHUNKS = [1024, 4096, 16384]  # symbols per chunk (format version 2)
 
 
 def build_parser() -> argparse.ArgumentParser:

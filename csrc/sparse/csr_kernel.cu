@@ -1,8 +1,23 @@
-// CSR sparse linear kernel (CUDA): row-per-warp SpMM, y [B, N] = x [B, K] @ W.T + bias.
-// Contract and layout: csr_kernel.h. Inputs are validated by the launcher on the host side.
+// CSR sparse linear kernel (CUDA): y [B, N] = x [B, K] @ W.T + bias, with the CSR structure
+// validated on the device in the same launch. Contract and layout: csr_kernel.h.
+//
+// Launch: one warp per output row n (8 warps = 256 threads per block, grid.x = ceil(N / 8));
+// grid.y = min(ceil(B / 8), 65535) blocks walk the batch in chunks of kChunk = 8 activation rows
+// (a grid-stride loop over chunks covers larger B). Within a warp the 32 lanes stride through the
+// row's nonzeros; each lane keeps kChunk fp32 partial sums (one per batch row of the chunk), reads
+// values/indices once per chunk (coalesced) and x through the read-only path (__ldg), and a
+// shuffle reduction ends each chunk. Blocks with blockIdx.y == 0 also validate their rows
+// (indptr[0] == 0, indptr[n] <= indptr[n + 1], indptr[N] == nnz; indices in [0, K) and strictly
+// increasing within the row) and record the smallest offending position with atomicMin in a
+// device word; the launcher copies only that word back (8 bytes) and, when it is set, re-runs the
+// host checks on a host copy of indptr/indices to raise the usual message. The computation itself
+// never trusts the structure: row bounds are clamped to [0, nnz] and a column is read from x only
+// when it lies in [0, K), so malformed input never reads out of bounds (y is then garbage and the
+// launcher raises).
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 
 #include "sparse/csr_kernel.h"
 
@@ -13,41 +28,105 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
+constexpr int kChunk = 8;  // batch rows per pass over a row's nonzeros
 constexpr int kMaxGridY = 65535;
+constexpr unsigned long long kNoError = ~0ull;
 
-template <typename Index>
-__global__ void csr_linear_warp_kernel(const float* __restrict__ x, int64_t B, int64_t K,
-                                       const int64_t* __restrict__ indptr, const Index* __restrict__ indices,
-                                       const float* __restrict__ values, const float* __restrict__ bias, int64_t N,
-                                       float* __restrict__ y) {
+// The first offending position found by the last launch (kNoError when none): one word per device
+// (a module-scope __device__ variable lives once per context). Guarded by g_flag_mutex on the
+// host, from the reset to the read-back, so concurrent callers do not mix their results.
+__device__ unsigned long long g_first_bad;
+std::mutex g_flag_mutex;
+
+__device__ __forceinline__ void flag(unsigned long long pos) { atomicMin(&g_first_bad, pos); }
+
+// Positions: indptr problems at row n report n (0..N), index problems report N + 1 + j (nonzero
+// j); only "set or not" matters to the launcher, the order just keeps the word deterministic.
+template <typename Ptr, typename Index>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
+    csr_linear_warp_kernel(const float* __restrict__ x, int64_t B, int64_t K, const Ptr* __restrict__ indptr,
+                           const Index* __restrict__ indices, const float* __restrict__ values,
+                           const float* __restrict__ bias, int64_t N, int64_t nnz, float* __restrict__ y) {
   const int lane = threadIdx.x % kWarp;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (n >= N) return;  // whole warps exit together: n is uniform within a warp
-  const int64_t begin = indptr[n], end = indptr[n + 1];
+  int64_t begin = static_cast<int64_t>(indptr[n]), end = static_cast<int64_t>(indptr[n + 1]);
+  const bool row_ok = begin >= 0 && begin <= end && end <= nnz;
+  if (blockIdx.y == 0 && lane == 0) {
+    if (n == 0 && begin != 0) flag(0);
+    if (!row_ok) flag(static_cast<unsigned long long>(n + 1));
+    if (n == N - 1 && end != nnz) flag(static_cast<unsigned long long>(N));
+  }
+  if (!row_ok) begin = end = 0;  // compute nothing from a malformed row
+  if (blockIdx.y == 0) {
+    // Validate the row's column indices: in [0, K), strictly increasing. Lane l looks at nonzero
+    // j = base + l and compares with j - 1 (a neighbour lane, or the previous pass's last lane).
+    int64_t prev_last = 0;
+    for (int64_t base = begin; base < end; base += kWarp) {
+      const int64_t j = base + lane;
+      const int64_t c = j < end ? static_cast<int64_t>(indices[j]) : 0;
+      int64_t before = __shfl_up_sync(0xffffffffu, c, 1);
+      if (lane == 0) before = prev_last;
+      const bool bad = j < end && (c < 0 || c >= K || (j > begin && c <= before));
+      if (bad) flag(static_cast<unsigned long long>(N + 1 + j));
+      prev_last = __shfl_sync(0xffffffffu, c, kWarp - 1);
+    }
+  }
   const float bn = bias ? bias[n] : 0.f;
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const float* xb = x + b * K;
-    float sum = 0.f;
-    for (int64_t j = begin + lane; j < end; j += kWarp) sum += values[j] * __ldg(xb + indices[j]);
+  const int64_t chunks = (B + kChunk - 1) / kChunk;
+  for (int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const int64_t b0 = chunk * kChunk;
+    const int rows = static_cast<int>(B - b0 < kChunk ? B - b0 : kChunk);
+    float acc[kChunk];
 #pragma unroll
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-    if (lane == 0) y[b * N + n] = sum + bn;
+    for (int i = 0; i < kChunk; ++i) acc[i] = 0.f;
+    const float* xb = x + b0 * K;
+    for (int64_t j = begin + lane; j < end; j += kWarp) {
+      const int64_t c = static_cast<int64_t>(indices[j]);
+      if (c < 0 || c >= K) continue;  // flagged above; never read outside x
+      const float v = values[j];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i)
+        if (i < rows) acc[i] = fmaf(v, __ldg(xb + i * K + c), acc[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+#pragma unroll
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) acc[i] += __shfl_down_sync(0xffffffffu, acc[i], offset);
+    }
+    // Lane 0 holds the sums; it writes the chunk's rows (at most kChunk stores per row and chunk).
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i)
+        if (i < rows) y[(b0 + i) * N + n] = acc[i] + bn;
+    }
   }
 }
 
 }  // namespace
 
-template <typename Index>
-const char* csr_linear_cuda(const float* x, int64_t B, int64_t K, const int64_t* indptr, const Index* indices,
-                            const float* values, const float* bias, int64_t N, float* y) {
-  if (B == 0 || N == 0) return "";
-  const dim3 block(kWarp * kWarpsPerBlock);
-  const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock),
-                  static_cast<unsigned>(B < kMaxGridY ? B : kMaxGridY));
-  csr_linear_warp_kernel<Index><<<grid, block, 0, 0>>>(x, B, K, indptr, indices, values, bias, N, y);
-  cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+template <typename Ptr, typename Index>
+const char* csr_linear_cuda(const float* x, int64_t B, int64_t K, const Ptr* indptr, const Index* indices,
+                            const float* values, const float* bias, int64_t N, int64_t nnz, float* y,
+                            int64_t* first_bad) {
+  *first_bad = -1;
+  if (N == 0) return "";  // nothing to launch; the launcher checks indptr = [0] itself
+  std::lock_guard<std::mutex> lock(g_flag_mutex);
+  cudaError_t err = cudaMemcpyToSymbolAsync(g_first_bad, &kNoError, sizeof(kNoError), 0, cudaMemcpyHostToDevice, 0);
   if (err != cudaSuccess) return cudaGetErrorString(err);
+  const int64_t chunks = (B + kChunk - 1) / kChunk;
+  const dim3 block(kWarp * kWarpsPerBlock);
+  // grid.y >= 1 even for B == 0: the y == 0 blocks validate the structure.
+  const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock),
+                  static_cast<unsigned>(chunks < 1 ? 1 : (chunks < kMaxGridY ? chunks : kMaxGridY)));
+  csr_linear_warp_kernel<Ptr, Index><<<grid, block, 0, 0>>>(x, B, K, indptr, indices, values, bias, N, nnz, y);
+  err = cudaGetLastError();
+  unsigned long long word = kNoError;
+  if (err == cudaSuccess)
+    err = cudaMemcpyFromSymbolAsync(&word, g_first_bad, sizeof(word), 0, cudaMemcpyDeviceToHost, 0);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(0);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  if (word != kNoError) *first_bad = static_cast<int64_t>(word);
   return "";
 }
 
@@ -57,24 +136,14 @@ const char* cuda_copy_to_host(void* dst, const void* src, std::size_t bytes) {
   return err == cudaSuccess ? "" : cudaGetErrorString(err);
 }
 
-const char* cuda_upload(void** dst, const void* src, std::size_t bytes) {
-  *dst = nullptr;
-  cudaError_t err = cudaMalloc(dst, bytes > 0 ? bytes : 1);
-  if (err == cudaSuccess && bytes > 0) err = cudaMemcpy(*dst, src, bytes, cudaMemcpyHostToDevice);
-  if (err != cudaSuccess) {
-    if (*dst) cudaFree(*dst);
-    *dst = nullptr;
-    return cudaGetErrorString(err);
-  }
-  return "";
-}
-
-void cuda_release(void* ptr) { cudaFree(ptr); }
-
-template const char* csr_linear_cuda<int32_t>(const float*, int64_t, int64_t, const int64_t*, const int32_t*,
-                                              const float*, const float*, int64_t, float*);
-template const char* csr_linear_cuda<int64_t>(const float*, int64_t, int64_t, const int64_t*, const int64_t*,
-                                              const float*, const float*, int64_t, float*);
+#define PYSERVE_CSR_INSTANTIATE(Ptr, Index)                                                                         \
+  template const char* csr_linear_cuda<Ptr, Index>(const float*, int64_t, int64_t, const Ptr*, const Index*,       \
+                                                   const float*, const float*, int64_t, int64_t, float*, int64_t*);
+PYSERVE_CSR_INSTANTIATE(int32_t, int32_t)
+PYSERVE_CSR_INSTANTIATE(int32_t, int64_t)
+PYSERVE_CSR_INSTANTIATE(int64_t, int32_t)
+PYSERVE_CSR_INSTANTIATE(int64_t, int64_t)
+#undef PYSERVE_CSR_INSTANTIATE
 
 }  // namespace sparse
 }  // namespace pyserve

@@ -257,50 +257,59 @@ py::object csr_linear_device(const Checked& c, const py::object& out_obj) {
   check_contiguous(out, "out");
   PYSERVE_CHECK_ARG(out.mutable_data != nullptr || c.B * c.N == 0, kOp, "out", "expected a writable array, got a read-only one");
 
-  // Validate the structure on the host: copy indptr and indices back (O(N + nnz) bytes).
-  const std::size_t ip_bytes = static_cast<std::size_t>(c.N + 1) * (c.indptr.dtype == DType::kInt32 ? 4 : 8);
-  const std::size_t ix_bytes = static_cast<std::size_t>(c.nnz) * (c.indices.dtype == DType::kInt32 ? 4 : 8);
-  std::vector<unsigned char> ip_host(ip_bytes), ix_host(ix_bytes);
-  std::string err;
-  {
-    py::gil_scoped_release release;
-    err = sparse::cuda_copy_to_host(ip_host.data(), c.indptr.data, ip_bytes);
-    if (err.empty()) err = sparse::cuda_copy_to_host(ix_host.data(), c.indices.data, ix_bytes);
-  }
-  PYSERVE_CHECK_INTERNAL(err.empty(), kOp, "copying indptr/indices to the host: ", err);
-  const auto indptr = checked_indptr(ip_host.data(), c.indptr.dtype, c.N, c.nnz);
-  if (c.indices.dtype == DType::kInt32)
-    check_indices(indptr, c.N, reinterpret_cast<const int32_t*>(ix_host.data()), c.K);
-  else
-    check_indices(indptr, c.N, reinterpret_cast<const int64_t*>(ix_host.data()), c.K);
-
-  // The kernel wants int64 indptr on the device: reuse it when it is int64, else upload a copy.
-  // (Kept simple: indptr is [N + 1], small next to the nonzeros.)
+  // The kernel validates the structure on the device while it computes and reports only whether
+  // (and roughly where) it is malformed; then, and only then, indptr and indices come back to the
+  // host so that the usual checks raise the usual message. N == 0: indptr is one value, checked here.
   const auto* x = static_cast<const float*>(c.x.data);
   const auto* values = static_cast<const float*>(c.values.data);
   const auto* bias = c.has_bias ? static_cast<const float*>(c.bias.data) : nullptr;
   auto* y = static_cast<float*>(out.mutable_data);
-  {
+  const bool ip32 = c.indptr.dtype == DType::kInt32, ix32 = c.indices.dtype == DType::kInt32;
+  std::string err;
+  int64_t first_bad = -1;
+  if (c.N > 0) {
     py::gil_scoped_release release;
-    const int64_t* dev_indptr = nullptr;
-    void* tmp = nullptr;
-    if (c.indptr.dtype == DType::kInt64) {
-      dev_indptr = static_cast<const int64_t*>(c.indptr.data);
-    } else {
-      err = sparse::cuda_upload(&tmp, indptr.data(), indptr.size() * sizeof(int64_t));
-      dev_indptr = static_cast<const int64_t*>(tmp);
-    }
-    if (err.empty()) {
-      err = c.indices.dtype == DType::kInt32
-                ? sparse::csr_linear_cuda(x, c.B, c.K, dev_indptr, static_cast<const int32_t*>(c.indices.data), values,
-                                          bias, c.N, y)
-                : sparse::csr_linear_cuda(x, c.B, c.K, dev_indptr, static_cast<const int64_t*>(c.indices.data), values,
-                                          bias, c.N, y);
-    }
-    if (tmp) sparse::cuda_release(tmp);
+    const void* ip = c.indptr.data;
+    const void* ix = c.indices.data;
+    if (ip32 && ix32)
+      err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int32_t*>(ip), static_cast<const int32_t*>(ix),
+                                    values, bias, c.N, c.nnz, y, &first_bad);
+    else if (ip32)
+      err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int32_t*>(ip), static_cast<const int64_t*>(ix),
+                                    values, bias, c.N, c.nnz, y, &first_bad);
+    else if (ix32)
+      err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int64_t*>(ip), static_cast<const int32_t*>(ix),
+                                    values, bias, c.N, c.nnz, y, &first_bad);
+    else
+      err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int64_t*>(ip), static_cast<const int64_t*>(ix),
+                                    values, bias, c.N, c.nnz, y, &first_bad);
   }
   PYSERVE_CHECK_INTERNAL(err.empty(), kOp, "CUDA kernel failed: ", err);
-  return out_obj;
+  if (c.N > 0 && first_bad < 0) return out_obj;
+
+  // Malformed (or N == 0): copy indptr (and, when indptr passes, indices) back and check on the host.
+  const std::size_t ip_bytes = static_cast<std::size_t>(c.N + 1) * (ip32 ? 4 : 8);
+  const std::size_t ix_bytes = static_cast<std::size_t>(c.nnz) * (ix32 ? 4 : 8);
+  std::vector<unsigned char> ip_host(ip_bytes);
+  {
+    py::gil_scoped_release release;
+    err = sparse::cuda_copy_to_host(ip_host.data(), c.indptr.data, ip_bytes);
+  }
+  PYSERVE_CHECK_INTERNAL(err.empty(), kOp, "copying indptr to the host: ", err);
+  const auto indptr = checked_indptr(ip_host.data(), c.indptr.dtype, c.N, c.nnz);
+  if (c.N == 0) return out_obj;  // indptr == [0] and nnz == 0: nothing to compute
+  std::vector<unsigned char> ix_host(ix_bytes);
+  {
+    py::gil_scoped_release release;
+    err = sparse::cuda_copy_to_host(ix_host.data(), c.indices.data, ix_bytes);
+  }
+  PYSERVE_CHECK_INTERNAL(err.empty(), kOp, "copying indices to the host: ", err);
+  if (ix32)
+    check_indices(indptr, c.N, reinterpret_cast<const int32_t*>(ix_host.data()), c.K);
+  else
+    check_indices(indptr, c.N, reinterpret_cast<const int64_t*>(ix_host.data()), c.K);
+  throw InternalError(str_cat(kOp, ": the CUDA kernel flagged position ", first_bad,
+                              " of the CSR structure as malformed but the host checks found nothing (a bug)"));
 }
 #endif
 

@@ -26,7 +26,9 @@ without any per-call index check, 8 rows per AVX2 register for ``B == 1``
 (``csrc/sparse/csr_packed_kernel.h``). A loaded artifact's CSR layers use it
 (:mod:`pyserve.artifact.kernels`, through :func:`_pin_csr`).
 
-CUDA: one warp per output row with a warp-shuffle reduction per batch row (``csr_kernel.cu``).
+CUDA: one warp per output row, lanes over the row's nonzeros, batch rows in chunks of 8 per pass,
+a warp-shuffle reduction per batch row (``csr_kernel.cu``); the same launch validates the CSR
+structure on the device.
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ def csr_linear(x: Any, indptr: Any, indices: Optional[Any] = None, values: Optio
     ISCA 2016). Summation order differs from a dense matmul, so results agree with
     ``x @ W.T`` to float32 rounding (about ``1e-6 * sqrt(nnz per row)`` relative), not bitwise.
     Uses :func:`pyserve.ops.get_num_threads` OpenMP threads with the GIL released. The CUDA path
-    copies ``indptr`` and ``indices`` to the host once per call to validate them.
+    validates ``indptr`` and ``indices`` inside the kernel and copies back one 8-byte word (a
+    synchronisation of the legacy default stream); only for a malformed structure are ``indptr``
+    and ``indices`` copied to the host, to name the first offending position. On that error an
+    ``out`` array passed to ``_C.csr_linear`` holds garbage.
     """
     if isinstance(indptr, _C.CsrPackedWeight):
         return _csr_linear_packed(x, indptr, indices, values, bias)

@@ -331,10 +331,13 @@ ValueError
 
   m.def("int8_linear_cuda", &pyserve::int8_linear_cuda, py::arg("x"), py::arg("w"), py::arg("w_scale"),
         py::arg("bias"), py::arg("y"), py::arg("xq"), py::arg("x_scale"), py::arg("B"), py::arg("K"), py::arg("N"),
+        py::arg("stream") = 0,
         R"doc(CUDA int8 linear on device pointers (int); used by pyserve.ops.int8_linear for CUDA tensors.
 
 ``x`` [B, K] fp32, ``w`` [N, K] int8, ``w_scale`` [N] fp32, ``bias`` [N] fp32 or 0, ``y`` [B, N] fp32,
 workspace ``xq`` [B, K] int8 and ``x_scale`` [B] fp32, all contiguous on the current device.
+``stream``: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to queue the kernels on, 0 for the
+legacy default stream; the call returns without waiting for them (y is ready in stream order).
 
 Raises
 ------

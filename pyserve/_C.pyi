@@ -275,12 +275,14 @@ def int8_linear(x: numpy.ndarray, w_int8: numpy.ndarray, w_scale: numpy.ndarray,
         Wrong dtype, rank or layout; K mismatch; ``w_scale``/``bias`` not of length N; K > 131072;
         non-finite ``x``.
     """
-def int8_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, w: typing.SupportsInt | typing.SupportsIndex, w_scale: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, xq: typing.SupportsInt | typing.SupportsIndex, x_scale: typing.SupportsInt | typing.SupportsIndex, B: typing.SupportsInt | typing.SupportsIndex, K: typing.SupportsInt | typing.SupportsIndex, N: typing.SupportsInt | typing.SupportsIndex) -> None:
+def int8_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, w: typing.SupportsInt | typing.SupportsIndex, w_scale: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, xq: typing.SupportsInt | typing.SupportsIndex, x_scale: typing.SupportsInt | typing.SupportsIndex, B: typing.SupportsInt | typing.SupportsIndex, K: typing.SupportsInt | typing.SupportsIndex, N: typing.SupportsInt | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
     """
     CUDA int8 linear on device pointers (int); used by pyserve.ops.int8_linear for CUDA tensors.
     
     ``x`` [B, K] fp32, ``w`` [N, K] int8, ``w_scale`` [N] fp32, ``bias`` [N] fp32 or 0, ``y`` [B, N] fp32,
     workspace ``xq`` [B, K] int8 and ``x_scale`` [B] fp32, all contiguous on the current device.
+    ``stream``: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to queue the kernels on, 0 for the
+    legacy default stream; the call returns without waiting for them (y is ready in stream order).
     
     Raises
     ------

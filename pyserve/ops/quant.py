@@ -173,7 +173,10 @@ def int8_linear(x: Any, w_int8: Any, w_scale: Any, bias: Any = None) -> Any:
     subtracted (``csrc/quant/int8_kernel.h`` has the derivation); each row is quantized straight
     into the kernel's split buffer, kept per thread between calls. Both: OpenMP over blocks of 16
     channels, portable C++ fallback, the GIL released, and the same output bit for bit.
-    CUDA: ``dp4a``, one warp per output element.
+    CUDA: ``dp4a`` (4 int8 products per instruction): one warp per output channel for B <= 16,
+    32 x 32 output tiles through shared memory for larger B (``csrc/quant/int8_kernel.cu``); the
+    result is bit-identical to the CPU's and is queued on torch's current stream without a
+    host synchronisation.
     """
     op = "int8_linear"
     if _is_cuda_tensor(x):
@@ -426,10 +429,11 @@ def _int8_linear_cuda(x: Any, w_int8: Any, w_scale: Any, bias: Any) -> Any:
     y = torch.empty((B, N), dtype=torch.float32, device=x.device)
     xq = torch.empty((B, K), dtype=torch.int8, device=x.device)
     sx = torch.empty((B,), dtype=torch.float32, device=x.device)
-    torch.cuda.synchronize(x.device)
     with torch.cuda.device(x.device):
+        # Queued on torch's current stream, not waited for: y is ready in stream order like any
+        # torch result (the workspaces are freed to the caching allocator in that order too).
         _C.int8_linear_cuda(x.data_ptr(), w.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
-                            xq.data_ptr(), sx.data_ptr(), B, K, N)
+                            xq.data_ptr(), sx.data_ptr(), B, K, N, torch.cuda.current_stream(x.device).cuda_stream)
     return y
 
 

@@ -422,10 +422,12 @@ ValueError
 
   m.def("codebook_linear_cuda", &pyserve::codebook_linear_cuda, py::arg("x"), py::arg("packed"), py::arg("codebook"),
         py::arg("bias"), py::arg("y"), py::arg("B"), py::arg("K"), py::arg("N"), py::arg("bits"),
-        py::arg("per_channel"),
+        py::arg("per_channel"), py::arg("stream") = 0,
         R"doc(CUDA codebook linear on device pointers (int); used by pyserve.ops.codebook_linear for CUDA tensors.
 
 Shapes as codebook_linear; ``bias`` may be 0; all arrays contiguous on the current device.
+``stream``: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to queue the kernel on, 0 for the
+legacy default stream; the call returns without waiting for it (y is ready in stream order).
 
 Raises
 ------

@@ -130,11 +130,13 @@ def codebook_linear(x: numpy.ndarray, packed: numpy.ndarray, codebook: numpy.nda
         ``bits`` outside 2..8, wrong dtype/rank/layout, short or long packed rows, codebook or bias
         of the wrong length.
     """
-def codebook_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, packed: typing.SupportsInt | typing.SupportsIndex, codebook: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, B: typing.SupportsInt | typing.SupportsIndex, K: typing.SupportsInt | typing.SupportsIndex, N: typing.SupportsInt | typing.SupportsIndex, bits: typing.SupportsInt | typing.SupportsIndex, per_channel: bool) -> None:
+def codebook_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, packed: typing.SupportsInt | typing.SupportsIndex, codebook: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, B: typing.SupportsInt | typing.SupportsIndex, K: typing.SupportsInt | typing.SupportsIndex, N: typing.SupportsInt | typing.SupportsIndex, bits: typing.SupportsInt | typing.SupportsIndex, per_channel: bool, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
     """
     CUDA codebook linear on device pointers (int); used by pyserve.ops.codebook_linear for CUDA tensors.
     
     Shapes as codebook_linear; ``bias`` may be 0; all arrays contiguous on the current device.
+    ``stream``: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to queue the kernel on, 0 for the
+    legacy default stream; the call returns without waiting for it (y is ready in stream order).
     
     Raises
     ------

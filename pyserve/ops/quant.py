@@ -380,8 +380,9 @@ def codebook_linear(x: Any, packed: Any, codebook: Any, bits: int, bias: Any = N
     ``vpermps`` — then multiplied with FMA: fused with the dot product at B = 1, through a
     decoded fp32 row shared by the B rows otherwise. An activation-side lookup table (LUT-GEMM,
     Park et al. 2022) measured 2-4x slower on this CPU (``benchmarks/native/codebook_lut.cpp``). Bits 6..8 (and CPUs without AVX2): the row is
-    unpacked to bytes and looked up with loads. OpenMP over rows, GIL released. CUDA: one block per
-    output row, the codebook in shared memory. Decoding on the fly measured 4-7x faster at B = 1
+    unpacked to bytes and looked up with loads. OpenMP over rows, GIL released. CUDA: one warp per
+    output row, the codebook in shared memory, 8 codes (``bits`` bytes) decoded per lane and step,
+    batch chunks of 8, queued on torch's current stream without a host synchronisation. Decoding on the fly measured 4-7x faster at B = 1
     than accumulating x into per-centroid bins (``benchmarks/native/codebook_binning.cpp``).
     """
     op = "codebook_linear"
@@ -456,8 +457,8 @@ def _codebook_linear_cuda(x: Any, packed: Any, codebook: Any, bits: int, bias: A
     cb = _cuda_arg(codebook, op, "codebook", x.device, torch.float32, (N, C) if per_channel else (C,))
     b = None if bias is None else _cuda_arg(bias, op, "bias", x.device, torch.float32, (N,))
     y = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    torch.cuda.synchronize(x.device)
     with torch.cuda.device(x.device):
+        # Queued on torch's current stream, not waited for (y is ready in stream order).
         _C.codebook_linear_cuda(x.data_ptr(), p.data_ptr(), cb.data_ptr(), 0 if b is None else b.data_ptr(),
-                                y.data_ptr(), B, K, N, bits, per_channel)
+                                y.data_ptr(), B, K, N, bits, per_channel, torch.cuda.current_stream(x.device).cuda_stream)
     return y

@@ -83,6 +83,7 @@ Process-wide (not per calling thread). Raises ValueError if ``n < 1``.
 
   m.def("csr_linear", &pyserve::csr_linear, py::arg("x"), py::arg("indptr"), py::arg("indices"), py::arg("values"),
         py::arg("bias") = py::none(), py::arg("out") = py::none(), py::arg("force_portable") = false,
+        py::arg("stream") = 0,
         R"doc(y = x @ W.T + bias with W [N, K] in CSR form (see pyserve.ops.csr_linear).
 
 Parameters
@@ -102,6 +103,10 @@ out : CUDA array or None
     ``[B, N]`` float32 output, required for a CUDA ``x`` and refused for a CPU one.
 force_portable : bool
     Run the portable C++ path even where AVX2+FMA is available (for tests).
+stream : int
+    CUDA only: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to run on, 0 for the legacy
+    default stream. It is synchronised before the call returns (the kernel validates the CSR
+    structure and one 8-byte word comes back). Ignored for CPU arrays.
 
 Returns
 -------

@@ -145,7 +145,7 @@ def codebook_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, packed: t
     RuntimeError
         Built without CUDA, or a CUDA error.
     """
-def csr_linear(x: typing.Any, indptr: typing.Any, indices: typing.Any, values: typing.Any, bias: typing.Any = None, out: typing.Any = None, force_portable: bool = False) -> typing.Any:
+def csr_linear(x: typing.Any, indptr: typing.Any, indices: typing.Any, values: typing.Any, bias: typing.Any = None, out: typing.Any = None, force_portable: bool = False, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> typing.Any:
     """
     y = x @ W.T + bias with W [N, K] in CSR form (see pyserve.ops.csr_linear).
     
@@ -166,6 +166,10 @@ def csr_linear(x: typing.Any, indptr: typing.Any, indices: typing.Any, values: t
         ``[B, N]`` float32 output, required for a CUDA ``x`` and refused for a CPU one.
     force_portable : bool
         Run the portable C++ path even where AVX2+FMA is available (for tests).
+    stream : int
+        CUDA only: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to run on, 0 for the legacy
+        default stream. It is synchronised before the call returns (the kernel validates the CSR
+        structure and one 8-byte word comes back). Ignored for CPU arrays.
     
     Returns
     -------

@@ -33,9 +33,11 @@ constexpr int kMaxGridY = 65535;
 constexpr unsigned long long kNoError = ~0ull;
 
 // The first offending position found by the last launch (kNoError when none): one word per device
-// (a module-scope __device__ variable lives once per context). Guarded by g_flag_mutex on the
-// host, from the reset to the read-back, so concurrent callers do not mix their results.
-__device__ unsigned long long g_first_bad;
+// (a module-scope __device__ variable lives once per context, initialised when the module loads).
+// Invariant between calls: kNoError, so the valid path needs no reset (no host-to-device copy);
+// a call that finds it set resets it. Guarded by g_flag_mutex on the host, from the launch to the
+// read-back (and reset), so concurrent callers do not mix their results.
+__device__ unsigned long long g_first_bad = ~0ull;
 std::mutex g_flag_mutex;
 
 __device__ __forceinline__ void flag(unsigned long long pos) { atomicMin(&g_first_bad, pos); }
@@ -108,25 +110,28 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 template <typename Ptr, typename Index>
 const char* csr_linear_cuda(const float* x, int64_t B, int64_t K, const Ptr* indptr, const Index* indices,
                             const float* values, const float* bias, int64_t N, int64_t nnz, float* y,
-                            int64_t* first_bad) {
+                            int64_t* first_bad, std::uintptr_t stream_handle) {
   *first_bad = -1;
   if (N == 0) return "";  // nothing to launch; the launcher checks indptr = [0] itself
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   std::lock_guard<std::mutex> lock(g_flag_mutex);
-  cudaError_t err = cudaMemcpyToSymbolAsync(g_first_bad, &kNoError, sizeof(kNoError), 0, cudaMemcpyHostToDevice, 0);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
   const int64_t chunks = (B + kChunk - 1) / kChunk;
   const dim3 block(kWarp * kWarpsPerBlock);
   // grid.y >= 1 even for B == 0: the y == 0 blocks validate the structure.
   const dim3 grid(static_cast<unsigned>((N + kWarpsPerBlock - 1) / kWarpsPerBlock),
                   static_cast<unsigned>(chunks < 1 ? 1 : (chunks < kMaxGridY ? chunks : kMaxGridY)));
-  csr_linear_warp_kernel<Ptr, Index><<<grid, block, 0, 0>>>(x, B, K, indptr, indices, values, bias, N, nnz, y);
-  err = cudaGetLastError();
+  csr_linear_warp_kernel<Ptr, Index><<<grid, block, 0, stream>>>(x, B, K, indptr, indices, values, bias, N, nnz, y);
+  cudaError_t err = cudaGetLastError();
   unsigned long long word = kNoError;
   if (err == cudaSuccess)
-    err = cudaMemcpyFromSymbolAsync(&word, g_first_bad, sizeof(word), 0, cudaMemcpyDeviceToHost, 0);
-  if (err == cudaSuccess) err = cudaStreamSynchronize(0);
+    err = cudaMemcpyFromSymbolAsync(&word, g_first_bad, sizeof(word), 0, cudaMemcpyDeviceToHost, stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  if (err == cudaSuccess && word != kNoError) {
+    *first_bad = static_cast<int64_t>(word);
+    err = cudaMemcpyToSymbolAsync(g_first_bad, &kNoError, sizeof(kNoError), 0, cudaMemcpyHostToDevice, stream);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  }
   if (err != cudaSuccess) return cudaGetErrorString(err);
-  if (word != kNoError) *first_bad = static_cast<int64_t>(word);
   return "";
 }
 
@@ -138,7 +143,8 @@ const char* cuda_copy_to_host(void* dst, const void* src, std::size_t bytes) {
 
 #define PYSERVE_CSR_INSTANTIATE(Ptr, Index)                                                                         \
   template const char* csr_linear_cuda<Ptr, Index>(const float*, int64_t, int64_t, const Ptr*, const Index*,       \
-                                                   const float*, const float*, int64_t, int64_t, float*, int64_t*);
+                                                   const float*, const float*, int64_t, int64_t, float*, int64_t*,   \
+                                                   std::uintptr_t);
 PYSERVE_CSR_INSTANTIATE(int32_t, int32_t)
 PYSERVE_CSR_INSTANTIATE(int32_t, int64_t)
 PYSERVE_CSR_INSTANTIATE(int64_t, int32_t)

@@ -247,7 +247,7 @@ py::object csr_linear_host(const Checked& c, bool force_portable) {
 }
 
 #if PYSERVE_WITH_CUDA
-py::object csr_linear_device(const Checked& c, const py::object& out_obj) {
+py::object csr_linear_device(const Checked& c, const py::object& out_obj, std::uintptr_t stream) {
   PYSERVE_CHECK_ARG(!out_obj.is_none(), kOp, "out", "expected a [B, N] float32 CUDA array for a CUDA x, got None");
   View out = cuda_view(out_obj, "out");
   check_rank(out, "out", 2, "[B, N]");
@@ -273,16 +273,16 @@ py::object csr_linear_device(const Checked& c, const py::object& out_obj) {
     const void* ix = c.indices.data;
     if (ip32 && ix32)
       err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int32_t*>(ip), static_cast<const int32_t*>(ix),
-                                    values, bias, c.N, c.nnz, y, &first_bad);
+                                    values, bias, c.N, c.nnz, y, &first_bad, stream);
     else if (ip32)
       err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int32_t*>(ip), static_cast<const int64_t*>(ix),
-                                    values, bias, c.N, c.nnz, y, &first_bad);
+                                    values, bias, c.N, c.nnz, y, &first_bad, stream);
     else if (ix32)
       err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int64_t*>(ip), static_cast<const int32_t*>(ix),
-                                    values, bias, c.N, c.nnz, y, &first_bad);
+                                    values, bias, c.N, c.nnz, y, &first_bad, stream);
     else
       err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int64_t*>(ip), static_cast<const int64_t*>(ix),
-                                    values, bias, c.N, c.nnz, y, &first_bad);
+                                    values, bias, c.N, c.nnz, y, &first_bad, stream);
   }
   PYSERVE_CHECK_INTERNAL(err.empty(), kOp, "CUDA kernel failed: ", err);
   if (c.N > 0 && first_bad < 0) return out_obj;
@@ -318,15 +318,17 @@ py::object csr_linear_device(const Checked& c, const py::object& out_obj) {
 bool csr_linear_has_avx2() { return sparse::csr_has_avx2(); }
 
 py::object csr_linear(const py::object& x, const py::object& indptr, const py::object& indices,
-                      const py::object& values, const py::object& bias, const py::object& out, bool force_portable) {
+                      const py::object& values, const py::object& bias, const py::object& out, bool force_portable,
+                      std::uintptr_t stream) {
   if (has_cuda_interface(x)) {
 #if PYSERVE_WITH_CUDA
     View b;
     if (!bias.is_none()) b = cuda_view(bias, "bias");
     Checked c = check_all(cuda_view(x, "x"), cuda_view(indptr, "indptr"), cuda_view(indices, "indices"),
                           cuda_view(values, "values"), bias.is_none() ? nullptr : &b);
-    return csr_linear_device(c, out);
+    return csr_linear_device(c, out, stream);
 #else
+    (void)stream;
     throw InternalError(str_cat(kOp, ": x is a CUDA array but this build of pyserve._C has no CUDA kernels "
                                      "(build_info()['cuda'] is False); rebuild with nvcc and PYSERVE_CUDA=ON, or pass a CPU array"));
 #endif

@@ -154,8 +154,8 @@ def csr_linear(x: Any, indptr: Any, indices: Optional[Any] = None, values: Optio
     ISCA 2016). Summation order differs from a dense matmul, so results agree with
     ``x @ W.T`` to float32 rounding (about ``1e-6 * sqrt(nnz per row)`` relative), not bitwise.
     Uses :func:`pyserve.ops.get_num_threads` OpenMP threads with the GIL released. The CUDA path
-    validates ``indptr`` and ``indices`` inside the kernel and copies back one 8-byte word (a
-    synchronisation of the legacy default stream); only for a malformed structure are ``indptr``
+    runs on torch's current stream, validates ``indptr`` and ``indices`` inside the kernel and
+    copies back one 8-byte word (a synchronisation of that stream); only for a malformed structure are ``indptr``
     and ``indices`` copied to the host, to name the first offending position. On that error an
     ``out`` array passed to ``_C.csr_linear`` holds garbage.
     """
@@ -208,7 +208,8 @@ def _csr_linear_cuda(x: Any, indptr: Any, indices: Any, values: Any, bias: Optio
     out = torch.empty((x.shape[0], len(named["indptr"]) - 1 if named["indptr"].dim() == 1 else 0),
                       dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device):
-        return _C.csr_linear(x, named["indptr"], named["indices"], named["values"], named.get("bias"), out)
+        return _C.csr_linear(x, named["indptr"], named["indices"], named["values"], named.get("bias"), out, False,
+                             torch.cuda.current_stream(x.device).cuda_stream)
 
 
 def _csr_linear_packed(x: Any, packed: Any, indices: Any, values: Any, bias: Optional[Any]) -> Any:

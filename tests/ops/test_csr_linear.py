@@ -410,6 +410,25 @@ def test_cuda_empty_matrix_and_batch():
                                np.ones(1, np.float32)))
 
 
+@pytest.mark.gpu
+def test_cuda_runs_on_the_current_stream_and_recovers_after_an_error():
+    # On a busy side stream the kernel must wait for x (made on that stream); after a malformed
+    # call the device-side flag is reset, so the next valid call succeeds.
+    indptr, indices, values = make_csr(300, 200, 0.9, seed=4)
+    x = np.random.default_rng(5).standard_normal((9, 200)).astype(np.float32)
+    ip, ix, v = _cuda_args(indptr, indices, values)
+    bad = ix.clone()
+    bad[3] = 500
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x_dev = torch.from_numpy(x).to("cuda")
+        with pytest.raises(ValueError, match=r"indices\[3\] = 500"):
+            csr_linear(x_dev, ip, bad, v)
+        torch.cuda._sleep(10_000_000)
+        y = csr_linear(x_dev * 1.0, ip, ix, v)
+    np.testing.assert_allclose(y.cpu().numpy(), csr_linear(x, indptr, indices, values), rtol=1e-5, atol=1e-4)
+
+
 def _cpu_message(x, indptr, indices, values):
     with pytest.raises(ValueError) as info:
         csr_linear(x, indptr, indices, values)

@@ -11,8 +11,9 @@ calls (CUDA events, after warm-up):
   codebook_linear  4 and 5 bits, per-layer codebook, vs fp32 and fp16 ``F.linear`` of the decoded
                    weights, the same shapes, B {1, 8}.
 Each pyserve call goes through its Python face with CUDA tensors (including its argument checks;
-csr_linear copies indptr/indices to the host to validate them, int8/codebook synchronize), as a
-user would call it. Every pyserve result is also checked against the fp32 torch peer (max relative
+csr_linear validates indptr/indices inside its kernel and reads back one 8-byte word, a sync of the
+current stream; int8/codebook are queued on the current stream without a sync), as a user would
+call it. Every pyserve result is also checked against the fp32 torch peer (max relative
 error in the results). Ratios are peer time / pyserve time (> 1: pyserve faster).
 
     python benchmarks/bench_gpu.py [--out results.json] [--repeats 7] [--quick] [--device cuda:0]

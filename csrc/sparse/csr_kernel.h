@@ -67,8 +67,9 @@ namespace sparse {
 // pointers; indptr (Ptr = int32 or int64, [N + 1]) and indices (Index = int32 or int64, [nnz]) are
 // NOT trusted: the kernel validates them while it computes (indptr[0] == 0, non-decreasing,
 // indptr[N] == nnz; indices in [0, K), strictly increasing within each row) and never reads out of
-// bounds. One warp per output row n, lanes over the row's nonzeros, batch rows in chunks of 8
-// accumulated per lane, shuffle reduction; launch configuration in csr_kernel.cu. Runs on `stream`
+// bounds. One warp per output row n; B < 32: lanes over the row's nonzeros, batch rows in chunks
+// of 8 accumulated per lane, shuffle reduction; B >= 32: x transposed into a cudaMallocAsync
+// workspace of B * K floats, lanes over the batch; launch configuration in csr_kernel.cu. Runs on `stream`
 // (a cudaStream_t as an integer, 0 = the legacy default stream) and synchronises it (one 8-byte
 // device-to-host copy of the validation word). *first_bad: -1 when the structure is valid, else >= 0 (some offending position; y is then
 // garbage and the caller must re-check on the host for the exact message). N == 0 launches nothing

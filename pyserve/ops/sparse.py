@@ -26,9 +26,9 @@ without any per-call index check, 8 rows per AVX2 register for ``B == 1``
 (``csrc/sparse/csr_packed_kernel.h``). A loaded artifact's CSR layers use it
 (:mod:`pyserve.artifact.kernels`, through :func:`_pin_csr`).
 
-CUDA: one warp per output row, lanes over the row's nonzeros, batch rows in chunks of 8 per pass,
-a warp-shuffle reduction per batch row (``csr_kernel.cu``); the same launch validates the CSR
-structure on the device.
+CUDA: one warp per output row; for B < 32 lanes over the row's nonzeros, batch rows in chunks of
+8 per pass, a warp-shuffle reduction per batch row; for B >= 32 x is transposed once and the lanes
+run over the batch (``csr_kernel.cu``); the same launch validates the CSR structure on the device.
 """
 
 from __future__ import annotations

@@ -377,11 +377,14 @@ def _cuda_args(*arrays):
 @pytest.mark.parametrize("ptr_dtype,index_dtype", [(np.int32, np.int32), (np.int32, np.int64), (np.int64, np.int32),
                                                    (np.int64, np.int64)])
 @pytest.mark.parametrize("B,N,K,sparsity", [(1, 1, 1, 0.0), (7, 9, 5, 0.3), (8, 8, 64, 0.5), (9, 33, 70, 0.1),
-                                             (17, 5, 3, 0.0), (65, 20, 40, 0.5), (2, 300, 500, 0.99),
-                                             (3, 1, 4097, 0.2), (0, 5, 3, 0.5)])
+                                             (17, 5, 3, 0.0), (31, 10, 40, 0.5), (32, 3, 1, 0.0), (33, 9, 7, 0.3),
+                                             (64, 17, 33, 0.2), (65, 20, 40, 0.5), (130, 5, 70, 0.9),
+                                             (2, 300, 500, 0.99), (40, 300, 500, 0.99), (3, 1, 4097, 0.2),
+                                             (0, 5, 3, 0.5)])
 def test_cuda_tile_edges_match_float64_reference(B, N, K, sparsity, ptr_dtype, index_dtype):
-    # Warps of 32 lanes over a row's nonzeros, 8 rows per block, batch chunks of 8: sizes around
-    # and between those, rows of 0 and > 32 nonzeros, every indptr x indices dtype pair.
+    # Warps of 32 lanes over a row's nonzeros, 8 rows per block, batch chunks of 8 (B < 32), or the
+    # transposed path with 64 batch rows per warp (B >= 32): sizes around and between those, rows
+    # of 0 and > 32 nonzeros, every indptr x indices dtype pair.
     indptr, indices, values = make_csr(N, K, sparsity, seed=B * 7 + N, index_dtype=index_dtype,
                                        empty_rows=(0, N // 2))
     indptr = indptr.astype(ptr_dtype)
@@ -411,11 +414,12 @@ def test_cuda_empty_matrix_and_batch():
 
 
 @pytest.mark.gpu
-def test_cuda_runs_on_the_current_stream_and_recovers_after_an_error():
+@pytest.mark.parametrize("B", [9, 40])
+def test_cuda_runs_on_the_current_stream_and_recovers_after_an_error(B):
     # On a busy side stream the kernel must wait for x (made on that stream); after a malformed
     # call the device-side flag is reset, so the next valid call succeeds.
     indptr, indices, values = make_csr(300, 200, 0.9, seed=4)
-    x = np.random.default_rng(5).standard_normal((9, 200)).astype(np.float32)
+    x = np.random.default_rng(5).standard_normal((B, 200)).astype(np.float32)
     ip, ix, v = _cuda_args(indptr, indices, values)
     bad = ix.clone()
     bad[3] = 500
@@ -437,7 +441,7 @@ def _cpu_message(x, indptr, indices, values):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("ptr_dtype", [np.int32, np.int64])
-@pytest.mark.parametrize("B", [0, 1, 12])
+@pytest.mark.parametrize("B", [0, 1, 12, 40])
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 @pytest.mark.parametrize("kind", ["negative", "too_large", "repeat", "descending"])
 def test_cuda_bad_indices_give_the_cpu_message(kind, where, B, ptr_dtype):

@@ -49,13 +49,14 @@ std::mutex g_flag_mutex;
 
 __device__ __forceinline__ void flag(unsigned long long pos) { atomicMin(&g_first_bad, pos); }
 
-// Positions: indptr problems at row n report n (0..N), index problems report N + 1 + j (nonzero
-// j); only "set or not" matters to the launcher, the order just keeps the word deterministic.
 // Row n's nonzero range, clamped: [begin, end) = [indptr[n], indptr[n + 1]) when that lies in
 // [0, nnz] and is not reversed, else empty. With `validate`, also flags indptr[0] != 0 (row 0),
 // indptr[N] != nnz (row N - 1), a reversed or out-of-range row, and column indices outside [0, K)
 // or not strictly increasing within the row: lane l looks at nonzero j = base + l and compares with
 // j - 1 (a neighbour lane, or the previous pass's last lane). Called by all 32 lanes of a warp.
+// Flagged positions: indptr problems report 0, n + 1 or N; index problems N + 1 + j (nonzero j).
+// Only "set or not" matters to the launcher (the host re-check names the first offender); the
+// minimum keeps the word deterministic.
 template <typename Ptr, typename Index>
 __device__ __forceinline__ void check_row(const Ptr* __restrict__ indptr, const Index* __restrict__ indices, int64_t K,
                                           int64_t N, int64_t nnz, int64_t n, int lane, bool validate,

@@ -428,13 +428,15 @@ def _int8_linear_cuda(x: Any, w_int8: Any, w_scale: Any, bias: Any) -> Any:
     s = _cuda_arg(w_scale, op, "w_scale", x.device, torch.float32, (N,))
     b = None if bias is None else _cuda_arg(bias, op, "bias", x.device, torch.float32, (N,))
     y = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    xq = torch.empty((B, K), dtype=torch.int8, device=x.device)
-    sx = torch.empty((B,), dtype=torch.float32, device=x.device)
+    # One workspace allocation: xq [B, K] int8, then (16-byte aligned) x_scale [B] fp32.
+    xq_bytes = (B * K + 15) // 16 * 16
+    ws = torch.empty((xq_bytes + 4 * B,), dtype=torch.uint8, device=x.device)
     with torch.cuda.device(x.device):
         # Queued on torch's current stream, not waited for: y is ready in stream order like any
-        # torch result (the workspaces are freed to the caching allocator in that order too).
+        # torch result (the workspace goes back to the caching allocator in that order too).
         _C.int8_linear_cuda(x.data_ptr(), w.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
-                            xq.data_ptr(), sx.data_ptr(), B, K, N, torch.cuda.current_stream(x.device).cuda_stream)
+                            ws.data_ptr(), ws.data_ptr() + xq_bytes, B, K, N,
+                            torch.cuda.current_stream(x.device).cuda_stream)
     return y
 
 

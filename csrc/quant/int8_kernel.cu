@@ -14,8 +14,8 @@
 //                          (batch chunks of 8 for larger B), kGemvChunk int32 accumulators per
 //                          lane, a shuffle reduction, lane 0 writes the chunk's outputs.
 //   int8_gemm_tiled_kernel B > kGemvMaxB: 32 x 32 output tiles (batch x channel), 256 threads,
-//                          each computing 2 x 2 outputs; K in steps of 64 bytes (16 words) staged
-//                          in shared memory (row stride 17 words: conflict-free reads), the next
+//                          each computing 2 x 2 outputs; K in steps of 128 bytes (32 words) staged
+//                          in shared memory (row stride 33 words: conflict-free reads), the next
 //                          step's words prefetched into registers while the current one is used.
 // Word loads: "aligned" (K % 4 == 0 and both base pointers 4-byte aligned) reads int32 words
 // directly; otherwise each word is assembled from byte loads, with bytes at k >= K read as 0. Every
@@ -38,8 +38,10 @@ constexpr int kGemvWarps = 8;
 constexpr int kGemvChunk = 8;
 constexpr int64_t kGemvMaxB = 16;
 constexpr int kTile = 32;         // tile edge (batch rows and channels)
-constexpr int kTileWords = 16;    // K step: 16 words = 64 bytes
+constexpr int kTileWords = 32;    // K step: 32 words = 128 bytes
 constexpr int kTileThreads = 256;
+constexpr int kTileRowsPerPass = kTileThreads / kTileWords;  // 8 rows of a tile loaded per pass
+constexpr int kTileLoads = kTile / kTileRowsPerPass;          // 4 words per thread per operand
 constexpr int kMaxGridY = 65535;
 
 // One block per activation row.
@@ -123,16 +125,16 @@ __global__ void __launch_bounds__(kWarp* kGemvWarps)
   }
 }
 
-// Tile loads: 32 rows x 16 words of x (and of w) per K step, 512 words, two per thread: thread t
-// takes word t % 16 of rows t / 16 and t / 16 + 16.
+// Tile loads: 32 rows x 32 words of x (and of w) per K step, 1024 words, four per thread: thread
+// t takes word t % 32 (a warp reads 128 contiguous bytes of one row) of rows t / 32 + 8 h, h < 4.
 template <bool Aligned>
 __device__ __forceinline__ void load_tile(const int8_t* __restrict__ base, int64_t row0, int64_t rows_total,
-                                          int64_t k0, int64_t K, int (&regs)[2]) {
+                                          int64_t k0, int64_t K, int (&regs)[kTileLoads]) {
   const int word = threadIdx.x % kTileWords;
-  const int r = threadIdx.x / kTileWords;  // 0..15
+  const int r = threadIdx.x / kTileWords;  // 0..7
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t row = row0 + r + 16 * h;
+  for (int h = 0; h < kTileLoads; ++h) {
+    const int64_t row = row0 + r + kTileRowsPerPass * h;
     regs[h] = row < rows_total ? load_word<Aligned>(base + row * K, k0 + 4 * word, K) : 0;
   }
 }
@@ -151,14 +153,15 @@ __global__ void __launch_bounds__(kTileThreads)
   for (int64_t bt = blockIdx.y; bt < btiles; bt += gridDim.y) {
     const int64_t b0 = bt * kTile;
     int acc[2][2] = {{0, 0}, {0, 0}};
-    int xr[2], wr[2];
+    int xr[kTileLoads], wr[kTileLoads];
     load_tile<Aligned>(xq, b0, B, 0, K, xr);
     load_tile<Aligned>(w, n0, N, 0, K, wr);
     for (int64_t k0 = 0; k0 < K; k0 += 4 * kTileWords) {
-      xs[lr][lw] = xr[0];
-      xs[lr + 16][lw] = xr[1];
-      ws[lr][lw] = wr[0];
-      ws[lr + 16][lw] = wr[1];
+#pragma unroll
+      for (int h = 0; h < kTileLoads; ++h) {
+        xs[lr + kTileRowsPerPass * h][lw] = xr[h];
+        ws[lr + kTileRowsPerPass * h][lw] = wr[h];
+      }
       __syncthreads();
       if (k0 + 4 * kTileWords < K) {  // prefetch the next step while this one is computed
         load_tile<Aligned>(xq, b0, B, k0 + 4 * kTileWords, K, xr);

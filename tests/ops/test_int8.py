@@ -305,10 +305,10 @@ def _int8_cuda(x, w_int8, w_scale, bias):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B", [1, 7, 8, 9, 16, 17, 32, 33, 65, 130])
-@pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (4, 33), (7, 31), (63, 2), (64, 64), (65, 9), (130, 40), (0, 3)])
+@pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (4, 33), (7, 31), (63, 2), (64, 64), (65, 9), (130, 40), (260, 33), (0, 3)])
 def test_int8_linear_cuda_tile_edges_are_bit_identical_to_cpu(B, K, N):
     # B <= 16: warp-per-channel kernel (batch chunks of 8); B > 16: 32 x 32 tiles over K steps of
-    # 64 bytes. K % 4 != 0 takes the byte-load path. The int32 sums are exact and the epilogue has
+    # 128 bytes. K % 4 != 0 takes the byte-load path. The int32 sums are exact and the epilogue has
     # the CPU's two roundings, so the result is equal bit for bit.
     x = _gauss((B, K), B + K)
     w_int8, w_scale = quantize_per_channel(_gauss((N, K), N + 1))

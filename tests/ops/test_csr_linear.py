@@ -433,6 +433,29 @@ def test_cuda_runs_on_the_current_stream_and_recovers_after_an_error(B):
     np.testing.assert_allclose(y.cpu().numpy(), csr_linear(x, indptr, indices, values), rtol=1e-5, atol=1e-4)
 
 
+def test_cuda_view_describes_the_tensor_like_torch():
+    # The CUDA face hands _C a prebuilt __cuda_array_interface__ for float32/int32/int64 tensors
+    # (torch builds its own in Python on every access); other dtypes and None pass through.
+    from pyserve.ops.sparse import _cuda_view
+
+    for dtype, typestr in [(torch.float32, "<f4"), (torch.int32, "<i4"), (torch.int64, "<i8")]:
+        t = torch.zeros((3, 5), dtype=dtype)
+        assert _cuda_view(t).__cuda_array_interface__ == {
+            "typestr": typestr, "shape": (3, 5), "strides": None, "data": (t.data_ptr(), False), "version": 2}
+    t = torch.zeros(4, dtype=torch.float64)
+    assert _cuda_view(t) is t and _cuda_view(None) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+@pytest.mark.parametrize("shape", [(0,), (7,), (2, 3), (0, 4)])
+def test_cuda_view_equals_torch_interface_on_cuda(dtype, shape):
+    from pyserve.ops.sparse import _cuda_view
+
+    t = torch.zeros(shape, dtype=dtype, device="cuda")
+    assert _cuda_view(t).__cuda_array_interface__ == t.__cuda_array_interface__
+
+
 def _cpu_message(x, indptr, indices, values):
     with pytest.raises(ValueError) as info:
         csr_linear(x, indptr, indices, values)

@@ -14,8 +14,9 @@ calls (CUDA events, after warm-up):
                    and 64 MiB decoded, vs the host decoder, the host decoder + copy to the GPU, and
                    the copy alone of the decoded symbols ("err" is the count of wrong symbols).
 Each pyserve call goes through its Python face with CUDA tensors (including its argument checks;
-csr_linear copies indptr/indices to the host to validate them, int8/codebook synchronize), as a
-user would call it. Every pyserve result is also checked against the fp32 torch peer (max relative
+csr_linear validates indptr/indices inside its kernel and reads back one 8-byte word, a sync of the
+current stream; int8/codebook are queued on the current stream without a sync), as a user would
+call it. Every pyserve result is also checked against the fp32 torch peer (max relative
 error in the results). Ratios are peer time / pyserve time (> 1: pyserve faster).
 
     python benchmarks/bench_gpu.py [--out results.json] [--repeats 7] [--quick] [--device cuda:0]

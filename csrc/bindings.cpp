@@ -121,6 +121,7 @@ Process-wide (not per calling thread). Raises ValueError if ``n < 1``.
 
   m.def("csr_linear", &pyserve::csr_linear, py::arg("x"), py::arg("indptr"), py::arg("indices"), py::arg("values"),
         py::arg("bias") = py::none(), py::arg("out") = py::none(), py::arg("force_portable") = false,
+        py::arg("stream") = 0,
         R"doc(y = x @ W.T + bias with W [N, K] in CSR form (see pyserve.ops.csr_linear).
 
 Parameters
@@ -140,6 +141,10 @@ out : CUDA array or None
     ``[B, N]`` float32 output, required for a CUDA ``x`` and refused for a CPU one.
 force_portable : bool
     Run the portable C++ path even where AVX2+FMA is available (for tests).
+stream : int
+    CUDA only: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to run on, 0 for the legacy
+    default stream. It is synchronised before the call returns (the kernel validates the CSR
+    structure and one 8-byte word comes back). Ignored for CPU arrays.
 
 Returns
 -------
@@ -369,10 +374,13 @@ ValueError
 
   m.def("int8_linear_cuda", &pyserve::int8_linear_cuda, py::arg("x"), py::arg("w"), py::arg("w_scale"),
         py::arg("bias"), py::arg("y"), py::arg("xq"), py::arg("x_scale"), py::arg("B"), py::arg("K"), py::arg("N"),
+        py::arg("stream") = 0,
         R"doc(CUDA int8 linear on device pointers (int); used by pyserve.ops.int8_linear for CUDA tensors.
 
 ``x`` [B, K] fp32, ``w`` [N, K] int8, ``w_scale`` [N] fp32, ``bias`` [N] fp32 or 0, ``y`` [B, N] fp32,
 workspace ``xq`` [B, K] int8 and ``x_scale`` [B] fp32, all contiguous on the current device.
+``stream``: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to queue the kernels on, 0 for the
+legacy default stream; the call returns without waiting for them (y is ready in stream order).
 
 Raises
 ------
@@ -457,10 +465,12 @@ ValueError
 
   m.def("codebook_linear_cuda", &pyserve::codebook_linear_cuda, py::arg("x"), py::arg("packed"), py::arg("codebook"),
         py::arg("bias"), py::arg("y"), py::arg("B"), py::arg("K"), py::arg("N"), py::arg("bits"),
-        py::arg("per_channel"),
+        py::arg("per_channel"), py::arg("stream") = 0,
         R"doc(CUDA codebook linear on device pointers (int); used by pyserve.ops.codebook_linear for CUDA tensors.
 
 Shapes as codebook_linear; ``bias`` may be 0; all arrays contiguous on the current device.
+``stream``: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to queue the kernel on, 0 for the
+legacy default stream; the call returns without waiting for it (y is ready in stream order).
 
 Raises
 ------

@@ -130,11 +130,13 @@ def codebook_linear(x: numpy.ndarray, packed: numpy.ndarray, codebook: numpy.nda
         ``bits`` outside 2..8, wrong dtype/rank/layout, short or long packed rows, codebook or bias
         of the wrong length.
     """
-def codebook_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, packed: typing.SupportsInt | typing.SupportsIndex, codebook: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, B: typing.SupportsInt | typing.SupportsIndex, K: typing.SupportsInt | typing.SupportsIndex, N: typing.SupportsInt | typing.SupportsIndex, bits: typing.SupportsInt | typing.SupportsIndex, per_channel: bool) -> None:
+def codebook_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, packed: typing.SupportsInt | typing.SupportsIndex, codebook: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, B: typing.SupportsInt | typing.SupportsIndex, K: typing.SupportsInt | typing.SupportsIndex, N: typing.SupportsInt | typing.SupportsIndex, bits: typing.SupportsInt | typing.SupportsIndex, per_channel: bool, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
     """
     CUDA codebook linear on device pointers (int); used by pyserve.ops.codebook_linear for CUDA tensors.
     
     Shapes as codebook_linear; ``bias`` may be 0; all arrays contiguous on the current device.
+    ``stream``: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to queue the kernel on, 0 for the
+    legacy default stream; the call returns without waiting for it (y is ready in stream order).
     
     Raises
     ------
@@ -143,7 +145,7 @@ def codebook_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, packed: t
     RuntimeError
         Built without CUDA, or a CUDA error.
     """
-def csr_linear(x: typing.Any, indptr: typing.Any, indices: typing.Any, values: typing.Any, bias: typing.Any = None, out: typing.Any = None, force_portable: bool = False) -> typing.Any:
+def csr_linear(x: typing.Any, indptr: typing.Any, indices: typing.Any, values: typing.Any, bias: typing.Any = None, out: typing.Any = None, force_portable: bool = False, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> typing.Any:
     """
     y = x @ W.T + bias with W [N, K] in CSR form (see pyserve.ops.csr_linear).
     
@@ -164,6 +166,10 @@ def csr_linear(x: typing.Any, indptr: typing.Any, indices: typing.Any, values: t
         ``[B, N]`` float32 output, required for a CUDA ``x`` and refused for a CPU one.
     force_portable : bool
         Run the portable C++ path even where AVX2+FMA is available (for tests).
+    stream : int
+        CUDA only: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to run on, 0 for the legacy
+        default stream. It is synchronised before the call returns (the kernel validates the CSR
+        structure and one 8-byte word comes back). Ignored for CPU arrays.
     
     Returns
     -------
@@ -313,12 +319,14 @@ def int8_linear(x: numpy.ndarray, w_int8: numpy.ndarray, w_scale: numpy.ndarray,
         Wrong dtype, rank or layout; K mismatch; ``w_scale``/``bias`` not of length N; K > 131072;
         non-finite ``x``.
     """
-def int8_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, w: typing.SupportsInt | typing.SupportsIndex, w_scale: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, xq: typing.SupportsInt | typing.SupportsIndex, x_scale: typing.SupportsInt | typing.SupportsIndex, B: typing.SupportsInt | typing.SupportsIndex, K: typing.SupportsInt | typing.SupportsIndex, N: typing.SupportsInt | typing.SupportsIndex) -> None:
+def int8_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, w: typing.SupportsInt | typing.SupportsIndex, w_scale: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, y: typing.SupportsInt | typing.SupportsIndex, xq: typing.SupportsInt | typing.SupportsIndex, x_scale: typing.SupportsInt | typing.SupportsIndex, B: typing.SupportsInt | typing.SupportsIndex, K: typing.SupportsInt | typing.SupportsIndex, N: typing.SupportsInt | typing.SupportsIndex, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
     """
     CUDA int8 linear on device pointers (int); used by pyserve.ops.int8_linear for CUDA tensors.
     
     ``x`` [B, K] fp32, ``w`` [N, K] int8, ``w_scale`` [N] fp32, ``bias`` [N] fp32 or 0, ``y`` [B, N] fp32,
     workspace ``xq`` [B, K] int8 and ``x_scale`` [B] fp32, all contiguous on the current device.
+    ``stream``: the cudaStream_t (``torch.cuda.Stream.cuda_stream``) to queue the kernels on, 0 for the
+    legacy default stream; the call returns without waiting for them (y is ready in stream order).
     
     Raises
     ------

@@ -121,7 +121,8 @@ py::array codebook_linear(const py::array& x, const py::array& packed, const py:
 }
 
 void codebook_linear_cuda(std::uintptr_t x, std::uintptr_t packed, std::uintptr_t codebook, std::uintptr_t bias,
-                          std::uintptr_t y, int64_t B, int64_t K, int64_t N, int bits, bool per_channel) {
+                          std::uintptr_t y, int64_t B, int64_t K, int64_t N, int bits, bool per_channel,
+                          std::uintptr_t stream) {
   check_bits(bits, kLinearCudaOp);
   PYSERVE_CHECK_ARG(B >= 0 && K >= 0 && N >= 0, kLinearCudaOp, "B, K, N", "expected non-negative sizes, got ", B, ", ",
                     K, ", ", N);
@@ -132,11 +133,11 @@ void codebook_linear_cuda(std::uintptr_t x, std::uintptr_t packed, std::uintptr_
     py::gil_scoped_release release;
     ok = quant::codebook_linear_cuda(reinterpret_cast<const float*>(x), reinterpret_cast<const uint8_t*>(packed),
                                      reinterpret_cast<const float*>(codebook), reinterpret_cast<const float*>(bias),
-                                     reinterpret_cast<float*>(y), B, K, N, bits, per_channel, &error);
+                                     reinterpret_cast<float*>(y), B, K, N, bits, per_channel, stream, &error);
   }
   PYSERVE_CHECK_INTERNAL(ok, kLinearCudaOp, error);
 #else
-  (void)x, (void)packed, (void)codebook, (void)bias, (void)y, (void)per_channel;
+  (void)x, (void)packed, (void)codebook, (void)bias, (void)y, (void)per_channel, (void)stream;
   throw_internal_error(kLinearCudaOp, "pyserve was built without CUDA (PYSERVE_CUDA=OFF or no nvcc)");
 #endif
 }

@@ -21,8 +21,10 @@ pybind11::array codebook_linear(const pybind11::array& x, const pybind11::array&
                                 const pybind11::array& codebook, int bits, const std::optional<pybind11::array>& bias);
 
 // CUDA path on device pointers (the Python face checks the torch tensors); shapes as above, all
-// contiguous on the current device; bias may be 0. Legacy default stream, synchronizes.
+// contiguous on the current device; bias may be 0. Queued on `stream` (a cudaStream_t as an
+// integer, 0 = the legacy default stream) without waiting for it.
 void codebook_linear_cuda(std::uintptr_t x, std::uintptr_t packed, std::uintptr_t codebook, std::uintptr_t bias,
-                          std::uintptr_t y, int64_t B, int64_t K, int64_t N, int bits, bool per_channel);
+                          std::uintptr_t y, int64_t B, int64_t K, int64_t N, int bits, bool per_channel,
+                          std::uintptr_t stream = 0);
 
 }  // namespace pyserve

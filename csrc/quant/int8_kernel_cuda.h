@@ -8,11 +8,14 @@
 namespace pyserve {
 namespace quant {
 
-// All pointers are device pointers to contiguous arrays: x [B, K], w [N, K], w_scale [N],
-// bias [N] or null, y [B, N], workspace xq [B, K] and x_scale [B]. Returns false with *error set
-// when a CUDA call fails. Non-finite activations are not detected on the GPU (they give NaN).
+// All pointers are device pointers to contiguous arrays on the current device: x [B, K], w [N, K],
+// w_scale [N], bias [N] or null, y [B, N], workspace xq [B, K] and x_scale [B]. Any K >= 0 and any
+// alignment of w / xq (unaligned rows take byte loads). The kernels are queued on `stream` (a
+// cudaStream_t as an integer; 0 = the legacy default stream) and NOT waited for: y is ready in
+// stream order. Returns false with *error set when a launch fails. Non-finite activations are not
+// detected on the GPU (they give NaN).
 bool int8_linear_cuda(const float* x, const int8_t* w, const float* w_scale, const float* bias, float* y, int8_t* xq,
-                      float* x_scale, int64_t B, int64_t K, int64_t N, std::string* error);
+                      float* x_scale, int64_t B, int64_t K, int64_t N, std::uintptr_t stream, std::string* error);
 
 }  // namespace quant
 }  // namespace pyserve

@@ -159,7 +159,8 @@ py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, cons
 }
 
 void int8_linear_cuda(std::uintptr_t x, std::uintptr_t w, std::uintptr_t w_scale, std::uintptr_t bias,
-                      std::uintptr_t y, std::uintptr_t xq, std::uintptr_t x_scale, int64_t B, int64_t K, int64_t N) {
+                      std::uintptr_t y, std::uintptr_t xq, std::uintptr_t x_scale, int64_t B, int64_t K, int64_t N,
+                      std::uintptr_t stream) {
   PYSERVE_CHECK_ARG(B >= 0 && K >= 0 && N >= 0, kLinearCudaOp, "B, K, N", "expected non-negative sizes, got ", B, ", ",
                     K, ", ", N);
   PYSERVE_CHECK_ARG(K <= quant::kInt8MaxK, kLinearCudaOp, "K", "expected K <= ", quant::kInt8MaxK, ", got ", K);
@@ -171,11 +172,11 @@ void int8_linear_cuda(std::uintptr_t x, std::uintptr_t w, std::uintptr_t w_scale
     ok = quant::int8_linear_cuda(reinterpret_cast<const float*>(x), reinterpret_cast<const int8_t*>(w),
                                  reinterpret_cast<const float*>(w_scale), reinterpret_cast<const float*>(bias),
                                  reinterpret_cast<float*>(y), reinterpret_cast<int8_t*>(xq),
-                                 reinterpret_cast<float*>(x_scale), B, K, N, &error);
+                                 reinterpret_cast<float*>(x_scale), B, K, N, stream, &error);
   }
   PYSERVE_CHECK_INTERNAL(ok, kLinearCudaOp, error);
 #else
-  (void)x, (void)w, (void)w_scale, (void)bias, (void)y, (void)xq, (void)x_scale;
+  (void)x, (void)w, (void)w_scale, (void)bias, (void)y, (void)xq, (void)x_scale, (void)stream;
   throw_internal_error(kLinearCudaOp, "pyserve was built without CUDA (PYSERVE_CUDA=OFF or no nvcc)");
 #endif
 }

@@ -49,9 +49,11 @@ pybind11::array int8_linear_packed(const pybind11::array& x, const Int8PackedWei
 
 // CUDA path on device pointers (the Python face checks the torch tensors): x [B, K] fp32,
 // w [N, K] int8, w_scale [N] fp32, bias [N] fp32 or 0, y [B, N] fp32, workspace xq [B, K] int8 and
-// x_scale [B] fp32; all contiguous on the current device. Runs on the legacy default stream and
-// synchronizes. Raises RuntimeError when pyserve was built without CUDA or a CUDA call fails.
+// x_scale [B] fp32; all contiguous on the current device. Queued on `stream` (a
+// cudaStream_t as an integer, 0 = the legacy default stream) without waiting for it. Raises
+// RuntimeError when pyserve was built without CUDA or a launch fails.
 void int8_linear_cuda(std::uintptr_t x, std::uintptr_t w, std::uintptr_t w_scale, std::uintptr_t bias,
-                      std::uintptr_t y, std::uintptr_t xq, std::uintptr_t x_scale, int64_t B, int64_t K, int64_t N);
+                      std::uintptr_t y, std::uintptr_t xq, std::uintptr_t x_scale, int64_t B, int64_t K, int64_t N,
+                      std::uintptr_t stream = 0);
 
 }  // namespace pyserve

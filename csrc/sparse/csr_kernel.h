@@ -64,17 +64,20 @@ namespace pyserve {
 namespace sparse {
 
 // CUDA version (csr_kernel.cu, compiled only when PYSERVE_WITH_CUDA): all pointers are device
-// pointers, inputs already validated. One warp per output row n: the 32 lanes stride through the
-// row's nonzeros, and for each batch row b a warp-shuffle reduction yields y[b, n]; grid.y splits
-// the batch. Launched on the legacy default stream and synchronised before returning. Returns an
-// empty string on success, else the CUDA error text.
-template <typename Index>
-const char* csr_linear_cuda(const float* x, int64_t B, int64_t K, const int64_t* indptr, const Index* indices,
-                            const float* values, const float* bias, int64_t N, float* y);
-
-// cudaMalloc + cudaMemcpy host -> device into *dst / cudaFree; empty string on success.
-const char* cuda_upload(void** dst, const void* src, std::size_t bytes);
-void cuda_release(void* ptr);
+// pointers; indptr (Ptr = int32 or int64, [N + 1]) and indices (Index = int32 or int64, [nnz]) are
+// NOT trusted: the kernel validates them while it computes (indptr[0] == 0, non-decreasing,
+// indptr[N] == nnz; indices in [0, K), strictly increasing within each row) and never reads out of
+// bounds. One warp per output row n; B < 32: lanes over the row's nonzeros, batch rows in chunks
+// of 8 accumulated per lane, shuffle reduction; B >= 32: x transposed into a cudaMallocAsync
+// workspace of B * K floats, lanes over the batch; launch configuration in csr_kernel.cu. Runs on `stream`
+// (a cudaStream_t as an integer, 0 = the legacy default stream) and synchronises it (one 8-byte
+// device-to-host copy of the validation word). *first_bad: -1 when the structure is valid, else >= 0 (some offending position; y is then
+// garbage and the caller must re-check on the host for the exact message). N == 0 launches nothing
+// (the caller checks indptr itself). Returns an empty string on success, else the CUDA error text.
+template <typename Ptr, typename Index>
+const char* csr_linear_cuda(const float* x, int64_t B, int64_t K, const Ptr* indptr, const Index* indices,
+                            const float* values, const float* bias, int64_t N, int64_t nnz, float* y,
+                            int64_t* first_bad, std::uintptr_t stream);
 
 // cudaMemcpy device -> host of `bytes` bytes; empty string on success, else the CUDA error text.
 const char* cuda_copy_to_host(void* dst, const void* src, std::size_t bytes);

@@ -48,6 +48,10 @@ std::string type_name(const py::handle& obj) {
 
 bool has_cuda_interface(const py::handle& obj) { return py::hasattr(obj, "__cuda_array_interface__"); }
 
+// The interface dict of obj, or None when it has none. torch computes it in Python on every access
+// (about 2 us on the CI CPU), so each array's is read once per call.
+py::object cuda_interface(const py::handle& obj) { return py::getattr(obj, "__cuda_array_interface__", py::none()); }
+
 View host_view(const py::object& obj, const char* arg) {
   if (!py::isinstance<py::array>(obj))
     throw_argument_error(kOp, arg, str_cat("expected a numpy.ndarray (or a torch.Tensor through pyserve.ops), got ",
@@ -69,11 +73,12 @@ View host_view(const py::object& obj, const char* arg) {
 }
 
 #if PYSERVE_WITH_CUDA
-View cuda_view(const py::object& obj, const char* arg) {
-  if (!has_cuda_interface(obj))
+View cuda_view(const py::object& obj, const char* arg, py::object iface_obj = py::object()) {
+  if (!iface_obj) iface_obj = cuda_interface(obj);
+  if (iface_obj.is_none())
     throw_argument_error(kOp, arg, str_cat("expected a CUDA array (with __cuda_array_interface__) like x, got ",
                                            type_name(obj)));
-  py::dict iface = obj.attr("__cuda_array_interface__");
+  py::dict iface = iface_obj;
   View v;
   v.cuda = true;
   py::tuple data = iface["data"];
@@ -247,7 +252,7 @@ py::object csr_linear_host(const Checked& c, bool force_portable) {
 }
 
 #if PYSERVE_WITH_CUDA
-py::object csr_linear_device(const Checked& c, const py::object& out_obj) {
+py::object csr_linear_device(const Checked& c, const py::object& out_obj, std::uintptr_t stream) {
   PYSERVE_CHECK_ARG(!out_obj.is_none(), kOp, "out", "expected a [B, N] float32 CUDA array for a CUDA x, got None");
   View out = cuda_view(out_obj, "out");
   check_rank(out, "out", 2, "[B, N]");
@@ -257,50 +262,59 @@ py::object csr_linear_device(const Checked& c, const py::object& out_obj) {
   check_contiguous(out, "out");
   PYSERVE_CHECK_ARG(out.mutable_data != nullptr || c.B * c.N == 0, kOp, "out", "expected a writable array, got a read-only one");
 
-  // Validate the structure on the host: copy indptr and indices back (O(N + nnz) bytes).
-  const std::size_t ip_bytes = static_cast<std::size_t>(c.N + 1) * (c.indptr.dtype == DType::kInt32 ? 4 : 8);
-  const std::size_t ix_bytes = static_cast<std::size_t>(c.nnz) * (c.indices.dtype == DType::kInt32 ? 4 : 8);
-  std::vector<unsigned char> ip_host(ip_bytes), ix_host(ix_bytes);
-  std::string err;
-  {
-    py::gil_scoped_release release;
-    err = sparse::cuda_copy_to_host(ip_host.data(), c.indptr.data, ip_bytes);
-    if (err.empty()) err = sparse::cuda_copy_to_host(ix_host.data(), c.indices.data, ix_bytes);
-  }
-  PYSERVE_CHECK_INTERNAL(err.empty(), kOp, "copying indptr/indices to the host: ", err);
-  const auto indptr = checked_indptr(ip_host.data(), c.indptr.dtype, c.N, c.nnz);
-  if (c.indices.dtype == DType::kInt32)
-    check_indices(indptr, c.N, reinterpret_cast<const int32_t*>(ix_host.data()), c.K);
-  else
-    check_indices(indptr, c.N, reinterpret_cast<const int64_t*>(ix_host.data()), c.K);
-
-  // The kernel wants int64 indptr on the device: reuse it when it is int64, else upload a copy.
-  // (Kept simple: indptr is [N + 1], small next to the nonzeros.)
+  // The kernel validates the structure on the device while it computes and reports only whether
+  // (and roughly where) it is malformed; then, and only then, indptr and indices come back to the
+  // host so that the usual checks raise the usual message. N == 0: indptr is one value, checked here.
   const auto* x = static_cast<const float*>(c.x.data);
   const auto* values = static_cast<const float*>(c.values.data);
   const auto* bias = c.has_bias ? static_cast<const float*>(c.bias.data) : nullptr;
   auto* y = static_cast<float*>(out.mutable_data);
-  {
+  const bool ip32 = c.indptr.dtype == DType::kInt32, ix32 = c.indices.dtype == DType::kInt32;
+  std::string err;
+  int64_t first_bad = -1;
+  if (c.N > 0) {
     py::gil_scoped_release release;
-    const int64_t* dev_indptr = nullptr;
-    void* tmp = nullptr;
-    if (c.indptr.dtype == DType::kInt64) {
-      dev_indptr = static_cast<const int64_t*>(c.indptr.data);
-    } else {
-      err = sparse::cuda_upload(&tmp, indptr.data(), indptr.size() * sizeof(int64_t));
-      dev_indptr = static_cast<const int64_t*>(tmp);
-    }
-    if (err.empty()) {
-      err = c.indices.dtype == DType::kInt32
-                ? sparse::csr_linear_cuda(x, c.B, c.K, dev_indptr, static_cast<const int32_t*>(c.indices.data), values,
-                                          bias, c.N, y)
-                : sparse::csr_linear_cuda(x, c.B, c.K, dev_indptr, static_cast<const int64_t*>(c.indices.data), values,
-                                          bias, c.N, y);
-    }
-    if (tmp) sparse::cuda_release(tmp);
+    const void* ip = c.indptr.data;
+    const void* ix = c.indices.data;
+    if (ip32 && ix32)
+      err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int32_t*>(ip), static_cast<const int32_t*>(ix),
+                                    values, bias, c.N, c.nnz, y, &first_bad, stream);
+    else if (ip32)
+      err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int32_t*>(ip), static_cast<const int64_t*>(ix),
+                                    values, bias, c.N, c.nnz, y, &first_bad, stream);
+    else if (ix32)
+      err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int64_t*>(ip), static_cast<const int32_t*>(ix),
+                                    values, bias, c.N, c.nnz, y, &first_bad, stream);
+    else
+      err = sparse::csr_linear_cuda(x, c.B, c.K, static_cast<const int64_t*>(ip), static_cast<const int64_t*>(ix),
+                                    values, bias, c.N, c.nnz, y, &first_bad, stream);
   }
   PYSERVE_CHECK_INTERNAL(err.empty(), kOp, "CUDA kernel failed: ", err);
-  return out_obj;
+  if (c.N > 0 && first_bad < 0) return out_obj;
+
+  // Malformed (or N == 0): copy indptr (and, when indptr passes, indices) back and check on the host.
+  const std::size_t ip_bytes = static_cast<std::size_t>(c.N + 1) * (ip32 ? 4 : 8);
+  const std::size_t ix_bytes = static_cast<std::size_t>(c.nnz) * (ix32 ? 4 : 8);
+  std::vector<unsigned char> ip_host(ip_bytes);
+  {
+    py::gil_scoped_release release;
+    err = sparse::cuda_copy_to_host(ip_host.data(), c.indptr.data, ip_bytes);
+  }
+  PYSERVE_CHECK_INTERNAL(err.empty(), kOp, "copying indptr to the host: ", err);
+  const auto indptr = checked_indptr(ip_host.data(), c.indptr.dtype, c.N, c.nnz);
+  if (c.N == 0) return out_obj;  // indptr == [0] and nnz == 0: nothing to compute
+  std::vector<unsigned char> ix_host(ix_bytes);
+  {
+    py::gil_scoped_release release;
+    err = sparse::cuda_copy_to_host(ix_host.data(), c.indices.data, ix_bytes);
+  }
+  PYSERVE_CHECK_INTERNAL(err.empty(), kOp, "copying indices to the host: ", err);
+  if (ix32)
+    check_indices(indptr, c.N, reinterpret_cast<const int32_t*>(ix_host.data()), c.K);
+  else
+    check_indices(indptr, c.N, reinterpret_cast<const int64_t*>(ix_host.data()), c.K);
+  throw InternalError(str_cat(kOp, ": the CUDA kernel flagged position ", first_bad,
+                              " of the CSR structure as malformed but the host checks found nothing (a bug)"));
 }
 #endif
 
@@ -309,15 +323,18 @@ py::object csr_linear_device(const Checked& c, const py::object& out_obj) {
 bool csr_linear_has_avx2() { return sparse::csr_has_avx2(); }
 
 py::object csr_linear(const py::object& x, const py::object& indptr, const py::object& indices,
-                      const py::object& values, const py::object& bias, const py::object& out, bool force_portable) {
-  if (has_cuda_interface(x)) {
+                      const py::object& values, const py::object& bias, const py::object& out, bool force_portable,
+                      std::uintptr_t stream) {
+  py::object x_iface = cuda_interface(x);
+  if (!x_iface.is_none()) {
 #if PYSERVE_WITH_CUDA
     View b;
     if (!bias.is_none()) b = cuda_view(bias, "bias");
-    Checked c = check_all(cuda_view(x, "x"), cuda_view(indptr, "indptr"), cuda_view(indices, "indices"),
+    Checked c = check_all(cuda_view(x, "x", x_iface), cuda_view(indptr, "indptr"), cuda_view(indices, "indices"),
                           cuda_view(values, "values"), bias.is_none() ? nullptr : &b);
-    return csr_linear_device(c, out);
+    return csr_linear_device(c, out, stream);
 #else
+    (void)stream;
     throw InternalError(str_cat(kOp, ": x is a CUDA array but this build of pyserve._C has no CUDA kernels "
                                      "(build_info()['cuda'] is False); rebuild with nvcc and PYSERVE_CUDA=ON, or pass a CPU array"));
 #endif

@@ -16,10 +16,13 @@ namespace pyserve {
 // y [B, N] = x [B, K] @ W.T + bias with W [N, K] in CSR (indptr [N+1], indices [nnz], values [nnz]).
 // CPU: numpy arrays (C-contiguous, native byte order), returns a new float32 numpy array.
 // CUDA: objects exposing __cuda_array_interface__ (e.g. torch CUDA tensors), written into `out`
-// ([B, N] float32 on the same device), which is returned.
+// ([B, N] float32 on the same device), which is returned; the kernel runs on `stream` (a
+// cudaStream_t as an integer, 0 = the legacy default stream; ignored for CPU arrays), which is
+// synchronised before returning (the structure check's 8-byte result is read back).
 pybind11::object csr_linear(const pybind11::object& x, const pybind11::object& indptr,
                             const pybind11::object& indices, const pybind11::object& values,
-                            const pybind11::object& bias, const pybind11::object& out, bool force_portable);
+                            const pybind11::object& bias, const pybind11::object& out, bool force_portable,
+                            std::uintptr_t stream = 0);
 
 // A CSR weight prepared once for csr_linear (layout: sparse/csr_packed_kernel.h). Immutable: the
 // packed arrays are a copy, validated when made, so later writes to the source arrays do not reach

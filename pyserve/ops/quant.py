@@ -173,7 +173,10 @@ def int8_linear(x: Any, w_int8: Any, w_scale: Any, bias: Any = None) -> Any:
     subtracted (``csrc/quant/int8_kernel.h`` has the derivation); each row is quantized straight
     into the kernel's split buffer, kept per thread between calls. Both: OpenMP over blocks of 16
     channels, portable C++ fallback, the GIL released, and the same output bit for bit.
-    CUDA: ``dp4a``, one warp per output element.
+    CUDA: ``dp4a`` (4 int8 products per instruction): one warp per output channel for B <= 16,
+    32 x 32 output tiles through shared memory for larger B (``csrc/quant/int8_kernel.cu``); the
+    result is bit-identical to the CPU's and is queued on torch's current stream without a
+    host synchronisation.
     """
     op = "int8_linear"
     if _is_cuda_tensor(x):
@@ -377,8 +380,9 @@ def codebook_linear(x: Any, packed: Any, codebook: Any, bits: int, bias: Any = N
     ``vpermps`` — then multiplied with FMA: fused with the dot product at B = 1, through a
     decoded fp32 row shared by the B rows otherwise. An activation-side lookup table (LUT-GEMM,
     Park et al. 2022) measured 2-4x slower on this CPU (``benchmarks/native/codebook_lut.cpp``). Bits 6..8 (and CPUs without AVX2): the row is
-    unpacked to bytes and looked up with loads. OpenMP over rows, GIL released. CUDA: one block per
-    output row, the codebook in shared memory. Decoding on the fly measured 4-7x faster at B = 1
+    unpacked to bytes and looked up with loads. OpenMP over rows, GIL released. CUDA: one warp per
+    output row, the codebook in shared memory, 8 codes (``bits`` bytes) decoded per lane and step,
+    batch chunks of 8, queued on torch's current stream without a host synchronisation. Decoding on the fly measured 4-7x faster at B = 1
     than accumulating x into per-centroid bins (``benchmarks/native/codebook_binning.cpp``).
     """
     op = "codebook_linear"
@@ -424,12 +428,15 @@ def _int8_linear_cuda(x: Any, w_int8: Any, w_scale: Any, bias: Any) -> Any:
     s = _cuda_arg(w_scale, op, "w_scale", x.device, torch.float32, (N,))
     b = None if bias is None else _cuda_arg(bias, op, "bias", x.device, torch.float32, (N,))
     y = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    xq = torch.empty((B, K), dtype=torch.int8, device=x.device)
-    sx = torch.empty((B,), dtype=torch.float32, device=x.device)
-    torch.cuda.synchronize(x.device)
+    # One workspace allocation: xq [B, K] int8, then (16-byte aligned) x_scale [B] fp32.
+    xq_bytes = (B * K + 15) // 16 * 16
+    ws = torch.empty((xq_bytes + 4 * B,), dtype=torch.uint8, device=x.device)
     with torch.cuda.device(x.device):
+        # Queued on torch's current stream, not waited for: y is ready in stream order like any
+        # torch result (the workspace goes back to the caching allocator in that order too).
         _C.int8_linear_cuda(x.data_ptr(), w.data_ptr(), s.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
-                            xq.data_ptr(), sx.data_ptr(), B, K, N)
+                            ws.data_ptr(), ws.data_ptr() + xq_bytes, B, K, N,
+                            torch.cuda.current_stream(x.device).cuda_stream)
     return y
 
 
@@ -452,8 +459,8 @@ def _codebook_linear_cuda(x: Any, packed: Any, codebook: Any, bits: int, bias: A
     cb = _cuda_arg(codebook, op, "codebook", x.device, torch.float32, (N, C) if per_channel else (C,))
     b = None if bias is None else _cuda_arg(bias, op, "bias", x.device, torch.float32, (N,))
     y = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    torch.cuda.synchronize(x.device)
     with torch.cuda.device(x.device):
+        # Queued on torch's current stream, not waited for (y is ready in stream order).
         _C.codebook_linear_cuda(x.data_ptr(), p.data_ptr(), cb.data_ptr(), 0 if b is None else b.data_ptr(),
-                                y.data_ptr(), B, K, N, bits, per_channel)
+                                y.data_ptr(), B, K, N, bits, per_channel, torch.cuda.current_stream(x.device).cuda_stream)
     return y

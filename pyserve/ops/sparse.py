@@ -26,7 +26,9 @@ without any per-call index check, 8 rows per AVX2 register for ``B == 1``
 (``csrc/sparse/csr_packed_kernel.h``). A loaded artifact's CSR layers use it
 (:mod:`pyserve.artifact.kernels`, through :func:`_pin_csr`).
 
-CUDA: one warp per output row with a warp-shuffle reduction per batch row (``csr_kernel.cu``).
+CUDA: one warp per output row; for B < 32 lanes over the row's nonzeros, batch rows in chunks of
+8 per pass, a warp-shuffle reduction per batch row; for B >= 32 x is transposed once and the lanes
+run over the batch (``csr_kernel.cu``); the same launch validates the CSR structure on the device.
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ def csr_linear(x: Any, indptr: Any, indices: Optional[Any] = None, values: Optio
     ISCA 2016). Summation order differs from a dense matmul, so results agree with
     ``x @ W.T`` to float32 rounding (about ``1e-6 * sqrt(nnz per row)`` relative), not bitwise.
     Uses :func:`pyserve.ops.get_num_threads` OpenMP threads with the GIL released. The CUDA path
-    copies ``indptr`` and ``indices`` to the host once per call to validate them.
+    runs on torch's current stream, validates ``indptr`` and ``indices`` inside the kernel and
+    copies back one 8-byte word (a synchronisation of that stream); only for a malformed structure are ``indptr``
+    and ``indices`` copied to the host, to name the first offending position. On that error an
+    ``out`` array passed to ``_C.csr_linear`` holds garbage.
     """
     if isinstance(indptr, _C.CsrPackedWeight):
         return _csr_linear_packed(x, indptr, indices, values, bias)
@@ -202,8 +207,41 @@ def _csr_linear_cuda(x: Any, indptr: Any, indices: Any, values: Any, bias: Optio
     named = {k: v.detach().contiguous() for k, v in named.items()}
     out = torch.empty((x.shape[0], len(named["indptr"]) - 1 if named["indptr"].dim() == 1 else 0),
                       dtype=torch.float32, device=x.device)
+    views = [_cuda_view(t) for t in (x, named["indptr"], named["indices"], named["values"], named.get("bias"), out)]
     with torch.cuda.device(x.device):
-        return _C.csr_linear(x, named["indptr"], named["indices"], named["values"], named.get("bias"), out)
+        _C.csr_linear(*views, False, torch.cuda.current_stream(x.device).cuda_stream)
+    return out  # the tensors above stay alive until here, so the pointers in the views stay valid
+
+
+class _CudaView:
+    """A C-contiguous CUDA tensor's ``__cuda_array_interface__`` (v2), built once.
+
+    torch builds the interface in Python on every attribute access (about 2.2 us on the CI CPU;
+    this one about 0.9 us), and ``_C.csr_linear`` reads it for six arrays per call. Holds only the
+    pointer: the caller keeps the tensor alive.
+    """
+
+    __slots__ = ("__cuda_array_interface__",)
+
+    def __init__(self, typestr: str, t: Any) -> None:
+        self.__cuda_array_interface__ = {"typestr": typestr, "shape": tuple(t.shape), "strides": None,
+                                         "data": (t.data_ptr(), False), "version": 2}
+
+
+_TYPESTR: dict = {}  # torch dtype -> typestr, filled on first use (torch is imported lazily)
+
+
+def _cuda_view(t: Any) -> Any:
+    """``t`` (contiguous, on a CUDA device) as a _CudaView, or ``t`` itself for other dtypes (so that
+    ``_C`` reports them with torch's own interface) and for None."""
+    if t is None:
+        return None
+    if not _TYPESTR:
+        import torch  # already imported by whoever made t
+
+        _TYPESTR.update({torch.float32: "<f4", torch.int32: "<i4", torch.int64: "<i8"})
+    typestr = _TYPESTR.get(t.dtype)
+    return t if typestr is None else _CudaView(typestr, t)
 
 
 def _csr_linear_packed(x: Any, packed: Any, indices: Any, values: Any, bias: Optional[Any]) -> Any:

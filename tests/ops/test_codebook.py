@@ -370,6 +370,65 @@ def test_codebook_linear_cuda_matches_cpu(bits, B, K, N, per_channel):
     np.testing.assert_allclose(y.cpu().numpy(), cpu, rtol=1e-4, atol=1e-4)
 
 
+def _reference_f64(x, packed, cb, bits, K, bias=None):
+    idx = unpack_indices(packed, bits, K).astype(np.int64)
+    w = np.take_along_axis(cb.astype(np.float64), idx, axis=1) if cb.ndim == 2 else cb.astype(np.float64)[idx]
+    y = x.astype(np.float64) @ w.T
+    return y if bias is None else y + bias
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("B,K,N", [(1, 1, 1), (1, 7, 9), (8, 8, 8), (9, 9, 17), (17, 63, 3), (3, 65, 33),
+                                    (2, 257, 1), (40, 300, 10)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_codebook_linear_cuda_tile_edges_match_float64_reference(bits, B, K, N, per_channel):
+    # Warp per output row (8 per block), groups of 8 codes = `bits` bytes per lane, batch chunks
+    # of 8: K not a multiple of 8 leaves a partial last group (the row's last byte partly used).
+    rng = np.random.default_rng(bits * 100 + K)
+    x = rng.standard_normal((B, K)).astype(np.float32)
+    packed = pack_indices(_codes(N, K, bits, 5), bits)
+    cb = rng.standard_normal((N, 2**bits) if per_channel else 2**bits).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    dev = torch.device("cuda")
+    y = codebook_linear(torch.from_numpy(x).to(dev), torch.from_numpy(packed).to(dev), torch.from_numpy(cb).to(dev),
+                        bits, torch.from_numpy(bias).to(dev))
+    np.testing.assert_allclose(y.cpu().numpy(), _reference_f64(x, packed, cb, bits, K, bias), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_codebook_linear_cuda_unaligned_rows_and_current_stream():
+    # packed one byte into its storage (rows of 3 bytes: none aligned), run on a side stream that
+    # is kept busy: the kernel must neither need alignment nor run outside torch's current stream.
+    B, K, N, bits = 33, 6, 50, 4
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((B, K)).astype(np.float32)
+    packed = pack_indices(_codes(N, K, bits, 7), bits)
+    cb = rng.standard_normal(2**bits).astype(np.float32)
+    dev = torch.device("cuda")
+    storage = torch.zeros(packed.size + 1, dtype=torch.uint8, device=dev)
+    p_dev = storage[1:].view(packed.shape)
+    p_dev.copy_(torch.from_numpy(packed))
+    cb_dev = torch.from_numpy(cb).to(dev)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x_dev = torch.from_numpy(x).to(dev)
+        torch.cuda._sleep(10_000_000)
+        y = codebook_linear(x_dev * 1.0, p_dev, cb_dev, bits) * 1.0
+    side.synchronize()
+    np.testing.assert_allclose(y.cpu().numpy(), _reference_f64(x, packed, cb, bits, K), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_codebook_linear_cuda_empty():
+    dev = torch.device("cuda")
+    packed = torch.from_numpy(pack_indices(np.zeros((3, 5), np.uint8), 4)).to(dev)
+    cb = torch.zeros(16, device=dev)
+    assert tuple(codebook_linear(torch.zeros(0, 5, device=dev), packed, cb, 4).shape) == (0, 3)
+    empty = torch.zeros(0, 3, dtype=torch.uint8, device=dev)
+    assert tuple(codebook_linear(torch.zeros(2, 5, device=dev), empty, cb, 4).shape) == (2, 0)
+
+
 def test_codebook_linear_cuda_entry_without_cuda_build():
     from pyserve import _C
 

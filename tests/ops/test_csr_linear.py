@@ -369,6 +369,141 @@ def test_cuda_bad_input():
         csr_linear(t["x"], t["indptr"], t["indices"], g["values"])
 
 
+def _cuda_args(*arrays):
+    return [torch.from_numpy(a).to("cuda") for a in arrays]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ptr_dtype,index_dtype", [(np.int32, np.int32), (np.int32, np.int64), (np.int64, np.int32),
+                                                   (np.int64, np.int64)])
+@pytest.mark.parametrize("B,N,K,sparsity", [(1, 1, 1, 0.0), (7, 9, 5, 0.3), (8, 8, 64, 0.5), (9, 33, 70, 0.1),
+                                             (17, 5, 3, 0.0), (31, 10, 40, 0.5), (32, 3, 1, 0.0), (33, 9, 7, 0.3),
+                                             (64, 17, 33, 0.2), (65, 20, 40, 0.5), (130, 5, 70, 0.9),
+                                             (2, 300, 500, 0.99), (40, 300, 500, 0.99), (3, 1, 4097, 0.2),
+                                             (0, 5, 3, 0.5)])
+def test_cuda_tile_edges_match_float64_reference(B, N, K, sparsity, ptr_dtype, index_dtype):
+    # Warps of 32 lanes over a row's nonzeros, 8 rows per block, batch chunks of 8 (B < 32), or the
+    # transposed path with 64 batch rows per warp (B >= 32): sizes around and between those, rows
+    # of 0 and > 32 nonzeros, every indptr x indices dtype pair.
+    indptr, indices, values = make_csr(N, K, sparsity, seed=B * 7 + N, index_dtype=index_dtype,
+                                       empty_rows=(0, N // 2))
+    indptr = indptr.astype(ptr_dtype)
+    rng = np.random.default_rng(K)
+    x = rng.standard_normal((B, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    dense = np.zeros((N, K))
+    rows = np.repeat(np.arange(N), np.diff(indptr.astype(np.int64)))
+    dense[rows, indices.astype(np.int64)] = values
+    ref = x.astype(np.float64) @ dense.T + bias
+    y = csr_linear(*_cuda_args(x, indptr, indices, values, bias))
+    assert tuple(y.shape) == (B, N) and y.dtype == torch.float32
+    np.testing.assert_allclose(y.cpu().numpy(), ref, rtol=1e-5, atol=1e-4)
+    y0 = csr_linear(*_cuda_args(x, indptr, indices, values))  # no bias
+    np.testing.assert_allclose(y0.cpu().numpy(), ref - bias, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_empty_matrix_and_batch():
+    for N, B in [(0, 3), (0, 0), (4, 0)]:
+        indptr, indices, values = make_csr(N, 6, 0.5, seed=1)
+        y = csr_linear(*_cuda_args(np.ones((B, 6), np.float32), indptr, indices, values))
+        assert tuple(y.shape) == (B, N)
+    with pytest.raises(ValueError, match=r"indptr\[-1\] == nnz"):
+        csr_linear(*_cuda_args(np.ones((2, 6), np.float32), np.array([0], np.int64), np.zeros(1, np.int64),
+                               np.ones(1, np.float32)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [9, 40])
+def test_cuda_runs_on_the_current_stream_and_recovers_after_an_error(B):
+    # On a busy side stream the kernel must wait for x (made on that stream); after a malformed
+    # call the device-side flag is reset, so the next valid call succeeds.
+    indptr, indices, values = make_csr(300, 200, 0.9, seed=4)
+    x = np.random.default_rng(5).standard_normal((B, 200)).astype(np.float32)
+    ip, ix, v = _cuda_args(indptr, indices, values)
+    bad = ix.clone()
+    bad[3] = 500
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x_dev = torch.from_numpy(x).to("cuda")
+        with pytest.raises(ValueError, match=r"indices\[3\] = 500"):
+            csr_linear(x_dev, ip, bad, v)
+        torch.cuda._sleep(10_000_000)
+        y = csr_linear(x_dev * 1.0, ip, ix, v)
+    np.testing.assert_allclose(y.cpu().numpy(), csr_linear(x, indptr, indices, values), rtol=1e-5, atol=1e-4)
+
+
+def test_cuda_view_describes_the_tensor_like_torch():
+    # The CUDA face hands _C a prebuilt __cuda_array_interface__ for float32/int32/int64 tensors
+    # (torch builds its own in Python on every access); other dtypes and None pass through.
+    from pyserve.ops.sparse import _cuda_view
+
+    for dtype, typestr in [(torch.float32, "<f4"), (torch.int32, "<i4"), (torch.int64, "<i8")]:
+        t = torch.zeros((3, 5), dtype=dtype)
+        assert _cuda_view(t).__cuda_array_interface__ == {
+            "typestr": typestr, "shape": (3, 5), "strides": None, "data": (t.data_ptr(), False), "version": 2}
+    t = torch.zeros(4, dtype=torch.float64)
+    assert _cuda_view(t) is t and _cuda_view(None) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+@pytest.mark.parametrize("shape", [(0,), (7,), (2, 3), (0, 4)])
+def test_cuda_view_equals_torch_interface_on_cuda(dtype, shape):
+    from pyserve.ops.sparse import _cuda_view
+
+    t = torch.zeros(shape, dtype=dtype, device="cuda")
+    assert _cuda_view(t).__cuda_array_interface__ == t.__cuda_array_interface__
+
+
+def _cpu_message(x, indptr, indices, values):
+    with pytest.raises(ValueError) as info:
+        csr_linear(x, indptr, indices, values)
+    return str(info.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ptr_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("B", [0, 1, 12, 40])
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("kind", ["negative", "too_large", "repeat", "descending"])
+def test_cuda_bad_indices_give_the_cpu_message(kind, where, B, ptr_dtype):
+    indptr, indices, values = make_csr(200, 50, 0.8, seed=9, empty_rows=range(0, 200, 7))
+    indptr = indptr.astype(ptr_dtype)
+    pos = {"first": 1, "middle": len(indices) // 2, "last": len(indices) - 1}[where]
+    bad = indices.copy()
+    bad[pos] = {"negative": -3, "too_large": 50, "repeat": bad[pos - 1], "descending": bad[pos - 1] - 1}[kind]
+    x = np.ones((B, 50), np.float32)
+    expected = _cpu_message(x, indptr, bad, values)
+    with pytest.raises(ValueError) as info:
+        csr_linear(*_cuda_args(x, indptr, bad, values))
+    assert str(info.value) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["first", "descending", "last_short", "last_long", "huge", "negative"])
+def test_cuda_bad_indptr_gives_the_cpu_message(kind):
+    indptr, indices, values = make_csr(40, 30, 0.7, seed=3, index_dtype=np.int64, empty_rows=(5,))
+    bad = indptr.copy()
+    if kind == "first":
+        bad[0] = 1
+    elif kind == "descending":
+        bad[20] = bad[21] + 1
+    elif kind == "last_short":
+        bad[-1] -= 1
+    elif kind == "last_long":
+        bad[-1] += 1
+    elif kind == "huge":
+        bad[10] = 10**12
+    else:
+        bad[10] = -4
+    x = np.ones((3, 30), np.float32)
+    expected = _cpu_message(x, bad, indices, values)
+    with pytest.raises(ValueError) as info:
+        csr_linear(*_cuda_args(x, bad, indices, values))
+    assert str(info.value) == expected and "argument 'indptr'" in expected
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("B", [0, 1, 12])
 def test_first_bad_index_is_reported_exactly(B, path, threads):

@@ -298,6 +298,75 @@ def test_int8_linear_cuda_matches_cpu(B, K, N):
     np.testing.assert_allclose(y.cpu().numpy(), cpu, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(cpu).max(initial=0))))
 
 
+def _int8_cuda(x, w_int8, w_scale, bias):
+    dev = torch.device("cuda")
+    return int8_linear(*(None if a is None else torch.from_numpy(a).to(dev) for a in (x, w_int8, w_scale, bias)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 7, 8, 9, 16, 17, 32, 33, 65, 130])
+@pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (4, 33), (7, 31), (63, 2), (64, 64), (65, 9), (130, 40), (260, 33), (0, 3)])
+def test_int8_linear_cuda_tile_edges_are_bit_identical_to_cpu(B, K, N):
+    # B <= 16: warp-per-channel kernel (batch chunks of 8); B > 16: 32 x 32 tiles over K steps of
+    # 128 bytes. K % 4 != 0 takes the byte-load path. The int32 sums are exact and the epilogue has
+    # the CPU's two roundings, so the result is equal bit for bit.
+    x = _gauss((B, K), B + K)
+    w_int8, w_scale = quantize_per_channel(_gauss((N, K), N + 1))
+    bias = _gauss((N,), 3)
+    for b in (bias, None):
+        cpu = int8_linear(x, w_int8, w_scale, b)
+        np.testing.assert_array_equal(_int8_cuda(x, w_int8, w_scale, b).cpu().numpy(), cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [3, 40])
+def test_int8_linear_cuda_unaligned_weight_rows(B):
+    # K % 4 == 0 but w starts one byte into its storage: the launcher must take the byte path.
+    K, N = 64, 33
+    x = _gauss((B, K), 5)
+    w_int8, w_scale = quantize_per_channel(_gauss((N, K), 6))
+    dev = torch.device("cuda")
+    storage = torch.zeros(N * K + 1, dtype=torch.int8, device=dev)
+    w_dev = storage[1:].view(N, K)
+    w_dev.copy_(torch.from_numpy(w_int8))
+    assert w_dev.data_ptr() % 4 == 1
+    y = int8_linear(torch.from_numpy(x).to(dev), w_dev, torch.from_numpy(w_scale).to(dev))
+    np.testing.assert_array_equal(y.cpu().numpy(), int8_linear(x, w_int8, w_scale))
+
+
+@pytest.mark.gpu
+def test_int8_linear_cuda_empty_and_saturating_inputs():
+    w_int8, w_scale = quantize_per_channel(_gauss((5, 12), 7))
+    assert tuple(_int8_cuda(np.zeros((0, 12), np.float32), w_int8, w_scale, None).shape) == (0, 5)
+    x = np.zeros((3, 12), np.float32)  # all-zero rows: scale 1, y = bias
+    x[1] = 1e30
+    x[2, ::2] = -2.5  # ties at +-127 after scaling, round half to even elsewhere
+    x[2, 1::2] = np.linspace(-1, 1, 6)
+    bias = _gauss((5,), 8)
+    np.testing.assert_array_equal(_int8_cuda(x, w_int8, w_scale, bias).cpu().numpy(),
+                                  int8_linear(x, w_int8, w_scale, bias))
+    no_rows = np.zeros((0, 12), np.int8)
+    assert tuple(_int8_cuda(x, no_rows, np.zeros(0, np.float32), None).shape) == (3, 0)
+
+
+@pytest.mark.gpu
+def test_int8_linear_cuda_runs_on_the_current_stream():
+    # No host synchronisation: the result must be ordered on torch's current stream.
+    B, K, N = 40, 768, 768
+    x = _gauss((B, K), 9)
+    w_int8, w_scale = quantize_per_channel(_gauss((N, K), 10))
+    dev = torch.device("cuda")
+    w_dev, s_dev = torch.from_numpy(w_int8).to(dev), torch.from_numpy(w_scale).to(dev)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        x_dev = torch.from_numpy(x).to(dev, non_blocking=False)
+        torch.cuda._sleep(10_000_000)  # keep the stream busy so a kernel on another stream would race
+        y = int8_linear(x_dev * 1.0, w_dev, s_dev)
+        y2 = y * 1.0
+    side.synchronize()
+    np.testing.assert_array_equal(y2.cpu().numpy(), int8_linear(x, w_int8, w_scale))
+
+
 def test_int8_linear_cuda_entry_without_cuda_build():
     from pyserve import _C
 

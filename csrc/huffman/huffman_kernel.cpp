@@ -8,6 +8,7 @@
 #include <cstring>
 #include <memory>
 #include <numeric>
+#include <thread>
 
 #include "common/checks.h"
 
@@ -542,7 +543,10 @@ PYSERVE_INLINE bool decode_typed(const uint8_t* data, const StreamInfo& info, co
   const int blocks = S / kBlockChunks + (S % kBlockChunks != 0);
   std::vector<std::string> errors(static_cast<std::size_t>(blocks));
   std::atomic<int> first_bad{blocks};
-  threads = std::max(1, std::min(threads, blocks));
+  // More threads than the machine has only adds thread creation (and a process limit on threads
+  // would make the OpenMP runtime abort): capped at the hardware threads.
+  const int hardware = static_cast<int>(std::thread::hardware_concurrency());
+  threads = std::max(1, std::min({threads, blocks, hardware > 0 ? hardware : 1}));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int b = 0; b < blocks; ++b) {
     if (b > first_bad.load(std::memory_order_relaxed)) continue;  // a lower block already failed
@@ -946,7 +950,7 @@ bool parse_stream(const uint8_t* data, std::size_t size, StreamInfo* info, std::
     return fail(str_cat("code lengths violate the Kraft equality: sum 2^-len = ", kraft, "/", (uint64_t{1} << kMaxCodeLength),
                         kraft > (uint64_t{1} << kMaxCodeLength) ? " > 1 (oversubscribed)" : " < 1 (incomplete)"));
   uint64_t C;  // symbols per bitstream (the last may hold fewer)
-  std::vector<uint64_t> bits;
+  int width;   // bytes per stored bit length
   if (version == kFormatVersionChunked) {
     if (size - pos < 4) return fail(str_cat("truncated stream: the chunk size needs 4 bytes, ", size - pos, " remain"));
     C = read_le(data + pos, 4);
@@ -960,44 +964,54 @@ bool parse_stream(const uint8_t* data, std::size_t size, StreamInfo* info, std::
     // chunks <= (size - pos) / 4: below 2^31 for any buffer under 8 GiB; checked for larger ones.
     if (chunks >= (uint64_t{1} << 31)) return fail(str_cat("too many chunks: ", chunks));
     S = static_cast<int>(chunks);
-    bits.resize(S);
-    for (int s = 0; s < S; ++s) bits[s] = read_le(data + pos + 4 * static_cast<std::size_t>(s), 4);
-    pos += 4 * static_cast<std::size_t>(S);
+    width = 4;
   } else {
     if ((size - pos) / 8 < static_cast<std::size_t>(S))
       return fail(str_cat("truncated stream: ", S, " bitstream sizes need ", 8 * S, " bytes, ", size - pos, " remain"));
     C = N / S + (N % S != 0);
-    bits.resize(S);
-    for (int s = 0; s < S; ++s) bits[s] = read_le(data + pos + 8 * s, 8);
-    pos += 8 * static_cast<std::size_t>(S);
+    width = 8;
   }
-  info->chunk_symbols = C;
-  info->num_streams = S;
-  info->stream_bits = bits;
-  info->stream_offset.resize(S);
-  info->stream_count.resize(S);
-  info->stream_begin.resize(S);
-  for (int s = 0; s < S; ++s) {
-    const uint64_t remain = size - pos;
-    if (bits[s] / 8 > remain || (bits[s] + 7) / 8 > remain)
-      return fail(str_cat("truncated stream: bitstream ", s, " has ", bits[s], " bits but only ", remain, " bytes remain"));
-    const uint64_t nbytes = (bits[s] + 7) / 8;
-    if (bits[s] % 8) {
-      const uint8_t pad_mask = static_cast<uint8_t>((1u << (8 - bits[s] % 8)) - 1);
-      if (data[pos + nbytes - 1] & pad_mask) return fail(str_cat("bitstream ", s, " has nonzero padding bits"));
+  const uint8_t* sizes = data + pos;
+  const std::size_t payload = pos + static_cast<std::size_t>(width) * static_cast<std::size_t>(S);
+  // Two passes over the bitstream sizes: the first checks every one (and allocates nothing, so a
+  // hostile stream is refused at no memory cost), the second fills the per-bitstream tables.
+  for (int pass = 0; pass < 2; ++pass) {
+    if (pass == 1) {
+      info->chunk_symbols = C;
+      info->num_streams = S;
+      info->stream_bits.resize(S);
+      info->stream_offset.resize(S);
+      info->stream_count.resize(S);
+      info->stream_begin.resize(S);
     }
-    const uint64_t begin = std::min(N, C * static_cast<uint64_t>(s));
-    const uint64_t n = std::min(N, begin + C) - begin;
-    // n <= N <= 8 * size here, so n * max_len cannot overflow.
-    if (bits[s] < n * static_cast<uint64_t>(min_len) || bits[s] > n * static_cast<uint64_t>(max_len))
-      return fail(str_cat("bitstream ", s, ": ", bits[s], " bits cannot hold its ", n, " symbols with codes of ", min_len,
-                          "..", max_len, " bits"));
-    info->stream_offset[s] = pos;
-    info->stream_count[s] = n;
-    info->stream_begin[s] = begin;
-    pos += nbytes;
+    pos = payload;
+    for (int s = 0; s < S; ++s) {
+      const uint64_t bits = read_le(sizes + static_cast<std::size_t>(width) * static_cast<std::size_t>(s), width);
+      const uint64_t begin = std::min(N, C * static_cast<uint64_t>(s));
+      const uint64_t n = std::min(N, begin + C) - begin;
+      const uint64_t nbytes = (bits + 7) / 8;
+      if (pass == 0) {
+        const uint64_t remain = size - pos;
+        if (bits / 8 > remain || nbytes > remain)
+          return fail(str_cat("truncated stream: bitstream ", s, " has ", bits, " bits but only ", remain, " bytes remain"));
+        if (bits % 8) {
+          const uint8_t pad_mask = static_cast<uint8_t>((1u << (8 - bits % 8)) - 1);
+          if (data[pos + nbytes - 1] & pad_mask) return fail(str_cat("bitstream ", s, " has nonzero padding bits"));
+        }
+        // n <= N <= 8 * size here, so n * max_len cannot overflow.
+        if (bits < n * static_cast<uint64_t>(min_len) || bits > n * static_cast<uint64_t>(max_len))
+          return fail(str_cat("bitstream ", s, ": ", bits, " bits cannot hold its ", n, " symbols with codes of ",
+                              min_len, "..", max_len, " bits"));
+      } else {
+        info->stream_bits[s] = bits;
+        info->stream_offset[s] = pos;
+        info->stream_count[s] = n;
+        info->stream_begin[s] = begin;
+      }
+      pos += nbytes;
+    }
+    if (pos != size) return fail(str_cat("trailing data: the stream ends at byte ", pos, " but the buffer has ", size));
   }
-  if (pos != size) return fail(str_cat("trailing data: the stream ends at byte ", pos, " but the buffer has ", size));
   return true;
 }
 

@@ -60,6 +60,7 @@ symbol). ``.pyserve`` artifacts still store version 1 streams (they are decoded 
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -150,6 +151,8 @@ def huffman_encode(symbols: Any, chunk_symbols: Optional[int] = None) -> bytes:
     Canonical Huffman codes (Huffman 1952; RFC 1951 section 3.2.2) with lengths from
     package-merge (Larmore & Hirschberg 1990). Runs on one thread; the GIL is released.
     """
+    if isinstance(chunk_symbols, numbers.Integral) and not isinstance(chunk_symbols, bool):
+        chunk_symbols = int(chunk_symbols)  # numpy integers too; _C checks the range
     return _C.huffman_encode(_symbols_to_numpy(symbols), chunk_symbols)
 
 
@@ -179,9 +182,12 @@ def _cuda_device(device: Any) -> Optional[Any]:
     if not isinstance(text, str):
         raise ValueError(f"huffman_decode: argument 'device': expected None, 'cpu', 'cuda', 'cuda:N' or a "
                          f"torch.device, got {type(device).__name__}")
-    if text == "cpu":
+    def index_ok(tail: str) -> bool:  # ASCII digits only (str.isdigit also takes '²' and full-width digits)
+        return tail.isascii() and tail.isdigit() and len(tail) <= 9
+
+    if text == "cpu" or (text.startswith("cpu:") and index_ok(text[4:])):
         return None
-    if not (text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())):
+    if not (text == "cuda" or (text.startswith("cuda:") and index_ok(text[5:]))):
         raise ValueError(f"huffman_decode: argument 'device': expected None, 'cpu', 'cuda', 'cuda:N' or a "
                          f"torch.device, got {device!r}")
     if not _C.build_info()["cuda"]:
@@ -203,8 +209,8 @@ def huffman_decode(stream: BytesLike, device: Any = None) -> Any:
     ----------
     stream : bytes, bytearray or memoryview
         Exactly one encoded stream (any C-contiguous buffer works, e.g. a uint8 numpy array).
-    device : None, "cpu", "cuda", "cuda:N" or torch.device, optional
-        Where to decode. None or "cpu": on the host, into a numpy array. A CUDA device: the stream
+    device : None, "cpu", "cpu:N", "cuda", "cuda:N" or torch.device, optional
+        Where to decode. None or a CPU device: on the host, into a numpy array. A CUDA device: the stream
         is copied to the GPU and decoded there, one thread per chunk (format version 2 spreads the
         work over ``ceil(n / chunk_symbols)`` threads; version 1 over its 1-4 bitstreams only, so
         write streams meant for GPU decoding with ``chunk_symbols``).

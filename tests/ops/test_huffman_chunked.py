@@ -7,6 +7,9 @@ device="cuda")`` with the host decoder and the bit-by-bit reference on the same 
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -93,6 +96,39 @@ def test_long_codes_round_trip():
         stream = huffman_encode(x, chunk_symbols=777)
         assert int(ref.parse_huffman_stream(stream).lengths.max()) > 11  # past the primary table
         np.testing.assert_array_equal(huffman_decode(stream), x)
+
+
+def test_numpy_integer_chunk_symbols():
+    x = np.arange(100, dtype=np.uint8)
+    assert huffman_encode(x, chunk_symbols=np.int64(7)) == huffman_encode(x, chunk_symbols=7)
+    with pytest.raises(ValueError, match="argument 'chunk_symbols'"):
+        huffman_encode(x, chunk_symbols=np.int32(0))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_rejected_stream_allocates_little():
+    # A v2 header announcing ~2 million 1-symbol chunks whose sizes do not fit: refused before the
+    # per-chunk tables are allocated (they would take ~80 MB, ~10x the input). In a fresh process
+    # whose address space is capped 48 MB above what it has mapped once the input is built.
+    code = textwrap.dedent("""
+        import resource, struct
+        from pyserve.ops import huffman_decode
+        size = 8 * 2**20
+        chunks = (size - 31) // 4
+        b = (b"PSHF" + bytes([2, 1, 0, 0]) + struct.pack("<QIH", chunks, 1, 0) + b"\\x01"
+             + struct.pack("<I", 1) + struct.pack("<I", 1) * chunks)
+        b += bytes(size - len(b))
+        vm_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:"))
+        cap = (vm_kb + 48 * 1024) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        try:
+            huffman_decode(b)
+        except ValueError as exc:
+            assert "truncated stream: bitstream" in str(exc), exc
+            print("refused")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "refused", out.stdout + out.stderr[-500:]
 
 
 @pytest.mark.parametrize("bad", [0, -1, HUFFMAN_MAX_CHUNK_SYMBOLS + 1, 2**64, 1.5, "16", True])
@@ -191,7 +227,9 @@ def test_device_argument_errors():
     s = huffman_encode(np.arange(10, dtype=np.uint8), chunk_symbols=4)
     np.testing.assert_array_equal(huffman_decode(s, device="cpu"), np.arange(10))
     np.testing.assert_array_equal(huffman_decode(s, device=None), np.arange(10))
-    for bad in ("gpu", "cuda:x", 3):
+    np.testing.assert_array_equal(huffman_decode(s, device="cpu:0"), np.arange(10))
+    np.testing.assert_array_equal(huffman_decode(s, device=torch.device("cpu", 0)), np.arange(10))
+    for bad in ("gpu", "cuda:x", 3, "cuda:\u00b2", "cuda:\uff11", "cuda:99999999999999999999", "cpu:x"):
         with pytest.raises(ValueError, match="huffman_decode: argument 'device': expected None, 'cpu', 'cuda'"):
             huffman_decode(s, device=bad)
 

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/cuda_check.cuh"
 #include "huffman/huffman_kernel_cuda.h"
 
 namespace pyserve {
@@ -172,18 +173,12 @@ __global__ void decode_kernel(const uint32_t* __restrict__ words, const Chunk* _
       o[j] = static_cast<T>(acc >> (8 * sizeof(T) * (j % kPer)));
 }
 
-bool check(cudaError_t err, const char* what, std::string* error) {
-  if (err == cudaSuccess) return true;
-  *error = std::string(what) + ": " + cudaGetErrorString(err);
-  return false;
-}
-
 std::size_t round_up(std::size_t v, std::size_t m) { return (v + m - 1) / m * m; }
 
 // The CUDA device that owns `ptr`, or -1 with *error set.
 int pointer_device(const void* ptr, std::string* error) {
   cudaPointerAttributes attr{};
-  if (!check(cudaPointerGetAttributes(&attr, ptr), "cudaPointerGetAttributes", error)) return -1;
+  if (!cuda_check(cudaPointerGetAttributes(&attr, ptr), "cudaPointerGetAttributes", error)) return -1;
   if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
     *error = "not a CUDA device pointer";
     return -1;
@@ -198,7 +193,7 @@ bool decode_symbols_cuda(const uint8_t* data, std::size_t size, const StreamInfo
   *corrupt = false;
   if (info.count == 0) return true;
   const int device = pointer_device(out, error);
-  if (device < 0 || !check(cudaSetDevice(device), "cudaSetDevice", error)) return false;
+  if (device < 0 || !cuda_check(cudaSetDevice(device), "cudaSetDevice", error)) return false;
   CanonicalTables t;
   build_canonical_tables(info, &t);
   const std::size_t S = static_cast<std::size_t>(info.num_streams);
@@ -235,11 +230,11 @@ bool decode_symbols_cuda(const uint8_t* data, std::size_t size, const StreamInfo
   bool pooled = cudaMallocAsync(reinterpret_cast<void**>(&dev), total, 0) == cudaSuccess;
   if (!pooled) {
     (void)cudaGetLastError();
-    if (!check(cudaMalloc(&dev, total), "cudaMalloc", error)) return false;
+    if (!cuda_check(cudaMalloc(&dev, total), "cudaMalloc", error)) return false;
   }
-  bool ok = check(cudaMemcpy(dev, data, size, cudaMemcpyHostToDevice), "cudaMemcpy (stream)", error) &&
-            check(cudaMemset(dev + size, 0, off_chunks - size), "cudaMemset", error) &&
-            check(cudaMemcpy(dev + off_chunks, host.data(), host.size(), cudaMemcpyHostToDevice), "cudaMemcpy (tables)",
+  bool ok = cuda_check(cudaMemcpy(dev, data, size, cudaMemcpyHostToDevice), "cudaMemcpy (stream)", error) &&
+            cuda_check(cudaMemset(dev + size, 0, off_chunks - size), "cudaMemset", error) &&
+            cuda_check(cudaMemcpy(dev + off_chunks, host.data(), host.size(), cudaMemcpyHostToDevice), "cudaMemcpy (tables)",
                   error);
   if (ok) {
     const auto* words = reinterpret_cast<const uint32_t*>(dev);
@@ -257,9 +252,9 @@ bool decode_symbols_cuda(const uint8_t* data, std::size_t size, const StreamInfo
     else
       decode_kernel<uint16_t><<<blocks, kThreads>>>(words, dchunks, n, dtable, dmulti, dcanon, dsorted, t.max_len,
                                                     static_cast<uint16_t*>(out), dflag);
-    ok = check(cudaGetLastError(), "huffman decode_kernel launch", error);
+    ok = cuda_check(cudaGetLastError(), "huffman decode_kernel launch", error);
     unsigned long long bad = kNoBad;
-    if (ok) ok = check(cudaMemcpy(&bad, dflag, sizeof bad, cudaMemcpyDeviceToHost), "cudaMemcpy (result)", error);
+    if (ok) ok = cuda_check(cudaMemcpy(&bad, dflag, sizeof bad, cudaMemcpyDeviceToHost), "cudaMemcpy (result)", error);
     if (ok) *corrupt = bad != kNoBad;
   }
   if (pooled)

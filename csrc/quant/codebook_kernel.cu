@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <string>
 
+#include "common/cuda_check.cuh"
 #include "quant/codebook_kernel_cuda.h"
 
 namespace pyserve {
@@ -121,12 +122,7 @@ bool codebook_linear_cuda(const float* x, const uint8_t* packed, const float* co
     case 8: launch<8>(x, packed, codebook, bias, y, B, K, N, per_channel, stream); break;
     default: *error = "codebook_linear_cuda: bits must be in 2..8, got " + std::to_string(bits); return false;
   }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    *error = std::string("codebook_linear_kernel launch: ") + cudaGetErrorString(err);
-    return false;
-  }
-  return true;
+  return cuda_check(cudaGetLastError(), "codebook_linear_kernel launch", error);
 }
 
 }  // namespace quant

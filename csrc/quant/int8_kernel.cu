@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <string>
 
+#include "common/cuda_check.cuh"
 #include "quant/int8_kernel_cuda.h"
 
 namespace pyserve {
@@ -191,12 +192,6 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
-bool check(cudaError_t err, const char* what, std::string* error) {
-  if (err == cudaSuccess) return true;
-  *error = std::string(what) + ": " + cudaGetErrorString(err);
-  return false;
-}
-
 template <bool Aligned>
 void launch_gemm(const int8_t* xq, const float* sx, const int8_t* w, const float* sw, const float* bias, float* y,
                  int64_t B, int64_t K, int64_t N, cudaStream_t stream) {
@@ -219,14 +214,14 @@ bool int8_linear_cuda(const float* x, const int8_t* w, const float* w_scale, con
   if (B == 0 || N == 0) return true;
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   quantize_rows_kernel<<<static_cast<unsigned>(B), kQuantThreads, 0, stream>>>(x, K, xq, x_scale);
-  if (!check(cudaGetLastError(), "quantize_rows_kernel launch", error)) return false;
+  if (!cuda_check(cudaGetLastError(), "quantize_rows_kernel launch", error)) return false;
   const bool aligned = K % 4 == 0 && reinterpret_cast<std::uintptr_t>(w) % 4 == 0 &&
                        reinterpret_cast<std::uintptr_t>(xq) % 4 == 0;
   if (aligned)
     launch_gemm<true>(xq, x_scale, w, w_scale, bias, y, B, K, N, stream);
   else
     launch_gemm<false>(xq, x_scale, w, w_scale, bias, y, B, K, N, stream);
-  return check(cudaGetLastError(), "int8 GEMM kernel launch", error);
+  return cuda_check(cudaGetLastError(), "int8 GEMM kernel launch", error);
 }
 
 }  // namespace quant

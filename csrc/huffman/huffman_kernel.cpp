@@ -72,13 +72,16 @@ inline void write_le(uint8_t* p, uint64_t v, int n) {
   for (int i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
 }
 
-// Symbols of stream s: [s*C, min(N, (s+1)*C)) with C = ceil(N / S). Requires N < 2^63.
-inline void stream_range(uint64_t n, int num_streams, int s, uint64_t* begin, uint64_t* count) {
-  const uint64_t chunk = n / num_streams + (n % num_streams != 0);
-  const uint64_t b = std::min<uint64_t>(n, chunk * static_cast<uint64_t>(s));
-  const uint64_t e = std::min<uint64_t>(n, chunk * static_cast<uint64_t>(s + 1));
+// Symbols of bitstream / chunk s when each holds `chunk` symbols: [s*C, min(N, (s+1)*C)).
+// Version 2 stores C; version 1 has C = ceil(N / S) (stream_chunk). Requires N < 2^63.
+inline void chunk_range(uint64_t n, uint64_t chunk, uint64_t s, uint64_t* begin, uint64_t* count) {
+  const uint64_t b = std::min<uint64_t>(n, chunk * s);
   *begin = b;
-  *count = e - b;
+  *count = std::min<uint64_t>(n, b + chunk) - b;
+}
+inline uint64_t stream_chunk(uint64_t n, int num_streams) { return n / num_streams + (n % num_streams != 0); }
+inline void stream_range(uint64_t n, int num_streams, int s, uint64_t* begin, uint64_t* count) {
+  chunk_range(n, stream_chunk(n, num_streams), static_cast<uint64_t>(s), begin, count);
 }
 
 // ---- histograms ---------------------------------------------------------------------------------
@@ -740,7 +743,9 @@ void plan_encode(const void* symbols, uint64_t count, SymbolType type, EncodePla
     plan->stream_bits.assign(chunks, 0);
     const uint8_t* len = plan->lengths.data();
     for (uint64_t c = 0; c < chunks; ++c) {
-      const uint64_t b = c * chunk_symbols, e = std::min(count, b + chunk_symbols);
+      uint64_t b = 0, n = 0;
+      chunk_range(count, chunk_symbols, c, &b, &n);
+      const uint64_t e = b + n;
       uint64_t bits = 0;
       if (type == SymbolType::kUint8)
         for (uint64_t i = b; i < e; ++i) bits += len[s8[i] - lo];
@@ -820,14 +825,10 @@ bool write_encoded(const void* symbols, const EncodePlan& plan, uint8_t* out, st
     tab[i] = (plan.codes[i] << 8) | plan.lengths[i];
     max_len = std::max<int>(max_len, plan.lengths[i]);
   }
+  const uint64_t chunk = chunked ? plan.chunk_symbols : stream_chunk(plan.count, plan.num_streams);
   for (int s = 0; s < plan.num_streams; ++s) {
     uint64_t begin = 0, n = 0;
-    if (chunked) {
-      begin = static_cast<uint64_t>(s) * plan.chunk_symbols;
-      n = std::min(plan.count - begin, plan.chunk_symbols);
-    } else {
-      stream_range(plan.count, plan.num_streams, s, &begin, &n);
-    }
+    chunk_range(plan.count, chunk, static_cast<uint64_t>(s), &begin, &n);
     uint8_t* stream_end;
     if (plan.type == SymbolType::kUint8)
       stream_end = encode_chunk_dispatch(static_cast<const uint8_t*>(symbols) + begin, n, plan.lo, tab_size - 1,
@@ -968,7 +969,7 @@ bool parse_stream(const uint8_t* data, std::size_t size, StreamInfo* info, std::
   } else {
     if ((size - pos) / 8 < static_cast<std::size_t>(S))
       return fail(str_cat("truncated stream: ", S, " bitstream sizes need ", 8 * S, " bytes, ", size - pos, " remain"));
-    C = N / S + (N % S != 0);
+    C = stream_chunk(N, S);
     width = 8;
   }
   const uint8_t* sizes = data + pos;
@@ -987,8 +988,8 @@ bool parse_stream(const uint8_t* data, std::size_t size, StreamInfo* info, std::
     pos = payload;
     for (int s = 0; s < S; ++s) {
       const uint64_t bits = read_le(sizes + static_cast<std::size_t>(width) * static_cast<std::size_t>(s), width);
-      const uint64_t begin = std::min(N, C * static_cast<uint64_t>(s));
-      const uint64_t n = std::min(N, begin + C) - begin;
+      uint64_t begin = 0, n = 0;
+      chunk_range(N, C, static_cast<uint64_t>(s), &begin, &n);
       const uint64_t nbytes = (bits + 7) / 8;
       if (pass == 0) {
         const uint64_t remain = size - pos;

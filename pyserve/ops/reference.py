@@ -146,12 +146,16 @@ def total_bits(counts: np.ndarray, lengths: np.ndarray) -> int:
     return int(np.dot(np.asarray(counts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)))
 
 
+def chunk_ranges(n: int, chunk: int, count: int) -> list[tuple[int, int]]:
+    """``[(begin, end)]`` of ``count`` bitstreams / chunks of ``chunk`` symbols each (the last ones may hold fewer)."""
+    return [(min(n, s * chunk), min(n, (s + 1) * chunk)) for s in range(count)]
+
+
 def stream_ranges(n: int, num_streams: int) -> list[tuple[int, int]]:
     """``[(begin, end)]`` of each bitstream's symbols: chunks of ``ceil(n / num_streams)``."""
     if num_streams == 0:
         return []
-    chunk = -(-n // num_streams)
-    return [(min(n, s * chunk), min(n, (s + 1) * chunk)) for s in range(num_streams)]
+    return chunk_ranges(n, -(-n // num_streams), num_streams)
 
 
 @dataclass(frozen=True)
@@ -171,8 +175,7 @@ class ParsedHuffmanStream:
     def ranges(self) -> list[tuple[int, int]]:
         """``[(begin, end)]`` of each bitstream's (version 1) or chunk's (version 2) symbols."""
         if self.version == CHUNKED_VERSION:
-            c = self.chunk_symbols
-            return [(s * c, min(self.count, (s + 1) * c)) for s in range(self.num_streams)]
+            return chunk_ranges(self.count, self.chunk_symbols, self.num_streams)
         return stream_ranges(self.count, self.num_streams)
 
 
@@ -279,7 +282,7 @@ def huffman_encode_reference(symbols: np.ndarray, lengths: np.ndarray | None = N
         return struct.pack("<4sBBBBQIH", MAGIC, version, _CODES[dtype], 0, 0, 0, 0, 0)
     if chunk_symbols is not None:
         num_streams = -(-n // chunk_symbols)
-        ranges = [(s * chunk_symbols, min(n, (s + 1) * chunk_symbols)) for s in range(num_streams)]
+        ranges = chunk_ranges(n, chunk_symbols, num_streams)
     else:
         if num_streams is None:
             num_streams = 1 if n < MULTI_STREAM_THRESHOLD else ENCODER_STREAMS

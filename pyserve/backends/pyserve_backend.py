@@ -4,7 +4,11 @@ Loading reads, verifies (checksums) and decodes the artifact in a thread executo
 Linear layer on the fastest of the native kernels its stored form allows — torch's dense fp32,
 ``int8_linear`` (int8 weights), ``csr_linear`` (pruned weights), ``codebook_linear`` (pruned and
 weight-shared) — measured at load (:func:`pyserve.artifact.kernels.native_module`); the choice per
-layer is in :attr:`PyserveBackend.kernel_choices`. ``kernels`` (or the ``PYSERVE_KERNELS``
+layer is in :attr:`PyserveBackend.kernel_choices`. A graph made only of Linear layers and ReLUs
+(LeNet-300-100 and other MLPs) then runs as a straight-line NumPy plan
+(:func:`pyserve.artifact.plan.compile_plan`: no torch.fx/pytree/dispatch cost per call, BLAS
+without the GIL), checked at load against the graph on a sample input; ``executor="graph"`` (or
+``PYSERVE_EXECUTOR=graph``) keeps the GraphModule. :attr:`PyserveBackend.executor` says which runs. ``kernels`` (or the ``PYSERVE_KERNELS``
 environment variable) forces ``dense`` or one kernel instead of ``auto``. Inference runs the module
 under ``torch.inference_mode()`` in the same executor (or inline on the event loop when the server
 measured the execution as tiny, see ``serve --inline-max-us``). torch and the
@@ -27,10 +31,14 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Sequence
 
-from pyserve.backends._common import run_torch_batch, skip_export_input_checks
+from pyserve.backends._common import run_each, run_torch_batch, skip_export_input_checks
 from pyserve.backends.base import InferInputs, InferResult, ModelSignature, TensorSpec
 
-__all__ = ["INPUT_MODES", "PyserveBackend"]
+__all__ = ["GRAPH_EXECUTORS", "INPUT_MODES", "PyserveBackend"]
+
+#: What runs a loaded graph: ``auto`` (the straight-line plan where the graph allows one, else the
+#: GraphModule) or ``graph`` (always the GraphModule).
+GRAPH_EXECUTORS = ("auto", "graph")
 
 #: What a ``pyserve`` backend serves: ``auto`` (the text input where the artifact has a tokenizer,
 #: else token ids), ``text`` (refuse an artifact without one), ``token_ids`` (the graph's inputs).
@@ -43,7 +51,7 @@ class PyserveBackend:
     platform = "pyserve"
 
     def __init__(self, artifact_path: Path, *, executor: Executor | None = None, kernels: str | None = None,
-                 inputs: str | None = None) -> None:
+                 inputs: str | None = None, graph_executor: str | None = None) -> None:
         self._path = Path(artifact_path)
         self._executor = executor
         self._kernels = kernels or os.environ.get("PYSERVE_KERNELS", "auto")
@@ -51,10 +59,17 @@ class PyserveBackend:
         if self._inputs not in INPUT_MODES:
             raise ValueError(f"pyserve backend: argument 'inputs' (or PYSERVE_INPUTS): expected one of {INPUT_MODES}, "
                              f"got {self._inputs!r}")
+        self._graph_executor = graph_executor or os.environ.get("PYSERVE_EXECUTOR", "auto")
+        if self._graph_executor not in GRAPH_EXECUTORS:
+            raise ValueError(f"pyserve backend: argument 'graph_executor' (or PYSERVE_EXECUTOR): expected one of "
+                             f"{GRAPH_EXECUTORS}, got {self._graph_executor!r}")
         self._module = None
+        self._plan = None
         self._signature: ModelSignature | None = None
         #: weight tensor name -> kernel ("dense", "int8", "csr", "codebook"), set by load()
         self.kernel_choices: dict[str, str] = {}
+        #: what runs the graph, set by load(): "plan" (straight-line NumPy plan) or "graph" (the GraphModule)
+        self.executor: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -70,7 +85,11 @@ class PyserveBackend:
         loop = asyncio.get_running_loop()
         module, signature, choices = await loop.run_in_executor(
             self._executor, functools.partial(_load, self._path, self._kernels, self._inputs))
-        self._module, self._signature, self.kernel_choices = module, signature, choices
+        plan = None
+        if self._graph_executor == "auto" and getattr(module, "text", None) is None:
+            plan = await loop.run_in_executor(self._executor, _plan_for, module, signature)
+        self._module, self._plan, self._signature, self.kernel_choices = module, plan, signature, choices
+        self.executor = "graph" if plan is None else "plan"
 
     async def infer(self, batch: Sequence[InferInputs]) -> list[InferResult]:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.infer_sync, list(batch))
@@ -80,12 +99,16 @@ class PyserveBackend:
         module, signature = self._module, self._signature
         if module is None or signature is None:
             raise RuntimeError(f"backend for {self._path} is not loaded")
+        plan = self._plan
+        if plan is not None:
+            return run_plan_batch(plan, signature, batch)
         if getattr(module, "text", None) is not None:
             return _run_text_batch(module, signature, list(batch))
         return run_torch_batch(module, signature, batch)
 
     async def unload(self) -> None:
         self._module = None
+        self._plan = None
 
 
 #: torch.export's deserializer keeps process-global state (``_CURRENT_DESERIALIZER``), so two
@@ -114,6 +137,44 @@ def _load(path: Path, kernels: str = "auto", inputs: str = "auto"):
         module = art.text_module()  # wraps art.module, already on the native kernels
         return module, ModelSignature(inputs=specs([m.text_input]), outputs=specs(m.outputs)), choices
     return module, ModelSignature(inputs=specs(m.inputs), outputs=specs(m.outputs)), choices
+
+
+def _plan_for(module, signature: ModelSignature):
+    """The module's straight-line plan (checked on a 2-row sample of each input), or None."""
+    import numpy as np
+
+    from pyserve import dtypes
+    from pyserve.artifact.plan import compile_plan
+
+    gen = np.random.default_rng(0)
+    sample = []
+    for spec in signature.inputs:
+        dtype = dtypes.from_name(spec.datatype).numpy
+        if dtype is None or dtype.kind != "f":
+            return None  # the plan runs float graphs (Linear/ReLU); token ids and the like keep the graph
+        shape = tuple(2 if d < 0 else d for d in spec.shape)
+        sample.append(gen.standard_normal(shape).astype(dtype))
+    try:
+        return compile_plan(module, tuple(sample))
+    except Exception:  # noqa: BLE001 - a graph the plan cannot run is served by the GraphModule
+        return None
+
+
+def run_plan_batch(plan, signature: ModelSignature, batch: Sequence[InferInputs]) -> list[InferResult]:
+    """:func:`run_torch_batch` for a straight-line plan: each request's inputs (in signature order)
+    through ``plan``; a failure or an output of another datatype is that request's result only."""
+    from pyserve.backends._common import check_output
+
+    in_names = [s.name for s in signature.inputs]
+    outs = signature.outputs
+
+    def one(inputs: InferInputs):
+        results = plan(*[inputs[n] for n in in_names])
+        if len(results) != len(outs):
+            raise RuntimeError(f"the model returned {len(results)} output(s); its signature declares {len(outs)}")
+        return {spec.name: check_output(r, spec) for spec, r in zip(outs, results)}
+
+    return run_each(one, batch)
 
 
 def _run_text_batch(module, signature: ModelSignature, batch) -> list:

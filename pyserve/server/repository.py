@@ -804,8 +804,11 @@ class ModelRepository:
             model.versions = new
             model.state, model.reason = ModelState.READY, ""
             for mv in fresh:
-                log.info("model %r version %s loaded and warmed up (%s backend)", model.name, mv.version,
-                         config.backend)
+                backend = mv.backend
+                how = ", ".join(f"{k} {v}" for k, v in (("executor", getattr(backend, "executor", None)),
+                                                       ("kernels", _kernel_summary(backend))) if v)
+                log.info("model %r version %s loaded and warmed up (%s backend%s)", model.name, mv.version,
+                         config.backend, f"; {how}" if how else "")
                 if self.on_swap is not None:
                     self.on_swap(model.name, mv.version)
             for mv in retired:
@@ -995,3 +998,14 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, (ValueError, OSError)):
         return text
     return f"{type(exc).__name__}: {text}"
+
+
+def _kernel_summary(backend) -> str:
+    """``"dense x2, csr x1"`` from a pyserve backend's per-layer kernel choices ('' for other backends)."""
+    choices = getattr(backend, "kernel_choices", None)
+    if not isinstance(choices, dict) or not choices:
+        return ""
+    counts: dict = {}
+    for kernel in choices.values():
+        counts[kernel] = counts.get(kernel, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))

@@ -11,6 +11,8 @@ the arithmetic plus a few µs, and NumPy's BLAS calls release the GIL while they
 * ``aten.linear`` with a stored weight ``[N, K]`` and bias: ``x @ W^T + b`` (``W^T`` laid out
   ``[K, N]`` once at compile time), any leading dims,
 * ``aten.relu``: ``max(x, 0)`` (NaN stays NaN, as torch),
+* ``aten.softmax`` / ``aten.log_softmax`` over a constant dim of a float32 activation (max-shifted,
+  as torch computes them),
 * the native kernel nodes :func:`pyserve.artifact.kernels.native_module` put in (``int8_linear``,
   ``csr_linear``, ``codebook_linear`` layers): called as they are, on zero-copy torch views of the
   NumPy arrays.
@@ -82,6 +84,18 @@ def _relu(x):
     return np.maximum(x, np.float32(0)) if x.dtype == np.float32 else np.maximum(x, 0)
 
 
+def _softmax(dim: int, log: bool) -> Callable:
+    def softmax(x):
+        z = x - np.max(x, axis=dim, keepdims=True)
+        if log:
+            return z - np.log(np.sum(np.exp(z), axis=dim, keepdims=True))
+        e = np.exp(z)
+        e /= np.sum(e, axis=dim, keepdims=True)
+        return e
+
+    return softmax
+
+
 def _kernel_node(fn, consts: list) -> Callable:
     """A native kernel node (``fn(x_torch, *consts)``) on NumPy arrays."""
     import torch
@@ -151,6 +165,14 @@ def _steps_of(gm):
             if len(args) != 1 or args[0] not in index:
                 return f"node {node.name}: relu of a non-activation"
             steps.append((_relu, (index[args[0]],)))
+        elif t in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default):
+            if len(args) < 2 or args[0] not in index or not isinstance(args[1], int) or isinstance(args[1], bool):
+                return f"node {node.name}: softmax without a constant dim"
+            extra = args[2] if len(args) > 2 else None
+            if extra not in (None, False):  # a dtype to compute in, or half_to_float
+                return f"node {node.name}: softmax with a dtype"
+            steps.append((_softmax(args[1], t in (aten.log_softmax.int, aten._log_softmax.default)),
+                          (index[args[0]],)))
         elif callable(t) and _is_kernel_fn(t):
             if not args or args[0] not in index:
                 return f"node {node.name}: kernel call on a non-activation"

@@ -1,0 +1,225 @@
+"""pyserve.artifact.plan: the straight-line NumPy plan of Linear/ReLU graphs, checked against torch's
+eager module (an independent computation) and against the GraphModule on native kernel layers; and
+the pyserve backend choosing it (or not) at load."""
+
+import asyncio
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pyserve import artifact
+from pyserve.artifact import plan as plan_mod
+from pyserve.artifact.kernels import native_module
+from pyserve.artifact.plan import compile_plan
+from pyserve.backends.pyserve_backend import PyserveBackend
+from pyserve.ops import quantize_per_channel
+
+
+class MLP(nn.Module):
+    def __init__(self, bias_last=True):
+        super().__init__()
+        self.a = nn.Linear(48, 32)
+        self.b = nn.Linear(32, 24)
+        self.c = nn.Linear(24, 16, bias=bias_last)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _save(tmp_path, net, name="net", encodings=None, example=(2, 5, 48), dynamic_axes=((0, 1),)):
+    path = tmp_path / f"{name}.pyserve"
+    artifact.save(path, net, (torch.randn(*example),), model_name=name, encodings=encodings or {},
+                  dynamic_axes=dynamic_axes)
+    return path
+
+
+@pytest.mark.parametrize("bias_last", [True, False])
+def test_plan_matches_eager_torch(tmp_path, bias_last):
+    torch.manual_seed(1)
+    net = MLP(bias_last).eval()
+    art = artifact.load_artifact(_save(tmp_path, net))
+    module, _ = native_module(art, kernels="dense")
+    plan = compile_plan(module)
+    assert plan is not None and plan.steps == 5  # 3 linear + 2 relu
+    gen = np.random.default_rng(0)
+    for shape in [(1, 1, 48), (4, 3, 48), (2, 17, 48)]:
+        x = gen.standard_normal(shape).astype(np.float32)
+        (got,) = plan(x)
+        with torch.inference_mode():
+            expected = net(torch.from_numpy(x)).numpy()
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_relu_keeps_nan_like_torch(tmp_path):
+    torch.manual_seed(2)
+    net = MLP().eval()
+    module, _ = native_module(artifact.load_artifact(_save(tmp_path, net)), kernels="dense")
+    plan = compile_plan(module)
+    x = np.zeros((1, 2, 48), np.float32)
+    x[0, 1, 3] = np.nan
+    (got,) = plan(x)
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert np.array_equal(np.isnan(got), np.isnan(expected)) and np.isnan(got[0, 1]).all()
+    np.testing.assert_allclose(got[0, 0], expected[0, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """a: int8; b: pruned + 4-bit codebook; c: pruned raw values (as tests/artifact/test_kernels.py)."""
+    torch.manual_seed(0)
+    net = MLP(bias_last=False).eval()
+    enc = {}
+    with torch.no_grad():
+        q, s = quantize_per_channel(net.a.weight.numpy())
+        net.a.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
+        enc["a.weight"] = artifact.encode_int8(q, s)
+        wb = net.b.weight.numpy().copy()
+        wb[np.abs(wb) < np.quantile(np.abs(wb), 0.7)] = 0
+        cb = np.concatenate([[0.0], np.linspace(-0.2, 0.2, 15)]).astype(np.float32)
+        nz = wb != 0
+        wb[nz] = cb[1:][np.abs(wb[nz][:, None] - cb[1:][None]).argmin(1)]
+        net.b.weight.copy_(torch.from_numpy(wb))
+        enc["b.weight"] = artifact.encode_sparse(wb, index_bits=5, codebook=cb, entropy="huffman")
+        wc = net.c.weight.numpy().copy()
+        wc[np.abs(wc) < np.quantile(np.abs(wc), 0.8)] = 0
+        net.c.weight.copy_(torch.from_numpy(wc))
+        enc["c.weight"] = artifact.encode_sparse(wc, index_bits=4, entropy="none")
+    return _save(tmp_path_factory.mktemp("plan"), net, encodings=enc), net
+
+
+@pytest.mark.parametrize("kernels", ["int8", "csr", "codebook"])
+def test_plan_runs_native_kernel_layers(compressed, kernels):
+    path, net = compressed
+    module, choices = native_module(artifact.load_artifact(path), kernels=kernels)
+    assert kernels in choices.values()
+    plan = compile_plan(module)
+    assert plan is not None
+    x = np.random.default_rng(3).standard_normal((3, 7, 48)).astype(np.float32)
+    (got,) = plan(x)
+    with torch.inference_mode():
+        graph = module(torch.from_numpy(x)).numpy()
+        fp32 = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, graph, rtol=1e-5, atol=1e-6)  # the same kernel calls
+    assert np.linalg.norm(got - fp32) / np.linalg.norm(fp32) < 0.03  # int8 activation rounding at most
+
+
+def test_read_only_input_to_a_kernel_layer(compressed):
+    path, _ = compressed
+    module, _ = native_module(artifact.load_artifact(path), kernels="int8")  # layer a (the first) is int8
+    plan = compile_plan(module)
+    x = np.random.default_rng(4).standard_normal((2, 48)).astype(np.float32)
+    ro = np.frombuffer(x.tobytes(), np.float32).reshape(2, 48)  # as the codec decodes raw contents
+    assert not ro.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy warns on a read-only array
+        (got,) = plan(ro)
+    np.testing.assert_array_equal(got, plan(x)[0])
+
+
+class _Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+class _Sigmoid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.sigmoid(self.a(x))
+
+
+def test_no_plan_for_other_ops(tmp_path):
+    torch.manual_seed(5)
+    conv = artifact.load_artifact(_save(tmp_path, _Conv().eval(), "conv", example=(2, 1, 8, 8),
+                                        dynamic_axes=((0,),)))
+    assert compile_plan(native_module(conv, kernels="dense")[0]) is None
+    sig = artifact.load_artifact(_save(tmp_path, _Sigmoid().eval(), "sig", example=(2, 8), dynamic_axes=((0,),)))
+    assert compile_plan(native_module(sig, kernels="dense")[0]) is None
+
+
+def test_plan_refused_when_it_disagrees_with_the_graph(tmp_path, monkeypatch):
+    torch.manual_seed(6)
+    module, _ = native_module(artifact.load_artifact(_save(tmp_path, MLP().eval())), kernels="dense")
+    sample = (np.random.default_rng(6).standard_normal((2, 3, 48)).astype(np.float32),)
+    assert compile_plan(module, sample) is not None
+    monkeypatch.setattr(plan_mod, "_relu", lambda x: np.abs(x))  # a wrong step
+    assert compile_plan(module) is not None  # unchecked: built
+    assert compile_plan(module, sample) is None  # checked: refused, the graph keeps serving
+
+
+def _load(backend):
+    asyncio.run(backend.load())
+    return backend
+
+
+def test_backend_serves_the_plan_and_can_keep_the_graph(tmp_path, monkeypatch):
+    torch.manual_seed(7)
+    net = MLP().eval()
+    path = _save(tmp_path, net)
+    x = np.random.default_rng(7).standard_normal((2, 5, 48)).astype(np.float32)
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    planned = _load(PyserveBackend(path))
+    assert planned.executor == "plan"
+    graph = _load(PyserveBackend(path, graph_executor="graph"))
+    assert graph.executor == "graph"
+    monkeypatch.setenv("PYSERVE_EXECUTOR", "graph")
+    assert _load(PyserveBackend(path)).executor == "graph"
+    out_name = planned.signature.outputs[0].name
+    in_name = planned.signature.inputs[0].name
+    for be in (planned, graph):
+        (res,) = be.infer_sync([{in_name: x}])
+        np.testing.assert_allclose(res[out_name], expected, rtol=1e-5, atol=1e-6)
+    # one bad request in a batch fails alone
+    bad, good = planned.infer_sync([{in_name: x[..., :40]}, {in_name: x}])
+    assert isinstance(bad, Exception)
+    np.testing.assert_allclose(good[out_name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_rejects_an_unknown_executor(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="graph_executor"):
+        PyserveBackend(tmp_path / "x.pyserve", graph_executor="fast")
+    monkeypatch.setenv("PYSERVE_EXECUTOR", "jit")
+    with pytest.raises(ValueError, match="PYSERVE_EXECUTOR"):
+        PyserveBackend(tmp_path / "x.pyserve")
+
+
+class _Heads(nn.Module):
+    """Two outputs, softmax and log_softmax over different dims (the server tests' classifier shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        logits = self.body(x)
+        return logits, torch.softmax(logits, dim=-1), torch.log_softmax(logits, dim=1)
+
+
+def test_plan_softmax_heads_match_torch(tmp_path):
+    torch.manual_seed(8)
+    net = _Heads().eval()
+    module, _ = native_module(artifact.load_artifact(_save(tmp_path, net, "heads", example=(2, 8),
+                                                           dynamic_axes=((0,),))), kernels="dense")
+    plan = compile_plan(module)
+    assert plan is not None
+    x = (np.random.default_rng(8).standard_normal((5, 8)) * 30).astype(np.float32)  # large logits: shifted exp
+    got = plan(x)
+    with torch.inference_mode():
+        expected = [t.numpy() for t in net(torch.from_numpy(x))]
+    assert len(got) == 3
+    for g, e in zip(got, expected):
+        assert g.dtype == np.float32 and np.isfinite(g).all()
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)

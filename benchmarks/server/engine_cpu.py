@@ -1,7 +1,7 @@
 """Server CPU per request by thread, for each gRPC engine and handler-thread count.
 
     .venv/bin/python benchmarks/server/engine_cpu.py [--configs sync:4,sync:8,sync:16,aio:16]
-        [--concurrency 16] [--rounds 3] [--seconds 4]
+        [--concurrency 16] [--rounds 3] [--seconds 4] [--batching]
 
 Serves LeNet-300-100 (784-300-100-10, random fp32 weights: the arithmetic is the benchmark's model's)
 from an in-process :class:`pyserve.server.ServerThread` with each ``engine:threads`` config in turn
@@ -84,6 +84,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--batching", action="store_true",
+                   help="serve with dynamic batching (max_queue_delay_microseconds 1000, preferred_batch_size [16]), "
+                        "as bench_server.py's batched runs")
     args = p.parse_args()
     import torch
 
@@ -99,7 +102,10 @@ def main() -> int:
     (d / "1").mkdir(parents=True)
     save(d / "1" / "model.pyserve", net, (torch.randn(2, 784),), model_name="lenet300", input_names=["images"],
          output_names=["logits"])
-    (d / "config.yaml").write_text("max_batch_size: 64\n")
+    config = "max_batch_size: 64\n"
+    if args.batching:
+        config += "dynamic_batching:\n  max_queue_delay_microseconds: 1000\n  preferred_batch_size: [16]\n"
+    (d / "config.yaml").write_text(config)
     totals: dict = collections.defaultdict(list)
     rates: dict = collections.defaultdict(list)
     print(f"load average {os.getloadavg()[0]:.1f}", flush=True)

@@ -583,6 +583,9 @@ class ModelRepository:
         if inline_max_us < 0:
             raise ValueError(f"inline_max_us must be >= 0, got {inline_max_us}")
         self.inline_max_us = inline_max_us
+        #: handler threads of the sync/native gRPC engine (set by the server; None on aio): a dynamic
+        #: batcher stops waiting once that many requests wait in it (no further one can come)
+        self.handler_threads: int | None = None
         self._models: dict[str, Model] = {}
         self._stats: dict[tuple[str, str], StatsRecorder] = {}
         self._retiring: set[asyncio.Task] = set()
@@ -778,7 +781,8 @@ class ModelRepository:
                     _check_signature(config, backend)
                     await warm_up(backend)
                     stats = self.stats_recorder(model.name, version)
-                    mv = ModelVersion(model.name, version, config, backend, stats, _scheduler(config, backend, stats, self.executor, self.inline_max_us),
+                    mv = ModelVersion(model.name, version, config, backend, stats, _scheduler(config, backend, stats, self.executor, self.inline_max_us,
+                                                                                             self.handler_threads),
                                       path, fingerprint=fp)
                     backend = None
                     fresh.append(mv)
@@ -976,7 +980,7 @@ def _check_signature(config: ModelConfig, backend: Backend) -> None:
 
 
 def _scheduler(config: ModelConfig, backend: Backend, stats: StatsRecorder, executor=None,
-               inline_max_us: float = DEFAULT_INLINE_MAX_US) -> Scheduler:
+               inline_max_us: float = DEFAULT_INLINE_MAX_US, handler_threads: int | None = None) -> Scheduler:
     db = config.dynamic_batching
     if db is None:
         return DirectScheduler(backend, stats, instances=config.instance_count, executor=executor,
@@ -990,6 +994,7 @@ def _scheduler(config: ModelConfig, backend: Backend, stats: StatsRecorder, exec
         instances=config.instance_count,
         executor=executor,
         inline_max_us=inline_max_us,
+        handler_threads=handler_threads,
     )
 
 

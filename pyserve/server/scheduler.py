@@ -345,6 +345,29 @@ class _Pending:
     running: _Running | None = field(default=None, repr=False)
 
 
+_QUEUED, _RUNNING, _DONE = 0, 1, 2
+
+
+class _SyncPending:
+    """A request of a handler thread in :meth:`DynamicBatcher.submit_sync`: queued, taken into a
+    running batch, or done (``result``: outputs, an exception, or None when it left cancelled).
+    ``event`` wakes its thread when it is done or handed the lead (``leading``)."""
+
+    __slots__ = ("inputs", "rows", "key", "arrival_ns", "state", "result", "leading", "event")
+
+    def __init__(self, inputs: Mapping[str, np.ndarray], rows: int, key: tuple, arrival_ns: int) -> None:
+        self.inputs, self.rows, self.key, self.arrival_ns = inputs, rows, key, arrival_ns
+        self.state = _QUEUED
+        self.result = None
+        self.leading = False
+        self.event = threading.Event()
+
+    def finish(self, result) -> None:
+        self.result = result
+        self.state = _DONE
+        self.event.set()
+
+
 def _key(inputs: Mapping[str, np.ndarray]) -> tuple:
     """Requests with equal keys can be concatenated along dim 0."""
     return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
@@ -360,6 +383,9 @@ class DynamicBatcher(Scheduler):
     max_queue_delay_us : longest time in microseconds the oldest waiting request waits for others.
     instances : executions that may run at once (one worker task each).
     executor, inline_max_us : where executions run (:class:`ExecutionRunner`).
+    handler_threads : the gRPC engine's handler threads that call :meth:`submit_sync` (None:
+        unknown); once that many requests wait in the threads' queue, the leader stops waiting
+        for more (each holds a handler thread: no further request can come).
     """
 
     def __init__(
@@ -373,6 +399,7 @@ class DynamicBatcher(Scheduler):
         instances: int = 1,
         executor=None,
         inline_max_us: float = DEFAULT_INLINE_MAX_US,
+        handler_threads: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 for dynamic batching, got {max_batch_size}")
@@ -393,6 +420,14 @@ class DynamicBatcher(Scheduler):
         self._wake = asyncio.Event()
         self._closed = False
         self._workers = [asyncio.ensure_future(self._work()) for _ in range(instances)]
+        # the handler threads' side (submit_sync): its own queue, a leader thread forming batches
+        self.runs_sync = self.runner.backend_sync is not None
+        self._sync_slots = Slots(instances)
+        self._tcond = threading.Condition(threading.Lock())
+        self._tqueue: list[_SyncPending] = []
+        self._leader: _SyncPending | None = None
+        self._leader_waiting = False
+        self.handler_threads = handler_threads
 
     async def submit(self, inputs: Mapping[str, np.ndarray], rows: int) -> InferOutputs:
         if self._closed:
@@ -428,6 +463,162 @@ class DynamicBatcher(Scheduler):
             if not p.future.done():
                 p.future.set_exception(Unavailable("the model version was unloaded"))
         self._queue.clear()
+        with self._tcond:
+            waiting, self._tqueue = self._tqueue, []
+            self._tcond.notify_all()
+        for p in waiting:
+            p.finish(Unavailable("the model version was unloaded"))
+
+    # --- the handler threads' side ---------------------------------------------------------------
+    def submit_sync(self, inputs: Mapping[str, np.ndarray], rows: int, is_active=None) -> InferOutputs | None:
+        """:meth:`submit` on the calling handler thread (synchronous and native gRPC engines), without
+        the event loop: the requests of the handler threads are batched among themselves by the
+        same rules. One waiting thread at a time leads: it takes an instance slot, waits for the
+        target rows or the oldest request's delay, takes the batch, hands the lead to the next
+        waiting request's thread and runs the batch on its own thread, delivering every request's
+        outputs. None when ``is_active()`` turned false while the request was still queued (a
+        request already taken into a batch gets its result)."""
+        if self._closed:
+            raise Unavailable("the model version is unloading")
+        if rows > self.max_batch_size:
+            raise Internal(f"request of {rows} rows exceeds max_batch_size {self.max_batch_size}")
+        me = _SyncPending(inputs, rows, _key(inputs), _now())
+        with self._tcond:
+            self._tqueue.append(me)
+            if self._leader is None:
+                self._leader = me
+                me.leading = True
+            elif self._leader_waiting:
+                self._tcond.notify()  # the leader re-checks its rows
+        while True:
+            if me.leading:
+                me.leading = False
+                self._lead(me, is_active)
+                if me.state == _DONE:
+                    break
+                continue
+            woken = me.event.wait(0.05 if is_active is not None else None)
+            if woken:
+                me.event.clear()
+                if me.state == _DONE:
+                    break
+                continue  # handed the lead
+            if is_active is not None and not is_active():
+                with self._tcond:
+                    if me.state == _QUEUED:
+                        self._tqueue.remove(me)
+                        me.state = _DONE
+                        me.result = None
+                        if self._leader is me:  # handed the lead just now: pass it on
+                            self._pass_lead()
+                        return None
+        if me.result is None:
+            return None
+        return _result(me.result)
+
+    def _pass_lead(self) -> None:
+        """With ``_tcond`` held: the lead to the oldest queued request's thread, or to nobody."""
+        nxt = next((p for p in self._tqueue if p.state == _QUEUED), None)
+        self._leader = nxt
+        if nxt is not None:
+            nxt.leading = True
+            nxt.event.set()
+
+    def _lead(self, me: "_SyncPending", is_active) -> None:
+        """Take a slot, form one batch, hand the lead on, run the batch."""
+        if not self._sync_slots.acquire_sync(None):  # pragma: no cover - no is_active given: never False
+            return
+        try:
+            with self._tcond:
+                while True:
+                    if self._closed or not self._tqueue:
+                        self._leader = None
+                        return
+                    if me.state == _QUEUED and is_active is not None and not is_active():
+                        self._tqueue.remove(me)
+                        me.state, me.result = _DONE, None
+                        self._pass_lead()
+                        return
+                    first = self._tqueue[0]
+                    chosen, rows = self._sync_candidates(first.key)
+                    wait_ns = first.arrival_ns + self.delay_ns - _now()
+                    everyone = self.handler_threads is not None and len(self._tqueue) >= self.handler_threads
+                    if rows < self._target and rows < self.max_batch_size and wait_ns > 0 and not everyone:
+                        self._leader_waiting = True
+                        self._tcond.wait(min(wait_ns / 1e9, 0.05))
+                        self._leader_waiting = False
+                        continue
+                    batch = self._sync_form(chosen)
+                    for p in batch:
+                        p.state = _RUNNING
+                    self._pass_lead()
+                    break
+            self._run_sync_batch(batch)
+        finally:
+            self._sync_slots.release()
+
+    def _sync_candidates(self, key: tuple) -> tuple[list["_SyncPending"], int]:
+        chosen, rows = [], 0
+        for p in self._tqueue:
+            if p.key != key:
+                continue
+            if rows + p.rows > self.max_batch_size:
+                break
+            chosen.append(p)
+            rows += p.rows
+        return chosen, rows
+
+    def _sync_form(self, chosen: list["_SyncPending"]) -> list["_SyncPending"]:
+        if self.preferred:
+            total, best = 0, 0
+            for i, p in enumerate(chosen):
+                total += p.rows
+                if total in self.preferred:
+                    best = i + 1
+            if best:
+                chosen = chosen[:best]
+        taken = set(map(id, chosen))
+        self._tqueue = [p for p in self._tqueue if id(p) not in taken]
+        return chosen
+
+    def _run_sync_batch(self, batch: list["_SyncPending"]) -> None:
+        """The batch's execution on this thread (as :meth:`_execute`), every request finished."""
+        try:
+            t0 = _now()
+            queue_ns = [t0 - p.arrival_ns for p in batch]
+            total = sum(p.rows for p in batch)
+            if len(batch) == 1:
+                merged = batch[0].inputs
+            else:
+                merged = {name: np.concatenate([p.inputs[name] for p in batch], axis=0) for name in batch[0].inputs}
+            t1 = _now()
+            (result,) = self.runner.run_sync([merged], total)
+            t2 = _now()
+            if len(batch) == 1:
+                self._stats.execution(ExecutionTiming(total, queue_ns, t1 - t0, t2 - t1, _now() - t2))
+                batch[0].finish(result)
+                return
+            parts = _split(result, [p.rows for p in batch], total)
+            t3 = _now()
+            self._stats.execution(ExecutionTiming(total, queue_ns, t1 - t0, t2 - t1, t3 - t2))
+            if parts is not None:
+                for p, outputs in zip(batch, parts, strict=True):
+                    p.finish(outputs)
+                return
+            log.info("batch of %d request(s) failed (%s); running them one by one", len(batch), _describe(result))
+            t4 = _now()
+            results = self.runner.run_sync([p.inputs for p in batch], total)
+            each_ns = (_now() - t4) // len(batch)
+            for p, r in zip(batch, results, strict=True):
+                self._stats.execution(ExecutionTiming(p.rows, [0], 0, each_ns, 0))
+                p.finish(r)
+        except BaseException as exc:  # a bug in batching itself: fail this batch, keep serving
+            log.error("dynamic batcher: batch of %d request(s) failed", len(batch), exc_info=exc)
+            for p in batch:
+                if p.state != _DONE:
+                    p.finish(exc if isinstance(exc, Exception) else Internal(f"batch interrupted: {exc!r}"))
+            if not isinstance(exc, Exception):
+                raise
 
     def _candidates(self, key: tuple) -> tuple[list[_Pending], int]:
         """The waiting requests of ``key``, in arrival order, that fit in one batch; their rows."""

@@ -251,6 +251,7 @@ class Server:
         self._stopping = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=self.infer_threads, thread_name_prefix="pyserve-infer")
         self.repository.executor = self._executor
+        self.repository.handler_threads = self.grpc_threads if self.grpc_engine in ("sync", "native") else None
         options = [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),

@@ -481,3 +481,212 @@ def test_pyserve_backend_runs_inline_through_the_server_with_the_same_answers(
         assert counts == (6, 0)
     else:
         assert counts == ((0, 6) if inline_max_us == 0 else (4, 2))
+
+
+# --- the handler threads' batcher (submit_sync: sync and native engines) ------------------------
+
+
+class SyncRecorder:
+    """y = x + 1 per row, with ``infer_sync`` only used here; records the rows of every execution;
+    a request holding -1 fails on its own (so a batch holding one fails as a whole)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.executions: list[list[int]] = []
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+
+    def infer_sync(self, batch):
+        import time
+
+        with self.lock:
+            self.executions.append([int(b["x"].shape[0]) for b in batch])
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return [InvalidArgument("row holds -1") if (b["x"] == -1).any() else {"y": b["x"] + 1} for b in batch]
+
+    async def infer(self, batch):
+        raise AssertionError("the handler threads' batcher must not use the event loop")
+
+
+def _threads(fn, n: int, timeout: float = 30.0) -> dict:
+    """fn(i) on n threads started at once; {i: result or exception}."""
+    out: dict = {}
+    start = threading.Barrier(n)
+
+    def run(i):
+        start.wait()
+        try:
+            out[i] = fn(i)
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a submit_sync thread hung"
+    return out
+
+
+def _with_batcher(body, **kwargs):
+    """body(batcher, backend, stats) run in a thread while the batcher lives on an event loop."""
+    async def main():
+        backend, stats = kwargs.pop("backend", None) or SyncRecorder(), StatsRecorder("m", "1")
+        b = DynamicBatcher(backend, stats, **kwargs)
+        assert b.runs_sync
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, body, b, backend, stats)
+        finally:
+            await b.close()
+
+    return _run(main())
+
+
+def test_sync_batcher_batches_threads_and_each_gets_its_own_rows():
+    rows = [1 + (i % 3) for i in range(16)]
+
+    def body(b, backend, stats):
+        return _threads(lambda i: b.submit_sync(_x(rows[i], 100 + i), rows[i]), 16), backend, stats
+
+    outs, backend, stats = _with_batcher(body, max_batch_size=8, preferred_batch_sizes=[8],
+                                         max_queue_delay_us=50_000)
+    for i in range(16):
+        assert not isinstance(outs[i], Exception), outs[i]
+        np.testing.assert_array_equal(outs[i]["y"], np.full((rows[i], 3), 101 + i, np.float32))
+    sizes = [e[0] for e in backend.executions]
+    assert all(len(e) == 1 for e in backend.executions)  # one merged input per execution
+    assert sum(sizes) == sum(rows) and max(sizes) <= 8
+    assert len(sizes) < 16  # batched: 16 threads released together, a 50 ms delay
+    snap = stats.snapshot()
+    assert snap.execution_count == len(sizes) and snap.queue.count == 16
+
+
+def test_sync_batcher_preferred_size_then_the_rest_after_the_delay():
+    import time
+
+    def body(b, backend, stats):
+        t0 = time.perf_counter()
+        outs = _threads(lambda i: b.submit_sync(_x(1, i), 1), 6)
+        return outs, time.perf_counter() - t0, backend
+
+    outs, took, backend = _with_batcher(body, max_batch_size=8, preferred_batch_sizes=[4],
+                                        max_queue_delay_us=300_000)
+    assert sorted(e[0] for e in backend.executions) == [2, 4]
+    assert took >= 0.25  # the last two waited for the queue delay
+    for i in range(6):
+        np.testing.assert_array_equal(outs[i]["y"], np.full((1, 3), i + 1, np.float32))
+
+
+def test_sync_batcher_lone_request_waits_only_the_delay():
+    import time
+
+    def body(b, backend, stats):
+        t0 = time.perf_counter()
+        out = b.submit_sync(_x(2, 5), 2)
+        return out, time.perf_counter() - t0
+
+    out, took = _with_batcher(body, max_batch_size=8, preferred_batch_sizes=[4], max_queue_delay_us=30_000)
+    np.testing.assert_array_equal(out["y"], np.full((2, 3), 6, np.float32))
+    assert 0.025 <= took < 2.0
+
+
+def test_sync_batcher_one_bad_request_fails_alone():
+    def body(b, backend, stats):
+        return _threads(lambda i: b.submit_sync(_x(1, -1 if i == 2 else i), 1), 6), backend
+
+    outs, backend = _with_batcher(body, max_batch_size=8, preferred_batch_sizes=[6], max_queue_delay_us=200_000)
+    assert isinstance(outs[2], InvalidArgument) and "-1" in str(outs[2])
+    for i in (0, 1, 3, 4, 5):
+        np.testing.assert_array_equal(outs[i]["y"], np.full((1, 3), i + 1, np.float32))
+    assert [6] in backend.executions  # the batch ran, failed, and was re-run one by one
+
+
+def test_sync_batcher_incompatible_shapes_run_apart():
+    def body(b, backend, stats):
+        return _threads(lambda i: b.submit_sync(_x(1, i, cols=3 + i % 2), 1), 8), backend
+
+    outs, backend = _with_batcher(body, max_batch_size=8, preferred_batch_sizes=[4], max_queue_delay_us=100_000)
+    for i in range(8):
+        np.testing.assert_array_equal(outs[i]["y"], np.full((1, 3 + i % 2), i + 1, np.float32))
+    assert sum(e[0] for e in backend.executions) == 8 and len(backend.executions) >= 2
+
+
+def test_sync_batcher_cancelled_request_leaves_the_queue_and_close_fails_waiters():
+    import time
+
+    def body(b, backend, stats):
+        cancelled = threading.Event()
+        res = {}
+
+        def lone():  # alone with a long delay; its client goes away after 0.1 s
+            res["cancel"] = b.submit_sync(_x(1, 7), 1, is_active=lambda: not cancelled.is_set())
+
+        t = threading.Thread(target=lone)
+        t.start()
+        time.sleep(0.1)
+        cancelled.set()
+        t.join(5)
+        assert not t.is_alive()
+        return res, backend
+
+    res, backend = _with_batcher(body, max_batch_size=8, preferred_batch_sizes=[8], max_queue_delay_us=10_000_000)
+    assert res["cancel"] is None and backend.executions == []  # left the queue, never ran
+
+    async def main():
+        backend = SyncRecorder()
+        b = DynamicBatcher(backend, StatsRecorder("m", "1"), max_batch_size=8, preferred_batch_sizes=[8],
+                           max_queue_delay_us=10_000_000)
+        loop = asyncio.get_running_loop()
+        waiting = [loop.run_in_executor(None, b.submit_sync, _x(1, i), 1) for i in range(3)]
+        await asyncio.sleep(0.2)
+        await b.close()
+        outs = await asyncio.gather(*waiting, return_exceptions=True)
+        with pytest.raises(Unavailable):
+            b.submit_sync(_x(1, 0), 1)
+        return outs, backend
+
+    outs, backend = _run(main())
+    assert all(isinstance(o, Unavailable) for o in outs), outs
+    assert backend.executions == []
+
+
+def test_sync_batcher_instances_bound_concurrent_executions():
+    class Counting(SyncRecorder):
+        def __init__(self):
+            super().__init__(delay_s=0.05)
+            self.now = self.peak = 0
+
+        def infer_sync(self, batch):
+            with self.lock:
+                self.now += 1
+                self.peak = max(self.peak, self.now)
+            try:
+                return super().infer_sync(batch)
+            finally:
+                with self.lock:
+                    self.now -= 1
+
+    def body(b, backend, stats):
+        return _threads(lambda i: b.submit_sync(_x(1, i), 1), 12), backend
+
+    outs, backend = _with_batcher(body, backend=Counting(), max_batch_size=2, max_queue_delay_us=0, instances=2)
+    for i in range(12):
+        np.testing.assert_array_equal(outs[i]["y"], np.full((1, 3), i + 1, np.float32))
+    assert backend.peak <= 2 and max(e[0] for e in backend.executions) <= 2
+
+
+def test_sync_batcher_stops_waiting_when_every_handler_thread_waits():
+    import time
+
+    def body(b, backend, stats):
+        t0 = time.perf_counter()
+        outs = _threads(lambda i: b.submit_sync(_x(1, i), 1), 4)
+        return outs, time.perf_counter() - t0, backend
+
+    # 4 handler threads, preferred 16, a 20 s delay: the 4 requests go as one batch at once
+    outs, took, backend = _with_batcher(body, max_batch_size=16, preferred_batch_sizes=[16],
+                                        max_queue_delay_us=20_000_000, handler_threads=4)
+    assert took < 5.0 and backend.executions == [[4]]
+    for i in range(4):
+        np.testing.assert_array_equal(outs[i]["y"], np.full((1, 3), i + 1, np.float32))

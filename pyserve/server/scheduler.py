@@ -368,6 +368,40 @@ class _SyncPending:
         self.event.set()
 
 
+def _fit(queue: list, key: tuple, max_rows: int, live=None) -> tuple[list, int]:
+    """The requests of ``key`` in ``queue`` (arrival order; those ``live`` calls dead skipped) that fit
+    in one batch of ``max_rows``; their rows."""
+    chosen, rows = [], 0
+    for p in queue:
+        if p.key != key or (live is not None and not live(p)):
+            continue
+        if rows + p.rows > max_rows:
+            break
+        chosen.append(p)
+        rows += p.rows
+    return chosen, rows
+
+
+def _prefer(chosen: list, preferred: tuple[int, ...]) -> list:
+    """The longest prefix of ``chosen`` whose rows add up to a preferred batch size, else all of it."""
+    if preferred:
+        total, best = 0, 0
+        for i, p in enumerate(chosen):
+            total += p.rows
+            if total in preferred:
+                best = i + 1
+        if best:
+            return chosen[:best]
+    return chosen
+
+
+def _merge(batch: list) -> Mapping[str, np.ndarray]:
+    """One input dict for a batch: each input concatenated along dim 0 (the request's own for one)."""
+    if len(batch) == 1:
+        return batch[0].inputs
+    return {name: np.concatenate([p.inputs[name] for p in batch], axis=0) for name in batch[0].inputs}
+
+
 def _key(inputs: Mapping[str, np.ndarray]) -> tuple:
     """Requests with equal keys can be concatenated along dim 0."""
     return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
@@ -540,7 +574,7 @@ class DynamicBatcher(Scheduler):
                         self._pass_lead()
                         return
                     first = self._tqueue[0]
-                    chosen, rows = self._sync_candidates(first.key)
+                    chosen, rows = _fit(self._tqueue, first.key, self.max_batch_size)
                     wait_ns = first.arrival_ns + self.delay_ns - _now()
                     everyone = self.handler_threads is not None and len(self._tqueue) >= self.handler_threads
                     if rows < self._target and rows < self.max_batch_size and wait_ns > 0 and not everyone:
@@ -557,26 +591,8 @@ class DynamicBatcher(Scheduler):
         finally:
             self._sync_slots.release()
 
-    def _sync_candidates(self, key: tuple) -> tuple[list["_SyncPending"], int]:
-        chosen, rows = [], 0
-        for p in self._tqueue:
-            if p.key != key:
-                continue
-            if rows + p.rows > self.max_batch_size:
-                break
-            chosen.append(p)
-            rows += p.rows
-        return chosen, rows
-
     def _sync_form(self, chosen: list["_SyncPending"]) -> list["_SyncPending"]:
-        if self.preferred:
-            total, best = 0, 0
-            for i, p in enumerate(chosen):
-                total += p.rows
-                if total in self.preferred:
-                    best = i + 1
-            if best:
-                chosen = chosen[:best]
+        chosen = _prefer(chosen, self.preferred)
         taken = set(map(id, chosen))
         self._tqueue = [p for p in self._tqueue if id(p) not in taken]
         return chosen
@@ -585,33 +601,14 @@ class DynamicBatcher(Scheduler):
         """The batch's execution on this thread (as :meth:`_execute`), every request finished."""
         try:
             t0 = _now()
-            queue_ns = [t0 - p.arrival_ns for p in batch]
-            total = sum(p.rows for p in batch)
-            if len(batch) == 1:
-                merged = batch[0].inputs
-            else:
-                merged = {name: np.concatenate([p.inputs[name] for p in batch], axis=0) for name in batch[0].inputs}
+            merged, total = _merge(batch), sum(p.rows for p in batch)
             t1 = _now()
             (result,) = self.runner.run_sync([merged], total)
-            t2 = _now()
-            if len(batch) == 1:
-                self._stats.execution(ExecutionTiming(total, queue_ns, t1 - t0, t2 - t1, _now() - t2))
-                batch[0].finish(result)
+            if self._delivered(batch, result, total, t0, t1, _now(), _SyncPending.finish):
                 return
-            parts = _split(result, [p.rows for p in batch], total)
-            t3 = _now()
-            self._stats.execution(ExecutionTiming(total, queue_ns, t1 - t0, t2 - t1, t3 - t2))
-            if parts is not None:
-                for p, outputs in zip(batch, parts, strict=True):
-                    p.finish(outputs)
-                return
-            log.info("batch of %d request(s) failed (%s); running them one by one", len(batch), _describe(result))
             t4 = _now()
             results = self.runner.run_sync([p.inputs for p in batch], total)
-            each_ns = (_now() - t4) // len(batch)
-            for p, r in zip(batch, results, strict=True):
-                self._stats.execution(ExecutionTiming(p.rows, [0], 0, each_ns, 0))
-                p.finish(r)
+            self._delivered_each(batch, results, t4, _SyncPending.finish)
         except BaseException as exc:  # a bug in batching itself: fail this batch, keep serving
             log.error("dynamic batcher: batch of %d request(s) failed", len(batch), exc_info=exc)
             for p in batch:
@@ -622,26 +619,10 @@ class DynamicBatcher(Scheduler):
 
     def _candidates(self, key: tuple) -> tuple[list[_Pending], int]:
         """The waiting requests of ``key``, in arrival order, that fit in one batch; their rows."""
-        chosen, rows = [], 0
-        for p in self._queue:
-            if p.key != key or p.future.done():
-                continue
-            if rows + p.rows > self.max_batch_size:
-                break
-            chosen.append(p)
-            rows += p.rows
-        return chosen, rows
+        return _fit(self._queue, key, self.max_batch_size, lambda p: not p.future.done())
 
     def _form(self, key: tuple) -> list[_Pending]:
-        chosen, _ = self._candidates(key)
-        if self.preferred:
-            total, best = 0, 0
-            for i, p in enumerate(chosen):
-                total += p.rows
-                if total in self.preferred:
-                    best = i + 1
-            if best:
-                chosen = chosen[:best]
+        chosen = _prefer(self._candidates(key)[0], self.preferred)
         for p in chosen:
             self._queue.remove(p)
         return chosen
@@ -695,34 +676,39 @@ class DynamicBatcher(Scheduler):
 
     async def _execute(self, batch: list[_Pending]) -> None:
         t0 = _now()
-        queue_ns = [t0 - p.arrival_ns for p in batch]
-        total = sum(p.rows for p in batch)
-        if len(batch) == 1:
-            merged = batch[0].inputs
-        else:
-            merged = {name: np.concatenate([p.inputs[name] for p in batch], axis=0) for name in batch[0].inputs}
+        merged, total = _merge(batch), sum(p.rows for p in batch)
         t1 = _now()
         (result,) = await self.runner.run([merged], total)
-        t2 = _now()
-        if len(batch) == 1:
-            self._stats.execution(ExecutionTiming(total, queue_ns, t1 - t0, t2 - t1, _now() - t2))
-            _deliver(batch[0], result)
+        if self._delivered(batch, result, total, t0, t1, _now(), _deliver):
             return
-        parts = _split(result, [p.rows for p in batch], total)
-        t3 = _now()
-        self._stats.execution(ExecutionTiming(total, queue_ns, t1 - t0, t2 - t1, t3 - t2))
-        if parts is not None:
-            for p, outputs in zip(batch, parts, strict=True):
-                _deliver(p, outputs)
-            return
-        # the batch failed: run each request on its own so that an error stays with its request
-        log.info("batch of %d request(s) failed (%s); running them one by one", len(batch), _describe(result))
         t4 = _now()
         results = await self.runner.run([p.inputs for p in batch], total)
+        self._delivered_each(batch, results, t4, _deliver)
+
+    def _delivered(self, batch: list, result, total: int, t0: int, t1: int, t2: int, deliver) -> bool:
+        """Record a batch's execution (started ``t0``, run ``t1``..``t2``) and ``deliver(p, outputs)``
+        each request its rows; False (nothing delivered) when the batch failed or its outputs do not
+        split, and each request must run on its own so that an error stays with its request."""
+        queue_ns = [t0 - p.arrival_ns for p in batch]
+        if len(batch) == 1:
+            self._stats.execution(ExecutionTiming(total, queue_ns, t1 - t0, t2 - t1, _now() - t2))
+            deliver(batch[0], result)
+            return True
+        parts = _split(result, [p.rows for p in batch], total)
+        self._stats.execution(ExecutionTiming(total, queue_ns, t1 - t0, t2 - t1, _now() - t2))
+        if parts is None:
+            log.info("batch of %d request(s) failed (%s); running them one by one", len(batch), _describe(result))
+            return False
+        for p, outputs in zip(batch, parts, strict=True):
+            deliver(p, outputs)
+        return True
+
+    def _delivered_each(self, batch: list, results: list, t4: int, deliver) -> None:
+        """Record and deliver the one-by-one re-run (started ``t4``) of a failed batch."""
         each_ns = (_now() - t4) // len(batch)
         for p, r in zip(batch, results, strict=True):
             self._stats.execution(ExecutionTiming(p.rows, [0], 0, each_ns, 0))
-            _deliver(p, r)
+            deliver(p, r)
 
 
 def _describe(result) -> str:

@@ -15,7 +15,6 @@ from pyserve.artifact import plan as plan_mod
 from pyserve.artifact.kernels import native_module
 from pyserve.artifact.plan import compile_plan
 from pyserve.backends.pyserve_backend import PyserveBackend
-from pyserve.ops import quantize_per_channel
 
 
 class MLP(nn.Module):
@@ -68,33 +67,9 @@ def test_relu_keeps_nan_like_torch(tmp_path):
     np.testing.assert_allclose(got[0, 0], expected[0, 0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def compressed(tmp_path_factory):
-    """a: int8; b: pruned + 4-bit codebook; c: pruned raw values (as tests/artifact/test_kernels.py)."""
-    torch.manual_seed(0)
-    net = MLP(bias_last=False).eval()
-    enc = {}
-    with torch.no_grad():
-        q, s = quantize_per_channel(net.a.weight.numpy())
-        net.a.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]))
-        enc["a.weight"] = artifact.encode_int8(q, s)
-        wb = net.b.weight.numpy().copy()
-        wb[np.abs(wb) < np.quantile(np.abs(wb), 0.7)] = 0
-        cb = np.concatenate([[0.0], np.linspace(-0.2, 0.2, 15)]).astype(np.float32)
-        nz = wb != 0
-        wb[nz] = cb[1:][np.abs(wb[nz][:, None] - cb[1:][None]).argmin(1)]
-        net.b.weight.copy_(torch.from_numpy(wb))
-        enc["b.weight"] = artifact.encode_sparse(wb, index_bits=5, codebook=cb, entropy="huffman")
-        wc = net.c.weight.numpy().copy()
-        wc[np.abs(wc) < np.quantile(np.abs(wc), 0.8)] = 0
-        net.c.weight.copy_(torch.from_numpy(wc))
-        enc["c.weight"] = artifact.encode_sparse(wc, index_bits=4, entropy="none")
-    return _save(tmp_path_factory.mktemp("plan"), net, encodings=enc), net
-
-
 @pytest.mark.parametrize("kernels", ["int8", "csr", "codebook"])
-def test_plan_runs_native_kernel_layers(compressed, kernels):
-    path, net = compressed
+def test_plan_runs_native_kernel_layers(saved, kernels):
+    path, net = saved  # conftest: a int8, b codebook, c csr
     module, choices = native_module(artifact.load_artifact(path), kernels=kernels)
     assert kernels in choices.values()
     plan = compile_plan(module)
@@ -108,8 +83,8 @@ def test_plan_runs_native_kernel_layers(compressed, kernels):
     assert np.linalg.norm(got - fp32) / np.linalg.norm(fp32) < 0.03  # int8 activation rounding at most
 
 
-def test_read_only_input_to_a_kernel_layer(compressed):
-    path, _ = compressed
+def test_read_only_input_to_a_kernel_layer(saved):
+    path, _ = saved
     module, _ = native_module(artifact.load_artifact(path), kernels="int8")  # layer a (the first) is int8
     plan = compile_plan(module)
     x = np.random.default_rng(4).standard_normal((2, 48)).astype(np.float32)

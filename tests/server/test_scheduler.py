@@ -562,15 +562,20 @@ def test_sync_batcher_batches_threads_and_each_gets_its_own_rows():
     assert snap.execution_count == len(sizes) and snap.queue.count == 16
 
 
-def test_sync_batcher_preferred_size_then_the_rest_after_the_delay():
+def _timed_rows(n: int):
+    """A _with_batcher body: n threads submit one row each (value i); (outputs, seconds, backend)."""
     import time
 
     def body(b, backend, stats):
         t0 = time.perf_counter()
-        outs = _threads(lambda i: b.submit_sync(_x(1, i), 1), 6)
+        outs = _threads(lambda i: b.submit_sync(_x(1, i), 1), n)
         return outs, time.perf_counter() - t0, backend
 
-    outs, took, backend = _with_batcher(body, max_batch_size=8, preferred_batch_sizes=[4],
+    return body
+
+
+def test_sync_batcher_preferred_size_then_the_rest_after_the_delay():
+    outs, took, backend = _with_batcher(_timed_rows(6), max_batch_size=8, preferred_batch_sizes=[4],
                                         max_queue_delay_us=300_000)
     assert sorted(e[0] for e in backend.executions) == [2, 4]
     assert took >= 0.25  # the last two waited for the queue delay
@@ -677,15 +682,8 @@ def test_sync_batcher_instances_bound_concurrent_executions():
 
 
 def test_sync_batcher_stops_waiting_when_every_handler_thread_waits():
-    import time
-
-    def body(b, backend, stats):
-        t0 = time.perf_counter()
-        outs = _threads(lambda i: b.submit_sync(_x(1, i), 1), 4)
-        return outs, time.perf_counter() - t0, backend
-
     # 4 handler threads, preferred 16, a 20 s delay: the 4 requests go as one batch at once
-    outs, took, backend = _with_batcher(body, max_batch_size=16, preferred_batch_sizes=[16],
+    outs, took, backend = _with_batcher(_timed_rows(4), max_batch_size=16, preferred_batch_sizes=[16],
                                         max_queue_delay_us=20_000_000, handler_threads=4)
     assert took < 5.0 and backend.executions == [[4]]
     for i in range(4):

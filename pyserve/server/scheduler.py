@@ -518,6 +518,8 @@ class DynamicBatcher(Scheduler):
             raise Internal(f"request of {rows} rows exceeds max_batch_size {self.max_batch_size}")
         me = _SyncPending(inputs, rows, _key(inputs), _now())
         with self._tcond:
+            if self._closed:  # checked with the queue held: close() drains after setting _closed
+                raise Unavailable("the model version is unloading")
             self._tqueue.append(me)
             if self._leader is None:
                 self._leader = me
@@ -565,7 +567,12 @@ class DynamicBatcher(Scheduler):
         try:
             with self._tcond:
                 while True:
-                    if self._closed or not self._tqueue:
+                    if self._closed:  # fail what close() may not have seen yet
+                        waiting, self._tqueue, self._leader = self._tqueue, [], None
+                        for p in waiting:
+                            p.finish(Unavailable("the model version was unloaded"))
+                        return
+                    if not self._tqueue:
                         self._leader = None
                         return
                     if me.state == _QUEUED and is_active is not None and not is_active():

@@ -86,9 +86,11 @@ def _relu(x):
 
 def _softmax(dim: int, log: bool) -> Callable:
     def softmax(x):
-        z = x - np.max(x, axis=dim, keepdims=True)
+        # initial=-inf: an empty softmax dim (0 rows, a 0-length sequence) gives an empty result, as torch
+        z = x - np.max(x, axis=dim, keepdims=True, initial=-np.inf)
         if log:
-            return z - np.log(np.sum(np.exp(z), axis=dim, keepdims=True))
+            with np.errstate(divide="ignore"):  # log(0) of an empty dim: the result is empty anyway
+                return z - np.log(np.sum(np.exp(z), axis=dim, keepdims=True))
         e = np.exp(z)
         e /= np.sum(e, axis=dim, keepdims=True)
         return e

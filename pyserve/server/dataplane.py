@@ -60,16 +60,18 @@ class _RequestScope:
     inferences, 1 until validation has counted them; duration from ``arrival_ns``, default the
     scope's start) and lets the version go (``release``), whether the body returned or raised."""
 
-    __slots__ = ("mv", "t0", "rows", "response")
+    __slots__ = ("mv", "t0", "rows", "response", "held")
 
-    def __init__(self, mv, arrival_ns: int | None) -> None:
+    def __init__(self, mv, arrival_ns: int | None, held: bool = False) -> None:
         self.mv = mv
         self.t0 = time.perf_counter_ns() if arrival_ns is None else arrival_ns
         self.rows = 1
         self.response = None
+        self.held = held  # the caller acquired ``mv`` already; the scope releases it
 
     def __enter__(self) -> "_RequestScope":
-        self.mv.acquire()  # the request finishes on this version, even across a reload
+        if not self.held:
+            self.mv.acquire()  # the request finishes on this version, even across a reload
         return self
 
     def __exit__(self, *exc) -> None:
@@ -281,9 +283,19 @@ class DataPlane:
         (client cancel, deadline) before the execution started; the request counts as failed.
         Raises the ServingErrors of :meth:`infer_model`."""
         model, mv = self._serving(request)
+        # On the event loop the pick and the acquire happen with nothing in between; here the loop
+        # may retire the picked version meanwhile (a reload: _retire finds it drained, closes its
+        # scheduler, unloads its backend) and the request would fail on a version nobody serves.
+        # Hold it first, then check it is still served: a retire after that check waits for it.
+        mv.acquire()
+        while model.versions.get(mv.version) is not mv:
+            mv.release()
+            model, mv = self._serving(request)
+            mv.acquire()
         if not mv.scheduler.runs_sync:
+            mv.release()
             return NotImplemented
-        with _RequestScope(mv, arrival_ns) as scope:
+        with _RequestScope(mv, arrival_ns, held=True) as scope:
             inputs, wanted, scope.rows = self._prepare(model, mv, request)
             result = mv.scheduler.submit_sync(inputs, scope.rows, is_active)
             if result is not None:

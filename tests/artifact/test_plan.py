@@ -198,3 +198,23 @@ def test_plan_softmax_heads_match_torch(tmp_path):
     for g, e in zip(got, expected):
         assert g.dtype == np.float32 and np.isfinite(g).all()
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+class _SeqSoftmax(nn.Module):
+    def forward(self, x):
+        return torch.softmax(x, dim=1), torch.log_softmax(x, dim=1)
+
+
+def test_softmax_over_an_empty_dim_is_empty_as_in_torch(tmp_path):
+    module, _ = native_module(artifact.load_artifact(_save(tmp_path, _SeqSoftmax().eval(), "seq", example=(2, 5, 16))),
+                              kernels="dense")
+    plan = compile_plan(module)
+    assert plan is not None
+    for length in (0, 3):
+        x = np.random.default_rng(length).standard_normal((2, length, 16)).astype(np.float32)
+        got = plan(x)
+        with torch.inference_mode():
+            expected = [t.numpy() for t in module(torch.from_numpy(x))]
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape == (2, length, 16)
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)

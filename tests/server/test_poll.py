@@ -141,3 +141,77 @@ def test_reload_under_load_in_poll_mode_loses_no_request(poll, write_model):
         assert [int(v) for v in per_client] == sorted(int(v) for v in per_client)
     assert {v for per_client in seen for v in per_client} >= {"1", "4"}
     assert sum(len(p) for p in seen) >= 10
+
+
+def _scaled_artifact(tmp_path, scale: float) -> bytes:
+    """A pyserve artifact of y = scale * x (one Linear(2, 2), served by the NumPy plan)."""
+    torch = pytest.importorskip("torch")
+    from pyserve.artifact import save
+
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight.copy_(scale * torch.eye(2))
+        net.bias.zero_()
+    path = tmp_path / f"scaled{scale}.pyserve"
+    save(path, net.eval(), (torch.randn(2, 2),), model_name="m", input_names=["x"], output_names=["y"])
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("config", ["max_batch_size: 8\n",
+                                    "max_batch_size: 8\ndynamic_batching: {max_queue_delay_microseconds: 2000, "
+                                    "preferred_batch_size: [4]}\n"], ids=["direct", "batched"])
+def test_reload_under_load_of_a_pyserve_model_loses_no_request(poll, write_model, tmp_path, config, monkeypatch):
+    """The pyserve backend (infer_sync: on the sync and native engines the request runs on the
+    handler thread, which picks the version itself) while new versions appear: 0 failures, each
+    answer is its own rows times its version, versions only move forward. The pick is slowed down
+    (3 ms) so that a reload lands between a handler thread's pick and its hold on the version."""
+    from pyserve.server.dataplane import DataPlane
+
+    serving = DataPlane._serving
+
+    def slow_serving(self, request):
+        picked = serving(self, request)
+        time.sleep(0.003)
+        return picked
+
+    monkeypatch.setattr(DataPlane, "_serving", slow_serving)
+    art = {v: _scaled_artifact(tmp_path, float(v)) for v in (1, 2, 3)}
+    write_model(poll.repo_dir, "m", 1, artifact=art[1], config=config)
+    poll.start()
+    stop = threading.Event()
+    seen: list[list[int]] = [[] for _ in range(6)]
+    errors: list = []
+
+    def client_loop(k):
+        c = tc.InferenceServerClient(poll.url)
+        i = 0
+        while not stop.is_set():
+            x = np.full((1, 2), float(k * 1000 + i), np.float32)
+            try:
+                result = c.infer("m", [fp32_input(x)])
+                version = int(result.get_response().model_version)
+                if not np.array_equal(result.as_numpy("y"), version * x):
+                    errors.append(("wrong rows", k, i, version))
+                seen[k].append(version)
+            except Exception as exc:  # noqa: BLE001 - collected and asserted empty
+                errors.append(exc)
+            i += 1
+        c.close()
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    admin = tc.InferenceServerClient(poll.url)
+    for version in (2, 3):
+        time.sleep(0.4)
+        write_model(poll.repo_dir, "m", version, artifact=art[version], config=config)
+        _wait(lambda: admin.get_model_metadata("m").versions == [str(version)])
+    time.sleep(0.4)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    admin.close()
+    assert errors == []
+    for per_client in seen:
+        assert per_client == sorted(per_client)
+    assert {v for per_client in seen for v in per_client} >= {1, 3}

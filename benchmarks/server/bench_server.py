@@ -3,7 +3,7 @@ pyserve's dynamic batching vs unbatched at concurrency 16.
 
     benchmarks/server/setup.sh                    # once: .venv-pa (perf_analyzer), .venv-kserve
     .venv/bin/python benchmarks/server/bench_server.py [--seconds 3] [--rounds 3] [--out results.json]
-        [--engines sync,aio,native]
+        [--engines sync,aio,native] [--vs-client grpc_load|cpp|tritonclient] [--skip-batching]
 
 Model: LeNet-300-100 (784-300-100-10, ReLU) trained two epochs on MNIST (pyserve.datasets, offline),
 fp32. pyserve serves it as a dense ``.pyserve`` artifact (``pyserve serve``, the pyserve backend);
@@ -17,7 +17,9 @@ ModelConfig; the KServe Python server has no ModelConfig RPC ("failed to get mod
 not found!"), so pyserve vs KServe is measured with one client for both: by default
 benchmarks/server/grpc_load.py (one process, grpc.aio, C concurrent closed loops sending one
 pre-serialized ModelInferRequest and not parsing the answers, so the client takes little of the
-2-core machine's CPU; ``--vs-client tritonclient`` uses a tritonclient.grpc.aio loop instead), and
+2-core machine's CPU; ``--vs-client cpp`` uses benchmarks/server/grpc_load_cpp.cpp, the same loop in
+C++ on grpc++'s callback API (built on first use; its Python-free client leaves both servers more of
+the two cores; ``--vs-client tritonclient`` uses a tritonclient.grpc.aio loop instead), and
 perf_analyzer measures pyserve batched vs unbatched. pyserve runs with each gRPC engine: ``sync``
 (``--grpc-engine sync``: the synchronous ``grpc.server``, the unbatched model served in the handler
 thread; results under "pyserve") and ``aio`` (the default: grpc.aio, inline execution of the tiny
@@ -200,6 +202,34 @@ def grpc_load(url: str, concurrency: int, seconds: float) -> dict:
     return json.loads(r.stdout)
 
 
+_CPP_CLIENT = ROOT / "build" / "grpc_load_cpp"
+
+
+def grpc_load_cpp(url: str, concurrency: int, seconds: float) -> dict:
+    """benchmarks/server/grpc_load_cpp.cpp (built here once with g++ and pkg-config's grpc++): the same
+    pre-serialized request and closed loops as grpc_load.py, without Python in the client."""
+    src = Path(__file__).with_name("grpc_load_cpp.cpp")
+    if not _CPP_CLIENT.exists() or _CPP_CLIENT.stat().st_mtime < src.stat().st_mtime:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True)
+        if flags.returncode != 0:
+            raise RuntimeError("--vs-client cpp needs grpc++ (libgrpc++-dev) and pkg-config to build "
+                               f"{src.name}: {flags.stderr.strip()}")
+        _CPP_CLIENT.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["g++", "-O2", "-std=c++17", str(src), "-o", str(_CPP_CLIENT), *flags.stdout.split()],
+                       check=True)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from grpc_load import request_bytes
+
+    with tempfile.NamedTemporaryFile(suffix=".bin") as req:
+        req.write(request_bytes("lenet300", "images", (1, 784), None))
+        req.flush()
+        r = subprocess.run([str(_CPP_CLIENT), "--url", url, "--request", req.name, "--concurrency", str(concurrency),
+                            "--seconds", str(seconds)], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"grpc_load_cpp failed ({r.returncode}): {r.stderr[-800:]}")
+    return json.loads(r.stdout)
+
+
 def server_overhead(url: str, n: int) -> dict:
     """p50/p90/p99 server overhead per request at concurrency 1, from ModelStatistics deltas
     (benchmarks/server/profile_server.py: server time - queue - compute of each request)."""
@@ -293,7 +323,8 @@ def rounds(servers: dict[str, tuple[str, int]], concurrencies, seconds: float, c
     for r in range(n_rounds):
         for c in concurrencies:
             for name, (url, pid) in servers.items():
-                run = {"perf_analyzer": perf_analyzer, "grpc_load": grpc_load}.get(client, python_client)
+                run = {"perf_analyzer": perf_analyzer, "grpc_load": grpc_load,
+                       "cpp": grpc_load_cpp}.get(client, python_client)
                 n0 = success_count(url) if client == "perf_analyzer" else None
                 cpu0 = proc_cpu_s(pid)
                 res = run(url, c, seconds)
@@ -362,9 +393,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="measurement window per point (default 3)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, servers taking turns (default 3)")
     p.add_argument("--out", default="benchmarks/server/results.json")
-    p.add_argument("--vs-client", choices=["grpc_load", "tritonclient"], default="grpc_load",
+    p.add_argument("--vs-client", choices=["grpc_load", "cpp", "tritonclient"], default="grpc_load",
                    help="client of pyserve vs KServe (perf_analyzer cannot drive KServe): grpc_load.py "
-                   "(pre-serialized requests; default) or a tritonclient.grpc.aio loop")
+                   "(pre-serialized requests; default), grpc_load_cpp.cpp (the same in C++: needs grpc++ "
+                   "to build) or a tritonclient.grpc.aio loop")
+    p.add_argument("--skip-batching", action="store_true", help="only pyserve vs KServe (and the overhead)")
     p.add_argument("--overhead-requests", type=int, default=500,
                    help="requests for the p50 server overhead (concurrency 1; default 500)")
     p.add_argument("--engines", default=None,
@@ -411,17 +444,18 @@ def main() -> int:
             print("server overhead per request at concurrency 1 (ModelStatistics) ...", flush=True)
             results["overhead"] = {e: server_overhead(plain[e], args.overhead_requests) for e in engines}
             print(f"  {results['overhead']}", flush=True)
-            print("pyserve dynamic batching vs unbatched (perf_analyzer) ...", flush=True)
-            servers = {}
-            for e in engines:
-                servers[_name("batched", e)] = (batched[e], pids[batched[e]])
-                servers[_name("unbatched", e)] = (plain[e], pids[plain[e]])
-            results["batching"] = rounds(servers, (1, 4, 16), args.seconds, "perf_analyzer", args.rounds)
+            if not args.skip_batching:
+                print("pyserve dynamic batching vs unbatched (perf_analyzer) ...", flush=True)
+                servers = {}
+                for e in engines:
+                    servers[_name("batched", e)] = (batched[e], pids[batched[e]])
+                    servers[_name("unbatched", e)] = (plain[e], pids[plain[e]])
+                results["batching"] = rounds(servers, (1, 4, 16), args.seconds, "perf_analyzer", args.rounds)
         finally:
             for proc in procs:
                 stop(proc)
     results["load_average_after"] = os.getloadavg()
-    v, bt = results["vs_kserve"], results["batching"]
+    v, bt = results["vs_kserve"], results.get("batching")
     first = _name("pyserve", engines[0])
     for e in engines:
         print()
@@ -433,12 +467,13 @@ def main() -> int:
     if "cpu_us_per_request" in v[first][1]:
         print()
         print(cpu_table("Server CPU time per request (process tree, user + system)", v))
-    for e in engines:
+    for e in engines if bt else ():
         print()
         print(table(f"pyserve dynamic batching vs unbatched, {e} engine, perf_analyzer", "batched",
                     bt[_name("batched", e)], "unbatched", bt[_name("unbatched", e)]))
-    print()
-    print(cpu_table("Batching: server CPU time per request (process tree, user + system)", bt))
+    if bt:
+        print()
+        print(cpu_table("Batching: server CPU time per request (process tree, user + system)", bt))
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.out}; load average before {results['load_average_before']}, after "
           f"{results['load_average_after']}")

@@ -454,7 +454,8 @@ class DynamicBatcher(Scheduler):
         self._wake = asyncio.Event()
         self._closed = False
         self._workers = [asyncio.ensure_future(self._work()) for _ in range(instances)]
-        # the handler threads' side (submit_sync): its own queue, a leader thread forming batches
+        # the handler threads' side (submit_sync): its own queue, a leader thread forming batches;
+        # _sync_slots bounds the executions of both sides together (the event loop's take it too)
         self.runs_sync = self.runner.backend_sync is not None
         self._sync_slots = Slots(instances)
         self._tcond = threading.Condition(threading.Lock())
@@ -562,7 +563,12 @@ class DynamicBatcher(Scheduler):
 
     def _lead(self, me: "_SyncPending", is_active) -> None:
         """Take a slot, form one batch, hand the lead on, run the batch."""
-        if not self._sync_slots.acquire_sync(None):  # pragma: no cover - no is_active given: never False
+        if not self._sync_slots.acquire_sync(is_active):  # cancelled while the instances were busy:
+            with self._tcond:  # leave now (a follower leaves within 50 ms) and pass the lead on
+                if me.state == _QUEUED:
+                    self._tqueue.remove(me)
+                    me.state, me.result = _DONE, None
+                self._pass_lead()
             return
         try:
             with self._tcond:
@@ -682,15 +688,19 @@ class DynamicBatcher(Scheduler):
                             p.future.set_exception(exc)
 
     async def _execute(self, batch: list[_Pending]) -> None:
-        t0 = _now()
-        merged, total = _merge(batch), sum(p.rows for p in batch)
-        t1 = _now()
-        (result,) = await self.runner.run([merged], total)
-        if self._delivered(batch, result, total, t0, t1, _now(), _deliver):
-            return
-        t4 = _now()
-        results = await self.runner.run([p.inputs for p in batch], total)
-        self._delivered_each(batch, results, t4, _deliver)
+        # one instance bound for both sides: the handler threads' leaders hold _sync_slots while they
+        # run a batch; without taking it here a count-1 model ran an event-loop batch (a traffic route,
+        # a shadow) and a handler-thread batch at once
+        async with self._sync_slots:
+            t0 = _now()
+            merged, total = _merge(batch), sum(p.rows for p in batch)
+            t1 = _now()
+            (result,) = await self.runner.run([merged], total)
+            if self._delivered(batch, result, total, t0, t1, _now(), _deliver):
+                return
+            t4 = _now()
+            results = await self.runner.run([p.inputs for p in batch], total)
+            self._delivered_each(batch, results, t4, _deliver)
 
     def _delivered(self, batch: list, result, total: int, t0: int, t1: int, t2: int, deliver) -> bool:
         """Record a batch's execution (started ``t0``, run ``t1``..``t2``) and ``deliver(p, outputs)``

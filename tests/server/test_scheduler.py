@@ -688,3 +688,70 @@ def test_sync_batcher_stops_waiting_when_every_handler_thread_waits():
     assert took < 5.0 and backend.executions == [[4]]
     for i in range(4):
         np.testing.assert_array_equal(outs[i]["y"], np.full((1, 3), i + 1, np.float32))
+
+
+class _Peak(SyncRecorder):
+    """SyncRecorder that sleeps ``delay_s`` per execution and records the most executions at once;
+    ``infer`` runs ``infer_sync`` in a thread (what the pyserve backend's async path does)."""
+
+    def __init__(self, delay_s: float):
+        super().__init__(delay_s=delay_s)
+        self.now = self.peak = 0
+
+    def infer_sync(self, batch):
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            return super().infer_sync(batch)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+    async def infer(self, batch):
+        return await asyncio.get_running_loop().run_in_executor(None, self.infer_sync, batch)
+
+
+def test_event_loop_and_handler_thread_batches_share_the_instance_count():
+    async def main():
+        backend = _Peak(0.05)
+        b = DynamicBatcher(backend, StatsRecorder("m", "1"), max_batch_size=1, instances=1, inline_max_us=0)
+        loop = asyncio.get_running_loop()
+        on_loop = [b.submit(_x(1, i), 1) for i in range(4)]  # traffic routes, streams: the loop's side
+        on_threads = [loop.run_in_executor(None, b.submit_sync, _x(1, 10 + i), 1) for i in range(4)]
+        outs = await asyncio.gather(*on_loop, *on_threads)
+        await b.close()
+        return outs, backend
+
+    outs, backend = _run(main())
+    for out, v in zip(outs, [0, 1, 2, 3, 10, 11, 12, 13]):
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), v + 1, np.float32))
+    assert backend.peak == 1 and len(backend.executions) == 8
+
+
+def test_sync_batcher_leader_cancelled_while_the_instance_is_busy_leaves_at_once():
+    import time
+
+    def body(b, backend, stats):
+        first = threading.Thread(target=b.submit_sync, args=(_x(1, 1), 1))
+        first.start()  # runs alone for 1.5 s, holding the one instance
+        time.sleep(0.2)
+        cancelled = threading.Event()
+        res = {}
+
+        def second():  # the next leader, waiting for the instance; its client goes away after 0.1 s
+            t0 = time.perf_counter()
+            res["out"] = b.submit_sync(_x(1, 2), 1, is_active=lambda: not cancelled.is_set())
+            res["took"] = time.perf_counter() - t0
+
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.1)
+        cancelled.set()
+        t.join(5)
+        first.join(5)
+        return res, backend
+
+    res, backend = _with_batcher(body, backend=_Peak(1.5), max_batch_size=1, instances=1)
+    assert res["out"] is None and res["took"] < 0.8  # not after the running batch's 1.5 s
+    assert backend.executions == [[1]]  # the cancelled request never ran

@@ -455,9 +455,9 @@ class DynamicBatcher(Scheduler):
         self._closed = False
         self._workers = [asyncio.ensure_future(self._work()) for _ in range(instances)]
         # the handler threads' side (submit_sync): its own queue, a leader thread forming batches;
-        # _sync_slots bounds the executions of both sides together (the event loop's take it too)
+        # _instances bounds the executions of both sides together (the event loop's take it too)
         self.runs_sync = self.runner.backend_sync is not None
-        self._sync_slots = Slots(instances)
+        self._instances = Slots(instances)
         self._tcond = threading.Condition(threading.Lock())
         self._tqueue: list[_SyncPending] = []
         self._leader: _SyncPending | None = None
@@ -563,7 +563,7 @@ class DynamicBatcher(Scheduler):
 
     def _lead(self, me: "_SyncPending", is_active) -> None:
         """Take a slot, form one batch, hand the lead on, run the batch."""
-        if not self._sync_slots.acquire_sync(is_active):  # cancelled while the instances were busy:
+        if not self._instances.acquire_sync(is_active):  # cancelled while the instances were busy:
             with self._tcond:  # leave now (a follower leaves within 50 ms) and pass the lead on
                 if me.state == _QUEUED:
                     self._tqueue.remove(me)
@@ -602,7 +602,7 @@ class DynamicBatcher(Scheduler):
                     break
             self._run_sync_batch(batch)
         finally:
-            self._sync_slots.release()
+            self._instances.release()
 
     def _sync_form(self, chosen: list["_SyncPending"]) -> list["_SyncPending"]:
         chosen = _prefer(chosen, self.preferred)
@@ -688,10 +688,10 @@ class DynamicBatcher(Scheduler):
                             p.future.set_exception(exc)
 
     async def _execute(self, batch: list[_Pending]) -> None:
-        # one instance bound for both sides: the handler threads' leaders hold _sync_slots while they
+        # one instance bound for both sides: the handler threads' leaders hold _instances while they
         # run a batch; without taking it here a count-1 model ran an event-loop batch (a traffic route,
         # a shadow) and a handler-thread batch at once
-        async with self._sync_slots:
+        async with self._instances:
             t0 = _now()
             merged, total = _merge(batch), sum(p.rows for p in batch)
             t1 = _now()

@@ -8,7 +8,7 @@ layer is in :attr:`PyserveBackend.kernel_choices`. A graph made only of Linear l
 (LeNet-300-100 and other MLPs) then runs as a straight-line NumPy plan
 (:func:`pyserve.artifact.plan.compile_plan`: no torch.fx/pytree/dispatch cost per call, BLAS
 without the GIL), checked at load against the graph on a sample input; ``executor="graph"`` (or
-``PYSERVE_EXECUTOR=graph``) keeps the GraphModule. :attr:`PyserveBackend.executor` says which runs. ``kernels`` (or the ``PYSERVE_KERNELS``
+``PYSERVE_GRAPH_EXECUTOR=graph``) keeps the GraphModule. :attr:`PyserveBackend.graph_executor` says which runs. ``kernels`` (or the ``PYSERVE_KERNELS``
 environment variable) forces ``dense`` or one kernel instead of ``auto``. Inference runs the module
 under ``torch.inference_mode()`` in the same executor (or inline on the event loop when the server
 measured the execution as tiny, see ``serve --inline-max-us``). torch and the
@@ -59,17 +59,17 @@ class PyserveBackend:
         if self._inputs not in INPUT_MODES:
             raise ValueError(f"pyserve backend: argument 'inputs' (or PYSERVE_INPUTS): expected one of {INPUT_MODES}, "
                              f"got {self._inputs!r}")
-        self._graph_executor = graph_executor or os.environ.get("PYSERVE_EXECUTOR", "auto")
-        if self._graph_executor not in GRAPH_EXECUTORS:
-            raise ValueError(f"pyserve backend: argument 'graph_executor' (or PYSERVE_EXECUTOR): expected one of "
-                             f"{GRAPH_EXECUTORS}, got {self._graph_executor!r}")
+        self._graph_mode = graph_executor or os.environ.get("PYSERVE_GRAPH_EXECUTOR", "auto")
+        if self._graph_mode not in GRAPH_EXECUTORS:
+            raise ValueError(f"pyserve backend: argument 'graph_executor' (or PYSERVE_GRAPH_EXECUTOR): expected one "
+                             f"of {GRAPH_EXECUTORS}, got {self._graph_mode!r}")
         self._module = None
         self._plan = None
         self._signature: ModelSignature | None = None
         #: weight tensor name -> kernel ("dense", "int8", "csr", "codebook"), set by load()
         self.kernel_choices: dict[str, str] = {}
         #: what runs the graph, set by load(): "plan" (straight-line NumPy plan) or "graph" (the GraphModule)
-        self.executor: str | None = None
+        self.graph_executor: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -86,10 +86,10 @@ class PyserveBackend:
         module, signature, choices = await loop.run_in_executor(
             self._executor, functools.partial(_load, self._path, self._kernels, self._inputs))
         plan = None
-        if self._graph_executor == "auto" and getattr(module, "text", None) is None:
+        if self._graph_mode == "auto" and getattr(module, "text", None) is None:
             plan = await loop.run_in_executor(self._executor, _plan_for, module, signature)
         self._module, self._plan, self._signature, self.kernel_choices = module, plan, signature, choices
-        self.executor = "graph" if plan is None else "plan"
+        self.graph_executor = "graph" if plan is None else "plan"
 
     async def infer(self, batch: Sequence[InferInputs]) -> list[InferResult]:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.infer_sync, list(batch))

@@ -809,7 +809,7 @@ class ModelRepository:
             model.state, model.reason = ModelState.READY, ""
             for mv in fresh:
                 backend = mv.backend
-                how = ", ".join(f"{k} {v}" for k, v in (("executor", getattr(backend, "executor", None)),
+                how = ", ".join(f"{k} {v}" for k, v in (("executor", getattr(backend, "graph_executor", None)),
                                                        ("kernels", _kernel_summary(backend))) if v)
                 log.info("model %r version %s loaded and warmed up (%s backend%s)", model.name, mv.version,
                          config.backend, f"; {how}" if how else "")

@@ -147,11 +147,11 @@ def test_backend_serves_the_plan_and_can_keep_the_graph(tmp_path, monkeypatch):
     with torch.inference_mode():
         expected = net(torch.from_numpy(x)).numpy()
     planned = _load(PyserveBackend(path))
-    assert planned.executor == "plan"
+    assert planned.graph_executor == "plan"
     graph = _load(PyserveBackend(path, graph_executor="graph"))
-    assert graph.executor == "graph"
-    monkeypatch.setenv("PYSERVE_EXECUTOR", "graph")
-    assert _load(PyserveBackend(path)).executor == "graph"
+    assert graph.graph_executor == "graph"
+    monkeypatch.setenv("PYSERVE_GRAPH_EXECUTOR", "graph")
+    assert _load(PyserveBackend(path)).graph_executor == "graph"
     out_name = planned.signature.outputs[0].name
     in_name = planned.signature.inputs[0].name
     for be in (planned, graph):
@@ -166,8 +166,8 @@ def test_backend_serves_the_plan_and_can_keep_the_graph(tmp_path, monkeypatch):
 def test_backend_rejects_an_unknown_executor(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="graph_executor"):
         PyserveBackend(tmp_path / "x.pyserve", graph_executor="fast")
-    monkeypatch.setenv("PYSERVE_EXECUTOR", "jit")
-    with pytest.raises(ValueError, match="PYSERVE_EXECUTOR"):
+    monkeypatch.setenv("PYSERVE_GRAPH_EXECUTOR", "jit")
+    with pytest.raises(ValueError, match="PYSERVE_GRAPH_EXECUTOR"):
         PyserveBackend(tmp_path / "x.pyserve")
 
 

@@ -80,7 +80,7 @@ def test_infer_matches_the_module(client, classifier_modules, server):
     import torch
 
     # the classifier (Linear/ReLU/softmax) is served by the straight-line NumPy plan, not the GraphModule
-    assert server.server.repository.get("classifier").current.backend.executor == "plan"
+    assert server.server.repository.get("classifier").current.backend.graph_executor == "plan"
 
     module = classifier_modules[2][0]
     x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)

@@ -656,40 +656,6 @@ def test_sync_batcher_cancelled_request_leaves_the_queue_and_close_fails_waiters
     assert backend.executions == []
 
 
-def test_sync_batcher_instances_bound_concurrent_executions():
-    class Counting(SyncRecorder):
-        def __init__(self):
-            super().__init__(delay_s=0.05)
-            self.now = self.peak = 0
-
-        def infer_sync(self, batch):
-            with self.lock:
-                self.now += 1
-                self.peak = max(self.peak, self.now)
-            try:
-                return super().infer_sync(batch)
-            finally:
-                with self.lock:
-                    self.now -= 1
-
-    def body(b, backend, stats):
-        return _threads(lambda i: b.submit_sync(_x(1, i), 1), 12), backend
-
-    outs, backend = _with_batcher(body, backend=Counting(), max_batch_size=2, max_queue_delay_us=0, instances=2)
-    for i in range(12):
-        np.testing.assert_array_equal(outs[i]["y"], np.full((1, 3), i + 1, np.float32))
-    assert backend.peak <= 2 and max(e[0] for e in backend.executions) <= 2
-
-
-def test_sync_batcher_stops_waiting_when_every_handler_thread_waits():
-    # 4 handler threads, preferred 16, a 20 s delay: the 4 requests go as one batch at once
-    outs, took, backend = _with_batcher(_timed_rows(4), max_batch_size=16, preferred_batch_sizes=[16],
-                                        max_queue_delay_us=20_000_000, handler_threads=4)
-    assert took < 5.0 and backend.executions == [[4]]
-    for i in range(4):
-        np.testing.assert_array_equal(outs[i]["y"], np.full((1, 3), i + 1, np.float32))
-
-
 class _Peak(SyncRecorder):
     """SyncRecorder that sleeps ``delay_s`` per execution and records the most executions at once;
     ``infer`` runs ``infer_sync`` in a thread (what the pyserve backend's async path does)."""
@@ -710,6 +676,25 @@ class _Peak(SyncRecorder):
 
     async def infer(self, batch):
         return await asyncio.get_running_loop().run_in_executor(None, self.infer_sync, batch)
+
+
+def test_sync_batcher_instances_bound_concurrent_executions():
+    def body(b, backend, stats):
+        return _threads(lambda i: b.submit_sync(_x(1, i), 1), 12), backend
+
+    outs, backend = _with_batcher(body, backend=_Peak(0.05), max_batch_size=2, max_queue_delay_us=0, instances=2)
+    for i in range(12):
+        np.testing.assert_array_equal(outs[i]["y"], np.full((1, 3), i + 1, np.float32))
+    assert backend.peak <= 2 and max(e[0] for e in backend.executions) <= 2
+
+
+def test_sync_batcher_stops_waiting_when_every_handler_thread_waits():
+    # 4 handler threads, preferred 16, a 20 s delay: the 4 requests go as one batch at once
+    outs, took, backend = _with_batcher(_timed_rows(4), max_batch_size=16, preferred_batch_sizes=[16],
+                                        max_queue_delay_us=20_000_000, handler_threads=4)
+    assert took < 5.0 and backend.executions == [[4]]
+    for i in range(4):
+        np.testing.assert_array_equal(outs[i]["y"], np.full((1, 3), i + 1, np.float32))
 
 
 def test_event_loop_and_handler_thread_batches_share_the_instance_count():

@@ -108,14 +108,23 @@ def test_thousand_concurrent_requests_with_1ms_deadline(srv, count, deadline_s):
         finally:
             await client.close()
 
-    fails_before = srv.server.repository.stats_recorder("batched", "1").snapshot().fail.count
-    outcomes = asyncio.run(storm())
-    kinds = {o for o in outcomes}
-    assert kinds <= {"OK", "StatusCode.DEADLINE_EXCEEDED"}, kinds
-    assert outcomes.count("StatusCode.DEADLINE_EXCEEDED") > 0  # the deadline did bite
-    if deadline_s > 0.01:  # these reached the server and were cancelled there (queued or running)
-        # recorded when the server notices the cancellation, which can come after the client's deadline
-        assert _wait(lambda: srv.server.repository.stats_recorder("batched", "1").snapshot().fail.count > fails_before)
+    def batched_fails():
+        return srv.server.repository.stats_recorder("batched", "1").snapshot().fail.count
+
+    fails_before = batched_fails()
+    for _attempt in range(3):
+        outcomes = asyncio.run(storm())
+        kinds = {o for o in outcomes}
+        assert kinds <= {"OK", "StatusCode.DEADLINE_EXCEEDED"}, kinds
+        assert outcomes.count("StatusCode.DEADLINE_EXCEEDED") > 0  # the deadline did bite
+        # at 300 ms some requests reach the server and are cancelled there (queued or running),
+        # recorded when the server notices, which can come after the client's deadline; on a loaded
+        # machine a storm can expire wholly before any handler takes a request (then nothing is
+        # recorded, rightly), so the storm is repeated, up to three times, until one does
+        if deadline_s < 0.01 or _wait(lambda: batched_fails() > fails_before, timeout_s=3.0):
+            break
+    if deadline_s > 0.01:
+        assert batched_fails() > fails_before
     # nothing leaks: no request left in flight, the slot free, the batcher queue empty, no RPC counted
     assert _wait(lambda: _state(srv, "echo") == (0, 1) and _state(srv, "batched") == (0, 0)), (
         _state(srv, "echo"), _state(srv, "batched"))

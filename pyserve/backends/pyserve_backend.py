@@ -4,10 +4,10 @@ Loading reads, verifies (checksums) and decodes the artifact in a thread executo
 Linear layer on the fastest of the native kernels its stored form allows — torch's dense fp32,
 ``int8_linear`` (int8 weights), ``csr_linear`` (pruned weights), ``codebook_linear`` (pruned and
 weight-shared) — measured at load (:func:`pyserve.artifact.kernels.native_module`); the choice per
-layer is in :attr:`PyserveBackend.kernel_choices`. A graph made only of Linear layers and ReLUs
-(LeNet-300-100 and other MLPs) then runs as a straight-line NumPy plan
+layer is in :attr:`PyserveBackend.kernel_choices`. A graph made only of Linear layers, ReLU and
+softmax (LeNet-300-100 and other MLPs) then runs as a straight-line NumPy plan
 (:func:`pyserve.artifact.plan.compile_plan`: no torch.fx/pytree/dispatch cost per call, BLAS
-without the GIL), checked at load against the graph on a sample input; ``executor="graph"`` (or
+without the GIL), checked at load against the graph on a sample input; ``graph_executor="graph"`` (or
 ``PYSERVE_GRAPH_EXECUTOR=graph``) keeps the GraphModule. :attr:`PyserveBackend.graph_executor` says which runs. ``kernels`` (or the ``PYSERVE_KERNELS``
 environment variable) forces ``dense`` or one kernel instead of ``auto``. Inference runs the module
 under ``torch.inference_mode()`` in the same executor (or inline on the event loop when the server
@@ -31,7 +31,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Sequence
 
-from pyserve.backends._common import run_each, run_torch_batch, skip_export_input_checks
+from pyserve.backends._common import check_output, run_each, run_torch_batch, skip_export_input_checks
 from pyserve.backends.base import InferInputs, InferResult, ModelSignature, TensorSpec
 
 __all__ = ["GRAPH_EXECUTORS", "INPUT_MODES", "PyserveBackend"]
@@ -163,8 +163,6 @@ def _plan_for(module, signature: ModelSignature):
 def run_plan_batch(plan, signature: ModelSignature, batch: Sequence[InferInputs]) -> list[InferResult]:
     """:func:`run_torch_batch` for a straight-line plan: each request's inputs (in signature order)
     through ``plan``; a failure or an output of another datatype is that request's result only."""
-    from pyserve.backends._common import check_output
-
     in_names = [s.name for s in signature.inputs]
     outs = signature.outputs
 

@@ -13,7 +13,10 @@
 
 and keeps the fastest, measured at load on random activations of ``sample_rows`` rows (the best
 of ``repeats`` interleaved runs each — the least disturbed by other load — summed over the row
-counts). Leading dims of the activation (``[B, S, K]`` in a
+counts). Each kernel is timed as it will run (:func:`_measure_candidates`): int8 through its bound
+packed call, and with the GELU or add & LayerNorm that ``fuse`` folds into an int8 layer (torch's
+ops after the other kernels); the times are kept in the module's ``pyserve_kernel_timings``
+(``{weight name: {kernel: seconds}}``). Leading dims of the activation (``[B, S, K]`` in a
 transformer) are flattened to rows and restored. ``kernels="dense"`` keeps torch's fp32 layers;
 naming one kernel (``"int8"``) uses it wherever the layer's encoding allows.
 
@@ -234,6 +237,86 @@ def _best_times(fns: dict, repeats: int) -> dict:
             fn()
             best[k] = min(best[k], time.perf_counter() - t0)
     return best
+
+
+def _epilogue_of(gm, node, N: int, fold_norm: bool, fold_gelu: bool):
+    """What :func:`_fold_gelu` or :func:`_fold_add_layer_norm` would fold into an int8 layer at
+    ``node`` (an ``aten.linear`` with ``N`` outputs): ``("gelu",)``, ``("norm", weight, bias, eps)``
+    or None — the same conditions as those folds, so that the load-time measurement compares each
+    kernel together with the epilogue it would run with."""
+    import torch
+
+    aten = torch.ops.aten
+    if len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_function":
+        return None
+    if fold_gelu and user.target is aten.gelu.default and len(user.args) == 1 \
+            and user.kwargs.get("approximate", "none") == "none":
+        return ("gelu",)
+    if not fold_norm or user.target is not aten.add.Tensor or user.kwargs or len(user.args) != 2 \
+            or len(user.users) != 1:
+        return None
+    residual = user.args[1] if user.args[0] is node else user.args[0]
+    ln = next(iter(user.users))
+    if not isinstance(residual, torch.fx.Node) or residual is node or ln.op != "call_function" \
+            or ln.target is not aten.layer_norm.default or ln.kwargs or len(ln.args) < 4 or ln.args[0] is not user:
+        return None
+    shape, w_node, b_node = ln.args[1:4]
+    eps = ln.args[4] if len(ln.args) > 4 else 1e-5
+    if list(shape) != [N] or not isinstance(eps, float) or getattr(w_node, "op", None) != "get_attr" \
+            or getattr(b_node, "op", None) != "get_attr":
+        return None
+    weight, nbias = getattr_path(gm, w_node.target).detach(), getattr_path(gm, b_node.target).detach()
+    if tuple(weight.shape) != (N,) or tuple(nbias.shape) != (N,):
+        return None
+    return ("norm", weight, nbias, eps)
+
+
+def _measure_candidates(gm, node, weight, bias, cands: dict, sample_rows, repeats: int, gen, fold_norm: bool,
+                        fold_gelu: bool) -> dict:
+    """Seconds per kernel (``dense`` and each of ``cands``) for the layer at ``node``: the best of
+    ``repeats`` interleaved calls, summed over ``sample_rows``. Each kernel is timed as it would run:
+    an int8 layer through its bound packed call (:func:`_int8_packed_layer`, not :func:`_int8_fn`'s
+    per-call argument handling, ~25-50 us more), and together with the GELU or add & LayerNorm that
+    follows the layer — folded into the native call for int8 (:func:`_epilogue_of`), torch's ops
+    after the others. Measured per layer alone, a CPU whose int8 GEMMs are no faster than its fp32
+    ones (Zen 1: one integer-multiply pipe) kept 21 of MiniLM's 36 layers dense, and the whole model
+    ran 10% slower than with all int8 (README, "BERT on CPUs")."""
+    import torch
+
+    F = torch.nn.functional
+    N, K = weight.shape
+    epi = _epilogue_of(gm, node, N, fold_norm, fold_gelu)
+
+    def then(fn):  # fn(x) -> [rows, N]; the epilogue in torch
+        if epi is None:
+            return lambda x, r: fn(x)
+        if epi[0] == "gelu":
+            return lambda x, r: F.gelu(fn(x))
+        _, nw, nb, eps = epi
+        return lambda x, r: F.layer_norm(fn(x) + r, [N], nw, nb, eps)
+
+    runners = {"dense": then(lambda x: F.linear(x, weight, bias))}
+    for k, (fn, extra) in cands.items():
+        if k == "int8" and _cached_pack_of(extra[0]) is not None:
+            gelu = epi is not None and epi[0] == "gelu"
+            norm = epi[1:] if epi is not None and epi[0] == "norm" else None
+            layer = _int8_packed_layer(extra[0], extra[1], bias, activation="gelu" if gelu else "none", norm=norm)
+            runners[k] = (lambda layer: (lambda x, r: layer(x, r)))(layer) if norm is not None \
+                else (lambda layer: (lambda x, r: layer(x)))(layer)
+        else:
+            runners[k] = then((lambda fn, extra: (lambda x: fn(x, *extra, bias)))(fn, extra))
+    timings = {k: 0.0 for k in runners}
+    with torch.inference_mode():
+        for rows in sample_rows:
+            x = torch.randn(rows, K, generator=gen)
+            r = torch.randn(rows, N, generator=gen) if epi is not None and epi[0] == "norm" else None
+            fns = {k: functools.partial(run, x, r) for k, run in runners.items()}
+            for k, t in _best_times(fns, repeats).items():
+                timings[k] += t
+    return timings
 
 
 def _fuse_shared_input(gm, art, extra_int8: dict, extra_meta: dict) -> dict[str, list[str]]:
@@ -791,6 +874,7 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
     graph = gm.graph
     gen = torch.Generator().manual_seed(0)
     counter = 0
+    timing_log: dict = {}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
             continue
@@ -816,15 +900,9 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
             bias = getattr_path(gm, b_node.target).detach().contiguous()
         chosen = next(iter(cands))
         if kernels == "auto":
-            K = weight.shape[1]
-            timings = {"dense": 0.0, **{k: 0.0 for k in cands}}
-            with torch.inference_mode():
-                for rows in sample_rows:
-                    x = torch.randn(rows, K, generator=gen)
-                    fns = {"dense": functools.partial(torch.nn.functional.linear, x, weight, bias)}
-                    fns.update({k: functools.partial(fn, x, *extra, bias) for k, (fn, extra) in cands.items()})
-                    for k, t in _best_times(fns, repeats).items():
-                        timings[k] += t
+            timings = _measure_candidates(gm, node, weight, bias, cands, sample_rows, repeats, gen,
+                                          fuse and fold_norm, fuse)
+            timing_log[wname] = timings
             chosen = min(timings, key=timings.get)
             if chosen == "dense":
                 choices[wname] = "dense"
@@ -858,6 +936,7 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
             _fold_add_layer_norm(gm)
     _erase_unused_get_attr(graph)
     gm.recompile()
+    gm.pyserve_kernel_timings = timing_log  # {weight name: {kernel: seconds}} of the kernels="auto" choice
     _memoize_input_check(gm)
     for fname, originals in fused.items():
         kernel = choices.pop(fname, "dense")

@@ -272,6 +272,58 @@ def test_attention_node_falls_back_to_torch_for_what_the_kernel_does_not_take():
                                expected.transpose(1, 2).reshape(B, S, H * D), rtol=0, atol=0)
 
 
+def test_auto_times_each_kernel_as_it_would_run_with_its_epilogue(tmp_path, monkeypatch):
+    """kernels="auto" times int8 through the bound packed call with the GELU / add & LayerNorm it
+    would fold, and dense followed by torch's ops: a per-layer timing without the epilogue kept
+    MiniLM's layers dense on a CPU where that made the whole model 10% slower."""
+    from pyserve.artifact import kernels
+
+    torch.manual_seed(0)
+    net = Block().eval()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.uniform_(-0.5, 0.5)
+    enc = _int8_encode(net, ("a", "b"))
+    path = tmp_path / "block.pyserve"
+    artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="block", encodings=enc, dynamic_axes=((0, 1),))
+    measured = []
+    real = kernels._best_times
+
+    def spy(fns, repeats):
+        measured.append(fns)
+        return real(fns, repeats)
+
+    monkeypatch.setattr(kernels, "_best_times", spy)
+    module, choices = native_module(artifact.load_artifact(path), kernels="auto", sample_rows=(3, 9), repeats=1)
+    assert [sorted(f) for f in measured] == [["dense", "int8"]] * 4  # layers a and b, two row counts each
+    assert set(module.pyserve_kernel_timings) == {"a.weight", "b.weight"}
+    assert all(t > 0 for v in module.pyserve_kernel_timings.values() for t in v.values())
+    F = torch.nn.functional
+    pa, pb = (artifact.load_artifact(path).int8[f"{n}.weight"] for n in ("a", "b"))
+
+    def int8_ref(x, parts, bias):
+        return torch.from_numpy(np.asarray(int8_linear_reference(x.numpy(), parts.values, parts.scale,
+                                                                  bias.detach().numpy()), np.float32))
+
+    with torch.inference_mode():
+        for fns in measured[:2]:  # a: GELU follows
+            x, r = fns["dense"].args
+            assert r is None
+            torch.testing.assert_close(fns["dense"](), F.gelu(F.linear(x, net.a.weight, net.a.bias)))
+            torch.testing.assert_close(fns["int8"](), F.gelu(int8_ref(x, pa, net.a.bias)), rtol=1e-5, atol=1e-5)
+        for fns in measured[2:]:  # b: add & LayerNorm follow (the residual is part of the timed call)
+            x, r = fns["dense"].args
+            assert r.shape == (x.shape[0], 32)
+            ln = net.norm
+            torch.testing.assert_close(fns["dense"](), F.layer_norm(F.linear(x, net.b.weight, net.b.bias) + r, [32],
+                                                                    ln.weight, ln.bias, ln.eps))
+            torch.testing.assert_close(fns["int8"](), F.layer_norm(int8_ref(x, pb, net.b.bias) + r, [32], ln.weight,
+                                                                   ln.bias, ln.eps), rtol=1e-4, atol=1e-4)
+        x = torch.randn(3, 7, 32)
+        torch.testing.assert_close(module(x), net(x), rtol=0.05, atol=0.05)
+    assert set(choices.values()) <= {"dense", "int8"}
+
+
 def test_add_and_layer_norm_folded_into_the_int8_layer(tmp_path):
     """BERT's add & norm after an int8 layer: one native call with the epilogue, within float
     rounding of the layer followed by torch's add and layer_norm (same int8 GEMM)."""

@@ -298,16 +298,24 @@ def _measure_candidates(gm, node, weight, bias, cands: dict, sample_rows, repeat
         _, nw, nb, eps = epi
         return lambda x, r: F.layer_norm(fn(x) + r, [N], nw, nb, eps)
 
+    def with_residual(layer):
+        return lambda x, r: layer(x, r)
+
+    def without_residual(layer):
+        return lambda x, r: layer(x)
+
+    def stored(fn, extra):
+        return lambda x: fn(x, *extra, bias)
+
     runners = {"dense": then(lambda x: F.linear(x, weight, bias))}
     for k, (fn, extra) in cands.items():
         if k == "int8" and _cached_pack_of(extra[0]) is not None:
             gelu = epi is not None and epi[0] == "gelu"
             norm = epi[1:] if epi is not None and epi[0] == "norm" else None
             layer = _int8_packed_layer(extra[0], extra[1], bias, activation="gelu" if gelu else "none", norm=norm)
-            runners[k] = (lambda layer: (lambda x, r: layer(x, r)))(layer) if norm is not None \
-                else (lambda layer: (lambda x, r: layer(x)))(layer)
+            runners[k] = with_residual(layer) if norm is not None else without_residual(layer)
         else:
-            runners[k] = then((lambda fn, extra: (lambda x: fn(x, *extra, bias)))(fn, extra))
+            runners[k] = then(stored(fn, extra))
     timings = {k: 0.0 for k in runners}
     with torch.inference_mode():
         for rows in sample_rows:

@@ -740,3 +740,25 @@ def test_sync_batcher_leader_cancelled_while_the_instance_is_busy_leaves_at_once
     res, backend = _with_batcher(body, backend=_Peak(1.5), max_batch_size=1, instances=1)
     assert res["out"] is None and res["took"] < 0.8  # not after the running batch's 1.5 s
     assert backend.executions == [[1]]  # the cancelled request never ran
+
+
+def test_sync_pending_wake_ups_that_come_together_count_once_and_none_is_lost():
+    """The handler-thread batcher's wake-up (a bare lock): a wake before the sleep is not lost,
+    two wakes before one sleep wake it once (the thread re-checks its state), a sleep with nothing
+    to wake it times out, and a wake from another thread ends a sleep at once."""
+    import time
+
+    from pyserve.server.scheduler import _SyncPending
+
+    p = _SyncPending({}, 1, (), 0)
+    assert p.sleep(0.01) is False
+    p.wake()
+    p.wake()  # already woken: a no-op, not an error
+    assert p.sleep(0.01) is True
+    assert p.sleep(0.01) is False
+    t = threading.Timer(0.05, p.finish, args=("done",))
+    t0 = time.perf_counter()
+    t.start()
+    assert p.sleep(5.0) is True
+    assert time.perf_counter() - t0 < 2.0 and p.result == "done"
+    t.join()

@@ -13,7 +13,8 @@
 
 and keeps the fastest, measured at load on random activations of ``sample_rows`` rows (the best
 of ``repeats`` interleaved runs each — the least disturbed by other load — summed over the row
-counts). Each kernel is timed as it will run (:func:`_measure_candidates`): int8 through its bound
+counts; an int8 layer stays int8 unless another kernel is more than :data:`INT8_MARGIN` faster,
+:func:`_choose`). Each kernel is timed as it will run (:func:`_measure_candidates`): int8 through its bound
 packed call, and with the GELU or add & LayerNorm that ``fuse`` folds into an int8 layer (torch's
 ops after the other kernels); the times are kept in the module's ``pyserve_kernel_timings``
 (``{weight name: {kernel: seconds}}``). Leading dims of the activation (``[B, S, K]`` in a
@@ -325,6 +326,22 @@ def _measure_candidates(gm, node, weight, bias, cands: dict, sample_rows, repeat
             for k, t in _best_times(fns, repeats).items():
                 timings[k] += t
     return timings
+
+
+#: How much slower int8 may measure than the fastest other kernel and still be chosen (a fraction).
+INT8_MARGIN = 0.10
+
+
+def _choose(timings: dict) -> str:
+    """The kernel to run from ``{kernel: seconds}``: the fastest, except that an int8 layer stays int8
+    unless another kernel is more than :data:`INT8_MARGIN` faster. int8 is the only candidate whose
+    results differ from the stored weights' beyond float rounding (activations quantized per row),
+    so a near tie decided by timing noise would give replicas of one artifact different outputs
+    from load to load; and int8 is what the user compressed to."""
+    best = min(timings, key=timings.get)
+    if best != "int8" and "int8" in timings and timings["int8"] <= timings[best] * (1 + INT8_MARGIN):
+        return "int8"
+    return best
 
 
 def _fuse_shared_input(gm, art, extra_int8: dict, extra_meta: dict) -> dict[str, list[str]]:
@@ -826,7 +843,8 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
     Parameters
     ----------
     art : :class:`pyserve.artifact.LoadedArtifact`
-    kernels : ``auto`` (fastest per layer, measured), ``dense`` (unchanged graph), or one of
+    kernels : ``auto`` (fastest per layer, measured; int8 kept within :data:`INT8_MARGIN`), ``dense``
+        (unchanged graph), or one of
         ``int8``, ``csr``, ``codebook`` (used wherever a layer's stored form allows it).
     sample_rows : activation row counts (batch x tokens) the measurement uses.
     repeats : timed runs per kernel and row count (the fastest counts).
@@ -911,7 +929,7 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
             timings = _measure_candidates(gm, node, weight, bias, cands, sample_rows, repeats, gen,
                                           fuse and fold_norm, fuse)
             timing_log[wname] = timings
-            chosen = min(timings, key=timings.get)
+            chosen = _choose(timings)
             if chosen == "dense":
                 choices[wname] = "dense"
                 continue

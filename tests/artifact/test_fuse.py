@@ -324,6 +324,27 @@ def test_auto_times_each_kernel_as_it_would_run_with_its_epilogue(tmp_path, monk
     assert set(choices.values()) <= {"dense", "int8"}
 
 
+@pytest.mark.parametrize(("dense_s", "int8_s", "expected"), [
+    (1.00, 1.05, "int8"),   # dense 5% faster: a near tie, int8 stays
+    (1.00, 1.10, "int8"),   # at the margin
+    (1.00, 1.25, "dense"),  # dense clearly faster
+    (1.00, 0.80, "int8"),
+])
+def test_auto_keeps_int8_unless_another_kernel_is_clearly_faster(tmp_path, monkeypatch, dense_s, int8_s, expected):
+    from pyserve.artifact import kernels
+
+    torch.manual_seed(0)
+    net = Block().eval()
+    enc = _int8_encode(net, ("a", "b"))
+    path = tmp_path / "block.pyserve"
+    artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="block", encodings=enc, dynamic_axes=((0, 1),))
+    monkeypatch.setattr(kernels, "_best_times", lambda fns, repeats: {"dense": dense_s, "int8": int8_s})
+    module, choices = native_module(artifact.load_artifact(path), kernels="auto", sample_rows=(3,), repeats=1)
+    assert choices == {"a.weight": expected, "b.weight": expected}
+    assert module.pyserve_kernel_timings["a.weight"] == {"dense": dense_s, "int8": int8_s}
+    assert kernels._choose({"dense": 1.0, "csr": 0.5}) == "csr"  # no int8 candidate: the fastest
+
+
 def test_add_and_layer_norm_folded_into_the_int8_layer(tmp_path):
     """BERT's add & norm after an int8 layer: one native call with the epilogue, within float
     rounding of the layer followed by torch's add and layer_norm (same int8 GEMM)."""

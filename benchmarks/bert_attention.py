@@ -20,8 +20,6 @@ import argparse
 import os
 import time
 
-import numpy as np
-
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,12 +53,12 @@ def main() -> int:
         mask = (1.0 - keep)[:, None, None, :] * torch.finfo(torch.float32).min  # [B, 1, 1, S]
         mask = mask.expand(B, 1, S, S)
 
-        def torch_attention():
+        def torch_attention(qkv=qkv, mask=mask, S=S):
             q, k, v = (t.view(B, S, H, D).transpose(1, 2) for t in qkv.split(E, dim=-1))
             o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return o.transpose(1, 2).contiguous().reshape(B, S, E)
 
-        def pyserve_attention():
+        def pyserve_attention(qkv=qkv, mask=mask):
             return ops.attention_qkv(qkv, H, mask)
 
         with torch.inference_mode():

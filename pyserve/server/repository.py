@@ -780,6 +780,8 @@ class ModelRepository:
                     await backend.load()
                     _check_signature(config, backend)
                     await warm_up(backend)
+                    if config.dynamic_batching is not None and config.max_batch_size >= 2:
+                        await check_rows_independent(backend, where)
                     stats = self.stats_recorder(model.name, version)
                     mv = ModelVersion(model.name, version, config, backend, stats, _scheduler(config, backend, stats, self.executor, self.inline_max_us,
                                                                                              self.handler_threads),
@@ -947,6 +949,71 @@ async def warm_up(backend: Backend) -> None:
         if spec.datatype != "BYTES" and np.asarray(array).dtype.newbyteorder("=") != dtypes.numpy_dtype(spec.datatype):
             raise ValueError(f"warm-up inference: output {spec.name!r} is numpy {np.asarray(array).dtype}, "
                              f"the signature declares {spec.datatype}")
+
+
+def _distinct_rows(signature) -> tuple[dict, dict] | None:
+    """Two one-row inputs that differ in every input (-1 dims after the first taken as 1): random
+    normal floats, 0 and 1 for integers (valid token ids, indices and flags), False and True; None
+    when an input is BYTES or has no batch dimension (nothing can be made up for it)."""
+    from pyserve import dtypes
+
+    rng = np.random.default_rng(0)
+    a, b = {}, {}
+    for spec in signature.inputs:
+        if spec.datatype == "BYTES" or not spec.shape or spec.shape[0] != -1:
+            return None
+        shape = (1, *(1 if d == -1 else d for d in spec.shape[1:]))
+        dtype = dtypes.numpy_dtype(spec.datatype)
+        if np.issubdtype(dtype, np.floating):
+            a[spec.name] = rng.standard_normal(shape).astype(dtype)
+            b[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            a[spec.name] = np.zeros(shape, dtype)
+            b[spec.name] = np.ones(shape, dtype)
+    return a, b
+
+
+async def check_rows_independent(backend: Backend, where: str) -> bool:
+    """For a model served with dynamic batching: run two made-up rows (:func:`_distinct_rows`) alone
+    and as one batch of two, and log a WARNING when a row's outputs in the batch differ from its
+    outputs alone beyond float rounding (``rtol=1e-3``, ``atol=1e-5`` of the output's scale): the
+    model then mixes the rows of a batch (a softmax or a normalisation over dim 0, a per-batch
+    quantization scale), so under dynamic batching one request's answer depends on the requests
+    batched with it. The version still serves (some models accept that, e.g. per-tensor dynamic
+    quantization); a failing or unsplittable check is logged and skipped. Returns False when the
+    rows were found to mix, True otherwise (also when nothing could be checked)."""
+    rows = _distinct_rows(backend.signature)
+    if rows is None:
+        return True
+    a, b = rows
+    both = {name: np.concatenate([a[name], b[name]]) for name in a}
+    try:  # one call each: a backend may run the requests of one call as one batch
+        (alone_a,), (alone_b,), (batched,) = [await backend.infer([x]) for x in (a, b, both)]
+    except Exception as exc:  # the model's own error shows on real requests; warm-up passed
+        log.info("%s: batch-row independence not checked: %s", where, _reason(exc))
+        return True
+    if any(isinstance(r, BaseException) or not isinstance(r, dict) for r in (alone_a, alone_b, batched)):
+        return True
+    for name, out in batched.items():
+        got, ra, rb = (np.asarray(x) for x in (out, alone_a.get(name), alone_b.get(name)))
+        if got.dtype == object or ra.dtype == object or got.ndim == 0 or got.shape[0] != 2 \
+                or (ra.shape != got.shape[1:] and ra.shape != (1, *got.shape[1:])) or rb.shape != ra.shape:
+            continue
+        ref = np.concatenate([ra.reshape(1, *got.shape[1:]), rb.reshape(1, *got.shape[1:])])
+        if not np.issubdtype(ref.dtype, np.number) and ref.dtype != np.bool_:
+            continue
+        g64, r64 = got.astype(np.float64), ref.astype(np.float64)
+        scale = float(np.max(np.abs(r64[np.isfinite(r64)]), initial=0.0)) or 1.0
+        if np.allclose(g64, r64, rtol=1e-3, atol=1e-5 * scale, equal_nan=True):
+            continue
+        diff = float(np.nanmax(np.abs(g64 - r64)))
+        log.warning("%s: its output %r for a row differs by up to %.3g when the row is batched with another "
+                    "row than when it runs alone: the model mixes the rows of a batch (e.g. a softmax or a "
+                    "normalisation over dim 0), so with dynamic_batching a request's answer depends on the "
+                    "requests batched with it; serve it without dynamic_batching, or fix the model",
+                    where, name, diff)
+        return False
+    return True
 
 
 def _check_signature(config: ModelConfig, backend: Backend) -> None:

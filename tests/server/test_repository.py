@@ -257,3 +257,41 @@ def test_several_artifacts_load_concurrently(tmp_path, write_model, classifier_m
         repo = ModelRepository(tmp_path, executor=pool)
         asyncio.run(repo.load_all())
     assert {m.name: m.reason for m in repo.models} == {n: "" for n in names}
+
+
+def _softmax_artifact(tmp_path, dim: int) -> bytes:
+    torch = pytest.importorskip("torch")
+    from pyserve.artifact import save
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return torch.softmax(self.fc(x), dim=dim)
+
+    torch.manual_seed(0)
+    path = tmp_path / f"softmax{dim}.pyserve"
+    save(path, Net().eval(), (torch.randn(2, 6),), model_name="m", input_names=["x"], output_names=["p"])
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(("dim", "batching", "warned"), [(0, True, True), (-1, True, False), (0, False, False)])
+def test_a_batched_model_that_mixes_batch_rows_is_served_with_a_warning(tmp_path, write_model, caplog, dim, batching,
+                                                                         warned):
+    """A softmax over dim 0 makes a row's output depend on the other rows of its batch: with
+    dynamic_batching, load warns (the model still serves); a softmax over the last dim, or no
+    dynamic batching, loads without that warning."""
+    import logging
+
+    config = "max_batch_size: 8\n" + ("dynamic_batching: {max_queue_delay_microseconds: 100}\n" if batching else "")
+    write_model(tmp_path, "m", 1, artifact=_softmax_artifact(tmp_path, dim), config=config)
+    with caplog.at_level(logging.WARNING, logger="pyserve.server.repository"):
+        repo = _load(tmp_path)
+    assert repo.get("m").ready
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    mixing = [m for m in messages if "mixes the rows of a batch" in m]
+    assert bool(mixing) == warned, messages
+    if warned:
+        assert "model 'm' version 1" in mixing[0] and "output 'p'" in mixing[0]

@@ -240,6 +240,16 @@ def _best_times(fns: dict, repeats: int) -> dict:
     return best
 
 
+def _before(graph, a, b) -> bool:
+    """True when node ``a`` comes before node ``b`` in ``graph`` (False for ``a is b``)."""
+    for n in graph.nodes:
+        if n is b:
+            return False
+        if n is a:
+            return True
+    return False
+
+
 def _epilogue_of(gm, node, N: int, fold_norm: bool, fold_gelu: bool):
     """What :func:`_fold_gelu` or :func:`_fold_add_layer_norm` would fold into an int8 layer at
     ``node`` (an ``aten.linear`` with ``N`` outputs): ``("gelu",)``, ``("norm", weight, bias, eps)``
@@ -261,7 +271,7 @@ def _epilogue_of(gm, node, N: int, fold_norm: bool, fold_gelu: bool):
         return None
     residual = user.args[1] if user.args[0] is node else user.args[0]
     ln = next(iter(user.users))
-    if not isinstance(residual, torch.fx.Node) or residual is node or ln.op != "call_function" \
+    if not isinstance(residual, torch.fx.Node) or not _before(gm.graph, residual, node) or ln.op != "call_function" \
             or ln.target is not aten.layer_norm.default or ln.kwargs or len(ln.args) < 4 or ln.args[0] is not user:
         return None
     shape, w_node, b_node = ln.args[1:4]
@@ -896,6 +906,7 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
     if kernels == "dense":
         for fname, originals in fused.items():
             choices.update({w: "dense" for w in originals})
+        gm.pyserve_kernel_timings = {}
         return gm, choices
     graph = gm.graph
     gen = torch.Generator().manual_seed(0)
@@ -1020,8 +1031,10 @@ def _fold_add_layer_norm(gm) -> int:
             continue
         for src, residual in (add.args, add.args[::-1]):
             bound = getattr(getattr(src, "target", None), "_pyserve_int8", None)
+            # the layer will read the residual: it must be computed before the layer (not after it,
+            # as in ln(h + 2 x) with 2 x traced after h, and not the layer itself, as in ln(h + h))
             if getattr(src, "op", None) == "call_function" and bound is not None and bound[4] is None \
-                    and len(src.users) == 1 and isinstance(residual, torch.fx.Node):
+                    and len(src.users) == 1 and isinstance(residual, torch.fx.Node) and _before(graph, residual, src):
                 break
         else:
             continue

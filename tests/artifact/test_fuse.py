@@ -398,6 +398,47 @@ def test_add_norm_layer_falls_back_for_a_broadcast_residual():
                                rtol=0, atol=0)
 
 
+class ResidualLater(nn.Module):
+    """add & LayerNorm whose residual is traced after the layer (2 x), is the layer itself (h + h),
+    or is another layer's output (a projection shortcut: b's output comes after a's)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a, self.b, self.norm = nn.Linear(32, 32), nn.Linear(32, 32), nn.LayerNorm(32)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.kind == "later":
+            return self.norm(h + x * 2.0)
+        if self.kind == "same":
+            return self.norm(h + h)
+        return self.norm(h + self.b(x * 0.5))
+
+
+@pytest.mark.parametrize(("kind", "folded"), [("later", 0), ("same", 0), ("shortcut", 1)])
+def test_add_and_layer_norm_fold_only_reads_a_residual_computed_before_the_layer(tmp_path, kind, folded):
+    """The folded layer takes the residual as an argument, so the fold needs the residual computed
+    before the layer: otherwise the rewritten graph read it unassigned (UnboundLocalError on every
+    call). A shortcut layer computed after the other folds into the later one."""
+    torch.manual_seed(0)
+    net = ResidualLater(kind).eval()
+    enc = _int8_encode(net, ("a", "b"))
+    path = tmp_path / "m.pyserve"
+    artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="m", encodings=enc, dynamic_axes=((0, 1),))
+    module, _ = native_module(artifact.load_artifact(path), kernels="int8")
+    apart, _ = native_module(artifact.load_artifact(path), kernels="int8", fold_norm=False)
+    module.graph.lint()
+    names = [getattr(n.target, "__name__", "") for n in module.graph.nodes if n.op == "call_function"]
+    assert names.count("int8_linear_packed_add_norm") == folded
+    x = torch.randn(3, 7, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(module(x), apart(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module(x), net(x), rtol=0.05, atol=0.05)
+        auto, _ = native_module(artifact.load_artifact(path), kernels="auto", sample_rows=(3,), repeats=1)
+        torch.testing.assert_close(auto(x), net(x), rtol=0.05, atol=0.05)
+
+
 class Pool(nn.Module):
     """sentence-transformers' mean pooling and normalisation after one Linear."""
 

@@ -951,10 +951,23 @@ async def warm_up(backend: Backend) -> None:
                              f"the signature declares {spec.datatype}")
 
 
+def _bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values -> BF16 as the protocol carries it (uint16 bit patterns, truncated)."""
+    return (np.ascontiguousarray(values, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _as_float(array: np.ndarray, datatype: str | None) -> np.ndarray:
+    """An output as float64 for comparing: BF16 bit patterns decoded, other numbers cast."""
+    if datatype == "BF16" and array.dtype == np.uint16:
+        return (array.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return array.astype(np.float64)
+
+
 def _distinct_rows(signature) -> tuple[dict, dict] | None:
     """Two one-row inputs that differ in every input (-1 dims after the first taken as 1): random
-    normal floats, 0 and 1 for integers (valid token ids, indices and flags), False and True; None
-    when an input is BYTES or has no batch dimension (nothing can be made up for it)."""
+    normal floats (BF16 as its bit patterns), 0 and 1 for integers (valid token ids, indices and
+    flags), False and True; None when an input is BYTES or has no batch dimension (nothing can be
+    made up for it)."""
     from pyserve import dtypes
 
     rng = np.random.default_rng(0)
@@ -964,13 +977,20 @@ def _distinct_rows(signature) -> tuple[dict, dict] | None:
             return None
         shape = (1, *(1 if d == -1 else d for d in spec.shape[1:]))
         dtype = dtypes.numpy_dtype(spec.datatype)
-        if np.issubdtype(dtype, np.floating):
+        if spec.datatype == "BF16":
+            a[spec.name], b[spec.name] = (_bf16_bits(rng.standard_normal(shape)) for _ in range(2))
+        elif np.issubdtype(dtype, np.floating):
             a[spec.name] = rng.standard_normal(shape).astype(dtype)
             b[spec.name] = rng.standard_normal(shape).astype(dtype)
         else:
             a[spec.name] = np.zeros(shape, dtype)
             b[spec.name] = np.ones(shape, dtype)
     return a, b
+
+
+def _rows_close(got: np.ndarray, ref: np.ndarray) -> bool:
+    scale = float(np.max(np.abs(ref[np.isfinite(ref)]), initial=0.0)) or 1.0
+    return bool(np.allclose(got, ref, rtol=1e-3, atol=1e-5 * scale, equal_nan=True))
 
 
 async def check_rows_independent(backend: Backend, where: str) -> bool:
@@ -980,31 +1000,40 @@ async def check_rows_independent(backend: Backend, where: str) -> bool:
     model then mixes the rows of a batch (a softmax or a normalisation over dim 0, a per-batch
     quantization scale), so under dynamic batching one request's answer depends on the requests
     batched with it. The version still serves (some models accept that, e.g. per-tensor dynamic
-    quantization); a failing or unsplittable check is logged and skipped. Returns False when the
-    rows were found to mix, True otherwise (also when nothing could be checked)."""
+    quantization). Not checked (logged at INFO): a failing run, and a model whose output for the
+    same row changes from run to run (random). Returns False when the rows were found to mix, True
+    otherwise (also when nothing could be checked)."""
     rows = _distinct_rows(backend.signature)
     if rows is None:
         return True
     a, b = rows
     both = {name: np.concatenate([a[name], b[name]]) for name in a}
     try:  # one call each: a backend may run the requests of one call as one batch
-        (alone_a,), (alone_b,), (batched,) = [await backend.infer([x]) for x in (a, b, both)]
+        results = [(await backend.infer([x]))[0] for x in (a, a, b, both)]
     except Exception as exc:  # the model's own error shows on real requests; warm-up passed
         log.info("%s: batch-row independence not checked: %s", where, _reason(exc))
         return True
-    if any(isinstance(r, BaseException) or not isinstance(r, dict) for r in (alone_a, alone_b, batched)):
+    failed = next((r for r in results if isinstance(r, BaseException) or not isinstance(r, dict)), None)
+    if failed is not None:
+        log.info("%s: batch-row independence not checked: %s", where,
+                 _reason(failed) if isinstance(failed, BaseException) else f"the model returned {type(failed).__name__}")
         return True
+    alone_a, again_a, alone_b, batched = results
+    types = {spec.name: spec.datatype for spec in backend.signature.outputs}
     for name, out in batched.items():
-        got, ra, rb = (np.asarray(x) for x in (out, alone_a.get(name), alone_b.get(name)))
+        got, ra, ra2, rb = (np.asarray(x) for x in (out, alone_a.get(name), again_a.get(name), alone_b.get(name)))
         if got.dtype == object or ra.dtype == object or got.ndim == 0 or got.shape[0] != 2 \
-                or (ra.shape != got.shape[1:] and ra.shape != (1, *got.shape[1:])) or rb.shape != ra.shape:
+                or (ra.shape != got.shape[1:] and ra.shape != (1, *got.shape[1:])) or rb.shape != ra.shape \
+                or ra2.shape != ra.shape or not (np.issubdtype(got.dtype, np.number) or got.dtype == np.bool_):
             continue
-        ref = np.concatenate([ra.reshape(1, *got.shape[1:]), rb.reshape(1, *got.shape[1:])])
-        if not np.issubdtype(ref.dtype, np.number) and ref.dtype != np.bool_:
-            continue
-        g64, r64 = got.astype(np.float64), ref.astype(np.float64)
-        scale = float(np.max(np.abs(r64[np.isfinite(r64)]), initial=0.0)) or 1.0
-        if np.allclose(g64, r64, rtol=1e-3, atol=1e-5 * scale, equal_nan=True):
+        dt = types.get(name)
+        g64 = _as_float(got, dt)
+        r64 = np.concatenate([_as_float(ra, dt).reshape(1, *got.shape[1:]), _as_float(rb, dt).reshape(1, *got.shape[1:])])
+        if not _rows_close(_as_float(ra2, dt).reshape(1, *got.shape[1:]), r64[:1]):
+            log.info("%s: batch-row independence not checked: output %r changes from run to run for the same row",
+                     where, name)
+            return True
+        if _rows_close(g64, r64):
             continue
         diff = float(np.nanmax(np.abs(g64 - r64)))
         log.warning("%s: its output %r for a row differs by up to %.3g when the row is batched with another "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+import numpy as np
 import pytest
 
 from pyserve.protocol.errors import NotFound, Unavailable
@@ -295,3 +296,48 @@ def test_a_batched_model_that_mixes_batch_rows_is_served_with_a_warning(tmp_path
     assert bool(mixing) == warned, messages
     if warned:
         assert "model 'm' version 1" in mixing[0] and "output 'p'" in mixing[0]
+
+
+class _RowModel:
+    """A backend for check_rows_independent: x [-1, 4] of ``in_type`` -> y [-1, 4] of ``out_type``
+    (BF16 as uint16 bit patterns, as the protocol carries it) computed by ``fn`` on float32 rows."""
+
+    def __init__(self, fn, in_type="FP32", out_type="FP32"):
+        from pyserve.backends import ModelSignature, TensorSpec
+
+        self.fn, self.in_type, self.out_type = fn, in_type, out_type
+        self.signature = ModelSignature(inputs=(TensorSpec("x", in_type, (-1, 4)),),
+                                        outputs=(TensorSpec("y", out_type, (-1, 4)),))
+
+    async def infer(self, batch):
+        out = []
+        for inputs in batch:
+            x = np.asarray(inputs["x"])
+            x = (x.astype(np.uint32) << 16).view(np.float32) if self.in_type == "BF16" else x.astype(np.float32)
+            y = np.asarray(self.fn(x), np.float32)
+            out.append({"y": (y.view(np.uint32) >> 16).astype(np.uint16) if self.out_type == "BF16" else y})
+        return out
+
+
+@pytest.mark.parametrize(("name", "fn", "in_type", "out_type", "independent"), [
+    ("centred over dim 0, FP32 in", lambda x: x - x.mean(0, keepdims=True), "FP32", "FP32", False),
+    ("centred over dim 0, BF16 in", lambda x: x - x.mean(0, keepdims=True), "BF16", "FP32", False),
+    ("per row, BF16 out", lambda x: x * 2, "FP32", "BF16", True),
+    # +0.0 alone, -1e-30 in a batch: the same number, different BF16 bit patterns
+    ("signed zero, BF16 out", lambda x: np.where(np.arange(len(x))[:, None] > 0, -1e-30, 0.0) * np.ones_like(x),
+     "FP32", "BF16", True),
+    ("random (not a row mixer)", lambda x: x + np.random.default_rng().standard_normal(x.shape), "FP32", "FP32", True),
+])
+def test_row_independence_check_decodes_bf16_and_skips_random_models(caplog, name, fn, in_type, out_type,
+                                                                      independent):
+    import logging
+
+    from pyserve.server.repository import check_rows_independent
+
+    with caplog.at_level(logging.INFO, logger="pyserve.server.repository"):
+        assert asyncio.run(check_rows_independent(_RowModel(fn, in_type, out_type), "model 'm'")) is independent
+    assert not any("not checked: " in r.getMessage() and "run to run" not in r.getMessage() for r in caplog.records)
+    warned = any("mixes the rows of a batch" in r.getMessage() for r in caplog.records)
+    assert warned is (not independent)
+    if name.startswith("random"):
+        assert any("changes from run to run" in r.getMessage() for r in caplog.records)

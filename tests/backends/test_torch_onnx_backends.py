@@ -96,6 +96,25 @@ def test_pt2_without_signature_gets_default_names_from_the_graph(module, tmp_pat
     np.testing.assert_array_equal(results[0]["output__0"], _reference(module, _request(3))[0])
 
 
+def test_pt2_in_bfloat16_serves_bf16_bit_patterns(tmp_path):
+    """A bfloat16 model's BF16 inputs and outputs travel as uint16 bit patterns (numpy has no
+    bfloat16): in, reinterpreted as torch.bfloat16; out, the result's bits, equal to torch's."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 4).to(torch.bfloat16).eval()
+    path = tmp_path / "model.pt2"
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    x = torch.randn(2, 16).bfloat16()
+    torch.export.save(torch.export.export(lin, (x,), dynamic_shapes=({0: batch},)), str(path))
+    bits = x.view(torch.int16).numpy().view(np.uint16)
+    sig, results = _run(create_backend("torch", path), [{"input__0": bits}])
+    assert sig.outputs[0].datatype == "BF16" and sig.inputs[0].datatype == "BF16"
+    out = results[0]["output__0"]
+    assert out.dtype == np.uint16
+    with torch.no_grad():
+        expected = lin(x).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_torchscript_needs_and_uses_the_signature(module, tmp_path):
     from pyserve.export.torch_export import save_torchscript
 

@@ -374,3 +374,31 @@ def test_a_route_with_a_model_version_is_refused_clearly(tmp_path, write_model, 
                      str(tmp_path / "x.npy"), "--client", cli_client]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "INVALID_ARGUMENT: 'front' is a traffic route" in err[0], err
+
+
+def test_a_bfloat16_torch_model_serves_bf16_through_tritonclient(tmp_path):
+    """BF16 in and out through tritonclient (raw bytes, the protocol's only BF16 form) on a
+    bfloat16 torch.export model: the answer equals torch's bfloat16 result (its float32 value)."""
+    tc = pytest.importorskip("tritonclient.grpc")
+    torch = pytest.importorskip("torch")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from pyserve.server import ServerThread
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 4).to(torch.bfloat16).eval()
+    d = tmp_path / "bf16" / "1"
+    d.mkdir(parents=True)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.export.save(torch.export.export(lin, (torch.randn(2, 16).bfloat16(),), dynamic_shapes=({0: batch},)),
+                      str(d / "model.pt2"))
+    (tmp_path / "bf16" / "config.yaml").write_text("backend: torch\nmax_batch_size: 8\n")
+    x = torch.randn(3, 16).bfloat16()
+    with ServerThread(tmp_path, host="127.0.0.1", grpc_port=0) as srv:
+        c = tc.InferenceServerClient(srv.url)
+        t = tc.InferInput("input__0", [3, 16], "BF16")
+        t.set_data_from_numpy(x.float().numpy().astype(ml_dtypes.bfloat16))  # exact: x is bfloat16
+        got = c.infer("bf16", [t]).as_numpy("output__0").astype(np.float32)
+        c.close()
+    with torch.no_grad():
+        expected = lin(x).float().numpy()
+    np.testing.assert_array_equal(got, expected)

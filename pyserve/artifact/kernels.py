@@ -251,10 +251,12 @@ def _before(graph, a, b) -> bool:
 
 
 def _epilogue_of(gm, node, N: int, fold_norm: bool, fold_gelu: bool):
-    """What :func:`_fold_gelu` or :func:`_fold_add_layer_norm` would fold into an int8 layer at
-    ``node`` (an ``aten.linear`` with ``N`` outputs): ``("gelu",)``, ``("norm", weight, bias, eps)``
-    or None — the same conditions as those folds, so that the load-time measurement compares each
-    kernel together with the epilogue it would run with."""
+    """What :func:`_fold_gelu` or :func:`_fold_add_layer_norm` folds into an int8 layer at ``node``
+    (with ``N`` outputs; an ``aten.linear`` while the kernels are measured, the bound layer when
+    folding): ``("gelu",)`` when an exact GELU is its only reader, ``("norm", weight, bias, eps)``
+    when its only reader is an add whose only reader is a LayerNorm over ``[N]`` with module tensors
+    as weight and bias and whose other operand is computed before ``node`` (the folded layer reads
+    it), else None. The folds and the load-time measurement both decide by it."""
     import torch
 
     aten = torch.ops.aten
@@ -309,9 +311,6 @@ def _measure_candidates(gm, node, weight, bias, cands: dict, sample_rows, repeat
         _, nw, nb, eps = epi
         return lambda x, r: F.layer_norm(fn(x) + r, [N], nw, nb, eps)
 
-    def with_residual(layer):
-        return lambda x, r: layer(x, r)
-
     def without_residual(layer):
         return lambda x, r: layer(x)
 
@@ -324,7 +323,7 @@ def _measure_candidates(gm, node, weight, bias, cands: dict, sample_rows, repeat
             gelu = epi is not None and epi[0] == "gelu"
             norm = epi[1:] if epi is not None and epi[0] == "norm" else None
             layer = _int8_packed_layer(extra[0], extra[1], bias, activation="gelu" if gelu else "none", norm=norm)
-            runners[k] = with_residual(layer) if norm is not None else without_residual(layer)
+            runners[k] = layer if norm is not None else without_residual(layer)
         else:
             runners[k] = then(stored(fn, extra))
     timings = {k: 0.0 for k in runners}
@@ -968,7 +967,7 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         graph.erase_node(node)
         choices[wname] = chosen
     if fuse:
-        _fold_gelu(graph)
+        _fold_gelu(gm)
         if fold_norm:
             _fold_add_layer_norm(gm)
     _erase_unused_get_attr(graph)
@@ -981,71 +980,53 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
     return gm, choices
 
 
-def _fold_gelu(graph) -> int:
-    """Fold ``aten.gelu(h)`` (exact erf form) into the bound int8 layer that computes ``h`` when the
-    GELU is that layer's only reader: one native call (``activation="gelu"``) instead of a second
-    pass of torch's ``gelu`` over ``[rows, N]`` (BERT's FFN input layer: 0.2 -> 0.09 ms at 128 x
-    1536 on one thread, 2026-11-30). Returns how many were folded."""
-    import torch
+def _bound_int8_layers(graph) -> list:
+    """The graph's int8 layer nodes bound at load (:func:`_int8_packed_layer`) with no add & LayerNorm
+    folded in yet: ``[(node, (values, w_scale, bias, activation, norm))]`` in graph order."""
+    out = []
+    for node in graph.nodes:
+        bound = getattr(getattr(node, "target", None), "_pyserve_int8", None)
+        if node.op == "call_function" and bound is not None and bound[4] is None:
+            out.append((node, bound))
+    return out
 
+
+def _fold_gelu(gm) -> int:
+    """Fold ``aten.gelu(h)`` (exact erf form) into the bound int8 layer that computes ``h`` when the
+    GELU is that layer's only reader (:func:`_epilogue_of`): one native call (``activation="gelu"``)
+    instead of a second pass of torch's ``gelu`` over ``[rows, N]`` (BERT's FFN input layer: 0.2 ->
+    0.09 ms at 128 x 1536 on one thread, 2026-11-30). Returns how many were folded."""
+    graph = gm.graph
     folded = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.aten.gelu.default:
+    for src, (values, w_scale, bias, activation, _) in _bound_int8_layers(graph):
+        if activation != "none" or _epilogue_of(gm, src, int(values.shape[0]), False, True) is None:
             continue
-        if len(node.args) != 1 or node.kwargs.get("approximate", "none") != "none":
-            continue
-        src = node.args[0]
-        bound = getattr(getattr(src, "target", None), "_pyserve_int8", None)
-        if src.op != "call_function" or bound is None or bound[3] != "none" or bound[4] is not None \
-                or len(src.users) != 1:
-            continue
-        values, w_scale, bias, _, _ = bound
+        gelu = next(iter(src.users))
         src.target = _int8_packed_layer(values, w_scale, bias, activation="gelu")
-        node.replace_all_uses_with(src)
-        graph.erase_node(node)
+        gelu.replace_all_uses_with(src)
+        graph.erase_node(gelu)
         folded += 1
     return folded
 
 
 def _fold_add_layer_norm(gm) -> int:
     """Fold ``layer_norm(add(h, r), [N], weight, bias, eps)`` into the bound int8 layer computing ``h``
-    when the add is that layer's only reader and the LayerNorm the add's (BERT's "add & norm" after
-    the attention output and the FFN output layers): one native call (the add & LayerNorm epilogue,
-    :func:`_int8_packed_layer` with ``norm``) instead of the layer, torch's ``add`` and torch's
-    ``layer_norm`` — two fewer nodes and two fewer passes over ``[rows, N]``. ``weight`` and ``bias``
-    must be tensors of the module (``get_attr``). Returns how many were folded."""
-    import torch
-
-    aten = torch.ops.aten
+    when the add is that layer's only reader, the LayerNorm the add's and ``r`` is computed before
+    the layer (:func:`_epilogue_of`; BERT's "add & norm" after the attention output and the FFN
+    output layers): one native call (the add & LayerNorm epilogue, :func:`_int8_packed_layer` with
+    ``norm``) instead of the layer, torch's ``add`` and torch's ``layer_norm`` — two fewer nodes and
+    two fewer passes over ``[rows, N]``. ``weight`` and ``bias`` must be tensors of the module
+    (``get_attr``). Returns how many were folded."""
     graph = gm.graph
     folded = 0
-    for ln in list(graph.nodes):
-        if ln.op != "call_function" or ln.target is not aten.layer_norm.default or ln.kwargs or len(ln.args) < 4:
+    for src, (values, w_scale, bias, activation, _) in _bound_int8_layers(graph):
+        epi = _epilogue_of(gm, src, int(values.shape[0]), True, False)
+        if epi is None:
             continue
-        add, shape, w_node, b_node = ln.args[:4]
-        eps = ln.args[4] if len(ln.args) > 4 else 1e-5
-        if getattr(add, "target", None) is not aten.add.Tensor or add.kwargs or len(add.args) != 2 \
-                or len(add.users) != 1 or not isinstance(eps, float):
-            continue
-        if getattr(w_node, "op", None) != "get_attr" or getattr(b_node, "op", None) != "get_attr":
-            continue
-        for src, residual in (add.args, add.args[::-1]):
-            bound = getattr(getattr(src, "target", None), "_pyserve_int8", None)
-            # the layer will read the residual: it must be computed before the layer (not after it,
-            # as in ln(h + 2 x) with 2 x traced after h, and not the layer itself, as in ln(h + h))
-            if getattr(src, "op", None) == "call_function" and bound is not None and bound[4] is None \
-                    and len(src.users) == 1 and isinstance(residual, torch.fx.Node) and _before(graph, residual, src):
-                break
-        else:
-            continue
-        values, w_scale, bias, activation, _ = bound
-        N = int(values.shape[0])
-        if list(shape) != [N]:
-            continue
-        weight, nbias = getattr_path(gm, w_node.target).detach(), getattr_path(gm, b_node.target).detach()
-        if tuple(weight.shape) != (N,) or tuple(nbias.shape) != (N,):
-            continue
-        src.target = _int8_packed_layer(values, w_scale, bias, activation, norm=(weight, nbias, eps))
+        add = next(iter(src.users))
+        ln = next(iter(add.users))
+        residual = add.args[1] if add.args[0] is src else add.args[0]
+        src.target = _int8_packed_layer(values, w_scale, bias, activation, norm=epi[1:])
         src.args = (src.args[0], residual)
         ln.replace_all_uses_with(src)
         graph.erase_node(ln)

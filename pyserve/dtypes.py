@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DType", "DTYPES", "from_name", "from_numpy", "from_torch", "numpy_dtype", "torch_dtype", "byte_size"]
+__all__ = ["DType", "DTYPES", "from_name", "from_numpy", "from_torch", "numpy_dtype", "torch_dtype", "byte_size",
+           "bf16_to_float32", "float32_to_bf16"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,13 @@ def torch_dtype(name: str):
 def byte_size(name: str) -> int | None:
     """Bytes per element of protocol datatype ``name``; None for BYTES (variable length)."""
     return from_name(name).byte_size
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """BF16 as pyserve holds it (uint16 bit patterns, any shape) -> float32 values, exactly."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(values) -> np.ndarray:
+    """float32 values -> BF16 bit patterns (uint16), by truncation (the low 16 bits dropped)."""
+    return (np.ascontiguousarray(values, np.float32).view(np.uint32) >> 16).astype(np.uint16)

@@ -951,15 +951,12 @@ async def warm_up(backend: Backend) -> None:
                              f"the signature declares {spec.datatype}")
 
 
-def _bf16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 values -> BF16 as the protocol carries it (uint16 bit patterns, truncated)."""
-    return (np.ascontiguousarray(values, np.float32).view(np.uint32) >> 16).astype(np.uint16)
-
-
 def _as_float(array: np.ndarray, datatype: str | None) -> np.ndarray:
     """An output as float64 for comparing: BF16 bit patterns decoded, other numbers cast."""
+    from pyserve.dtypes import bf16_to_float32
+
     if datatype == "BF16" and array.dtype == np.uint16:
-        return (array.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        return bf16_to_float32(array).astype(np.float64)
     return array.astype(np.float64)
 
 
@@ -978,7 +975,7 @@ def _distinct_rows(signature) -> tuple[dict, dict] | None:
         shape = (1, *(1 if d == -1 else d for d in spec.shape[1:]))
         dtype = dtypes.numpy_dtype(spec.datatype)
         if spec.datatype == "BF16":
-            a[spec.name], b[spec.name] = (_bf16_bits(rng.standard_normal(shape)) for _ in range(2))
+            a[spec.name], b[spec.name] = (dtypes.float32_to_bf16(rng.standard_normal(shape)) for _ in range(2))
         elif np.issubdtype(dtype, np.floating):
             a[spec.name] = rng.standard_normal(shape).astype(dtype)
             b[spec.name] = rng.standard_normal(shape).astype(dtype)

@@ -35,6 +35,7 @@ from typing import Mapping
 
 import numpy as np
 
+from pyserve.dtypes import bf16_to_float32
 from pyserve.traffic.hashing import bucket
 from pyserve.traffic.stats import RequestStats
 
@@ -95,8 +96,7 @@ def output_arrays(tensors) -> dict[str, np.ndarray]:
     """``{name: array}`` of response output tensors (``.name``, ``.datatype``, ``.data``) for
     :func:`divergence`: BF16, carried as its uint16 bit patterns, is widened to float32 so that
     differences and top-1 are of values, not of bits."""
-    return {t.name: (t.data.astype(np.uint32) << 16).view(np.float32) if t.datatype == "BF16" else t.data
-            for t in tensors}
+    return {t.name: bf16_to_float32(t.data) if t.datatype == "BF16" else t.data for t in tensors}
 
 
 def _max_abs_int(p: np.ndarray, s: np.ndarray) -> int:

@@ -165,14 +165,25 @@ class Block(nn.Module):
         return self.norm(x + self.drop(self.b(torch.nn.functional.gelu(self.a(x)))))
 
 
-def test_inactive_dropout_dropped_and_int8_layers_bound_at_load(tmp_path, monkeypatch):
-    from pyserve.artifact import kernels
-
+def _block_artifact(tmp_path, affine_norm: bool = False):
+    """(path, module): a :class:`Block` (seed 0) saved with a and b int8, dims 0 and 1 dynamic;
+    ``affine_norm``: its LayerNorm's weight and bias drawn away from 1 and 0."""
     torch.manual_seed(0)
     net = Block().eval()
+    if affine_norm:
+        with torch.no_grad():
+            net.norm.weight.uniform_(0.5, 1.5)
+            net.norm.bias.uniform_(-0.5, 0.5)
     enc = _int8_encode(net, ("a", "b"))
     path = tmp_path / "block.pyserve"
     artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="block", encodings=enc, dynamic_axes=((0, 1),))
+    return path, net
+
+
+def test_inactive_dropout_dropped_and_int8_layers_bound_at_load(tmp_path, monkeypatch):
+    from pyserve.artifact import kernels
+
+    path, net = _block_artifact(tmp_path)
 
     def dropouts(gm):
         return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.dropout.default]
@@ -278,14 +289,7 @@ def test_auto_times_each_kernel_as_it_would_run_with_its_epilogue(tmp_path, monk
     MiniLM's layers dense on a CPU where that made the whole model 10% slower."""
     from pyserve.artifact import kernels
 
-    torch.manual_seed(0)
-    net = Block().eval()
-    with torch.no_grad():
-        net.norm.weight.uniform_(0.5, 1.5)
-        net.norm.bias.uniform_(-0.5, 0.5)
-    enc = _int8_encode(net, ("a", "b"))
-    path = tmp_path / "block.pyserve"
-    artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="block", encodings=enc, dynamic_axes=((0, 1),))
+    path, net = _block_artifact(tmp_path, affine_norm=True)
     measured = []
     real = kernels._best_times
 
@@ -333,11 +337,7 @@ def test_auto_times_each_kernel_as_it_would_run_with_its_epilogue(tmp_path, monk
 def test_auto_keeps_int8_unless_another_kernel_is_clearly_faster(tmp_path, monkeypatch, dense_s, int8_s, expected):
     from pyserve.artifact import kernels
 
-    torch.manual_seed(0)
-    net = Block().eval()
-    enc = _int8_encode(net, ("a", "b"))
-    path = tmp_path / "block.pyserve"
-    artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="block", encodings=enc, dynamic_axes=((0, 1),))
+    path, net = _block_artifact(tmp_path)
     monkeypatch.setattr(kernels, "_best_times", lambda fns, repeats: {"dense": dense_s, "int8": int8_s})
     module, choices = native_module(artifact.load_artifact(path), kernels="auto", sample_rows=(3,), repeats=1)
     assert choices == {"a.weight": expected, "b.weight": expected}
@@ -348,14 +348,7 @@ def test_auto_keeps_int8_unless_another_kernel_is_clearly_faster(tmp_path, monke
 def test_add_and_layer_norm_folded_into_the_int8_layer(tmp_path):
     """BERT's add & norm after an int8 layer: one native call with the epilogue, within float
     rounding of the layer followed by torch's add and layer_norm (same int8 GEMM)."""
-    torch.manual_seed(0)
-    net = Block().eval()
-    with torch.no_grad():
-        net.norm.weight.uniform_(0.5, 1.5)
-        net.norm.bias.uniform_(-0.5, 0.5)
-    enc = _int8_encode(net, ("a", "b"))
-    path = tmp_path / "block.pyserve"
-    artifact.save(path, net, (torch.randn(2, 5, 32),), model_name="block", encodings=enc, dynamic_axes=((0, 1),))
+    path, net = _block_artifact(tmp_path, affine_norm=True)
     folded, _ = native_module(artifact.load_artifact(path), kernels="int8")
     apart, _ = native_module(artifact.load_artifact(path), kernels="int8", fold_norm=False)
 

@@ -15,6 +15,9 @@
 #ifndef PYSERVE_AVX2
 #define PYSERVE_AVX2 0
 #endif
+#ifndef PYSERVE_AVX512
+#define PYSERVE_AVX512 0
+#endif
 #ifndef PYSERVE_OPENMP
 #define PYSERVE_OPENMP 0
 #endif
@@ -53,6 +56,7 @@ py::typing::Dict<py::str, py::object> build_info() {
   info["version"] = py::str(PYSERVE_VERSION);
   info["compiler"] = py::str(PYSERVE_COMPILER);
   info["avx2"] = py::bool_(PYSERVE_AVX2 != 0);
+  info["avx512_vnni"] = py::bool_(PYSERVE_AVX512 != 0);
   info["openmp"] = py::bool_(PYSERVE_OPENMP != 0);
   info["cuda"] = py::bool_(PYSERVE_WITH_CUDA != 0);
   info["cuda_archs"] = PYSERVE_WITH_CUDA ? parse_archs(PYSERVE_CUDA_ARCHS) : py::list();

@@ -1,5 +1,6 @@
-// Run-time CPU feature checks shared by the kernels. AVX2+FMA code is compiled in when the compiler
-// supports it (PYSERVE_AVX2, set by CMake) and used only where the running CPU has both.
+// Run-time CPU feature checks shared by the kernels. AVX2+FMA code (and AVX-512 VNNI code) is compiled
+// in when the compiler supports it (PYSERVE_AVX2, PYSERVE_AVX512, set by CMake) and used only where
+// the running CPU has the features.
 #pragma once
 
 #include <cstdlib>
@@ -12,6 +13,21 @@ inline bool cpu_has_avx2_fma() {
 #if PYSERVE_AVX2
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                           std::getenv("PYSERVE_DISABLE_AVX2") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
+// True when the AVX-512 VNNI paths are compiled in (PYSERVE_AVX512) and this CPU runs them:
+// AVX-512 F, BW, VL and VNNI (Intel Cascade Lake and later servers, AMD Zen 4 and later), and the
+// AVX2 paths are on. PYSERVE_DISABLE_AVX512 (any value) forces the AVX2 paths instead;
+// PYSERVE_DISABLE_AVX2 turns off both.
+inline bool cpu_has_avx512_vnni() {
+#if PYSERVE_AVX512
+  static const bool has = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512vnni") && std::getenv("PYSERVE_DISABLE_AVX512") == nullptr;
   return has;
 #else
   return false;

@@ -1,7 +1,9 @@
 // int8 GEMM on pre-packed weights (CPU). Layout, exactness and the activation split:
 // int8_kernel.h ("pre-packed weights"). Micro-kernel: 4 activation rows x 16 channels (two ymm of
 // 8 int32 accumulators per row), the packed block streamed once per 4-row tile; the remaining 1-3
-// rows take the same kernel with fewer rows.
+// rows take the same kernel with fewer rows. With AVX-512 VNNI (cpu_has_avx512_vnni): one vpdpbusd
+// per activation row and 16 channels per 4 k, on the rows as given (no split); tiles of 8 rows x 32
+// channels.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -150,6 +152,23 @@ __attribute__((target("avx2,fma"))) int32_t split_row_avx2(const int8_t* xo, int
 }
 #endif
 
+#if PYSERVE_AVX512
+#define PYSERVE_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// Sum of a padded row's Kp bytes (int8), wrapping int32: vpdpbusd of ones (u8) and x (s8).
+PYSERVE_VNNI int32_t row_sum_vnni(const int8_t* x, int64_t Kp) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i s = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 64 <= Kp; k += 64) s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(x + k));
+  if (k < Kp) {
+    const __mmask64 m = (uint64_t{1} << (Kp - k)) - 1;  // Kp - k < 64
+    s = _mm512_dpbusd_epi32(s, ones, _mm512_maskz_loadu_epi8(m, x + k));
+  }
+  return _mm512_reduce_add_epi32(s);
+}
+#endif
+
 // Sizes P's buffers for B rows of K (rows are filled by prepare_row); contents are not cleared.
 void prepare_alloc(int64_t B, int64_t K, bool avx2, Prepared* P) {
   const int64_t Kp = 4 * int8_pack_kq(K);
@@ -183,7 +202,7 @@ Prepared& scratch(int64_t B, int64_t K, bool avx2, Prepared* local) {
 // (int8, already quantized) or, when f32, from x [B, K] (fp32), quantized here into xa and its
 // scale into P->sx[b]. Returns false (f32 only) when the row holds a non-finite value. xq or x may
 // be null when K = 0.
-bool prepare_row(const int8_t* xq, const float* x, bool f32, int64_t b, int64_t K, bool avx2, Prepared* P) {
+bool prepare_row(const int8_t* xq, const float* x, bool f32, int64_t b, int64_t K, bool avx2, bool vnni, Prepared* P) {
   const int64_t Kp = P->Kp;
   int8_t* xa = P->xa.data() + b * Kp;
   const auto load = [&] {
@@ -193,6 +212,15 @@ bool prepare_row(const int8_t* xq, const float* x, bool f32, int64_t b, int64_t 
   };
   if (!load()) return false;
   if (Kp > K) std::memset(xa + K, 0, static_cast<size_t>(Kp - K));  // xa is null at Kp = 0 (UB for memset)
+#if PYSERVE_AVX512
+  if (vnni) {  // vpdpbusd sums u8 x s8 products in int32: no pair bound, so no split
+    P->xsum[b] = row_sum_vnni(xa, Kp);
+    P->count[b] = 0;
+    P->rsum[b] = 0;
+    return true;
+  }
+#endif
+  (void)vnni;
   int32_t* rk = P->rk.data() + b * P->cap;
   int32_t* rv = P->rv.data() + b * P->cap;
   int32_t n;  // split in place (each pair is read before it is written)
@@ -433,6 +461,76 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Prepared& P, int64_t r
 }
 #endif
 
+#if PYSERVE_AVX512
+// MR rows b0.. x NB channel blocks nb0.. (16 channels each), all of K: per 4 k, NB loads of 64 bytes
+// of wu and MR broadcasts of 4 activations, MR x NB vpdpbusd (u8 wu x s8 x, four products summed
+// into each int32 lane, no saturation). acc = sum_k wu[k] x[k] = sum_k w[k] x[k] + 128 sum_k x[k],
+// wrapping; the 128 xsum comes off at the end, then the dequantization in the AVX2 path's order.
+template <int MR, int NB>
+PYSERVE_VNNI void tile_vnni(const Prepared& P, int64_t b0, int64_t Kq, const uint8_t* wu, int64_t nb0,
+                            const float* sx, const float* sw, const float* bias, int64_t N, float* y) {
+  __m512i acc[MR][NB];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+  const int8_t* xr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = P.xa.data() + (b0 + i) * P.Kp;
+  const uint8_t* wb[NB];
+  for (int j = 0; j < NB; ++j) wb[j] = wu + (nb0 + j) * Kq * NR * 4;
+  for (int64_t kq = 0; kq < Kq; ++kq) {
+    __m512i w[NB];
+    for (int j = 0; j < NB; ++j) w[j] = _mm512_loadu_si512(wb[j] + kq * 64);
+    for (int i = 0; i < MR; ++i) {
+      int32_t x4;
+      std::memcpy(&x4, xr[i] + 4 * kq, 4);
+      const __m512i xb = _mm512_set1_epi32(x4);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], xb);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    const int64_t b = b0 + i;
+    const __m512i c = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(P.xsum[b]) * 128u));
+    const __m512 sxv = _mm512_set1_ps(sx[b]);
+    float* yr = y + b * N;
+    for (int j = 0; j < NB; ++j) {
+      const int64_t n0 = (nb0 + j) * NR;
+      const __m512i v = _mm512_sub_epi32(acc[i][j], c);
+      if (n0 + NR <= N) {
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(sxv, _mm512_loadu_ps(sw + n0)));
+        if (bias) {
+          __asm__("" : "+v"(f));  // no FMA contraction (see opaque)
+          f = _mm512_add_ps(f, _mm512_loadu_ps(bias + n0));
+        }
+        _mm512_storeu_ps(yr + n0, f);
+      } else {
+        alignas(64) int32_t t[NR];
+        _mm512_store_si512(t, v);
+        for (int64_t n = n0; n < N; ++n) yr[n] = dequant(t[n - n0], sx[b], sw[n], bias, n);
+      }
+    }
+  }
+}
+
+// Rows r0 .. r0 + rows x channel blocks nb0 .. nb0 + NB: tiles of 8 rows, then the 1-7 left.
+template <int NB>
+PYSERVE_VNNI void blocks_vnni(const Prepared& P, int64_t r0, int64_t rows, int64_t Kq, const uint8_t* wu, int64_t nb0,
+                              const float* sx, const float* sw, const float* bias, int64_t N, float* y) {
+  constexpr int kRows = 8;
+  int64_t b = r0;
+  const int64_t end = r0 + rows;
+  for (; b + kRows <= end; b += kRows) tile_vnni<kRows, NB>(P, b, Kq, wu, nb0, sx, sw, bias, N, y);
+  switch (end - b) {
+    case 7: tile_vnni<7, NB>(P, b, Kq, wu, nb0, sx, sw, bias, N, y); break;
+    case 6: tile_vnni<6, NB>(P, b, Kq, wu, nb0, sx, sw, bias, N, y); break;
+    case 5: tile_vnni<5, NB>(P, b, Kq, wu, nb0, sx, sw, bias, N, y); break;
+    case 4: tile_vnni<4, NB>(P, b, Kq, wu, nb0, sx, sw, bias, N, y); break;
+    case 3: tile_vnni<3, NB>(P, b, Kq, wu, nb0, sx, sw, bias, N, y); break;
+    case 2: tile_vnni<2, NB>(P, b, Kq, wu, nb0, sx, sw, bias, N, y); break;
+    case 1: tile_vnni<1, NB>(P, b, Kq, wu, nb0, sx, sw, bias, N, y); break;
+    default: break;
+  }
+}
+#endif
+
 }  // namespace
 
 void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu) {
@@ -458,9 +556,10 @@ int64_t run_packed(const int8_t* xq, const float* x, bool f32, const float* x_sc
                    const uint8_t* wu, const float* w_scale, const float* bias, int64_t N, float* y) {
   if (B == 0) return B;
   const bool avx2 = cpu_has_avx2_fma();
+  const bool vnni = cpu_has_avx512_vnni();
   const int64_t Kq = int8_pack_kq(K), blocks = int8_pack_npad(N) / NR;
   Prepared local;
-  Prepared& P = scratch(B, K, avx2, &local);
+  Prepared& P = scratch(B, K, avx2 && !vnni, &local);
   const float* sx = f32 ? P.sx.data() : x_scale;
   // K in chunks of 1024 steps of 4 (64 KB of a block's packed weights, L2-resident while every 4-row
   // tile of the call streams them). Chunks of 256 steps (16 KB, L1-resident) were 5-9% slower for
@@ -477,7 +576,19 @@ int64_t run_packed(const int8_t* xq, const float* x, bool f32, const float* x_sc
   {
 #pragma omp for schedule(static) reduction(min : first_bad)
     for (int64_t b = 0; b < B; ++b)
-      if (!prepare_row(xq, x, f32, b, K, avx2, &P) && b < first_bad) first_bad = b;
+      if (!prepare_row(xq, x, f32, b, K, avx2, vnni, &P) && b < first_bad) first_bad = b;
+#if PYSERVE_AVX512
+    if (first_bad == B && vnni) {  // pairs of channel blocks (an odd last one alone), all of K at once
+      const int64_t pairs = (blocks + 1) / 2;
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < pairs; ++p) {
+        if (2 * p + 1 < blocks)
+          blocks_vnni<2>(P, 0, B, Kq, wu, 2 * p, sx, w_scale, bias, N, y);
+        else
+          blocks_vnni<1>(P, 0, B, Kq, wu, 2 * p, sx, w_scale, bias, N, y);
+      }
+    } else
+#endif
     if (first_bad == B) {
 #pragma omp for schedule(static)
       for (int64_t nb = 0; nb < blocks; ++nb) {

@@ -23,8 +23,19 @@ PYBIND11_MODULE(_C, m) {
 Returns
 -------
 dict
-    ``{"version": str, "compiler": str, "avx2": bool, "openmp": bool, "cuda": bool,
-    "cuda_archs": list[int]}``; ``cuda_archs`` is empty when CUDA was not compiled.
+    ``{"version": str, "compiler": str, "avx2": bool, "avx512_vnni": bool, "openmp": bool,
+    "cuda": bool, "cuda_archs": list[int]}``; ``cuda_archs`` is empty when CUDA was not compiled.
+)doc");
+
+  m.def("cpu_kernels", &pyserve::cpu_kernels,
+        R"doc(The CPU code paths this process runs.
+
+Returns
+-------
+dict
+    ``{"avx2": bool, "avx512_vnni": bool}``: compiled in, supported by this CPU and not turned off
+    by the environment variables ``PYSERVE_DISABLE_AVX2`` (both off) or ``PYSERVE_DISABLE_AVX512``
+    (read once, at the first kernel call).
 )doc");
 
   m.def("cuda_device_count", &pyserve::cuda_device_count,

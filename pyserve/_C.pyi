@@ -4,7 +4,7 @@ pyserve native kernels (C++/CUDA). Use the Python faces in pyserve.ops.
 from __future__ import annotations
 import numpy
 import typing
-__all__: list[str] = ['CsrPackedWeight', 'Int8PackedWeight', 'attention_qkv', 'attention_qkv_fast', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'csr_linear', 'csr_linear_has_avx2', 'csr_linear_packed', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_decode_cuda', 'huffman_encode', 'huffman_stream_info', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_csr_weight', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
+__all__: list[str] = ['CsrPackedWeight', 'Int8PackedWeight', 'attention_qkv', 'attention_qkv_fast', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'cpu_kernels', 'csr_linear', 'csr_linear_has_avx2', 'csr_linear_packed', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_decode_cuda', 'huffman_encode', 'huffman_stream_info', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_csr_weight', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
 class CsrPackedWeight:
     """
     A CSR weight prepared once for csr_linear (see pyserve.ops.pack_csr_weight).
@@ -99,8 +99,8 @@ def build_info() -> dict[str, typing.Any]:
     Returns
     -------
     dict
-        ``{"version": str, "compiler": str, "avx2": bool, "openmp": bool, "cuda": bool,
-        "cuda_archs": list[int]}``; ``cuda_archs`` is empty when CUDA was not compiled.
+        ``{"version": str, "compiler": str, "avx2": bool, "avx512_vnni": bool, "openmp": bool,
+        "cuda": bool, "cuda_archs": list[int]}``; ``cuda_archs`` is empty when CUDA was not compiled.
     """
 def codebook_linear(x: numpy.ndarray, packed: numpy.ndarray, codebook: numpy.ndarray, bits: typing.SupportsInt | typing.SupportsIndex, bias: numpy.ndarray | None = None) -> numpy.ndarray:
     """
@@ -144,6 +144,17 @@ def codebook_linear_cuda(x: typing.SupportsInt | typing.SupportsIndex, packed: t
         ``bits`` outside 2..8 or negative sizes.
     RuntimeError
         Built without CUDA, or a CUDA error.
+    """
+def cpu_kernels() -> dict[str, bool]:
+    """
+    The CPU code paths this process runs.
+    
+    Returns
+    -------
+    dict
+        ``{"avx2": bool, "avx512_vnni": bool}``: compiled in, supported by this CPU and not turned off
+        by the environment variables ``PYSERVE_DISABLE_AVX2`` (both off) or ``PYSERVE_DISABLE_AVX512``
+        (read once, at the first kernel call).
     """
 def csr_linear(x: typing.Any, indptr: typing.Any, indices: typing.Any, values: typing.Any, bias: typing.Any = None, out: typing.Any = None, force_portable: bool = False, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> typing.Any:
     """

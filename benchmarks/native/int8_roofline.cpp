@@ -8,6 +8,8 @@
 //   l1    the same tile with the kernel's loads: 2 ymm of packed W and 4 vpbroadcastd of x per 4 k,
 //         from buffers that stay in L1 (16 KB of W, 4 KB of x): what an L1-resident inner loop can
 //         reach; the gap to "reg" is the cost of the loads.
+//   vnni  (AVX-512 VNNI CPUs only) the VNNI kernel's tile from L1: per 4 k, 2 zmm of packed W, 8
+//         vpbroadcastd of x, 16 vpdpbusd (64 multiply-adds each) into 16 accumulators.
 //   fma   12 independent vfmadd231ps chains (fp32 peak: 16 flop per FMA).
 //   GHz   from a chain of 12 dependent vpaddd (1 cycle latency each).
 // Build and run from the repository root:
@@ -125,6 +127,30 @@ static void int8_l1_6x16(long n) {
   }
 }
 
+// The AVX-512 VNNI tile (int8_packed_kernel.cpp, tile_vnni<8, 2>): 8 rows x 32 channels, from L1
+// (2 x 8 KB of W, 8 rows of x 1 KB + 64 B apart: a 4 KB stride would alias in L1).
+alignas(64) static int8_t g_x8[8][1088];
+#define VROW(XOFF, A, B)                                 \
+  "vpbroadcastd " XOFF "(%2), %%zmm20\n"                 \
+  "vpdpbusd %%zmm20, %%zmm16, %%zmm" A "\n"              \
+  "vpdpbusd %%zmm20, %%zmm17, %%zmm" B "\n"
+#define VSTEP                                                                                      \
+  "vmovdqu64 (%1), %%zmm16\n vmovdqu64 8192(%1), %%zmm17\n"                                       \
+  VROW("0", "0", "1") VROW("1088", "2", "3") VROW("2176", "4", "5") VROW("3264", "6", "7")        \
+  VROW("4352", "8", "9") VROW("5440", "10", "11") VROW("6528", "12", "13") VROW("7616", "14", "15") \
+  "add $64, %1\n add $4, %2\n"
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void int8_vnni(long n) {
+  for (long i = 0; i < n; ++i) {
+    const uint8_t* w = g_w;
+    const int8_t* x = &g_x8[0][0];
+    long kq = 64;  // 2 steps per asm iteration, 128 per pass (8 KB of each W block)
+    __asm__ volatile("1:\n" VSTEP VSTEP "dec %0\n jnz 1b\n"
+                     : "+r"(kq), "+r"(w), "+r"(x)
+                     :
+                     : CLOBBER, "xmm16", "xmm17", "xmm20");
+  }
+}
+
 #define FMA12                                                                                                       \
   "vfmadd231ps %%ymm12, %%ymm13, %%ymm0\n vfmadd231ps %%ymm12, %%ymm13, %%ymm1\n"                                    \
   "vfmadd231ps %%ymm12, %%ymm13, %%ymm2\n vfmadd231ps %%ymm12, %%ymm13, %%ymm3\n"                                    \
@@ -155,5 +181,13 @@ int main() {
   const double l16_gmacs = 256.0 * 384 / t_l16 / 1e9;
   std::printf("int8 l1 6x16 (ones in memory) %5.1f GMAC/s  %.2f cycles per 32 MAC  %.1f MAC/cycle\n", l16_gmacs,
               32 / l16_gmacs * ghz, l16_gmacs / ghz);
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+    const double t_vnni = per_iter(int8_vnni, 40000);  // 128 steps x 1024 MACs
+    const double vnni_gmacs = 128.0 * 1024 / t_vnni / 1e9;
+    std::printf("int8 vnni 8x32 (vpdpbusd)    %6.1f GMAC/s  %.2f cycles per 32 MAC  %.1f MAC/cycle\n", vnni_gmacs,
+                32 / vnni_gmacs * ghz, vnni_gmacs / ghz);
+  } else {
+    std::printf("int8 vnni: this CPU has no AVX-512 VNNI\n");
+  }
   std::printf("fp32 FMA                     %6.1f GFLOP/s %.1f flop/cycle\n", 192 / t_fma / 1e9, 192 / t_fma / 1e9 / ghz);
 }

@@ -4,6 +4,7 @@
 #include <cctype>
 #include <string>
 
+#include "common/cpu_features.h"
 #include "common/cuda_device.h"
 
 #ifndef PYSERVE_VERSION
@@ -61,6 +62,13 @@ py::typing::Dict<py::str, py::object> build_info() {
   info["cuda"] = py::bool_(PYSERVE_WITH_CUDA != 0);
   info["cuda_archs"] = PYSERVE_WITH_CUDA ? parse_archs(PYSERVE_CUDA_ARCHS) : py::list();
   return info;
+}
+
+py::typing::Dict<py::str, bool> cpu_kernels() {
+  py::typing::Dict<py::str, bool> paths;
+  paths["avx2"] = cpu_has_avx2_fma();
+  paths["avx512_vnni"] = cpu_has_avx512_vnni();
+  return paths;
 }
 
 #if !PYSERVE_WITH_CUDA

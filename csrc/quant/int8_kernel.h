@@ -68,6 +68,12 @@ bool int8_avx2_active();
 // 4-row tile takes the vpsignb path: |w| x (x * sign(w)), 4 ops, as int8_gemm (the tile's rows that
 // did split add their residuals as above, less 128 * sum_k xr[k]). Without AVX2: scalar int32 sums
 // over the packed layout.
+// AVX-512 VNNI (cpu_has_avx512_vnni), per 4 k and 16 channels, one op per activation row:
+// acc = vpdpbusd(acc, wu, x4) sums the four products wu[k] * x[k] (u8 x s8) into each int32 lane
+// with no intermediate saturation, so the rows go in as given (no split) and
+//   acc = sum_k x[k] * wu[k] - 128 * sum_k x[k]
+// in wrapping int32, exact as above. Tiles of 8 rows x 32 channels (16 zmm accumulators); the same
+// y bit for bit as the other paths (the same int32 sums, the same two fp32 roundings).
 constexpr int64_t kInt8PackNR = 16;
 inline int64_t int8_pack_kq(int64_t K) { return (K + 3) / 4; }
 inline int64_t int8_pack_npad(int64_t N) { return (N + kInt8PackNR - 1) / kInt8PackNR * kInt8PackNR; }

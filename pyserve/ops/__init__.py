@@ -4,7 +4,7 @@
 re-exported here.
 """
 
-from pyserve.ops._build import build_info, cuda_device_count
+from pyserve.ops._build import build_info, cpu_kernels, cuda_device_count
 from pyserve.ops.huffman import (
     HUFFMAN_FORMAT_VERSION,
     HUFFMAN_FORMAT_VERSION_CHUNKED,
@@ -34,6 +34,7 @@ __all__ = [
     "HUFFMAN_MAX_CODE_LENGTH",
     "HUFFMAN_TABLE_BITS",
     "build_info",
+    "cpu_kernels",
     "cuda_device_count",
     "huffman_decode",
     "huffman_encode",

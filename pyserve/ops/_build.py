@@ -14,11 +14,24 @@ def build_info() -> dict[str, Any]:
     -------
     dict
         ``version`` (str, the package version), ``compiler`` (str, e.g. ``"GNU 12.2.0"``),
-        ``avx2`` (bool, AVX2/FMA code paths compiled in), ``openmp`` (bool), ``cuda`` (bool, the
-        CUDA sources were compiled), ``cuda_archs`` (list of int SM versions such as
-        ``[75, 80, 90]``; empty without CUDA).
+        ``avx2`` (bool, AVX2/FMA code paths compiled in), ``avx512_vnni`` (bool, the AVX-512 VNNI
+        int8 paths compiled in), ``openmp`` (bool), ``cuda`` (bool, the CUDA sources were
+        compiled), ``cuda_archs`` (list of int SM versions such as ``[75, 80, 90]``; empty without
+        CUDA). Which paths this CPU runs: :func:`cpu_kernels`.
     """
     return _C.build_info()
+
+
+def cpu_kernels() -> dict[str, bool]:
+    """The CPU code paths this process runs: ``{"avx2": bool, "avx512_vnni": bool}``.
+
+    A path runs when it is compiled in (:func:`build_info`), the CPU has its instructions (AVX2 and
+    FMA; AVX-512 F, BW, VL and VNNI: Intel Xeon from Cascade Lake, AMD from Zen 4) and the
+    environment does not turn it off: ``PYSERVE_DISABLE_AVX512`` (any value) keeps the int8 kernels
+    on AVX2, ``PYSERVE_DISABLE_AVX2`` turns both off (portable C++). Read once per process, at the
+    first kernel call. The int8 kernels return the same values bit for bit on every path.
+    """
+    return _C.cpu_kernels()
 
 
 def cuda_device_count() -> int:

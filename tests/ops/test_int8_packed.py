@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from pyserve import _C
-from pyserve.ops import get_num_threads, int8_linear, pack_int8_weight, quantize_per_channel, set_num_threads
+from pyserve.ops import (cpu_kernels, get_num_threads, int8_linear, pack_int8_weight, quantize_per_channel,
+                         set_num_threads)
 from pyserve.ops import quant as quant_module
 from pyserve.ops.reference import int8_linear_reference, quantize_rows_reference
 
@@ -102,6 +103,7 @@ def _weights(N, K, seed, full_range=False):
     "B,K,N",
     [(1, 1, 1), (3, 5, 17), (4, 16, 16), (5, 33, 31), (8, 768, 48), (13, 130, 33), (64, 257, 20),
      (9, 1030, 20), (6, 2049, 17),
+     (10, 64, 96), (18, 100, 65),  # the VNNI kernel's 8-row tiles with 2 rows left; 5 blocks, 1 channel over
      (7, 4097, 18), (5, 9000, 33)],  # K > 4096: several K chunks of 4096, the last short
 )
 def test_packed_equals_row_kernel_and_reference(kind, B, K, N):
@@ -275,6 +277,21 @@ def test_packed_portable_path():
     out = subprocess.run([sys.executable, "-c", _PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_packed_avx2_path_on_a_vnni_cpu():
+    """On a CPU with AVX-512 VNNI the tests above drive the vpdpbusd kernel; this runs them again with
+    PYSERVE_DISABLE_AVX512 set, so the AVX2 kernel (split activations, vpsignb rows) stays covered
+    there too. Both must return what the row kernel returns, bit for bit."""
+    if not cpu_kernels()["avx512_vnni"]:
+        pytest.skip("this CPU runs the AVX2 kernel already (no AVX-512 VNNI path in use)")
+    env = {**os.environ, "PYSERVE_DISABLE_AVX512": "1", "OMP_NUM_THREADS": "2"}
+    code = ("import sys, pytest; from pyserve.ops import cpu_kernels; assert not cpu_kernels()['avx512_vnni']; "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, '-k', "
+            "'not avx2_path and not portable_path and not cuda']))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout
 
 
 def test_packed_torch_inputs():

@@ -1,21 +1,27 @@
-"""pyserve._C.build_info() and the CUDA device query."""
+"""pyserve._C.build_info(), the CPU paths in use and the CUDA device query."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import pyserve
 from pyserve import _C
-from pyserve.ops import build_info, cuda_device_count
+from pyserve.ops import build_info, cpu_kernels, cuda_device_count
 
 
 def test_build_info_keys_and_types():
     info = build_info()
     assert info == _C.build_info()
-    assert set(info) == {"version", "compiler", "avx2", "openmp", "cuda", "cuda_archs"}
+    assert set(info) == {"version", "compiler", "avx2", "avx512_vnni", "openmp", "cuda", "cuda_archs"}
     assert info["version"] == pyserve.__version__
     assert isinstance(info["compiler"], str) and info["compiler"]
-    for key in ("avx2", "openmp", "cuda"):
+    for key in ("avx2", "avx512_vnni", "openmp", "cuda"):
         assert isinstance(info[key], bool)
     archs = info["cuda_archs"]
     assert isinstance(archs, list) and all(isinstance(a, int) for a in archs)
@@ -23,6 +29,44 @@ def test_build_info_keys_and_types():
         assert archs and all(a >= 50 for a in archs)
     else:
         assert archs == []
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo here")
+    line = next((l for l in text.splitlines() if l.startswith("flags")), None)
+    if line is None:
+        pytest.skip("no CPU flags in /proc/cpuinfo")
+    return set(line.split(":", 1)[1].split())
+
+
+def test_cpu_kernels_follow_the_cpu_flags_and_the_build():
+    """The paths reported are the CPU's (its /proc/cpuinfo flags) that the build compiled in."""
+    flags = _cpu_flags()
+    info, paths = build_info(), cpu_kernels()
+    assert set(paths) == {"avx2", "avx512_vnni"} and paths == _C.cpu_kernels()
+    env = os.environ
+    avx2 = info["avx2"] and {"avx2", "fma"} <= flags and "PYSERVE_DISABLE_AVX2" not in env
+    assert paths["avx2"] is avx2
+    vnni = (avx2 and info["avx512_vnni"] and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
+            and "PYSERVE_DISABLE_AVX512" not in env)
+    assert paths["avx512_vnni"] is vnni
+
+
+@pytest.mark.parametrize("var, expected", [("PYSERVE_DISABLE_AVX512", {"avx512_vnni": False}),
+                                           ("PYSERVE_DISABLE_AVX2", {"avx2": False, "avx512_vnni": False})])
+def test_cpu_kernels_turned_off_by_the_environment(var, expected):
+    env = {**os.environ, var: "1"}
+    out = subprocess.run([sys.executable, "-c", "import json; from pyserve.ops import cpu_kernels; "
+                          "print(json.dumps(cpu_kernels()))"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert {k: got[k] for k in expected} == expected
+    if var == "PYSERVE_DISABLE_AVX512":
+        assert got["avx2"] == (build_info()["avx2"] and {"avx2", "fma"} <= _cpu_flags()
+                               and "PYSERVE_DISABLE_AVX2" not in os.environ)
 
 
 def test_cuda_device_count_never_raises():
@@ -39,9 +83,6 @@ def test_cuda_build_sees_the_gpu():
 
 
 def test_ops_import_is_light():
-    import subprocess
-    import sys
-
     code = "import sys, pyserve.ops; print(sorted(m for m in ('torch', 'grpc') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -57,9 +98,6 @@ def test_public_names():
 def test_stub_file_is_current(tmp_path):
     """pyserve/_C.pyi is generated (CONTRIBUTING.md); fail when it no longer matches the module."""
     pytest.importorskip("pybind11_stubgen")
-    import subprocess
-    import sys
-    from pathlib import Path
 
     subprocess.run(
         [sys.executable, "-m", "pybind11_stubgen", "pyserve._C", "-o", str(tmp_path), "--exit-code"],

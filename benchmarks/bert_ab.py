@@ -1,7 +1,7 @@
 """Interleaved A/B of all-MiniLM-L6-v2 engines at one shape: the fp32 teacher against pyserve artifacts.
 
     python benchmarks/bert_ab.py --distilled distill.pyserve [--int8 int8.pyserve] [--batch 1 --seq 128]
-        [--threads 1] [--rounds 30] [--calls 3] [--kernels auto|int8] [--baseline]
+        [--threads 1] [--rounds 30] [--calls 3] [--kernels auto|int8] [--baseline] [--ort]
 
 Issue 7's goal "distilled 3 layers + int8 >= 4x faster than the fp32 teacher" (batch 1, sequence 128,
 one thread) on a shared machine: ``benchmarks/bert_cpu.py`` times each engine in its own block of
@@ -19,6 +19,11 @@ fold_norm=False, pool=False, mask=False)``: the graph rewrites of before the nat
 LayerNorm epilogue, the pooling node and the additive-mask node (torch's SDPA with its head views and
 copies, torch's add and layer_norm, the exported pooling and mask ops), timed in the same rounds: an A/B
 of those rewrites on the same int8 kernels.
+
+``--ort`` adds onnxruntime int8 (its own ``quantize_dynamic`` of the exported model: the file
+``benchmarks/bert_cpu.py`` uses, made in ``--workdir`` when missing; CPUExecutionProvider, intra-op
+threads = ``--threads``) to the rounds, and prints each pyserve engine's speed-up over it: issue 7's
+"int8 >= 1.2x onnxruntime int8" measured interleaved.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="auto", help="native_module's kernel choice (auto: measured at load)")
     ap.add_argument("--baseline", action="store_true",
                     help="also time each artifact without the native attention and add & LayerNorm epilogue")
+    ap.add_argument("--ort", action="store_true", help="also time onnxruntime int8 (quantize_dynamic) in the rounds")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-minilm",
+                    help="where the ONNX files are (made when missing; with --ort)")
     args = ap.parse_args(argv)
     if args.distilled is None and args.int8 is None:
         ap.error("give --distilled and/or --int8")
@@ -84,6 +92,24 @@ def main(argv=None) -> int:
                 engines[f"{name} (main's rewrites)"], _ = native_module(
                     artifact.load_artifact(path), kernels=args.kernels, attention=False, fold_norm=False, pool=False,
                     mask=False)
+
+    if args.ort:
+        import onnxruntime as ort
+
+        spec = importlib.util.spec_from_file_location("_bert_cpu", ROOT / "benchmarks" / "bert_cpu.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        _, onnx_int8 = bench.onnx_models(args.workdir, ex.MiniLM(), tok)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(onnx_int8), so, providers=["CPUExecutionProvider"])
+
+        def ort_int8(ids, mask):
+            return sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+
+        engines["ort int8"] = ort_int8
 
     enc = tok(transfer_sentences(max(args.batch, 8))[: args.batch], padding="max_length", truncation=True,
               max_length=args.seq, return_tensors="pt")
@@ -118,6 +144,13 @@ def main(argv=None) -> int:
             lo, med = min(t[name]), statistics.median(t[name])
             row += (f" {lo:.2f} | {med:.2f} | {min(t[ref]) / lo:.2f}x | {statistics.median(t[ref]) / med:.2f}x |")
         print(row)
+    if args.ort:
+        print()
+        for name in engines:
+            if name.startswith("pyserve"):
+                parts = [f"{c} {min(t['ort int8']) / min(t[name]):.2f}x least / "
+                         f"{statistics.median(t['ort int8']) / statistics.median(t[name]):.2f}x median" for c, t in clocks]
+                print(f"{name} vs ort int8: " + ", ".join(parts))
     return 0
 
 

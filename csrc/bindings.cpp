@@ -353,7 +353,7 @@ ValueError
 )doc");
 
   m.def("attention_qkv", &pyserve::attention_qkv, py::arg("qkv"), py::arg("heads"), py::arg("mask") = py::none(),
-        py::arg("scale"),
+        py::arg("scale"), py::arg("precision") = "fp32",
         R"doc(Multi-head attention from a fused Q|K|V projection (see pyserve.ops.attention_qkv).
 
 Parameters
@@ -367,6 +367,9 @@ mask : numpy.ndarray or None
     Additive ``[B or 1, S or 1, S]`` float32, C-contiguous (a size-1 dim broadcasts).
 scale : float
     Factor on ``q . k`` before the mask is added (finite).
+precision : str
+    ``"fp32"`` (default) or ``"bf16"``: bfloat16 products summed in fp32 where
+    ``attention_qkv_bf16(head_size)``, else fp32 (see pyserve.ops.attention_qkv).
 
 Returns
 -------
@@ -377,11 +380,14 @@ Raises
 ------
 ValueError
     Wrong dtype, rank, layout or shape of ``qkv`` or ``mask``; ``heads`` < 1 or not dividing; a
-    non-finite ``scale``.
+    non-finite ``scale``; ``precision`` not ``"fp32"`` or ``"bf16"``.
 )doc");
 
   m.def("attention_qkv_fast", &pyserve::attention_qkv_fast, py::arg("head_size"),
-        "Whether attention_qkv runs its AVX2 kernel for this head size on this CPU (head_size % 8 == 0, <= 32).");
+        "Whether attention_qkv runs its AVX2 kernel for this head size on this CPU (head_size % 16 == 0, 16-256).");
+
+  m.def("attention_qkv_bf16", &pyserve::attention_qkv_bf16, py::arg("head_size"),
+        "Whether attention_qkv(precision='bf16') runs its AVX-512 BF16 kernel for this head size on this CPU.");
 
   m.def("int8_linear_cuda", &pyserve::int8_linear_cuda, py::arg("x"), py::arg("w"), py::arg("w_scale"),
         py::arg("bias"), py::arg("y"), py::arg("xq"), py::arg("x_scale"), py::arg("B"), py::arg("K"), py::arg("N"),

@@ -4,7 +4,7 @@ pyserve native kernels (C++/CUDA). Use the Python faces in pyserve.ops.
 from __future__ import annotations
 import numpy
 import typing
-__all__: list[str] = ['CsrPackedWeight', 'Int8PackedWeight', 'attention_qkv', 'attention_qkv_fast', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'cpu_kernels', 'csr_linear', 'csr_linear_has_avx2', 'csr_linear_packed', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_decode_cuda', 'huffman_encode', 'huffman_stream_info', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_csr_weight', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
+__all__: list[str] = ['CsrPackedWeight', 'Int8PackedWeight', 'attention_qkv', 'attention_qkv_bf16', 'attention_qkv_fast', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'cpu_kernels', 'csr_linear', 'csr_linear_has_avx2', 'csr_linear_packed', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_decode_cuda', 'huffman_encode', 'huffman_stream_info', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_csr_weight', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
 class CsrPackedWeight:
     """
     A CSR weight prepared once for csr_linear (see pyserve.ops.pack_csr_weight).
@@ -61,7 +61,7 @@ class Int8PackedWeight:
         """
         ``(N, K)`` of the packed weights.
         """
-def attention_qkv(qkv: numpy.ndarray, heads: typing.SupportsInt | typing.SupportsIndex, mask: numpy.ndarray | None = None, scale: typing.SupportsFloat | typing.SupportsIndex) -> numpy.ndarray:
+def attention_qkv(qkv: numpy.ndarray, heads: typing.SupportsInt | typing.SupportsIndex, mask: numpy.ndarray | None = None, scale: typing.SupportsFloat | typing.SupportsIndex, precision: str = 'fp32') -> numpy.ndarray:
     """
     Multi-head attention from a fused Q|K|V projection (see pyserve.ops.attention_qkv).
     
@@ -76,6 +76,9 @@ def attention_qkv(qkv: numpy.ndarray, heads: typing.SupportsInt | typing.Support
         Additive ``[B or 1, S or 1, S]`` float32, C-contiguous (a size-1 dim broadcasts).
     scale : float
         Factor on ``q . k`` before the mask is added (finite).
+    precision : str
+        ``"fp32"`` (default) or ``"bf16"``: bfloat16 products summed in fp32 where
+        ``attention_qkv_bf16(head_size)``, else fp32 (see pyserve.ops.attention_qkv).
     
     Returns
     -------
@@ -86,11 +89,15 @@ def attention_qkv(qkv: numpy.ndarray, heads: typing.SupportsInt | typing.Support
     ------
     ValueError
         Wrong dtype, rank, layout or shape of ``qkv`` or ``mask``; ``heads`` < 1 or not dividing; a
-        non-finite ``scale``.
+        non-finite ``scale``; ``precision`` not ``"fp32"`` or ``"bf16"``.
+    """
+def attention_qkv_bf16(head_size: typing.SupportsInt | typing.SupportsIndex) -> bool:
+    """
+    Whether attention_qkv(precision='bf16') runs its AVX-512 BF16 kernel for this head size on this CPU.
     """
 def attention_qkv_fast(head_size: typing.SupportsInt | typing.SupportsIndex) -> bool:
     """
-    Whether attention_qkv runs its AVX2 kernel for this head size on this CPU (head_size % 8 == 0, <= 32).
+    Whether attention_qkv runs its AVX2 kernel for this head size on this CPU (head_size % 16 == 0, 16-256).
     """
 def build_info() -> dict[str, typing.Any]:
     """

@@ -133,6 +133,49 @@ def test_served_embeddings_equal_offline(tiny_int8, tmp_path, monkeypatch):
     assert cos.min() >= 0.999 and np.abs(got - dense).max() <= 0.02
 
 
+def test_served_with_bf16_attention(tiny_int8, tmp_path, monkeypatch):
+    """PYSERVE_ATTENTION=bf16: tritonclient gets what native_module(attention="bf16") gives offline,
+    bit for bit, within cosine 0.9999 of the fp32-attention embeddings (and not equal to them where
+    the CPU runs the bfloat16 kernel); a value other than fp32 / bf16 is refused naming the variable."""
+    import tritonclient.grpc as grpcclient
+
+    from pyserve import ops
+    from pyserve.backends.pyserve_backend import PyserveBackend
+    from pyserve.compress._sentence import SentenceTask
+    from pyserve.server import ServerThread
+
+    _, out = tiny_int8
+    repo = tmp_path / "repo"
+    (repo / "minilm" / "1").mkdir(parents=True)
+    shutil.copy(out, repo / "minilm" / "1" / "model.pyserve")
+    ids, mask = SentenceTask(_model_module().tokenizer(), max_length=32, transfer=4).encode(SENTENCES[:4])
+    bf16, _ = native_module(artifact.load_artifact(out), kernels="int8", attention="bf16")
+    fp32, _ = native_module(artifact.load_artifact(out), kernels="int8")
+    with torch.inference_mode():
+        expected, plain = bf16(ids, mask).numpy(), fp32(ids, mask).numpy()
+    monkeypatch.setenv("PYSERVE_KERNELS", "int8")
+    monkeypatch.setenv("PYSERVE_INPUTS", "token_ids")
+    monkeypatch.setenv("PYSERVE_ATTENTION", "bf16")
+    with ServerThread(repo, host="127.0.0.1", grpc_port=0) as srv:
+        client = grpcclient.InferenceServerClient(srv.url)
+        inputs = []
+        for name, t in (("input_ids", ids), ("attention_mask", mask)):
+            x = grpcclient.InferInput(name, list(t.shape), "INT64")
+            x.set_data_from_numpy(t.numpy())
+            inputs.append(x)
+        got = client.infer("minilm", inputs).as_numpy("embedding")
+        client.close()
+    np.testing.assert_array_equal(got, expected)
+    cos = (got * plain).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(plain, axis=1))
+    assert cos.min() >= 0.9999
+    head_sizes = {n.args[3] for n in bf16.graph.nodes if n.op == "call_function" and n.args[5:6] == ("bf16",)}
+    assert head_sizes, "no native attention node in the served graph"
+    assert np.array_equal(got, plain) is not all(ops.attention_qkv_bf16(d) for d in head_sizes)
+    monkeypatch.setenv("PYSERVE_ATTENTION", "fp16")
+    with pytest.raises(ValueError, match=r"PYSERVE_ATTENTION\): expected one of \('fp32', 'bf16'\), got 'fp16'"):
+        PyserveBackend(out)
+
+
 SENTENCES = ["A man is playing a guitar on the stage.", "The cat sleeps.",
              "Interest rates were raised by the central bank.", "Un café, s'il vous plaît — über naïve 東京 🙂",
              " ".join(["very"] * 80) + " long sentence that the tokenizer truncates.", ""]

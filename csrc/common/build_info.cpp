@@ -19,6 +19,9 @@
 #ifndef PYSERVE_AVX512
 #define PYSERVE_AVX512 0
 #endif
+#ifndef PYSERVE_AVX512_BF16
+#define PYSERVE_AVX512_BF16 0
+#endif
 #ifndef PYSERVE_OPENMP
 #define PYSERVE_OPENMP 0
 #endif
@@ -58,6 +61,7 @@ py::typing::Dict<py::str, py::object> build_info() {
   info["compiler"] = py::str(PYSERVE_COMPILER);
   info["avx2"] = py::bool_(PYSERVE_AVX2 != 0);
   info["avx512_vnni"] = py::bool_(PYSERVE_AVX512 != 0);
+  info["avx512_bf16"] = py::bool_(PYSERVE_AVX512_BF16 != 0);
   info["openmp"] = py::bool_(PYSERVE_OPENMP != 0);
   info["cuda"] = py::bool_(PYSERVE_WITH_CUDA != 0);
   info["cuda_archs"] = PYSERVE_WITH_CUDA ? parse_archs(PYSERVE_CUDA_ARCHS) : py::list();
@@ -68,6 +72,7 @@ py::typing::Dict<py::str, bool> cpu_kernels() {
   py::typing::Dict<py::str, bool> paths;
   paths["avx2"] = cpu_has_avx2_fma();
   paths["avx512_vnni"] = cpu_has_avx512_vnni();
+  paths["avx512_bf16"] = cpu_has_avx512_bf16();
   return paths;
 }
 

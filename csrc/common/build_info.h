@@ -11,7 +11,7 @@ namespace pyserve {
 pybind11::typing::Dict<pybind11::str, pybind11::object> build_info();
 
 // The CPU code paths this process runs (compiled in, supported by the CPU, not turned off by
-// PYSERVE_DISABLE_AVX2 / PYSERVE_DISABLE_AVX512): {"avx2": bool, "avx512_vnni": bool}.
+// PYSERVE_DISABLE_AVX2 / PYSERVE_DISABLE_AVX512): {"avx2": bool, "avx512_vnni": bool, "avx512_bf16": bool}.
 pybind11::typing::Dict<pybind11::str, bool> cpu_kernels();
 
 }  // namespace pyserve

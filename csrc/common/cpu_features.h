@@ -34,4 +34,18 @@ inline bool cpu_has_avx512_vnni() {
 #endif
 }
 
+// True when the AVX-512 BF16 attention path is compiled in (PYSERVE_AVX512_BF16) and this CPU runs
+// it: AVX-512 F, BW, VL and BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and
+// later), and the AVX2 paths are on. PYSERVE_DISABLE_AVX512 turns it off too.
+inline bool cpu_has_avx512_bf16() {
+#if PYSERVE_AVX512_BF16
+  static const bool has = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bf16") && std::getenv("PYSERVE_DISABLE_AVX512") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
 }  // namespace pyserve

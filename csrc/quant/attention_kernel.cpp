@@ -186,6 +186,26 @@ __attribute__((target("avx2,fma"))) inline void transpose8(const float* src, int
   _mm256_storeu_ps(dst + 7 * lds, r7);
 }
 
+// K^T of head h ([D][Sp], zero columns from S) and a contiguous copy of V ([S][D]): the value rows in
+// place sit 3 E floats apart, which maps them to a few L1 sets (at E = 384: 8 of 64), so the passes
+// over them would come from L2.
+__attribute__((target("avx2,fma"))) void pack_kv(const float* qkv_b, int64_t S, int64_t H, int64_t D, int64_t h,
+                                                 float* kt, float* vc) {
+  const int64_t E = H * D, row = 3 * E, Sp = (S + 15) / 16 * 16;
+  int64_t j = 0;
+  for (; j + 8 <= S; j += 8) {  // 8 x 8 blocks of K transposed in registers
+    const float* k = qkv_b + j * row + E + h * D;
+    for (int64_t d = 0; d < D; d += 8) transpose8(k + d, row, kt + d * Sp + j, Sp);
+  }
+  for (; j < S; ++j) {
+    const float* k = qkv_b + j * row + E + h * D;
+    for (int64_t d = 0; d < D; ++d) kt[d * Sp + j] = k[d];
+  }
+  for (int64_t t = 0; t < S; ++t) std::memcpy(vc + t * D, qkv_b + t * row + 2 * E + h * D, sizeof(float) * static_cast<size_t>(D));
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = S; j < Sp; ++j) kt[d * Sp + j] = 0.0f;
+}
+
 // C[r][0..16) = rs[r] * sum_k A[r][k] B[k][0..16) for the first `rows` (1..6) of 6 rows: 12
 // accumulators, so the FMA latency (4 cycles on Zen 3, 2 per cycle) is covered; with 8 (4 rows) the
 // loop ran at ~55% of the FMA rate. Rows past `rows` repeat the last one (computed, not stored).
@@ -237,20 +257,7 @@ __attribute__((target("avx2,fma"))) void head_avx2(const float* qkv_b, int64_t S
                                                    const float* mask_b, int64_t mq, float scale, float* out_b,
                                                    float* kt, float* vc, float* sc) {
   const int64_t E = H * D, row = 3 * E, Sp = (S + 15) / 16 * 16;
-  // K^T and a contiguous copy of V: the value rows in place sit 3 E floats apart, which maps them to
-  // a few L1 sets (at E = 384: 8 of 64), so the passes over them below would come from L2.
-  int64_t j = 0;
-  for (; j + 8 <= S; j += 8) {  // 8 x 8 blocks of K transposed in registers
-    const float* k = qkv_b + j * row + E + h * D;
-    for (int64_t d = 0; d < D; d += 8) transpose8(k + d, row, kt + d * Sp + j, Sp);
-  }
-  for (; j < S; ++j) {
-    const float* k = qkv_b + j * row + E + h * D;
-    for (int64_t d = 0; d < D; ++d) kt[d * Sp + j] = k[d];
-  }
-  for (int64_t t = 0; t < S; ++t) std::memcpy(vc + t * D, qkv_b + t * row + 2 * E + h * D, sizeof(float) * static_cast<size_t>(D));
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t j = S; j < Sp; ++j) kt[d * Sp + j] = 0.0f;
+  pack_kv(qkv_b, S, H, D, h, kt, vc);
   float scales[kRows];
   for (int r = 0; r < kRows; ++r) scales[r] = scale;
   for (int64_t i0 = 0; i0 < S; i0 += kRows) {
@@ -268,6 +275,97 @@ __attribute__((target("avx2,fma"))) void head_avx2(const float* qkv_b, int64_t S
 }
 #endif
 
+#if PYSERVE_AVX512_BF16
+#define PYSERVE_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// n fp32 (n % 16 == 0) -> n / 2 words of two bfloat16 (round to nearest even): word p holds x[2p] in
+// its low half and x[2p + 1] in its high half, the operand layout of vdpbf16ps.
+PYSERVE_BF16 inline void to_pairs(const float* x, int64_t n, uint32_t* w) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
+    _mm512_storeu_si512(w + i / 2, (__m512i)v);
+  }
+  if (i < n) _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+}
+
+// 16 words from rows a (low halves) and b (high halves), 16 columns each.
+PYSERVE_BF16 inline __m512i pair_rows(const float* a, const float* b) {
+  const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a)));
+  const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(b)));
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+// C[r][0 .. 16 NC) = rs[r] * sum_k A[r] . B[k] over kn word pairs: A rows of words (lda words apart),
+// B [kn][ldb] words, 16 NC columns. Rows 1..6 (rows past `rows` repeat the last, not stored).
+template <int NC>
+PYSERVE_BF16 void micro_bf16(int rows, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t kn,
+                             float* c, int64_t ldc, const float* rs) {
+  const uint32_t* ar[6];
+  for (int r = 0; r < 6; ++r) ar[r] = a + std::min(r, rows - 1) * lda;
+  const __m512 z = _mm512_setzero_ps();
+  __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
+#define PYSERVE_BROW(r)                                                                \
+  {                                                                                    \
+    const __m512bh ab = (__m512bh)_mm512_set1_epi32(static_cast<int>(ar[r][k]));       \
+    c##r##0 = _mm512_dpbf16_ps(c##r##0, ab, b0);                                       \
+    if constexpr (NC > 1) c##r##1 = _mm512_dpbf16_ps(c##r##1, ab, b1);                 \
+  }
+  for (int64_t k = 0; k < kn; ++k, b += ldb) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b);
+    const __m512bh b1 = NC > 1 ? (__m512bh)_mm512_loadu_si512(b + 16) : b0;
+    PYSERVE_BROW(0) PYSERVE_BROW(1) PYSERVE_BROW(2) PYSERVE_BROW(3) PYSERVE_BROW(4) PYSERVE_BROW(5)
+  }
+#undef PYSERVE_BROW
+  const __m512 out[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < rows; ++r) {
+    const __m512 s = _mm512_set1_ps(rs[r]);
+    _mm512_storeu_ps(c + r * ldc, _mm512_mul_ps(out[r][0], s));
+    if constexpr (NC > 1) _mm512_storeu_ps(c + r * ldc + 16, _mm512_mul_ps(out[r][1], s));
+  }
+}
+
+// C = A B^T-style product over 16-column blocks: 32 columns at a time, a last 16 alone.
+PYSERVE_BF16 void gemm_bf16(int rows, const uint32_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t kn,
+                            int64_t cols, float* c, int64_t ldc, const float* rs) {
+  int64_t j = 0;
+  for (; j + 32 <= cols; j += 32) micro_bf16<2>(rows, a, lda, b + j, ldb, kn, c + j, ldc, rs);
+  if (j < cols) micro_bf16<1>(rows, a, lda, b + j, ldb, kn, c + j, ldc, rs);
+}
+
+// head_avx2 with bfloat16 products (D % 16 == 0): Q, K, V and the softmax's exponentials rounded
+// to bfloat16, every product summed in fp32 by vdpbf16ps (two per lane and instruction: twice the
+// fp32 FMA's multiply-adds per op); the scores, the softmax and the final division in fp32.
+// Scratch: kt [D][Sp] and vc [Sp][D] fp32 as head_avx2 (vc rows from S zeroed), sc [6][Sp] fp32,
+// ktw [D/2][Sp], vw [Sp/2][D], qw [6][D/2], pw [6][Sp/2] words.
+PYSERVE_BF16 void head_bf16(const float* qkv_b, int64_t S, int64_t H, int64_t D, int64_t h, const float* mask_b,
+                            int64_t mq, float scale, float* out_b, float* kt, float* vc, float* sc, uint32_t* ktw,
+                            uint32_t* vw, uint32_t* qw, uint32_t* pw) {
+  const int64_t E = H * D, row = 3 * E, Sp = (S + 15) / 16 * 16;
+  pack_kv(qkv_b, S, H, D, h, kt, vc);
+  std::memset(vc + S * D, 0, sizeof(float) * static_cast<size_t>((Sp - S) * D));
+  for (int64_t p = 0; p < D / 2; ++p)
+    for (int64_t j = 0; j < Sp; j += 16)
+      _mm512_storeu_si512(ktw + p * Sp + j, pair_rows(kt + 2 * p * Sp + j, kt + (2 * p + 1) * Sp + j));
+  for (int64_t p = 0; p < Sp / 2; ++p)
+    for (int64_t d = 0; d < D; d += 16) _mm512_storeu_si512(vw + p * D + d, pair_rows(vc + 2 * p * D + d, vc + (2 * p + 1) * D + d));
+  float scales[kRows];
+  for (int r = 0; r < kRows; ++r) scales[r] = scale;
+  for (int64_t i0 = 0; i0 < S; i0 += kRows) {
+    const int R = static_cast<int>(std::min<int64_t>(kRows, S - i0));
+    for (int r = 0; r < R; ++r) to_pairs(qkv_b + (i0 + r) * row + h * D, D, qw + r * (D / 2));
+    gemm_bf16(R, qw, D / 2, ktw, Sp, D / 2, Sp, sc, Sp, scales);
+    float inv[kRows];
+    for (int r = 0; r < R; ++r) {
+      const float sum = softmax_row(sc + r * Sp, mask_b ? mask_b + (i0 + r) * mq : nullptr, S, Sp);
+      inv[r] = std::isnan(sum) ? kNaN : 1.0f / sum;
+      to_pairs(sc + r * Sp, Sp, pw + r * (Sp / 2));
+    }
+    gemm_bf16(R, pw, Sp / 2, vw, D, Sp / 2, D, out_b + i0 * E + h * D, E, inv);
+  }
+}
+#endif
+
 }  // namespace
 
 bool attention_qkv_fast(int64_t D) {
@@ -279,10 +377,20 @@ bool attention_qkv_fast(int64_t D) {
 #endif
 }
 
+bool attention_qkv_bf16(int64_t D) {
+#if PYSERVE_AVX512_BF16
+  return attention_qkv_fast(D) && cpu_has_avx512_bf16();
+#else
+  (void)D;
+  return false;
+#endif
+}
+
 void attention_qkv(const float* qkv, int64_t B, int64_t S, int64_t H, int64_t D, const float* mask,
-                   int64_t mask_b_stride, int64_t mask_q_stride, float scale, float* out) {
+                   int64_t mask_b_stride, int64_t mask_q_stride, float scale, float* out, bool bf16) {
   if (B == 0 || S == 0 || H == 0 || D == 0) return;
   const bool fast = attention_qkv_fast(D);
+  const bool use_bf16 = bf16 && attention_qkv_bf16(D);
   const int64_t E = H * D, Sp = (S + 15) / 16 * 16;
   const int64_t pairs = B * H;
 #pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (pairs * S * S * D >= kParallelMinMacs)
@@ -292,6 +400,22 @@ void attention_qkv(const float* qkv, int64_t B, int64_t S, int64_t H, int64_t D,
     const float* mask_b = mask ? mask + b * mask_b_stride : nullptr;
     float* out_b = out + b * S * E;
     thread_local std::vector<float> buf;
+#if PYSERVE_AVX512_BF16
+    if (use_bf16) {  // fp32 kt, vc, sc, then the words (4 bytes each, in the same buffer)
+      const size_t need = static_cast<size_t>((2 * D + kRows) * Sp + D * Sp + kRows * D / 2 + kRows * Sp / 2);
+      if (buf.size() < need) buf.resize(need);
+      float* kt = buf.data();
+      float* vc = kt + D * Sp;
+      float* sc = vc + D * Sp;
+      uint32_t* ktw = reinterpret_cast<uint32_t*>(sc + kRows * Sp);
+      uint32_t* vw = ktw + (D / 2) * Sp;
+      uint32_t* qw = vw + (Sp / 2) * D;
+      uint32_t* pw = qw + kRows * (D / 2);
+      head_bf16(qkv_b, S, H, D, h, mask_b, mask_q_stride, scale, out_b, kt, vc, sc, ktw, vw, qw, pw);
+      continue;
+    }
+#endif
+    (void)use_bf16;
 #if PYSERVE_AVX2
     if (fast) {
       const size_t need = static_cast<size_t>((2 * D + kRows) * Sp);

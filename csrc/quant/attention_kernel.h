@@ -7,7 +7,7 @@
 // output is [B, S, E] (heads side by side): what `transpose(1, 2).reshape(B, S, E)` of
 // torch's scaled_dot_product_attention gives, without the [B, H, S, D] views and copies.
 //
-// Numerics: fp32 throughout, the softmax by its maximum-subtracted form, the weighted sum divided by
+// Numerics (the default): fp32 throughout, the softmax by its maximum-subtracted form, the weighted sum divided by
 // the exponentials' sum at the end (as torch's CPU flash-attention kernel does); exp: AVX2, a
 // Cephes-style polynomial (within 2 ulp of std::exp on [-87, 0]; below -87 it gives 0, as
 // expf underflows); portable: std::exp. Within float rounding of torch's scaled_dot_product_attention,
@@ -24,12 +24,20 @@ namespace quant {
 // qkv: [B, S, 3 H D] fp32, C-contiguous. mask: additive fp32, element (b, i, j) at
 // mask[b * mask_b_stride + i * mask_q_stride + j] (strides 0 broadcast), or null. out: [B, S, H D].
 // Runs over (b, h) pairs with pyserve::num_threads() OpenMP threads when the work is large enough.
-// The AVX2 path needs D % 8 == 0 and D <= 32 (MiniLM, BERT-base use 32 and 64: 64 takes the portable path).
+// The AVX2 path needs D % 16 == 0 and 16 <= D <= 256 (MiniLM and BERT-base: 32 and 64); else a scalar loop.
+// bf16: bfloat16 products where attention_qkv_bf16(D) (below), else the fp32 paths.
 void attention_qkv(const float* qkv, int64_t B, int64_t S, int64_t H, int64_t D, const float* mask,
-                   int64_t mask_b_stride, int64_t mask_q_stride, float scale, float* out);
+                   int64_t mask_b_stride, int64_t mask_q_stride, float scale, float* out, bool bf16 = false);
 
 // Whether attention_qkv takes its AVX2 path for head size D on this CPU.
 bool attention_qkv_fast(int64_t D);
+
+// Whether attention_qkv(..., bf16 = true) runs the bfloat16 kernel for head size D on this CPU (the
+// AVX2 conditions and AVX-512 BF16, cpu_has_avx512_bf16). Numerics of that kernel: Q, K, V and the
+// softmax's exponentials rounded to bfloat16 (round to nearest even; 8 significant bits), their
+// products exact in fp32 and summed in fp32 (vdpbf16ps, which treats subnormals as zero); the scores'
+// scaling, the mask, the softmax's maximum and sum and the final division in fp32.
+bool attention_qkv_bf16(int64_t D);
 
 }  // namespace quant
 }  // namespace pyserve

@@ -2,6 +2,7 @@
 #include "quant/attention_launcher.h"
 
 #include <cmath>
+#include <string>
 
 #include "common/checks.h"
 #include "quant/array_checks.h"
@@ -17,7 +18,10 @@ using quant_checks::check_array;
 using quant_checks::shape_text;
 }  // namespace
 
-py::array attention_qkv(const py::array& qkv, int64_t heads, const std::optional<py::array>& mask, double scale) {
+py::array attention_qkv(const py::array& qkv, int64_t heads, const std::optional<py::array>& mask, double scale,
+                        const std::string& precision) {
+  PYSERVE_CHECK_ARG(precision == "fp32" || precision == "bf16", kOp, "precision", "expected 'fp32' or 'bf16', got '",
+                    precision, "'");
   check_array<float>(qkv, kOp, "qkv", 3, "float32");
   const int64_t B = qkv.shape(0), S = qkv.shape(1), C = qkv.shape(2);
   PYSERVE_CHECK_ARG(heads >= 1, kOp, "heads", "expected >= 1, got ", heads);
@@ -43,11 +47,13 @@ py::array attention_qkv(const py::array& qkv, int64_t heads, const std::optional
   float* yp = out.mutable_data();
   {
     py::gil_scoped_release release;
-    quant::attention_qkv(xp, B, S, heads, D, mp, mb, mq, static_cast<float>(scale), yp);
+    quant::attention_qkv(xp, B, S, heads, D, mp, mb, mq, static_cast<float>(scale), yp, precision == "bf16");
   }
   return out;
 }
 
 bool attention_qkv_fast(int64_t head_size) { return quant::attention_qkv_fast(head_size); }
+
+bool attention_qkv_bf16(int64_t head_size) { return quant::attention_qkv_bf16(head_size); }
 
 }  // namespace pyserve

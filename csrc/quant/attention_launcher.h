@@ -6,15 +6,19 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace pyserve {
 
 // qkv [B, S, 3 H D] float32, heads H, mask [Bm, Sq, S] float32 (Bm in {1, B}, Sq in {1, S}) or None,
-// scale -> [B, S, H D] float32.
+// scale, precision "fp32" or "bf16" (bfloat16 products where attention_qkv_bf16) -> [B, S, H D] float32.
 pybind11::array attention_qkv(const pybind11::array& qkv, int64_t heads, const std::optional<pybind11::array>& mask,
-                              double scale);
+                              double scale, const std::string& precision);
 
 // Whether attention_qkv runs its AVX2 kernel for head size D on this CPU (else a scalar loop).
 bool attention_qkv_fast(int64_t head_size);
+
+// Whether attention_qkv(precision="bf16") runs the bfloat16 kernel for head size D on this CPU.
+bool attention_qkv_bf16(int64_t head_size);
 
 }  // namespace pyserve

@@ -9,7 +9,9 @@ softmax (LeNet-300-100 and other MLPs) then runs as a straight-line NumPy plan
 (:func:`pyserve.artifact.plan.compile_plan`: no torch.fx/pytree/dispatch cost per call, BLAS
 without the GIL), checked at load against the graph on a sample input; ``graph_executor="graph"`` (or
 ``PYSERVE_GRAPH_EXECUTOR=graph``) keeps the GraphModule. :attr:`PyserveBackend.graph_executor` says which runs. ``kernels`` (or the ``PYSERVE_KERNELS``
-environment variable) forces ``dense`` or one kernel instead of ``auto``. Inference runs the module
+environment variable) forces ``dense`` or one kernel instead of ``auto``. ``attention="bf16"`` (or
+``PYSERVE_ATTENTION=bf16``) runs transformer attention with bfloat16 products where the CPU has
+AVX-512 BF16 (:func:`pyserve.ops.attention_qkv`, ``precision="bf16"``); ``fp32`` is the default. Inference runs the module
 under ``torch.inference_mode()`` in the same executor (or inline on the event loop when the server
 measured the execution as tiny, see ``serve --inline-max-us``). torch and the
 artifact reader are imported on :meth:`PyserveBackend.load`, not at import.
@@ -34,7 +36,11 @@ from typing import Sequence
 from pyserve.backends._common import check_output, run_each, run_torch_batch, skip_export_input_checks
 from pyserve.backends.base import InferInputs, InferResult, ModelSignature, TensorSpec
 
-__all__ = ["GRAPH_EXECUTORS", "INPUT_MODES", "PyserveBackend"]
+__all__ = ["ATTENTION_PRECISIONS", "GRAPH_EXECUTORS", "INPUT_MODES", "PyserveBackend"]
+
+#: The precision of the native attention (:func:`pyserve.ops.attention_qkv`): ``fp32`` (default) or
+#: ``bf16`` (bfloat16 products summed in fp32 on CPUs with AVX-512 BF16; fp32 elsewhere).
+ATTENTION_PRECISIONS = ("fp32", "bf16")
 
 #: What runs a loaded graph: ``auto`` (the straight-line plan where the graph allows one, else the
 #: GraphModule) or ``graph`` (always the GraphModule).
@@ -51,7 +57,7 @@ class PyserveBackend:
     platform = "pyserve"
 
     def __init__(self, artifact_path: Path, *, executor: Executor | None = None, kernels: str | None = None,
-                 inputs: str | None = None, graph_executor: str | None = None) -> None:
+                 inputs: str | None = None, graph_executor: str | None = None, attention: str | None = None) -> None:
         self._path = Path(artifact_path)
         self._executor = executor
         self._kernels = kernels or os.environ.get("PYSERVE_KERNELS", "auto")
@@ -59,6 +65,10 @@ class PyserveBackend:
         if self._inputs not in INPUT_MODES:
             raise ValueError(f"pyserve backend: argument 'inputs' (or PYSERVE_INPUTS): expected one of {INPUT_MODES}, "
                              f"got {self._inputs!r}")
+        self._attention = attention or os.environ.get("PYSERVE_ATTENTION", "fp32")
+        if self._attention not in ATTENTION_PRECISIONS:
+            raise ValueError(f"pyserve backend: argument 'attention' (or PYSERVE_ATTENTION): expected one of "
+                             f"{ATTENTION_PRECISIONS}, got {self._attention!r}")
         self._graph_mode = graph_executor or os.environ.get("PYSERVE_GRAPH_EXECUTOR", "auto")
         if self._graph_mode not in GRAPH_EXECUTORS:
             raise ValueError(f"pyserve backend: argument 'graph_executor' (or PYSERVE_GRAPH_EXECUTOR): expected one "
@@ -84,7 +94,7 @@ class PyserveBackend:
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
         module, signature, choices = await loop.run_in_executor(
-            self._executor, functools.partial(_load, self._path, self._kernels, self._inputs))
+            self._executor, functools.partial(_load, self._path, self._kernels, self._inputs, self._attention))
         plan = None
         if self._graph_mode == "auto" and getattr(module, "text", None) is None:
             plan = await loop.run_in_executor(self._executor, _plan_for, module, signature)
@@ -117,7 +127,7 @@ class PyserveBackend:
 _LOAD_LOCK = threading.Lock()
 
 
-def _load(path: Path, kernels: str = "auto", inputs: str = "auto"):
+def _load(path: Path, kernels: str = "auto", inputs: str = "auto", attention: str = "fp32"):
     from pyserve.artifact import load_artifact
     from pyserve.artifact.kernels import native_module
 
@@ -126,7 +136,7 @@ def _load(path: Path, kernels: str = "auto", inputs: str = "auto"):
     if inputs == "text" and art.text is None:
         raise ValueError(f"{path}: PYSERVE_INPUTS=text, but the artifact holds no tokenizer (it takes "
                          f"{', '.join(s.name for s in art.manifest.inputs)})")
-    module, choices = native_module(art, kernels=kernels)
+    module, choices = native_module(art, kernels=kernels, attention=attention)
     skip_export_input_checks(module)  # the data plane checked names, datatypes and shapes already
     m = art.manifest
 

@@ -16,7 +16,7 @@ from pyserve.ops.huffman import (
     huffman_stream_info,
 )
 from pyserve.ops._threads import get_num_threads, set_num_threads
-from pyserve.ops.attention import attention_qkv, attention_qkv_fast
+from pyserve.ops.attention import attention_qkv, attention_qkv_bf16, attention_qkv_fast
 from pyserve.ops.sparse import csr_linear, pack_csr_weight
 from pyserve.ops.quant import (
     codebook_linear,
@@ -45,6 +45,7 @@ __all__ = [
     "set_num_threads",
     # attention from a fused Q|K|V projection (pyserve.ops.attention)
     "attention_qkv",
+    "attention_qkv_bf16",
     "attention_qkv_fast",
     # int8 and codebook linear (pyserve.ops.quant)
     "codebook_linear",

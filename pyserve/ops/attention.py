@@ -10,9 +10,19 @@ sections 3.2.1-3.2.2)::
 with the heads side by side in the output, ``[B, S, E]``: what
 ``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2).reshape(B, S, E)``
 of the ``[B, H, S, D]`` views computes, in one native call without the views, the transposes and the
-copy. fp32 throughout; within float rounding of torch (a different summation order and a polynomial
-exp, not bit-identical). The AVX2 kernel covers head sizes 8, 16, 24 and 32 (MiniLM: 32); others
-take a scalar loop (correct, slow: :func:`attention_qkv_fast` says which).
+copy. fp32 throughout by default; within float rounding of torch (a different summation order and a
+polynomial exp, not bit-identical). The AVX2 kernel covers head sizes 16 to 256 in steps of 16
+(MiniLM: 32, BERT-base: 64); others take a scalar loop (correct, slow: :func:`attention_qkv_fast`
+says which).
+
+``precision="bf16"`` trades precision for speed where the CPU has AVX-512 BF16 (Intel Cooper Lake,
+Sapphire Rapids and later; AMD Zen 4 and later; :func:`attention_qkv_bf16` says whether it runs):
+Q, K, V and the softmax's exponentials are rounded to bfloat16 (8 significant bits, round to nearest
+even) and every product is summed in fp32 by ``vdpbf16ps``, which does two multiply-adds per lane
+and instruction (twice the fp32 FMA's); the scale, the mask, the softmax's maximum and sum and the
+final division stay fp32. The scores then carry a relative error of about 2^-8 of
+``|q| |k|``, the outputs of about 2^-8 of the values (the bfloat16 format: Kalamkar et al. 2019, "A
+Study of BFLOAT16 for Deep Learning Training", section 2). Elsewhere ``"bf16"`` computes in fp32.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import numpy as np
 from pyserve import _C
 from pyserve.ops.quant import _check_int, _is_torch_tensor, _like, _to_numpy
 
-__all__ = ["attention_qkv", "attention_qkv_fast"]
+__all__ = ["attention_qkv", "attention_qkv_bf16", "attention_qkv_fast"]
 
 _OP = "attention_qkv"
 
@@ -33,6 +43,13 @@ _OP = "attention_qkv"
 def attention_qkv_fast(head_size: int) -> bool:
     """Whether :func:`attention_qkv` runs its AVX2 kernel for ``head_size`` on this CPU."""
     return bool(_C.attention_qkv_fast(_check_int(head_size, "attention_qkv_fast", "head_size")))
+
+
+def attention_qkv_bf16(head_size: int) -> bool:
+    """Whether :func:`attention_qkv` with ``precision="bf16"`` runs its bfloat16 kernel for
+    ``head_size`` on this CPU (the AVX2 kernel's head sizes, AVX-512 BF16, and
+    ``PYSERVE_DISABLE_AVX512`` unset); when False, ``"bf16"`` computes in fp32."""
+    return bool(_C.attention_qkv_bf16(_check_int(head_size, "attention_qkv_bf16", "head_size")))
 
 
 def _mask3(mask: Any, B: int, S: int) -> np.ndarray:
@@ -61,7 +78,8 @@ def _mask3(mask: Any, B: int, S: int) -> np.ndarray:
     return np.ascontiguousarray(m)
 
 
-def attention_qkv(qkv: Any, heads: int, mask: Any = None, scale: float | None = None) -> Any:
+def attention_qkv(qkv: Any, heads: int, mask: Any = None, scale: float | None = None,
+                  precision: str = "fp32") -> Any:
     """Multi-head attention of a fused Q|K|V projection (module docstring).
 
     Parameters
@@ -77,6 +95,10 @@ def attention_qkv(qkv: Any, heads: int, mask: Any = None, scale: float | None = 
         excluded that way gets the mean of the values, as in torch; with ``-inf`` everywhere, NaN.
     scale : float, optional
         Factor on the scores before the mask; default ``1 / sqrt(head_size)``.
+    precision : ``"fp32"`` (default) or ``"bf16"``
+        ``"bf16"``: bfloat16 products summed in fp32 where :func:`attention_qkv_bf16` (module
+        docstring: twice the multiply-adds per instruction, outputs within about 2^-8 of the values'
+        magnitude), fp32 elsewhere.
 
     Returns
     -------
@@ -86,8 +108,11 @@ def attention_qkv(qkv: Any, heads: int, mask: Any = None, scale: float | None = 
     ------
     ValueError
         A wrong dtype, rank or shape of ``qkv`` or ``mask`` (the message names the argument), ``heads``
-        not an int >= 1 or not dividing ``E``, a non-finite ``scale``, a CUDA tensor.
+        not an int >= 1 or not dividing ``E``, a non-finite ``scale``, a CUDA tensor, ``precision``
+        not ``"fp32"`` or ``"bf16"``.
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"{_OP}: argument 'precision': expected 'fp32' or 'bf16', got {precision!r}")
     heads = _check_int(heads, _OP, "heads")
     x = _to_numpy(qkv, _OP, "qkv", "float32")
     if x.ndim != 3:
@@ -100,4 +125,4 @@ def attention_qkv(qkv: Any, heads: int, mask: Any = None, scale: float | None = 
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
         raise ValueError(f"{_OP}: argument 'scale': expected a float, got {type(scale).__name__}")
     m = None if mask is None else _mask3(mask, x.shape[0], x.shape[1])
-    return _like(_C.attention_qkv(x, heads, m, float(scale)), qkv)
+    return _like(_C.attention_qkv(x, heads, m, float(scale), precision), qkv)

@@ -266,6 +266,35 @@ def test_fused_qkv_attention_is_one_native_call(tmp_path, int8):
             torch.testing.assert_close(got, net(x2, mask2), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_attention_node(tmp_path):
+    """native_module(attention="bf16"): the same graph, its attention node asking for bfloat16
+    products: within bfloat16's precision of the fp32 node, and (where the CPU runs the bfloat16
+    kernel) not equal to it; a bad ``attention`` value is refused before any work."""
+    from pyserve import ops
+    from pyserve.artifact import kernels
+
+    if not ops.attention_qkv_fast(16):
+        pytest.skip("no AVX2 attention kernel on this CPU: the graph keeps torch's SDPA")
+    torch.manual_seed(0)
+    net = HeadsAttention().eval()
+    x, mask = torch.randn(2, 6, 64), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    path = tmp_path / "heads.pyserve"
+    artifact.save(path, net, (x, mask), model_name="heads", dynamic_axes=((0, 1), (0, 1)))
+    bf16, _ = native_module(artifact.load_artifact(path), kernels="dense", attention="bf16")
+    fp32, _ = native_module(artifact.load_artifact(path), kernels="dense", attention="fp32")
+    node = [n for n in bf16.graph.nodes if n.target is kernels._attention_qkv]
+    assert len(node) == 1 and node[0].args[5] == "bf16"
+    assert [n.args[5] for n in fp32.graph.nodes if n.target is kernels._attention_qkv] == ["fp32"]
+    x2, mask2 = torch.randn(3, 33, 64), (torch.arange(33)[None] < torch.tensor([[33], [4], [1]])).long()
+    with torch.inference_mode():
+        got, ref = bf16(x2, mask2), fp32(x2, mask2)
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-2)
+    assert torch.equal(got, ref) is not ops.attention_qkv_bf16(16)
+    for bad in ("fp16", 1, None):
+        with pytest.raises(ValueError, match="native_module: argument 'attention'"):
+            native_module(artifact.load_artifact(path), attention=bad)
+
+
 def test_attention_node_falls_back_to_torch_for_what_the_kernel_does_not_take():
     from pyserve.artifact import kernels
 

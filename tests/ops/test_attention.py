@@ -1,11 +1,16 @@
 """pyserve.ops.attention_qkv: multi-head attention from a fused Q|K|V projection, against a float64
 NumPy reference and torch's scaled_dot_product_attention."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from pyserve import ops
-from pyserve.ops import attention_qkv, attention_qkv_fast
+from pyserve.ops import attention_qkv, attention_qkv_bf16, attention_qkv_fast
 
 FMIN = np.finfo(np.float32).min
 
@@ -133,8 +138,126 @@ def test_scale_default_is_inverse_sqrt_head_size():
     (lambda x: attention_qkv(x, 2, np.zeros((1, 7), np.int64)), "mask"),
     (lambda x: attention_qkv(x, 2, None, float("nan")), "scale"),
     (lambda x: attention_qkv(x, 2, None, "1"), "scale"),
+    (lambda x: attention_qkv(x, 2, None, None, "fp16"), "precision"),
+    (lambda x: attention_qkv(x, 2, None, None, None), "precision"),
 ])
 def test_bad_arguments_name_the_argument(call, arg):
     x = np.zeros((1, 7, 3 * 2 * 16), np.float32)
     with pytest.raises(ValueError, match=f"attention_qkv: argument '{arg}'"):
         call(x)
+
+
+# --- precision="bf16" -----------------------------------------------------------------------------
+
+
+def to_bf16(x):
+    """float32 -> the nearest bfloat16 (round half to even), as float64: what vcvtne2ps2bf16 gives
+    for finite values."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return r.view(np.float32).astype(np.float64)
+
+
+def reference_bf16(qkv, heads, mask=None, scale=None):
+    """The bfloat16 kernel's arithmetic in float64: Q, K, V rounded to bfloat16; the exponentials
+    rounded to bfloat16 for the weighted sum, their sum unrounded."""
+    x = np.asarray(qkv, np.float32)
+    B, S, C = x.shape
+    E = C // 3
+    D = E // heads
+    scale = 1 / np.sqrt(D) if scale is None else scale
+    q, k, v = (to_bf16(x[..., i * E:(i + 1) * E]).reshape(B, S, heads, D).transpose(0, 2, 1, 3) for i in range(3))
+    s = scale * q @ k.transpose(0, 1, 3, 2)
+    if mask is not None:
+        m = np.asarray(mask, np.float64)
+        s = s + (m.reshape(m.shape[0], 1, -1, S) if m.ndim == 3 else m[:, None, None, :])
+    s = s - s.max(-1, keepdims=True)
+    p = np.exp(s)
+    return ((to_bf16(p.astype(np.float32)) @ v) / p.sum(-1, keepdims=True)).transpose(0, 2, 1, 3).reshape(B, S, E)
+
+
+def _bf16_runs(D: int) -> bool:
+    return attention_qkv_bf16(D)
+
+
+@pytest.mark.parametrize("B,S,H,D", [(1, 128, 12, 32), (2, 17, 4, 16), (3, 5, 2, 64), (1, 1, 1, 32), (1, 33, 2, 48),
+                                     (1, 40, 1, 256)])
+@pytest.mark.parametrize("mask_kind", ["none", "key", "full"])
+def test_bf16_matches_the_bfloat16_reference(B, S, H, D, mask_kind):
+    """Where the bfloat16 kernel runs, it computes what reference_bf16 does (up to an exponential's
+    rounding to bfloat16 landing the other side of a tie, one bfloat16 step on a few weights), and
+    stays within bfloat16's precision of the float64 result; elsewhere "bf16" is the fp32 result."""
+    rng = np.random.default_rng(B * 1000 + S * 10 + D + 7)
+    qkv = rng.standard_normal((B, S, 3 * H * D)).astype(np.float32)
+    mask = None
+    if mask_kind == "key":
+        mask = key_mask(B, S, rng)
+    elif mask_kind == "full":
+        mask = rng.standard_normal((B, S, S)).astype(np.float32)
+    got = attention_qkv(qkv, H, mask, precision="bf16")
+    assert got.dtype == np.float32 and got.shape == (B, S, H * D)
+    if not _bf16_runs(D):
+        np.testing.assert_array_equal(got, attention_qkv(qkv, H, mask))
+        return
+    v_max = float(np.abs(qkv[..., 2 * H * D:]).max())
+    bf = reference_bf16(qkv, H, mask)
+    np.testing.assert_allclose(got, bf, rtol=0, atol=2e-3 * v_max)
+    exact = reference(qkv, H, mask)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-2 * v_max)
+    # it is the bfloat16 arithmetic: much nearer the emulation than the exact result (S = 1: both exact)
+    if S > 1:
+        assert np.abs(got - bf).max() < 0.25 * np.abs(got - exact).max()
+
+
+def test_bf16_is_twice_as_wide_only_where_the_cpu_has_it():
+    """attention_qkv_bf16 follows cpu_kernels()["avx512_bf16"] and the fp32 kernel's head sizes."""
+    has = ops.cpu_kernels()["avx512_bf16"]
+    for D in (16, 32, 64, 256):
+        assert attention_qkv_bf16(D) is (has and attention_qkv_fast(D))
+    for D in (8, 24, 272):
+        assert attention_qkv_bf16(D) is False
+    if not ops.build_info()["avx512_bf16"]:
+        assert not has
+
+
+def test_bf16_special_rows_threads_and_torch_inputs():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    B, S, H, D = 2, 40, 3, 32
+    qkv = rng.standard_normal((B, S, 3 * H * D)).astype(np.float32)
+    v = qkv[..., 2 * H * D:]
+    mask = np.zeros((B, S, S), np.float32)
+    mask[0, 2, :] = FMIN  # every key excluded the HF way: the mean of the (bfloat16) values
+    mask[1, 4, :] = -np.inf  # NaN, as in fp32
+    qkv_nan = qkv.copy()
+    qkv_nan[1, 7, 5] = np.nan  # query 7 of batch 1, head 0
+    got = attention_qkv(qkv_nan, H, mask, precision="bf16")
+    assert np.isnan(got[1, 4]).all()
+    assert np.isnan(got[1, 7, :D]).all() and np.isfinite(got[1, 7, D:]).all()
+    tol = 2e-3 * float(np.abs(v).max())
+    mean_v = to_bf16(v[0]).mean(0) if _bf16_runs(D) else v[0].mean(0)
+    np.testing.assert_allclose(got[0, 2], mean_v, rtol=0, atol=tol)
+    before = ops.get_num_threads()
+    try:
+        ops.set_num_threads(1)
+        one = attention_qkv(qkv, H, mask, precision="bf16")
+        ops.set_num_threads(2)
+        two = attention_qkv(qkv, H, mask, precision="bf16")
+    finally:
+        ops.set_num_threads(before)
+    np.testing.assert_array_equal(one, two)
+    t = attention_qkv(torch.from_numpy(qkv), H, torch.from_numpy(mask), precision="bf16")
+    assert isinstance(t, torch.Tensor)
+    np.testing.assert_array_equal(t.numpy(), two)
+
+
+def test_bf16_turned_off_by_the_environment_computes_fp32():
+    """PYSERVE_DISABLE_AVX512: "bf16" runs the fp32 kernel, bit for bit what "fp32" gives."""
+    code = ("import json, numpy as np; from pyserve.ops import attention_qkv, attention_qkv_bf16; "
+            "x = np.random.default_rng(1).standard_normal((1, 20, 3 * 64)).astype(np.float32); "
+            "print(json.dumps([attention_qkv_bf16(32), "
+            "bool(np.array_equal(attention_qkv(x, 2, precision='bf16'), attention_qkv(x, 2)))]))")
+    env = {**os.environ, "PYSERVE_DISABLE_AVX512": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [False, True]

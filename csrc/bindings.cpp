@@ -23,8 +23,8 @@ PYBIND11_MODULE(_C, m) {
 Returns
 -------
 dict
-    ``{"version": str, "compiler": str, "avx2": bool, "avx512_vnni": bool, "openmp": bool,
-    "cuda": bool, "cuda_archs": list[int]}``; ``cuda_archs`` is empty when CUDA was not compiled.
+    ``{"version": str, "compiler": str, "avx2": bool, "avx512_vnni": bool, "avx512_bf16": bool,
+    "openmp": bool, "cuda": bool, "cuda_archs": list[int]}``; ``cuda_archs`` is empty when CUDA was not compiled.
 )doc");
 
   m.def("cpu_kernels", &pyserve::cpu_kernels,
@@ -33,9 +33,9 @@ dict
 Returns
 -------
 dict
-    ``{"avx2": bool, "avx512_vnni": bool}``: compiled in, supported by this CPU and not turned off
-    by the environment variables ``PYSERVE_DISABLE_AVX2`` (both off) or ``PYSERVE_DISABLE_AVX512``
-    (read once, at the first kernel call).
+    ``{"avx2": bool, "avx512_vnni": bool, "avx512_bf16": bool}``: compiled in, supported by this
+    CPU and not turned off by the environment variables ``PYSERVE_DISABLE_AVX2`` (all off) or
+    ``PYSERVE_DISABLE_AVX512`` (both AVX-512 paths off), read once, at the first kernel call.
 )doc");
 
   m.def("cuda_device_count", &pyserve::cuda_device_count,

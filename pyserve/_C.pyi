@@ -106,8 +106,8 @@ def build_info() -> dict[str, typing.Any]:
     Returns
     -------
     dict
-        ``{"version": str, "compiler": str, "avx2": bool, "avx512_vnni": bool, "openmp": bool,
-        "cuda": bool, "cuda_archs": list[int]}``; ``cuda_archs`` is empty when CUDA was not compiled.
+        ``{"version": str, "compiler": str, "avx2": bool, "avx512_vnni": bool, "avx512_bf16": bool,
+        "openmp": bool, "cuda": bool, "cuda_archs": list[int]}``; ``cuda_archs`` is empty when CUDA was not compiled.
     """
 def codebook_linear(x: numpy.ndarray, packed: numpy.ndarray, codebook: numpy.ndarray, bits: typing.SupportsInt | typing.SupportsIndex, bias: numpy.ndarray | None = None) -> numpy.ndarray:
     """
@@ -159,9 +159,9 @@ def cpu_kernels() -> dict[str, bool]:
     Returns
     -------
     dict
-        ``{"avx2": bool, "avx512_vnni": bool}``: compiled in, supported by this CPU and not turned off
-        by the environment variables ``PYSERVE_DISABLE_AVX2`` (both off) or ``PYSERVE_DISABLE_AVX512``
-        (read once, at the first kernel call).
+        ``{"avx2": bool, "avx512_vnni": bool, "avx512_bf16": bool}``: compiled in, supported by this
+        CPU and not turned off by the environment variables ``PYSERVE_DISABLE_AVX2`` (all off) or
+        ``PYSERVE_DISABLE_AVX512`` (both AVX-512 paths off), read once, at the first kernel call.
     """
 def csr_linear(x: typing.Any, indptr: typing.Any, indices: typing.Any, values: typing.Any, bias: typing.Any = None, out: typing.Any = None, force_portable: bool = False, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> typing.Any:
     """

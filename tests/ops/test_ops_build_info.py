@@ -18,10 +18,11 @@ from pyserve.ops import build_info, cpu_kernels, cuda_device_count
 def test_build_info_keys_and_types():
     info = build_info()
     assert info == _C.build_info()
-    assert set(info) == {"version", "compiler", "avx2", "avx512_vnni", "openmp", "cuda", "cuda_archs"}
+    assert set(info) == {"version", "compiler", "avx2", "avx512_vnni", "avx512_bf16", "openmp", "cuda",
+                         "cuda_archs"}
     assert info["version"] == pyserve.__version__
     assert isinstance(info["compiler"], str) and info["compiler"]
-    for key in ("avx2", "avx512_vnni", "openmp", "cuda"):
+    for key in ("avx2", "avx512_vnni", "avx512_bf16", "openmp", "cuda"):
         assert isinstance(info[key], bool)
     archs = info["cuda_archs"]
     assert isinstance(archs, list) and all(isinstance(a, int) for a in archs)
@@ -46,17 +47,21 @@ def test_cpu_kernels_follow_the_cpu_flags_and_the_build():
     """The paths reported are the CPU's (its /proc/cpuinfo flags) that the build compiled in."""
     flags = _cpu_flags()
     info, paths = build_info(), cpu_kernels()
-    assert set(paths) == {"avx2", "avx512_vnni"} and paths == _C.cpu_kernels()
+    assert set(paths) == {"avx2", "avx512_vnni", "avx512_bf16"} and paths == _C.cpu_kernels()
     env = os.environ
     avx2 = info["avx2"] and {"avx2", "fma"} <= flags and "PYSERVE_DISABLE_AVX2" not in env
     assert paths["avx2"] is avx2
     vnni = (avx2 and info["avx512_vnni"] and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
             and "PYSERVE_DISABLE_AVX512" not in env)
     assert paths["avx512_vnni"] is vnni
+    bf16 = (avx2 and info["avx512_bf16"] and {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
+            and "PYSERVE_DISABLE_AVX512" not in env)
+    assert paths["avx512_bf16"] is bf16
 
 
-@pytest.mark.parametrize("var, expected", [("PYSERVE_DISABLE_AVX512", {"avx512_vnni": False}),
-                                           ("PYSERVE_DISABLE_AVX2", {"avx2": False, "avx512_vnni": False})])
+@pytest.mark.parametrize("var, expected", [
+    ("PYSERVE_DISABLE_AVX512", {"avx512_vnni": False, "avx512_bf16": False}),
+    ("PYSERVE_DISABLE_AVX2", {"avx2": False, "avx512_vnni": False, "avx512_bf16": False})])
 def test_cpu_kernels_turned_off_by_the_environment(var, expected):
     env = {**os.environ, var: "1"}
     out = subprocess.run([sys.executable, "-c", "import json; from pyserve.ops import cpu_kernels; "

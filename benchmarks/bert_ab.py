@@ -1,7 +1,7 @@
 """Interleaved A/B of all-MiniLM-L6-v2 engines at one shape: the fp32 teacher against pyserve artifacts.
 
     python benchmarks/bert_ab.py --distilled distill.pyserve [--int8 int8.pyserve] [--batch 1 --seq 128]
-        [--threads 1] [--rounds 30] [--calls 3] [--kernels auto|int8] [--baseline] [--ort]
+        [--threads 1] [--rounds 30] [--calls 3] [--kernels auto|int8] [--baseline] [--ort] [--bf16-attention]
 
 Issue 7's goal "distilled 3 layers + int8 >= 4x faster than the fp32 teacher" (batch 1, sequence 128,
 one thread) on a shared machine: ``benchmarks/bert_cpu.py`` times each engine in its own block of
@@ -19,6 +19,9 @@ fold_norm=False, pool=False, mask=False)``: the graph rewrites of before the nat
 LayerNorm epilogue, the pooling node and the additive-mask node (torch's SDPA with its head views and
 copies, torch's add and layer_norm, the exported pooling and mask ops), timed in the same rounds: an A/B
 of those rewrites on the same int8 kernels.
+
+``--bf16-attention`` adds, for each artifact, the same artifact with the attention's products in
+bfloat16 (``native_module(attention="bf16")``; fp32 on CPUs without AVX-512 BF16).
 
 ``--ort`` adds onnxruntime int8 (its own ``quantize_dynamic`` of the exported model: the file
 ``benchmarks/bert_cpu.py`` uses, made in ``--workdir`` when missing; CPUExecutionProvider, intra-op
@@ -58,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="auto", help="native_module's kernel choice (auto: measured at load)")
     ap.add_argument("--baseline", action="store_true",
                     help="also time each artifact without the native attention and add & LayerNorm epilogue")
+    ap.add_argument("--bf16-attention", action="store_true",
+                    help="also time each artifact with the attention's products in bfloat16")
     ap.add_argument("--ort", action="store_true", help="also time onnxruntime int8 (quantize_dynamic) in the rounds")
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-minilm",
                     help="where the ONNX files are (made when missing; with --ort)")
@@ -88,6 +93,9 @@ def main(argv=None) -> int:
         if path is not None:
             engines[name], choices = native_module(artifact.load_artifact(path), kernels=args.kernels)
             kernels[name] = {k: sum(1 for v in choices.values() if v == k) for k in sorted(set(choices.values()))}
+            if args.bf16_attention:
+                engines[f"{name} bf16-attn"], _ = native_module(artifact.load_artifact(path), kernels=args.kernels,
+                                                                attention="bf16")
             if args.baseline:
                 engines[f"{name} (main's rewrites)"], _ = native_module(
                     artifact.load_artifact(path), kernels=args.kernels, attention=False, fold_norm=False, pool=False,

@@ -12,6 +12,9 @@ Engines, all on the same token ids (real sentences padded/truncated to S tokens)
 * ``pyserve int8``: the artifact of ``examples/minilm/int8.yaml`` loaded the way the ``pyserve``
   backend loads it (per-layer kernel choice measured at load);
 * ``pyserve distill3+int8``: the artifact of ``examples/minilm/distill.yaml`` (3 layers + int8);
+* ``pyserve int8 bf16-attn``, ``pyserve distill3+int8 bf16-attn``: the same artifacts with the
+  attention's products in bfloat16 (``native_module(attention="bf16")``, the backend's
+  ``PYSERVE_ATTENTION=bf16``; on CPUs without AVX-512 BF16 this is the fp32 attention again);
 * ``pyserve int8 unfused`` (only with ``--engines``): the int8 artifact without native_module's graph
   rewrites (Q, K, V as one Linear; attention as one scaled_dot_product_attention).
 
@@ -77,8 +80,8 @@ def _timeit(fn, min_reps: int, min_time_s: float) -> np.ndarray:
     return np.asarray(times)
 
 
-ENGINES = ("torch fp32", "torch dyn int8", "ort fp32", "ort int8", "pyserve int8", "pyserve distill3+int8",
-           "pyserve int8 unfused")
+ENGINES = ("torch fp32", "torch dyn int8", "ort fp32", "ort int8", "pyserve int8", "pyserve int8 bf16-attn",
+           "pyserve distill3+int8", "pyserve distill3+int8 bf16-attn", "pyserve int8 unfused")
 #: measured unless --engines says otherwise; "pyserve int8 unfused" (native_module(fuse=False): Q, K, V
 #: apart, eager attention) shows what the graph rewrites change
 DEFAULT_ENGINES = ENGINES[:-1]
@@ -132,9 +135,9 @@ def main(argv=None) -> int:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     int8_path = (_artifact(args.int8, "int8", args.workdir)
-                 if {"pyserve int8", "pyserve int8 unfused"} & set(args.engines) else None)
-    distilled_path = (_artifact(args.distilled, "distill", args.workdir) if "pyserve distill3+int8" in args.engines
-                      else None)
+                 if {"pyserve int8", "pyserve int8 bf16-attn", "pyserve int8 unfused"} & set(args.engines) else None)
+    distilled_path = (_artifact(args.distilled, "distill", args.workdir)
+                      if {"pyserve distill3+int8", "pyserve distill3+int8 bf16-attn"} & set(args.engines) else None)
     ex = _example()
     tok = ex.tokenizer()
     model = ex.MiniLM()
@@ -159,14 +162,16 @@ def main(argv=None) -> int:
 
         return run
 
-    def pyserve_engine(path: Path, fuse: bool = True):
-        module, choices = native_module(artifact.load_artifact(path), fuse=fuse)
+    def pyserve_engine(path: Path, fuse: bool = True, attention: str = "fp32"):
+        module, choices = native_module(artifact.load_artifact(path), fuse=fuse, attention=attention)
         return module, choices
 
     sizes = {"torch fp32": torch_size(model), "torch dyn int8": torch_size(dyn),
              "ort fp32": onnx_fp32.stat().st_size, "ort int8": onnx_int8.stat().st_size}
-    sizes.update({name: p.stat().st_size for name, p in (("pyserve int8", int8_path), ("pyserve int8 unfused", int8_path),
-                                                          ("pyserve distill3+int8", distilled_path)) if p is not None})
+    sizes.update({name: p.stat().st_size for name, p in (
+        ("pyserve int8", int8_path), ("pyserve int8 bf16-attn", int8_path), ("pyserve int8 unfused", int8_path),
+        ("pyserve distill3+int8", distilled_path), ("pyserve distill3+int8 bf16-attn", distilled_path))
+        if p is not None})
 
     task = SentenceTask(tok, max_length=128, transfer=4)
     task.set_reference(model)
@@ -179,11 +184,14 @@ def main(argv=None) -> int:
         engines = {"torch fp32": model, "torch dyn int8": dyn,
                    "ort fp32": ort_engine(onnx_fp32, threads), "ort int8": ort_engine(onnx_int8, threads)}
         engines = {k: v for k, v in engines.items() if k in args.engines}
-        for name, path, fuse in (("pyserve int8", int8_path, True), ("pyserve distill3+int8", distilled_path, True),
-                                 ("pyserve int8 unfused", int8_path, False)):
+        for name, path, fuse, attention in (
+                ("pyserve int8", int8_path, True, "fp32"), ("pyserve int8 bf16-attn", int8_path, True, "bf16"),
+                ("pyserve distill3+int8", distilled_path, True, "fp32"),
+                ("pyserve distill3+int8 bf16-attn", distilled_path, True, "bf16"),
+                ("pyserve int8 unfused", int8_path, False, "fp32")):
             if path is None or name not in args.engines:
                 continue
-            engines[name], choices = pyserve_engine(path, fuse)
+            engines[name], choices = pyserve_engine(path, fuse, attention)
             results["kernels"][f"{name} threads={threads}"] = {k: sum(1 for v in choices.values() if v == k)
                                                                for k in sorted(set(choices.values()))}
         if threads == args.threads[0]:
@@ -200,7 +208,7 @@ def main(argv=None) -> int:
                             "p50_ms": float(np.percentile(t, 50) * 1e3), "p99_ms": float(np.percentile(t, 99) * 1e3),
                             "throughput_per_s": float(batch / t.mean()), "reps": int(t.size)}
                     results["cells"].append(cell)
-                    print(f"threads={threads} batch={batch} seq={seq:>3} {name:<22} p50 {cell['p50_ms']:8.2f} ms  "
+                    print(f"threads={threads} batch={batch} seq={seq:>3} {name:<32} p50 {cell['p50_ms']:8.2f} ms  "
                           f"p99 {cell['p99_ms']:8.2f} ms  {cell['throughput_per_s']:8.1f}/s", file=sys.stderr)
     results["machine"]["load_avg_end"] = os.getloadavg()
     print(table(results))

@@ -66,11 +66,18 @@ def grpc_channel(url: str, tls, options=None):
     return grpc.secure_channel(url, grpc.ssl_channel_credentials(ca, key, cert), options=options)
 
 
+#: What gRPC's own UNAVAILABLE details say when the connection itself failed (a plaintext call to a
+#: TLS port among them), as opposed to a status a server sent (e.g. "model 'm' is not available").
+_TRANSPORT_FAILURES = ("socket closed", "connection reset", "failed to connect", "connections to all backends",
+                       "broken pipe", "connection refused", "handshake", "end of file", "ssl", "tls")
+
+
 def rpc_error_line(code: str, details: str, tls) -> str:
     """One CLI error line for a failed RPC. A plaintext call to a TLS port fails UNAVAILABLE with
-    gRPC's bare "Socket closed" (or similar); the line then says what to try."""
+    gRPC's bare "Socket closed" (or similar); the line then says what to try. An UNAVAILABLE the
+    server sent (a model that is loading or failed to load) is shown as it is."""
     line = f"{code}: {details}"
-    if code == "UNAVAILABLE" and tls is None:
+    if code == "UNAVAILABLE" and tls is None and any(m in (details or "").lower() for m in _TRANSPORT_FAILURES):
         line += " (connected without TLS: if the server was started with --tls-cert, pass --tls-ca)"
     return line
 

@@ -153,6 +153,12 @@ def fit(model: nn.Module, task: Task, epochs: int, *, lr: float | None = None,
 _GRAPH_WEIGHT_OPS = ("linear", "conv1d", "conv2d", "conv3d", "convolution")
 
 
+def weight_key(name: str) -> str:
+    """The state_dict key of layer ``name``'s weight: ``"fc1.weight"``, or ``"weight"`` for the model
+    itself (a bare ``nn.Linear`` as the whole model: its layer name is ``""``)."""
+    return f"{name}.weight" if name else "weight"
+
+
 def weight_layers(model: nn.Module, names=None) -> dict[str, nn.Module]:
     """Linear and convolution layers by name (all of them, or those in ``names``): each value is a
     module whose ``weight`` parameter is the layer's weight, Linear ``[out, in]`` or Conv

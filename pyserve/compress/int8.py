@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyserve.compress._train import weight_key
 from pyserve.compress.methods import CompressionState, register, select_by_name
 
 __all__ = ["Int8Config", "CALIBRATIONS", "select_linears", "calibrate_scale", "entropy_threshold"]
@@ -200,7 +201,7 @@ def int8(state: CompressionState, cfg: Int8Config, task) -> dict:
             deq = torch.from_numpy(q.astype(np.float32) * s[:, None])
             err = float((deq - w).norm() / w.norm().clamp_min(1e-30))
             m.weight.copy_(deq.to(m.weight.dtype))
-            key = f"{name}.weight"
+            key = weight_key(name)
             state.int8[key] = (q, s, scales.get(name))
             report[name] = {"shape": list(w.shape), "bits": 8, "weight_rel_error": err,
                             **({"input_scale": scales[name]} if name in scales else {})}
@@ -210,6 +211,6 @@ def int8(state: CompressionState, cfg: Int8Config, task) -> dict:
                     w = m.weight.detach().float().contiguous()
                     q, s = quantize_per_channel(w.cpu().numpy())
                     m.weight.copy_(torch.from_numpy(q.astype(np.float32) * s[:, None]).to(m.weight.dtype))
-                    state.int8[f"{name}.weight"] = (q, s, None)
+                    state.int8[weight_key(name)] = (q, s, None)
                     report[name] = {"shape": list(w.shape), "bits": 8, "embedding": True}
     return report

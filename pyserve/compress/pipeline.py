@@ -15,7 +15,7 @@ import torch
 
 from pyserve import artifact
 from pyserve._fileio import atomic_output
-from pyserve.compress._train import Task, _eval_mode, fit, progress, set_seed
+from pyserve.compress._train import Task, _eval_mode, fit, progress, set_seed, weight_key
 from pyserve.compress.methods import CompressionState, handler_for
 from pyserve.compress.prune import SUGGESTED
 from pyserve.compress.recipe import Recipe, RecipeError, load_recipe
@@ -123,6 +123,11 @@ def build_task(recipe: Recipe, *, verbose: bool = True):
                   lr=recipe.train.lr, seed=recipe.seed, verbose=verbose)
     if d.loader is not None:
         return Task(*_loader_splits(recipe), **kwargs)
+    from pyserve import datasets
+
+    if d.dataset not in datasets.DATASETS:  # the registry holds the classification sets; the recipe takes one more
+        raise RecipeError(f"data.dataset: unknown dataset {d.dataset!r}; expected one of "
+                          f"{', '.join([*datasets.DATASETS, 'sentence-pairs'])} (or data.loader for your own data)")
     try:
         return Task.from_dataset(d.dataset, **kwargs)
     except (ValueError, FileNotFoundError) as exc:
@@ -226,7 +231,11 @@ def prepare_model(recipe: Recipe, task: Task, *, verbose: bool = True,
             raise RecipeError(f"model.checkpoint: {ckpt} is not a state_dict of this model "
                               f"({type(exc).__name__}: {first[:200]})") from None
         return model.eval()
-    _log(f"pyserve compress: training {recipe.name} for {recipe.train.epochs} epochs", verbose)
+    if ckpt is not None:  # say so: a mistyped path would otherwise retrain without a word
+        _log(f"pyserve compress: no checkpoint at {ckpt}: training {recipe.name} from scratch for "
+             f"{recipe.train.epochs} epochs, then saving it there", verbose)
+    else:
+        _log(f"pyserve compress: training {recipe.name} for {recipe.train.epochs} epochs", verbose)
     fit(model, task, recipe.train.epochs, desc="train")
     if ckpt is not None:
         with atomic_output(ckpt) as tmp:
@@ -347,7 +356,7 @@ def _snapshot(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """float32 copies of every Linear/Conv weight, by tensor name."""
     from pyserve.compress._train import weight_layers
 
-    return {f"{name}.weight": m.weight.detach().cpu().numpy().astype(np.float32, copy=True)
+    return {weight_key(name): m.weight.detach().cpu().numpy().astype(np.float32, copy=True)
             for name, m in weight_layers(model).items()}
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pyserve.compress._train import fit, is_linear_weight, weight_layers
+from pyserve.compress._train import fit, is_linear_weight, weight_key, weight_layers
 from pyserve.compress.methods import CompressionState, register
 
 SCHEDULES = ("linear", "gradual")
@@ -135,10 +135,10 @@ def prune(state: CompressionState, cfg: PruneConfig, task) -> dict:
         for name, m in layers.items():
             s = _round_sparsity(targets[name], r, cfg.rounds, cfg.schedule)
             mask = magnitude_mask(m.weight, s)
-            old = state.masks.get(f"{name}.weight")
+            old = state.masks.get(weight_key(name))
             if old is not None:
                 mask &= old  # weights pruned earlier stay pruned
-            state.masks[f"{name}.weight"] = mask
+            state.masks[weight_key(name)] = mask
         apply_masks(state)
         fit(state.model, task, cfg.retrain_epochs, lr=cfg.lr, after_step=lambda: apply_masks(state),
             desc=f"prune round {r}/{cfg.rounds} retrain")
@@ -148,11 +148,11 @@ def prune(state: CompressionState, cfg: PruneConfig, task) -> dict:
             bits = cfg.index_bits.get(name, default_bits)
         else:
             bits = cfg.index_bits or default_bits
-        state.index_bits[f"{name}.weight"] = bits
+        state.index_bits[weight_key(name)] = bits
     report = {}
     for name, m in layers.items():
         dead = dead_units(m.weight)
-        report[name] = {"sparsity": 1.0 - float(state.masks[f"{name}.weight"].float().mean()),
+        report[name] = {"sparsity": 1.0 - float(state.masks[weight_key(name)].float().mean()),
                         "dead_no_input": dead["no_input"], "dead_no_output": dead["no_output"]}
     return report
 
@@ -161,6 +161,6 @@ def apply_masks(state: CompressionState) -> None:
     """Zero every pruned weight (in place); weight-shared layers keep their zeros by construction."""
     with torch.no_grad():
         for name, m in state.layers.items():
-            mask = state.masks.get(f"{name}.weight")
+            mask = state.masks.get(weight_key(name))
             if mask is not None and not parametrize.is_parametrized(m, "weight"):
                 m.weight.mul_(mask)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pyserve.compress._train import fit, is_linear_weight, weight_layers
+from pyserve.compress._train import fit, is_linear_weight, weight_key, weight_layers
 from pyserve.compress.methods import CompressionState, register
 from pyserve.compress.prune import apply_masks
 
@@ -122,7 +122,7 @@ def quantize(state: CompressionState, cfg: QuantizeConfig, task) -> dict:
     rng = np.random.default_rng(task.seed)
     report = {}
     for name, m in layers.items():
-        key = f"{name}.weight"
+        key = weight_key(name)
         bits = _bits(cfg, name, m)
         w = m.weight.detach()
         mask = state.masks.get(key, torch.ones_like(w, dtype=torch.bool)) & (w != 0)
@@ -142,5 +142,5 @@ def quantize(state: CompressionState, cfg: QuantizeConfig, task) -> dict:
         codebook = torch.cat([shared.centroids.detach().new_zeros(1), shared.centroids.detach()]).numpy().copy()
         parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
         m.weight.requires_grad_(True)
-        state.codebooks[f"{name}.weight"] = codebook.astype(np.float32)
+        state.codebooks[weight_key(name)] = codebook.astype(np.float32)
     return report

@@ -99,6 +99,7 @@ def test_infer_prints_and_saves_outputs(served, model, tmp_path, client):
         ("tritonclient", "nope", np.float32, "NOT_FOUND: unknown model 'nope'"),
         ("tritonclient", "lin", np.float64, "INVALID_ARGUMENT: input 'x' of model 'lin': expected datatype FP32, got FP64"),
         ("tritonclient", "broken", np.float32, "UNAVAILABLE: model 'broken' is not available"),
+        ("pyserve", "broken", np.float32, "UNAVAILABLE: model 'broken' is not available"),
         ("pyserve", "lin", np.float64, "INVALID_ARGUMENT: input 'x' of model 'lin': expected datatype FP32, got FP64"),
     ],
 )
@@ -110,6 +111,7 @@ def test_infer_server_errors_one_line_exit_2(served, tmp_path, client, model_nam
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pyserve infer: error: "), out.stderr
     assert fragment in lines[0]
+    assert "--tls-ca" not in lines[0]  # the TLS hint is for a failed connection, not a status the server sent
 
 
 def test_infer_missing_input_file(served, tmp_path):

@@ -125,6 +125,30 @@ def test_user_code_and_checkpoint_errors_one_line(tmp_path, model_py, expect):
     assert "weights_only=False" not in line
 
 
+def test_missing_checkpoint_is_named_before_training_from_scratch(tmp_path):
+    """A model.checkpoint path that does not exist (a typo, or the first run) trains from scratch and
+    saves there, and the run says so, naming the path; the second run reuses it. The model is a bare
+    nn.Linear (its weight is "weight", not "<layer>.weight"): compressed and loadable."""
+    (tmp_path / "model.py").write_text("import torch\ndef Net():\n    return torch.nn.Linear(784, 10)\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nmodel: {factory: model.py:Net, checkpoint: ckpts/nett.pt, inputs: [{name: x, "
+                      "shape: [-1, 784]}], outputs: [{name: y, shape: [-1, 10]}]}\ntrain: {epochs: 0}\n"
+                      "stages: [{method: prune, sparsity: 0.5}]\n")
+    ckpt = tmp_path / "ckpts" / "nett.pt"
+    proc = run_cli("compress", str(recipe), "-o", str(tmp_path / "o.pyserve"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"no checkpoint at {ckpt}: training x from scratch for 0 epochs, then saving it there" in proc.stderr
+    assert ckpt.is_file()
+    proc = run_cli("compress", str(recipe), "-o", str(tmp_path / "o.pyserve"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"reusing checkpoint {ckpt}" in proc.stderr and "no checkpoint" not in proc.stderr
+    m = read_manifest(tmp_path / "o.pyserve")
+    assert set(m.raw["tensors"]) == {"weight", "bias"}
+    x = torch.from_numpy(mnist().test.images[:5])
+    with torch.inference_mode():
+        assert pyserve.load(tmp_path / "o.pyserve")(x).shape == (5, 10)
+
+
 def test_unwritable_output_refused_before_work(tmp_path):
     (tmp_path / "file").write_text("x")
     for out, expect in ((tmp_path / "file" / "x.pyserve", "is not a directory"), (tmp_path, "is a directory")):

@@ -74,6 +74,15 @@ def test_refused_before_training(tmp_path, factory, kw, expect):
     assert not (tmp_path / "out.pyserve").exists()
 
 
+def test_unknown_dataset_lists_every_builtin_one(tmp_path):
+    path = recipe(tmp_path, "Good")
+    path.write_text(path.read_text() + "data: {dataset: cifar}\n")
+    with pytest.raises(RecipeError) as info:
+        compress(load_recipe(path), tmp_path / "out.pyserve", verbose=False)
+    assert "data.dataset: unknown dataset 'cifar'; expected one of mnist, sentence-pairs" in str(info.value)
+    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "out.pyserve").exists()
+
+
 @pytest.mark.parametrize("stage,expect", [
     ("{method: quantize, bits: 1}", "bits: must be in 2..8, got 1"),
     ("{method: quantize, bits: {fc1: 9}}", "bits: must be in 2..8, got 9"),

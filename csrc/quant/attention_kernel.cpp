@@ -105,6 +105,28 @@ __attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
   return _mm256_and_ps(y, keep);
 }
 
+// exp(x) for x <= 0 to about 3e-6 relative, for the bfloat16 kernel (whose exponentials are then
+// rounded to bfloat16, 2^-9): x log2(e) = n + f, |f| <= 1/2, 2^f by a degree-4 polynomial (a
+// near-minimax fit on [-1/2, 1/2], relative error 2.7e-6 in float32), 2^n added into the exponent
+// field. 6 FMA-class ops per 8 values against exp256's 10. Exactly 0 below -87, as exp256.
+__attribute__((target("avx2,fma"))) inline __m256 exp256_fast(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: n in the low mantissa bits of t
+  const __m256 t = _mm256_fmadd_ps(x, log2e, magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  const __m256 f = _mm256_fmsub_ps(x, log2e, n);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.009570102207362652f), f, _mm256_set1_ps(0.05591786280274391f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.240247443318367f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.6931217908859253f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.9999992847442627f));
+  const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
+  p = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+  return _mm256_and_ps(p, keep);
+}
+
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -122,6 +144,8 @@ __attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
 // Softmax of one score row in place (unnormalized: the exponentials), after adding the mask row m
 // (null: none) to its first S scores; the row is padded to Sp (a multiple of 16) with -inf. Returns
 // the sum of the exponentials, or NaN when the row holds a NaN or no score above -inf.
+// FAST: exp256_fast (the bfloat16 kernel) instead of exp256.
+template <bool FAST = false>
 __attribute__((target("avx2,fma"))) float softmax_row(float* s, const float* m, int64_t S, int64_t Sp) {
   for (int64_t j = S; j < Sp; ++j) s[j] = -std::numeric_limits<float>::infinity();
   __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -146,8 +170,9 @@ __attribute__((target("avx2,fma"))) float softmax_row(float* s, const float* m, 
   const __m256 mv = _mm256_set1_ps(mx);
   __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
   for (j = 0; j + 16 <= Sp; j += 16) {
-    const __m256 e0 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-    const __m256 e1 = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j + 8), mv));
+    const __m256 x0 = _mm256_sub_ps(_mm256_loadu_ps(s + j), mv), x1 = _mm256_sub_ps(_mm256_loadu_ps(s + j + 8), mv);
+    const __m256 e0 = FAST ? exp256_fast(x0) : exp256(x0);
+    const __m256 e1 = FAST ? exp256_fast(x1) : exp256(x1);
     _mm256_storeu_ps(s + j, e0);
     _mm256_storeu_ps(s + j + 8, e1);
     sum0 = _mm256_add_ps(sum0, e0);
@@ -357,7 +382,7 @@ PYSERVE_BF16 void head_bf16(const float* qkv_b, int64_t S, int64_t H, int64_t D,
     gemm_bf16(R, qw, D / 2, ktw, Sp, D / 2, Sp, sc, Sp, scales);
     float inv[kRows];
     for (int r = 0; r < R; ++r) {
-      const float sum = softmax_row(sc + r * Sp, mask_b ? mask_b + (i0 + r) * mq : nullptr, S, Sp);
+      const float sum = softmax_row<true>(sc + r * Sp, mask_b ? mask_b + (i0 + r) * mq : nullptr, S, Sp);
       inv[r] = std::isnan(sum) ? kNaN : 1.0f / sum;
       to_pairs(sc + r * Sp, Sp, pw + r * (Sp / 2));
     }

@@ -17,8 +17,9 @@ says which).
 
 ``precision="bf16"`` trades precision for speed where the CPU has AVX-512 BF16 (Intel Cooper Lake,
 Sapphire Rapids and later; AMD Zen 4 and later; :func:`attention_qkv_bf16` says whether it runs):
-Q, K, V and the softmax's exponentials are rounded to bfloat16 (8 significant bits, round to nearest
-even) and every product is summed in fp32 by ``vdpbf16ps``, which does two multiply-adds per lane
+Q, K, V and the softmax's exponentials (there by a cheaper polynomial, within about 3e-6 relative
+of exp) are rounded to bfloat16 (8 significant bits, round to nearest even) and every product is
+summed in fp32 by ``vdpbf16ps``, which does two multiply-adds per lane
 and instruction (twice the fp32 FMA's); the scale, the mask, the softmax's maximum and sum and the
 final division stay fp32. The scores then carry a relative error of about 2^-8 of
 ``|q| |k|``, the outputs of about 2^-8 of the values (the bfloat16 format: Kalamkar et al. 2019, "A

@@ -185,7 +185,8 @@ def _bf16_runs(D: int) -> bool:
 @pytest.mark.parametrize("mask_kind", ["none", "key", "full"])
 def test_bf16_matches_the_bfloat16_reference(B, S, H, D, mask_kind):
     """Where the bfloat16 kernel runs, it computes what reference_bf16 does (up to an exponential's
-    rounding to bfloat16 landing the other side of a tie, one bfloat16 step on a few weights), and
+    rounding to bfloat16 landing the other side of a tie, one bfloat16 step on a few weights: the
+    kernel's exponentials are within about 3e-6 of exp's), and
     stays within bfloat16's precision of the float64 result; elsewhere "bf16" is the fp32 result."""
     rng = np.random.default_rng(B * 1000 + S * 10 + D + 7)
     qkv = rng.standard_normal((B, S, 3 * H * D)).astype(np.float32)
@@ -204,9 +205,10 @@ def test_bf16_matches_the_bfloat16_reference(B, S, H, D, mask_kind):
     np.testing.assert_allclose(got, bf, rtol=0, atol=2e-3 * v_max)
     exact = reference(qkv, H, mask)
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-2 * v_max)
-    # it is the bfloat16 arithmetic: much nearer the emulation than the exact result (S = 1: both exact)
+    # it is the bfloat16 arithmetic: much nearer the emulation than the exact result on average (an
+    # exponential rounded to the other bfloat16 neighbour moves a few outputs by a step; S = 1: exact)
     if S > 1:
-        assert np.abs(got - bf).max() < 0.25 * np.abs(got - exact).max()
+        assert np.abs(got - bf).mean() < 0.1 * np.abs(got - exact).mean()
 
 
 def test_bf16_is_twice_as_wide_only_where_the_cpu_has_it():

@@ -541,14 +541,66 @@ PYSERVE_VNNI void blocks_vnni(const Prepared& P, int64_t r0, int64_t rows, int64
 }
 #endif
 
+#if PYSERVE_AVX2
+// An 8 x 8 transpose of 32-bit lanes: r[j] gets lane j of r[0..7].
+__attribute__((target("avx2,fma"))) inline void transpose8_epi32(__m256i r[8]) {
+  __m256 v[8];
+  for (int i = 0; i < 8; ++i) v[i] = _mm256_castsi256_ps(r[i]);
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]),
+               t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]),
+               t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]),
+               t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_castps_si256(_mm256_permute2f128_ps(u0, u4, 0x20));
+  r[1] = _mm256_castps_si256(_mm256_permute2f128_ps(u1, u5, 0x20));
+  r[2] = _mm256_castps_si256(_mm256_permute2f128_ps(u2, u6, 0x20));
+  r[3] = _mm256_castps_si256(_mm256_permute2f128_ps(u3, u7, 0x20));
+  r[4] = _mm256_castps_si256(_mm256_permute2f128_ps(u0, u4, 0x31));
+  r[5] = _mm256_castps_si256(_mm256_permute2f128_ps(u1, u5, 0x31));
+  r[6] = _mm256_castps_si256(_mm256_permute2f128_ps(u2, u6, 0x31));
+  r[7] = _mm256_castps_si256(_mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+// The whole-register part of one full block (16 channels, rows w[0..16) of stride K): 8 steps of 4 k
+// at a time, 32 bytes of each row -> two 8 x 8 transposes of 4-byte groups, + 128 as XOR 0x80.
+// Returns how many 4-k steps it wrote (a multiple of 8; the caller does the rest).
+__attribute__((target("avx2,fma"))) int64_t pack_block_avx2(const int8_t* w, int64_t K, uint8_t* dst) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const int64_t steps = K / 32 * 8;
+  for (int64_t kq = 0; kq < steps; kq += 8) {
+    __m256i a[8], b[8];
+    for (int c = 0; c < 8; ++c) {
+      a[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * K + 4 * kq));
+      b[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (8 + c) * K + 4 * kq));
+    }
+    transpose8_epi32(a);
+    transpose8_epi32(b);
+    for (int j = 0; j < 8; ++j) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (kq + j) * 64), _mm256_xor_si256(a[j], flip));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (kq + j) * 64 + 32), _mm256_xor_si256(b[j], flip));
+    }
+  }
+  return steps;
+}
+#endif
+
 }  // namespace
 
 void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu) {
   const int64_t Kq = int8_pack_kq(K), Npad = int8_pack_npad(N), blocks = Npad / NR;
+  const bool avx2 = cpu_has_avx2_fma();
 #pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (N * K >= (int64_t{1} << 22))
   for (int64_t nb = 0; nb < blocks; ++nb) {
     uint8_t* dst = wu + nb * Kq * NR * 4;
-    for (int64_t kq = 0; kq < Kq; ++kq)
+    int64_t done = 0;
+#if PYSERVE_AVX2
+    if (avx2 && (nb + 1) * NR <= N) done = pack_block_avx2(w + nb * NR * K, K, dst);
+#endif
+    (void)avx2;
+    for (int64_t kq = done; kq < Kq; ++kq)
       for (int64_t c = 0; c < NR; ++c)
         for (int64_t e = 0; e < 4; ++e) {
           const int64_t n = nb * NR + c, k = 4 * kq + e;

@@ -213,7 +213,8 @@ def pack_int8_weight(w_int8: Any) -> "_C.Int8PackedWeight":
         weights plus 128 as uint8 in blocks of 16 channels x 4 k).
         Pass it to :func:`int8_linear` as ``w_int8``: the result is bit for bit the one the plain
         array gives, from a faster kernel (4 activation rows x 16 channels register tile, 3 AVX2
-        ops per 32 multiply-adds instead of 4; ``csrc/quant/int8_kernel.h``).
+        ops per 32 multiply-adds instead of 4; with AVX-512 VNNI, 8 rows x 32 channels and one
+        ``vpdpbusd`` per 64; ``csrc/quant/int8_kernel.h``).
 
     Raises
     ------
@@ -222,9 +223,10 @@ def pack_int8_weight(w_int8: Any) -> "_C.Int8PackedWeight":
 
     Notes
     -----
-    :func:`int8_linear` never packs a caller's weights behind its back: plain arrays and tensors
-    always take the row kernel, so a weight changed in any way (``w.data.copy_``, a numpy alias)
-    is always used as it is. Only tensors pyserve owns and never hands out for writing (the int8
+    :func:`int8_linear` never keeps a packed copy of a caller's weights: plain arrays and tensors
+    take the row kernel below 16 activation rows and, from 16 rows, are packed into a scratch buffer
+    for that call alone (the same result; the packing costs about one pass over the weights), so a
+    weight changed in any way (``w.data.copy_``, a numpy alias) is always used as it is. Only tensors pyserve owns and never hands out for writing (the int8
     weights of a loaded artifact, :mod:`pyserve.artifact.kernels`) are packed at load and cached by
     the tensor object (``_pin_packed``); an in-place torch op on one (it bumps the version counter)
     re-packs it.

@@ -35,7 +35,8 @@ Returns
 dict
     ``{"avx2": bool, "avx512_vnni": bool, "avx512_bf16": bool}``: compiled in, supported by this
     CPU and not turned off by the environment variables ``PYSERVE_DISABLE_AVX2`` (all off) or
-    ``PYSERVE_DISABLE_AVX512`` (both AVX-512 paths off), read once, at the first kernel call.
+    ``PYSERVE_DISABLE_AVX512`` (both AVX-512 paths off), each read once per path and process: set
+    them before the process starts.
 )doc");
 
   m.def("cuda_device_count", &pyserve::cuda_device_count,
@@ -289,9 +290,10 @@ ValueError
   py::class_<pyserve::Int8PackedWeight>(m, "Int8PackedWeight",
                                         R"doc(int8 weights packed once for int8_linear (see pyserve.ops.pack_int8_weight).
 
-An immutable copy in the layout of the register-blocked AVX2 micro-kernel (csrc/quant/int8_kernel.h):
-``w + 128`` as uint8 in blocks of 16 channels x 4 k, and W transposed per block for the residual
-corrections, about 2 x N x K bytes. Created by ``pack_int8_weight``; not constructible from Python.
+An immutable copy in the layout of the register-blocked micro-kernels (AVX2 and AVX-512 VNNI;
+csrc/quant/int8_kernel.h): ``w + 128`` as uint8 in blocks of 16 channels x 4 k, padded to whole
+blocks: ``16 ceil(N / 16) * 4 ceil(K / 4)`` bytes (about N x K). Created by ``pack_int8_weight``;
+not constructible from Python.
 )doc")
       .def_property_readonly("shape", &pyserve::Int8PackedWeight::shape, "``(N, K)`` of the packed weights.")
       .def_property_readonly("nbytes", &pyserve::Int8PackedWeight::nbytes, "Bytes held by the packed copy.");
@@ -352,7 +354,7 @@ ValueError
     norm arguments without the other; a residual without them; a bad ``eps``.
 )doc");
 
-  m.def("attention_qkv", &pyserve::attention_qkv, py::arg("qkv"), py::arg("heads"), py::arg("mask") = py::none(),
+  m.def("attention_qkv", &pyserve::attention_qkv, py::arg("qkv"), py::arg("heads"), py::arg("mask").none(true),
         py::arg("scale"), py::arg("precision") = "fp32",
         R"doc(Multi-head attention from a fused Q|K|V projection (see pyserve.ops.attention_qkv).
 
@@ -364,9 +366,10 @@ qkv : numpy.ndarray
 heads : int
     Number of heads, >= 1, dividing ``E``.
 mask : numpy.ndarray or None
-    Additive ``[B or 1, S or 1, S]`` float32, C-contiguous (a size-1 dim broadcasts).
+    Additive ``[B or 1, S or 1, S]`` float32, C-contiguous (a size-1 dim broadcasts); required
+    (pass None for no mask).
 scale : float
-    Factor on ``q . k`` before the mask is added (finite).
+    Factor on ``q . k`` before the mask is added (finite in float32).
 precision : str
     ``"fp32"`` (default) or ``"bf16"``: bfloat16 products summed in fp32 where
     ``attention_qkv_bf16(head_size)``, else fp32 (see pyserve.ops.attention_qkv).

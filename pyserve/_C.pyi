@@ -47,9 +47,10 @@ class Int8PackedWeight:
     """
     int8 weights packed once for int8_linear (see pyserve.ops.pack_int8_weight).
     
-    An immutable copy in the layout of the register-blocked AVX2 micro-kernel (csrc/quant/int8_kernel.h):
-    ``w + 128`` as uint8 in blocks of 16 channels x 4 k, and W transposed per block for the residual
-    corrections, about 2 x N x K bytes. Created by ``pack_int8_weight``; not constructible from Python.
+    An immutable copy in the layout of the register-blocked micro-kernels (AVX2 and AVX-512 VNNI;
+    csrc/quant/int8_kernel.h): ``w + 128`` as uint8 in blocks of 16 channels x 4 k, padded to whole
+    blocks: ``16 ceil(N / 16) * 4 ceil(K / 4)`` bytes (about N x K). Created by ``pack_int8_weight``;
+    not constructible from Python.
     """
     @property
     def nbytes(self) -> int:
@@ -61,7 +62,7 @@ class Int8PackedWeight:
         """
         ``(N, K)`` of the packed weights.
         """
-def attention_qkv(qkv: numpy.ndarray, heads: typing.SupportsInt | typing.SupportsIndex, mask: numpy.ndarray | None = None, scale: typing.SupportsFloat | typing.SupportsIndex, precision: str = 'fp32') -> numpy.ndarray:
+def attention_qkv(qkv: numpy.ndarray, heads: typing.SupportsInt | typing.SupportsIndex, mask: numpy.ndarray | None, scale: typing.SupportsFloat | typing.SupportsIndex, precision: str = 'fp32') -> numpy.ndarray:
     """
     Multi-head attention from a fused Q|K|V projection (see pyserve.ops.attention_qkv).
     
@@ -73,9 +74,10 @@ def attention_qkv(qkv: numpy.ndarray, heads: typing.SupportsInt | typing.Support
     heads : int
         Number of heads, >= 1, dividing ``E``.
     mask : numpy.ndarray or None
-        Additive ``[B or 1, S or 1, S]`` float32, C-contiguous (a size-1 dim broadcasts).
+        Additive ``[B or 1, S or 1, S]`` float32, C-contiguous (a size-1 dim broadcasts); required
+        (pass None for no mask).
     scale : float
-        Factor on ``q . k`` before the mask is added (finite).
+        Factor on ``q . k`` before the mask is added (finite in float32).
     precision : str
         ``"fp32"`` (default) or ``"bf16"``: bfloat16 products summed in fp32 where
         ``attention_qkv_bf16(head_size)``, else fp32 (see pyserve.ops.attention_qkv).
@@ -161,7 +163,8 @@ def cpu_kernels() -> dict[str, bool]:
     dict
         ``{"avx2": bool, "avx512_vnni": bool, "avx512_bf16": bool}``: compiled in, supported by this
         CPU and not turned off by the environment variables ``PYSERVE_DISABLE_AVX2`` (all off) or
-        ``PYSERVE_DISABLE_AVX512`` (both AVX-512 paths off), read once, at the first kernel call.
+        ``PYSERVE_DISABLE_AVX512`` (both AVX-512 paths off), each read once per path and process: set
+        them before the process starts.
     """
 def csr_linear(x: typing.Any, indptr: typing.Any, indices: typing.Any, values: typing.Any, bias: typing.Any = None, out: typing.Any = None, force_portable: bool = False, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> typing.Any:
     """

@@ -174,6 +174,18 @@ def test_served_with_bf16_attention(tiny_int8, tmp_path, monkeypatch):
     monkeypatch.setenv("PYSERVE_ATTENTION", "fp16")
     with pytest.raises(ValueError, match=r"PYSERVE_ATTENTION\): expected one of \('fp32', 'bf16'\), got 'fp16'"):
         PyserveBackend(out)
+    # what runs is reported (and logged when a version loads); an empty variable means unset
+    import asyncio
+
+    for env, expected in (("bf16", "bf16" if all(ops.attention_qkv_bf16(d) for d in head_sizes) else None),
+                          ("", "fp32")):
+        monkeypatch.setenv("PYSERVE_ATTENTION", env)
+        backend = PyserveBackend(out)
+        asyncio.run(backend.load())
+        if expected is None:
+            assert backend.attention.startswith("fp32 (bf16 asked"), backend.attention
+        else:
+            assert backend.attention == expected
 
 
 SENTENCES = ["A man is playing a guitar on the stage.", "The cat sleeps.",

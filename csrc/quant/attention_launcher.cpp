@@ -28,7 +28,8 @@ py::array attention_qkv(const py::array& qkv, int64_t heads, const std::optional
   PYSERVE_CHECK_ARG(C % (3 * heads) == 0 && C > 0, kOp, "qkv",
                     "expected a last dim of 3 * heads * head_size (Q, K, V side by side) with heads = ", heads,
                     ", got shape ", shape_text(qkv));
-  PYSERVE_CHECK_ARG(std::isfinite(scale), kOp, "scale", "expected a finite number, got ", scale);
+  PYSERVE_CHECK_ARG(std::isfinite(scale) && std::isfinite(static_cast<float>(scale)), kOp, "scale",
+                    "expected a finite number in float32 range, got ", scale);
   const int64_t D = C / (3 * heads), E = heads * D;
   const float* mp = nullptr;
   int64_t mb = 0, mq = 0;

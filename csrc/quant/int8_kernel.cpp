@@ -404,8 +404,11 @@ void add_layer_norm_row_portable(float* y, const float* r, const float* g, const
   double sq = 0.0;
   for (int64_t n = 0; n < N; ++n) sq += (y[n] - mean) * (y[n] - mean);
   const float rstd = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(N) + static_cast<double>(eps)));
-  const float shift = static_cast<float>(-mean) * rstd;
-  for (int64_t n = 0; n < N; ++n) y[n] = (y[n] * rstd + shift) * g[n] + b[n];
+  // (y - mean) * rstd, as torch: y * rstd - mean * rstd cancelled badly on (near-)constant rows,
+  // where rstd is about 1 / sqrt(eps) (1e6 at BERT's 1e-12): a constant row of 0.3 gave 0.0119
+  // instead of 0 on the AVX2 path (its FMA kept y * rstd exact against a rounded mean * rstd).
+  const float meanf = static_cast<float>(mean);
+  for (int64_t n = 0; n < N; ++n) y[n] = (y[n] - meanf) * rstd * g[n] + b[n];
 }
 
 #if PYSERVE_AVX2
@@ -445,13 +448,13 @@ __attribute__((target("avx2,fma"))) void add_layer_norm_row_avx2(float* y, const
   double sq = hsum_pd(_mm256_add_pd(s0, s1));
   for (int64_t t = n; t < N; ++t) sq += (y[t] - mean) * (y[t] - mean);
   const float rstd = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(N) + static_cast<double>(eps)));
-  const float shift = static_cast<float>(-mean) * rstd;
-  const __m256 vr = _mm256_set1_ps(rstd), vs = _mm256_set1_ps(shift);
+  const float meanf = static_cast<float>(mean);  // (y - mean) * rstd: see add_layer_norm_row_portable
+  const __m256 vr = _mm256_set1_ps(rstd), vmf = _mm256_set1_ps(meanf);
   for (n = 0; n + 8 <= N; n += 8) {
-    const __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(y + n), vr, vs);
+    const __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(y + n), vmf), vr);
     _mm256_storeu_ps(y + n, _mm256_fmadd_ps(v, _mm256_loadu_ps(g + n), _mm256_loadu_ps(b + n)));
   }
-  for (int64_t t = n; t < N; ++t) y[t] = (y[t] * rstd + shift) * g[t] + b[t];
+  for (int64_t t = n; t < N; ++t) y[t] = (y[t] - meanf) * rstd * g[t] + b[t];
 }
 #endif
 

@@ -107,7 +107,8 @@ void gelu_erf_inplace(float* y, int64_t n);
 
 // y[i] = LayerNorm(y[i] + residual[i]) * g + b for each of `rows` rows of N (Ba, Kiros & Hinton
 // 2016; BERT's "add & norm"): mean and biased variance of the row (two passes, accumulated in
-// double), rstd = 1 / sqrt(var + eps), y = (y rstd - mean rstd) g + b. residual may be null (no
+// double), rstd = 1 / sqrt(var + eps), y = (y - mean) rstd g + b (a constant row gives b exactly,
+// as in torch, whatever eps). residual may be null (no
 // add). Within float rounding of torch's layer_norm(y + residual), not bit-identical (its own
 // reduction order). OpenMP over rows for large inputs. Used as the epilogue of int8_linear_packed.
 void add_layer_norm_inplace(float* y, const float* residual, const float* g, const float* b, int64_t rows, int64_t N,

@@ -164,7 +164,8 @@ py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, cons
     }
     g_ptr = static_cast<const float*>(norm_weight->data());
     b_ptr = static_cast<const float*>(norm_bias->data());
-    PYSERVE_CHECK_ARG(std::isfinite(eps) && eps >= 0, kLinearOp, "eps", "expected a finite number >= 0, got ", eps);
+    PYSERVE_CHECK_ARG(std::isfinite(eps) && eps >= 0 && std::isfinite(static_cast<float>(eps)), kLinearOp, "eps",
+                      "expected a finite number >= 0 in float32 range, got ", eps);
   }
   if (residual) {
     check_array<float>(*residual, kLinearOp, "residual", 2, "float32");

@@ -65,7 +65,7 @@ class PyserveBackend:
         if self._inputs not in INPUT_MODES:
             raise ValueError(f"pyserve backend: argument 'inputs' (or PYSERVE_INPUTS): expected one of {INPUT_MODES}, "
                              f"got {self._inputs!r}")
-        self._attention = attention or os.environ.get("PYSERVE_ATTENTION", "fp32")
+        self._attention = attention or os.environ.get("PYSERVE_ATTENTION") or "fp32"  # empty: unset
         if self._attention not in ATTENTION_PRECISIONS:
             raise ValueError(f"pyserve backend: argument 'attention' (or PYSERVE_ATTENTION): expected one of "
                              f"{ATTENTION_PRECISIONS}, got {self._attention!r}")
@@ -80,6 +80,9 @@ class PyserveBackend:
         self.kernel_choices: dict[str, str] = {}
         #: what runs the graph, set by load(): "plan" (straight-line NumPy plan) or "graph" (the GraphModule)
         self.graph_executor: str | None = None
+        #: the native attention's precision as it runs, set by load() for graphs that have one: "fp32",
+        #: "bf16", or "fp32 (bf16 asked; ...)" on a CPU without AVX-512 BF16; None without attention
+        self.attention: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -93,8 +96,9 @@ class PyserveBackend:
 
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
-        module, signature, choices = await loop.run_in_executor(
+        module, signature, choices, attention = await loop.run_in_executor(
             self._executor, functools.partial(_load, self._path, self._kernels, self._inputs, self._attention))
+        self.attention = attention
         plan = None
         if self._graph_mode == "auto" and getattr(module, "text", None) is None:
             plan = await loop.run_in_executor(self._executor, _plan_for, module, signature)
@@ -129,7 +133,7 @@ _LOAD_LOCK = threading.Lock()
 
 def _load(path: Path, kernels: str = "auto", inputs: str = "auto", attention: str = "fp32"):
     from pyserve.artifact import load_artifact
-    from pyserve.artifact.kernels import native_module
+    from pyserve.artifact.kernels import _attention_qkv, native_module
 
     with _LOAD_LOCK:
         art = load_artifact(path)
@@ -137,6 +141,14 @@ def _load(path: Path, kernels: str = "auto", inputs: str = "auto", attention: st
         raise ValueError(f"{path}: PYSERVE_INPUTS=text, but the artifact holds no tokenizer (it takes "
                          f"{', '.join(s.name for s in art.manifest.inputs)})")
     module, choices = native_module(art, kernels=kernels, attention=attention)
+    heads = [n.args[3] for n in module.graph.nodes if n.op == "call_function" and n.target is _attention_qkv]
+    running = None
+    if heads:
+        from pyserve.ops import attention_qkv_bf16
+
+        running = attention
+        if attention == "bf16" and not all(attention_qkv_bf16(d) for d in heads):
+            running = "fp32 (bf16 asked; this CPU has no AVX-512 BF16 kernel for these heads)"
     skip_export_input_checks(module)  # the data plane checked names, datatypes and shapes already
     m = art.manifest
 
@@ -145,8 +157,8 @@ def _load(path: Path, kernels: str = "auto", inputs: str = "auto", attention: st
 
     if art.text is not None and inputs != "token_ids":
         module = art.text_module()  # wraps art.module, already on the native kernels
-        return module, ModelSignature(inputs=specs([m.text_input]), outputs=specs(m.outputs)), choices
-    return module, ModelSignature(inputs=specs(m.inputs), outputs=specs(m.outputs)), choices
+        return module, ModelSignature(inputs=specs([m.text_input]), outputs=specs(m.outputs)), choices, running
+    return module, ModelSignature(inputs=specs(m.inputs), outputs=specs(m.outputs)), choices, running
 
 
 def _plan_for(module, signature: ModelSignature):

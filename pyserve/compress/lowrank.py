@@ -148,6 +148,9 @@ def _selected_convs(model: nn.Module, cfg: LowRankConfig) -> dict[str, nn.Conv2d
                            cfg.include, cfg.exclude)
     if not convs:
         raise ValueError("conv, include/exclude: no Conv2d layer of the model is selected")
+    if "" in convs:
+        raise ValueError("conv: the model is a single nn.Conv2d: depthwise-separable replaces a layer by two "
+                         "inside a model; wrap it (torch.nn.Sequential(layer))")
     for n, m in convs.items():
         if m.groups != 1:
             raise ValueError(f"conv: layer {n!r} has groups={m.groups}; depthwise-separable replaces only "
@@ -160,6 +163,9 @@ def _selected(model: nn.Module, cfg: LowRankConfig) -> dict[str, nn.Linear]:
                              cfg.include, cfg.exclude)
     if not linears:
         raise ValueError("include/exclude: no Linear layer of the model is selected")
+    if "" in linears:
+        raise ValueError("the model is a single nn.Linear: lowrank replaces a layer by two inside a model; wrap "
+                         "it (torch.nn.Sequential(layer)) or use another method")
     if cfg.rank is not None:
         for n, m in linears.items():
             if cfg.rank > min(m.weight.shape):

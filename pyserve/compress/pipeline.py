@@ -220,26 +220,44 @@ def prepare_model(recipe: Recipe, task: Task, *, verbose: bool = True,
     if recipe.model.export is not None:
         return model  # trained already; torch.export graphs run as captured (no eval() switch)
     ckpt = recipe.resolve(recipe.model.checkpoint) if recipe.model.checkpoint else None
+    if ckpt is not None and ckpt.exists() and not ckpt.is_file():
+        raise RecipeError(f"model.checkpoint: {ckpt} is a directory (or not a regular file), not a state_dict file")
     if ckpt is not None and ckpt.is_file():
         _log(f"pyserve compress: reusing checkpoint {ckpt}", verbose)
         try:
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as exc:  # torch raises several types for a bad file
-            # torch's own message suggests weights_only=False, which pyserve never does: keep its first line.
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            # torch's own message suggests weights_only=False, which pyserve never does: keep its
+            # unpickler's reason when it gives one ("WeightsUnpickler error: <reason>"), else its first
+            # line, and nothing of that advice.
+            text = str(exc).strip()
+            reason = text.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in text else ""
+            reason = (reason.splitlines() or [""])[0].strip() if reason else (text.splitlines() or [""])[0]
+            if "weights_only" in reason:
+                reason = "not a file torch.load can read as tensors only"
             raise RecipeError(f"model.checkpoint: {ckpt} is not a state_dict of this model "
-                              f"({type(exc).__name__}: {first[:200]})") from None
+                              f"({type(exc).__name__}: {reason[:200]})") from None
         return model.eval()
     if ckpt is not None:  # say so: a mistyped path would otherwise retrain without a word
+        try:  # and fail now, not after the training, if it cannot be saved there
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RecipeError(f"model.checkpoint: cannot create {ckpt.parent} to save the trained model in: "
+                              f"{exc.strerror or exc}") from None
+        if not os.access(ckpt.parent, os.W_OK):
+            raise RecipeError(f"model.checkpoint: {ckpt.parent} is not writable (the trained model is saved there)")
         _log(f"pyserve compress: no checkpoint at {ckpt}: training {recipe.name} from scratch for "
              f"{recipe.train.epochs} epochs, then saving it there", verbose)
     else:
         _log(f"pyserve compress: training {recipe.name} for {recipe.train.epochs} epochs", verbose)
     fit(model, task, recipe.train.epochs, desc="train")
     if ckpt is not None:
-        with atomic_output(ckpt) as tmp:
-            torch.save(model.state_dict(), tmp)
+        try:
+            with atomic_output(ckpt) as tmp:
+                torch.save(model.state_dict(), tmp)
+        except OSError as exc:  # not the artifact's fault: name the recipe field
+            raise RecipeError(f"model.checkpoint: cannot save {ckpt}: {exc.strerror or exc}") from None
         _log(f"pyserve compress: saved checkpoint {ckpt}", verbose)
     return model.eval()
 

@@ -30,8 +30,9 @@ def cpu_kernels() -> dict[str, bool]:
     FMA; AVX-512 F, BW, VL and VNNI: Intel Xeon from Cascade Lake, AMD from Zen 4; AVX-512 BF16:
     Intel from Cooper Lake, AMD from Zen 4) and the environment does not turn it off:
     ``PYSERVE_DISABLE_AVX512`` (any value) keeps the int8 kernels on AVX2 and the bfloat16
-    attention on fp32, ``PYSERVE_DISABLE_AVX2`` turns all of them off (portable C++). Read once per
-    process, at the first kernel call. The int8 kernels return the same values bit for bit on every
+    attention on fp32, ``PYSERVE_DISABLE_AVX2`` turns all of them off (portable C++). Each path
+    reads them once, the first time it is considered, and keeps its answer for the process: set them
+    before the process starts (changing them later can leave paths disagreeing). The int8 kernels return the same values bit for bit on every
     path; ``attention_qkv(precision="bf16")`` runs bfloat16 products only where ``avx512_bf16``.
     """
     return _C.cpu_kernels()

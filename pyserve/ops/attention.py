@@ -23,7 +23,12 @@ summed in fp32 by ``vdpbf16ps``, which does two multiply-adds per lane
 and instruction (twice the fp32 FMA's); the scale, the mask, the softmax's maximum and sum and the
 final division stay fp32. The scores then carry a relative error of about 2^-8 of
 ``|q| |k|``, the outputs of about 2^-8 of the values (the bfloat16 format: Kalamkar et al. 2019, "A
-Study of BFLOAT16 for Deep Learning Training", section 2). Elsewhere ``"bf16"`` computes in fp32.
+Study of BFLOAT16 for Deep Learning Training", section 2). Two edges of the format: values of
+magnitude above about 3.39e38 round to infinity (inf or NaN outputs where fp32 stays finite), and
+``vdpbf16ps`` flushes subnormal inputs and results to zero (outputs below about 1.2e-38 become 0).
+Elsewhere ``"bf16"`` computes in fp32. In either precision the weighted sum is accumulated before
+the division by the exponentials' sum (as torch's flash-attention kernel does), so values within a
+factor S of the float32 maximum can overflow to inf.
 """
 
 from __future__ import annotations
@@ -65,6 +70,10 @@ def _mask3(mask: Any, B: int, S: int) -> np.ndarray:
             mask = mask[:, :, :1]
         mask = mask[:, 0]
     m = _to_numpy(mask, _OP, "mask", "float32")
+    if m.ndim in (1, 2) and (m.shape[-1] != S or (m.ndim == 2 and m.shape[0] not in (1, B))):
+        raise ValueError(f"{_OP}: argument 'mask': expected a key mask of shape [S] = [{S}] or [B, S] = [{B} or 1, "
+                         f"{S}] (a 2-D mask is one row of key offsets per batch row, not SDPA's [L, S]: pass "
+                         f"[B, S, S] or [B, 1, S, S] for per-query masks), got shape {m.shape}")
     if m.ndim == 4:
         if m.shape[1] != 1:
             raise ValueError(f"{_OP}: argument 'mask': expected one mask for all heads (shape [B, 1, S or 1, S]), "
@@ -90,9 +99,10 @@ def attention_qkv(qkv: Any, heads: int, mask: Any = None, scale: float | None = 
     heads : int
         Number of heads ``H`` >= 1; ``E`` must be a multiple of it (``head_size = E / H``).
     mask : array or tensor, optional
-        Additive float32 mask on the scores, broadcast over heads: ``[S]``, ``[B, S]`` (per key),
-        ``[B, S, S]`` or ``[B, 1, S, S]`` (size-1 dims broadcast; HF transformers' extended mask with
-        the most negative float at excluded keys is the usual one). A query whose every key is
+        Additive float32 mask on the scores, broadcast over heads: ``[S]``, ``[B, S]`` (per key:
+        one row per batch row, unlike SDPA's 2-D ``[L, S]``), ``[B, S, S]`` or ``[B, 1, S, S]``
+        (size-1 dims broadcast; HF transformers' extended mask with the most negative float at
+        excluded keys is the usual one). A query whose every key is
         excluded that way gets the mean of the values, as in torch; with ``-inf`` everywhere, NaN.
     scale : float, optional
         Factor on the scores before the mask; default ``1 / sqrt(head_size)``.

@@ -812,7 +812,8 @@ class ModelRepository:
             for mv in fresh:
                 backend = mv.backend
                 how = ", ".join(f"{k} {v}" for k, v in (("executor", getattr(backend, "graph_executor", None)),
-                                                       ("kernels", _kernel_summary(backend))) if v)
+                                                       ("kernels", _kernel_summary(backend)),
+                                                       ("attention", getattr(backend, "attention", None))) if v)
                 log.info("model %r version %s loaded and warmed up (%s backend%s)", model.name, mv.version,
                          config.backend, f"; {how}" if how else "")
                 if self.on_swap is not None:

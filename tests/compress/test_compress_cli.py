@@ -122,7 +122,7 @@ def test_user_code_and_checkpoint_errors_one_line(tmp_path, model_py, expect):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line, = proc.stderr.strip().splitlines()
     assert expect in line and line.startswith(f"pyserve compress: error: {recipe}")
-    assert "weights_only=False" not in line
+    assert "weights_only" not in line and "Re-running" not in line
 
 
 def test_missing_checkpoint_is_named_before_training_from_scratch(tmp_path):
@@ -147,6 +147,28 @@ def test_missing_checkpoint_is_named_before_training_from_scratch(tmp_path):
     x = torch.from_numpy(mnist().test.images[:5])
     with torch.inference_mode():
         assert pyserve.load(tmp_path / "o.pyserve")(x).shape == (5, 10)
+
+
+@pytest.mark.parametrize("checkpoint,stage,expect", [
+    ("ckdir", "{method: prune, sparsity: 0.5}", "model.checkpoint: {ckdir} is a directory"),
+    ("/proc/nope/x.pt", "{method: prune, sparsity: 0.5}", "model.checkpoint: cannot create /proc/nope"),
+    ("ck.pt", "{method: lowrank, rank: 4}", "the model is a single nn.Linear: lowrank replaces a layer by two"),
+])
+def test_checkpoint_and_stage_problems_refused_before_training(tmp_path, checkpoint, stage, expect):
+    """A checkpoint path that is a directory or cannot be created, and lowrank on a model that is one
+    Linear layer: one recipe error line (exit 2) before the 50 epochs of training, not a write error
+    blamed on -o after them, nor a traceback."""
+    (tmp_path / "model.py").write_text("import torch\ndef Net():\n    return torch.nn.Linear(784, 10)\n")
+    (tmp_path / "ckdir").mkdir()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: x\nmodel: {{factory: model.py:Net, checkpoint: {checkpoint}, inputs: [{{name: x, "
+                      f"shape: [-1, 784]}}], outputs: [{{name: y, shape: [-1, 10]}}]}}\ntrain: {{epochs: 50}}\n"
+                      f"stages: [{stage}]\n")
+    proc = run_cli("compress", str(recipe), "-o", str(tmp_path / "o.pyserve"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"pyserve compress: error: {recipe}") and expect.format(ckdir=tmp_path / "ckdir") in line
+    assert "training" not in proc.stderr and not (tmp_path / "o.pyserve").exists()
 
 
 def test_unwritable_output_refused_before_work(tmp_path):

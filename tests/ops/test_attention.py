@@ -138,6 +138,7 @@ def test_scale_default_is_inverse_sqrt_head_size():
     (lambda x: attention_qkv(x, 2, np.zeros((1, 7), np.int64)), "mask"),
     (lambda x: attention_qkv(x, 2, None, float("nan")), "scale"),
     (lambda x: attention_qkv(x, 2, None, "1"), "scale"),
+    (lambda x: attention_qkv(x, 2, None, 1e39), "scale"),  # finite as a double, inf in float32
     (lambda x: attention_qkv(x, 2, None, None, "fp16"), "precision"),
     (lambda x: attention_qkv(x, 2, None, None, None), "precision"),
 ])
@@ -263,3 +264,25 @@ def test_bf16_turned_off_by_the_environment_computes_fp32():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [False, True]
+
+
+def test_a_2d_mask_is_a_key_mask_and_a_wrong_one_is_named_with_its_own_shape():
+    """[B, S] is one row of key offsets per batch row (documented; unlike SDPA's 2-D [L, S]); a 2-D
+    or 1-D mask of another shape is refused showing the shape given, not an internal reshape."""
+    rng = np.random.default_rng(8)
+    qkv = rng.standard_normal((2, 6, 3 * 2 * 16)).astype(np.float32)
+    km = key_mask(2, 6, rng)
+    np.testing.assert_array_equal(attention_qkv(qkv, 2, km), attention_qkv(qkv, 2, km[:, None, :]))
+    for bad in (np.zeros((6, 6), np.float32), np.zeros((2, 5), np.float32), np.zeros(7, np.float32)):
+        with pytest.raises(ValueError, match=rf"argument 'mask'.*got shape \({bad.shape[0]},"):
+            attention_qkv(qkv, 2, bad)
+
+
+def test_bf16_single_key_gives_the_rounded_values():
+    """S = 1: the softmax weight is exp(0) = 1 exactly, so each output is its value rounded to
+    bfloat16 (where the bfloat16 kernel runs), or the value itself."""
+    rng = np.random.default_rng(10)
+    qkv = rng.standard_normal((3, 1, 3 * 4 * 32)).astype(np.float32)
+    v = qkv[..., 2 * 4 * 32:]
+    got = attention_qkv(qkv, 4, precision="bf16")
+    np.testing.assert_array_equal(got, to_bf16(v).astype(np.float32) if _bf16_runs(32) else v)

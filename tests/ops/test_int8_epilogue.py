@@ -62,6 +62,7 @@ def test_epilogue_threads_do_not_change_the_result():
     ({"norm_weight": np.ones(8, np.float32), "norm_bias": np.ones(8, np.int32)}, "norm_bias"),
     ({"norm_weight": np.ones(8, np.float32), "norm_bias": np.ones(8, np.float32), "eps": float("nan")}, "eps"),
     ({"norm_weight": np.ones(8, np.float32), "norm_bias": np.ones(8, np.float32), "eps": -1.0}, "eps"),
+    ({"norm_weight": np.ones(8, np.float32), "norm_bias": np.ones(8, np.float32), "eps": 1e39}, "eps"),  # inf in float32
 ])
 def test_bad_epilogue_arguments_name_the_argument(kwargs, arg):
     w, sw, bias = _layer(8, 16)
@@ -85,3 +86,45 @@ def test_gelu_epilogue_is_the_same_function_in_full_and_partial_channel_blocks()
     np.testing.assert_array_equal(part, full[:, :37])
     plain = _C.int8_linear_packed(x, _C.pack_int8_weight(w48), s48, b48)
     np.testing.assert_allclose(full, torch.nn.functional.gelu(torch.from_numpy(plain)).numpy(), rtol=0, atol=2e-6)
+
+
+_CONST_ROWS = """
+import sys, numpy as np
+from pyserve import _C
+rng = np.random.default_rng(3)
+w = np.zeros((40, 16), np.int8)  # y = 0 (and bias 0): the normalized row is the residual's
+packed, sw = _C.pack_int8_weight(w), np.full(40, 0.01, np.float32)
+res = np.full((4, 40), 0.3, np.float32)
+res[1] = 1000.0
+res[2, :] = rng.standard_normal(40).astype(np.float32)
+res[3] = -7.25
+g, b = rng.uniform(0.5, 1.5, 40).astype(np.float32), rng.standard_normal(40).astype(np.float32)
+y = _C.int8_linear_packed(rng.standard_normal((4, 16)).astype(np.float32), packed, sw, None, "none", res, g, b, 1e-12)
+np.save(sys.argv[1], y)
+"""
+
+
+@pytest.mark.parametrize("env", [{}, {"PYSERVE_DISABLE_AVX2": "1"}], ids=["simd", "portable"])
+def test_constant_rows_normalize_to_the_bias(tmp_path, env):
+    """A constant row (zero variance; rstd = 1 / sqrt(eps) = 1e6 at BERT's eps) gives exactly norm_bias,
+    as torch's layer_norm does, on the SIMD and the portable path: computing y * rstd - mean * rstd
+    left 0.0119 per element of a row of 0.3 on the AVX2 path. The other rows agree with torch."""
+    import os
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    out = tmp_path / "y.npy"
+    proc = subprocess.run([sys.executable, "-c", _CONST_ROWS, str(out)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    y = np.load(out)
+    rng = np.random.default_rng(3)
+    _ = rng.standard_normal(40)  # the same draws as the script: row 2, then g and b
+    g, b = rng.uniform(0.5, 1.5, 40).astype(np.float32), rng.standard_normal(40).astype(np.float32)
+    for r in (0, 1, 3):
+        np.testing.assert_array_equal(y[r], b)
+    res2 = np.random.default_rng(3).standard_normal(40).astype(np.float32)
+    expected = torch.nn.functional.layer_norm(torch.from_numpy(res2), [40], torch.from_numpy(g), torch.from_numpy(b),
+                                              1e-12).numpy()
+    np.testing.assert_allclose(y[2], expected, rtol=1e-5, atol=1e-5)

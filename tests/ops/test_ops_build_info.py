@@ -100,6 +100,13 @@ def test_public_names():
         assert getattr(ops, name) is not None
 
 
+def test_stub_file_parses():
+    """pyserve/_C.pyi is Python: a default before a required argument in a binding made it a SyntaxError."""
+    import ast
+
+    ast.parse((Path(pyserve.__file__).resolve().parent / "_C.pyi").read_text())
+
+
 def test_stub_file_is_current(tmp_path):
     """pyserve/_C.pyi is generated (CONTRIBUTING.md); fail when it no longer matches the module."""
     pytest.importorskip("pybind11_stubgen")

@@ -88,6 +88,16 @@ def test_student_deeper_than_teacher_is_a_recipe_error(tmp_path):
     assert not (tmp_path / "x.pyserve").exists()
 
 
+def _token_inputs(grpcclient, ids, mask) -> list:
+    """tritonclient InferInputs of the graph's token-id inputs (INT64 ``[B, S]`` each)."""
+    inputs = []
+    for name, t in (("input_ids", ids), ("attention_mask", mask)):
+        x = grpcclient.InferInput(name, list(t.shape), "INT64")
+        x.set_data_from_numpy(t.numpy())
+        inputs.append(x)
+    return inputs
+
+
 def test_served_embeddings_equal_offline(tiny_int8, tmp_path, monkeypatch):
     """tritonclient -> server -> pyserve backend (int8 kernels) gives the offline embeddings:
     bit for bit against the artifact run offline on the same kernels, and within cosine 0.999 /
@@ -121,12 +131,7 @@ def test_served_embeddings_equal_offline(tiny_int8, tmp_path, monkeypatch):
         meta = client.get_model_metadata("minilm")
         assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
             ("input_ids", "INT64", [-1, -1]), ("attention_mask", "INT64", [-1, -1])]
-        inputs = []
-        for name, t in (("input_ids", ids), ("attention_mask", mask)):
-            x = grpcclient.InferInput(name, list(t.shape), "INT64")
-            x.set_data_from_numpy(t.numpy())
-            inputs.append(x)
-        got = client.infer("minilm", inputs).as_numpy("embedding")
+        got = client.infer("minilm", _token_inputs(grpcclient, ids, mask)).as_numpy("embedding")
         client.close()
     np.testing.assert_array_equal(got, expected)
     cos = (got * dense).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(dense, axis=1))
@@ -158,12 +163,7 @@ def test_served_with_bf16_attention(tiny_int8, tmp_path, monkeypatch):
     monkeypatch.setenv("PYSERVE_ATTENTION", "bf16")
     with ServerThread(repo, host="127.0.0.1", grpc_port=0) as srv:
         client = grpcclient.InferenceServerClient(srv.url)
-        inputs = []
-        for name, t in (("input_ids", ids), ("attention_mask", mask)):
-            x = grpcclient.InferInput(name, list(t.shape), "INT64")
-            x.set_data_from_numpy(t.numpy())
-            inputs.append(x)
-        got = client.infer("minilm", inputs).as_numpy("embedding")
+        got = client.infer("minilm", _token_inputs(grpcclient, ids, mask)).as_numpy("embedding")
         client.close()
     np.testing.assert_array_equal(got, expected)
     cos = (got * plain).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(plain, axis=1))

@@ -211,58 +211,6 @@ __attribute__((target("avx2,fma"))) void gemm_block_avx2(const int8_t* xq, const
 }
 #endif
 
-#if PYSERVE_AVX512
-// tile_avx2 with AVX-512 VNNI (256-bit, AVX512VL): vpdpbusd(acc, |w|, x * sign(w)) sums the four
-// products per int32 lane in one op, with no int16 intermediate (tile_avx2 needs three ops).
-#define PYSERVE_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-template <int MB, int NB>
-PYSERVE_VNNI inline void tile_vnni(const int8_t* xq, const float* sx, int64_t b0, int64_t K, const int8_t* wq,
-                                   const float* sw, const float* bias, int64_t N, int64_t n0, float* y) {
-  __m256i acc[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_si256();
-  const int8_t* xr[MB];
-  const int8_t* wr[NB];
-  for (int i = 0; i < MB; ++i) xr[i] = xq + (b0 + i) * K;
-  for (int j = 0; j < NB; ++j) wr[j] = wq + (n0 + j) * K;
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m256i w[NB], u[NB];
-    for (int j = 0; j < NB; ++j) {
-      w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + k));
-      u[j] = _mm256_abs_epi8(w[j]);
-    }
-    for (int i = 0; i < MB; ++i) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[i] + k));
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_dpbusd_epi32(acc[i][j], u[j], _mm256_sign_epi8(xv, w[j]));
-    }
-  }
-  for (int i = 0; i < MB; ++i) {
-    for (int j = 0; j < NB; ++j) {
-      int32_t s = hsum_epi32(acc[i][j]);
-      for (int64_t t = k; t < K; ++t) s += static_cast<int32_t>(xr[i][t]) * static_cast<int32_t>(wr[j][t]);
-      y[(b0 + i) * N + n0 + j] = dequant(s, sx[b0 + i], sw[n0 + j], bias, n0 + j);
-    }
-  }
-}
-
-PYSERVE_VNNI void gemm_block_vnni(const int8_t* xq, const float* sx, int64_t B, int64_t K, const int8_t* wq,
-                                  const float* sw, const float* bias, int64_t N, int64_t n0, int64_t n1, float* y) {
-  // as gemm_block_avx2: 4 rows x 2 channels (fewer live registers per product: no int16 temporary)
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) {
-    int64_t b = 0;
-    for (; b + 4 <= B; b += 4) tile_vnni<4, 2>(xq, sx, b, K, wq, sw, bias, N, n, y);
-    for (; b < B; ++b) tile_vnni<1, 2>(xq, sx, b, K, wq, sw, bias, N, n, y);
-  }
-  for (; n < n1; ++n) {
-    int64_t b = 0;
-    for (; b + 4 <= B; b += 4) tile_vnni<4, 1>(xq, sx, b, K, wq, sw, bias, N, n, y);
-    for (; b < B; ++b) tile_vnni<1, 1>(xq, sx, b, K, wq, sw, bias, N, n, y);
-  }
-}
-#endif
-
 }  // namespace
 
 bool int8_avx2_active() { return cpu_has_avx2_fma(); }
@@ -300,7 +248,6 @@ void int8_gemm(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, con
                const float* bias, int64_t N, float* y) {
   if (B == 0 || N == 0) return;
   const bool avx2 = cpu_has_avx2_fma();
-  const bool vnni = cpu_has_avx512_vnni();
   // Blocks of output channels: a block's weights (block * K bytes) stay in L1/L2 while all B
   // activation rows stream past them.
   constexpr int64_t kBlock = 16;
@@ -308,19 +255,13 @@ void int8_gemm(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, con
 #pragma omp parallel for schedule(static) num_threads(pyserve::num_threads()) if (B * N * K >= kParallelMinMacs)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t n0 = blk * kBlock, n1 = std::min(N, n0 + kBlock);
-#if PYSERVE_AVX512
-    if (vnni) {
-      gemm_block_vnni(xq, x_scale, B, K, wq, w_scale, bias, N, n0, n1, y);
-      continue;
-    }
-#endif
 #if PYSERVE_AVX2
     if (avx2) {
       gemm_block_avx2(xq, x_scale, B, K, wq, w_scale, bias, N, n0, n1, y);
       continue;
     }
 #endif
-    (void)avx2, (void)vnni;
+    (void)avx2;
     gemm_block_portable(xq, x_scale, B, K, wq, w_scale, bias, N, n0, n1, y);
   }
 }

@@ -173,8 +173,7 @@ def int8_linear(x: Any, w_int8: Any, w_scale: Any, bias: Any = None) -> Any:
     subtracted (``csrc/quant/int8_kernel.h`` has the derivation); each row is quantized straight
     into the kernel's split buffer, kept per thread between calls. With AVX-512 VNNI
     (:func:`pyserve.ops.cpu_kernels`): one ``vpdpbusd`` per 64 multiply-adds on the packed layout,
-    rows as given (no split), 8-row x 32-channel tiles; plain weights ``vpdpbusd`` on ``|w|`` and
-    ``x * sign(w)``. Plain weights with ``B >= 16`` are packed into a per-thread scratch buffer for
+    rows as given (no split), 8-row x 32-channel tiles. Plain weights with ``B >= 16`` are packed into a per-thread scratch buffer for
     the call and take the packed kernel (packing costs about one pass over the weights; nothing is
     kept). All paths: OpenMP over blocks of 16 channels, portable C++ fallback, the GIL released,
     and the same output bit for bit.

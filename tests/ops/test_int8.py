@@ -169,7 +169,7 @@ _SUBPROCESS_CHECK = textwrap.dedent(
     "env",
     [{"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "2"}, {"OMP_NUM_THREADS": "2", "PYSERVE_DISABLE_AVX2": "1"},
      {"OMP_NUM_THREADS": "2", "PYSERVE_DISABLE_AVX512": "1"}],
-    ids=["1-thread", "2-threads", "portable", "avx2"],  # avx2: the AVX2 kernel on a CPU with AVX-512 VNNI
+    ids=["1-thread", "2-threads", "portable", "avx2"],  # avx2: the AVX2 packed kernel on a CPU with AVX-512 VNNI
 )
 def test_int8_threads_and_portable_path(env):
     out = subprocess.run(

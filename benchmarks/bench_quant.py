@@ -3,9 +3,11 @@
 int8_linear on BERT-base shapes ([N, K] = [768, 768], [3072, 768], [768, 3072]; B = 1, 8, 64, 128)
 against torch fp32 ``F.linear`` and torch's dynamic int8 Linear (``quantize_dynamic``, fbgemm), with
 the weights packed once (``pack_int8_weight``, as a loaded model runs) and as a plain int8 array (the
-row kernel); the four candidates are timed in interleaved rounds.
+row kernel below 16 rows; from 16 rows ``int8_linear`` packs plain weights for each call); the four
+candidates are timed in interleaved rounds.
 codebook_linear with 4- and 5-bit per-layer codebooks (B = 1, 8) against dense fp32 ``F.linear`` of
-the decoded weights, both "hot" (the same layer again and again, weights resident in the 32 MB L3)
+the decoded weights, both "hot" (the same layer again and again, weights resident in the L3: 32 MB
+on the project's machines)
 and "cold" (cycling through distinct copies of the layer totalling 96 MB of fp32 weights, so each
 call streams its weights from DRAM, as a model larger than the cache does). Every call includes its Python overhead; pyserve gets numpy inputs, torch its
 tensors. Each timing is the median of --repeats runs of a loop sized to ~20 ms; the thread counts
@@ -17,9 +19,11 @@ dense fp32 at B = 1.
         [--int8-shapes bert|minilm] [--peak-gmacs G]
 
 The int8 table also gives each int8 kernel's rate, GMAC/s (B * N * K multiply-adds per call, the
-activation quantization and the Python call included), and with --peak-gmacs G (this CPU's peak for
-the vpmaddubsw + vpmaddwd + vpaddd sequence both kernels use, per thread: benchmarks/native/
-int8_roofline.cpp, "int8 reg") its fraction of the roof, G x threads.
+activation quantization and the Python call included), and with --peak-gmacs G (this CPU's per-thread
+peak for the instruction sequence pyserve's kernels use here, from benchmarks/native/int8_roofline.cpp:
+"int8 reg" for AVX2's vpmaddubsw + vpmaddwd + vpaddd, "int8 vnni" where ``cpu_kernels()`` reports
+avx512_vnni) its fraction of the roof, G x threads. The header line gives build_info() and the
+cpu_kernels() in use.
 """
 
 from __future__ import annotations
@@ -192,7 +196,8 @@ def main() -> None:
     parser.add_argument("--int8-shapes", choices=["bert", "minilm"], default="bert",
                         help="int8 layer shapes: BERT-base (B 1/8/64/128) or all-MiniLM-L6-v2 (B 16/64/128 tokens)")
     parser.add_argument("--peak-gmacs", type=float, default=0.0,
-                        help="per-thread int8 peak, GMAC/s (benchmarks/native/int8_roofline.cpp): adds %% of roof columns")
+                        help="per-thread int8 peak, GMAC/s (benchmarks/native/int8_roofline.cpp: 'int8 reg', or "
+                             "'int8 vnni' on AVX-512 VNNI CPUs): adds %% of roof columns")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global CLOCK
@@ -200,9 +205,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.repeats, args.only, args.int8_shapes)))
         return
-    from pyserve.ops import build_info
+    from pyserve.ops import build_info, cpu_kernels
 
-    print(f"pyserve {build_info()}; os.cpu_count() = {os.cpu_count()}")
+    print(f"pyserve {build_info()}; in use {cpu_kernels()}; os.cpu_count() = {os.cpu_count()}")
     for threads in [int(t) for t in args.threads.split(",")]:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         print(f"\n({args.clock} clock)")

@@ -11,6 +11,8 @@
 //   vnni  (AVX-512 VNNI CPUs only) the VNNI kernel's tile from L1: per 4 k, 2 zmm of packed W, 8
 //         vpbroadcastd of x, 16 vpdpbusd (64 multiply-adds each) into 16 accumulators.
 //   fma   12 independent vfmadd231ps chains (fp32 peak: 16 flop per FMA).
+//   bf16  (AVX-512 BF16 CPUs only) 12 independent vdpbf16ps zmm chains: 32 multiply-adds each, the
+//         rate of the bfloat16 attention kernel's tiles (csrc/quant/attention_kernel.cpp).
 //   GHz   from a chain of 12 dependent vpaddd (1 cycle latency each).
 // Build and run from the repository root:
 //   g++ -O2 benchmarks/native/int8_roofline.cpp -o /tmp/int8_roofline && /tmp/int8_roofline
@@ -151,6 +153,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void int8
   }
 }
 
+#define BF12                                                                                                        \
+  "vdpbf16ps %%zmm20, %%zmm21, %%zmm0\n vdpbf16ps %%zmm20, %%zmm21, %%zmm1\n"                                    \
+  "vdpbf16ps %%zmm20, %%zmm21, %%zmm2\n vdpbf16ps %%zmm20, %%zmm21, %%zmm3\n"                                    \
+  "vdpbf16ps %%zmm20, %%zmm21, %%zmm4\n vdpbf16ps %%zmm20, %%zmm21, %%zmm5\n"                                    \
+  "vdpbf16ps %%zmm20, %%zmm21, %%zmm6\n vdpbf16ps %%zmm20, %%zmm21, %%zmm7\n"                                    \
+  "vdpbf16ps %%zmm20, %%zmm21, %%zmm8\n vdpbf16ps %%zmm20, %%zmm21, %%zmm9\n"                                    \
+  "vdpbf16ps %%zmm20, %%zmm21, %%zmm10\n vdpbf16ps %%zmm20, %%zmm21, %%zmm11\n"
+__attribute__((target("avx512f,avx512bf16"))) static void bf16_dp(long n) {
+  __asm__ volatile(
+      "vpxord %%zmm20, %%zmm20, %%zmm20\n vpxord %%zmm21, %%zmm21, %%zmm21\n"
+      "1:\n" BF12 "dec %0\n jnz 1b\n"
+      : "+r"(n)::CLOBBER, "xmm20", "xmm21");
+}
+
 #define FMA12                                                                                                       \
   "vfmadd231ps %%ymm12, %%ymm13, %%ymm0\n vfmadd231ps %%ymm12, %%ymm13, %%ymm1\n"                                    \
   "vfmadd231ps %%ymm12, %%ymm13, %%ymm2\n vfmadd231ps %%ymm12, %%ymm13, %%ymm3\n"                                    \
@@ -190,4 +206,11 @@ int main() {
     std::printf("int8 vnni: this CPU has no AVX-512 VNNI\n");
   }
   std::printf("fp32 FMA                     %6.1f GFLOP/s %.1f flop/cycle\n", 192 / t_fma / 1e9, 192 / t_fma / 1e9 / ghz);
+  if (__builtin_cpu_supports("avx512bf16")) {
+    const double t_bf = per_iter(bf16_dp, 10000000);  // 12 x 32 multiply-adds
+    std::printf("bf16 vdpbf16ps               %6.1f GMAC/s  (fp32 FMA: %.1f GMAC/s)\n", 384 / t_bf / 1e9,
+                96 / t_fma / 1e9);
+  } else {
+    std::printf("bf16: this CPU has no AVX-512 BF16\n");
+  }
 }

@@ -58,8 +58,9 @@ the ``transpose -> contiguous -> reshape`` of its output (13 nodes per layer) be
 reads the projection's ``[B, S, 3 E]`` output in place and writes ``[B, S, E]``; within float
 rounding of torch's SDPA (MiniLM at sequence 128: 424 -> 410 us per layer for the kernel, against
 SDPA's ~530 us plus ~60 us of the removed nodes, one thread); ``attention="bf16"`` asks for the
-call's bfloat16 products (``precision="bf16"``: 341 -> 234 us per MiniLM layer on a Zen 4 CPU,
-embeddings' cosine to the fp32-attention ones 1 - 1.3e-6 on average). And (``fold_norm=True``) it folds
+call's bfloat16 products (``precision="bf16"``: 341 -> ~200-230 us per MiniLM layer on a Zen 4
+CPU; on an fp32 graph the embeddings move by 1 - cosine ~1.3e-6, on an int8 one by up to ~3e-3, the
+spread the int8 layers' activation rounding gives any change of that size). And (``fold_norm=True``) it folds
 ``layer_norm(h + residual)`` after an int8 layer computing ``h`` into that layer's native call
 (:func:`_fold_add_layer_norm`; BERT's two "add & norm" per block), within float rounding of torch's
 ``add`` and ``layer_norm``. A sentence-transformers mean pooling + L2 normalisation at the graph's

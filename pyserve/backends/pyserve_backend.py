@@ -148,7 +148,8 @@ def _load(path: Path, kernels: str = "auto", inputs: str = "auto", attention: st
 
         running = attention
         if attention == "bf16" and not all(attention_qkv_bf16(d) for d in heads):
-            running = "fp32 (bf16 asked; this CPU has no AVX-512 BF16 kernel for these heads)"
+            running = ("fp32 (bf16 asked; not available here: no AVX-512 BF16 on this CPU, PYSERVE_DISABLE_AVX512 "
+                       "set, or a head size without the kernel)")
     skip_export_input_checks(module)  # the data plane checked names, datatypes and shapes already
     m = art.manifest
 

@@ -28,7 +28,7 @@ def cpu_kernels() -> dict[str, bool]:
 
     A path runs when it is compiled in (:func:`build_info`), the CPU has its instructions (AVX2 and
     FMA; AVX-512 F, BW, VL and VNNI: Intel Xeon from Cascade Lake, AMD from Zen 4; AVX-512 BF16:
-    Intel from Cooper Lake, AMD from Zen 4) and the environment does not turn it off:
+    Intel Cooper Lake and Sapphire Rapids or later (not Ice Lake), AMD from Zen 4) and the environment does not turn it off:
     ``PYSERVE_DISABLE_AVX512`` (any value) keeps the int8 kernels on AVX2 and the bfloat16
     attention on fp32, ``PYSERVE_DISABLE_AVX2`` turns all of them off (portable C++). Each path
     reads them once, the first time it is considered, and keeps its answer for the process: set them

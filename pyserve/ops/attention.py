@@ -71,7 +71,8 @@ def _mask3(mask: Any, B: int, S: int) -> np.ndarray:
         mask = mask[:, 0]
     m = _to_numpy(mask, _OP, "mask", "float32")
     if m.ndim in (1, 2) and (m.shape[-1] != S or (m.ndim == 2 and m.shape[0] not in (1, B))):
-        raise ValueError(f"{_OP}: argument 'mask': expected a key mask of shape [S] = [{S}] or [B, S] = [{B} or 1, "
+        rows = "1" if B == 1 else f"{B} or 1"
+        raise ValueError(f"{_OP}: argument 'mask': expected a key mask of shape [S] = [{S}] or [B, S] = [{rows}, "
                          f"{S}] (a 2-D mask is one row of key offsets per batch row, not SDPA's [L, S]: pass "
                          f"[B, S, S] or [B, 1, S, S] for per-query masks), got shape {m.shape}")
     if m.ndim == 4:

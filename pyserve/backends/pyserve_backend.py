@@ -60,16 +60,22 @@ class PyserveBackend:
                  inputs: str | None = None, graph_executor: str | None = None, attention: str | None = None) -> None:
         self._path = Path(artifact_path)
         self._executor = executor
-        self._kernels = kernels or os.environ.get("PYSERVE_KERNELS", "auto")
-        self._inputs = inputs or os.environ.get("PYSERVE_INPUTS", "auto")
+        # each setting: the argument, else its environment variable; empty means unset
+        from pyserve.artifact.kernels import KERNELS
+
+        self._kernels = kernels or os.environ.get("PYSERVE_KERNELS") or "auto"
+        if self._kernels not in KERNELS:
+            raise ValueError(f"pyserve backend: argument 'kernels' (or PYSERVE_KERNELS): expected one of {KERNELS}, "
+                             f"got {self._kernels!r}")
+        self._inputs = inputs or os.environ.get("PYSERVE_INPUTS") or "auto"
         if self._inputs not in INPUT_MODES:
             raise ValueError(f"pyserve backend: argument 'inputs' (or PYSERVE_INPUTS): expected one of {INPUT_MODES}, "
                              f"got {self._inputs!r}")
-        self._attention = attention or os.environ.get("PYSERVE_ATTENTION") or "fp32"  # empty: unset
+        self._attention = attention or os.environ.get("PYSERVE_ATTENTION") or "fp32"
         if self._attention not in ATTENTION_PRECISIONS:
             raise ValueError(f"pyserve backend: argument 'attention' (or PYSERVE_ATTENTION): expected one of "
                              f"{ATTENTION_PRECISIONS}, got {self._attention!r}")
-        self._graph_mode = graph_executor or os.environ.get("PYSERVE_GRAPH_EXECUTOR", "auto")
+        self._graph_mode = graph_executor or os.environ.get("PYSERVE_GRAPH_EXECUTOR") or "auto"
         if self._graph_mode not in GRAPH_EXECUTORS:
             raise ValueError(f"pyserve backend: argument 'graph_executor' (or PYSERVE_GRAPH_EXECUTOR): expected one "
                              f"of {GRAPH_EXECUTORS}, got {self._graph_mode!r}")

@@ -129,6 +129,9 @@ def attention_qkv(qkv: Any, heads: int, mask: Any = None, scale: float | None = 
     x = _to_numpy(qkv, _OP, "qkv", "float32")
     if x.ndim != 3:
         raise ValueError(f"{_OP}: argument 'qkv': expected [B, S, 3 E] (3 dims), got shape {x.shape}")
+    if x.shape[2] == 0 or x.shape[2] % 3 != 0:
+        raise ValueError(f"{_OP}: argument 'qkv': expected a last dim of 3 * heads * head_size (Q, K and V side by "
+                         f"side), got shape {x.shape}")
     if heads < 1 or x.shape[2] % (3 * heads) != 0:
         raise ValueError(f"{_OP}: argument 'heads': expected >= 1 and 3 * heads dividing qkv.shape[2] = "
                          f"{x.shape[2]}, got {heads}")

@@ -171,6 +171,19 @@ def test_backend_rejects_an_unknown_executor(tmp_path, monkeypatch):
         PyserveBackend(tmp_path / "x.pyserve")
 
 
+def test_backend_settings_empty_means_unset_and_bad_kernels_refused_at_once(tmp_path, monkeypatch):
+    """An empty PYSERVE_* variable is the default (as PYSERVE_ATTENTION); an unknown PYSERVE_KERNELS is
+    refused when the backend is made, naming the variable, not later by native_module at load."""
+    for var in ("PYSERVE_KERNELS", "PYSERVE_INPUTS", "PYSERVE_GRAPH_EXECUTOR", "PYSERVE_ATTENTION"):
+        monkeypatch.setenv(var, "")
+    backend = PyserveBackend(tmp_path / "x.pyserve")
+    assert (backend._kernels, backend._inputs, backend._graph_mode, backend._attention) == ("auto", "auto", "auto",
+                                                                                            "fp32")
+    monkeypatch.setenv("PYSERVE_KERNELS", "fast")
+    with pytest.raises(ValueError, match=r"argument 'kernels' \(or PYSERVE_KERNELS\): expected one of .*'fast'"):
+        PyserveBackend(tmp_path / "x.pyserve")
+
+
 class _Heads(nn.Module):
     """Two outputs, softmax and log_softmax over different dims (the server tests' classifier shape)."""
 

@@ -139,6 +139,7 @@ def test_scale_default_is_inverse_sqrt_head_size():
     (lambda x: attention_qkv(x, 2, None, float("nan")), "scale"),
     (lambda x: attention_qkv(x, 2, None, "1"), "scale"),
     (lambda x: attention_qkv(x, 2, None, 1e39), "scale"),  # finite as a double, inf in float32
+    (lambda x: attention_qkv(x[..., :-1], 1), "qkv"),  # a last dim that is not 3 * heads * head_size
     (lambda x: attention_qkv(x, 2, None, None, "fp16"), "precision"),
     (lambda x: attention_qkv(x, 2, None, None, None), "precision"),
 ])

@@ -83,6 +83,12 @@ inline int64_t int8_pack_wu_bytes(int64_t N, int64_t K) { return int8_pack_npad(
 // Pack w [N, K] int8 (row stride K) into wu (size above). OpenMP over channel blocks.
 void int8_pack(const int8_t* w, int64_t N, int64_t K, uint8_t* wu);
 
+// int8_gemm's y from unpacked w [N, K]: w packed (int8_pack) into the calling thread's buffer, kept
+// between calls up to kInt8ScratchKeepBytes (a fresh one costs its page faults, about as much as the
+// packing), then int8_gemm_packed. Nothing outlives the call but the buffer's bytes.
+void int8_gemm_packing(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const int8_t* w,
+                       const float* w_scale, const float* bias, int64_t N, float* y);
+
 // y[B, N] = dequant(xq[B, K] . w[N, K]^T) + bias from packed weights: equal to int8_gemm's output
 // for the same arguments. OpenMP over blocks of 16 channels; within a block K runs in chunks of
 // 4096 (64 KB of packed weights, resident in L2 while all rows pass), partial sums kept in int32.

@@ -2,7 +2,6 @@
 #include "quant/int8_launcher.h"
 
 #include <cmath>
-#include <memory>
 #include <vector>
 
 #include "common/checks.h"
@@ -95,28 +94,9 @@ py::array int8_linear(const py::array& x, const py::array& w_int8, const py::arr
   const int8_t* wp = static_cast<const int8_t*>(w_int8.data());
   const float* sp = static_cast<const float*>(w_scale.data());
   if (B >= kPackRowsMin) {
-    // Packing the weights for this call (vectorized: ~0.1 ms per 2.4 MB) and running the packed
-    // kernel gives the same y bit for bit, 2-3x faster than the row kernel at such B.
+    // packed for this call, then the packed kernel: the same y bit for bit, 2-3x faster at such B
     return run_linear(x, N, [&](const int8_t* xq, const float* sx, float* yp) {
-      // the calling thread's buffer, kept between calls up to kInt8ScratchKeepBytes (a fresh one
-      // costs its page faults: about as much as the packing)
-      thread_local std::unique_ptr<uint8_t[]> kept;
-      thread_local int64_t kept_bytes = 0;
-      const int64_t bytes = quant::int8_pack_wu_bytes(N, K);
-      std::unique_ptr<uint8_t[]> local;
-      uint8_t* wu;
-      if (bytes <= quant::kInt8ScratchKeepBytes) {
-        if (kept_bytes < bytes) {
-          kept.reset(new uint8_t[static_cast<size_t>(bytes)]);
-          kept_bytes = bytes;
-        }
-        wu = kept.get();
-      } else {
-        local.reset(new uint8_t[static_cast<size_t>(bytes)]);
-        wu = local.get();
-      }
-      quant::int8_pack(wp, N, K, wu);
-      quant::int8_gemm_packed(xq, sx, B, K, wu, sp, bias_ptr, N, yp);
+      quant::int8_gemm_packing(xq, sx, B, K, wp, sp, bias_ptr, N, yp);
     });
   }
   return run_linear(x, N, [&](const int8_t* xq, const float* sx, float* yp) {

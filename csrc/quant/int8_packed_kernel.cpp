@@ -679,6 +679,17 @@ void int8_gemm_packed(const int8_t* xq, const float* x_scale, int64_t B, int64_t
   run_packed(xq, nullptr, false, x_scale, B, K, wu, w_scale, bias, N, y);
 }
 
+void int8_gemm_packing(const int8_t* xq, const float* x_scale, int64_t B, int64_t K, const int8_t* w,
+                       const float* w_scale, const float* bias, int64_t N, float* y) {
+  thread_local std::vector<uint8_t> kept;
+  const int64_t bytes = int8_pack_wu_bytes(N, K);
+  std::vector<uint8_t> local;
+  std::vector<uint8_t>& wu = bytes <= kInt8ScratchKeepBytes ? kept : local;
+  grow(wu, bytes);
+  int8_pack(w, N, K, wu.data());
+  int8_gemm_packed(xq, x_scale, B, K, wu.data(), w_scale, bias, N, y);
+}
+
 bool int8_linear_packed_f32(const float* x, int64_t B, int64_t K, const uint8_t* wu, const float* w_scale,
                             const float* bias, int64_t N, float* y, int64_t* bad_row) {
   const int64_t bad = run_packed(nullptr, x, true, nullptr, B, K, wu, w_scale, bias, N, y);

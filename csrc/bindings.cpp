@@ -33,9 +33,9 @@ dict
 Returns
 -------
 dict
-    ``{"avx2": bool, "avx512_vnni": bool, "avx512_bf16": bool}``: compiled in, supported by this
-    CPU and not turned off by the environment variables ``PYSERVE_DISABLE_AVX2`` (all off) or
-    ``PYSERVE_DISABLE_AVX512`` (both AVX-512 paths off), each read once per path and process: set
+    ``{"avx2": bool, "avx512": bool, "avx512_vnni": bool, "avx512_bf16": bool}``: compiled in,
+    supported by this CPU and not turned off by the environment variables ``PYSERVE_DISABLE_AVX2``
+    (all off) or ``PYSERVE_DISABLE_AVX512`` (the AVX-512 paths off), each read once per path and process: set
     them before the process starts.
 )doc");
 

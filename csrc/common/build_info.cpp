@@ -71,6 +71,7 @@ py::typing::Dict<py::str, py::object> build_info() {
 py::typing::Dict<py::str, bool> cpu_kernels() {
   py::typing::Dict<py::str, bool> paths;
   paths["avx2"] = cpu_has_avx2_fma();
+  paths["avx512"] = cpu_has_avx512();
   paths["avx512_vnni"] = cpu_has_avx512_vnni();
   paths["avx512_bf16"] = cpu_has_avx512_bf16();
   return paths;

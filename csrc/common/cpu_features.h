@@ -19,15 +19,27 @@ inline bool cpu_has_avx2_fma() {
 #endif
 }
 
+// True when the AVX-512 paths are compiled in (PYSERVE_AVX512) and this CPU has AVX-512 F, BW and VL
+// (Intel Skylake-SP and later servers, AMD Zen 4 and later), and the AVX2 paths are on:
+// the fp32 attention's 16-lane kernel. PYSERVE_DISABLE_AVX512 (any value) forces the AVX2 paths.
+inline bool cpu_has_avx512() {
+#if PYSERVE_AVX512
+  static const bool has = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          std::getenv("PYSERVE_DISABLE_AVX512") == nullptr;
+  return has;
+#else
+  return false;
+#endif
+}
+
 // True when the AVX-512 VNNI paths are compiled in (PYSERVE_AVX512) and this CPU runs them:
 // AVX-512 F, BW, VL and VNNI (Intel Cascade Lake and later servers, AMD Zen 4 and later), and the
 // AVX2 paths are on. PYSERVE_DISABLE_AVX512 (any value) forces the AVX2 paths instead;
 // PYSERVE_DISABLE_AVX2 turns off both.
 inline bool cpu_has_avx512_vnni() {
 #if PYSERVE_AVX512
-  static const bool has = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512vnni") && std::getenv("PYSERVE_DISABLE_AVX512") == nullptr;
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
   return has;
 #else
   return false;

@@ -25,6 +25,9 @@ namespace quant {
 // mask[b * mask_b_stride + i * mask_q_stride + j] (strides 0 broadcast), or null. out: [B, S, H D].
 // Runs over (b, h) pairs with pyserve::num_threads() OpenMP threads when the work is large enough.
 // The AVX2 path needs D % 16 == 0 and 16 <= D <= 256 (MiniLM and BERT-base: 32 and 64); else a scalar loop.
+// Where the CPU has AVX-512 F/BW/VL (cpu_has_avx512) that path runs 16 lanes wide, with the same
+// result bit for bit (the same operations in the same order per output; a NaN output's sign bit
+// may differ).
 // bf16: bfloat16 products where attention_qkv_bf16(D) (below), else the fp32 paths.
 void attention_qkv(const float* qkv, int64_t B, int64_t S, int64_t H, int64_t D, const float* mask,
                    int64_t mask_b_stride, int64_t mask_q_stride, float scale, float* out, bool bf16 = false);

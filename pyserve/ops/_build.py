@@ -15,7 +15,7 @@ def build_info() -> dict[str, Any]:
     dict
         ``version`` (str, the package version), ``compiler`` (str, e.g. ``"GNU 12.2.0"``),
         ``avx2`` (bool, AVX2/FMA code paths compiled in), ``avx512_vnni`` (bool, the AVX-512 VNNI
-        int8 paths compiled in), ``avx512_bf16`` (bool, the AVX-512 BF16 attention compiled in),
+        int8 paths and the fp32 attention's AVX-512 kernel compiled in), ``avx512_bf16`` (bool, the AVX-512 BF16 attention compiled in),
         ``openmp`` (bool), ``cuda`` (bool, the CUDA sources were
         compiled), ``cuda_archs`` (list of int SM versions such as ``[75, 80, 90]``; empty without
         CUDA). Which paths this CPU runs: :func:`cpu_kernels`.
@@ -24,16 +24,18 @@ def build_info() -> dict[str, Any]:
 
 
 def cpu_kernels() -> dict[str, bool]:
-    """The CPU code paths this process runs: ``{"avx2": bool, "avx512_vnni": bool, "avx512_bf16": bool}``.
+    """The CPU code paths this process runs: ``{"avx2": bool, "avx512": bool, "avx512_vnni": bool,
+    "avx512_bf16": bool}``.
 
-    A path runs when it is compiled in (:func:`build_info`), the CPU has its instructions (AVX2 and
-    FMA; AVX-512 F, BW, VL and VNNI: Intel Xeon from Cascade Lake, AMD from Zen 4; AVX-512 BF16:
+    A path runs when it is compiled in (:func:`build_info`; ``avx512`` with ``avx512_vnni``), the
+    CPU has its instructions (AVX2 and FMA; AVX-512 F, BW and VL, for the fp32 attention's 16-lane
+    kernel: Intel Xeon from Skylake-SP, AMD from Zen 4; AVX-512 F, BW, VL and VNNI: Intel Xeon from Cascade Lake, AMD from Zen 4; AVX-512 BF16:
     Intel Cooper Lake and Sapphire Rapids or later (not Ice Lake), AMD from Zen 4) and the environment does not turn it off:
-    ``PYSERVE_DISABLE_AVX512`` (any value) keeps the int8 kernels on AVX2 and the bfloat16
-    attention on fp32, ``PYSERVE_DISABLE_AVX2`` turns all of them off (portable C++). Each path
+    ``PYSERVE_DISABLE_AVX512`` (any value) keeps the int8 kernels and the fp32 attention on AVX2 and
+    the bfloat16 attention on fp32, ``PYSERVE_DISABLE_AVX2`` turns all of them off (portable C++). Each path
     reads them once, the first time it is considered, and keeps its answer for the process: set them
-    before the process starts (changing them later can leave paths disagreeing). The int8 kernels return the same values bit for bit on every
-    path; ``attention_qkv(precision="bf16")`` runs bfloat16 products only where ``avx512_bf16``.
+    before the process starts (changing them later can leave paths disagreeing). The int8 kernels and the fp32 attention return the same values bit
+    for bit on every path (the attention's portable loop aside: another exponential); ``attention_qkv(precision="bf16")`` runs bfloat16 products only where ``avx512_bf16``.
     """
     return _C.cpu_kernels()
 

@@ -267,6 +267,51 @@ def test_bf16_turned_off_by_the_environment_computes_fp32():
     assert json.loads(out.stdout) == [False, True]
 
 
+def test_avx512_kernel_equals_the_avx2_kernel_bit_for_bit(tmp_path):
+    """The fp32 attention's AVX-512 kernel (cpu_kernels()["avx512"]) gives what the AVX2 kernel gives
+    (PYSERVE_DISABLE_AVX512), bit for bit (NaN where NaN), over head sizes with and without a 16-column remainder,
+    sequences not a multiple of the tile, key / full / NaN / -inf masks, large scores, 2 threads."""
+    if not ops.cpu_kernels()["avx512"]:
+        pytest.skip("no AVX-512 F/BW/VL on this CPU (or not compiled in)")
+    code = """
+import sys, numpy as np
+from pyserve import ops
+from pyserve.ops import attention_qkv
+ops.set_num_threads(2)
+rng = np.random.default_rng(5)
+outs = []
+for B, S, H, D in [(1, 128, 12, 32), (2, 17, 3, 16), (1, 1, 2, 64), (3, 33, 2, 48), (1, 200, 4, 32),
+                   (2, 16, 1, 256), (1, 31, 2, 80), (1, 9, 2, 112)]:
+    for kind in ("none", "key", "full", "special", "large"):
+        qkv = rng.standard_normal((B, S, 3 * H * D)).astype(np.float32) * (30 if kind == "large" else 1)
+        mask = None
+        if kind == "key":
+            mask = np.where(rng.random((B, S)) < 0.3, np.finfo(np.float32).min, 0).astype(np.float32)
+        elif kind != "none":
+            mask = rng.standard_normal((B, S, S)).astype(np.float32)
+            if kind == "special":
+                mask[0, 0, 0] = np.nan
+                mask[0, -1, :] = -np.inf
+        outs.append(attention_qkv(qkv, H, mask))
+np.savez(sys.argv[1], *outs)
+"""
+    results = []
+    for name, extra in (("wide", {}), ("avx2", {"PYSERVE_DISABLE_AVX512": "1"})):
+        path = tmp_path / f"{name}.npz"
+        out = subprocess.run([sys.executable, "-c", code, str(path)], env={**os.environ, **extra},
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        results.append(np.load(path))
+    wide, avx2 = results
+    assert len(wide.files) == 40
+    for k in wide.files:  # the same bits, NaN for NaN (a NaN's sign and payload are not kept alike)
+        a, b = wide[k], avx2[k]
+        nan = np.isnan(a)
+        assert np.array_equal(nan, np.isnan(b)), k
+        assert np.array_equal(a[~nan].view(np.uint32), b[~nan].view(np.uint32)), k
+    assert np.isnan(wide["arr_3"][0, 0]).all() and np.isnan(wide["arr_3"][0, -1]).all()
+
+
 def test_a_2d_mask_is_a_key_mask_and_a_wrong_one_is_named_with_its_own_shape():
     """[B, S] is one row of key offsets per batch row (documented; unlike SDPA's 2-D [L, S]); a 2-D
     or 1-D mask of another shape is refused showing the shape given, not an internal reshape."""

@@ -47,10 +47,13 @@ def test_cpu_kernels_follow_the_cpu_flags_and_the_build():
     """The paths reported are the CPU's (its /proc/cpuinfo flags) that the build compiled in."""
     flags = _cpu_flags()
     info, paths = build_info(), cpu_kernels()
-    assert set(paths) == {"avx2", "avx512_vnni", "avx512_bf16"} and paths == _C.cpu_kernels()
+    assert set(paths) == {"avx2", "avx512", "avx512_vnni", "avx512_bf16"} and paths == _C.cpu_kernels()
     env = os.environ
     avx2 = info["avx2"] and {"avx2", "fma"} <= flags and "PYSERVE_DISABLE_AVX2" not in env
     assert paths["avx2"] is avx2
+    wide = (avx2 and info["avx512_vnni"] and {"avx512f", "avx512bw", "avx512vl"} <= flags
+            and "PYSERVE_DISABLE_AVX512" not in env)
+    assert paths["avx512"] is wide
     vnni = (avx2 and info["avx512_vnni"] and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags
             and "PYSERVE_DISABLE_AVX512" not in env)
     assert paths["avx512_vnni"] is vnni
@@ -60,8 +63,8 @@ def test_cpu_kernels_follow_the_cpu_flags_and_the_build():
 
 
 @pytest.mark.parametrize("var, expected", [
-    ("PYSERVE_DISABLE_AVX512", {"avx512_vnni": False, "avx512_bf16": False}),
-    ("PYSERVE_DISABLE_AVX2", {"avx2": False, "avx512_vnni": False, "avx512_bf16": False})])
+    ("PYSERVE_DISABLE_AVX512", {"avx512": False, "avx512_vnni": False, "avx512_bf16": False}),
+    ("PYSERVE_DISABLE_AVX2", {"avx2": False, "avx512": False, "avx512_vnni": False, "avx512_bf16": False})])
 def test_cpu_kernels_turned_off_by_the_environment(var, expected):
     env = {**os.environ, var: "1"}
     out = subprocess.run([sys.executable, "-c", "import json; from pyserve.ops import cpu_kernels; "

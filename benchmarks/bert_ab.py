@@ -1,14 +1,14 @@
 """Interleaved A/B of all-MiniLM-L6-v2 engines at one shape: the fp32 teacher against pyserve artifacts.
 
     python benchmarks/bert_ab.py --distilled distill.pyserve [--int8 int8.pyserve] [--batch 1 --seq 128]
-        [--threads 1] [--rounds 30] [--calls 3] [--kernels auto|int8] [--baseline] [--ort] [--bf16-attention]
+        [--threads 1] [--rounds 30] [--calls 3] [--kernels auto|int8] [--baseline] [--graph] [--ort] [--bf16-attention]
 
 Issue 7's goal "distilled 3 layers + int8 >= 4x faster than the fp32 teacher" (batch 1, sequence 128,
 one thread) on a shared machine: ``benchmarks/bert_cpu.py`` times each engine in its own block of
 calls, so a burst of other load lands on one engine and not the other. Here every round calls each
 engine ``--calls`` times in turn (torch fp32 = the teacher in eager mode under ``inference_mode``,
-the ``examples/minilm`` model; pyserve artifacts loaded as the ``pyserve`` backend loads them,
-``native_module``), and each call is timed twice: thread CPU time (``time.thread_time``: what the
+the ``examples/minilm`` model; pyserve artifacts loaded and run as the ``pyserve`` backend does:
+``native_module``, then the graph's straight-line plan, ``bert_cpu.served``), and each call is timed twice: thread CPU time (``time.thread_time``: what the
 call cost this thread, robust to being descheduled; with more than one thread it misses the other
 threads' work, so it is printed for 1 thread only) and wall time. Printed per engine: least and
 median per call, and the teacher's time over the engine's (the speed-up) from both, plus the load
@@ -19,6 +19,9 @@ fold_norm=False, pool=False, mask=False)``: the graph rewrites of before the nat
 LayerNorm epilogue, the pooling node and the additive-mask node (torch's SDPA with its head views and
 copies, torch's add and layer_norm, the exported pooling and mask ops), timed in the same rounds: an A/B
 of those rewrites on the same int8 kernels.
+
+``--graph`` adds, for each artifact, the same ``native_module`` graph called as a ``GraphModule``
+(the backend's ``PYSERVE_GRAPH_EXECUTOR=graph``): an A/B of the plan against the graph.
 
 ``--bf16-attention`` adds, for each artifact, the same artifact with the attention's products in
 bfloat16 (``native_module(attention="bf16")``; fp32 on CPUs without AVX-512 BF16).
@@ -63,6 +66,7 @@ def main(argv=None) -> int:
                     help="also time each artifact without the native attention and add & LayerNorm epilogue")
     ap.add_argument("--bf16-attention", action="store_true",
                     help="also time each artifact with the attention's products in bfloat16")
+    ap.add_argument("--graph", action="store_true", help="also time each artifact's graph without the plan")
     ap.add_argument("--ort", action="store_true", help="also time onnxruntime int8 (quantize_dynamic) in the rounds")
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-minilm",
                     help="where the ONNX files are (made when missing; with --ort)")
@@ -87,15 +91,22 @@ def main(argv=None) -> int:
     ex = _example()
     tok = ex.tokenizer()
     teacher = ex.MiniLM().eval()
+    spec = importlib.util.spec_from_file_location("_bert_cpu", ROOT / "benchmarks" / "bert_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     engines = {"torch fp32 (teacher)": teacher}
     kernels = {}
     for name, path in (("pyserve int8", args.int8), ("pyserve distill3+int8", args.distilled)):
         if path is not None:
-            engines[name], choices = native_module(artifact.load_artifact(path), kernels=args.kernels)
+            module, choices = native_module(artifact.load_artifact(path), kernels=args.kernels)
+            engines[name], executor = bench.served(module)
             kernels[name] = {k: sum(1 for v in choices.values() if v == k) for k in sorted(set(choices.values()))}
+            kernels[name]["executor"] = executor
+            if args.graph:
+                engines[f"{name} (graph)"] = module
             if args.bf16_attention:
-                engines[f"{name} bf16-attn"], _ = native_module(artifact.load_artifact(path), kernels=args.kernels,
-                                                                attention="bf16")
+                engines[f"{name} bf16-attn"], _ = bench.served(native_module(
+                    artifact.load_artifact(path), kernels=args.kernels, attention="bf16")[0])
             if args.baseline:
                 engines[f"{name} (main's rewrites)"], _ = native_module(
                     artifact.load_artifact(path), kernels=args.kernels, attention=False, fold_norm=False, pool=False,
@@ -104,9 +115,6 @@ def main(argv=None) -> int:
     if args.ort:
         import onnxruntime as ort
 
-        spec = importlib.util.spec_from_file_location("_bert_cpu", ROOT / "benchmarks" / "bert_cpu.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
         args.workdir.mkdir(parents=True, exist_ok=True)
         _, onnx_int8 = bench.onnx_models(args.workdir, ex.MiniLM(), tok)
         so = ort.SessionOptions()

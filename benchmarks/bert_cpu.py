@@ -9,8 +9,9 @@ Engines, all on the same token ids (real sentences padded/truncated to S tokens)
 * ``torch dyn int8``: ``torch.ao.quantization.quantize_dynamic`` of every nn.Linear (fbgemm);
 * ``ort fp32``: ``torch.onnx.export`` (dynamic batch and sequence) run by onnxruntime;
 * ``ort int8``: onnxruntime's own ``quantize_dynamic`` (QInt8 weights) of that file;
-* ``pyserve int8``: the artifact of ``examples/minilm/int8.yaml`` loaded the way the ``pyserve``
-  backend loads it (per-layer kernel choice measured at load);
+* ``pyserve int8``: the artifact of ``examples/minilm/int8.yaml`` loaded and run the way the
+  ``pyserve`` backend does (per-layer kernel choice measured at load; the graph run as a
+  straight-line plan of native calls on NumPy arrays, ``pyserve.artifact.plan``);
 * ``pyserve distill3+int8``: the artifact of ``examples/minilm/distill.yaml`` (3 layers + int8);
 * ``pyserve int8 bf16-attn``, ``pyserve distill3+int8 bf16-attn``: the same artifacts with the
   attention's products in bfloat16 (``native_module(attention="bf16")``, the backend's
@@ -87,6 +88,25 @@ ENGINES = ("torch fp32", "torch dyn int8", "ort fp32", "ort int8", "pyserve int8
 DEFAULT_ENGINES = ENGINES[:-1]
 
 
+def served(module):
+    """``(fn(ids, mask) -> tensor, executor)``: a ``native_module`` graph the way the ``pyserve``
+    backend runs it: its straight-line plan (``pyserve.artifact.plan.compile_plan``, checked against
+    the graph on a sample of ones, as the backend does at load) where one compiles, else the graph."""
+    import torch
+
+    from pyserve.artifact.plan import compile_plan
+
+    ones = np.ones((2, 2), np.int64)
+    plan = compile_plan(module, (ones, ones))
+    if plan is None:
+        return module, "graph"
+
+    def run(ids, mask):
+        return torch.from_numpy(plan(ids.numpy(), mask.numpy())[0])
+
+    return run, "plan"
+
+
 def onnx_models(workdir: Path, model, tok) -> tuple[Path, Path]:
     """``(fp32, int8)`` ONNX files of ``model`` in ``workdir`` (made when missing): ``torch.onnx.export``
     (opset 17, dynamic batch and sequence) and onnxruntime's own ``quantize_dynamic`` (QInt8 weights)."""
@@ -142,7 +162,9 @@ def main(argv=None) -> int:
     tok = ex.tokenizer()
     model = ex.MiniLM()
 
-    onnx_fp32, onnx_int8 = onnx_models(args.workdir, model, tok)
+    # the ONNX files are exported (and quantized) only when an onnxruntime engine runs
+    onnx_fp32, onnx_int8 = (onnx_models(args.workdir, model, tok) if {"ort fp32", "ort int8"} & set(args.engines)
+                            else (None, None))
 
     def torch_size(m) -> int:
         buf = io.BytesIO()
@@ -164,10 +186,10 @@ def main(argv=None) -> int:
 
     def pyserve_engine(path: Path, fuse: bool = True, attention: str = "fp32"):
         module, choices = native_module(artifact.load_artifact(path), fuse=fuse, attention=attention)
-        return module, choices
+        return served(module)[0], choices
 
     sizes = {"torch fp32": torch_size(model), "torch dyn int8": torch_size(dyn),
-             "ort fp32": onnx_fp32.stat().st_size, "ort int8": onnx_int8.stat().st_size}
+             **({"ort fp32": onnx_fp32.stat().st_size, "ort int8": onnx_int8.stat().st_size} if onnx_fp32 else {})}
     sizes.update({name: p.stat().st_size for name, p in (
         ("pyserve int8", int8_path), ("pyserve int8 bf16-attn", int8_path), ("pyserve int8 unfused", int8_path),
         ("pyserve distill3+int8", distilled_path), ("pyserve distill3+int8 bf16-attn", distilled_path))
@@ -181,8 +203,9 @@ def main(argv=None) -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         ops.set_num_threads(threads)
-        engines = {"torch fp32": model, "torch dyn int8": dyn,
-                   "ort fp32": ort_engine(onnx_fp32, threads), "ort int8": ort_engine(onnx_int8, threads)}
+        engines = {"torch fp32": model, "torch dyn int8": dyn}
+        if onnx_fp32 is not None:
+            engines.update({"ort fp32": ort_engine(onnx_fp32, threads), "ort int8": ort_engine(onnx_int8, threads)})
         engines = {k: v for k, v in engines.items() if k in args.engines}
         for name, path, fuse, attention in (
                 ("pyserve int8", int8_path, True, "fp32"), ("pyserve int8 bf16-attn", int8_path, True, "bf16"),

@@ -188,6 +188,42 @@ def test_served_with_bf16_attention(tiny_int8, tmp_path, monkeypatch):
             assert backend.attention == expected
 
 
+def test_served_by_the_straight_line_plan(tiny_int8):
+    """The pyserve backend runs the int8 MiniLM graph as a straight-line plan (token ids or sentences
+    in): embeddings equal to the GraphModule's bit for bit on padded real sentences, with fp32 and
+    with bf16 attention; a token id outside the vocabulary (or negative) fails its own request,
+    naming the table, while the request beside it is answered."""
+    import asyncio
+
+    from pyserve.backends.pyserve_backend import PyserveBackend
+    from pyserve.compress._sentence import SentenceTask
+
+    _, out = tiny_int8
+    ids, mask = SentenceTask(_model_module().tokenizer(), max_length=32, transfer=4).encode(SENTENCES[:4])
+    assert (mask == 0).any()  # padded rows
+    for attention in ("fp32", "bf16"):
+        graph, _ = native_module(artifact.load_artifact(out), kernels="int8", attention=attention)
+        with torch.inference_mode():
+            expected = graph(ids, mask).numpy()
+        tokens = PyserveBackend(out, kernels="int8", inputs="token_ids", attention=attention)
+        asyncio.run(tokens.load())
+        assert tokens.graph_executor == "plan"
+        good = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        vocab = graph.encoder.embeddings.word_embeddings.weight.shape[0]
+        for bad_id in (vocab, -1):
+            bad = dict(good, input_ids=np.where(mask.numpy() > 0, bad_id, 0))
+            res_good, res_bad = tokens.infer_sync([good, bad])
+            np.testing.assert_array_equal(res_good["embedding"], expected)
+            assert isinstance(res_bad, IndexError) and f"table of {vocab} rows" in str(res_bad)
+        text = PyserveBackend(out, kernels="int8", attention=attention)
+        asyncio.run(text.load())
+        assert text.graph_executor == "plan"
+        with torch.inference_mode():
+            sentences = graph(*text._module.token_inputs(SENTENCES[:4])).numpy()
+        (res,) = text.infer_sync([{"text": np.array([s.encode() for s in SENTENCES[:4]], dtype=object)}])
+        np.testing.assert_array_equal(res["embedding"], sentences)
+
+
 SENTENCES = ["A man is playing a guitar on the stage.", "The cat sleeps.",
              "Interest rates were raised by the central bank.", "Un café, s'il vous plaît — über naïve 東京 🙂",
              " ".join(["very"] * 80) + " long sentence that the tokenizer truncates.", ""]

@@ -626,16 +626,20 @@ def _mean_pool_normalize(h, mask, eps_count: float, eps_norm: float):
     if (type(h) is torch.Tensor and type(mask) is torch.Tensor and h.dtype == torch.float32 and h.dim() == 3
             and mask.dim() == 2 and not h.is_cuda and not mask.is_cuda and not h.requires_grad
             and tuple(mask.shape) == tuple(h.shape[:2])):
-        hn = h.numpy()
-        f = mask.numpy().astype(np.float32)
-        d = np.matmul(f[:, None, :], hn)[:, 0]
-        d /= np.maximum(f.sum(1, keepdims=True), np.float32(eps_count))
-        norm = np.sqrt(np.einsum("be,be->b", d, d, dtype=np.float32))[:, None]
-        d /= np.maximum(norm, np.float32(eps_norm))
-        return torch.from_numpy(d)
+        return torch.from_numpy(_mean_pool_normalize_np(h.numpy(), mask.numpy(), eps_count, eps_norm))
     f = mask.unsqueeze(-1).to(h.dtype)
     d = (h * f).sum(1) / f.sum(1).clamp_min(eps_count)
     return d / torch.linalg.vector_norm(d, 2.0, [1], True).clamp_min(eps_norm).expand_as(d)
+
+
+def _mean_pool_normalize_np(h: np.ndarray, mask: np.ndarray, eps_count: float, eps_norm: float) -> np.ndarray:
+    """:func:`_mean_pool_normalize`'s NumPy path: ``h`` float32 ``[B, S, E]``, ``mask`` ``[B, S]``."""
+    f = mask.astype(np.float32)
+    d = np.matmul(f[:, None, :], h)[:, 0]
+    d /= np.maximum(f.sum(1, keepdims=True), np.float32(eps_count))
+    norm = np.sqrt(np.einsum("be,be->b", d, d, dtype=np.float32))[:, None]
+    d /= np.maximum(norm, np.float32(eps_norm))
+    return d
 
 
 def _fuse_mean_pool(gm) -> int:

@@ -4,10 +4,12 @@ Loading reads, verifies (checksums) and decodes the artifact in a thread executo
 Linear layer on the fastest of the native kernels its stored form allows — torch's dense fp32,
 ``int8_linear`` (int8 weights), ``csr_linear`` (pruned weights), ``codebook_linear`` (pruned and
 weight-shared) — measured at load (:func:`pyserve.artifact.kernels.native_module`); the choice per
-layer is in :attr:`PyserveBackend.kernel_choices`. A graph made only of Linear layers, ReLU and
-softmax (LeNet-300-100 and other MLPs) then runs as a straight-line NumPy plan
-(:func:`pyserve.artifact.plan.compile_plan`: no torch.fx/pytree/dispatch cost per call, BLAS
-without the GIL), checked at load against the graph on a sample input; ``graph_executor="graph"`` (or
+layer is in :attr:`PyserveBackend.kernel_choices`. A graph made of Linear layers, ReLU and
+softmax (LeNet-300-100 and other MLPs) or of a transformer encoder's nodes after ``native_module``
+(MiniLM / BERT: embeddings, the native int8 layers and attention, pooling; token ids or sentences
+in) then runs as a straight-line NumPy plan (:func:`pyserve.artifact.plan.compile_plan`: no
+torch.fx/pytree/dispatch cost per call, BLAS without the GIL), checked at load against the graph
+on a sample input (ones for integer inputs); ``graph_executor="graph"`` (or
 ``PYSERVE_GRAPH_EXECUTOR=graph``) keeps the GraphModule. :attr:`PyserveBackend.graph_executor` says which runs. ``kernels`` (or the ``PYSERVE_KERNELS``
 environment variable) forces ``dense`` or one kernel instead of ``auto``. ``attention="bf16"`` (or
 ``PYSERVE_ATTENTION=bf16``) runs transformer attention with bfloat16 products where the CPU has
@@ -106,8 +108,12 @@ class PyserveBackend:
             self._executor, functools.partial(_load, self._path, self._kernels, self._inputs, self._attention))
         self.attention = attention
         plan = None
-        if self._graph_mode == "auto" and getattr(module, "text", None) is None:
-            plan = await loop.run_in_executor(self._executor, _plan_for, module, signature)
+        if self._graph_mode == "auto":
+            if getattr(module, "text", None) is None:
+                plan = await loop.run_in_executor(self._executor, _plan_for, module, signature)
+            else:  # sentences in: the plan runs the graph behind the tokenizer
+                plan = await loop.run_in_executor(self._executor, _plan_for, module.graph, _token_signature(module,
+                                                                                                              signature))
         self._module, self._plan, self._signature, self.kernel_choices = module, plan, signature, choices
         self.graph_executor = "graph" if plan is None else "plan"
 
@@ -120,10 +126,10 @@ class PyserveBackend:
         if module is None or signature is None:
             raise RuntimeError(f"backend for {self._path} is not loaded")
         plan = self._plan
-        if plan is not None:
+        if plan is not None and getattr(module, "text", None) is None:
             return run_plan_batch(plan, signature, batch)
         if getattr(module, "text", None) is not None:
-            return _run_text_batch(module, signature, list(batch))
+            return _run_text_batch(module, signature, list(batch), self._plan)
         return run_torch_batch(module, signature, batch)
 
     async def unload(self) -> None:
@@ -179,10 +185,11 @@ def _plan_for(module, signature: ModelSignature):
     sample = []
     for spec in signature.inputs:
         dtype = dtypes.from_name(spec.datatype).numpy
-        if dtype is None or dtype.kind != "f":
-            return None  # the plan runs float graphs (Linear/ReLU); token ids and the like keep the graph
+        if dtype is None or dtype.kind not in "fiub" or spec.datatype == "BF16":
+            return None
         shape = tuple(2 if d < 0 else d for d in spec.shape)
-        sample.append(gen.standard_normal(shape).astype(dtype))
+        # float inputs: random values; integer ones (token ids, masks): ones, valid for both
+        sample.append(gen.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.ones(shape, dtype))
     try:
         return compile_plan(module, tuple(sample))
     except Exception:  # noqa: BLE001 - a graph the plan cannot run is served by the GraphModule
@@ -204,9 +211,15 @@ def run_plan_batch(plan, signature: ModelSignature, batch: Sequence[InferInputs]
     return run_each(one, batch)
 
 
-def _run_text_batch(module, signature: ModelSignature, batch) -> list:
-    """Each request's sentences (1-D BYTES) tokenized and run on ``module.graph``; a sentence that is
-    not UTF-8 fails its own request with INVALID_ARGUMENT."""
+def _token_signature(module, signature: ModelSignature) -> ModelSignature:
+    """The signature of a text module's graph: its token-id inputs (INT64 ``[B, S]`` each)."""
+    return ModelSignature(inputs=tuple(TensorSpec(n, "INT64", (-1, -1)) for n in module.input_names),
+                          outputs=signature.outputs)
+
+
+def _run_text_batch(module, signature: ModelSignature, batch, plan=None) -> list:
+    """Each request's sentences (1-D BYTES) tokenized and run on ``module.graph`` (or its straight-line
+    ``plan``); a sentence that is not UTF-8 fails its own request with INVALID_ARGUMENT."""
     from pyserve.protocol.errors import InvalidArgument
 
     name = signature.inputs[0].name
@@ -217,8 +230,8 @@ def _run_text_batch(module, signature: ModelSignature, batch) -> list:
         except ValueError as exc:
             tokenized.append(InvalidArgument(f"input {name!r}: {exc}"))
     runnable = [t for t in tokenized if not isinstance(t, BaseException)]
-    graph_sig = ModelSignature(inputs=tuple(TensorSpec(n, "INT64", (-1, -1)) for n in module.input_names),
-                               outputs=signature.outputs)
+    graph_sig = _token_signature(module, signature)
     feeds = [{n: t.numpy() for n, t in zip(module.input_names, args)} for args in runnable]
-    results = iter(run_torch_batch(module.graph, graph_sig, feeds))
+    results = iter(run_plan_batch(plan, graph_sig, feeds) if plan is not None
+                   else run_torch_batch(module.graph, graph_sig, feeds))
     return [t if isinstance(t, BaseException) else next(results) for t in tokenized]

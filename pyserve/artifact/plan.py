@@ -60,35 +60,39 @@ class Plan:
         Operations per call (for logs and tests).
     """
 
-    __slots__ = ("_steps", "_n_inputs", "_outputs", "steps")
+    __slots__ = ("_run", "_n_inputs", "steps")
 
     def __init__(self, steps: list, n_inputs: int, outputs: tuple[int, ...]) -> None:
-        # Each step also names the values that die with it (read for the last time, not an output),
-        # dropped once it has run: a transformer's intermediates are released as the graph's are,
-        # instead of all living to the end of the call (fresh pages, and their faults, every call).
+        # The steps become one generated function of local variables (v0, v1, ...: no list of values,
+        # no loop, ~1 us less per step than interpreting the list), and each value is deleted right
+        # after the last step reading it (unless it is an output): a transformer's intermediates are
+        # released as the graph's generated code releases them, instead of all living to the end of
+        # the call (fresh pages, and their faults, every call).
         last: dict[int, int] = {}
         for k, (_, args) in enumerate(steps):
             for a in args:
                 last[a] = k
-        keep = set(outputs)
         dead: list[list[int]] = [[] for _ in steps]
         for slot, k in last.items():
-            if slot not in keep:
+            if slot not in outputs:
                 dead[k].append(slot)
-        self._steps = [(fn, args, n_inputs + k, tuple(dead[k])) for k, (fn, args) in enumerate(steps)]
+        params = ", ".join(f"v{i}" for i in range(n_inputs))
+        lines = [f"def run({params}):"]
+        for k, (_, args) in enumerate(steps):
+            lines.append(f"    v{n_inputs + k} = f{k}({', '.join(f'v{a}' for a in args)})")
+            if dead[k]:
+                lines.append(f"    del {', '.join(f'v{d}' for d in sorted(dead[k]))}")
+        lines.append(f"    return ({''.join(f'v{i}, ' for i in outputs)})")
+        scope = {f"f{k}": fn for k, (fn, _) in enumerate(steps)}
+        exec(compile("\n".join(lines), "<pyserve plan>", "exec"), scope)  # noqa: S102 - generated from the graph
+        self._run = scope["run"]
         self._n_inputs = n_inputs
-        self._outputs = outputs
         self.steps = len(steps)
 
     def __call__(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         if len(inputs) != self._n_inputs:
             raise TypeError(f"plan takes {self._n_inputs} input(s), got {len(inputs)}")
-        values: list = list(inputs) + [None] * len(self._steps)
-        for fn, args, slot, dead in self._steps:
-            values[slot] = fn(*[values[a] for a in args])
-            for d in dead:
-                values[d] = None
-        return tuple(values[i] for i in self._outputs)
+        return self._run(*inputs)
 
 
 def _dense(weight, bias) -> Callable:

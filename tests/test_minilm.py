@@ -189,9 +189,9 @@ def test_served_with_bf16_attention(tiny_int8, tmp_path, monkeypatch):
 
 
 def test_served_by_the_straight_line_plan(tiny_int8):
-    """The pyserve backend runs the int8 MiniLM graph as a straight-line plan (token ids or sentences
-    in): embeddings equal to the GraphModule's bit for bit on padded real sentences, with fp32 and
-    with bf16 attention; a token id outside the vocabulary (or negative) fails its own request,
+    """The pyserve backend runs the MiniLM graph as a straight-line plan (token ids or sentences in):
+    embeddings equal to the GraphModule's bit for bit on padded real sentences, on the int8 kernels
+    with fp32 and with bf16 attention and on dense layers (torch's linear and gelu); a token id outside the vocabulary (or negative) fails its own request,
     naming the table, while the request beside it is answered."""
     import asyncio
 
@@ -201,11 +201,11 @@ def test_served_by_the_straight_line_plan(tiny_int8):
     _, out = tiny_int8
     ids, mask = SentenceTask(_model_module().tokenizer(), max_length=32, transfer=4).encode(SENTENCES[:4])
     assert (mask == 0).any()  # padded rows
-    for attention in ("fp32", "bf16"):
-        graph, _ = native_module(artifact.load_artifact(out), kernels="int8", attention=attention)
+    for kernels, attention in (("int8", "fp32"), ("int8", "bf16"), ("dense", "fp32")):
+        graph, _ = native_module(artifact.load_artifact(out), kernels=kernels, attention=attention)
         with torch.inference_mode():
             expected = graph(ids, mask).numpy()
-        tokens = PyserveBackend(out, kernels="int8", inputs="token_ids", attention=attention)
+        tokens = PyserveBackend(out, kernels=kernels, inputs="token_ids", attention=attention)
         asyncio.run(tokens.load())
         assert tokens.graph_executor == "plan"
         good = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
@@ -215,7 +215,7 @@ def test_served_by_the_straight_line_plan(tiny_int8):
             res_good, res_bad = tokens.infer_sync([good, bad])
             np.testing.assert_array_equal(res_good["embedding"], expected)
             assert isinstance(res_bad, IndexError) and f"table of {vocab} rows" in str(res_bad)
-        text = PyserveBackend(out, kernels="int8", attention=attention)
+        text = PyserveBackend(out, kernels=kernels, attention=attention)
         asyncio.run(text.load())
         assert text.graph_executor == "plan"
         with torch.inference_mode():

@@ -9,7 +9,9 @@ graph made only of the ops below into a list of steps run on NumPy arrays, so th
 the arithmetic plus a few µs, and NumPy's BLAS calls release the GIL while they compute:
 
 * ``aten.linear`` with a stored weight ``[N, K]`` and bias: ``x @ W^T + b`` (``W^T`` laid out
-  ``[K, N]`` once at compile time), any leading dims,
+  ``[K, N]`` once at compile time), any leading dims; in a transformer graph (one with an
+  embedding or the native attention) torch's own ``linear`` on views of the arrays instead,
+  the graph's kernel and threads,
 * ``aten.relu``: ``max(x, 0)`` (NaN stays NaN, as torch),
 * ``aten.softmax`` / ``aten.log_softmax`` over a constant dim of a float32 activation (max-shifted,
   as torch computes them),
@@ -21,7 +23,7 @@ the arithmetic plus a few µs, and NumPy's BLAS calls release the GIL while they
 * a transformer encoder's other nodes, as ``native_module`` leaves them: the native attention
   (``pyserve._C.attention_qkv``), the additive key mask, the mean pooling + L2 normalisation, and
   the embeddings (``embedding`` lookups, which refuse a negative or out-of-range id as torch does,
-  ``add``, ``layer_norm`` (torch's, on a view), ``slice``/``expand``/``gather`` of the position and
+  ``add``, ``layer_norm`` and ``gelu`` (torch's, on a view), ``slice``/``expand``/``gather`` of the position and
   token-type ids, ``sym_size``, the dtype asserts of the export).
 
 Each value is released once the last step reading it has run, as the graph's generated code does:
@@ -107,6 +109,19 @@ def _dense(weight, bias) -> Callable:
             y = np.matmul(x, wt)
             y += b
             return y
+    return linear
+
+
+def _torch_linear(weight, bias) -> Callable:
+    import torch
+
+    w = weight.detach()
+    b = None if bias is None else bias.detach()
+
+    def linear(x):
+        with torch.inference_mode():
+            return torch.nn.functional.linear(_torch_of(x), w, b).numpy()
+
     return linear
 
 
@@ -334,6 +349,12 @@ def _layer_norm_step(shape, weight, bias, eps: float) -> Callable:
     return layer_norm
 
 
+def _gelu(x):
+    import torch
+
+    return torch.nn.functional.gelu(_torch_of(x)).numpy()
+
+
 def _assert_dtype_step(dtype) -> Callable:
     from pyserve import dtypes
 
@@ -377,6 +398,12 @@ def _steps_of(gm):
         index[n] = i
     steps: list = []
     outputs = None
+    # In a transformer graph a dense layer stays on torch's linear (on views of the arrays): the
+    # graph's own kernel and threads, bit for bit; NumPy's BLAS is for the small MLPs it was measured on.
+    from pyserve.artifact import kernels
+
+    transformer = any(n.op == "call_function" and n.target in (aten.embedding.default, kernels._attention_qkv)
+                      for n in gm.graph.nodes)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             continue
@@ -420,7 +447,7 @@ def _steps_of(gm):
             bias = consts[args[2]] if len(args) == 3 and args[2] is not None else None
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32:
                 return f"node {node.name}: weight is not a 2-D float32 tensor"
-            steps.append((_dense(weight, bias), (index[args[0]],)))
+            steps.append(((_torch_linear if transformer else _dense)(weight, bias), (index[args[0]],)))
         elif t in (aten.relu.default, aten.relu_.default):
             if len(args) != 1 or args[0] not in index:
                 return f"node {node.name}: relu of a non-activation"
@@ -493,6 +520,8 @@ def _transformer_step(t, args: tuple, index: dict, consts: dict):
         return _bind(_embedding, args, index, consts)
     if t is aten.add.Tensor and len(args) == 2:
         return _bind(_add, args, index, consts)
+    if t is aten.gelu.default and len(args) == 1 and args[0] in index:
+        return _gelu, (index[args[0]],)
     if t is aten.layer_norm.default and len(args) >= 4 and args[0] in index:
         w = consts.get(args[2]) if args[2] is not None else None
         b = consts.get(args[3]) if args[3] is not None else None

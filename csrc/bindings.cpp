@@ -354,6 +354,60 @@ ValueError
     norm arguments without the other; a residual without them; a bad ``eps``.
 )doc");
 
+  m.def("mean_pool_normalize", &pyserve::mean_pool_normalize, py::arg("h"), py::arg("mask"), py::arg("eps_count"),
+        py::arg("eps_norm"),
+        R"doc(Mean pooling over the tokens a mask keeps, then L2 normalisation (sentence-transformers).
+
+Parameters
+----------
+h : numpy.ndarray
+    ``[B, S, E]`` float32, C-contiguous: token embeddings.
+mask : numpy.ndarray
+    ``[B, S]`` int64 (a key mask: 1 keeps a token) or float32 (weights), C-contiguous.
+eps_count, eps_norm : float
+    Floors of the kept-token count and of the norm (finite, >= 0).
+
+Returns
+-------
+numpy.ndarray
+    ``[B, E]`` float32: ``d = sum_s m h / max(sum_s m, eps_count)``, then ``d / max(||d||, eps_norm)``;
+    fp32 sums, tokens in order; a token whose mask is 0 is skipped (its values may be anything).
+
+Raises
+------
+ValueError
+    A wrong dtype, layout or shape of ``h`` or ``mask``, a bad ``eps_count`` / ``eps_norm``.
+)doc");
+
+  m.def("layer_norm", &pyserve::layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        py::arg("residual") = py::none(),
+        R"doc(LayerNorm over the last dim (Ba et al. 2016), optionally after adding a residual.
+
+Parameters
+----------
+x : numpy.ndarray
+    ``[..., N]`` float32, C-contiguous.
+weight, bias : numpy.ndarray
+    ``[N]`` float32.
+eps : float
+    Added to the variance (finite, >= 0).
+residual : numpy.ndarray or None
+    x's shape, float32, C-contiguous: ``LayerNorm(x + residual)``.
+
+Returns
+-------
+numpy.ndarray
+    ``(x - mean) / sqrt(var + eps) * weight + bias`` per row of N (mean and biased variance
+    accumulated in double), float32, x's shape: the int8 layers' add & LayerNorm epilogue on its
+    own; within float rounding of ``torch.nn.functional.layer_norm``, not bit-identical. A row with
+    an inf or NaN gives NaN, as torch.
+
+Raises
+------
+ValueError
+    A wrong dtype, layout or shape of any argument (named), a bad ``eps``.
+)doc");
+
   m.def("attention_qkv", &pyserve::attention_qkv, py::arg("qkv"), py::arg("heads"), py::arg("mask").none(true),
         py::arg("scale"), py::arg("precision") = "fp32",
         R"doc(Multi-head attention from a fused Q|K|V projection (see pyserve.ops.attention_qkv).

@@ -4,7 +4,7 @@ pyserve native kernels (C++/CUDA). Use the Python faces in pyserve.ops.
 from __future__ import annotations
 import numpy
 import typing
-__all__: list[str] = ['CsrPackedWeight', 'Int8PackedWeight', 'attention_qkv', 'attention_qkv_bf16', 'attention_qkv_fast', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'cpu_kernels', 'csr_linear', 'csr_linear_has_avx2', 'csr_linear_packed', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_decode_cuda', 'huffman_encode', 'huffman_stream_info', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'pack_csr_weight', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
+__all__: list[str] = ['CsrPackedWeight', 'Int8PackedWeight', 'attention_qkv', 'attention_qkv_bf16', 'attention_qkv_fast', 'build_info', 'codebook_linear', 'codebook_linear_cuda', 'cpu_kernels', 'csr_linear', 'csr_linear_has_avx2', 'csr_linear_packed', 'cuda_device_count', 'get_num_threads', 'huffman_decode', 'huffman_decode_cuda', 'huffman_encode', 'huffman_stream_info', 'int8_linear', 'int8_linear_cuda', 'int8_linear_packed', 'layer_norm', 'mean_pool_normalize', 'pack_csr_weight', 'pack_indices', 'pack_int8_weight', 'quantize_per_channel', 'set_num_threads', 'unpack_indices']
 class CsrPackedWeight:
     """
     A CSR weight prepared once for csr_linear (see pyserve.ops.pack_csr_weight).
@@ -390,6 +390,58 @@ def int8_linear_packed(x: numpy.ndarray, w: Int8PackedWeight, w_scale: numpy.nda
         As int8_linear (the K mismatch names ``w_int8``); ``activation`` not ``"none"`` or ``"gelu"``;
         a wrong dtype, layout or shape of ``residual``, ``norm_weight``, ``norm_bias``; one of the two
         norm arguments without the other; a residual without them; a bad ``eps``.
+    """
+def layer_norm(x: numpy.ndarray, weight: numpy.ndarray, bias: numpy.ndarray, eps: typing.SupportsFloat | typing.SupportsIndex, residual: numpy.ndarray | None = None) -> numpy.ndarray:
+    """
+    LayerNorm over the last dim (Ba et al. 2016), optionally after adding a residual.
+    
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``[..., N]`` float32, C-contiguous.
+    weight, bias : numpy.ndarray
+        ``[N]`` float32.
+    eps : float
+        Added to the variance (finite, >= 0).
+    residual : numpy.ndarray or None
+        x's shape, float32, C-contiguous: ``LayerNorm(x + residual)``.
+    
+    Returns
+    -------
+    numpy.ndarray
+        ``(x - mean) / sqrt(var + eps) * weight + bias`` per row of N (mean and biased variance
+        accumulated in double), float32, x's shape: the int8 layers' add & LayerNorm epilogue on its
+        own; within float rounding of ``torch.nn.functional.layer_norm``, not bit-identical. A row with
+        an inf or NaN gives NaN, as torch.
+    
+    Raises
+    ------
+    ValueError
+        A wrong dtype, layout or shape of any argument (named), a bad ``eps``.
+    """
+def mean_pool_normalize(h: numpy.ndarray, mask: numpy.ndarray, eps_count: typing.SupportsFloat | typing.SupportsIndex, eps_norm: typing.SupportsFloat | typing.SupportsIndex) -> numpy.ndarray:
+    """
+    Mean pooling over the tokens a mask keeps, then L2 normalisation (sentence-transformers).
+    
+    Parameters
+    ----------
+    h : numpy.ndarray
+        ``[B, S, E]`` float32, C-contiguous: token embeddings.
+    mask : numpy.ndarray
+        ``[B, S]`` int64 (a key mask: 1 keeps a token) or float32 (weights), C-contiguous.
+    eps_count, eps_norm : float
+        Floors of the kept-token count and of the norm (finite, >= 0).
+    
+    Returns
+    -------
+    numpy.ndarray
+        ``[B, E]`` float32: ``d = sum_s m h / max(sum_s m, eps_count)``, then ``d / max(||d||, eps_norm)``;
+        fp32 sums, tokens in order; a token whose mask is 0 is skipped (its values may be anything).
+    
+    Raises
+    ------
+    ValueError
+        A wrong dtype, layout or shape of ``h`` or ``mask``, a bad ``eps_count`` / ``eps_norm``.
     """
 def pack_csr_weight(indptr: typing.Any, indices: typing.Any, values: typing.Any, K: typing.SupportsInt | typing.SupportsIndex, sort_rows: typing.SupportsInt | typing.SupportsIndex = -1) -> CsrPackedWeight:
     """

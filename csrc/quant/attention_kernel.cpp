@@ -562,6 +562,30 @@ PYSERVE_BF16 void head_bf16(const float* qkv_b, int64_t S, int64_t H, int64_t D,
 
 }  // namespace
 
+void mean_pool_normalize(const float* h, const float* m, int64_t B, int64_t S, int64_t E, float eps_count,
+                         float eps_norm, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    float* d = out + b * E;
+    for (int64_t e = 0; e < E; ++e) d[e] = 0.0f;
+    float count = 0.0f;
+    for (int64_t s = 0; s < S; ++s) {
+      const float w = m[b * S + s];
+      count += w;
+      if (w == 0.0f) continue;  // a masked token adds nothing (its values may be anything)
+      const float* hs = h + (b * S + s) * E;
+      for (int64_t e = 0; e < E; ++e) d[e] += w * hs[e];
+    }
+    const float inv = 1.0f / std::max(count, eps_count);
+    float sq = 0.0f;
+    for (int64_t e = 0; e < E; ++e) {
+      d[e] *= inv;
+      sq += d[e] * d[e];
+    }
+    const float norm = std::max(std::sqrt(sq), eps_norm);
+    for (int64_t e = 0; e < E; ++e) d[e] /= norm;
+  }
+}
+
 bool attention_qkv_fast(int64_t D) {
 #if PYSERVE_AVX2
   return cpu_has_avx2_fma() && D % 16 == 0 && D >= 16 && D <= 256;

@@ -32,6 +32,13 @@ namespace quant {
 void attention_qkv(const float* qkv, int64_t B, int64_t S, int64_t H, int64_t D, const float* mask,
                    int64_t mask_b_stride, int64_t mask_q_stride, float scale, float* out, bool bf16 = false);
 
+// Mean pooling over the tokens a mask keeps, then L2 normalisation (sentence-transformers' pooling of
+// a sentence embedding model): d[b] = sum_s m[b, s] h[b, s, :] / max(sum_s m[b, s], eps_count), then
+// d[b] / max(||d[b]||_2, eps_norm). h [B, S, E] fp32, m [B, S] fp32 (0 / 1 from a key mask, or
+// weights), out [B, E]. Sums in fp32, tokens in order.
+void mean_pool_normalize(const float* h, const float* m, int64_t B, int64_t S, int64_t E, float eps_count,
+                         float eps_norm, float* out);
+
 // Whether attention_qkv takes its AVX2 path for head size D on this CPU.
 bool attention_qkv_fast(int64_t D);
 

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "common/checks.h"
 #include "quant/array_checks.h"
@@ -49,6 +50,39 @@ py::array attention_qkv(const py::array& qkv, int64_t heads, const std::optional
   {
     py::gil_scoped_release release;
     quant::attention_qkv(xp, B, S, heads, D, mp, mb, mq, static_cast<float>(scale), yp, precision == "bf16");
+  }
+  return out;
+}
+
+py::array mean_pool_normalize(const py::array& h, const py::array& mask, double eps_count, double eps_norm) {
+  constexpr char kPool[] = "mean_pool_normalize";
+  check_array<float>(h, kPool, "h", 3, "float32");
+  const int64_t B = h.shape(0), S = h.shape(1), E = h.shape(2);
+  const bool ints = mask.dtype().equal(py::dtype::of<int64_t>());
+  if (ints)
+    check_array<int64_t>(mask, kPool, "mask", 2, "int64");
+  else
+    check_array<float>(mask, kPool, "mask", 2, "float32 or int64");
+  PYSERVE_CHECK_ARG(mask.shape(0) == B && mask.shape(1) == S, kPool, "mask", "expected shape (", B, ", ", S,
+                    ") (h's first two dims), got shape ", shape_text(mask));
+  const auto floor_ok = [](double eps) { return std::isfinite(eps) && eps >= 0 && std::isfinite(static_cast<float>(eps)); };
+  PYSERVE_CHECK_ARG(floor_ok(eps_count), kPool, "eps_count", "expected a finite number >= 0 in float32 range, got ",
+                    eps_count);
+  PYSERVE_CHECK_ARG(floor_ok(eps_norm), kPool, "eps_norm", "expected a finite number >= 0 in float32 range, got ",
+                    eps_norm);
+  std::vector<float> weights;
+  const float* mp = static_cast<const float*>(mask.data());
+  if (ints) {
+    const int64_t* ip = static_cast<const int64_t*>(mask.data());
+    weights.assign(ip, ip + B * S);  // int64 -> float, as mask.float()
+    mp = weights.data();
+  }
+  py::array_t<float> out({static_cast<py::ssize_t>(B), static_cast<py::ssize_t>(E)});
+  const float* hp = static_cast<const float*>(h.data());
+  float* op = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    quant::mean_pool_normalize(hp, mp, B, S, E, static_cast<float>(eps_count), static_cast<float>(eps_norm), op);
   }
   return out;
 }

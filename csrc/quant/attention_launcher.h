@@ -15,6 +15,10 @@ namespace pyserve {
 pybind11::array attention_qkv(const pybind11::array& qkv, int64_t heads, const std::optional<pybind11::array>& mask,
                               double scale, const std::string& precision);
 
+// h [B, S, E] float32, mask [B, S] float32 or int64 -> [B, E] float32 (quant::mean_pool_normalize).
+pybind11::array mean_pool_normalize(const pybind11::array& h, const pybind11::array& mask, double eps_count,
+                                    double eps_norm);
+
 // Whether attention_qkv runs its AVX2 kernel for head size D on this CPU (else a scalar loop).
 bool attention_qkv_fast(int64_t head_size);
 

@@ -2,6 +2,7 @@
 #include "quant/int8_launcher.h"
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "common/checks.h"
@@ -165,6 +166,48 @@ py::array int8_linear_packed(const py::array& x, const Int8PackedWeight& w, cons
     if (ok && g_ptr) quant::add_layer_norm_inplace(yp, res_ptr, g_ptr, b_ptr, B, N, static_cast<float>(eps));
   }
   PYSERVE_CHECK_ARG(ok, kLinearOp, "x", "expected finite values, got inf or NaN in row ", bad_row);
+  return y;
+}
+
+py::array layer_norm(const py::array& x, const py::array& weight, const py::array& bias, double eps,
+                     const std::optional<py::array>& residual) {
+  constexpr char kOp[] = "layer_norm";
+  PYSERVE_CHECK_ARG(x.dtype().equal(py::dtype::of<float>()), kOp, "x", "expected dtype float32 (native byte order), got ",
+                    quant_checks::dtype_text(x));
+  PYSERVE_CHECK_ARG(x.ndim() >= 1, kOp, "x", "expected at least 1 dim (the normalized one last), got a 0-D array");
+  PYSERVE_CHECK_ARG((x.flags() & py::array::c_style) != 0, kOp, "x",
+                    "expected a C-contiguous array, got strides that are not C order for shape ", shape_text(x));
+  const int64_t N = x.shape(x.ndim() - 1);
+  const int64_t rows = N == 0 ? 0 : x.size() / N;
+  for (const auto* arg : {&weight, &bias}) {
+    const char* name = arg == &weight ? "weight" : "bias";
+    check_array<float>(*arg, kOp, name, 1, "float32");
+    PYSERVE_CHECK_ARG(arg->shape(0) == N, kOp, name, "expected shape (", N, ",) (x's last dim), got shape ",
+                      shape_text(*arg));
+  }
+  PYSERVE_CHECK_ARG(std::isfinite(eps) && eps >= 0 && std::isfinite(static_cast<float>(eps)), kOp, "eps",
+                    "expected a finite number >= 0 in float32 range, got ", eps);
+  const float* res_ptr = nullptr;
+  if (residual) {
+    check_array<float>(*residual, kOp, "residual", static_cast<int>(x.ndim()), "float32");
+    bool same = true;
+    for (py::ssize_t d = 0; d < x.ndim(); ++d) same &= residual->shape(d) == x.shape(d);
+    PYSERVE_CHECK_ARG(same, kOp, "residual", "expected x's shape ", shape_text(x), ", got shape ", shape_text(*residual));
+    res_ptr = static_cast<const float*>(residual->data());
+  }
+  std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+  py::array_t<float> y(shape);
+  const float* xp = static_cast<const float*>(x.data());
+  float* yp = y.mutable_data();
+  const float* gp = static_cast<const float*>(weight.data());
+  const float* bp = static_cast<const float*>(bias.data());
+  {
+    py::gil_scoped_release release;
+    if (rows > 0) {
+      std::memcpy(yp, xp, sizeof(float) * static_cast<size_t>(rows * N));
+      quant::add_layer_norm_inplace(yp, res_ptr, gp, bp, rows, N, static_cast<float>(eps));
+    }
+  }
   return y;
 }
 

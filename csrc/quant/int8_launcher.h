@@ -47,6 +47,12 @@ pybind11::array int8_linear_packed(const pybind11::array& x, const Int8PackedWei
                                    const std::optional<pybind11::array>& norm_weight = std::nullopt,
                                    const std::optional<pybind11::array>& norm_bias = std::nullopt, double eps = 1e-5);
 
+// y = LayerNorm(x + residual) * weight + bias over the last dim N of x (any rank >= 1, float32,
+// C-contiguous; residual: the same shape, or None), a new array of x's shape; eps in the variance.
+// quant::add_layer_norm_inplace (the int8 layers' add & LayerNorm epilogue) on a copy of x.
+pybind11::array layer_norm(const pybind11::array& x, const pybind11::array& weight, const pybind11::array& bias,
+                           double eps, const std::optional<pybind11::array>& residual = std::nullopt);
+
 // CUDA path on device pointers (the Python face checks the torch tensors): x [B, K] fp32,
 // w [N, K] int8, w_scale [N] fp32, bias [N] fp32 or 0, y [B, N] fp32, workspace xq [B, K] int8 and
 // x_scale [B] fp32; all contiguous on the current device. Queued on `stream` (a

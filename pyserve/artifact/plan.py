@@ -23,7 +23,8 @@ the arithmetic plus a few µs, and NumPy's BLAS calls release the GIL while they
 * a transformer encoder's other nodes, as ``native_module`` leaves them: the native attention
   (``pyserve._C.attention_qkv``), the additive key mask, the mean pooling + L2 normalisation, and
   the embeddings (``embedding`` lookups, which refuse a negative or out-of-range id as torch does,
-  ``add``, ``layer_norm`` and ``gelu`` (torch's, on a view), ``slice``/``expand``/``gather`` of the position and
+  ``add``, the native LayerNorm ``native_module`` binds (``pyserve._C.layer_norm``), torch's
+  ``layer_norm`` and ``gelu`` (on a view) elsewhere, ``slice``/``expand``/``gather`` of the position and
   token-type ids, ``sym_size``, the dtype asserts of the export).
 
 Each value is released once the last step reading it has run, as the graph's generated code does:
@@ -349,6 +350,22 @@ def _layer_norm_step(shape, weight, bias, eps: float) -> Callable:
     return layer_norm
 
 
+def _layer_norm_native(fn, weight: np.ndarray, bias: np.ndarray, eps: float) -> Callable:
+    """A bound native LayerNorm (:func:`pyserve.artifact.kernels._layer_norm_layer`) on NumPy arrays:
+    the same native call, so the same result bit for bit; anything else through ``fn``."""
+    from pyserve import _C
+
+    native = _C.layer_norm
+    N = weight.shape[0]
+
+    def layer_norm(x):
+        if x.dtype == np.float32 and x.ndim >= 1 and x.shape[-1] == N:
+            return native(np.ascontiguousarray(x), weight, bias, eps)
+        return fn(_torch_of(x)).numpy()
+
+    return layer_norm
+
+
 def _gelu(x):
     import torch
 
@@ -520,6 +537,11 @@ def _transformer_step(t, args: tuple, index: dict, consts: dict):
         return _bind(_embedding, args, index, consts)
     if t is aten.add.Tensor and len(args) == 2:
         return _bind(_add, args, index, consts)
+    bound_norm = getattr(t, "_pyserve_layer_norm", None)
+    if bound_norm is not None:
+        if len(args) != 1 or args[0] not in index:
+            raise _Unsupported("bound layer_norm of a non-activation")
+        return _layer_norm_native(t, *bound_norm), (index[args[0]],)
     if t is aten.gelu.default and len(args) == 1 and args[0] in index:
         return _gelu, (index[args[0]],)
     if t is aten.layer_norm.default and len(args) >= 4 and args[0] in index:

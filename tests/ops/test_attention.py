@@ -332,3 +332,45 @@ def test_bf16_single_key_gives_the_rounded_values():
     v = qkv[..., 2 * 4 * 32:]
     got = attention_qkv(qkv, 4, precision="bf16")
     np.testing.assert_array_equal(got, to_bf16(v).astype(np.float32) if _bf16_runs(32) else v)
+
+
+@pytest.mark.parametrize("B,S,E", [(1, 128, 384), (3, 7, 5), (2, 1, 16), (4, 33, 64)])
+@pytest.mark.parametrize("kind", ["int64", "float32"])
+def test_mean_pool_normalize_matches_the_torch_ops(B, S, E, kind):
+    """_C.mean_pool_normalize against sentence-transformers' pooling written in torch (float64): masked
+    mean then L2 normalisation, int64 key masks and float32 weights; a row with no kept token gives
+    zeros (count floored by eps_count, then the norm by eps_norm), as the torch ops do."""
+    torch = pytest.importorskip("torch")
+    from pyserve import _C
+
+    rng = np.random.default_rng(B * 100 + S + E)
+    h = rng.standard_normal((B, S, E)).astype(np.float32)
+    lengths = rng.integers(1, S + 1, B)
+    lengths[-1] = 0 if B > 1 else lengths[-1]
+    m = (np.arange(S)[None] < lengths[:, None]).astype(np.int64)
+    if kind == "float32":
+        m = (m * rng.uniform(0.5, 2.0, (B, S))).astype(np.float32)
+    got = _C.mean_pool_normalize(h, m, 1e-9, 1e-12)
+    th, f = torch.from_numpy(h).double(), torch.from_numpy(m).double().unsqueeze(-1)
+    d = (th * f).sum(1) / f.sum(1).clamp_min(1e-9)
+    ref = (d / torch.linalg.vector_norm(d, 2.0, [1], True).clamp_min(1e-12)).numpy()
+    assert got.shape == (B, E) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    if B > 1:
+        assert not got[-1].any()
+
+
+def test_mean_pool_skips_masked_tokens_and_names_bad_arguments():
+    from pyserve import _C
+
+    h = np.ones((1, 4, 3), np.float32)
+    h[0, 3] = np.nan  # a padding position's value never reaches the embedding
+    got = _C.mean_pool_normalize(h, np.array([[1, 1, 1, 0]]), 1e-9, 1e-12)
+    np.testing.assert_allclose(got, np.full((1, 3), 1 / np.sqrt(3), np.float32), rtol=1e-6)
+    for call, arg in ((lambda: _C.mean_pool_normalize(h.astype(np.float64), np.ones((1, 4), np.int64), 0, 0), "'h'"),
+                      (lambda: _C.mean_pool_normalize(h, np.ones((1, 5), np.int64), 0, 0), "'mask'"),
+                      (lambda: _C.mean_pool_normalize(h, np.ones((1, 4), np.int32), 0, 0), "'mask'"),
+                      (lambda: _C.mean_pool_normalize(h, np.ones((1, 4), np.int64), -1.0, 0), "'eps_count'"),
+                      (lambda: _C.mean_pool_normalize(h, np.ones((1, 4), np.int64), 0, float("inf")), "'eps_norm'")):
+        with pytest.raises(ValueError, match=f"mean_pool_normalize: argument {arg}"):
+            call()

@@ -128,3 +128,46 @@ def test_constant_rows_normalize_to_the_bias(tmp_path, env):
     expected = torch.nn.functional.layer_norm(torch.from_numpy(res2), [40], torch.from_numpy(g), torch.from_numpy(b),
                                               1e-12).numpy()
     np.testing.assert_allclose(y[2], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(384,), (1, 128, 384), (3, 5, 37), (2, 1, 1, 8), (0, 16)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_layer_norm_alone_against_float64(shape, with_residual):
+    """_C.layer_norm (the epilogue on its own, what native_module runs for a BERT's embeddings
+    LayerNorm): within float rounding of a float64 LayerNorm of x (+ residual), any leading dims; a
+    constant row gives the bias exactly; x is not modified."""
+    rng = np.random.default_rng(len(shape) * 10 + shape[-1])
+    N = shape[-1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    if x.size:
+        x.reshape(-1, N)[0] = 0.3  # a constant row
+    res = rng.standard_normal(shape).astype(np.float32) if with_residual else None
+    g, b = rng.uniform(0.5, 1.5, N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    x0 = x.copy()
+    y = _C.layer_norm(x, g, b, 1e-12, res)
+    assert y.shape == x.shape and y.dtype == np.float32
+    np.testing.assert_array_equal(x, x0)
+    s = x.astype(np.float64) + (0 if res is None else res)
+    mean = s.mean(-1, keepdims=True)
+    ref = (s - mean) / np.sqrt(((s - mean) ** 2).mean(-1, keepdims=True) + 1e-12) * g + b
+    if x.size and not with_residual:
+        np.testing.assert_array_equal(y.reshape(-1, N)[0], b)
+        ref.reshape(-1, N)[0] = b
+    np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("call, arg", [
+    (lambda x, g, b: _C.layer_norm(x.astype(np.float64), g, b, 1e-5), "'x'"),
+    (lambda x, g, b: _C.layer_norm(np.asfortranarray(x), g, b, 1e-5), "'x'"),
+    (lambda x, g, b: _C.layer_norm(np.ones((), np.float32), g[:1], b[:1], 1e-5), "'x'"),
+    (lambda x, g, b: _C.layer_norm(x, g[:5], b, 1e-5), "'weight'"),
+    (lambda x, g, b: _C.layer_norm(x, g, b.astype(np.float64), 1e-5), "'bias'"),
+    (lambda x, g, b: _C.layer_norm(x, g, b, float("nan")), "'eps'"),
+    (lambda x, g, b: _C.layer_norm(x, g, b, -1.0), "'eps'"),
+    (lambda x, g, b: _C.layer_norm(x, g, b, 1e-5, x[:, :3].copy()), "'residual'"),
+])
+def test_layer_norm_bad_arguments_are_named(call, arg):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match=f"layer_norm: argument {arg}"):
+        call(x, np.ones(6, np.float32), np.zeros(6, np.float32))

@@ -11,6 +11,7 @@ then served); the reduced distill/lowrank runs and the real model's recipes are 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -132,8 +133,19 @@ def test_served_embeddings_equal_offline(tiny_int8, tmp_path, monkeypatch):
         assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
             ("input_ids", "INT64", [-1, -1]), ("attention_mask", "INT64", [-1, -1])]
         got = client.infer("minilm", _token_inputs(grpcclient, ids, mask)).as_numpy("embedding")
+        # inputs the signature's [-1, -1] dims allow but the model does not: INVALID_ARGUMENT, not
+        # a silently broadcast mask or an internal error; the server goes on answering
+        from tritonclient.utils import InferenceServerException
+
+        for bad_ids, bad_mask, message in ((ids, mask[:, :1], "'attention_mask'.shape[1] to be equal to"),
+                                           (torch.full_like(ids, 10 ** 6), mask, "outside the vocabulary")):
+            with pytest.raises(InferenceServerException, match=re.escape(message)) as err:
+                client.infer("minilm", _token_inputs(grpcclient, bad_ids, bad_mask.contiguous()))
+            assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+        again = client.infer("minilm", _token_inputs(grpcclient, ids, mask)).as_numpy("embedding")
         client.close()
     np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(again, expected)
     cos = (got * dense).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(dense, axis=1))
     assert cos.min() >= 0.999 and np.abs(got - dense).max() <= 0.02
 
@@ -191,12 +203,16 @@ def test_served_with_bf16_attention(tiny_int8, tmp_path, monkeypatch):
 def test_served_by_the_straight_line_plan(tiny_int8):
     """The pyserve backend runs the MiniLM graph as a straight-line plan (token ids or sentences in):
     embeddings equal to the GraphModule's bit for bit on padded real sentences, on the int8 kernels
-    with fp32 and with bf16 attention and on dense layers (torch's linear and gelu); a token id outside the vocabulary (or negative) fails its own request,
-    naming the table, while the request beside it is answered."""
+    with fp32 and with bf16 attention and on dense layers (torch's linear and gelu). A token id
+    outside the vocabulary (or negative), an attention mask whose length is not the ids' (which the
+    model would broadcast), a sequence beyond the position table: each fails its own request with
+    InvalidArgument saying what and where, on the plan and on the graph alike, while the request
+    beside it is answered."""
     import asyncio
 
     from pyserve.backends.pyserve_backend import PyserveBackend
     from pyserve.compress._sentence import SentenceTask
+    from pyserve.protocol.errors import InvalidArgument
 
     _, out = tiny_int8
     ids, mask = SentenceTask(_model_module().tokenizer(), max_length=32, transfer=4).encode(SENTENCES[:4])
@@ -210,11 +226,22 @@ def test_served_by_the_straight_line_plan(tiny_int8):
         assert tokens.graph_executor == "plan"
         good = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         vocab = graph.encoder.embeddings.word_embeddings.weight.shape[0]
-        for bad_id in (vocab, -1):
-            bad = dict(good, input_ids=np.where(mask.numpy() > 0, bad_id, 0))
-            res_good, res_bad = tokens.infer_sync([good, bad])
-            np.testing.assert_array_equal(res_good["embedding"], expected)
-            assert isinstance(res_bad, IndexError) and f"table of {vocab} rows" in str(res_bad)
+        B, S = ids.shape
+        bads = {f"token id {vocab} at (0, 0) is outside the vocabulary [0, {vocab})":
+                dict(good, input_ids=np.where(mask.numpy() > 0, vocab, 0)),
+                "token id -1 at (0, 0) is outside": dict(good, input_ids=np.where(mask.numpy() > 0, -1, 0)),
+                f"'attention_mask'.shape[1] to be equal to {S}, but got 1": dict(good, attention_mask=mask.numpy()[:, :1]),
+                "'input_ids'.shape[1] to be <= 512, but got 600": {"input_ids": np.ones((1, 600), np.int64),
+                                                                    "attention_mask": np.ones((1, 600), np.int64)}}
+        for executor in ("plan", "graph"):
+            backend = tokens if executor == "plan" else PyserveBackend(out, kernels=kernels, inputs="token_ids",
+                                                                       attention=attention, graph_executor="graph")
+            if executor == "graph":
+                asyncio.run(backend.load())
+            results = backend.infer_sync([good, *bads.values()])
+            np.testing.assert_array_equal(results[0]["embedding"], expected)
+            for message, res in zip(bads, results[1:]):
+                assert isinstance(res, InvalidArgument) and message in str(res), (executor, message, res)
         text = PyserveBackend(out, kernels=kernels, attention=attention)
         asyncio.run(text.load())
         assert text.graph_executor == "plan"

@@ -86,7 +86,7 @@ import time
 
 import numpy as np
 
-__all__ = ["KERNELS", "native_module"]
+__all__ = ["KERNELS", "embedding_vocab", "input_checker", "native_module"]
 
 KERNELS = ("auto", "dense", "int8", "csr", "codebook")
 
@@ -1135,6 +1135,58 @@ def _input_key(value):
         return ("dict", tuple(sorted((k, _input_key(v)) for k, v in value.items())))
     hash(value)  # TypeError for anything unhashable: not memoized
     return (type(value).__name__, value)
+
+
+def input_checker(gm, limit: int = 256):
+    """``check(*inputs)`` raising torch.export's own error (RuntimeError, e.g. "Expected input at
+    *args[1].shape[1] to be equal to 10, but got 1") when the inputs (NumPy arrays or torch tensors,
+    in placeholder order) break the export's shape constraints: each dimension's range and the
+    equalities between dimensions of different inputs (a MiniLM's ``input_ids`` and
+    ``attention_mask`` share batch and sequence). Memoized by the inputs' shapes and dtypes as
+    :func:`_memoize_input_check` (~180 us a new shape, ~2 us a known one). None for a module without
+    the export's check. The server runs its models with that check off (its data plane checks each
+    input against the signature, whose ``-1`` dims cannot say that two inputs agree) and runs this
+    one instead, so such a request is INVALID_ARGUMENT rather than broadcast silently."""
+    import torch
+
+    try:
+        from torch.export._unlift import _check_input_constraints_for_module as check_module
+    except ImportError:
+        return None
+    if not hasattr(gm, "_in_spec") or hasattr(gm, "_guards_fn"):
+        return None
+    passed: set = set()
+
+    def check(*inputs):
+        key = tuple((tuple(a.shape), str(a.dtype)) for a in inputs)
+        if key in passed:
+            return
+        tensors = [a if isinstance(a, torch.Tensor) else torch.empty(a.shape, dtype=torch.from_numpy(
+            np.empty(0, a.dtype)).dtype, device="meta") for a in inputs]
+        check_module(gm, tuple(tensors), {})
+        if len(passed) < limit:
+            passed.add(key)
+
+    return check
+
+
+def embedding_vocab(gm) -> dict[int, int]:
+    """``{input position: rows}`` for each graph input used directly as the indices of an
+    ``embedding`` of a stored table (a transformer's token ids): an id outside ``[0, rows)`` is the
+    request's error, which the server reports as INVALID_ARGUMENT before running the model."""
+    import torch
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out: dict[int, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default or len(node.args) < 2:
+            continue
+        table, ids = node.args[0], node.args[1]
+        if ids in placeholders and getattr(table, "op", None) == "get_attr":
+            rows = int(getattr_path(gm, table.target).shape[0])
+            i = placeholders.index(ids)
+            out[i] = min(rows, out.get(i, rows))
+    return out
 
 
 def _memoize_input_check(gm, limit: int = 256) -> bool:

@@ -320,10 +320,12 @@ def _gather(x, dim: int, idx):
 
 
 def _embedding(weight, ids, *_):
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embedding: indices must be integers, got {ids.dtype}")
-    if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
-        raise IndexError(f"embedding: index out of range for a table of {weight.shape[0]} rows")
+    if ids.dtype != np.int64 and ids.dtype != np.int32:  # as torch's embedding
+        raise TypeError(f"embedding: expected int64 or int32 indices, got {ids.dtype}")
+    rows = weight.shape[0]
+    if ids.size and (ids.min() < 0 or ids.max() >= rows):
+        bad = tuple(int(i) for i in np.argwhere((ids < 0) | (ids >= rows))[0])
+        raise IndexError(f"embedding: index {int(ids[bad])} at {bad} is out of range for a table of {rows} rows")
     return weight.take(ids, axis=0)
 
 
@@ -562,16 +564,23 @@ def compile_plan(gm, sample_inputs: tuple[np.ndarray, ...] | None = None) -> Pla
     """
     import torch
 
-    got = _steps_of(gm)
+    try:
+        got = _steps_of(gm)
+    except Exception as exc:  # noqa: BLE001 - a stored tensor NumPy cannot hold (bfloat16), ...: no plan
+        got = f"{type(exc).__name__}: {exc}"
     if isinstance(got, str):
         log.debug("no straight-line plan: %s", got)
         return None
     plan = Plan(*got)
     if sample_inputs is not None:
-        with torch.inference_mode():
-            ref = gm(*[torch.from_numpy(np.ascontiguousarray(a)) for a in sample_inputs])
+        try:
+            with torch.inference_mode():
+                ref = gm(*[torch.from_numpy(np.ascontiguousarray(a)) for a in sample_inputs])
+            outs = plan(*sample_inputs)
+        except Exception as exc:  # noqa: BLE001 - the graph or the plan fails on the sample: no plan
+            log.debug("no straight-line plan: the sample input failed: %s: %s", type(exc).__name__, exc)
+            return None
         refs = (ref,) if isinstance(ref, torch.Tensor) else tuple(ref)
-        outs = plan(*sample_inputs)
         if len(refs) != len(outs):
             return None
         for r, o in zip(refs, outs):

@@ -83,6 +83,7 @@ class PyserveBackend:
                              f"of {GRAPH_EXECUTORS}, got {self._graph_mode!r}")
         self._module = None
         self._plan = None
+        self._check = None  # (names, torch.export's shape check, {input position: vocabulary}), set by load()
         self._signature: ModelSignature | None = None
         #: weight tensor name -> kernel ("dense", "int8", "csr", "codebook"), set by load()
         self.kernel_choices: dict[str, str] = {}
@@ -116,6 +117,7 @@ class PyserveBackend:
                                                                                                               signature))
         self._module, self._plan, self._signature, self.kernel_choices = module, plan, signature, choices
         self.graph_executor = "graph" if plan is None else "plan"
+        self._check = None if getattr(module, "text", None) is not None else _request_check(module, signature)
 
     async def infer(self, batch: Sequence[InferInputs]) -> list[InferResult]:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.infer_sync, list(batch))
@@ -126,11 +128,14 @@ class PyserveBackend:
         if module is None or signature is None:
             raise RuntimeError(f"backend for {self._path} is not loaded")
         plan = self._plan
-        if plan is not None and getattr(module, "text", None) is None:
-            return run_plan_batch(plan, signature, batch)
         if getattr(module, "text", None) is not None:
-            return _run_text_batch(module, signature, list(batch), self._plan)
-        return run_torch_batch(module, signature, batch)
+            return _run_text_batch(module, signature, list(batch), plan)
+        check = self._check
+        checked = [_checked(check, inputs) for inputs in batch] if check is not None else list(batch)
+        runnable = [c for c in checked if not isinstance(c, BaseException)]
+        results = iter(run_plan_batch(plan, signature, runnable) if plan is not None
+                       else run_torch_batch(module, signature, runnable))
+        return [c if isinstance(c, BaseException) else next(results) for c in checked]
 
     async def unload(self) -> None:
         self._module = None
@@ -209,6 +214,50 @@ def run_plan_batch(plan, signature: ModelSignature, batch: Sequence[InferInputs]
         return {spec.name: check_output(r, spec) for spec, r in zip(outs, results)}
 
     return run_each(one, batch)
+
+
+def _request_check(module, signature: ModelSignature):
+    """What :func:`_checked` needs for ``module``'s graph, or None when there is nothing to check:
+    torch.export's shape constraints (:func:`pyserve.artifact.kernels.input_checker`) and the
+    vocabulary of the inputs that are token ids (:func:`pyserve.artifact.kernels.embedding_vocab`)."""
+    from pyserve.artifact.kernels import embedding_vocab, input_checker
+
+    try:
+        shapes, vocab = input_checker(module), embedding_vocab(module)
+    except Exception:  # noqa: BLE001 - a module of another kind: no checks beyond the data plane's
+        return None
+    if shapes is None and not vocab:
+        return None
+    return tuple(s.name for s in signature.inputs), shapes, vocab
+
+
+def _checked(check, inputs: InferInputs):
+    """``inputs``, or the InvalidArgument naming what breaks the model's shape constraints (two
+    inputs' dims that must agree, a dim's range) or which token id lies outside the vocabulary: the
+    data plane checked each input against the signature alone, and the model would broadcast such
+    shapes silently or fail with an internal error."""
+    import re
+
+    import numpy as np
+
+    from pyserve.protocol.errors import InvalidArgument
+
+    names, shapes, vocab = check
+    arrays = [inputs[n] for n in names]
+    if shapes is not None:
+        try:
+            shapes(*arrays)
+        except Exception as exc:  # noqa: BLE001 - torch's message, with the inputs named
+            msg = re.sub(r"\*args\[(\d+)\]", lambda m: repr(names[int(m.group(1))]) if int(m.group(1)) < len(names)
+                         else m.group(0), str(exc))
+            return InvalidArgument(f"inputs do not fit the model's shapes: {msg}")
+    for i, rows in vocab.items():
+        ids = arrays[i]
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+            bad = np.argwhere((ids < 0) | (ids >= rows))[0]
+            return InvalidArgument(f"input {names[i]!r}: token id {int(ids[tuple(bad)])} at {tuple(int(x) for x in bad)} "
+                                   f"is outside the vocabulary [0, {rows})")
+    return inputs
 
 
 def _token_signature(module, signature: ModelSignature) -> ModelSignature:

@@ -258,3 +258,20 @@ def test_plan_releases_intermediates_as_it_goes(tmp_path):
     with torch.inference_mode():
         expected = net(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_no_plan_when_a_stored_tensor_or_the_sample_fails(tmp_path):
+    """compile_plan returns None (the caller keeps the graph) instead of raising when a stored tensor
+    has no NumPy dtype (bfloat16) or when the graph fails on the sample input."""
+    from pyserve.artifact.kernels import getattr_path
+
+    torch.manual_seed(5)
+    path = _save(tmp_path, MLP().eval())
+    module, _ = native_module(artifact.load_artifact(path), kernels="dense")
+    name = next(n.target for n in module.graph.nodes if n.op == "get_attr")
+    owner, _, leaf = name.rpartition(".")
+    target = getattr_path(module, owner) if owner else module
+    weight = getattr(target, leaf)
+    setattr(target, leaf, torch.nn.Parameter(weight.detach().to(torch.bfloat16), requires_grad=False))
+    assert compile_plan(module) is None
+    assert compile_plan(module, (np.ones((2, 5, 48), np.float32),)) is None

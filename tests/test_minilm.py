@@ -224,6 +224,17 @@ def test_served_by_the_straight_line_plan(tiny_int8):
         tokens = PyserveBackend(out, kernels=kernels, inputs="token_ids", attention=attention)
         asyncio.run(tokens.load())
         assert tokens.graph_executor == "plan"
+        # the position / token-type embeddings run once per input shape: shapes taking turns (and one
+        # kept value per shape shared, read-only, by the calls) give the graph's results every time
+        plan = tokens._plan
+        assert plan.shape_steps >= 4
+        rng = np.random.default_rng(1)
+        for shape in ((2, 7), (1, 3), (2, 7), (3, 20), (1, 3)):
+            t_ids = torch.from_numpy(rng.integers(1, 1000, shape))
+            t_mask = torch.ones(shape, dtype=torch.int64)
+            with torch.inference_mode():
+                ref = graph(t_ids, t_mask).numpy()
+            np.testing.assert_array_equal(plan(t_ids.numpy(), t_mask.numpy())[0], ref)
         good = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
         vocab = graph.encoder.embeddings.word_embeddings.weight.shape[0]
         B, S = ids.shape

@@ -27,6 +27,9 @@ the arithmetic plus a few µs, and NumPy's BLAS calls release the GIL while they
   ``layer_norm`` and ``gelu`` (on a view) elsewhere, ``slice``/``expand``/``gather`` of the position and
   token-type ids, ``sym_size``, the dtype asserts of the export).
 
+Steps that depend on the input shapes alone (the sizes the graph reads, and what it computes from
+them and stored tensors: a BERT's position ids, token-type ids and their embeddings) run once per
+input shape; their results are kept, read-only, up to :attr:`Plan.MEMO_BYTES` (32 MiB) in all.
 Each value is released once the last step reading it has run, as the graph's generated code does:
 kept to the end of the call, a transformer's ~40 intermediates (~15 MB for MiniLM at sequence
 128) took fresh pages, and their faults, on every call. On the int8 MiniLM (batch 1, sequence
@@ -63,7 +66,11 @@ class Plan:
         Operations per call (for logs and tests).
     """
 
-    __slots__ = ("_run", "_n_inputs", "steps")
+    __slots__ = ("_run", "_n_inputs", "steps", "shape_steps", "_memo")
+
+    #: bytes of shape-only values a plan keeps, all shapes together (oldest shape dropped first; a
+    #: shape whose values alone exceed it is not kept: computed on every call)
+    MEMO_BYTES = 32 << 20
 
     def __init__(self, steps: list, n_inputs: int, outputs: tuple[int, ...]) -> None:
         # The steps become one generated function of local variables (v0, v1, ...: no list of values,
@@ -71,31 +78,99 @@ class Plan:
         # after the last step reading it (unless it is an output): a transformer's intermediates are
         # released as the graph's generated code releases them, instead of all living to the end of
         # the call (fresh pages, and their faults, every call).
+        #
+        # Steps that depend on the inputs' shapes alone (the sizes the graph reads, then what is
+        # computed from those and stored tensors only: a BERT's position and token-type embeddings
+        # of [B, S]) run once per shape: their values are kept (read-only) by the input dims they
+        # read, up to MEMO_BYTES in all, and a call with a known shape skips them.
+        kind: dict[int, str] = {i: "value" for i in range(n_inputs)}
+        for k, (fn, args) in enumerate(steps):
+            slot = n_inputs + k
+            if getattr(fn, "_pyserve_shape", False) and len(args) == 1 and args[0] < n_inputs:
+                kind[slot] = "size"
+            elif all(kind[a] in ("size", "shape") for a in args) and slot not in outputs:
+                kind[slot] = "shape"
+            else:
+                kind[slot] = "value"
+        shape_steps = [k for k in range(len(steps)) if kind[n_inputs + k] == "shape"]
+        if not shape_steps:  # nothing to keep: every step in graph order
+            for slot in list(kind):
+                if kind[slot] == "size":
+                    kind[slot] = "value"
+        order = ([k for k in range(len(steps)) if kind[n_inputs + k] == "size"] + shape_steps
+                 + [k for k in range(len(steps)) if kind[n_inputs + k] == "value"])
+        value_steps = [k for k in order if kind[n_inputs + k] == "value"]
         last: dict[int, int] = {}
-        for k, (_, args) in enumerate(steps):
-            for a in args:
+        for k in value_steps:
+            for a in steps[k][1]:
                 last[a] = k
-        dead: list[list[int]] = [[] for _ in steps]
+        dead: dict[int, list[int]] = {k: [] for k in value_steps}
         for slot, k in last.items():
-            if slot not in outputs:
+            if slot not in outputs and kind[slot] == "value":
                 dead[k].append(slot)
         params = ", ".join(f"v{i}" for i in range(n_inputs))
         lines = [f"def run({params}):"]
-        for k, (_, args) in enumerate(steps):
-            lines.append(f"    v{n_inputs + k} = f{k}({', '.join(f'v{a}' for a in args)})")
+
+        def call(k: int, indent: str) -> None:
+            lines.append(f"{indent}v{n_inputs + k} = f{k}({', '.join(f'v{a}' for a in steps[k][1])})")
+
+        sizes = [k for k in order if kind[n_inputs + k] == "size"]
+        for k in sizes:
+            call(k, "    ")
+        if shape_steps:
+            kept = sorted({a for k in value_steps for a in steps[k][1] if kind[a] == "shape"})
+            key = "(" + "".join(f"v{n_inputs + k}, " for k in sizes) + ")"
+            names = "".join(f"v{s}, " for s in kept)
+            lines += [f"    _kept = _memo.get({key})", "    if _kept is None:"]
+            for k in shape_steps:
+                call(k, "        ")
+            lines += [f"        _kept = _keep(_memo, {key}, ({names}))", "    else:", "        _kept = _kept[0]"]
+            if kept:
+                lines.append(f"    ({names}) = _kept")
+        for k in value_steps:
+            call(k, "    ")
             if dead[k]:
                 lines.append(f"    del {', '.join(f'v{d}' for d in sorted(dead[k]))}")
         lines.append(f"    return ({''.join(f'v{i}, ' for i in outputs)})")
+        self._memo: dict = {}
         scope = {f"f{k}": fn for k, (fn, _) in enumerate(steps)}
+        scope.update(_memo=self._memo, _keep=_keep)
         exec(compile("\n".join(lines), "<pyserve plan>", "exec"), scope)  # noqa: S102 - generated from the graph
         self._run = scope["run"]
         self._n_inputs = n_inputs
         self.steps = len(steps)
+        #: how many steps run once per input shape (kept), not on every call
+        self.shape_steps = len(shape_steps)
 
     def __call__(self, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         if len(inputs) != self._n_inputs:
             raise TypeError(f"plan takes {self._n_inputs} input(s), got {len(inputs)}")
         return self._run(*inputs)
+
+
+def _keep(memo: dict, key: tuple, values: tuple) -> tuple:
+    """Keep ``values`` (made read-only: later calls share them) under ``key`` in ``memo``, the oldest
+    keys dropped while all would exceed :attr:`Plan.MEMO_BYTES`; values larger than that alone are
+    returned, not kept. ``memo`` maps key -> (values, bytes)."""
+    size = sum(v.nbytes for v in values if isinstance(v, np.ndarray))
+    if size > Plan.MEMO_BYTES:
+        return values
+    for v in values:
+        if isinstance(v, np.ndarray):
+            v.flags.writeable = False
+    while memo and sum(b for _, b in memo.values()) + size > Plan.MEMO_BYTES:
+        memo.pop(next(iter(memo)))
+    memo[key] = (values, size)
+    return values
+
+
+def _size_step(dim: int) -> Callable:
+    """``x.shape[dim]`` (a symbolic size the graph reads)."""
+    def size(x):
+        return x.shape[dim]
+
+    size._pyserve_shape = True
+    return size
 
 
 def _dense(weight, bias) -> Callable:
@@ -527,8 +602,9 @@ def _transformer_step(t, args: tuple, index: dict, consts: dict):
             raise _Unsupported("mean pooling without computed inputs")
         return _mean_pool_step(float(args[2]), float(args[3])), (index[args[0]], index[args[1]])
     if t is aten.sym_size.int:
-        dim = args[1]
-        return _bind(lambda x: x.shape[dim], args[:1], index, consts)
+        if len(args) != 2 or args[0] not in index or not isinstance(args[1], int):
+            raise _Unsupported("sym_size of a non-activation")
+        return _size_step(args[1]), (index[args[0]],)
     if t is aten.slice.Tensor:
         return _bind(_slice, args, index, consts)
     if t is aten.expand.default and len(args) == 2:

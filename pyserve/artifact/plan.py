@@ -47,6 +47,7 @@ nodes give the graph's results bit for bit).
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 import numpy as np
@@ -158,10 +159,14 @@ def _keep(memo: dict, key: tuple, values: tuple) -> tuple:
     for v in values:
         if isinstance(v, np.ndarray):
             v.flags.writeable = False
-    while memo and sum(b for _, b in memo.values()) + size > Plan.MEMO_BYTES:
-        memo.pop(next(iter(memo)))
-    memo[key] = (values, size)
+    with _KEEP_LOCK:  # plans run on several threads at once (the server's instances)
+        while memo and sum(b for _, b in memo.values()) + size > Plan.MEMO_BYTES:
+            memo.pop(next(iter(memo)))
+        memo[key] = (values, size)
     return values
+
+
+_KEEP_LOCK = threading.Lock()
 
 
 def _size_step(dim: int) -> Callable:

@@ -1158,7 +1158,7 @@ def input_checker(gm, limit: int = 256):
     passed: set = set()
 
     def check(*inputs):
-        key = tuple((tuple(a.shape), str(a.dtype)) for a in inputs)
+        key = tuple((a.shape, a.dtype) for a in inputs)
         if key in passed:
             return
         tensors = [a if isinstance(a, torch.Tensor) else torch.empty(a.shape, dtype=torch.from_numpy(

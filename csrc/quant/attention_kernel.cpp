@@ -88,21 +88,25 @@ void head_portable(const float* qkv_b, int64_t S, int64_t H, int64_t D, int64_t 
 // into the exponent field. Within 2 ulp of std::exp down to x = -87; below (masked scores: about
 // -3.4e38 after the maximum is subtracted, or -inf) exactly 0, as expf underflows. NaN does not
 // reach here (rows with a NaN score are filled with NaN first).
+// exp256's and exp512's constants (one set: the two give the same result bit for bit): the clamp,
+// log2(e), the 1.5 * 2^23 rounding offset, ln 2 split in a high part exact in float and the rest,
+// and Cephes' expf polynomial, highest degree first.
+constexpr float kExpLo = -87.0f, kLog2e = 1.44269504088896341f, kExpMagic = 12582912.0f, kLn2Hi = 0.693359375f,
+                kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
+                               4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
+
 __attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 lo = _mm256_set1_ps(kExpLo);
   const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
   x = _mm256_max_ps(x, lo);
-  const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
-  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 magic = _mm256_set1_ps(kExpMagic);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), magic);
   const __m256 n = _mm256_sub_ps(t, magic);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
   y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
   // 2^n: n (|n| <= 126) sits in the low bits of t as n + 2^22 + 2^23 mantissa offset; shifting it
@@ -312,20 +316,16 @@ __attribute__((target("avx2,fma"))) void head_avx2(const float* qkv_b, int64_t S
 
 // exp256 on 16 floats: the same operations in the same order, so the same result bit for bit.
 PYSERVE_AVX512F inline __m512 exp512(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __m512 lo = _mm512_set1_ps(kExpLo);
   const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
   x = _mm512_max_ps(x, lo);
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+  const __m512 magic = _mm512_set1_ps(kExpMagic);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), magic);
   const __m512 n = _mm512_sub_ps(t, magic);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
   y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
   const __m512i e = _mm512_slli_epi32(_mm512_castps_si512(t), 23);
@@ -339,6 +339,30 @@ constexpr int kRows512 = 8;  // query rows per tile of the AVX-512 kernel
 // _mm512_mul_ps + _mm512_add_ps into one FMA, rounded once, unlike head_avx2's two passes).
 constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
+// The micro-kernel both products of head_avx512 run: declares the 16 accumulators c<r><col> (8 rows
+// a, 16 NC columns of b) and adds a[r][k] * b[k][16 col ..] for k in [0, kn), b advancing ldb floats
+// per k, k ascending (as micro_rows). A macro, not a function: named accumulators stay in registers
+// (in an array, or passed by reference, GCC 12 spilled the b vectors every step: 424 us a layer).
+#define PYSERVE_FMA_8ROWS(a, bstart, ldb, kn)                                                             \
+  const __m512 z_ = _mm512_setzero_ps();                                                                  \
+  __m512 c00 = z_, c01 = z_, c10 = z_, c11 = z_, c20 = z_, c21 = z_, c30 = z_, c31 = z_, c40 = z_, c41 = z_, \
+         c50 = z_, c51 = z_, c60 = z_, c61 = z_, c70 = z_, c71 = z_;                                         \
+  {                                                                                                       \
+    const float* b_ = (bstart);                                                                           \
+    for (int64_t k = 0; k < (kn); ++k, b_ += (ldb)) {                                                     \
+      const __m512 b0 = _mm512_loadu_ps(b_);                                                              \
+      const __m512 b1 = NC > 1 ? _mm512_loadu_ps(b_ + 16) : b0;                                           \
+      PYSERVE_FMA_ROW(a, 0) PYSERVE_FMA_ROW(a, 1) PYSERVE_FMA_ROW(a, 2) PYSERVE_FMA_ROW(a, 3)             \
+      PYSERVE_FMA_ROW(a, 4) PYSERVE_FMA_ROW(a, 5) PYSERVE_FMA_ROW(a, 6) PYSERVE_FMA_ROW(a, 7)             \
+    }                                                                                                     \
+  }
+#define PYSERVE_FMA_ROW(a, r)                                                \
+  {                                                                          \
+    const __m512 ab = _mm512_set1_ps(a[r][k]);                               \
+    c##r##0 = _mm512_fmadd_ps(ab, b0, c##r##0);                              \
+    if constexpr (NC > 1) c##r##1 = _mm512_fmadd_ps(ab, b1, c##r##1);        \
+  }
+
 // Scores of R (1..8) query rows against 16 NC keys from column j: acc = q . k (k ascending, as
 // micro_rows), then acc * scale + mask (a multiply and an add, as head_avx2's two passes), keys from S
 // set to -inf; stored to sc and folded into each row's running maximum and NaN mask.
@@ -348,23 +372,7 @@ PYSERVE_AVX512F inline void scores512(int R, const float* q, int64_t row, const 
                                       __m512* vmax, __mmask16* nan) {
   const float* a[kRows512];
   for (int r = 0; r < kRows512; ++r) a[r] = q + std::min(r, R - 1) * row;
-  const __m512 z = _mm512_setzero_ps();
-  __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z,
-         c60 = z, c61 = z, c70 = z, c71 = z;
-  const float* b = kt + j;
-#define PYSERVE_QROW(r)                                        \
-  {                                                            \
-    const __m512 ab = _mm512_set1_ps(a[r][k]);                 \
-    c##r##0 = _mm512_fmadd_ps(ab, b0, c##r##0);                \
-    if constexpr (NC > 1) c##r##1 = _mm512_fmadd_ps(ab, b1, c##r##1); \
-  }
-  for (int64_t k = 0; k < D; ++k, b += Sp) {
-    const __m512 b0 = _mm512_loadu_ps(b);
-    const __m512 b1 = NC > 1 ? _mm512_loadu_ps(b + 16) : b0;
-    PYSERVE_QROW(0) PYSERVE_QROW(1) PYSERVE_QROW(2) PYSERVE_QROW(3) PYSERVE_QROW(4) PYSERVE_QROW(5)
-    PYSERVE_QROW(6) PYSERVE_QROW(7)
-  }
-#undef PYSERVE_QROW
+  PYSERVE_FMA_8ROWS(a, kt + j, Sp, D)
   const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
 #define PYSERVE_QSTORE1(r, col)                                                                                  \
   {                                                                                                            \
@@ -395,23 +403,7 @@ PYSERVE_AVX512F inline void weighted512(int R, const float* p, int64_t Sp, const
                                         int64_t c0, float* o, int64_t E, const float* inv) {
   const float* a[kRows512];
   for (int r = 0; r < kRows512; ++r) a[r] = p + std::min(r, R - 1) * Sp;
-  const __m512 z = _mm512_setzero_ps();
-  __m512 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z,
-         c60 = z, c61 = z, c70 = z, c71 = z;
-  const float* b = vc + c0;
-#define PYSERVE_PROW(r)                                        \
-  {                                                            \
-    const __m512 ab = _mm512_set1_ps(a[r][k]);                 \
-    c##r##0 = _mm512_fmadd_ps(ab, b0, c##r##0);                \
-    if constexpr (NC > 1) c##r##1 = _mm512_fmadd_ps(ab, b1, c##r##1); \
-  }
-  for (int64_t k = 0; k < S; ++k, b += D) {
-    const __m512 b0 = _mm512_loadu_ps(b);
-    const __m512 b1 = NC > 1 ? _mm512_loadu_ps(b + 16) : b0;
-    PYSERVE_PROW(0) PYSERVE_PROW(1) PYSERVE_PROW(2) PYSERVE_PROW(3) PYSERVE_PROW(4) PYSERVE_PROW(5)
-    PYSERVE_PROW(6) PYSERVE_PROW(7)
-  }
-#undef PYSERVE_PROW
+  PYSERVE_FMA_8ROWS(a, vc + c0, D, S)
 #define PYSERVE_PSTORE(r)                                                              \
   if (r < R) {                                                                         \
     const __m512 sv = _mm512_set1_ps(inv[r]);                                          \
@@ -467,6 +459,8 @@ PYSERVE_AVX512F void head_avx512(const float* qkv_b, int64_t S, int64_t H, int64
     if (c < D) weighted512<1>(R, sc, Sp, vc, D, S, c, o, E, inv);
   }
 }
+#undef PYSERVE_FMA_ROW
+#undef PYSERVE_FMA_8ROWS
 #endif
 
 #if PYSERVE_AVX512_BF16

@@ -363,7 +363,8 @@ Parameters
 h : numpy.ndarray
     ``[B, S, E]`` float32, C-contiguous: token embeddings.
 mask : numpy.ndarray
-    ``[B, S]`` int64 (a key mask: 1 keeps a token) or float32 (weights), C-contiguous.
+    ``[B, S]`` int64 or float32, C-contiguous: per-token weights, as ``mask.float()`` in the
+    sentence-transformers code (a key mask's 1 keeps a token, 0 drops it).
 eps_count, eps_norm : float
     Floors of the kept-token count and of the norm (finite, >= 0).
 
@@ -372,6 +373,7 @@ Returns
 numpy.ndarray
     ``[B, E]`` float32: ``d = sum_s m h / max(sum_s m, eps_count)``, then ``d / max(||d||, eps_norm)``;
     fp32 sums, tokens in order; a token whose mask is 0 is skipped (its values may be anything).
+    No ``pyserve.ops`` face: the native node of ``native_module``'s pooling rewrite.
 
 Raises
 ------
@@ -400,7 +402,8 @@ numpy.ndarray
     ``(x - mean) / sqrt(var + eps) * weight + bias`` per row of N (mean and biased variance
     accumulated in double), float32, x's shape: the int8 layers' add & LayerNorm epilogue on its
     own; within float rounding of ``torch.nn.functional.layer_norm``, not bit-identical. A row with
-    an inf or NaN gives NaN, as torch.
+    an inf or NaN gives NaN, as torch. No ``pyserve.ops`` face: the native node
+    ``native_module`` puts a LayerNorm with stored parameters on.
 
 Raises
 ------

@@ -63,8 +63,11 @@ CPU; on an fp32 graph the embeddings move by 1 - cosine ~1.3e-6, on an int8 one 
 spread the int8 layers' activation rounding gives any change of that size). And (``fold_norm=True``) it folds
 ``layer_norm(h + residual)`` after an int8 layer computing ``h`` into that layer's native call
 (:func:`_fold_add_layer_norm`; BERT's two "add & norm" per block), within float rounding of torch's
-``add`` and ``layer_norm``. A sentence-transformers mean pooling + L2 normalisation at the graph's
-end (12 nodes) becomes one NumPy node (:func:`_fuse_mean_pool`; within float rounding), and
+``add`` and ``layer_norm``; every other LayerNorm with stored parameters (a BERT's embeddings
+LayerNorm; all of a dense graph's) runs on the same native kernel alone (:func:`_native_layer_norm`,
+``pyserve._C.layer_norm``). A sentence-transformers mean pooling + L2 normalisation at the graph's
+end (12 nodes) becomes one native node (:func:`_fuse_mean_pool`, ``pyserve._C.mean_pool_normalize``;
+within float rounding), and
 (``mask=True``) transformers' construction of the additive attention mask from the key mask input
 (~20 nodes: aranges, unsqueezes, an index, ``and``s, metadata asserts, ``where``) one NumPy
 ``where`` whose ``[B, 1, S, S]`` result is a stride-0 view over the query rows
@@ -879,8 +882,8 @@ def native_module(art, *, kernels: str = "auto", sample_rows=(1, 128), repeats: 
         call (:func:`_fold_add_layer_norm`; within float rounding of torch's ``layer_norm``), and
         run every other LayerNorm with stored parameters (the embeddings') on the same native
         kernel (:func:`_native_layer_norm`).
-    pool : with ``fuse``, run a sentence-transformers mean pooling + L2 normalisation as one NumPy
-        node (:func:`_fuse_mean_pool`; within float rounding).
+    pool : with ``fuse``, run a sentence-transformers mean pooling + L2 normalisation as one native
+        node (:func:`_fuse_mean_pool`, ``pyserve._C.mean_pool_normalize``; within float rounding).
     mask : with ``fuse``, build the additive attention mask from the key mask input in one node
         (:func:`_fuse_additive_mask`; the same values, checked at load) instead of the exported
         ~20 small ops.
@@ -1142,9 +1145,11 @@ def input_checker(gm, limit: int = 256):
     *args[1].shape[1] to be equal to 10, but got 1") when the inputs (NumPy arrays or torch tensors,
     in placeholder order) break the export's shape constraints: each dimension's range and the
     equalities between dimensions of different inputs (a MiniLM's ``input_ids`` and
-    ``attention_mask`` share batch and sequence). Memoized by the inputs' shapes and dtypes as
-    :func:`_memoize_input_check` (~180 us a new shape, ~2 us a known one). None for a module without
-    the export's check. The server runs its models with that check off (its data plane checks each
+    ``attention_mask`` share batch and sequence). Memoized by the inputs' shapes and dtypes (a key
+    that passed once passes again; ~180 us a new shape, ~2 us a known one), up to ``limit`` keys
+    (beyond them a new shape is checked on every call). None for a module without the export's
+    check, and where this torch has no ``torch.export._unlift._check_input_constraints_for_module``
+    (a private function: the vocabulary check of :func:`embedding_vocab` then stands alone). The server runs its models with that check off (its data plane checks each
     input against the signature, whose ``-1`` dims cannot say that two inputs agree) and runs this
     one instead, so such a request is INVALID_ARGUMENT rather than broadcast silently."""
     import torch

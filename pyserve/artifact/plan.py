@@ -5,8 +5,9 @@ For a model as small as LeNet-300-100 (266k multiply-adds at batch 1), most of a
 rebuilt ``torch.fx.GraphModule`` is not arithmetic: pytree flattening of the arguments, ``Module``
 attribute lookups and one aten dispatch per node cost ~100 µs, the three matrix products ~25 µs
 (docs/performance.md, "The model's share is mostly not arithmetic"). :func:`compile_plan` turns a
-graph made only of the ops below into a list of steps run on NumPy arrays, so the served call is
-the arithmetic plus a few µs, and NumPy's BLAS calls release the GIL while they compute:
+graph made only of the ops below into steps on NumPy arrays, generated as one Python function of
+local variables, so the served call is the arithmetic plus a few µs, and NumPy's BLAS calls (and
+pyserve's native ops) release the GIL while they compute:
 
 * ``aten.linear`` with a stored weight ``[N, K]`` and bias: ``x @ W^T + b`` (``W^T`` laid out
   ``[K, N]`` once at compile time), any leading dims; in a transformer graph (one with an
@@ -33,8 +34,8 @@ input shape; their results are kept, read-only, up to :attr:`Plan.MEMO_BYTES` (3
 Each value is released once the last step reading it has run, as the graph's generated code does:
 kept to the end of the call, a transformer's ~40 intermediates (~15 MB for MiniLM at sequence
 128) took fresh pages, and their faults, on every call. On the int8 MiniLM (batch 1, sequence
-128, one thread, Zen 4) the plan takes ~0.5 ms (5%) less a call than the ``GraphModule`` with the
-same kernels and the same result bit for bit (``benchmarks/bert_ab.py --graph``).
+128, one thread, Zen 4) the plan takes 0.5-0.7 ms (5-6%) less a call than the ``GraphModule`` with
+the same kernels and the same result bit for bit (``benchmarks/bert_ab.py --graph``, 2026-12-01).
 
 Anything else (a convolution, a view with a symbolic shape, a second use of a stored tensor as an
 activation...) means no plan: the caller keeps the GraphModule. A plan is also refused, and the
@@ -59,12 +60,22 @@ log = logging.getLogger("pyserve.artifact")
 
 class Plan:
     """``plan(*arrays) -> tuple of arrays``: the graph's outputs for its inputs (NumPy, one array per
-    graph input in placeholder order, float32 where the graph takes float32).
+    graph input in placeholder order: float32 where the graph takes float32, int64 or int32 token
+    ids and masks for a transformer). Safe to call from several threads at once.
+
+    Raises ``TypeError`` for a wrong number of inputs or token ids that are not int64/int32,
+    ``IndexError`` for a token id outside its embedding table (naming the id and where it is), and
+    what a step's own op raises for inputs the graph does not take (shapes that do not broadcast, a
+    sequence beyond the position table: the server checks those first,
+    :func:`pyserve.artifact.kernels.input_checker`).
 
     Attributes
     ----------
     steps : int
         Operations per call (for logs and tests).
+    shape_steps : int
+        Of those, how many depend on the input shapes alone and run once per shape (their values
+        kept, read-only, up to :attr:`MEMO_BYTES` per plan).
     """
 
     __slots__ = ("_run", "_n_inputs", "steps", "shape_steps", "_memo")
@@ -321,7 +332,7 @@ def _additive_mask_step(fill: float) -> Callable:
 
 
 def _mean_pool_step(eps_count: float, eps_norm: float) -> Callable:
-    """:func:`pyserve.artifact.kernels._mean_pool_normalize` on NumPy arrays (its own NumPy path)."""
+    """:func:`pyserve.artifact.kernels._mean_pool_normalize` on NumPy arrays (the same native call)."""
     from pyserve.artifact.kernels import _mean_pool_normalize, _mean_pool_normalize_np
 
     def mean_pool(h, mask):
@@ -640,8 +651,11 @@ def _transformer_step(t, args: tuple, index: dict, consts: dict):
 def compile_plan(gm, sample_inputs: tuple[np.ndarray, ...] | None = None) -> Plan | None:
     """A :class:`Plan` computing what ``gm`` (a ``torch.fx.GraphModule`` as
     :func:`pyserve.artifact.kernels.native_module` returns it) computes, or None when its graph has
-    an op the plan does not run (module docstring) or when the plan's outputs on ``sample_inputs``
-    (NumPy arrays, one per graph input; no check when None) differ from ``gm``'s beyond float rounding.
+    an op the plan does not run (module docstring), when a stored tensor has no NumPy dtype
+    (bfloat16), or when on ``sample_inputs`` (NumPy arrays, one per graph input, values the graph
+    accepts: the backend uses random floats and ones for integer inputs such as token ids; no check
+    when None) the graph or the plan fails or their outputs differ beyond float rounding. Never
+    raises for a graph it cannot run.
     """
     import torch
 

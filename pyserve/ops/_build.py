@@ -27,9 +27,10 @@ def cpu_kernels() -> dict[str, bool]:
     """The CPU code paths this process runs: ``{"avx2": bool, "avx512": bool, "avx512_vnni": bool,
     "avx512_bf16": bool}``.
 
-    A path runs when it is compiled in (:func:`build_info`; ``avx512`` with ``avx512_vnni``), the
-    CPU has its instructions (AVX2 and FMA; AVX-512 F, BW and VL, for the fp32 attention's 16-lane
-    kernel: Intel Xeon from Skylake-SP, AMD from Zen 4; AVX-512 F, BW, VL and VNNI: Intel Xeon from Cascade Lake, AMD from Zen 4; AVX-512 BF16:
+    ``avx512``: the fp32 attention's AVX-512 kernel (``attention_qkv``; compiled in where
+    ``build_info()["avx512_vnni"]`` is). A path runs when it is compiled in (:func:`build_info`), the
+    CPU has its instructions (AVX2 and FMA; AVX-512 F, BW and VL for ``avx512``: Intel Xeon from
+    Skylake-SP, AMD from Zen 4; AVX-512 F, BW, VL and VNNI: Intel Xeon from Cascade Lake, AMD from Zen 4; AVX-512 BF16:
     Intel Cooper Lake and Sapphire Rapids or later (not Ice Lake), AMD from Zen 4) and the environment does not turn it off:
     ``PYSERVE_DISABLE_AVX512`` (any value) keeps the int8 kernels and the fp32 attention on AVX2 and
     the bfloat16 attention on fp32, ``PYSERVE_DISABLE_AVX2`` turns all of them off (portable C++). Each path

@@ -30,13 +30,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import threading
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from pyserve.backends._common import check_output, run_each, run_torch_batch, skip_export_input_checks
 from pyserve.backends.base import InferInputs, InferResult, ModelSignature, TensorSpec
+from pyserve.protocol.errors import InvalidArgument
 
 __all__ = ["ATTENTION_PRECISIONS", "GRAPH_EXECUTORS", "INPUT_MODES", "PyserveBackend"]
 
@@ -134,11 +138,7 @@ class PyserveBackend:
         if check is None:
             return run_plan_batch(plan, signature, batch) if plan is not None else run_torch_batch(module, signature,
                                                                                                   batch)
-        checked = [_checked(check, inputs) for inputs in batch]
-        runnable = [c for c in checked if not isinstance(c, BaseException)]
-        results = iter(run_plan_batch(plan, signature, runnable) if plan is not None
-                       else run_torch_batch(module, signature, runnable))
-        return [c if isinstance(c, BaseException) else next(results) for c in checked]
+        return _run_prepared([_checked(check, inputs) for inputs in batch], module, plan, signature)
 
     async def unload(self) -> None:
         self._module = None
@@ -184,8 +184,6 @@ def _load(path: Path, kernels: str = "auto", inputs: str = "auto", attention: st
 
 def _plan_for(module, signature: ModelSignature):
     """The module's straight-line plan (checked on a 2-row sample of each input), or None."""
-    import numpy as np
-
     from pyserve import dtypes
     from pyserve.artifact.plan import compile_plan
 
@@ -250,20 +248,12 @@ def _checked(check, inputs: InferInputs):
         try:
             shapes(*arrays)
         except Exception as exc:  # noqa: BLE001 - torch's message, with the inputs named
-            import re
-
-            from pyserve.protocol.errors import InvalidArgument
-
             msg = re.sub(r"\*args\[(\d+)\]", lambda m: repr(names[int(m.group(1))]) if int(m.group(1)) < len(names)
                          else m.group(0), str(exc))
             return InvalidArgument(f"inputs do not fit the model's shapes: {msg}")
     for i, rows in vocab.items():
         ids = arrays[i]
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-            import numpy as np
-
-            from pyserve.protocol.errors import InvalidArgument
-
             bad = np.argwhere((ids < 0) | (ids >= rows))[0]
             return InvalidArgument(f"input {names[i]!r}: token id {int(ids[tuple(bad)])} at {tuple(int(x) for x in bad)} "
                                    f"is outside the vocabulary [0, {rows})")
@@ -279,18 +269,21 @@ def _token_signature(module, signature: ModelSignature) -> ModelSignature:
 def _run_text_batch(module, signature: ModelSignature, batch, plan=None) -> list:
     """Each request's sentences (1-D BYTES) tokenized and run on ``module.graph`` (or its straight-line
     ``plan``); a sentence that is not UTF-8 fails its own request with INVALID_ARGUMENT."""
-    from pyserve.protocol.errors import InvalidArgument
-
     name = signature.inputs[0].name
-    tokenized: list = []
+    feeds: list = []
     for inputs in batch:
         try:
-            tokenized.append(module.token_inputs(inputs[name]))
+            feeds.append({n: t.numpy() for n, t in zip(module.input_names, module.token_inputs(inputs[name]))})
         except ValueError as exc:
-            tokenized.append(InvalidArgument(f"input {name!r}: {exc}"))
-    runnable = [t for t in tokenized if not isinstance(t, BaseException)]
-    graph_sig = _token_signature(module, signature)
-    feeds = [{n: t.numpy() for n, t in zip(module.input_names, args)} for args in runnable]
-    results = iter(run_plan_batch(plan, graph_sig, feeds) if plan is not None
-                   else run_torch_batch(module.graph, graph_sig, feeds))
-    return [t if isinstance(t, BaseException) else next(results) for t in tokenized]
+            feeds.append(InvalidArgument(f"input {name!r}: {exc}"))
+    return _run_prepared(feeds, module.graph, plan, _token_signature(module, signature))
+
+
+def _run_prepared(prepared: list, module, plan, signature: ModelSignature) -> list:
+    """Run the requests of ``prepared`` that are inputs (on ``plan``, else ``module``) and give each
+    entry its result in order: an entry that is already an exception (a request refused while it was
+    prepared) is its own result."""
+    runnable = [p for p in prepared if not isinstance(p, BaseException)]
+    results = iter(run_plan_batch(plan, signature, runnable) if plan is not None
+                   else run_torch_batch(module, signature, runnable))
+    return [p if isinstance(p, BaseException) else next(results) for p in prepared]

@@ -517,24 +517,31 @@ def _attention_qkv(qkv, mask, heads: int, head_size: int, scale: float, precisio
     import torch
 
     E = heads * head_size
-    shape = qkv.shape
-    if (type(mask) is torch.Tensor and len(shape) == 3 and shape[2] == 3 * E and qkv.dtype == torch.float32
-            and mask.dtype == torch.float32 and not qkv.is_cuda and not mask.is_cuda and not qkv.requires_grad
-            and not mask.requires_grad and mask.dim() == 4):
-        ms = mask.shape
-        B, S = shape[0], shape[1]
-        if ms[1] == 1 and ms[0] in (1, B) and ms[2] in (1, S) and ms[3] == S:
-            m = mask.numpy()[:, 0]
-            if m.shape[1] > 1 and m.strides[1] == 0:  # an expanded key mask: one row, not S copies
-                m = m[:, :1]
-            if not m.flags.c_contiguous:
-                m = np.ascontiguousarray(m)
-            if not qkv.is_contiguous():
-                qkv = qkv.contiguous()
-            return torch.from_numpy(_native_attention()(qkv.numpy(), heads, m, scale, precision))
-    B, S = shape[0], shape[1]
+    if (type(mask) is torch.Tensor and qkv.dtype == torch.float32 and mask.dtype == torch.float32
+            and not qkv.is_cuda and not mask.is_cuda and not qkv.requires_grad and not mask.requires_grad):
+        out = _attention_qkv_np(qkv.numpy(), mask.numpy(), heads, E, scale, precision)
+        if out is not None:
+            return torch.from_numpy(out)
+    B, S = qkv.shape[0], qkv.shape[1]
     q, k, v = (qkv[..., i * E:(i + 1) * E].reshape(B, S, heads, head_size).transpose(1, 2) for i in range(3))
     return _sdpa(q, k, v, mask, scale).transpose(1, 2).reshape(B, S, E)
+
+
+def _attention_qkv_np(qkv: np.ndarray, mask: np.ndarray, heads: int, E: int, scale: float, precision: str):
+    """The native kernel on NumPy arrays (float32 ``qkv`` ``[B, S, 3 E]``, ``mask`` ``[B or 1, 1, S or 1,
+    S]``; the mask sliced as a view, one row of an expanded key mask), or None when they do not have
+    those shapes and dtypes. :func:`_attention_qkv` and the plan's attention step both call it."""
+    shape, ms = qkv.shape, mask.shape
+    if not (len(shape) == 3 and shape[2] == 3 * E and qkv.dtype == np.float32 and mask.dtype == np.float32
+            and len(ms) == 4 and ms[1] == 1 and ms[0] in (1, shape[0]) and ms[2] in (1, shape[1])
+            and ms[3] == shape[1]):
+        return None
+    m = mask[:, 0]
+    if m.shape[1] > 1 and m.strides[1] == 0:  # an expanded key mask: one row, not S copies
+        m = m[:, :1]
+    if not m.flags.c_contiguous:
+        m = np.ascontiguousarray(m)
+    return _native_attention()(np.ascontiguousarray(qkv), heads, m, scale, precision)
 
 
 @functools.lru_cache(maxsize=None)

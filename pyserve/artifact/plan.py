@@ -300,22 +300,14 @@ def _torch_of(x):
 def _attention_step(heads: int, head_size: int, scale: float, precision: str) -> Callable:
     """:func:`pyserve.artifact.kernels._attention_qkv` on NumPy arrays: the native kernel for a float32
     ``[B, S, 3 E]`` projection and a ``[B, 1, S or 1, S]`` additive mask, else the graph's ops."""
-    from pyserve.artifact.kernels import _attention_qkv, _native_attention
+    from pyserve.artifact.kernels import _attention_qkv, _attention_qkv_np
 
     E = heads * head_size
-    native = _native_attention()
 
     def attention(qkv, mask):
-        shape, ms = qkv.shape, mask.shape
-        if (len(shape) == 3 and shape[2] == 3 * E and qkv.dtype == np.float32 and mask.dtype == np.float32
-                and len(ms) == 4 and ms[1] == 1 and ms[0] in (1, shape[0]) and ms[2] in (1, shape[1])
-                and ms[3] == shape[1]):
-            m = mask[:, 0]
-            if m.shape[1] > 1 and m.strides[1] == 0:  # an expanded key mask: one row, not S copies
-                m = m[:, :1]
-            if not m.flags.c_contiguous:
-                m = np.ascontiguousarray(m)
-            return native(np.ascontiguousarray(qkv), heads, m, scale, precision)
+        out = _attention_qkv_np(qkv, mask, heads, E, scale, precision)
+        if out is not None:
+            return out
         return _attention_qkv(_torch_of(qkv), _torch_of(mask), heads, head_size, scale, precision).numpy()
 
     return attention

@@ -74,7 +74,7 @@ py::object GetUser(Call& call) {
 class Engine {
  public:
   Engine(py::function dispatch, py::function ended, int workers)
-      : dispatch_(std::move(dispatch)), ended_(std::move(ended)), n_workers_(workers) {
+      : transport_(workers), dispatch_(std::move(dispatch)), ended_(std::move(ended)), n_workers_(workers) {
     if (workers < 1) throw py::value_error("Engine: workers must be >= 1, got " + std::to_string(workers));
   }
   ~Engine() {
@@ -98,13 +98,14 @@ class Engine {
       if (!t[2].is_none()) cfg.client_ca = t[2].cast<std::string>();
     }
     started_ = true;
-    for (int i = 0; i < n_workers_; ++i)
-      threads_.emplace_back([this] { Work(&transport_.calls, dispatch_, "pyserve-nworker"); });
-    threads_.emplace_back([this] { Work(&transport_.ends, ended_, "pyserve-nended"); });
     int port;
     {
       py::gil_scoped_release release;
       port = transport_.Start(address, max_receive_bytes, max_send_bytes, cfg);
+    }
+    if (port != 0) {  // workers + 1 threads poll: at most `workers` run handlers, one always polls
+      for (int i = 0; i <= n_workers_; ++i) threads_.emplace_back([this] { Serve(); });
+      threads_.emplace_back([this] { Ends(); });
     }
     return port;
   }
@@ -122,7 +123,6 @@ class Engine {
     stopped_ = true;
     py::gil_scoped_release release;
     transport_.Shutdown(0.0);
-    transport_.calls.Close();
     transport_.ends.Close();
     for (auto& t : threads_) t.join();
     threads_.clear();
@@ -133,35 +133,61 @@ class Engine {
   const std::string& Error() const { return transport_.error(); }
 
  private:
-  void Work(TaskQueue* queue, const py::function& fn, const char* name) {
+  static void Name(const char* name) {
 #ifdef __linux__
     pthread_setname_np(pthread_self(), name);  // shown in /proc/<pid>/task/<tid>/comm (engine_cpu.py)
 #else
     (void)name;
 #endif
+  }
+
+  // A polling thread: the transport's completion queue with the GIL released, a handler with it held.
+  void Serve() {
+    Name("pyserve-nworker");
     py::gil_scoped_acquire gil;  // one thread state for the thread's lifetime
+    bool handled = false;
+    for (;;) {
+      std::shared_ptr<Call> call;
+      bool ok;
+      {
+        py::gil_scoped_release release;
+        ok = transport_.NextCall(&call, handled);
+      }
+      if (!ok) break;
+      handled = true;
+      Run(dispatch_, call, 0);
+      // a handler that forgot to finish must not hang the RPC
+      call->Finish(13, "internal error: the handler did not finish the RPC", nullptr, 0, false, {});
+      call.reset();  // may drop the last reference, with the GIL held
+    }
+  }
+
+  // The control thread: end-of-RPC callbacks (kCancel, kDone).
+  void Ends() {
+    Name("pyserve-nended");
+    py::gil_scoped_acquire gil;
     for (;;) {
       Task task;
       bool ok;
       {
         py::gil_scoped_release release;
-        ok = queue->Pop(&task);
+        ok = transport_.ends.Pop(&task);
       }
       if (!ok) break;
-      try {
-        fn(task.call, task.kind == TaskKind::kStart ? 0 : (task.kind == TaskKind::kCancel ? 1 : 2));
-      } catch (py::error_already_set& e) {
-        e.discard_as_unraisable("pyserve._grpc_native worker");
-      } catch (const std::exception& e) {
-        PyErr_SetString(PyExc_RuntimeError, e.what());
-        PyErr_WriteUnraisable(nullptr);
-      }
-      if (task.kind == TaskKind::kStart) {  // a handler that forgot to finish must not hang the RPC
-        task.call->Finish(13, "internal error: the handler did not finish the RPC", nullptr, 0, false, {});
-      } else if (task.kind == TaskKind::kDone) {
-        SetUser(*task.call, py::none());
-      }
-      task.call.reset();  // may drop the last reference, with the GIL held
+      Run(ended_, task.call, task.kind == TaskKind::kCancel ? 1 : 2);
+      if (task.kind == TaskKind::kDone) SetUser(*task.call, py::none());
+      task.call.reset();
+    }
+  }
+
+  static void Run(const py::function& fn, const std::shared_ptr<Call>& call, int kind) {
+    try {
+      fn(call, kind);
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("pyserve._grpc_native worker");
+    } catch (const std::exception& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+      PyErr_WriteUnraisable(nullptr);
     }
   }
 

@@ -1,111 +1,52 @@
 // See transport.h.
 #include "grpc_native/transport.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <limits>
 
 namespace pyserve::grpc_native {
 
-// ---- the reactor of one RPC ------------------------------------------------------------------
-class Reactor final : public grpc::ServerGenericBidiReactor {
+// ---- one RPC's grpc++ objects ------------------------------------------------------------------
+enum class OpKind : int { kRequest, kFirst, kRead, kWrite, kMeta, kFinish, kDone, kCount };
+
+// The completion-queue tag of one kind of operation of one RPC (at most one of each is pending).
+struct Op {
+  Rpc* rpc;
+  OpKind kind;
+};
+
+// Owned by the Transport from RequestOne until Complete (or a failed request). The fields below
+// `call` are guarded by call->mu_.
+class Rpc {
  public:
-  Reactor(Transport* transport, grpc::GenericCallbackServerContext* ctx)
-      : transport_(transport), call_(std::make_shared<Call>()) {
-    transport_->active_.fetch_add(1);
-    Call& c = *call_;
-    c.method = ctx->method();
-    c.peer = ctx->peer();
-    for (const auto& kv : ctx->client_metadata()) {
-      c.metadata.emplace_back(std::string(kv.first.data(), kv.first.size()),
-                              std::string(kv.second.data(), kv.second.size()));
-    }
-    const auto deadline = ctx->deadline();
-    const auto now = std::chrono::system_clock::now();
-    if (deadline >= now + std::chrono::hours(24 * 365 * 100)) {
-      c.deadline_s = std::numeric_limits<double>::infinity();
-    } else {
-      c.deadline_s = std::chrono::duration<double>(deadline.time_since_epoch()).count();
-    }
-    c.reactor_ = this;
-    c.ctx_ = ctx;
-    c.transport_ = transport_;
-    if (transport_->refusing_.load()) {
-      c.finished_.store(true);
-      Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
-      return;
-    }
-    StartRead(&c.first);
+  explicit Rpc(Transport* transport) : transport(transport), call(std::make_shared<Call>()) {
+    for (int i = 0; i < static_cast<int>(OpKind::kCount); ++i) ops[i] = Op{this, static_cast<OpKind>(i)};
   }
+  Op* op(OpKind kind) { return &ops[static_cast<int>(kind)]; }
+  // Complete when grpc++ is done with the RPC, its handler has finished it and no operation is
+  // pending (a handler must call Finish even on a cancelled RPC; module.cpp makes sure it does).
+  bool Over() const { return done_seen && finish_started && pending == 0; }
 
-  void OnReadDone(bool ok) override {
-    Call& c = *call_;
-    std::unique_lock<std::mutex> lk(c.mu_);
-    if (!c.started_) {
-      c.started_ = true;
-      c.has_first = ok;
-      lk.unlock();
-      transport_->calls.Push(Task{TaskKind::kStart, call_});
-      return;
-    }
-    c.read_ok_ = ok;
-    c.read_done_ = true;
-    c.cv_.notify_all();
-  }
-
-  void OnWriteDone(bool ok) override {
-    Call& c = *call_;
-    std::lock_guard<std::mutex> lk(c.mu_);
-    c.write_ok_ = ok;
-    c.write_done_ = true;
-    c.cv_.notify_all();
-  }
-
-  void OnCancel() override {
-    Call& c = *call_;
-    c.cancelled_.store(true);
-    bool notify;
-    {
-      std::lock_guard<std::mutex> lk(c.mu_);
-      notify = c.started_ && c.user_ != nullptr;
-      c.cv_.notify_all();
-    }
-    if (notify) transport_->ends.Push(Task{TaskKind::kCancel, call_});
-  }
-
-  void OnDone() override {
-    Call& c = *call_;
-    bool notify;
-    {
-      std::lock_guard<std::mutex> lk(c.mu_);
-      c.done_ = true;
-      c.reactor_ = nullptr;
-      c.ctx_ = nullptr;
-      notify = c.started_ && c.user_ != nullptr;
-      c.cv_.notify_all();
-    }
-    if (c.counted_.load()) transport_->counted_.fetch_sub(1);
-    if (notify) transport_->ends.Push(Task{TaskKind::kDone, std::move(call_)});
-    transport_->active_.fetch_sub(1);
-    delete this;
-  }
-
- private:
-  Transport* transport_;
-  std::shared_ptr<Call> call_;
+  Transport* transport;
+  grpc::GenericServerContext ctx;
+  grpc::GenericServerAsyncReaderWriter stream{&ctx};
+  std::shared_ptr<Call> call;
+  Op ops[static_cast<int>(OpKind::kCount)];
+  int pending = 0;             // operations started and not completed
+  bool finish_started = false;
+  bool done_seen = false;      // grpc++'s done notification came
+  bool started = false;        // the first read completed: the RPC went (or waits) to a handler
 };
 
 // ---- Call ------------------------------------------------------------------------------------
 bool Call::Read(grpc::ByteBuffer* out) {
-  Reactor* reactor;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    if (reactor_ == nullptr || cancelled_.load() || finished_.load()) return false;
-    reactor = reactor_;
-    read_done_ = false;
-  }
-  reactor->StartRead(&read_buf_);  // reactor_ lives until Finish, which only this thread calls
   std::unique_lock<std::mutex> lk(mu_);
+  if (rpc_ == nullptr || cancelled_.load() || finished_.load()) return false;
+  read_done_ = false;
+  rpc_->pending++;
+  rpc_->stream.Read(&read_buf_, rpc_->op(OpKind::kRead));  // completes (ok or not) on a polling thread
   cv_.wait(lk, [this] { return read_done_; });
   if (!read_ok_) return false;
   out->Swap(&read_buf_);
@@ -114,50 +55,43 @@ bool Call::Read(grpc::ByteBuffer* out) {
 }
 
 bool Call::Write(const char* data, size_t size) {
-  Reactor* reactor;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    if (reactor_ == nullptr || cancelled_.load() || finished_.load()) return false;
-    reactor = reactor_;
-    write_done_ = false;
-    grpc::Slice slice(data, size);
-    write_buf_ = grpc::ByteBuffer(&slice, 1);
-  }
-  reactor->StartWrite(&write_buf_);
   std::unique_lock<std::mutex> lk(mu_);
+  if (rpc_ == nullptr || cancelled_.load() || finished_.load()) return false;
+  write_done_ = false;
+  grpc::Slice slice(data, size);
+  write_buf_ = grpc::ByteBuffer(&slice, 1);
+  rpc_->pending++;
+  rpc_->stream.Write(write_buf_, rpc_->op(OpKind::kWrite));
   cv_.wait(lk, [this] { return write_done_; });
   return write_ok_;
 }
 
 void Call::SendInitialMetadata(const Metadata& md, bool send_now) {
-  Reactor* reactor;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    if (reactor_ == nullptr || finished_.load()) return;
-    for (const auto& kv : md) ctx_->AddInitialMetadata(kv.first, kv.second);
-    reactor = reactor_;
-  }
-  if (send_now) reactor->StartSendInitialMetadata();
+  std::unique_lock<std::mutex> lk(mu_);
+  if (rpc_ == nullptr || finished_.load()) return;
+  for (const auto& kv : md) rpc_->ctx.AddInitialMetadata(kv.first, kv.second);
+  if (!send_now) return;
+  meta_done_ = false;
+  rpc_->pending++;
+  rpc_->stream.SendInitialMetadata(rpc_->op(OpKind::kMeta));
+  cv_.wait(lk, [this] { return meta_done_; });  // one at a time: a Write must not overlap it
 }
 
 bool Call::Finish(int code, const std::string& details, const char* response, size_t response_size,
                   bool with_response, const Metadata& trailing) {
-  Reactor* reactor;
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    if (finished_.exchange(true) || reactor_ == nullptr) return false;
-    reactor = reactor_;
-    for (const auto& kv : trailing) ctx_->AddTrailingMetadata(kv.first, kv.second);
-    if (with_response) {
-      grpc::Slice slice(response, response_size);
-      last_buf_ = grpc::ByteBuffer(&slice, 1);
-    }
-  }
+  std::lock_guard<std::mutex> lk(mu_);
+  if (finished_.exchange(true) || rpc_ == nullptr) return false;
+  Rpc* rpc = rpc_;
+  for (const auto& kv : trailing) rpc->ctx.AddTrailingMetadata(kv.first, kv.second);
   grpc::Status status(static_cast<grpc::StatusCode>(code), details);
+  rpc->finish_started = true;
+  rpc->pending++;
   if (with_response && code == 0) {
-    reactor->StartWriteAndFinish(&last_buf_, grpc::WriteOptions(), status);
+    grpc::Slice slice(response, response_size);
+    last_buf_ = grpc::ByteBuffer(&slice, 1);
+    rpc->stream.WriteAndFinish(last_buf_, grpc::WriteOptions(), status, rpc->op(OpKind::kFinish));
   } else {
-    reactor->Finish(status);
+    rpc->stream.Finish(status, rpc->op(OpKind::kFinish));
   }
   return true;
 }
@@ -170,14 +104,14 @@ void* Call::ExchangeUser(void* user) {
 }
 
 void Call::CountUntilDone() {
-  std::lock_guard<std::mutex> lk(mu_);  // against OnDone: counted only while not done
+  std::lock_guard<std::mutex> lk(mu_);  // against Complete: counted only while not done
   if (done_ || counted_.exchange(true)) return;
   transport_->counted_.fetch_add(1);
 }
 
 void Call::Cancel() {
   std::lock_guard<std::mutex> lk(mu_);
-  if (ctx_ != nullptr && !done_) ctx_->TryCancel();
+  if (rpc_ != nullptr && !done_) rpc_->ctx.TryCancel();
 }
 
 // ---- TaskQueue -------------------------------------------------------------------------------
@@ -207,8 +141,154 @@ void TaskQueue::Close() {
 }
 
 // ---- Transport -------------------------------------------------------------------------------
-grpc::ServerGenericBidiReactor* Transport::CreateReactor(grpc::GenericCallbackServerContext* ctx) {
-  return new Reactor(this, ctx);
+Transport::~Transport() {
+  if (cq_ && !server_) {  // Start failed after the queue was made: drain it here
+    cq_->Shutdown();
+    void* tag;
+    bool ok;
+    while (cq_->Next(&tag, &ok)) {
+    }
+  }
+}
+
+void Transport::RequestOne() {
+  auto* rpc = new Rpc(this);
+  rpc->ctx.AsyncNotifyWhenDone(rpc->op(OpKind::kDone));
+  service_.RequestCall(&rpc->ctx, &rpc->stream, cq_.get(), cq_.get(), rpc->op(OpKind::kRequest));
+}
+
+void Transport::Complete(Rpc* rpc) {
+  Call& c = *rpc->call;
+  bool notify;
+  {
+    std::lock_guard<std::mutex> lk(c.mu_);
+    c.done_ = true;
+    c.rpc_ = nullptr;
+    notify = rpc->started && c.user_ != nullptr;
+    c.cv_.notify_all();
+  }
+  if (c.counted_.load()) counted_.fetch_sub(1);
+  if (notify) ends.Push(Task{TaskKind::kDone, rpc->call});
+  delete rpc;
+  {
+    std::lock_guard<std::mutex> lk(active_mu_);
+    active_.fetch_sub(1);
+  }
+  active_cv_.notify_all();
+}
+
+void Transport::Handle(void* tag, bool ok, std::shared_ptr<Call>* start) {
+  Op* op = static_cast<Op*>(tag);
+  Rpc* rpc = op->rpc;
+  Call& c = *rpc->call;
+  bool over = false;
+  switch (op->kind) {
+    case OpKind::kRequest: {
+      if (!ok) {  // shutting down before an RPC came; grpc++ sends no done notification then
+        delete rpc;
+        return;
+      }
+      active_.fetch_add(1);
+      if (accepting_.load()) RequestOne();  // keep the number of waiting slots
+      c.method = rpc->ctx.method();
+      c.peer = rpc->ctx.peer();
+      for (const auto& kv : rpc->ctx.client_metadata()) {
+        c.metadata.emplace_back(std::string(kv.first.data(), kv.first.size()),
+                                std::string(kv.second.data(), kv.second.size()));
+      }
+      const auto deadline = rpc->ctx.deadline();
+      if (deadline >= std::chrono::system_clock::now() + std::chrono::hours(24 * 365 * 100)) {
+        c.deadline_s = std::numeric_limits<double>::infinity();
+      } else {
+        c.deadline_s = std::chrono::duration<double>(deadline.time_since_epoch()).count();
+      }
+      c.transport_ = this;
+      std::lock_guard<std::mutex> lk(c.mu_);
+      c.rpc_ = rpc;
+      rpc->pending++;
+      if (refusing_.load()) {
+        c.finished_.store(true);
+        rpc->finish_started = true;
+        rpc->stream.Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"),
+                           rpc->op(OpKind::kFinish));
+      } else {
+        rpc->stream.Read(&c.first, rpc->op(OpKind::kFirst));
+      }
+      return;
+    }
+    case OpKind::kFirst: {
+      std::lock_guard<std::mutex> lk(c.mu_);
+      rpc->pending--;
+      rpc->started = true;
+      c.has_first = ok;
+      *start = rpc->call;  // not Over: its handler has yet to finish it
+      return;
+    }
+    case OpKind::kRead:
+    case OpKind::kWrite:
+    case OpKind::kMeta:
+    case OpKind::kFinish: {
+      std::lock_guard<std::mutex> lk(c.mu_);
+      rpc->pending--;
+      if (op->kind == OpKind::kRead) {
+        c.read_ok_ = ok;
+        c.read_done_ = true;
+      } else if (op->kind == OpKind::kWrite) {
+        c.write_ok_ = ok;
+        c.write_done_ = true;
+      } else if (op->kind == OpKind::kMeta) {
+        c.meta_done_ = true;
+      }
+      c.cv_.notify_all();
+      over = rpc->Over();
+      break;
+    }
+    case OpKind::kDone: {
+      bool notify = false;
+      {
+        std::lock_guard<std::mutex> lk(c.mu_);
+        rpc->done_seen = true;
+        if (rpc->ctx.IsCancelled()) {
+          c.cancelled_.store(true);
+          notify = rpc->started && c.user_ != nullptr;
+        }
+        c.cv_.notify_all();
+        over = rpc->Over();
+      }
+      if (notify) ends.Push(Task{TaskKind::kCancel, rpc->call});
+      break;
+    }
+    case OpKind::kCount:
+      return;
+  }
+  if (over) Complete(rpc);
+}
+
+bool Transport::NextCall(std::shared_ptr<Call>* out, bool handled_one) {
+  if (handled_one) {
+    std::lock_guard<std::mutex> lk(run_mu_);
+    if (!waiting_.empty()) {
+      *out = std::move(waiting_.front());
+      waiting_.pop_front();
+      return true;
+    }
+    --busy_;
+  }
+  void* tag;
+  bool ok;
+  while (cq_->Next(&tag, &ok)) {
+    std::shared_ptr<Call> start;
+    Handle(tag, ok, &start);
+    if (!start) continue;
+    std::lock_guard<std::mutex> lk(run_mu_);
+    if (busy_ < workers_) {
+      ++busy_;
+      *out = std::move(start);
+      return true;
+    }
+    waiting_.push_back(std::move(start));
+  }
+  return false;
 }
 
 int Transport::Start(const std::string& address, int max_receive_bytes, int max_send_bytes,
@@ -233,13 +313,16 @@ int Transport::Start(const std::string& address, int max_receive_bytes, int max_
   // grpc++ 1.51's 8 KiB default for a request's metadata is easy to pass with a long bearer or
   // tracing header, and passing it fails every call on that connection, not just the one: 64 KiB
   builder.AddChannelArgument(GRPC_ARG_MAX_METADATA_SIZE, 64 * 1024);
-  builder.RegisterCallbackGenericService(this);
+  builder.RegisterAsyncGenericService(&service_);
+  cq_ = builder.AddCompletionQueue(true);
   server_ = builder.BuildAndStart();
   if (!server_ || port == 0) {
     error_ = "grpc++ could not bind " + address;
     server_.reset();
     return 0;
   }
+  accepting_.store(true);
+  for (int i = 0; i < std::max(8, workers_ + 1); ++i) RequestOne();
   return port;
 }
 
@@ -247,10 +330,16 @@ void Transport::Shutdown(double grace_s) {
   std::lock_guard<std::mutex> lk(shutdown_mu_);
   if (shut_down_ || !server_) return;
   refusing_.store(true);
+  accepting_.store(false);
   const auto deadline = std::chrono::system_clock::now() +
                         std::chrono::microseconds(static_cast<int64_t>(std::max(0.0, grace_s) * 1e6));
-  server_->Shutdown(deadline);  // cancels what still runs at the deadline; waits for every reactor
+  server_->Shutdown(deadline);  // cancels what still runs at the deadline
   server_->Wait();
+  {  // every RPC's handler has finished it and grpc++ is done with it: no operation can start now
+    std::unique_lock<std::mutex> alk(active_mu_);
+    active_cv_.wait(alk, [this] { return active_.load() == 0; });
+  }
+  cq_->Shutdown();  // the NextCall threads drain it and return false
   shut_down_ = true;
 }
 

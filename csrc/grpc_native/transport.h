@@ -1,13 +1,22 @@
-// pyserve._grpc_native, transport layer: a grpc++ server with one CallbackGenericService that hands
-// every RPC (raw ByteBuffers, any method) to a task queue. No Python here; module.cpp runs the
-// queue's tasks on threads that hold the GIL.
+// pyserve._grpc_native, transport layer: a grpc++ server with one AsyncGenericService (raw
+// ByteBuffers, any method) on one completion queue. No Python here; module.cpp's threads call
+// Transport::NextCall and run the RPCs it hands them with the GIL held.
 //
-// Life of a call: grpc++ creates a Reactor (CreateReactor), which reads the first request message
-// and then posts a kStart task. The handler (Python) reads further messages with Call::Read,
-// writes with Call::Write (both block the calling thread until grpc++ reports completion) and ends
-// the RPC with Call::Finish exactly once. OnCancel (client cancel, deadline, server shutdown) and
-// OnDone post kEnd tasks to a second queue, so that end-of-RPC callbacks run even when every worker
-// is blocked in a long-lived stream.
+// Threads: `workers + 1` threads poll the completion queue (grpc++'s Next: the polling thread reads
+// the socket, parses HTTP/2 and completes the operations itself). When a new RPC's first request
+// message is in, the thread that completed it returns it from NextCall and runs its handler
+// inline, so a unary RPC is read, handled and answered on one thread, without a hand-off. At most
+// `workers` threads run handlers at once; an RPC that arrives while all of them are busy waits in
+// a FIFO that the next thread to finish a handler takes from. The one thread more than `workers`
+// means at least one thread always polls: a handler blocked in Call::Read or Call::Write (streams)
+// is woken by an operation another thread completes.
+//
+// Life of a call: RequestCall completes (the RPC's metadata is in), the first message is read,
+// then NextCall hands the call to a handler, which reads further messages with Call::Read, writes
+// with Call::Write (both block the calling thread until the operation completes) and ends the RPC
+// with Call::Finish exactly once. grpc++'s done notification (end of the RPC, or its cancellation:
+// client cancel, deadline, server shutdown) posts kCancel/kDone tasks to the `ends` queue, so that
+// end-of-RPC callbacks run even when every handler thread is blocked in a long-lived stream.
 #pragma once
 
 #include <grpcpp/generic/async_generic_service.h>
@@ -26,7 +35,7 @@ namespace pyserve::grpc_native {
 
 using Metadata = std::vector<std::pair<std::string, std::string>>;
 
-class Reactor;
+class Rpc;
 
 // One RPC as the handler sees it. Thread-safe; Read/Write/Finish come from the one handler thread.
 class Call {
@@ -57,7 +66,7 @@ class Call {
   bool Read(grpc::ByteBuffer* out);
   // Blocks until the message is written (true) or failed (cancelled, finished: false).
   bool Write(const char* data, size_t size);
-  // Adds initial metadata; sent with the first message, or now when `send_now`.
+  // Adds initial metadata; sent with the first message, or now (blocking until sent) when `send_now`.
   void SendInitialMetadata(const Metadata& md, bool send_now);
   // Ends the RPC with a status (code: a grpc_status_code), optional trailing metadata and an
   // optional last message (response != nullptr). Returns false if already finished (a no-op).
@@ -67,23 +76,23 @@ class Call {
   void Cancel();
 
  private:
-  friend class Reactor;
+  friend class Rpc;
+  friend class Transport;
   std::mutex mu_;
   std::condition_variable cv_;
-  Reactor* reactor_ = nullptr;  // valid until OnDone (which needs Finish first)
+  Rpc* rpc_ = nullptr;  // the grpc++ side; nullptr once the RPC is complete (Transport deletes it)
   class Transport* transport_ = nullptr;
   void* user_ = nullptr;
   std::atomic<bool> counted_{false};
-  grpc::CallbackServerContext* ctx_ = nullptr;
   std::atomic<bool> cancelled_{false};
   std::atomic<bool> finished_{false};
   bool done_ = false;
   bool read_done_ = false, read_ok_ = false;
   bool write_done_ = false, write_ok_ = false;
+  bool meta_done_ = false;
   grpc::ByteBuffer read_buf_;
   grpc::ByteBuffer write_buf_;
   grpc::ByteBuffer last_buf_;
-  bool started_ = false;
 };
 
 enum class TaskKind { kStart, kCancel, kDone };
@@ -113,33 +122,52 @@ struct TlsConfig {
 };
 
 // The grpc++ server. Start once, Shutdown once.
-class Transport : public grpc::CallbackGenericService {
+class Transport {
  public:
-  TaskQueue calls;  // kStart
-  TaskQueue ends;   // kCancel, kDone
+  TaskQueue ends;  // kCancel, kDone
+
+  explicit Transport(int workers) : workers_(workers) {}
+  ~Transport();
 
   // Binds `address` ("host:port"; port 0 = any free port) and starts serving. Returns the bound
-  // port, or 0 when the address cannot be bound (error() says why).
+  // port, or 0 when the address cannot be bound (error() says why). Then `workers + 1` threads
+  // must call NextCall until it returns false.
   int Start(const std::string& address, int max_receive_bytes, int max_send_bytes, const TlsConfig& tls);
+  // Polls the completion queue until there is an RPC for this thread to handle (true, in *out) or
+  // the server has shut down (false). `handled_one`: this thread has just run a handler (from
+  // the previous NextCall), which frees its handler slot.
+  bool NextCall(std::shared_ptr<Call>* out, bool handled_one);
   // New RPCs are answered UNAVAILABLE from now on; running ones go on.
   void Refuse() { refusing_.store(true); }
   // Stops the server: RPCs still running after `grace_s` seconds are cancelled; blocks until every
-  // RPC has finished. Idempotent (later calls wait for the first to end).
+  // RPC has finished (the NextCall threads must go on meanwhile), then ends the completion queue,
+  // after which NextCall returns false. Idempotent (later calls wait for the first to end).
   void Shutdown(double grace_s);
   int Active() const { return active_.load(); }
   // RPCs marked with Call::CountUntilDone that are not done yet.
   int Counted() const { return counted_.load(); }
   const std::string& error() const { return error_; }
 
-  grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override;
-
  private:
-  friend class Reactor;
+  friend class Rpc;
+  friend class Call;
+  void RequestOne();                 // one more RPC slot on the completion queue
+  void Complete(Rpc* rpc);           // the RPC is over: tell the Call, post kDone, delete it
+  void Handle(void* tag, bool ok, std::shared_ptr<Call>* start);
+
+  const int workers_;
+  grpc::AsyncGenericService service_;
+  std::unique_ptr<grpc::ServerCompletionQueue> cq_;
   std::unique_ptr<grpc::Server> server_;
   std::atomic<bool> refusing_{false};
+  std::atomic<bool> accepting_{false};  // RequestCall may be posted (false from Shutdown on)
   std::atomic<int> active_{0};
   std::atomic<int> counted_{0};
-  friend class Call;
+  std::mutex active_mu_;                // with active_cv_: Shutdown waits for active_ == 0
+  std::condition_variable active_cv_;
+  std::mutex run_mu_;                   // busy_, waiting_
+  int busy_ = 0;                        // threads running a handler
+  std::deque<std::shared_ptr<Call>> waiting_;  // RPCs ready for a handler while all were busy
   std::mutex shutdown_mu_;
   bool shut_down_ = false;
   std::string error_;

@@ -474,6 +474,7 @@ def main() -> int:
     if bt:
         print()
         print(cpu_table("Batching: server CPU time per request (process tree, user + system)", bt))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.out}; load average before {results['load_average_before']}, after "
           f"{results['load_average_after']}")

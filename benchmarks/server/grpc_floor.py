@@ -5,11 +5,12 @@
 A ``inference.GRPCInferenceService/ModelInfer`` handler that returns one canned, pre-serialized
 ModelInferResponse (LeNet's [1, 10] FP32 logits) without looking at the request, served by
 ``grpc.aio`` (what pyserve and the KServe Python server use) and by the synchronous ``grpc.server``
-(a 4-thread pool) and, where pyserve was built with grpc++, by pyserve's native engine (grpc++ with
-4 worker threads that take the GIL; ``pyserve.server._native_engine.NativeServer``), each loaded by
+(a 4-thread pool) and, where pyserve was built with grpc++, by pyserve's native engine (grpc++'s
+completion queue polled by 4 + 1 threads, the one that read an RPC taking the GIL to run its
+handler; ``pyserve.server._native_engine.NativeServer``), each loaded by
 benchmarks/server/grpc_load.py at concurrency 1 and 16. For native, the CPU µs per request is also
 split by thread (kernel thread names: ``pyserve-nworker`` = the GIL-taking workers, the rest grpc++'s
-own threads, e.g. ``nexting_thread`` and ``default-executo``). Prints
+own threads, e.g. ``default-executo``). Prints
 infer/s and the server process's CPU time per request (user + system, all threads; the client runs
 in its own process). No pyserve code runs in the handler: this is what gRPC's Python layer costs
 per request before any decoding, validation, inference or encoding.
@@ -81,8 +82,8 @@ def _sync(concurrencies, seconds) -> list:
 
 
 def _native(concurrencies, seconds) -> list:
-    """The same handler through pyserve's native engine: grpc++ transport, a C++ worker thread takes
-    the GIL and runs NativeServer's dispatch (handler lookup, context, finish) as for every RPC."""
+    """The same handler through pyserve's native engine: grpc++ transport, the C++ thread that read the
+    RPC takes the GIL and runs NativeServer's dispatch (handler lookup, context, finish) as for every RPC."""
     from pyserve.server._native_engine import NativeServer
 
     import collections

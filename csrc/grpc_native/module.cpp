@@ -1,5 +1,6 @@
-// pyserve._grpc_native: the binding layer. Worker threads that hold the GIL run the transport's
-// tasks by calling Python (pyserve.server._native_engine), and a thin Call object for Python.
+// pyserve._grpc_native: the binding layer. Threads that poll the transport's completion queue run
+// each new RPC's Python handler (pyserve.server._native_engine) with the GIL held; one control
+// thread runs end-of-RPC callbacks; and a thin Call object for Python.
 // Every blocking wait (queue, read, write, shutdown) releases the GIL.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -275,11 +276,13 @@ PYBIND11_MODULE(_grpc_native, m) {
 Parameters
 ----------
 dispatch : callable(call: Call, kind: int)
-    Runs on one of ``workers`` threads for each new RPC (kind 0); must end it with ``call.finish``.
+    Runs for each new RPC (kind 0) on the polling thread that read its first message, at most
+    ``workers`` at once; must end it with ``call.finish``.
 ended : callable(call: Call, kind: int)
     Runs on one control thread when an RPC is cancelled (kind 1) and when it is done (kind 2).
 workers : int
-    Threads that run ``dispatch`` (an open stream holds one for its lifetime).
+    ``dispatch`` calls at once (an open stream holds one for its lifetime); ``workers + 1`` threads
+    poll grpc++'s completion queue, so one always polls.
 )doc")
       .def(py::init<py::function, py::function, int>(), py::arg("dispatch"), py::arg("ended"), py::arg("workers"))
       .def("start", &Engine::Start, py::arg("address"), py::arg("max_receive_bytes"), py::arg("max_send_bytes"),

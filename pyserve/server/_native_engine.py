@@ -14,11 +14,13 @@ traffic-admin, health and reflection servicers and the same
 ``grpc.RpcMethodHandler`` objects, and called with a :class:`_Context` that implements the parts of
 ``grpc.ServicerContext`` they use.
 
-Per RPC: grpc++ reads the first request message and posts the call to one of ``threads`` C++ worker
-threads, which takes the GIL and calls :meth:`NativeServer._dispatch`: find the handler (through the
-interceptors), deserialize, call it, serialize, and finish the RPC (a unary response and its status
-go out in one grpc++ operation). Streams read and write through the call, blocking the worker with
-the GIL released. Cancellation (client, deadline, shutdown) and the end of the RPC run the context's
+Per RPC: ``threads + 1`` C++ threads poll grpc++'s completion queue without the GIL; the one that
+has read a new RPC's first request message takes the GIL and calls :meth:`NativeServer._dispatch`
+itself (no hand-off to another thread): find the handler (through the interceptors), deserialize,
+call it, serialize, and finish the RPC (a unary response and its status go out in one grpc++
+operation). At most ``threads`` handlers run at once; RPCs beyond wait in a FIFO, and the thread
+more than ``threads`` always polls. Streams read and write through the call, blocking the handler's
+thread with the GIL released. Cancellation (client, deadline, shutdown) and the end of the RPC run the context's
 ``add_callback`` callbacks on one separate control thread, so they run even when every worker is
 held by a stream.
 
@@ -289,7 +291,8 @@ class NativeServer:
 
     Parameters
     ----------
-    threads : worker threads that run handlers (an open stream holds one for its lifetime).
+    threads : handlers that run at once (an open stream holds one for its lifetime); one more
+        thread polls.
     interceptors : ``grpc.ServerInterceptor`` objects, applied in order as ``grpc.server`` does.
     options : gRPC channel options; ``grpc.max_receive_message_length`` and
         ``grpc.max_send_message_length`` (bytes) are used, the rest ignored.

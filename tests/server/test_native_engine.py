@@ -273,6 +273,59 @@ def test_cancellation_reaches_handlers_when_streams_hold_every_worker():
 
 
 @needs_native
+def test_streams_holding_every_handler_slot_still_read_and_write():
+    """Two handler slots, both held by bidi streams whose handlers block in a read: the extra polling
+    thread completes their reads and writes, in turns across the two streams; a unary call waits
+    (FIFO) until a stream ends and then runs."""
+    import queue
+
+    handlers = _Handlers()
+    server, port = _start("native", handlers, threads=2)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        bidi = channel.stream_stream(f"/{SVC}/Bidi")
+        sends = [queue.Queue(), queue.Queue()]
+
+        def requests(q):
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                yield item
+
+        streams = [bidi(requests(q), timeout=30) for q in sends]
+        for turn in range(5):  # each answer needs its stream's handler woken from a blocked read
+            for i, (q, stream) in enumerate(zip(sends, streams)):
+                q.put(f"s{i}m{turn}".encode())
+                assert next(stream) == f"S{i}M{turn}".encode()
+        queued = _uu(channel, "Echo").future(b"queued", timeout=30)
+        time.sleep(0.2)
+        assert not queued.done()  # both handler slots are held by the streams
+        sends[0].put(None)
+        assert list(streams[0]) == []
+        assert queued.result(timeout=5) == b"echo:queued"
+        sends[1].put(b"last")
+        assert next(streams[1]) == b"LAST"
+        sends[1].put(None)
+        assert list(streams[1]) == []
+    finally:
+        server.stop(None)
+
+
+@needs_native
+def test_native_default_handler_threads(tmp_path, monkeypatch):
+    """The native engine's default is DEFAULT_NATIVE_GRPC_THREADS (4: fewer polling threads), sync's
+    DEFAULT_GRPC_THREADS (8); an explicit value wins on both."""
+    from pyserve.server.server import DEFAULT_GRPC_THREADS, DEFAULT_NATIVE_GRPC_THREADS, Server
+
+    monkeypatch.delenv("PYSERVE_GRPC_ENGINE", raising=False)
+    assert (DEFAULT_NATIVE_GRPC_THREADS, DEFAULT_GRPC_THREADS) == (4, 8)
+    assert Server(tmp_path, grpc_engine="native").grpc_threads == 4
+    assert Server(tmp_path, grpc_engine="sync").grpc_threads == 8
+    assert Server(tmp_path, grpc_engine="native", grpc_threads=6).grpc_threads == 6
+
+
+@needs_native
 def test_stop_refuses_new_rpcs_and_lets_running_ones_finish():
     handlers = _Handlers()
     server, port = _start("native", handlers)

@@ -71,6 +71,9 @@ py::object GetUser(Call& call) {
   return py::reinterpret_borrow<py::object>(static_cast<PyObject*>(user));
 }
 
+// True on the Engine's own threads (polling/handler threads and the control thread).
+thread_local bool t_engine_thread = false;
+
 // The transport plus its worker threads.
 class Engine {
  public:
@@ -145,6 +148,7 @@ class Engine {
   // A polling thread: the transport's completion queue with the GIL released, a handler with it held.
   void Serve() {
     Name("pyserve-nworker");
+    t_engine_thread = true;
     py::gil_scoped_acquire gil;  // one thread state for the thread's lifetime
     bool handled = false;
     for (;;) {
@@ -166,6 +170,7 @@ class Engine {
   // The control thread: end-of-RPC callbacks (kCancel, kDone).
   void Ends() {
     Name("pyserve-nended");
+    t_engine_thread = true;
     py::gil_scoped_acquire gil;
     for (;;) {
       Task task;
@@ -293,7 +298,10 @@ workers : int
       .def("shutdown", &Engine::Shutdown, py::arg("grace_s"),
            "Stop the server: RPCs still running after ``grace_s`` seconds are cancelled; blocks until all ended.")
       .def("stop", &Engine::Stop, "Shut down at once (if running) and join the worker threads.")
-      .def("active", &Engine::Active, "RPCs whose reactor is alive.")
+      .def("active", &Engine::Active, "RPCs that grpc++ has started and not yet completed.")
+      .def_static("on_engine_thread", [] { return t_engine_thread; },
+                  "True when called from one of an Engine's threads (a handler or an end-of-RPC callback), "
+                  "which must not wait for the Engine to stop: it would wait for itself.")
       .def("counted", &Engine::Counted, "RPCs marked with ``Call.count_until_done`` that are not done yet.")
       .def_property_readonly("error", &Engine::Error);
 }

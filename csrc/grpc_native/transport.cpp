@@ -244,18 +244,18 @@ void Transport::Handle(void* tag, bool ok, std::shared_ptr<Call>* start) {
       break;
     }
     case OpKind::kDone: {
-      bool notify = false;
-      {
+      std::shared_ptr<Call> cancelled;  // taken under the lock: once it is released, another thread
+      {                                 // may complete the last operation and delete `rpc`
         std::lock_guard<std::mutex> lk(c.mu_);
         rpc->done_seen = true;
         if (rpc->ctx.IsCancelled()) {
           c.cancelled_.store(true);
-          notify = rpc->started && c.user_ != nullptr;
+          if (rpc->started && c.user_ != nullptr) cancelled = rpc->call;
         }
         c.cv_.notify_all();
         over = rpc->Over();
       }
-      if (notify) ends.Push(Task{TaskKind::kCancel, rpc->call});
+      if (cancelled) ends.Push(Task{TaskKind::kCancel, std::move(cancelled)});
       break;
     }
     case OpKind::kCount:

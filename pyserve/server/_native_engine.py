@@ -354,19 +354,32 @@ class NativeServer:
 
     def stop(self, grace: float | None) -> threading.Event:
         """As ``grpc.Server.stop``: new RPCs are refused (UNAVAILABLE) at once; with ``grace`` None
-        what still runs is cancelled now and this blocks until the server has shut down, else the
-        running RPCs get ``grace`` seconds (in the background) and the returned Event is set at the end."""
+        what still runs is cancelled now and this blocks until the server has shut down (running
+        handlers have returned and the threads are joined), else the running RPCs get up to
+        ``grace`` seconds (in the background) and the returned Event is set at the end, as soon as
+        none is left. Called from a handler or an ``add_callback`` callback of this server (which
+        cannot wait for itself), the shutdown goes on in the background and the Event says when it
+        is over."""
         if not self._bound:
             self._stopped.set()
             return self._stopped
         self._engine.refuse()
-        if grace is None:
+        if grace is None and not self._engine.on_engine_thread():
             self._shutdown(0.0)
-        else:  # a later stop(None) must not wait for this grace period: a timer, not Shutdown(deadline)
-            timer = threading.Timer(float(grace), self._shutdown, args=(0.0,))
-            timer.daemon = True
-            timer.start()
+        else:  # a later stop(None) must not wait for this grace period: a thread, not Shutdown(deadline)
+            waiter = threading.Thread(target=self._after_grace, args=(0.0 if grace is None else float(grace),),
+                                      name="pyserve-native-stop", daemon=True)
+            waiter.start()
         return self._stopped
+
+    def _after_grace(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        while self._engine.active() > 0 and not self._stopped.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._stopped.wait(min(left, 0.005))
+        self._shutdown(0.0)
 
     def _shutdown(self, grace: float) -> None:
         with self._stop_lock:

@@ -313,6 +313,114 @@ def test_streams_holding_every_handler_slot_still_read_and_write():
 
 
 @needs_native
+def test_cancel_storm_with_end_callbacks_keeps_the_server_up():
+    """Calls whose handlers registered ``add_callback``, cut by 0.3-2 ms deadlines and client cancels
+    on 6 threads for 4 s (break-it finding: the cancel notice read the RPC after another polling
+    thread had completed and freed it, which corrupted the heap within seconds). Every call ends
+    with a status, the callbacks ran, and the server answers afterwards."""
+    import random
+
+    handlers = _Handlers()
+    ended = []
+
+    def cb_unary(request, context):
+        context.add_callback(lambda: ended.append(1))
+        return request
+
+    def cb_bidi(request_iterator, context):
+        context.add_callback(lambda: ended.append(1))
+        for r in request_iterator:
+            yield r
+
+    from pyserve.server._native_engine import NativeServer
+
+    server = NativeServer(4)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SVC, {
+        "CbUnary": grpc.unary_unary_rpc_method_handler(cb_unary),
+        "CbBidi": grpc.stream_stream_rpc_method_handler(cb_bidi),
+        **handlers.generic()}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        end = time.monotonic() + 4.0
+        counts = [0] * 6
+
+        def client(i):
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            unary, bidi = _uu(channel, "CbUnary"), channel.stream_stream(f"/{SVC}/CbBidi")
+            rnd = random.Random(i)
+            while time.monotonic() < end:
+                if rnd.random() < 0.5:
+                    it = bidi(iter([b"a"] * rnd.randint(0, 3)), timeout=rnd.choice([0.0005, 0.001, 0.002, 5]))
+                    try:
+                        if rnd.random() < 0.5:
+                            next(it)
+                    except (grpc.RpcError, StopIteration):
+                        pass
+                    it.cancel()
+                else:
+                    f = unary.future(b"x", timeout=rnd.choice([0.0003, 0.0006, 0.001, 0.002]))
+                    if rnd.random() < 0.3:
+                        f.cancel()
+                    try:
+                        f.result()
+                    except (grpc.RpcError, grpc.FutureCancelledError):
+                        pass
+                counts[i] += 1
+            channel.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        assert sum(counts) > 100 and ended  # the storm ran and end-of-RPC callbacks came
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        assert _uu(channel, "Echo")(b"alive", timeout=10) == b"echo:alive"
+    finally:
+        t0 = time.monotonic()
+        server.stop(None)
+        assert time.monotonic() - t0 < 5
+
+
+@needs_native
+@pytest.mark.parametrize("where", ["handler", "callback"])
+def test_stop_from_the_servers_own_threads(where):
+    """A handler (an admin 'shutdown' RPC) or an end-of-RPC callback calling ``stop(None)`` cannot wait
+    for itself: the shutdown goes on in the background and the returned Event is set when it is over
+    (break-it finding: it waited forever for its own RPC, or joined its own thread)."""
+    box = {}
+
+    def stopper(request, context):
+        if where == "handler":
+            box["event"] = box["server"].stop(None)
+        else:
+            context.add_callback(lambda: box.__setitem__("event", box["server"].stop(None)))
+        return b"stopping"
+
+    handlers = _Handlers()
+    server, port = _start("native", handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Admin", {"Stop": grpc.unary_unary_rpc_method_handler(stopper)}),))
+    box["server"] = server
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    assert channel.unary_unary("/test.Admin/Stop")(b"", timeout=10) == b"stopping"
+    assert server.wait_for_termination(10)
+    assert box["event"].is_set()
+    server.stop(None)  # again, from this thread: a no-op
+
+
+@needs_native
+def test_stop_with_grace_on_an_idle_server_ends_at_once():
+    handlers = _Handlers()
+    server, port = _start("native", handlers)
+    t0 = time.monotonic()
+    done = server.stop(3.0)
+    assert done.wait(2.0) and time.monotonic() - t0 < 2.0  # nothing to wait for (was: the whole grace)
+
+
+@needs_native
 def test_native_default_handler_threads(tmp_path, monkeypatch):
     """The native engine's default is DEFAULT_NATIVE_GRPC_THREADS (4: fewer polling threads), sync's
     DEFAULT_GRPC_THREADS (8); an explicit value wins on both."""

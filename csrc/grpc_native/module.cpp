@@ -19,7 +19,6 @@ using pyserve::grpc_native::Call;
 using pyserve::grpc_native::Metadata;
 using pyserve::grpc_native::Task;
 using pyserve::grpc_native::TaskKind;
-using pyserve::grpc_native::TaskQueue;
 using pyserve::grpc_native::TlsConfig;
 using pyserve::grpc_native::Transport;
 

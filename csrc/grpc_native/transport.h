@@ -95,7 +95,8 @@ class Call {
   grpc::ByteBuffer last_buf_;
 };
 
-enum class TaskKind { kStart, kCancel, kDone };
+// End-of-RPC notices for the control thread.
+enum class TaskKind { kCancel, kDone };
 
 struct Task {
   TaskKind kind;

@@ -49,9 +49,11 @@ test: base
 # The sanitized build keeps its symbols, so that reports name the function and line: RelWithDebInfo
 # (-O2 -g; pybind11 strips Release modules after linking) and install.strip=false (scikit-build-core
 # strips on install); and it skips pybind11's LTO (a sanitized LTO link takes minutes, gains nothing).
-# ASAN_TEST_ARGS narrows the run, e.g. ASAN_TEST_ARGS='-m "not slow"'.
+# ASAN_TESTS (default: the kernels' tests/ops and the native gRPC transport's tests) and
+# ASAN_TEST_ARGS narrow the run, e.g. ASAN_TEST_ARGS='-m "not slow"'.
 ASAN_VENV      ?= .venv-asan
 ASAN_TEST_ARGS ?=
+ASAN_TESTS     ?= tests/ops tests/server/test_native_engine.py
 ASAN_LIB        = $(shell $${CXX:-g++} -print-file-name=libasan.so)
 ASAN_STDCXX     = $(shell $${CXX:-g++} -print-file-name=libstdc++.so)
 asan-test: base
@@ -69,7 +71,7 @@ asan-test: base
 	  echo "asan-test: testing $$so"
 	LD_PRELOAD="$(ASAN_LIB) $(ASAN_STDCXX)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1 \
-	  $(ASAN_VENV)/bin/python -m pytest tests/ops -q -p no:cacheprovider --capture=sys $(ASAN_TEST_ARGS)
+	  $(ASAN_VENV)/bin/python -m pytest $(ASAN_TESTS) -q -p no:cacheprovider --capture=sys $(ASAN_TEST_ARGS)
 
 clean:
 	rm -rf build out

@@ -79,7 +79,7 @@ def group(name: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="sync:8,aio:16,native:8" if native_available() else "sync:4,sync:8,sync:16,aio:16",
+    p.add_argument("--configs", default="sync:8,aio:16,native:4" if native_available() else "sync:4,sync:8,sync:16,aio:16",
                    help="engine:threads,... (engines sync, aio, native)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)

@@ -9,7 +9,7 @@ ModelInferResponse (LeNet's [1, 10] FP32 logits) without looking at the request,
 completion queue polled by 4 + 1 threads, the one that read an RPC taking the GIL to run its
 handler; ``pyserve.server._native_engine.NativeServer``), each loaded by
 benchmarks/server/grpc_load.py at concurrency 1 and 16. For native, the CPU µs per request is also
-split by thread (kernel thread names: ``pyserve-nworker`` = the GIL-taking workers, the rest grpc++'s
+split by thread (kernel thread names: ``pyserve-nworker`` = the polling threads that run handlers, the rest grpc++'s
 own threads, e.g. ``default-executo``). Prints
 infer/s and the server process's CPU time per request (user + system, all threads; the client runs
 in its own process). No pyserve code runs in the handler: this is what gRPC's Python layer costs

@@ -73,7 +73,7 @@ py::object GetUser(Call& call) {
 // True on the Engine's own threads (polling/handler threads and the control thread).
 thread_local bool t_engine_thread = false;
 
-// The transport plus its worker threads.
+// The transport plus its polling/handler threads and the control thread.
 class Engine {
  public:
   Engine(py::function dispatch, py::function ended, int workers)
@@ -120,7 +120,7 @@ class Engine {
     transport_.Shutdown(grace_s);
   }
 
-  // Shuts the server down at once (if still running) and joins the worker threads.
+  // Shuts the server down at once (if still running) and joins the threads.
   void Stop() {
     if (!started_ || stopped_) return;
     stopped_ = true;
@@ -206,7 +206,7 @@ class Engine {
 }  // namespace
 
 PYBIND11_MODULE(_grpc_native, m) {
-  m.doc() = "pyserve's native gRPC transport (grpc++ callback API). Use pyserve.server._native_engine.";
+  m.doc() = "pyserve's native gRPC transport (grpc++ completion-queue API). Use pyserve.server._native_engine.";
 
   py::class_<Call, std::shared_ptr<Call>>(m, "Call", "One RPC, as the Python dispatcher sees it.")
       .def_readonly("method", &Call::method, "``/package.Service/Method`` (str).")
@@ -280,8 +280,9 @@ PYBIND11_MODULE(_grpc_native, m) {
 Parameters
 ----------
 dispatch : callable(call: Call, kind: int)
-    Runs for each new RPC (kind 0) on the polling thread that read its first message, at most
-    ``workers`` at once; must end it with ``call.finish``.
+    Runs for each new RPC (kind 0) on the polling thread that read its first message (or, when
+    ``workers`` handlers already run, on the next thread to finish one); must end it with
+    ``call.finish``.
 ended : callable(call: Call, kind: int)
     Runs on one control thread when an RPC is cancelled (kind 1) and when it is done (kind 2).
 workers : int

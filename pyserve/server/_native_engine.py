@@ -21,8 +21,8 @@ call it, serialize, and finish the RPC (a unary response and its status go out i
 operation). At most ``threads`` handlers run at once; RPCs beyond wait in a FIFO, and the thread
 more than ``threads`` always polls. Streams read and write through the call, blocking the handler's
 thread with the GIL released. Cancellation (client, deadline, shutdown) and the end of the RPC run the context's
-``add_callback`` callbacks on one separate control thread, so they run even when every worker is
-held by a stream.
+``add_callback`` callbacks on one separate control thread, so they run even when every handler
+thread is held by a stream.
 
 Unknown methods end UNIMPLEMENTED; a handler that raises ends UNKNOWN (as ``grpc.server``); oversize
 messages are refused by grpc++ with RESOURCE_EXHAUSTED.
@@ -393,7 +393,7 @@ class NativeServer:
     def wait_for_termination(self, timeout=None) -> bool:
         return self._stopped.wait(timeout)
 
-    # --- per RPC (on the C++ worker threads, GIL held) ------------------------------------------
+    # --- per RPC (on the C++ handler threads, GIL held) ------------------------------------------
     def _find(self, details):
         handler = self._methods.get(details.method)
         if handler is not None:

@@ -205,7 +205,8 @@ def test_served_by_the_straight_line_plan(tiny_int8):
     embeddings equal to the GraphModule's bit for bit on padded real sentences, on the int8 kernels
     with fp32 and with bf16 attention and on dense layers (torch's linear and gelu). A token id
     outside the vocabulary (or negative), an attention mask whose length is not the ids' (which the
-    model would broadcast), a sequence beyond the position table: each fails its own request with
+    model would broadcast), a sequence beyond the position table, an empty sequence (which pooled to
+    zeros): each fails its own request with
     InvalidArgument saying what and where, on the plan and on the graph alike, while the request
     beside it is answered."""
     import asyncio
@@ -243,7 +244,9 @@ def test_served_by_the_straight_line_plan(tiny_int8):
                 "token id -1 at (0, 0) is outside": dict(good, input_ids=np.where(mask.numpy() > 0, -1, 0)),
                 f"'attention_mask'.shape[1] to be equal to {S}, but got 1": dict(good, attention_mask=mask.numpy()[:, :1]),
                 "'input_ids'.shape[1] to be <= 512, but got 600": {"input_ids": np.ones((1, 600), np.int64),
-                                                                    "attention_mask": np.ones((1, 600), np.int64)}}
+                                                                    "attention_mask": np.ones((1, 600), np.int64)},
+                "input 'input_ids' has no tokens (shape [2, 0])": {"input_ids": np.ones((2, 0), np.int64),
+                                                                   "attention_mask": np.ones((2, 0), np.int64)}}
         for executor in ("plan", "graph"):
             backend = tokens if executor == "plan" else PyserveBackend(out, kernels=kernels, inputs="token_ids",
                                                                        attention=attention, graph_executor="graph")

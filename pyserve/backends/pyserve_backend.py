@@ -239,7 +239,8 @@ def _request_check(module, signature: ModelSignature):
 
 def _checked(check, inputs: InferInputs):
     """``inputs``, or the InvalidArgument naming what breaks the model's shape constraints (two
-    inputs' dims that must agree, a dim's range) or which token id lies outside the vocabulary: the
+    inputs' dims that must agree, a dim's range), an empty sequence of token ids, or which token id
+    lies outside the vocabulary: the
     data plane checked each input against the signature alone, and the model would broadcast such
     shapes silently or fail with an internal error."""
     names, shapes, vocab = check
@@ -253,6 +254,9 @@ def _checked(check, inputs: InferInputs):
             return InvalidArgument(f"inputs do not fit the model's shapes: {msg}")
     for i, rows in vocab.items():
         ids = arrays[i]
+        if ids.ndim >= 2 and ids.shape[-1] == 0 and ids.shape[0] > 0:  # the model would pool nothing into zeros
+            return InvalidArgument(f"input {names[i]!r} has no tokens (shape {list(ids.shape)}): each sequence needs "
+                                   "at least one")
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
             bad = np.argwhere((ids < 0) | (ids >= rows))[0]
             return InvalidArgument(f"input {names[i]!r}: token id {int(ids[tuple(bad)])} at {tuple(int(x) for x in bad)} "

@@ -332,22 +332,17 @@ def test_cancel_storm_with_end_callbacks_keeps_the_server_up():
         for r in request_iterator:
             yield r
 
-    from pyserve.server._native_engine import NativeServer
-
-    server = NativeServer(4)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SVC, {
-        "CbUnary": grpc.unary_unary_rpc_method_handler(cb_unary),
-        "CbBidi": grpc.stream_stream_rpc_method_handler(cb_bidi),
-        **handlers.generic()}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server, port = _start("native", handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Cb", {
+        "Unary": grpc.unary_unary_rpc_method_handler(cb_unary),
+        "Bidi": grpc.stream_stream_rpc_method_handler(cb_bidi)}),))
     try:
         end = time.monotonic() + 4.0
         counts = [0] * 6
 
         def client(i):
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-            unary, bidi = _uu(channel, "CbUnary"), channel.stream_stream(f"/{SVC}/CbBidi")
+            unary, bidi = channel.unary_unary("/test.Cb/Unary"), channel.stream_stream("/test.Cb/Bidi")
             rnd = random.Random(i)
             while time.monotonic() < end:
                 if rnd.random() < 0.5:

@@ -10,8 +10,8 @@ closed loops, pre-serialized requests) and reads every thread's CPU time (user +
 and after the window. Prints infer/s and CPU µs per request in all and by thread group: the gRPC
 handler threads (``pyserve-grpc``), grpc's own Python threads (sync: ``_serve``, the completion-queue
 poller; aio: ``_poll_wrapper``), native threads by their kernel name (``native:pyserve-nworker``: the
-native engine's threads that poll grpc++'s completion queue and run Python handlers; ``native:grpcpp_sync_ser``/``native:default-executo`` etc.:
-grpc++'s own), and the event loop (``pyserve-server``). The
+native engine's threads that poll grpc++'s completion queue and run Python handlers;
+``native:default-executo`` etc.: grpc++'s own), and the event loop (``pyserve-server``). The
 medians over the rounds come last. Client and server share the machine: CPU per request is the
 figure to compare, throughput is only indicative.
 """

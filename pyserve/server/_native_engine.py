@@ -20,9 +20,9 @@ itself (no hand-off to another thread): find the handler (through the intercepto
 call it, serialize, and finish the RPC (a unary response and its status go out in one grpc++
 operation). At most ``threads`` handlers run at once; RPCs beyond wait in a FIFO, and the thread
 more than ``threads`` always polls. Streams read and write through the call, blocking the handler's
-thread with the GIL released. Cancellation (client, deadline, shutdown) and the end of the RPC run the context's
-``add_callback`` callbacks on one separate control thread, so they run even when every handler
-thread is held by a stream.
+thread with the GIL released. Cancellation (client, deadline, shutdown) and the end of the RPC run
+the context's ``add_callback`` callbacks on one separate control thread, so they run even when
+every handler thread is held by a stream.
 
 Unknown methods end UNIMPLEMENTED; a handler that raises ends UNKNOWN (as ``grpc.server``); oversize
 messages are refused by grpc++ with RESOURCE_EXHAUSTED.

@@ -202,28 +202,31 @@ def grpc_load(url: str, concurrency: int, seconds: float) -> dict:
     return json.loads(r.stdout)
 
 
-_CPP_CLIENT = ROOT / "build" / "grpc_load_cpp"
+def build_cpp(name: str) -> Path:
+    """benchmarks/server/NAME.cpp built into build/NAME with g++ and pkg-config's grpc++ (again only
+    when the source is newer). RuntimeError when grpc++ (libgrpc++-dev) or pkg-config is missing."""
+    src, out = Path(__file__).with_name(f"{name}.cpp"), ROOT / "build" / name
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True)
+        if flags.returncode != 0:
+            raise RuntimeError(f"building {src.name} needs grpc++ (libgrpc++-dev) and pkg-config: "
+                               f"{flags.stderr.strip()}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["g++", "-O2", "-std=c++17", str(src), "-o", str(out), *flags.stdout.split()], check=True)
+    return out
 
 
 def grpc_load_cpp(url: str, concurrency: int, seconds: float) -> dict:
-    """benchmarks/server/grpc_load_cpp.cpp (built here once with g++ and pkg-config's grpc++): the same
+    """benchmarks/server/grpc_load_cpp.cpp (built here once, :func:`build_cpp`): the same
     pre-serialized request and closed loops as grpc_load.py, without Python in the client."""
-    src = Path(__file__).with_name("grpc_load_cpp.cpp")
-    if not _CPP_CLIENT.exists() or _CPP_CLIENT.stat().st_mtime < src.stat().st_mtime:
-        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True)
-        if flags.returncode != 0:
-            raise RuntimeError("--vs-client cpp needs grpc++ (libgrpc++-dev) and pkg-config to build "
-                               f"{src.name}: {flags.stderr.strip()}")
-        _CPP_CLIENT.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["g++", "-O2", "-std=c++17", str(src), "-o", str(_CPP_CLIENT), *flags.stdout.split()],
-                       check=True)
+    client = build_cpp("grpc_load_cpp")
     sys.path.insert(0, str(Path(__file__).parent))
     from grpc_load import request_bytes
 
     with tempfile.NamedTemporaryFile(suffix=".bin") as req:
         req.write(request_bytes("lenet300", "images", (1, 784), None))
         req.flush()
-        r = subprocess.run([str(_CPP_CLIENT), "--url", url, "--request", req.name, "--concurrency", str(concurrency),
+        r = subprocess.run([str(client), "--url", url, "--request", req.name, "--concurrency", str(concurrency),
                             "--seconds", str(seconds)], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"grpc_load_cpp failed ({r.returncode}): {r.stderr[-800:]}")

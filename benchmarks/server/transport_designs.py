@@ -18,35 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).parent
-BUILD = ROOT / "build"
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_server import build_cpp, free_port  # noqa: E402
+
 DESIGNS = (("callback_inline", 4), ("callback_handoff", 8), ("cq", 5))
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def build(name: str) -> Path:
-    src, out = HERE / f"{name}.cpp", BUILD / name
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True)
-        if flags.returncode != 0:
-            sys.exit(f"transport_designs.py needs grpc++ (libgrpc++-dev) and pkg-config: {flags.stderr.strip()}")
-        BUILD.mkdir(exist_ok=True)
-        subprocess.run(["g++", "-O2", "-std=c++17", str(src), "-o", str(out), *flags.stdout.split()], check=True)
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def snapshot(pid: int) -> tuple[float, int]:
@@ -90,7 +72,10 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    server, client = build("transport_designs"), build("grpc_load_cpp")
+    try:
+        server, client = build_cpp("transport_designs"), build_cpp("grpc_load_cpp")
+    except RuntimeError as exc:
+        sys.exit(f"transport_designs.py: {exc}")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     runs: dict = {}
     with tempfile.NamedTemporaryFile(suffix=".bin") as req:

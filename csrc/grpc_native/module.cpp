@@ -8,7 +8,11 @@
 #include <cmath>
 #include <optional>
 #include <stdexcept>
+#include <atomic>
+#include <memory>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include <pthread.h>
 
@@ -72,13 +76,23 @@ py::object GetUser(Call& call) {
 
 // True on the Engine's own threads (polling/handler threads and the control thread).
 thread_local bool t_engine_thread = false;
+// Set on a polling thread whose handler is a stream (Engine::ReleaseSlot): the thread leaves once
+// the handler returns, a new one having taken its place among the pollers.
+thread_local bool t_stream_thread = false;
+thread_local bool t_handler_thread = false;  // a polling thread (Serve), not the control thread
 
 // The transport plus its polling/handler threads and the control thread.
 class Engine {
  public:
-  Engine(py::function dispatch, py::function ended, int workers)
-      : transport_(workers), dispatch_(std::move(dispatch)), ended_(std::move(ended)), n_workers_(workers) {
+  Engine(py::function dispatch, py::function ended, int workers, int max_stream_threads)
+      : transport_(workers),
+        dispatch_(std::move(dispatch)),
+        ended_(std::move(ended)),
+        n_workers_(workers),
+        max_stream_threads_(max_stream_threads) {
     if (workers < 1) throw py::value_error("Engine: workers must be >= 1, got " + std::to_string(workers));
+    if (max_stream_threads < 0)
+      throw py::value_error("Engine: max_stream_threads must be >= 0, got " + std::to_string(max_stream_threads));
   }
   ~Engine() {
     try {
@@ -107,10 +121,27 @@ class Engine {
       port = transport_.Start(address, max_receive_bytes, max_send_bytes, cfg);
     }
     if (port != 0) {  // workers + 1 threads poll: at most `workers` run handlers, one always polls
-      for (int i = 0; i <= n_workers_; ++i) threads_.emplace_back([this] { Serve(); });
-      threads_.emplace_back([this] { Ends(); });
+      std::lock_guard<std::mutex> lk(threads_mu_);
+      for (int i = 0; i <= n_workers_; ++i) Spawn([this] { Serve(); });
+      Spawn([this] { Ends(); });
     }
     return port;
+  }
+
+  // Called by a handler (GIL held) about to serve a stream: its slot is released and one more
+  // polling thread started, so open streams hold no handler slot (health checks and unary RPCs go
+  // on); the stream's thread leaves when its handler returns. False (the stream keeps its slot)
+  // when not on a handler thread or when `max_stream_threads` streams already have their own.
+  bool ReleaseSlot() {
+    if (!t_handler_thread || t_stream_thread || stopped_) return false;
+    std::lock_guard<std::mutex> lk(threads_mu_);
+    Reap();
+    if (stream_threads_.load() >= max_stream_threads_) return false;
+    ++stream_threads_;
+    t_stream_thread = true;
+    transport_.ReleaseSlot();
+    Spawn([this] { Serve(); });
+    return true;
   }
 
   void Refuse() { transport_.Refuse(); }
@@ -127,7 +158,8 @@ class Engine {
     py::gil_scoped_release release;
     transport_.Shutdown(0.0);
     transport_.ends.Close();
-    for (auto& t : threads_) t.join();
+    std::lock_guard<std::mutex> lk(threads_mu_);
+    for (auto& t : threads_) t.thread.join();
     threads_.clear();
   }
 
@@ -148,6 +180,7 @@ class Engine {
   void Serve() {
     Name("pyserve-nworker");
     t_engine_thread = true;
+    t_handler_thread = true;
     py::gil_scoped_acquire gil;  // one thread state for the thread's lifetime
     bool handled = false;
     for (;;) {
@@ -163,6 +196,10 @@ class Engine {
       // a handler that forgot to finish must not hang the RPC
       call->Finish(13, "internal error: the handler did not finish the RPC", nullptr, 0, false, {});
       call.reset();  // may drop the last reference, with the GIL held
+      if (t_stream_thread) {  // its replacement polls; Reap joins this thread later
+        --stream_threads_;
+        break;
+      }
     }
   }
 
@@ -196,10 +233,39 @@ class Engine {
     }
   }
 
+  struct Thread {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> over;
+  };
+  // Under threads_mu_.
+  template <class F>
+  void Spawn(F fn) {
+    auto over = std::make_shared<std::atomic<bool>>(false);
+    threads_.push_back(Thread{std::thread([fn, over] {
+                                fn();
+                                over->store(true);
+                              }),
+                              over});
+  }
+  // Joins the threads that have left (streams' threads), under threads_mu_.
+  void Reap() {
+    for (auto it = threads_.begin(); it != threads_.end();) {
+      if (it->over->load()) {
+        it->thread.join();
+        it = threads_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
   Transport transport_;
   py::function dispatch_, ended_;
   int n_workers_;
-  std::vector<std::thread> threads_;
+  int max_stream_threads_;
+  std::atomic<int> stream_threads_{0};  // streams' threads whose handler has not returned yet
+  std::mutex threads_mu_;
+  std::vector<Thread> threads_;
   bool started_ = false, stopped_ = false;
 };
 
@@ -286,10 +352,15 @@ dispatch : callable(call: Call, kind: int)
 ended : callable(call: Call, kind: int)
     Runs on one control thread when an RPC is cancelled (kind 1) and when it is done (kind 2).
 workers : int
-    ``dispatch`` calls at once (an open stream holds one for its lifetime); ``workers + 1`` threads
-    poll grpc++'s completion queue, so one always polls.
+    ``dispatch`` calls at once; ``workers + 1`` threads poll grpc++'s completion queue, so one always
+    polls.
+max_stream_threads : int
+    Streams that may hold no handler slot: a handler that calls ``release_slot`` (a stream, which
+    may stay open for as long as its client likes) gives its slot back and one more polling thread
+    starts, up to this many at once; past it the stream holds its slot until it ends.
 )doc")
-      .def(py::init<py::function, py::function, int>(), py::arg("dispatch"), py::arg("ended"), py::arg("workers"))
+      .def(py::init<py::function, py::function, int, int>(), py::arg("dispatch"), py::arg("ended"),
+           py::arg("workers"), py::arg("max_stream_threads") = 256)
       .def("start", &Engine::Start, py::arg("address"), py::arg("max_receive_bytes"), py::arg("max_send_bytes"),
            py::arg("tls") = py::none(),
            "Bind ``address`` (``host:port``, port 0: any) and serve; the bound port, or 0 if it cannot bind. "
@@ -298,6 +369,10 @@ workers : int
       .def("shutdown", &Engine::Shutdown, py::arg("grace_s"),
            "Stop the server: RPCs still running after ``grace_s`` seconds are cancelled; blocks until all ended.")
       .def("stop", &Engine::Stop, "Shut down at once (if running) and join the worker threads.")
+      .def("release_slot", &Engine::ReleaseSlot,
+           "Called by a handler about to serve a stream: the stream holds no handler slot (one more thread "
+           "polls, and this one leaves when the handler returns). False (the slot kept) when not on a "
+           "handler thread or ``max_stream_threads`` streams already hold none.")
       .def("active", &Engine::Active, "RPCs that grpc++ has started and not yet completed.")
       .def_static("on_engine_thread", [] { return t_engine_thread; },
                   "True when called from one of an Engine's threads (a handler or an end-of-RPC callback), "

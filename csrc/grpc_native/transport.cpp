@@ -264,15 +264,21 @@ void Transport::Handle(void* tag, bool ok, std::shared_ptr<Call>* start) {
   if (over) Complete(rpc);
 }
 
+void Transport::ReleaseSlot() {
+  std::lock_guard<std::mutex> lk(run_mu_);
+  --busy_;
+}
+
 bool Transport::NextCall(std::shared_ptr<Call>* out, bool handled_one) {
-  if (handled_one) {
+  {
     std::lock_guard<std::mutex> lk(run_mu_);
-    if (!waiting_.empty()) {
+    if (handled_one) --busy_;
+    if (!waiting_.empty() && busy_ < workers_) {  // a slot is free (a handler ended, a stream let go)
+      ++busy_;
       *out = std::move(waiting_.front());
       waiting_.pop_front();
       return true;
     }
-    --busy_;
   }
   void* tag;
   bool ok;

@@ -138,6 +138,10 @@ class Transport {
   // the server has shut down (false). `handled_one`: this thread has just run a handler (from
   // the previous NextCall), which frees its handler slot.
   bool NextCall(std::shared_ptr<Call>* out, bool handled_one);
+  // The calling thread's handler is a stream: its handler slot is released now (a stream may stay
+  // open for as long as the client likes), and the caller starts one more polling thread. When the
+  // stream's handler returns, its thread leaves (it must not call NextCall with handled_one).
+  void ReleaseSlot();
   // New RPCs are answered UNAVAILABLE from now on; running ones go on.
   void Refuse() { refusing_.store(true); }
   // Stops the server: RPCs still running after `grace_s` seconds are cancelled; blocks until every

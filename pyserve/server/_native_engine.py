@@ -20,9 +20,11 @@ itself (no hand-off to another thread): find the handler (through the intercepto
 call it, serialize, and finish the RPC (a unary response and its status go out in one grpc++
 operation). At most ``threads`` handlers run at once; RPCs beyond wait in a FIFO, and the thread
 more than ``threads`` always polls. Streams read and write through the call, blocking the handler's
-thread with the GIL released. Cancellation (client, deadline, shutdown) and the end of the RPC run
-the context's ``add_callback`` callbacks on one separate control thread, so they run even when
-every handler thread is held by a stream.
+thread with the GIL released; a stream gives its handler slot back when it starts (one more polling
+thread starts, and the stream's thread leaves when its handler returns), so open streams (a health
+Watch, ModelStreamInfer) do not make unary RPCs wait, up to ``max_stream_threads`` streams at once.
+Cancellation (client, deadline, shutdown) and the end of the RPC run the context's ``add_callback``
+callbacks on one separate control thread, so they run even when every handler thread is blocked.
 
 Unknown methods end UNIMPLEMENTED; a handler that raises ends UNKNOWN (as ``grpc.server``); oversize
 messages are refused by grpc++ with RESOURCE_EXHAUSTED.
@@ -291,21 +293,25 @@ class NativeServer:
 
     Parameters
     ----------
-    threads : handlers that run at once (an open stream holds one for its lifetime); one more
-        thread polls.
+    threads : unary handlers that run at once; one more thread polls.
     interceptors : ``grpc.ServerInterceptor`` objects, applied in order as ``grpc.server`` does.
     options : gRPC channel options; ``grpc.max_receive_message_length`` and
         ``grpc.max_send_message_length`` (bytes) are used, the rest ignored.
+    max_stream_threads : streams (streaming requests or responses) that each run on a thread of
+        their own rather than holding one of the ``threads`` slots for as long as they stay open;
+        past this many at once a new stream holds a slot until it ends (default 256).
 
     One port per server: the first ``add_*_port`` binds and starts the grpc++ server, so the port is
     known at once (handlers must be registered before it); :meth:`start` is then a no-op.
     Errors: ValueError when the extension is missing (:func:`require_native`) or on bad arguments.
     """
 
-    def __init__(self, threads: int, interceptors=(), options=()) -> None:
+    def __init__(self, threads: int, interceptors=(), options=(), max_stream_threads: int = 256) -> None:
         native = require_native()
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+        if not isinstance(max_stream_threads, int) or max_stream_threads < 0:
+            raise ValueError(f"max_stream_threads must be an int >= 0, got {max_stream_threads!r}")
         opts = dict(options)
         self._max_receive = int(opts.get("grpc.max_receive_message_length", 4 * 1024 * 1024))
         self._max_send = int(opts.get("grpc.max_send_message_length", 2**31 - 1))
@@ -314,7 +320,7 @@ class NativeServer:
         self._interceptors = tuple(interceptors)
         self._methods: dict = {}
         self._generic: list = []
-        self._engine = native.Engine(self._dispatch, self._ended, threads)
+        self._engine = native.Engine(self._dispatch, self._ended, threads, max_stream_threads)
         self._bound = False
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -444,6 +450,8 @@ class NativeServer:
                 call.finish(grpc.StatusCode.INTERNAL.value[0], "Exception deserializing request!")
                 return
         serializer = handler.response_serializer
+        if handler.request_streaming or handler.response_streaming:
+            self._engine.release_slot()  # a stream may stay open for long: it holds no handler slot
         try:
             if handler.response_streaming:
                 behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream

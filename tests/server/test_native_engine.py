@@ -118,13 +118,13 @@ class _TagInterceptor(grpc.ServerInterceptor):
         return continuation(details)
 
 
-def _start(kind: str, handlers: _Handlers, max_bytes: int = 1 << 20, threads: int = 4):
+def _start(kind: str, handlers: _Handlers, max_bytes: int = 1 << 20, threads: int = 4, **native_kw):
     options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
     interceptors = [_TagInterceptor()]
     if kind == "native":
         from pyserve.server._native_engine import NativeServer
 
-        server = NativeServer(threads, interceptors=interceptors, options=options)
+        server = NativeServer(threads, interceptors=interceptors, options=options, **native_kw)
     else:
         server = grpc.server(ThreadPoolExecutor(threads), interceptors=interceptors, options=options)
     generic = grpc.method_handlers_generic_handler(SVC, handlers.generic())
@@ -272,32 +272,62 @@ def test_cancellation_reaches_handlers_when_streams_hold_every_worker():
         server.stop(None)
 
 
-@needs_native
-def test_streams_holding_every_handler_slot_still_read_and_write():
-    """Two handler slots, both held by bidi streams whose handlers block in a read: the extra polling
-    thread completes their reads and writes, in turns across the two streams; a unary call waits
-    (FIFO) until a stream ends and then runs."""
+def _native_workers() -> int:
+    """This process's live ``pyserve-nworker`` threads (the native engine's polling threads)."""
+    from pathlib import Path
+
+    count = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            count += (task / "comm").read_text().strip() == "pyserve-nworker"
+        except OSError:
+            pass
+    return count
+
+
+def _bidi_streams(channel, n: int):
+    """``n`` open bidi streams on ``/SVC/Bidi``: (queues to put requests in, None to end; response iterators)."""
     import queue
 
+    bidi = channel.stream_stream(f"/{SVC}/Bidi")
+    sends = [queue.Queue() for _ in range(n)]
+
+    def requests(q):
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            yield item
+
+    return sends, [bidi(requests(q), timeout=30) for q in sends]
+
+
+def _talk(sends, streams, turns: int) -> None:
+    for turn in range(turns):  # each answer needs its stream's handler woken from a blocked read
+        for i, (q, stream) in enumerate(zip(sends, streams)):
+            q.put(f"s{i}m{turn}".encode())
+            assert next(stream) == f"S{i}M{turn}".encode()
+
+
+def _wait_native_workers(n: int, timeout_s: float = 5.0) -> int:
+    """``_native_workers()`` once it is ``n`` (threads name themselves as they start), or at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while (count := _native_workers()) != n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return count
+
+
+@needs_native
+def test_streams_holding_every_handler_slot_still_read_and_write():
+    """With ``max_stream_threads=0`` streams hold their handler slot: two slots, both held by bidi
+    streams whose handlers block in a read; the extra polling thread completes their reads and
+    writes, in turns across the two streams; a unary call waits (FIFO) until a stream ends."""
     handlers = _Handlers()
-    server, port = _start("native", handlers, threads=2)
+    server, port = _start("native", handlers, threads=2, max_stream_threads=0)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        bidi = channel.stream_stream(f"/{SVC}/Bidi")
-        sends = [queue.Queue(), queue.Queue()]
-
-        def requests(q):
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                yield item
-
-        streams = [bidi(requests(q), timeout=30) for q in sends]
-        for turn in range(5):  # each answer needs its stream's handler woken from a blocked read
-            for i, (q, stream) in enumerate(zip(sends, streams)):
-                q.put(f"s{i}m{turn}".encode())
-                assert next(stream) == f"S{i}M{turn}".encode()
+        sends, streams = _bidi_streams(channel, 2)
+        _talk(sends, streams, 5)
         queued = _uu(channel, "Echo").future(b"queued", timeout=30)
         time.sleep(0.2)
         assert not queued.done()  # both handler slots are held by the streams
@@ -308,6 +338,44 @@ def test_streams_holding_every_handler_slot_still_read_and_write():
         assert next(streams[1]) == b"LAST"
         sends[1].put(None)
         assert list(streams[1]) == []
+    finally:
+        server.stop(None)
+
+
+@needs_native
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_open_streams_hold_no_handler_slot_up_to_max_stream_threads():
+    """Two handler slots, ``max_stream_threads=2`` and three bidi streams whose handlers block in
+    reads: the first two streams give their slots back (one more polling thread each), the third
+    holds one; the streams go on in turns and a unary call is answered at once on the slot left (a
+    health check must not wait for streams). When the streams end their threads leave and the pool
+    is back to its size; the next streams again get threads of their own."""
+    handlers = _Handlers()
+    others = _native_workers()  # other tests' servers may still run in this process
+    server, port = _start("native", handlers, threads=2, max_stream_threads=2)
+    try:
+        base = others + 3  # threads + 1
+        assert _wait_native_workers(base) == base
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        sends, streams = _bidi_streams(channel, 3)
+        _talk(sends, streams, 4)
+        assert _wait_native_workers(base + 2) == base + 2
+        t0 = time.monotonic()
+        assert _uu(channel, "Echo")(b"now", timeout=10) == b"echo:now"
+        assert time.monotonic() - t0 < 2.0
+        for q, stream in zip(sends, streams):
+            q.put(None)
+            assert list(stream) == []
+        assert _wait_native_workers(base) == base
+        # again, after the first streams' threads have left: two more streams, both slots free
+        sends, streams = _bidi_streams(channel, 2)
+        _talk(sends, streams, 2)
+        assert _wait_native_workers(base + 2) == base + 2
+        futures = [_uu(channel, "Echo").future(f"u{i}".encode(), timeout=10) for i in range(2)]
+        assert [f.result() for f in futures] == [b"echo:u0", b"echo:u1"]
+        for q, stream in zip(sends, streams):
+            q.put(None)
+            assert list(stream) == []
     finally:
         server.stop(None)
 
@@ -461,6 +529,8 @@ def test_native_server_argument_errors():
 
     with pytest.raises(ValueError, match="threads must be an int >= 1, got 0"):
         NativeServer(0)
+    with pytest.raises(ValueError, match="max_stream_threads must be an int >= 0, got -1"):
+        NativeServer(1, max_stream_threads=-1)
     server = NativeServer(1)
     with pytest.raises(ValueError, match="credentials must be"):
         server.add_secure_port("127.0.0.1:0", object())
@@ -542,3 +612,52 @@ def test_long_metadata_value_beside_a_call_in_flight():
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         server.stop(None)
+
+
+@pytest.mark.parametrize("engine", ["aio", pytest.param("native", marks=needs_native)])
+def test_open_streams_do_not_block_health_checks_or_inference(tmp_path, write_model, engine):
+    """The whole server with one handler thread: three gRPC health Watch streams and a tritonclient
+    ModelStreamInfer stream stay open while ServerLive, a health Check and ModelInfer are answered
+    at once (a Kubernetes gRPC probe must not wait behind streams; new-user finding on the native
+    engine, where the streams used to hold every handler thread; on ``sync`` grpc.server's streams
+    still hold a pool thread each, docs/protocol.md)."""
+    import queue
+
+    import numpy as np
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from test_server_grpc import fp32_input
+
+    tc = pytest.importorskip("tritonclient.grpc")
+    from pyserve.server import ServerThread
+
+    write_model(tmp_path, "echo", 1, config="backend: test-echo\n")
+    with ServerThread(tmp_path, host="127.0.0.1", grpc_port=0, grpc_engine=engine, grpc_threads=1) as srv:
+        channel = grpc.insecure_channel(srv.url)
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30) for _ in range(3)]
+        for w in watches:
+            assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+        streamed: queue.Queue = queue.Queue()
+        client = tc.InferenceServerClient(srv.url)
+        client.start_stream(callback=lambda result, error: streamed.put((result, error)))
+        x = np.array([[1.0, 2.0]], np.float32)
+        client.async_stream_infer("echo", [fp32_input(x)], request_id="s1")
+        result, error = streamed.get(timeout=10)
+        assert error is None and np.array_equal(result.as_numpy("y"), 2 * x)
+
+        t0 = time.monotonic()
+        assert client.is_server_live()
+        check = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        y = client.infer("echo", [fp32_input(3 * x)], client_timeout=5).as_numpy("y")
+        assert np.array_equal(y, 6 * x)
+        assert time.monotonic() - t0 < 3.0
+        # the streams are still open and working
+        client.async_stream_infer("echo", [fp32_input(5 * x)], request_id="s2")
+        result, error = streamed.get(timeout=10)
+        assert error is None and np.array_equal(result.as_numpy("y"), 10 * x)
+        client.stop_stream()
+        client.close()
+        for w in watches:
+            w.cancel()
+        channel.close()

@@ -80,7 +80,8 @@ def _watch_health(url: str, statuses: list, started: threading.Event) -> None:
 
 
 def test_sigterm_under_load_loses_no_accepted_request(repo):
-    served = Served(repo, "--exit-timeout-s", "10")
+    # 8 handler threads (sync, native): the four 2 s requests must leave some for the loop clients
+    served = Served(repo, "--exit-timeout-s", "10", "--grpc-threads", "8")
     try:
         statuses: list = []
         watching = threading.Event()
@@ -132,6 +133,7 @@ def test_sigterm_under_load_loses_no_accepted_request(repo):
         while time.monotonic() < deadline and not all(ok_counts):
             time.sleep(0.02)
         assert all(ok_counts)  # and every loop client is running
+        assert not long_results  # the long requests are still in flight at the signal
         sigterm_at = time.monotonic()
         served.proc.send_signal(signal.SIGTERM)
         rc = served.proc.wait(timeout=30)

@@ -193,8 +193,8 @@ class Engine {
       if (!ok) break;
       handled = true;
       Run(dispatch_, call, 0);
-      // a handler that forgot to finish must not hang the RPC
-      call->Finish(13, "internal error: the handler did not finish the RPC", nullptr, 0, false, {});
+      // a handler that forgot to finish must not hang the RPC (a deferred one finishes later)
+      if (!call->Deferred()) call->Finish(13, "internal error: the handler did not finish the RPC", nullptr, 0, false, {});
       call.reset();  // may drop the last reference, with the GIL held
       if (t_stream_thread) {  // its replacement polls; Reap joins this thread later
         --stream_threads_;
@@ -339,7 +339,10 @@ PYBIND11_MODULE(_grpc_native, m) {
           py::arg("code"), py::arg("details"), py::arg("response") = py::none(), py::arg("trailing_metadata") = py::none(),
           "End the RPC: status ``code`` (int 0..16), ``details`` (str), optional last message (bytes; sent only "
           "with code 0) and trailing metadata. False when it had already ended.")
-      .def("cancel", &Call::Cancel, "Cancel the RPC from the server side.");
+      .def("cancel", &Call::Cancel, "Cancel the RPC from the server side.")
+      .def("defer", &Call::Defer,
+           "The handler returns without finishing the RPC: the caller promises ``finish`` later, from any "
+           "thread (an RPC cancelled meanwhile still needs it, or it is never released).");
 
   py::class_<Engine>(m, "Engine", R"doc(A grpc++ server whose every RPC goes to Python.
 

@@ -61,6 +61,10 @@ class Call {
 
   bool IsActive() const { return !cancelled_.load() && !finished_.load(); }
   bool Cancelled() const { return cancelled_.load(); }
+  // The handler returned without finishing and something else (a future's callback) will: the
+  // polling thread must not finish the RPC for it.
+  void Defer() { deferred_.store(true); }
+  bool Deferred() const { return deferred_.load(); }
   // Blocks until the next request message is in `out` (true) or the stream ended or the call was
   // cancelled or finished (false).
   bool Read(grpc::ByteBuffer* out);
@@ -86,6 +90,7 @@ class Call {
   std::atomic<bool> counted_{false};
   std::atomic<bool> cancelled_{false};
   std::atomic<bool> finished_{false};
+  std::atomic<bool> deferred_{false};
   bool done_ = false;
   bool read_done_ = false, read_ok_ = false;
   bool write_done_ = false, write_ok_ = false;

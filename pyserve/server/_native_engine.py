@@ -45,7 +45,7 @@ import weakref
 
 import grpc
 
-from pyserve.server._sync_engine import SyncInflight
+from pyserve.server._sync_engine import Deferred, SyncInflight
 
 __all__ = ["NativeInflight", "NativeServer", "native_available", "require_native"]
 
@@ -87,6 +87,13 @@ _OK = grpc.StatusCode.OK.value[0]
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
+_DEFERRED_CANCELLED = "the RPC ended before its answer was ready"
+
+
+def _noop() -> None:
+    pass
+
+
 _METADATA_KEY = re.compile(r"[0-9a-z_.\-]+\Z")
 
 
@@ -115,6 +122,8 @@ class _Context(grpc.ServicerContext):
 
     __slots__ = ("_call", "_callbacks", "_ended", "_lock", "_code", "_details", "_trailing", "_metadata")
 
+    deferrable = True  # a unary handler may answer with a Deferred (pyserve.server._sync_engine)
+
     def __init__(self, call) -> None:
         self._call = call
         self._callbacks: list = []
@@ -126,6 +135,7 @@ class _Context(grpc.ServicerContext):
         self._metadata = None
         self._initial_sent = False
         self._invalid_metadata: str | None = None
+        self._deferred = False  # the handler returned a Deferred
 
     # --- the RPC -------------------------------------------------------------------------------
     def invocation_metadata(self):
@@ -184,6 +194,8 @@ class _Context(grpc.ServicerContext):
                 callback()
             except Exception:  # one broken callback must not skip the others
                 log.exception("RPC termination callback failed")
+        if self._deferred:  # its future may never end: an unanswered RPC must still be finished
+            self._call.finish(grpc.StatusCode.CANCELLED.value[0], _DEFERRED_CANCELLED)
 
     # --- status --------------------------------------------------------------------------------
     def abort(self, code, details):
@@ -449,11 +461,18 @@ class NativeServer:
                 log.exception("cannot deserialize the request of %s", call.method)
                 call.finish(grpc.StatusCode.INTERNAL.value[0], "Exception deserializing request!")
                 return
-        serializer = handler.response_serializer
         if handler.request_streaming or handler.response_streaming:
             self._engine.release_slot()  # a stream may stay open for long: it holds no handler slot
+        self._respond(call, context, handler, request, None)
+
+    def _respond(self, call, context, handler, request, deferred) -> None:
+        """Run the handler (or, with ``deferred``, resolve its :class:`Deferred` answer, whose
+        future is done) and finish the call with its response or status."""
+        serializer = handler.response_serializer
         try:
-            if handler.response_streaming:
+            if deferred is not None:
+                response = deferred.resolve(deferred.future)
+            elif handler.response_streaming:
                 behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
                 for response in behavior(request, context):
                     context._initial_sent = True  # the first write sends the initial metadata
@@ -463,6 +482,14 @@ class NativeServer:
             else:
                 behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
                 response = behavior(request, context)
+                if type(response) is Deferred:  # finished when its future is done; this thread goes on
+                    context._deferred = True
+                    call.defer()
+                    response.future.add_done_callback(
+                        lambda _f, d=response: self._respond(call, context, handler, None, d))
+                    if not context.add_callback(_noop):  # the end of the RPC reaches _Context._end
+                        call.finish(grpc.StatusCode.CANCELLED.value[0], _DEFERRED_CANCELLED)
+                    return
         except _Abort:
             code, details = context._status()
             call.finish(code, details, None, context._trailing)

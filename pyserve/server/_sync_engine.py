@@ -41,7 +41,7 @@ from pyserve.server.dataplane import DataPlane
 from pyserve.server.interceptors import status_code
 from pyserve.server.servicer import _routing_key
 
-__all__ = ["SyncInflight", "SyncInferenceServicer", "sync_servicer"]
+__all__ = ["Deferred", "SyncInflight", "SyncInferenceServicer", "deferrable", "sync_servicer"]
 
 log = logging.getLogger("pyserve.server")
 
@@ -103,6 +103,43 @@ def _failure(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log"
 
 
+class Deferred:
+    """A unary handler's answer that is not ready when the handler returns, for engines whose
+    context says ``deferrable`` (the native engine's): the engine frees the handler thread and
+    finishes the RPC with ``resolve(future)`` (the response message, or :meth:`context.abort`)
+    once ``future`` (a ``concurrent.futures.Future``) is done, on whichever thread completes it.
+    The future must end when the RPC does (cancelled by a ``context.add_callback``)."""
+
+    __slots__ = ("future", "resolve")
+
+    def __init__(self, future: concurrent.futures.Future, resolve) -> None:
+        self.future = future
+        self.resolve = resolve
+
+
+def _deferred(future: concurrent.futures.Future, encode, context, method: str) -> Deferred:
+    """A :class:`Deferred` whose response is ``encode(result)`` (or the result when ``encode`` is
+    None), with the error mapping of the synchronous handlers."""
+
+    def resolve(done: concurrent.futures.Future):
+        try:
+            try:
+                value = done.result()
+            except concurrent.futures.CancelledError:
+                raise _Cancelled() from None
+            return value if encode is None else encode(value)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            code, message = _failure(exc, method)
+        context.abort(code, message)
+
+    return Deferred(future, resolve)
+
+
+def deferrable(context) -> bool:
+    """True when the engine behind ``context`` takes a :class:`Deferred` answer."""
+    return getattr(context, "deferrable", False)
+
+
 class _LoopCaller:
     """Runs coroutines on the server's event loop for a handler thread, cancelling them when the RPC
     ends first."""
@@ -110,17 +147,24 @@ class _LoopCaller:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
+    def start(self, coro, context) -> concurrent.futures.Future:
+        """The coroutine scheduled on the loop, cancelled when the RPC ends first; not waited for."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        if not context.add_callback(future.cancel):
+            future.cancel()
+        return future
+
     def call(self, coro, context, holder: list | None = None):
         """The coroutine's result; its exception re-raised; :class:`_Cancelled` when the RPC ended.
         ``holder``: a stream's one-element list whose entry the stream's termination callback
         cancels (instead of one callback per message)."""
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        if holder is not None:
+        if holder is None:
+            future = self.start(coro, context)
+        else:
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
             holder[0] = future
             if not context.is_active():
                 future.cancel()
-        elif not context.add_callback(future.cancel):
-            future.cancel()
         try:
             return future.result()
         except concurrent.futures.CancelledError:
@@ -148,26 +192,36 @@ class SyncInferenceServicer:
             if inspect.iscoroutinefunction(behavior):
                 setattr(self, name, _unary_on_loop(behavior, f"/{codec.SERVICE_NAME}/{name}", self._loop, inflight))
 
-    def _infer(self, request, context, holder: list | None = None):
-        """The InferResponse of one decoded request, on this thread when its model allows."""
+    def _infer(self, request, context, holder: list | None = None, defer: bool = False):
+        """The InferResponse of one decoded request, on this thread when its model allows; with
+        ``defer``, work for the event loop comes back as its ``concurrent.futures.Future``."""
         arrival_ns = time.perf_counter_ns()
         req = codec.decode_infer_request(request)
         dp = self._dp
         if dp.is_route(req.model_name):
-            return self._loop.call(dp.infer(req, _routing_key(context), arrival_ns), context, holder)
+            return self._on_loop(dp.infer(req, _routing_key(context), arrival_ns), context, holder, defer)
         response = dp.infer_model_sync(req, arrival_ns, context.is_active)
         if response is NotImplemented:
-            return self._loop.call(dp.infer_model(req, arrival_ns), context, holder)
+            return self._on_loop(dp.infer_model(req, arrival_ns), context, holder, defer)
         if response is None:
             raise _Cancelled()
         return response
 
+    def _on_loop(self, coro, context, holder, defer: bool):
+        if defer:
+            return self._loop.start(coro, context)
+        return self._loop.call(coro, context, holder)
+
     def ModelInfer(self, request, context):
         self._inflight.begin(context)
+        method = f"/{codec.SERVICE_NAME}/ModelInfer"
         try:
-            return codec.encode_infer_response(self._infer(request, context))
+            response = self._infer(request, context, defer=deferrable(context))
+            if isinstance(response, concurrent.futures.Future):  # the handler thread is not held
+                return _deferred(response, codec.encode_infer_response, context, method)
+            return codec.encode_infer_response(response)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
-            code, message = _failure(exc, f"/{codec.SERVICE_NAME}/ModelInfer")
+            code, message = _failure(exc, method)
         context.abort(code, message)
 
     def ModelStreamInfer(self, request_iterator, context):
@@ -202,6 +256,8 @@ def _unary_on_loop(behavior, method: str, loop: _LoopCaller, inflight: SyncInfli
         if inflight is not None:
             inflight.begin(context)
         try:
+            if deferrable(context):  # the handler thread is not held while the loop works
+                return _deferred(loop.start(behavior(request, context), context), None, context, method)
             return loop.call(behavior(request, context), context)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
             code, message = _failure(exc, method)

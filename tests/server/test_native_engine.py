@@ -661,3 +661,127 @@ def test_open_streams_do_not_block_health_checks_or_inference(tmp_path, write_mo
         for w in watches:
             w.cancel()
         channel.close()
+
+
+@needs_native
+def test_deferred_answers_hold_no_handler_thread():
+    """One handler thread: handlers that answer with a ``Deferred`` return at once, so three of them
+    wait together while a plain unary call is answered; each is then finished from another thread
+    with its own response, an abort, an exception (UNKNOWN) or a cancelled future (CANCELLED)."""
+    import concurrent.futures
+
+    from pyserve.server._sync_engine import Deferred
+
+    pending: dict = {}
+
+    def resolve(future):
+        value = future.result()  # CancelledError -> UNKNOWN (the engine maps what resolve raises)
+        if value == "abort":
+            ctx = pending[b"abort"][1]
+            ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "aborted later")
+        return b"later:" + value.encode()
+
+    def later(request, context):
+        future = concurrent.futures.Future()
+        pending[request] = (future, context)
+        return Deferred(future, resolve)
+
+    handlers = _Handlers()
+    server, port = _start("native", handlers, threads=1)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Later", {"Later": grpc.unary_unary_rpc_method_handler(later)}),))
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        call = channel.unary_unary("/test.Later/Later")
+        futures = {k: call.future(k, timeout=30) for k in (b"ok", b"abort", b"boom")}
+        deadline = time.monotonic() + 10
+        while len(pending) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(pending) == [b"abort", b"boom", b"ok"]  # all three handlers returned
+        assert _uu(channel, "Echo")(b"meanwhile", timeout=5) == b"echo:meanwhile"
+        assert not any(f.done() for f in futures.values())
+        threading.Thread(target=pending[b"ok"][0].set_result, args=("fine",)).start()
+        assert futures[b"ok"].result(timeout=5) == b"later:fine"
+        pending[b"abort"][0].set_result("abort")
+        with pytest.raises(grpc.RpcError) as err:
+            futures[b"abort"].result(timeout=5)
+        assert (err.value.code(), err.value.details()) == (grpc.StatusCode.FAILED_PRECONDITION, "aborted later")
+        pending[b"boom"][0].set_exception(RuntimeError("no luck"))
+        with pytest.raises(grpc.RpcError) as err:
+            futures[b"boom"].result(timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNKNOWN and "no luck" in err.value.details()
+    finally:
+        server.stop(None)
+
+
+@needs_native
+def test_deferred_answer_never_ready_ends_with_the_rpc():
+    """A ``Deferred`` whose future never completes: the client's deadline, or a stop, still ends
+    the RPC (CANCELLED on the server, DEADLINE_EXCEEDED on the client), and the server stops at
+    once rather than waiting for the RPC forever."""
+    import concurrent.futures
+
+    from pyserve.server._sync_engine import Deferred
+
+    handlers = _Handlers()
+    server, port = _start("native", handlers, threads=1)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Never", {"Never": grpc.unary_unary_rpc_method_handler(
+            lambda request, context: Deferred(concurrent.futures.Future(), lambda f: b"never"))}),))
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    never = channel.unary_unary("/test.Never/Never")
+    with pytest.raises(grpc.RpcError) as err:
+        never(b"", timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 5
+    while server._engine.active() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server._engine.active() == 0  # the RPC was finished and freed
+    waiting = never.future(b"", timeout=30)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    server.stop(None)
+    assert time.monotonic() - t0 < 3
+    with pytest.raises(grpc.RpcError):
+        waiting.result(timeout=5)
+
+
+@pytest.mark.parametrize("engine", ["aio", pytest.param("native", marks=needs_native)])
+def test_requests_waiting_for_the_event_loop_hold_no_handler_thread(tmp_path, write_model, engine):
+    """The whole server with one handler thread and a model whose backend runs on the event loop
+    (no ``infer_sync``; 1 s per request, 4 instances): three requests run together (about 1 s in
+    all, not 3 s one after another) and ServerLive and RepositoryIndex are answered meanwhile.
+    On ``native`` such requests answer with a Deferred; on ``sync`` each would hold the thread."""
+    import numpy as np
+    from test_server_grpc import fp32_input
+
+    tc = pytest.importorskip("tritonclient.grpc")
+    from pyserve.server import ServerThread
+
+    write_model(tmp_path, "slow", 1, echo_mode="sleep=1.0",
+                config="backend: test-echo\ninstance_group: [{count: 4, kind: KIND_CPU}]\n")
+    with ServerThread(tmp_path, host="127.0.0.1", grpc_port=0, grpc_engine=engine, grpc_threads=1) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        results: dict = {}
+
+        def run(i):
+            x = np.full((1, 2), float(i + 1), np.float32)
+            results[i] = client.infer("slow", [fp32_input(x)], client_timeout=30).as_numpy("y")
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        started = tmp_path / "slow" / "1" / "model.started"
+        while time.monotonic() - t0 < 10 and not (started.exists() and len(started.read_text().split()) == 3):
+            time.sleep(0.01)
+        assert len(started.read_text().split()) == 3  # all three inside the backend at once
+        assert client.is_server_live()
+        assert [m["name"] for m in client.get_model_repository_index(as_json=True)["models"]] == ["slow"]
+        assert time.monotonic() - t0 < 0.9  # answered while the three still run
+        for t in threads:
+            t.join(30)
+        assert time.monotonic() - t0 < 2.5
+        for i in range(3):
+            assert np.array_equal(results[i], np.full((1, 2), 2.0 * (i + 1), np.float32))
+        client.close()

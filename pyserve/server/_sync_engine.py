@@ -11,15 +11,22 @@ ModelInfer on a model whose scheduler runs on the calling thread (a
 :class:`~pyserve.server.scheduler.DirectScheduler` over a backend with ``infer_sync``: the pyserve,
 torch and onnxruntime backends without dynamic batching) is served entirely in the gRPC handler
 thread: decode, validate, execute (holding one of the model's instance slots), encode; the event
-loop is not involved. Everything else (routes, dynamically batched models, backends without
-``infer_sync``, the metadata, repository, statistics and traffic-admin RPCs) is handed to the event
-loop with :func:`asyncio.run_coroutine_threadsafe` and the handler thread waits for it.
+loop is not involved. A dynamically batched model with such a backend is batched among the handler
+threads (:meth:`~pyserve.server.scheduler.DynamicBatcher.submit_sync`). Everything else (routes,
+backends without ``infer_sync``, the metadata, repository, statistics and traffic-admin RPCs) is
+handed to the event loop with :func:`asyncio.run_coroutine_threadsafe` and the handler thread waits
+for it.
 
 Errors are mapped as by :mod:`pyserve.server.interceptors` (ServingError -> its status code; anything
 else INTERNAL with a reference and the traceback logged). A client cancel or an expired deadline
 cancels the handed-over coroutine (``context.add_callback``), which frees the slot or the batcher
 queue entry; a direct execution checks ``context.is_active()`` before it starts. ModelStreamInfer
 answers every request in order with per-response errors; an open stream holds one handler thread.
+
+On the native engine, whose context is ``deferrable``, a unary handler whose answer waits (for the
+event loop, or for a dynamic batch: :meth:`DynamicBatcher.submit_sync` with ``on_done``) returns a
+:class:`Deferred` instead of waiting, and the engine finishes the RPC from the thread that
+completes it; streams there run on threads of their own (pyserve.server._native_engine).
 """
 
 from __future__ import annotations
@@ -140,6 +147,12 @@ def deferrable(context) -> bool:
     return getattr(context, "deferrable", False)
 
 
+def _encode_infer_response(response) -> bytes:
+    if response is None:  # left the batcher's queue cancelled
+        raise _Cancelled()
+    return codec.encode_infer_response(response)
+
+
 class _LoopCaller:
     """Runs coroutines on the server's event loop for a handler thread, cancelling them when the RPC
     ends first."""
@@ -200,11 +213,14 @@ class SyncInferenceServicer:
         dp = self._dp
         if dp.is_route(req.model_name):
             return self._on_loop(dp.infer(req, _routing_key(context), arrival_ns), context, holder, defer)
-        response = dp.infer_model_sync(req, arrival_ns, context.is_active)
+        response = dp.infer_model_sync(req, arrival_ns, context.is_active, defer)
         if response is NotImplemented:
             return self._on_loop(dp.infer_model(req, arrival_ns), context, holder, defer)
         if response is None:
             raise _Cancelled()
+        if isinstance(response, concurrent.futures.Future):  # waiting for a dynamic batch
+            if not context.add_callback(response.cancel):
+                response.cancel()
         return response
 
     def _on_loop(self, coro, context, holder, defer: bool):
@@ -218,7 +234,7 @@ class SyncInferenceServicer:
         try:
             response = self._infer(request, context, defer=deferrable(context))
             if isinstance(response, concurrent.futures.Future):  # the handler thread is not held
-                return _deferred(response, codec.encode_infer_response, context, method)
+                return _deferred(response, _encode_infer_response, context, method)
             return codec.encode_infer_response(response)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
             code, message = _failure(exc, method)

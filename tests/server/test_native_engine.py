@@ -785,3 +785,52 @@ def test_requests_waiting_for_the_event_loop_hold_no_handler_thread(tmp_path, wr
         for i in range(3):
             assert np.array_equal(results[i], np.full((1, 2), 2.0 * (i + 1), np.float32))
         client.close()
+
+
+@needs_native
+def test_dynamic_batches_grow_past_the_handler_threads(tmp_path, classifier_modules, write_model):
+    """The whole server on native with two handler threads and a batched pyserve model (preferred
+    batch 8, 5 s delay): eight tritonclient requests at once go as one execution of 8 rows, long
+    before the delay (requests waiting for a batch hold no thread; before, a batch held at most
+    as many requests as handler threads), and each answer equals the module's."""
+    tc = pytest.importorskip("tritonclient.grpc")
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from pyserve.server import ServerThread
+
+    module, artifact = classifier_modules[2]
+    write_model(tmp_path, "clf", 1, artifact=artifact, config=(
+        "max_batch_size: 16\ndynamic_batching:\n  preferred_batch_size: [8]\n"
+        "  max_queue_delay_microseconds: 5000000\n"))
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((1, 8)).astype(np.float32) for _ in range(8)]
+    results: dict = {}
+    with ServerThread(tmp_path, host="127.0.0.1", grpc_port=0, grpc_engine="native", grpc_threads=2) as srv:
+        def call(i):
+            c = tc.InferenceServerClient(srv.url)
+            t = tc.InferInput("x", [1, 8], "FP32")
+            t.set_data_from_numpy(xs[i])
+            try:
+                results[i] = c.infer("clf", [t], client_timeout=30).as_numpy("logits")
+            except Exception as exc:  # noqa: BLE001 - asserted below
+                results[i] = exc
+            c.close()
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        took = time.monotonic() - t0
+        c = tc.InferenceServerClient(srv.url)
+        (s,) = c.get_inference_statistics("clf").model_stats
+        c.close()
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            assert not isinstance(results[i], Exception), results[i]
+            np.testing.assert_allclose(results[i], module(torch.from_numpy(x))[0].numpy(), rtol=1e-5, atol=1e-5)
+    assert took < 4.0  # the preferred size was reached, not the 5 s delay
+    assert (s.inference_count, s.execution_count) == (8, 1)
+    assert [(b.batch_size, b.compute_infer.count) for b in s.batch_stats] == [(8, 1)]

@@ -762,3 +762,138 @@ def test_sync_pending_wake_ups_that_come_together_count_once_and_none_is_lost():
     assert p.sleep(5.0) is True
     assert time.perf_counter() - t0 < 2.0 and p.result == "done"
     t.join()
+
+
+# --- deferred requests (submit_sync with on_done: the native engine's handlers hold no thread) ----
+
+
+class _Delivered:
+    """on_done callbacks that record each request's result (keyed by its value) and the thread."""
+
+    def __init__(self) -> None:
+        self.results: dict = {}
+        self.threads: dict = {}
+        self.all = threading.Event()
+        self.expected = 0
+
+    def on_done(self, key):
+        def done(result):
+            self.results[key] = result
+            self.threads[key] = threading.get_ident()
+            if len(self.results) == self.expected:
+                self.all.set()
+        return done
+
+
+def test_deferred_requests_batch_beyond_the_handler_threads():
+    """Two handler threads, preferred 16, a 20 s delay: the first request's thread leads and waits;
+    the second thread queues 15 deferred requests, each returning at once, and the 16 go as one
+    batch (a thread-holding batcher would stop at two); every request gets its own rows through its
+    callback, on the leader's thread."""
+    import time
+
+    def body(b, backend, stats):
+        d = _Delivered()
+        d.expected = 16
+        leader = threading.Thread(target=b.submit_sync, args=(_x(1, 0), 1), kwargs={"on_done": d.on_done(0)})
+        leader.start()
+        time.sleep(0.1)
+        t0 = time.perf_counter()
+        for i in range(1, 16):
+            assert b.submit_sync(_x(1, i), 1, is_active=lambda: True, on_done=d.on_done(i)) is None
+        queued_in = time.perf_counter() - t0
+        assert d.all.wait(10)
+        leader.join(5)
+        return d, queued_in, leader.ident, backend, stats
+
+    d, queued_in, leader_ident, backend, stats = _with_batcher(
+        body, max_batch_size=16, preferred_batch_sizes=[16], max_queue_delay_us=20_000_000, handler_threads=2)
+    assert backend.executions == [[16]] and queued_in < 2.0
+    for i in range(16):
+        np.testing.assert_array_equal(d.results[i]["y"], np.full((1, 3), i + 1, np.float32))
+    assert set(d.threads.values()) == {leader_ident}
+    assert stats.snapshot().queue.count == 16
+
+
+def test_deferred_leader_keeps_leading_what_no_thread_waits_for():
+    """max_batch_size 4: a leader and 9 deferred requests from another thread make batches of 4, 4
+    and 2 (the last after the 100 ms delay), all run by the first request's thread, which returns
+    only when nothing is left in the queue without a leader."""
+    import time
+
+    def body(b, backend, stats):
+        d = _Delivered()
+        d.expected = 10
+        returned = threading.Event()
+
+        def lead():
+            b.submit_sync(_x(1, 0), 1, on_done=d.on_done(0))
+            returned.set()
+
+        leader = threading.Thread(target=lead)
+        leader.start()
+        time.sleep(0.05)
+        for i in range(1, 10):
+            b.submit_sync(_x(1, i), 1, on_done=d.on_done(i))
+        assert d.all.wait(10)
+        leader.join(5)
+        assert returned.is_set()
+        return d, leader.ident, backend
+
+    d, leader_ident, backend = _with_batcher(body, max_batch_size=4, preferred_batch_sizes=[4],
+                                             max_queue_delay_us=100_000)
+    assert sorted(e[0] for e in backend.executions) == [2, 4, 4]
+    for i in range(10):
+        np.testing.assert_array_equal(d.results[i]["y"], np.full((1, 3), i + 1, np.float32))
+    assert set(d.threads.values()) == {leader_ident}
+
+
+def test_deferred_requests_cancelled_while_queued_get_none_and_close_fails_the_rest():
+    import time
+
+    def body(b, backend, stats):
+        d = _Delivered()
+        d.expected = 3
+        gone = threading.Event()
+        leader = threading.Thread(target=b.submit_sync, args=(_x(1, 0), 1),
+                                  kwargs={"is_active": lambda: not gone.is_set(), "on_done": d.on_done(0)})
+        leader.start()
+        time.sleep(0.05)
+        b.submit_sync(_x(1, 1), 1, is_active=lambda: not gone.is_set(), on_done=d.on_done(1))
+        b.submit_sync(_x(1, 2), 1, is_active=lambda: True, on_done=d.on_done(2))
+        time.sleep(0.05)
+        gone.set()  # the clients of requests 0 and 1 go away while all three wait (8 rows wanted)
+        time.sleep(0.3)
+        leader.join(5)
+        assert not leader.is_alive()
+        return d, backend, stats, b
+
+    async def main():
+        backend, stats = SyncRecorder(), StatsRecorder("m", "1")
+        b = DynamicBatcher(backend, stats, max_batch_size=8, preferred_batch_sizes=[8], max_queue_delay_us=600_000)
+        d, backend, stats, b = await asyncio.get_running_loop().run_in_executor(None, body, b, backend, stats)
+        return d, backend, b
+
+    d, backend, b = _run(main())
+    assert d.results[0] is None and d.results[1] is None  # left the queue when their RPCs ended
+    np.testing.assert_array_equal(d.results[2]["y"], np.full((1, 3), 3, np.float32))  # ran after the delay
+    assert backend.executions == [[1]]
+
+    async def closing():
+        backend = SyncRecorder()
+        b = DynamicBatcher(backend, StatsRecorder("m", "1"), max_batch_size=8, preferred_batch_sizes=[8],
+                           max_queue_delay_us=10_000_000)
+        d = _Delivered()
+        d.expected = 3
+        loop = asyncio.get_running_loop()
+        lead = loop.run_in_executor(None, lambda: b.submit_sync(_x(1, 0), 1, on_done=d.on_done(0)))
+        await asyncio.sleep(0.05)
+        for i in (1, 2):
+            b.submit_sync(_x(1, i), 1, on_done=d.on_done(i))
+        await b.close()
+        await lead
+        return d, backend
+
+    d, backend = _run(closing())
+    assert all(isinstance(d.results[i], Unavailable) for i in range(3)), d.results
+    assert backend.executions == []

@@ -49,8 +49,9 @@ def add_parser(subparsers) -> None:
                    "'aio' (grpc.aio, everything on the event loop) or 'native' (the sync engine's handlers on a grpc++ "
                    "transport; needs pyserve built with libgrpc++-dev); default: $PYSERVE_GRPC_ENGINE, else aio")
     p.add_argument("--grpc-threads", type=int, default=None, metavar="N",
-                   help="handler threads of the sync and native engines (default 8 on sync, 4 on native; on sync "
-                   "every open stream and every request waiting for a dynamic batch or a traffic route holds one)")
+                   help="handler threads of the sync and native engines (default 8 on sync, 4 on native; every "
+                   "request waiting for a dynamic batch holds one, and on sync so does every open stream and "
+                   "every request waiting for a traffic route)")
     p.add_argument(
         "--model-control-mode",
         choices=["none", "poll", "explicit"],

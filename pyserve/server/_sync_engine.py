@@ -23,10 +23,10 @@ cancels the handed-over coroutine (``context.add_callback``), which frees the sl
 queue entry; a direct execution checks ``context.is_active()`` before it starts. ModelStreamInfer
 answers every request in order with per-response errors; an open stream holds one handler thread.
 
-On the native engine, whose context is ``deferrable``, a unary handler whose answer waits (for the
-event loop, or for a dynamic batch: :meth:`DynamicBatcher.submit_sync` with ``on_done``) returns a
-:class:`Deferred` instead of waiting, and the engine finishes the RPC from the thread that
-completes it; streams there run on threads of their own (pyserve.server._native_engine).
+On the native engine, whose context is ``deferrable``, a unary handler whose answer waits for the
+event loop returns a :class:`Deferred` instead of waiting, and the engine finishes the RPC from the
+thread that completes it; streams there run on threads of their own
+(pyserve.server._native_engine). A request waiting for a dynamic batch holds its thread on both.
 """
 
 from __future__ import annotations
@@ -147,12 +147,6 @@ def deferrable(context) -> bool:
     return getattr(context, "deferrable", False)
 
 
-def _encode_infer_response(response) -> bytes:
-    if response is None:  # left the batcher's queue cancelled
-        raise _Cancelled()
-    return codec.encode_infer_response(response)
-
-
 class _LoopCaller:
     """Runs coroutines on the server's event loop for a handler thread, cancelling them when the RPC
     ends first."""
@@ -213,14 +207,11 @@ class SyncInferenceServicer:
         dp = self._dp
         if dp.is_route(req.model_name):
             return self._on_loop(dp.infer(req, _routing_key(context), arrival_ns), context, holder, defer)
-        response = dp.infer_model_sync(req, arrival_ns, context.is_active, defer)
+        response = dp.infer_model_sync(req, arrival_ns, context.is_active)
         if response is NotImplemented:
             return self._on_loop(dp.infer_model(req, arrival_ns), context, holder, defer)
         if response is None:
             raise _Cancelled()
-        if isinstance(response, concurrent.futures.Future):  # waiting for a dynamic batch
-            if not context.add_callback(response.cancel):
-                response.cancel()
         return response
 
     def _on_loop(self, coro, context, holder, defer: bool):
@@ -234,7 +225,7 @@ class SyncInferenceServicer:
         try:
             response = self._infer(request, context, defer=deferrable(context))
             if isinstance(response, concurrent.futures.Future):  # the handler thread is not held
-                return _deferred(response, _encode_infer_response, context, method)
+                return _deferred(response, codec.encode_infer_response, context, method)
             return codec.encode_infer_response(response)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
             code, message = _failure(exc, method)

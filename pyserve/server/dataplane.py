@@ -8,7 +8,6 @@ shapes, batch size, requested outputs) before a backend runs, raising
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import time
 from typing import Sequence
@@ -40,17 +39,6 @@ SERVER_NAME = "pyserve"
 
 #: Protocol extensions pyserve implements, listed in ServerMetadata (Triton's names).
 EXTENSIONS = ("model_configuration", "statistics", "model_repository")
-
-
-def _settle(future: concurrent.futures.Future, outcome) -> None:
-    """Complete ``future`` with ``outcome`` (an exception or a result) unless it was cancelled."""
-    try:
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-    except concurrent.futures.InvalidStateError:  # cancelled meanwhile (the RPC ended): nobody waits
-        pass
 
 
 def _fmt_shape(shape: Sequence[int]) -> str:
@@ -286,20 +274,14 @@ class DataPlane:
         return scope.response
 
     def infer_model_sync(self, request: InferRequest, arrival_ns: int | None = None,
-                         is_active=None, defer: bool = False):
+                         is_active=None) -> InferResponse | None:
         """:meth:`infer_model` on the calling thread, for the synchronous gRPC engine's handler
         threads: the model version's scheduler runs the execution here
         (:meth:`~pyserve.server.scheduler.Scheduler.submit_sync`). Returns ``NotImplemented`` when
-        the version's scheduler cannot (a backend without ``infer_sync``): the caller then runs
-        :meth:`infer_model` on the event loop. None when ``is_active()`` turned false
+        the version's scheduler cannot (a dynamic batcher, a backend without ``infer_sync``): the
+        caller then runs :meth:`infer_model` on the event loop. None when ``is_active()`` turned false
         (client cancel, deadline) before the execution started; the request counts as failed.
-        Raises the ServingErrors of :meth:`infer_model`.
-
-        With ``defer`` (the native engine) and a scheduler that :attr:`~Scheduler.defers` (a
-        dynamic batcher), the request waits for its batch without holding this thread: the return
-        value is then a ``concurrent.futures.Future`` of the InferResponse (its exception a
-        ServingError; its result None when the request left the queue cancelled), completed on the
-        thread that runs the batch."""
+        Raises the ServingErrors of :meth:`infer_model`."""
         model, mv = self._serving(request)
         # On the event loop the pick and the acquire happen with nothing in between; here the loop
         # may retire the picked version meanwhile (a reload: _retire finds it drained, closes its
@@ -313,48 +295,12 @@ class DataPlane:
         if not mv.scheduler.runs_sync:
             mv.release()
             return NotImplemented
-        if defer and mv.scheduler.defers:
-            return self._infer_deferred(model, mv, request, arrival_ns, is_active)
         with _RequestScope(mv, arrival_ns, held=True) as scope:
             inputs, wanted, scope.rows = self._prepare(model, mv, request)
             result = mv.scheduler.submit_sync(inputs, scope.rows, is_active)
             if result is not None:
                 scope.response = self._response(model, mv, request, wanted, result)
         return scope.response
-
-    def _infer_deferred(self, model: Model, mv, request: InferRequest, arrival_ns, is_active):
-        """:meth:`infer_model_sync` with ``defer``: the scope (statistics, the version held) stays
-        open until the scheduler delivers the request's result."""
-        scope = _RequestScope(mv, arrival_ns, held=True)
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        try:
-            inputs, wanted, scope.rows = self._prepare(model, mv, request)
-        except BaseException:
-            scope.__exit__(None, None, None)
-            raise
-        delivered = []
-
-        def on_done(result) -> None:  # exactly once, on the thread that finishes the request
-            delivered.append(True)
-            try:
-                if isinstance(result, BaseException):
-                    raise result
-                response = None if result is None else self._response(model, mv, request, wanted, result)
-                scope.response = response
-            except Exception as exc:  # noqa: BLE001 - the future carries it to the handler's error mapping
-                scope.__exit__(None, None, None)
-                _settle(future, exc)
-                return
-            scope.__exit__(None, None, None)
-            _settle(future, response)
-
-        try:
-            mv.scheduler.submit_sync(inputs, scope.rows, is_active, on_done=on_done)
-        except BaseException:
-            if not delivered:  # refused before it was queued (unloading): on_done never runs
-                scope.__exit__(None, None, None)
-            raise
-        return future
 
     def _serving(self, request: InferRequest):
         """(model, served version) a request runs on; NotFound/Unavailable as :meth:`ModelRepository.get_ready`."""

@@ -260,8 +260,6 @@ class Scheduler:
 
     #: whether :meth:`submit_sync` may be called (synchronous gRPC engine; False: use :meth:`submit`)
     runs_sync = False
-    #: whether :meth:`submit_sync` takes ``on_done`` (the request then holds no thread while it waits)
-    defers = False
 
     def submit_sync(self, inputs: Mapping[str, np.ndarray], rows: int, is_active=None) -> InferOutputs | None:
         """Like :meth:`submit`, on the calling thread (see :attr:`runs_sync`); None when the request was
@@ -360,30 +358,17 @@ class _SyncPending:
     The wake-up is a bare lock held while nobody has woken the thread (released by :meth:`wake`,
     taken back by :meth:`sleep`), not a ``threading.Event``, whose Condition allocates a lock and
     makes several Python-level calls per wait: two threads waking each other in turn took 19-21 us
-    of CPU per round trip this way against 47-54 us with Events (2026-12-01).
+    of CPU per round trip this way against 47-54 us with Events (2026-12-01)."""
 
-    A request given an ``on_done`` callback holds no thread while it waits (a deferred answer of
-    the native engine): :meth:`finish` calls ``on_done(result)`` on the finishing thread instead
-    (the outputs dict, an exception, or None), and ``is_active`` (the RPC's) tells the leader
-    whether it is still wanted.
-    """
+    __slots__ = ("inputs", "rows", "key", "arrival_ns", "state", "result", "leading", "_signal")
 
-    __slots__ = ("inputs", "rows", "key", "arrival_ns", "state", "result", "leading", "_signal", "on_done",
-                 "is_active")
-
-    def __init__(self, inputs: Mapping[str, np.ndarray], rows: int, key: tuple, arrival_ns: int,
-                 on_done=None, is_active=None) -> None:
+    def __init__(self, inputs: Mapping[str, np.ndarray], rows: int, key: tuple, arrival_ns: int) -> None:
         self.inputs, self.rows, self.key, self.arrival_ns = inputs, rows, key, arrival_ns
         self.state = _QUEUED
         self.result = None
         self.leading = False
-        self.on_done, self.is_active = on_done, is_active
         self._signal = _thread.allocate_lock()
         self._signal.acquire()
-
-    def live(self) -> bool:
-        """False for a deferred request whose RPC has ended while it waited."""
-        return self.on_done is None or self.is_active is None or self.is_active()
 
     def wake(self) -> None:
         """Wake the request's thread (set ``state``/``leading`` first); a no-op when already woken."""
@@ -399,18 +384,7 @@ class _SyncPending:
     def finish(self, result) -> None:
         self.result = result
         self.state = _DONE
-        if self.on_done is None:
-            self.wake()
-            return
-        if result is not None and not isinstance(result, BaseException):
-            try:
-                result = _result(result)  # not a dict of outputs: the exception that says so
-            except Exception as exc:  # noqa: BLE001 - delivered to on_done
-                result = exc
-        try:
-            self.on_done(result)
-        except Exception:  # the callback's own failure must not stop the batch's other deliveries
-            log.exception("dynamic batcher: delivering a deferred result failed")
+        self.wake()
 
 
 def _fit(queue: list, key: tuple, max_rows: int, live=None) -> tuple[list, int]:
@@ -501,7 +475,7 @@ class DynamicBatcher(Scheduler):
         self._workers = [asyncio.ensure_future(self._work()) for _ in range(instances)]
         # the handler threads' side (submit_sync): its own queue, a leader thread forming batches;
         # _instances bounds the executions of both sides together (the event loop's take it too)
-        self.runs_sync = self.defers = self.runner.backend_sync is not None
+        self.runs_sync = self.runner.backend_sync is not None
         self._instances = Slots(instances)
         self._tcond = threading.Condition(threading.Lock())
         self._tqueue: list[_SyncPending] = []
@@ -550,27 +524,19 @@ class DynamicBatcher(Scheduler):
             p.finish(Unavailable("the model version was unloaded"))
 
     # --- the handler threads' side ---------------------------------------------------------------
-    def submit_sync(self, inputs: Mapping[str, np.ndarray], rows: int, is_active=None,
-                    on_done=None) -> InferOutputs | None:
+    def submit_sync(self, inputs: Mapping[str, np.ndarray], rows: int, is_active=None) -> InferOutputs | None:
         """:meth:`submit` on the calling handler thread (synchronous and native gRPC engines), without
         the event loop: the requests of the handler threads are batched among themselves by the
         same rules. One waiting thread at a time leads: it takes an instance slot, waits for the
         target rows or the oldest request's delay, takes the batch, hands the lead to the next
         waiting request's thread and runs the batch on its own thread, delivering every request's
         outputs. None when ``is_active()`` turned false while the request was still queued (a
-        request already taken into a batch gets its result).
-
-        With ``on_done`` (the native engine's deferred answers) the request holds no thread while
-        it waits: this returns None at once, or after leading batches when the request found no
-        leader, and ``on_done(result)`` is called exactly once, on the thread that finishes the
-        request, with its outputs, the exception that failed it, or None when ``is_active()``
-        turned false while it was queued. A leader whose next request in line holds no thread
-        keeps leading until the queue is empty, so no such request is left without one."""
+        request already taken into a batch gets its result)."""
         if self._closed:
             raise Unavailable("the model version is unloading")
         if rows > self.max_batch_size:
             raise Internal(f"request of {rows} rows exceeds max_batch_size {self.max_batch_size}")
-        me = _SyncPending(inputs, rows, _key(inputs), _now(), on_done, is_active)
+        me = _SyncPending(inputs, rows, _key(inputs), _now())
         with self._tcond:
             if self._closed:  # checked with the queue held: close() drains after setting _closed
                 raise Unavailable("the model version is unloading")
@@ -580,25 +546,6 @@ class DynamicBatcher(Scheduler):
                 me.leading = True
             elif self._leader_waiting:
                 self._tcond.notify()  # the leader re-checks its rows
-        if on_done is not None:
-            if me.leading:
-                me.leading = False
-                self._lead_deferred(me)
-            return None
-        return self._wait_sync(me, is_active)
-
-    def _lead_deferred(self, me: "_SyncPending") -> None:
-        """A deferred request's thread leads while the lead comes back to nobody with requests
-        still queued (they hold no thread that could take it)."""
-        while True:
-            self._lead(me, me.is_active if me.state == _QUEUED else None)
-            with self._tcond:
-                if self._leader is not None or not self._tqueue:
-                    return
-                self._leader = me  # orphaned queue: lead it from this thread
-
-    def _wait_sync(self, me: "_SyncPending", is_active) -> InferOutputs | None:
-        """The thread of a request that holds it: lead when handed the lead, else sleep until done."""
         while True:
             if me.leading:
                 me.leading = False
@@ -625,10 +572,8 @@ class DynamicBatcher(Scheduler):
         return _result(me.result)
 
     def _pass_lead(self) -> None:
-        """With ``_tcond`` held: the lead to the oldest queued request's thread, or to nobody (a
-        deferred request has no thread: the current leader's thread keeps it, see
-        :meth:`_lead_deferred`)."""
-        nxt = next((p for p in self._tqueue if p.state == _QUEUED and p.on_done is None), None)
+        """With ``_tcond`` held: the lead to the oldest queued request's thread, or to nobody."""
+        nxt = next((p for p in self._tqueue if p.state == _QUEUED), None)
         self._leader = nxt
         if nxt is not None:
             nxt.leading = True
@@ -640,7 +585,7 @@ class DynamicBatcher(Scheduler):
             with self._tcond:  # leave now (a follower leaves within 50 ms) and pass the lead on
                 if me.state == _QUEUED:
                     self._tqueue.remove(me)
-                    me.finish(None)
+                    me.state, me.result = _DONE, None
                 self._pass_lead()
             return
         try:
@@ -651,26 +596,18 @@ class DynamicBatcher(Scheduler):
                         for p in waiting:
                             p.finish(Unavailable("the model version was unloaded"))
                         return
-                    if self._tqueue and not all(p.live() for p in self._tqueue):
-                        dead = [p for p in self._tqueue if not p.live()]
-                        self._tqueue = [p for p in self._tqueue if p.live()]
-                        for p in dead:  # deferred requests whose RPC ended while queued
-                            p.finish(None)
                     if not self._tqueue:
                         self._leader = None
                         return
                     if me.state == _QUEUED and is_active is not None and not is_active():
                         self._tqueue.remove(me)
-                        me.finish(None)
+                        me.state, me.result = _DONE, None
                         self._pass_lead()
                         return
                     first = self._tqueue[0]
                     chosen, rows = _fit(self._tqueue, first.key, self.max_batch_size)
                     wait_ns = first.arrival_ns + self.delay_ns - _now()
-                    # handler threads held here: queued requests that hold theirs, and this leader's
-                    # own when its request does not (deferred); with all of them held, no request can come
-                    held = sum(1 for p in self._tqueue if p.on_done is None) + (me.on_done is not None)
-                    everyone = self.handler_threads is not None and held >= self.handler_threads
+                    everyone = self.handler_threads is not None and len(self._tqueue) >= self.handler_threads
                     if rows < self._target and rows < self.max_batch_size and wait_ns > 0 and not everyone:
                         self._leader_waiting = True
                         self._tcond.wait(min(wait_ns / 1e9, 0.05))

@@ -62,8 +62,8 @@ DEFAULT_GRPC_ENGINE = "aio"  # sync measured slower on the quiet machine (docs/p
 DEFAULT_GRPC_THREADS = 8
 
 #: Handler threads of the native engine (``threads + 1`` threads poll grpc++'s completion queue and
-#: run the handlers; open streams run on threads of their own, and requests waiting for a batch, a
-#: route or the event loop hold none). Fewer polling threads wake each other less: LeNet-300-100 at
+#: run the handlers; open streams run on threads of their own and requests waiting for the event
+#: loop hold none, a request waiting for a dynamic batch holds one as on ``sync``). Fewer polling threads wake each other less: LeNet-300-100 at
 #: batch 1, C++ closed-loop client, Zen 4, 2026-12-01, two runs each: 4 threads 4,512-4,829
 #: infer/s at concurrency 4 and 5,840-6,357 at 16 (p99 7.7-10.3 ms), 8 threads 3,948-4,175 and
 #: 5,194-5,473 (p99 20-21 ms), 2 threads 4,481-4,568 and 5,478-5,897.
@@ -127,8 +127,8 @@ class Server:
         pyserve was built without libgrpc++-dev.
     grpc_threads : handler threads of the ``sync`` and ``native`` engines (default
         :data:`DEFAULT_GRPC_THREADS` for ``sync``, :data:`DEFAULT_NATIVE_GRPC_THREADS` for
-        ``native``); on ``sync`` every open stream and every request waiting for a batch or the
-        event loop holds one, on ``native`` none of them do.
+        ``native``); every request waiting for a dynamic batch holds one; on ``sync`` so does
+        every open stream and every request waiting for the event loop, on ``native`` neither.
     reflection : register gRPC server reflection (``grpc.reflection.v1alpha.ServerReflection``,
         what grpcio-reflection implements) for the inference and health services when
         grpcio-reflection is installed (the ``reflection`` extra); default True.

@@ -303,7 +303,9 @@ class Server:
             server.start()
         else:
             await server.start()
-        log.info("listening on %s; loading %s", self.address, self.model_repository)
+        threads = f", {self.grpc_threads} handler threads" if self.grpc_engine in ("sync", "native") else ""
+        log.info("listening on %s (gRPC engine %s%s); loading %s", self.address, self.grpc_engine, threads,
+                 self.model_repository)
         await self.repository.load_all()
         if traffic_cfg is not None:
             # The versions a model serves are known only now: check the config in force again, and

@@ -503,6 +503,25 @@ def test_native_default_handler_threads(tmp_path, monkeypatch):
     assert Server(tmp_path, grpc_engine="native", grpc_threads=6).grpc_threads == 6
 
 
+@pytest.mark.parametrize("engine,threads,expected", [
+    ("aio", None, "(gRPC engine aio)"),
+    ("sync", 3, "(gRPC engine sync, 3 handler threads)"),
+    pytest.param("native", None, "(gRPC engine native, 4 handler threads)", marks=needs_native),
+])
+def test_startup_log_names_the_grpc_engine_and_its_threads(tmp_path, write_model, caplog, engine, threads, expected):
+    import logging
+
+    from pyserve.server import ServerThread
+
+    write_model(tmp_path, "echo", 1, config="backend: test-echo\n")
+    kw = {} if threads is None else {"grpc_threads": threads}
+    with caplog.at_level(logging.INFO, logger="pyserve.server"):
+        with ServerThread(tmp_path, host="127.0.0.1", grpc_port=0, grpc_engine=engine, **kw) as srv:
+            address = srv.server.address
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("listening on")]
+    assert lines == [f"listening on {address} {expected}; loading {tmp_path}"]
+
+
 @needs_native
 def test_stop_refuses_new_rpcs_and_lets_running_ones_finish():
     handlers = _Handlers()

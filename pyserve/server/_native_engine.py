@@ -452,8 +452,9 @@ class NativeServer:
             request = _request_iterator(call, first, handler.request_deserializer)
         else:
             first = call.first
-            if first is None:
-                call.finish(grpc.StatusCode.INTERNAL.value[0], "the client sent no request message")
+            if first is None:  # as grpc.server answers a unary method called without its message
+                call.finish(grpc.StatusCode.UNIMPLEMENTED.value[0],
+                            f'"{call.method}" requires exactly one request message.')
                 return
             try:
                 request = handler.request_deserializer(first) if handler.request_deserializer else first

@@ -179,6 +179,17 @@ def test_error_statuses_match_grpc_server(serve, method, code, details):
     assert _uu(channel, "Echo")(b"again", timeout=10) == b"echo:again"  # still serving
 
 
+def test_unary_method_called_without_a_request_message_is_unimplemented(serve):
+    """A client that half-closes a unary method without sending its one message (a streaming call on
+    a unary path): UNIMPLEMENTED, as grpc.server answers, and the server goes on."""
+    channel, _ = serve()
+    with pytest.raises(grpc.RpcError) as err:
+        channel.stream_unary(f"/{SVC}/Echo")(iter([]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "requires exactly one request message" in err.value.details()
+    assert _uu(channel, "Echo")(b"again", timeout=10) == b"echo:again"
+
+
 def test_interceptor_applies(serve):
     channel, _ = serve()
     with pytest.raises(grpc.RpcError) as err:

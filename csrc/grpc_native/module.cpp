@@ -137,10 +137,16 @@ class Engine {
     std::lock_guard<std::mutex> lk(threads_mu_);
     Reap();
     if (stream_threads_.load() >= max_stream_threads_) return false;
+    // the slot first, so that the new thread's first NextCall can take an RPC waiting for one
+    transport_.ReleaseSlot();
+    try {
+      Spawn([this] { Serve(); });
+    } catch (const std::exception&) {  // no thread to be had (EAGAIN: a pid or memory limit):
+      transport_.RetakeSlot();          // the stream keeps its slot, and nothing polls less
+      return false;
+    }
     ++stream_threads_;
     t_stream_thread = true;
-    transport_.ReleaseSlot();
-    Spawn([this] { Serve(); });
     return true;
   }
 
@@ -238,9 +244,11 @@ class Engine {
     std::shared_ptr<std::atomic<bool>> over;
   };
   // Under threads_mu_.
+  // Throws (std::system_error, std::bad_alloc) with nothing started when no thread can be had.
   template <class F>
   void Spawn(F fn) {
     auto over = std::make_shared<std::atomic<bool>>(false);
+    threads_.reserve(threads_.size() + 1);  // push_back must not throw once the thread runs
     threads_.push_back(Thread{std::thread([fn, over] {
                                 fn();
                                 over->store(true);
@@ -298,6 +306,9 @@ PYBIND11_MODULE(_grpc_native, m) {
            "Count this RPC in ``Engine.counted()`` until grpc++ has finished it (idempotent).")
       .def("is_active", &Call::IsActive, "False once the RPC was cancelled (client, deadline, shutdown) or finished.")
       .def("cancelled", &Call::Cancelled, "True once grpc++ reported the RPC cancelled.")
+      .def("done", &Call::Done,
+           "True once the RPC is over and released: a context set on the call from then on gets no "
+           "``ended`` callback.")
       .def(
           "read",
           [](Call& c) -> py::object {

@@ -269,6 +269,11 @@ void Transport::ReleaseSlot() {
   --busy_;
 }
 
+void Transport::RetakeSlot() {
+  std::lock_guard<std::mutex> lk(run_mu_);
+  ++busy_;  // may pass workers_ for a moment if another RPC took the slot meanwhile
+}
+
 bool Transport::NextCall(std::shared_ptr<Call>* out, bool handled_one) {
   {
     std::lock_guard<std::mutex> lk(run_mu_);

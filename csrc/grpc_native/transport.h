@@ -65,6 +65,11 @@ class Call {
   // polling thread must not finish the RPC for it.
   void Defer() { deferred_.store(true); }
   bool Deferred() const { return deferred_.load(); }
+  // grpc++ is done with the RPC and it was released (no end notice comes any more).
+  bool Done() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return done_;
+  }
   // Blocks until the next request message is in `out` (true) or the stream ended or the call was
   // cancelled or finished (false).
   bool Read(grpc::ByteBuffer* out);
@@ -147,6 +152,8 @@ class Transport {
   // open for as long as the client likes), and the caller starts one more polling thread. When the
   // stream's handler returns, its thread leaves (it must not call NextCall with handled_one).
   void ReleaseSlot();
+  // Undoes ReleaseSlot when the caller could not start its thread (the stream keeps a slot).
+  void RetakeSlot();
   // New RPCs are answered UNAVAILABLE from now on; running ones go on.
   void Refuse() { refusing_.store(true); }
   // Stops the server: RPCs still running after `grace_s` seconds are cancelled; blocks until every

@@ -181,6 +181,9 @@ class _Context(grpc.ServicerContext):
             self._call.context = self
             if self._call.cancelled():  # cancelled before the transport knew of this context
                 self._end()
+            elif self._call.done():  # over before it knew of this context: no end notice will come
+                self._end()
+                self._call.context = None  # (the call and this context would hold each other)
         return True
 
     def _end(self) -> None:
@@ -486,10 +489,12 @@ class NativeServer:
                 if type(response) is Deferred:  # finished when its future is done; this thread goes on
                     context._deferred = True
                     call.defer()
-                    response.future.add_done_callback(
-                        lambda _f, d=response: self._respond(call, context, handler, None, d))
-                    if not context.add_callback(_noop):  # the end of the RPC reaches _Context._end
+                    # the end of the RPC must reach _Context._end (registered before the future can
+                    # finish the RPC: a context set on a call already over would never be released)
+                    if not context.add_callback(_noop):
                         call.finish(grpc.StatusCode.CANCELLED.value[0], _DEFERRED_CANCELLED)
+                    response.future.add_done_callback(
+                        lambda _f, d=response: self._resolve(call, context, handler, d))
                     return
         except _Abort:
             code, details = context._status()
@@ -515,6 +520,17 @@ class NativeServer:
             call.finish(grpc.StatusCode.INTERNAL.value[0], "the handler returned no response", None, context._trailing)
         else:
             call.finish(code, details, None, context._trailing)
+
+    def _resolve(self, call, context, handler, deferred) -> None:
+        """A Deferred's future is done (on the thread that completed it): finish the RPC, whatever
+        resolving raises (nothing else would: the polling thread's backstop has passed)."""
+        try:
+            self._respond(call, context, handler, None, deferred)
+        except BaseException as exc:  # noqa: BLE001 - the RPC is finished first, whatever it was
+            log.exception("cannot finish the deferred answer of %s", call.method)
+            call.finish(grpc.StatusCode.INTERNAL.value[0], "internal error: the deferred answer could not be sent")
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
 
     @staticmethod
     def _ended(call, kind: int) -> None:

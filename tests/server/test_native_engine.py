@@ -815,3 +815,88 @@ def test_requests_waiting_for_the_event_loop_hold_no_handler_thread(tmp_path, wr
         for i in range(3):
             assert np.array_equal(results[i], np.full((1, 2), 2.0 * (i + 1), np.float32))
         client.close()
+
+
+@needs_native
+def test_deferred_answers_that_cannot_be_sent_end_internal_at_once():
+    """Break-it findings: what resolving a Deferred raises past the handler's error mapping (a
+    response that is not bytes, a bad status code, a BaseException such as asyncio.CancelledError)
+    ends the RPC INTERNAL at once instead of leaving it unanswered until its deadline."""
+    import asyncio
+    import concurrent.futures
+
+    from pyserve.server._sync_engine import Deferred
+
+    def done(value="v"):
+        future = concurrent.futures.Future()
+        threading.Timer(0.02, future.set_result, args=(value,)).start()
+        return future
+
+    def bad_code(request, context):
+        def resolve(f):
+            context.set_code(5)  # an int, not a grpc.StatusCode
+            return b"x"
+        return Deferred(done(), resolve)
+
+    def cancelled(request, context):
+        def resolve(f):
+            raise asyncio.CancelledError()
+        return Deferred(done(), resolve)
+
+    u = grpc.unary_unary_rpc_method_handler
+    handlers = _Handlers()
+    server, port = _start("native", handlers, threads=1)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Bad", {
+        "Str": u(lambda request, context: Deferred(done(), lambda f: "not bytes")),
+        "BadCode": u(bad_code), "Cancelled": u(cancelled)}),))
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        for method in ("Str", "BadCode", "Cancelled"):
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary(f"/test.Bad/{method}")(b"", timeout=20)
+            assert err.value.code() == grpc.StatusCode.INTERNAL, method
+            assert time.monotonic() - t0 < 5, method
+        assert _uu(channel, "Echo")(b"fine", timeout=5) == b"echo:fine"
+    finally:
+        server.stop(None)
+
+
+@needs_native
+def test_deferred_answer_already_done_releases_its_context():
+    """Break-it finding: a Deferred whose future was done when the handler returned finished the RPC
+    before the context was registered for the end notice, and the context and call then held each
+    other for good (1 MB requests: RSS grew 600 MB over 2000 calls). Every context is freed now."""
+    import concurrent.futures
+    import gc
+    import weakref
+
+    from pyserve.server._sync_engine import Deferred
+
+    contexts: list = []
+
+    def ready(request, context):
+        contexts.append(weakref.ref(context))
+        future = concurrent.futures.Future()
+        future.set_result(b"ready:" + request[:4])
+        return Deferred(future, lambda f: f.result())
+
+    handlers = _Handlers()
+    server, port = _start("native", handlers, threads=2)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Ready", {"Ready": grpc.unary_unary_rpc_method_handler(ready)}),))
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        call = channel.unary_unary("/test.Ready/Ready")
+        for i in range(200):
+            assert call(b"%04d" % i + b"x" * 10_000, timeout=10) == b"ready:%04d" % i
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            gc.collect()
+            alive = sum(ref() is not None for ref in contexts)
+            if alive == 0:
+                break
+            time.sleep(0.05)
+        assert len(contexts) == 200 and alive == 0
+    finally:
+        server.stop(None)

@@ -314,7 +314,8 @@ class NativeServer:
         ``grpc.max_send_message_length`` (bytes) are used, the rest ignored.
     max_stream_threads : streams (streaming requests or responses) that each run on a thread of
         their own rather than holding one of the ``threads`` slots for as long as they stay open;
-        past this many at once a new stream holds a slot until it ends (default 256).
+        past this many at once (or when no thread can be started) a new stream holds a slot until
+        it ends (default 256).
 
     One port per server: the first ``add_*_port`` binds and starts the grpc++ server, so the port is
     known at once (handlers must be registered before it); :meth:`start` is then a no-op.

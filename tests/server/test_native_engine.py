@@ -136,6 +136,15 @@ def _start(kind: str, handlers: _Handlers, max_bytes: int = 1 << 20, threads: in
     return server, port
 
 
+def _start_native_with(service: str, methods: dict, threads: int):
+    """A native server with ``_Handlers``' test.Echo and ``service``'s unary ``methods`` (name ->
+    behaviour); (server, channel)."""
+    server, port = _start("native", _Handlers(), threads=threads)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        service, {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()}),))
+    return server, grpc.insecure_channel(f"127.0.0.1:{port}")
+
+
 @pytest.fixture(params=["grpc.server", pytest.param("native", marks=needs_native)])
 def serve(request):
     handlers = _Handlers()
@@ -716,12 +725,8 @@ def test_deferred_answers_hold_no_handler_thread():
         pending[request] = (future, context)
         return Deferred(future, resolve)
 
-    handlers = _Handlers()
-    server, port = _start("native", handlers, threads=1)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "test.Later", {"Later": grpc.unary_unary_rpc_method_handler(later)}),))
+    server, channel = _start_native_with("test.Later", {"Later": later}, threads=1)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         call = channel.unary_unary("/test.Later/Later")
         futures = {k: call.future(k, timeout=30) for k in (b"ok", b"abort", b"boom")}
         deadline = time.monotonic() + 10
@@ -753,12 +758,8 @@ def test_deferred_answer_never_ready_ends_with_the_rpc():
 
     from pyserve.server._sync_engine import Deferred
 
-    handlers = _Handlers()
-    server, port = _start("native", handlers, threads=1)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "test.Never", {"Never": grpc.unary_unary_rpc_method_handler(
-            lambda request, context: Deferred(concurrent.futures.Future(), lambda f: b"never"))}),))
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    server, channel = _start_native_with("test.Never", {
+        "Never": lambda request, context: Deferred(concurrent.futures.Future(), lambda f: b"never")}, threads=1)
     never = channel.unary_unary("/test.Never/Never")
     with pytest.raises(grpc.RpcError) as err:
         never(b"", timeout=0.3)
@@ -843,14 +844,10 @@ def test_deferred_answers_that_cannot_be_sent_end_internal_at_once():
             raise asyncio.CancelledError()
         return Deferred(done(), resolve)
 
-    u = grpc.unary_unary_rpc_method_handler
-    handlers = _Handlers()
-    server, port = _start("native", handlers, threads=1)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Bad", {
-        "Str": u(lambda request, context: Deferred(done(), lambda f: "not bytes")),
-        "BadCode": u(bad_code), "Cancelled": u(cancelled)}),))
+    server, channel = _start_native_with("test.Bad", {
+        "Str": lambda request, context: Deferred(done(), lambda f: "not bytes"),
+        "BadCode": bad_code, "Cancelled": cancelled}, threads=1)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         for method in ("Str", "BadCode", "Cancelled"):
             t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
@@ -881,12 +878,8 @@ def test_deferred_answer_already_done_releases_its_context():
         future.set_result(b"ready:" + request[:4])
         return Deferred(future, lambda f: f.result())
 
-    handlers = _Handlers()
-    server, port = _start("native", handlers, threads=2)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "test.Ready", {"Ready": grpc.unary_unary_rpc_method_handler(ready)}),))
+    server, channel = _start_native_with("test.Ready", {"Ready": ready}, threads=2)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         call = channel.unary_unary("/test.Ready/Ready")
         for i in range(200):
             assert call(b"%04d" % i + b"x" * 10_000, timeout=10) == b"ready:%04d" % i

@@ -53,6 +53,9 @@ __all__ = ["Deferred", "SyncInflight", "SyncInferenceServicer", "deferrable", "s
 log = logging.getLogger("pyserve.server")
 
 
+_MODEL_INFER = f"/{codec.SERVICE_NAME}/ModelInfer"
+
+
 class _Cancelled(Exception):
     """The RPC ended (client cancel, deadline) before its work was done."""
 
@@ -221,14 +224,13 @@ class SyncInferenceServicer:
 
     def ModelInfer(self, request, context):
         self._inflight.begin(context)
-        method = f"/{codec.SERVICE_NAME}/ModelInfer"
         try:
             response = self._infer(request, context, defer=deferrable(context))
             if isinstance(response, concurrent.futures.Future):  # the handler thread is not held
-                return _deferred(response, codec.encode_infer_response, context, method)
+                return _deferred(response, codec.encode_infer_response, context, _MODEL_INFER)
             return codec.encode_infer_response(response)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
-            code, message = _failure(exc, method)
+            code, message = _failure(exc, _MODEL_INFER)
         context.abort(code, message)
 
     def ModelStreamInfer(self, request_iterator, context):

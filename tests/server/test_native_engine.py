@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from engine_fixtures import NATIVE_AVAILABLE
+from test_scheduler import _threads  # fn(i) on n threads at once, none left hanging
 
 needs_native = pytest.mark.skipif(not NATIVE_AVAILABLE,
                                   reason="pyserve._grpc_native not built (needs libgrpc++-dev at build time)")
@@ -426,12 +427,12 @@ def test_cancel_storm_with_end_callbacks_keeps_the_server_up():
         "Bidi": grpc.stream_stream_rpc_method_handler(cb_bidi)}),))
     try:
         end = time.monotonic() + 4.0
-        counts = [0] * 6
 
         def client(i):
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
             unary, bidi = channel.unary_unary("/test.Cb/Unary"), channel.stream_stream("/test.Cb/Bidi")
             rnd = random.Random(i)
+            count = 0
             while time.monotonic() < end:
                 if rnd.random() < 0.5:
                     it = bidi(iter([b"a"] * rnd.randint(0, 3)), timeout=rnd.choice([0.0005, 0.001, 0.002, 5]))
@@ -449,16 +450,12 @@ def test_cancel_storm_with_end_callbacks_keeps_the_server_up():
                         f.result()
                     except (grpc.RpcError, grpc.FutureCancelledError):
                         pass
-                counts[i] += 1
+                count += 1
             channel.close()
+            return count
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert not any(t.is_alive() for t in threads)
-        assert sum(counts) > 100 and ended  # the storm ran and end-of-RPC callbacks came
+        counts = _threads(client, 6)  # each client's calls; asserts that none hung
+        assert sum(counts.values()) > 100 and ended  # the storm ran and end-of-RPC callbacks came
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         assert _uu(channel, "Echo")(b"alive", timeout=10) == b"echo:alive"
     finally:

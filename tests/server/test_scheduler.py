@@ -266,24 +266,17 @@ def test_a_poisoned_request_in_a_batch_fails_alone_through_the_server(client, se
     tc = pytest.importorskip("tritonclient.grpc")
     from tritonclient.utils import InferenceServerException
 
-    results: dict[int, object] = {}
-
     def call(i):
         c = tc.InferenceServerClient(server.url)
         x = np.full((1, 2), -999 if i == 3 else i, np.float32)
         t = tc.InferInput("x", [1, 2], "FP32")
         t.set_data_from_numpy(x)
         try:
-            results[i] = c.infer("batched", [t]).as_numpy("y")
-        except InferenceServerException as exc:
-            results[i] = exc
-        c.close()
+            return c.infer("batched", [t]).as_numpy("y")
+        finally:
+            c.close()
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    results = _threads(call, 8)  # an InferenceServerException is kept as request 3's result
     for i in range(8):
         if i == 3:
             assert isinstance(results[i], InferenceServerException)
